@@ -1,0 +1,171 @@
+//! `outboxd check`: a preflight that says, line by line, whether the relay
+//! can run with this config, and what to fix when it cannot.
+//!
+//! Invariant: `check` only reads; it never creates topics or changes the
+//! database, and never prints a password.
+
+use std::fmt;
+
+use sqlx::{Connection, PgConnection};
+
+use crate::config::{secret, Config};
+use crate::kafka::topics::{self, TopicState};
+use crate::schema;
+use crate::table::OutboxTable;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    Warning,
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub status: Status,
+    pub subject: String,
+    pub detail: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = match self.status {
+            Status::Ok => "ok  ",
+            Status::Warning => "warn",
+            Status::Failed => "FAIL",
+        };
+        write!(f, "[{mark}] {}: {}", self.subject, self.detail)
+    }
+}
+
+#[derive(Default)]
+struct Findings(Vec<Finding>);
+
+impl Findings {
+    fn push(&mut self, status: Status, subject: &str, detail: impl Into<String>) {
+        self.0.push(Finding { status, subject: subject.to_string(), detail: detail.into() });
+    }
+}
+
+/// Runs every check; the caller prints them and exits non-zero on any `Failed`.
+pub async fn run(config: &Config) -> Vec<Finding> {
+    let mut findings = Findings::default();
+    findings.push(Status::Ok, "config", format!("valid (relay.name = {})", config.relay.name));
+    check_postgres(config, &mut findings).await;
+    check_kafka(config, &mut findings).await;
+    findings.0
+}
+
+async fn check_postgres(config: &Config, findings: &mut Findings) {
+    let target = secret::redact_url(&config.postgres.url);
+    let mut connection = match PgConnection::connect(&config.postgres.url).await {
+        Ok(connection) => connection,
+        Err(e) => {
+            findings.push(Status::Failed, "postgres", format!("cannot connect to {target}: {e}"));
+            return;
+        }
+    };
+    let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&mut connection).await.unwrap_or_default();
+    findings.push(Status::Ok, "postgres", format!("connected to {target} (server {version})"));
+
+    let Ok(table) = OutboxTable::from_config(&config.postgres) else {
+        return; // validated at load time
+    };
+    match schema::inspect(&mut connection, &table, config.relay.after_publish).await {
+        Err(e) => findings.push(Status::Failed, "outbox table", e.message),
+        Ok(report) => {
+            let problems = report.problems(&table);
+            if problems.is_empty() {
+                findings.push(
+                    Status::Ok,
+                    "outbox table",
+                    format!("{} has every configured column and the relay may use it", table.display_name()),
+                );
+            }
+            for problem in problems {
+                findings.push(Status::Failed, "outbox table", problem);
+            }
+            if report.has_notify_trigger {
+                findings.push(Status::Ok, "notify trigger", "present: new rows wake the relay at once");
+            } else {
+                findings.push(
+                    Status::Warning,
+                    "notify trigger",
+                    format!(
+                        "missing: new rows wait up to capture.poll_interval ({:?}); it is in migrations/0001_outbox.sql",
+                        config.capture.poll_interval
+                    ),
+                );
+            }
+        }
+    }
+}
+
+async fn check_kafka(config: &Config, findings: &mut Findings) {
+    let mut wanted = vec![config.kafka.checkpoint_topic.clone(), config.routing.dead_letter_topic.clone()];
+    wanted.extend(
+        config.routing.rules.iter().filter(|rule| !rule.topic.contains("${")).map(|rule| rule.topic.clone()),
+    );
+    let states = match topics::describe_topics(config, &wanted).await {
+        Ok(states) => states,
+        Err(e) => {
+            findings.push(
+                Status::Failed,
+                "kafka",
+                format!("{} (bootstrap servers: {})", e.message, config.kafka.bootstrap_servers),
+            );
+            return;
+        }
+    };
+    findings.push(Status::Ok, "kafka", format!("reached {}", config.kafka.bootstrap_servers));
+    let auto_create = topics::broker_auto_creates_topics(config).await.ok().flatten();
+
+    for (topic, state) in states {
+        let is_checkpoint = topic == config.kafka.checkpoint_topic;
+        match state {
+            TopicState::Exists { partitions } if is_checkpoint => {
+                let policy = topics::cleanup_policy(config, &topic).await.ok().flatten();
+                match policy.as_deref() {
+                    Some(p) if p.contains("compact") => {
+                        findings.push(Status::Ok, "checkpoint topic", format!("{topic} exists, compacted"))
+                    }
+                    Some(p) => findings.push(
+                        Status::Failed,
+                        "checkpoint topic",
+                        format!("{topic} has cleanup.policy={p}; it must be compacted or old checkpoints expire"),
+                    ),
+                    None => findings.push(
+                        Status::Warning,
+                        "checkpoint topic",
+                        format!("{topic} exists ({partitions} partition(s)); could not read its cleanup.policy"),
+                    ),
+                }
+            }
+            TopicState::Missing if is_checkpoint => findings.push(
+                Status::Ok,
+                "checkpoint topic",
+                format!("{topic} is missing; the relay creates it (compacted) at start"),
+            ),
+            TopicState::Exists { partitions } => {
+                findings.push(Status::Ok, "topic", format!("{topic} exists ({partitions} partition(s))"))
+            }
+            TopicState::Missing if auto_create == Some(true) => findings.push(
+                Status::Warning,
+                "topic",
+                format!("{topic} is missing; the broker will auto-create it with its defaults"),
+            ),
+            TopicState::Missing => findings.push(
+                Status::Failed,
+                "topic",
+                format!("{topic} is missing and the broker does not auto-create topics; create it"),
+            ),
+        }
+    }
+    if config.routing.topic.contains("${") {
+        findings.push(
+            Status::Ok,
+            "routing",
+            format!("topics from the template `{}` depend on the rows; create them ahead of time or let the broker auto-create them", config.routing.topic),
+        );
+    }
+}

@@ -1,0 +1,419 @@
+//! The relay's configuration: one YAML file plus `OUTBOXD__SECTION__KEY`
+//! environment overrides.
+//!
+//! Invariant: a [`Config`] that exists has been fully validated. Unknown keys,
+//! bad values and impossible combinations are rejected at load time with the
+//! file and the key in the message, so the relay never starts half-configured.
+//! The doc comments on the fields are the user documentation; the annotated
+//! example lives in `examples/outboxd.yaml`.
+
+pub mod duration;
+pub mod secret;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::routing::TopicTemplate;
+use crate::table::OutboxTable;
+
+/// Environment variables starting with this (then `__`) override file keys.
+pub const ENV_PREFIX: &str = "OUTBOXD";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub relay: RelayConfig,
+    pub postgres: PostgresConfig,
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub capture: CaptureConfig,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// The relay's identity. It names the Kafka `transactional.id`, the
+    /// checkpoint key and the leader lock, so two processes with the same name
+    /// are one relay: one publishes, the other waits as a standby.
+    pub name: String,
+    /// What happens to a row once Kafka committed it: `mark` sets `sent_at`
+    /// (the table shows what is pending), `delete` removes it.
+    #[serde(default)]
+    pub after_publish: AfterPublish,
+    /// What to do with a row that cannot be published (unroutable, too large):
+    /// `dead_letter` sends it to `routing.dead_letter_topic`, `halt` stops the relay.
+    #[serde(default)]
+    pub on_poison: PoisonPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterPublish {
+    #[default]
+    Mark,
+    Delete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoisonPolicy {
+    #[default]
+    DeadLetter,
+    Halt,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection URL, e.g. `postgres://outboxd@db:5432/orders?sslmode=verify-full&sslrootcert=/etc/ca.pem`.
+    pub url: String,
+    /// The outbox table, optionally schema-qualified.
+    #[serde(default = "defaults::table")]
+    pub table: String,
+    /// Column names, Debezium's Outbox Event Router names by default.
+    #[serde(default)]
+    pub columns: ColumnNames,
+    /// Channel the migration's insert trigger notifies, so claims wake at once.
+    #[serde(default = "defaults::notify_channel")]
+    pub notify_channel: String,
+    /// Publication on the outbox table, for logical replication capture.
+    #[serde(default = "defaults::publication")]
+    pub publication: String,
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &secret::redact_url(&self.url))
+            .field("table", &self.table)
+            .field("columns", &self.columns)
+            .field("notify_channel", &self.notify_channel)
+            .field("publication", &self.publication)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ColumnNames {
+    pub seq: String,
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub payload: String,
+    /// `null` when the table has no headers column.
+    pub headers: Option<String>,
+    /// `null` when the table has no trace context column.
+    pub tracing_span_context: Option<String>,
+    pub created_at: String,
+    pub sent_at: String,
+}
+
+impl Default for ColumnNames {
+    fn default() -> Self {
+        Self {
+            seq: "seq".into(),
+            id: "id".into(),
+            aggregate_type: "aggregatetype".into(),
+            aggregate_id: "aggregateid".into(),
+            event_type: "type".into(),
+            payload: "payload".into(),
+            headers: Some("headers".into()),
+            tracing_span_context: Some("tracingspancontext".into()),
+            created_at: "created_at".into(),
+            sent_at: "sent_at".into(),
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// A comma-separated list of Kafka bootstrap servers.
+    pub bootstrap_servers: String,
+    /// Compacted topic holding each relay's last committed checkpoint.
+    #[serde(default = "defaults::checkpoint_topic")]
+    pub checkpoint_topic: String,
+    /// Kafka `transaction.timeout.ms`: how long the broker keeps a
+    /// transaction of a crashed relay open before aborting it.
+    #[serde(default = "defaults::transaction_timeout", deserialize_with = "duration::deserialize")]
+    pub transaction_timeout: Duration,
+    /// Largest record (key + value + headers) the relay will produce; larger
+    /// rows are poison. Keep it at or below the topics' `max.message.bytes`.
+    #[serde(default = "defaults::max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Extra librdkafka properties, passed through as written: TLS and SASL
+    /// (`security.protocol: SASL_SSL`, `sasl.mechanism: SCRAM-SHA-512`, …).
+    /// From the environment, write dots as underscores:
+    /// `OUTBOXD__KAFKA__PROPERTIES__SASL_PASSWORD`.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&str, String> = self
+            .properties
+            .iter()
+            .map(|(key, value)| (key.as_str(), secret::redact_property(key, value)))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("checkpoint_topic", &self.checkpoint_topic)
+            .field("transaction_timeout", &self.transaction_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("properties", &properties)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// How rows are found: `polling` claims unsent rows with
+    /// `FOR UPDATE SKIP LOCKED`, woken by `LISTEN/NOTIFY`.
+    pub mode: CaptureMode,
+    /// Most rows in one Kafka transaction; also bounds the relay's memory.
+    pub batch_size: usize,
+    /// Longest wait between two claims when no notification arrives.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub poll_interval: Duration,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self { mode: CaptureMode::Polling, batch_size: 500, poll_interval: Duration::from_secs(1) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureMode {
+    Polling,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Topic for events no rule matches; `${aggregatetype}` and `${type}`
+    /// are replaced by the row's values.
+    pub topic: String,
+    /// Exceptions, first match wins.
+    pub rules: Vec<RouteRule>,
+    /// Which column becomes the Kafka key: `aggregate_id` keeps one
+    /// aggregate's events on one partition, in order.
+    pub key: KeyColumn,
+    /// Where poison rows go, with the reason in a header.
+    pub dead_letter_topic: String,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            topic: "outbox.${aggregatetype}".into(),
+            rules: Vec::new(),
+            key: KeyColumn::AggregateId,
+            dead_letter_topic: "outboxd.dead-letter".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// Matches rows with this `aggregatetype`; any when absent.
+    pub aggregate_type: Option<String>,
+    /// Matches rows with this `type`; any when absent.
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    /// The topic, a template like `routing.topic`.
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyColumn {
+    AggregateId,
+    AggregateType,
+    Id,
+    /// No key: events spread over partitions, with no order between them.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `human` for a terminal, `json` for a log pipeline.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `outboxd=debug,rdkafka=warn`;
+    /// `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Human, level: "info".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn table() -> String {
+        "public.outbox".into()
+    }
+    pub fn notify_channel() -> String {
+        "outbox_inserted".into()
+    }
+    pub fn publication() -> String {
+        "outbox_publication".into()
+    }
+    pub fn checkpoint_topic() -> String {
+        "outboxd.checkpoints".into()
+    }
+    pub fn transaction_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn max_message_bytes() -> usize {
+        1_000_000
+    }
+}
+
+/// A config that could not be loaded: which file, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid config {}: {message}", file.display())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub message: String,
+}
+
+impl Config {
+    /// Reads `file`, applies `OUTBOXD__…` overrides from the environment and validates.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let error = |message: String| ConfigError { file: file.to_path_buf(), message };
+        if !file.is_file() {
+            return Err(error("the file does not exist or is not a regular file".into()));
+        }
+        let raw = config::Config::builder()
+            .add_source(config::File::from(file).format(config::FileFormat::Yaml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()
+            .map_err(|e| error(e.to_string()))?;
+        let mut config: Config = raw.try_deserialize().map_err(|e| error(e.to_string()))?;
+        config.kafka.properties = normalize_property_keys(std::mem::take(&mut config.kafka.properties));
+        config.validate().map_err(error)?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: names, ranges and templates. The message
+    /// starts with the offending key.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_relay_name(&self.relay.name).map_err(|e| format!("relay.name: {e}"))?;
+        if self.postgres.url.trim().is_empty() {
+            return Err("postgres.url: must not be empty".into());
+        }
+        self.postgres
+            .url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .map_err(|e| format!("postgres.url: not a valid Postgres URL ({e})"))?;
+        OutboxTable::from_config(&self.postgres).map_err(|e| format!("postgres.{e}"))?;
+        validate_identifier(&self.postgres.notify_channel).map_err(|e| format!("postgres.notify_channel: {e}"))?;
+        validate_identifier(&self.postgres.publication).map_err(|e| format!("postgres.publication: {e}"))?;
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return Err("kafka.bootstrap_servers: must not be empty".into());
+        }
+        crate::routing::validate_topic_name(&self.kafka.checkpoint_topic)
+            .map_err(|e| format!("kafka.checkpoint_topic: {e}"))?;
+        if self.kafka.transaction_timeout < Duration::from_secs(1) {
+            return Err("kafka.transaction_timeout: must be at least 1s".into());
+        }
+        if !(1024..=100 * 1024 * 1024).contains(&self.kafka.max_message_bytes) {
+            return Err("kafka.max_message_bytes: must be between 1024 and 104857600".into());
+        }
+        for key in self.kafka.properties.keys() {
+            if crate::kafka::is_managed_property(key) {
+                return Err(format!(
+                    "kafka.properties.{key}: outboxd sets this itself to keep exactly-once; remove it"
+                ));
+            }
+        }
+        if self.capture.batch_size == 0 || self.capture.batch_size > 50_000 {
+            return Err("capture.batch_size: must be between 1 and 50000".into());
+        }
+        if self.capture.poll_interval < Duration::from_millis(10) {
+            return Err("capture.poll_interval: must be at least 10ms".into());
+        }
+        TopicTemplate::parse(&self.routing.topic).map_err(|e| format!("routing.topic: {e}"))?;
+        for (index, rule) in self.routing.rules.iter().enumerate() {
+            TopicTemplate::parse(&rule.topic).map_err(|e| format!("routing.rules[{index}].topic: {e}"))?;
+            if rule.aggregate_type.is_none() && rule.event_type.is_none() {
+                return Err(format!(
+                    "routing.rules[{index}]: needs `aggregate_type` or `type` to match on; \
+                     to route everything, set routing.topic"
+                ));
+            }
+        }
+        crate::routing::validate_topic_name(&self.routing.dead_letter_topic)
+            .map_err(|e| format!("routing.dead_letter_topic: {e}"))?;
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(format!("log.level: `{}` is not a valid filter such as `info`", self.log.level));
+        }
+        Ok(())
+    }
+}
+
+/// librdkafka names use dots; environment variables cannot, so `sasl_password`
+/// from `OUTBOXD__KAFKA__PROPERTIES__SASL_PASSWORD` becomes `sasl.password`.
+fn normalize_property_keys(properties: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    properties.into_iter().map(|(key, value)| (key.replace('_', "."), value)).collect()
+}
+
+/// The name becomes a Kafka `transactional.id`, a lock key and a slot name
+/// prefix, so keep it to characters all three accept.
+fn validate_relay_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 48 {
+        return Err("must be 1 to 48 characters".into());
+    }
+    if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-') {
+        return Err(format!("`{name}` may only contain a-z, 0-9, `_` and `-`"));
+    }
+    Ok(())
+}
+
+/// A Postgres identifier we will quote; it only has to be non-empty and short.
+pub(crate) fn validate_identifier(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 63 {
+        return Err(format!("`{name}` is longer than Postgres' 63-byte identifier limit"));
+    }
+    if name.contains('\0') {
+        return Err("must not contain NUL".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

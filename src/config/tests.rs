@@ -1,0 +1,117 @@
+use std::io::Write;
+
+use super::*;
+
+const MINIMAL: &str = "\
+relay:
+  name: orders
+postgres:
+  url: postgres://outboxd@localhost/orders
+kafka:
+  bootstrap_servers: localhost:9092
+";
+
+fn write_config(text: &str) -> tempfile_path::TempConfig {
+    tempfile_path::TempConfig::new(text)
+}
+
+/// A config file that removes itself.
+mod tempfile_path {
+    use super::*;
+
+    pub struct TempConfig(pub PathBuf);
+
+    impl TempConfig {
+        pub fn new(text: &str) -> TempConfig {
+            static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let path = std::env::temp_dir().join(format!("outboxd-config-test-{}-{n}.yaml", std::process::id()));
+            let mut file = std::fs::File::create(&path).unwrap();
+            file.write_all(text.as_bytes()).unwrap();
+            TempConfig(path)
+        }
+    }
+
+    impl Drop for TempConfig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+fn load_error(text: &str) -> String {
+    let file = write_config(text);
+    let error = Config::load(&file.0).unwrap_err().to_string();
+    assert!(error.contains(&file.0.display().to_string()), "error does not name the file: {error}");
+    error
+}
+
+#[test]
+fn minimal_config_gets_debezium_defaults() {
+    let file = write_config(MINIMAL);
+    let config = Config::load(&file.0).unwrap();
+    assert_eq!(config.postgres.table, "public.outbox");
+    assert_eq!(config.postgres.columns.aggregate_id, "aggregateid");
+    assert_eq!(config.relay.after_publish, AfterPublish::Mark);
+    assert_eq!(config.capture.batch_size, 500);
+    assert_eq!(config.routing.topic, "outbox.${aggregatetype}");
+    assert_eq!(config.kafka.transaction_timeout, Duration::from_secs(60));
+}
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/outboxd.yaml");
+    let config = Config::load(&example).unwrap();
+    assert_eq!(config.routing.rules.len(), 1);
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let error = load_error(&format!("{MINIMAL}capture:\n  batch_sise: 10\n"));
+    assert!(error.contains("batch_sise"), "{error}");
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    let error = load_error(&format!("{MINIMAL}capture:\n  poll_interval: 5\n"));
+    assert!(error.contains("poll_interval") && error.contains("no unit"), "{error}");
+    let error = load_error(&format!("{MINIMAL}relay_extra: 1\n"));
+    assert!(error.contains("relay_extra"), "{error}");
+    let error = load_error(&MINIMAL.replace("name: orders", "name: Orders Relay"));
+    assert!(error.contains("relay.name"), "{error}");
+    let error = load_error(&format!("{MINIMAL}routing:\n  topic: \"outbox.${{nope}}\"\n"));
+    assert!(error.contains("routing.topic") && error.contains("unknown placeholder"), "{error}");
+    let error = load_error(&format!("{MINIMAL}capture:\n  batch_size: 0\n"));
+    assert!(error.contains("capture.batch_size"), "{error}");
+    let error = load_error(&MINIMAL.replace("name: orders", "name: orders\n  after_publish: archive"));
+    assert!(error.contains("archive"), "{error}");
+}
+
+#[test]
+fn missing_required_keys_are_named() {
+    let error = load_error("relay:\n  name: orders\nkafka:\n  bootstrap_servers: k:9092\n");
+    assert!(error.contains("postgres"), "{error}");
+}
+
+#[test]
+fn managed_kafka_properties_are_refused() {
+    let error = load_error(&format!("{MINIMAL}  properties:\n    transactional.id: mine\n"));
+    assert!(error.contains("kafka.properties.transactional.id"), "{error}");
+}
+
+#[test]
+fn dotted_property_keys_survive_and_secrets_are_redacted_in_debug() {
+    let file = write_config(&format!(
+        "{MINIMAL}  properties:\n    security.protocol: SASL_SSL\n    sasl.password: hunter2\n"
+    ));
+    let config = Config::load(&file.0).unwrap();
+    assert_eq!(config.kafka.properties.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let error = Config::load(Path::new("/nonexistent/outboxd.yaml")).unwrap_err().to_string();
+    assert!(error.contains("/nonexistent/outboxd.yaml") && error.contains("does not exist"), "{error}");
+}

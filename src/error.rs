@@ -1,0 +1,80 @@
+//! The relay's error, typed by what to do about it.
+//!
+//! Invariant: every failure is sorted into exactly one [`ErrorKind`] where it
+//! happens, by the code that knows the cause; callers only act on the kind.
+//! Messages are written for an operator: what happened and what to do next.
+
+use std::fmt;
+
+#[derive(Debug, thiserror::Error)]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A server is unreachable or a connection dropped: reconnect with
+    /// backoff and resume from the last checkpoint.
+    Retry,
+    /// The open Kafka transaction cannot commit: abort it and re-send the same batch.
+    AbortAndResend,
+    /// Continuing could lose or duplicate events, or cannot work at all (fatal
+    /// or fenced producer, poison row under `halt`, missing table): stop and
+    /// exit non-zero.
+    Stop,
+}
+
+impl Error {
+    pub fn retry(message: impl Into<String>) -> Error {
+        Error { kind: ErrorKind::Retry, message: message.into() }
+    }
+    pub fn abort_and_resend(message: impl Into<String>) -> Error {
+        Error { kind: ErrorKind::AbortAndResend, message: message.into() }
+    }
+    pub fn stop(message: impl Into<String>) -> Error {
+        Error { kind: ErrorKind::Stop, message: message.into() }
+    }
+
+    /// Sorts a Postgres error. Connection trouble and server restarts are
+    /// worth retrying; a missing table, column or privilege will not heal
+    /// by itself.
+    pub fn from_postgres(context: &str, error: sqlx::Error) -> Error {
+        let message = format!("{context}: {error}");
+        match &error {
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                // 08: connection exception, 57P0x: server shutting down,
+                // 40: serialization/deadlock, 53: out of resources, 55P03: lock not available.
+                Some(code)
+                    if code.starts_with("08")
+                        || code.starts_with("57P")
+                        || code.starts_with("40")
+                        || code.starts_with("53")
+                        || code == "55P03" =>
+                {
+                    Error::retry(message)
+                }
+                Some("42501") => Error::stop(format!(
+                    "{message}. The relay's role lacks a privilege; see the grants at the end of migrations/0001_outbox.sql"
+                )),
+                _ => Error::stop(message),
+            },
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => Error::retry(message),
+            _ => Error::stop(message),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,23 @@
+//! `OutboxEvent`: one committed outbox row, the single type that flows from
+//! capture through routing to Kafka and back to acknowledgement.
+//!
+//! Invariant: an event holds the row exactly as stored (payload bytes are
+//! never re-encoded), plus the `seq` that identifies it in checkpoints.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    /// Relay order and primary key; checkpoints and acknowledgements name rows by it.
+    pub seq: i64,
+    /// Event id, sent as the `id` header so consumers can deduplicate across systems.
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    /// Kafka value as stored: JSON text for json/jsonb, raw bytes for bytea.
+    /// `None` (SQL NULL) becomes a tombstone.
+    pub payload: Option<Vec<u8>>,
+    /// The row's `headers` column as JSON text, parsed by routing.
+    pub headers_json: Option<String>,
+    /// W3C `traceparent`, propagated as a header.
+    pub trace_parent: Option<String>,
+}

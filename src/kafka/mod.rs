@@ -1,0 +1,47 @@
+//! Everything that talks to Kafka: the transactional publisher, the
+//! checkpoint record, and how librdkafka errors map to what we do next.
+//!
+//! Invariant: every client is configured here, from one place, so the
+//! settings exactly-once depends on (`transactional.id`, idempotence,
+//! `read_committed`) cannot be overridden by a pass-through property.
+
+pub mod checkpoint;
+pub mod errors;
+pub mod publisher;
+pub mod topics;
+
+use rdkafka::config::ClientConfig;
+
+use crate::config::Config;
+
+/// Properties outboxd owns; a user setting one is a config error.
+const MANAGED_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "transactional.id",
+    "enable.idempotence",
+    "transaction.timeout.ms",
+    "isolation.level",
+    "enable.auto.commit",
+    "group.id",
+    "enable.partition.eof",
+];
+
+pub fn is_managed_property(key: &str) -> bool {
+    MANAGED_PROPERTIES.contains(&key)
+}
+
+/// The Kafka `transactional.id` of a relay: the same name fences the same producer.
+pub fn transactional_id(relay_name: &str) -> String {
+    format!("outboxd-{relay_name}")
+}
+
+/// Settings every client shares: servers, TLS/SASL pass-through, log routing.
+pub fn base_client_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka.bootstrap_servers);
+    client.set("client.id", format!("outboxd-{}", config.relay.name));
+    for (key, value) in &config.kafka.properties {
+        client.set(key, value);
+    }
+    client
+}

@@ -1,0 +1,211 @@
+//! The transactional publisher: one batch of events plus its checkpoint in
+//! one Kafka transaction.
+//!
+//! Invariant: `publish` returns `Ok` only after `commit_transaction`
+//! succeeded, so every event of the batch and its checkpoint are visible to
+//! `read_committed` consumers together, or none of them ever is. Any other
+//! outcome leaves no committed trace of the batch in Kafka.
+
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use super::checkpoint::Checkpoint;
+use super::errors::{classify, is_record_rejected};
+use crate::config::Config;
+use crate::error::{Error, ErrorKind};
+use crate::routing::RoutedRecord;
+
+/// How often a retriable commit error is retried before the session restarts.
+const COMMIT_ATTEMPTS: u32 = 5;
+/// Room above `kafka.max_message_bytes` for librdkafka's own limit, so the
+/// router's size check, which names the row, always speaks first.
+const LOCAL_SIZE_HEADROOM: usize = 64 * 1024;
+
+/// Why a batch was not published.
+#[derive(Debug)]
+pub enum PublishError {
+    /// The broker refused record `index` for good (too large, invalid): that
+    /// row is poison. The transaction was aborted; nothing was published.
+    RecordRejected { index: usize, reason: String },
+    /// Anything else, sorted by what to do next. For `AbortAndResend` the
+    /// transaction was already aborted.
+    Failed(Error),
+}
+
+impl From<Error> for PublishError {
+    fn from(error: Error) -> Self {
+        PublishError::Failed(error)
+    }
+}
+
+pub struct Publisher {
+    producer: FutureProducer,
+    relay_name: String,
+    checkpoint_topic: String,
+    transaction_timeout: Duration,
+}
+
+impl Publisher {
+    /// Creates the producer and calls `init_transactions`, which aborts any
+    /// transaction a previous instance left open and fences that instance:
+    /// its next Kafka call fails and it stops.
+    pub async fn connect(config: &Config) -> Result<Publisher, Error> {
+        let producer: FutureProducer = super::base_client_config(config)
+            .set("transactional.id", super::transactional_id(&config.relay.name))
+            .set("enable.idempotence", "true")
+            .set("transaction.timeout.ms", config.kafka.transaction_timeout.as_millis().to_string())
+            .set("message.max.bytes", (config.kafka.max_message_bytes + LOCAL_SIZE_HEADROOM).to_string())
+            .create()
+            .map_err(|e| Error::stop(format!("cannot create the Kafka producer from the config: {e}")))?;
+        let publisher = Publisher {
+            producer,
+            relay_name: config.relay.name.clone(),
+            checkpoint_topic: config.kafka.checkpoint_topic.clone(),
+            transaction_timeout: config.kafka.transaction_timeout,
+        };
+        let timeout = publisher.transaction_timeout.max(Duration::from_secs(30));
+        publisher
+            .blocking(move |producer| producer.init_transactions(timeout))
+            .await
+            .map_err(|e| classify("initialising Kafka transactions (is the broker reachable?)", &e))?;
+        Ok(publisher)
+    }
+
+    /// Publishes `records` and `checkpoint` in one Kafka transaction.
+    pub async fn publish(&self, records: &[RoutedRecord], checkpoint: &Checkpoint) -> Result<(), PublishError> {
+        self.blocking(|producer| producer.begin_transaction())
+            .await
+            .map_err(|e| classify("beginning a Kafka transaction", &e))?;
+        let outcome = self.produce_and_commit(records, checkpoint).await;
+        let needs_abort = match &outcome {
+            Ok(()) => false,
+            Err(PublishError::RecordRejected { .. }) => true,
+            Err(PublishError::Failed(error)) => error.kind == ErrorKind::AbortAndResend,
+        };
+        if needs_abort {
+            self.abort().await?;
+        }
+        outcome
+    }
+
+    async fn produce_and_commit(&self, records: &[RoutedRecord], checkpoint: &Checkpoint) -> Result<(), PublishError> {
+        let mut deliveries = Vec::with_capacity(records.len() + 1);
+        for (index, record) in records.iter().enumerate() {
+            deliveries.push(self.send(record).await.map_err(|e| rejected_or_failed(index, e))?);
+        }
+        let checkpoint_record = RoutedRecord {
+            topic: self.checkpoint_topic.clone(),
+            key: Some(self.relay_name.as_bytes().to_vec()),
+            headers: Vec::new(),
+            payload: Some(checkpoint.to_bytes()),
+        };
+        deliveries.push(self.send(&checkpoint_record).await.map_err(|e| as_failed(rejected_or_failed(records.len(), e)))?);
+
+        for (index, delivery) in deliveries.into_iter().enumerate() {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => {
+                    let failure = rejected_or_failed(index, error);
+                    // The last delivery is the checkpoint record's.
+                    return Err(if index < records.len() { failure } else { as_failed(failure) });
+                }
+                Err(_canceled) => {
+                    return Err(PublishError::Failed(Error::retry("the Kafka producer was dropped mid-delivery")))
+                }
+            }
+        }
+        self.commit().await
+    }
+
+    /// Queues one record, waiting while librdkafka's local queue is full.
+    async fn send(&self, record: &RoutedRecord) -> Result<DeliveryFuture, KafkaError> {
+        loop {
+            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+            for (name, value) in &record.headers {
+                headers = headers.insert(Header { key: name, value: Some(value.as_slice()) });
+            }
+            let mut future_record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic).headers(headers);
+            if let Some(key) = &record.key {
+                future_record = future_record.key(key.as_slice());
+            }
+            if let Some(payload) = &record.payload {
+                future_record = future_record.payload(payload.as_slice());
+            }
+            match self.producer.send_result(future_record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
+
+    async fn commit(&self) -> Result<(), PublishError> {
+        let timeout = self.transaction_timeout;
+        let mut attempt = 1;
+        loop {
+            match self.blocking(move |producer| producer.commit_transaction(timeout)).await {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    let error = classify("committing the Kafka transaction", &error);
+                    if error.kind == ErrorKind::Retry && attempt < COMMIT_ATTEMPTS {
+                        tracing::warn!(attempt, error = %error, "Kafka commit failed with a retriable error; retrying the commit");
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                        continue;
+                    }
+                    return Err(PublishError::Failed(error));
+                }
+            }
+        }
+    }
+
+    async fn abort(&self) -> Result<(), Error> {
+        let timeout = self.transaction_timeout;
+        self.blocking(move |producer| producer.abort_transaction(timeout)).await.map_err(|e| {
+            let error = classify("aborting the Kafka transaction", &e);
+            match error.kind {
+                ErrorKind::Stop => error,
+                // A producer that cannot abort is re-initialised with the session.
+                _ => Error::retry(error.message),
+            }
+        })
+    }
+
+    /// librdkafka's transaction calls block; keep them off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&FutureProducer) -> Result<T, KafkaError> + Send + 'static,
+    ) -> Result<T, KafkaError> {
+        let producer = self.producer.clone();
+        match tokio::task::spawn_blocking(move || call(&producer)).await {
+            Ok(result) => result,
+            Err(join_error) => Err(KafkaError::Canceled).inspect_err(|_| {
+                tracing::error!(error = %join_error, "a Kafka transaction call panicked");
+            }),
+        }
+    }
+}
+
+fn rejected_or_failed(index: usize, error: KafkaError) -> PublishError {
+    match error.rdkafka_error_code() {
+        Some(code) if is_record_rejected(code) => {
+            PublishError::RecordRejected { index, reason: format!("rejected by Kafka: {code}") }
+        }
+        _ => PublishError::Failed(classify("delivering a record", &error)),
+    }
+}
+
+/// A rejected checkpoint record is not a poison row: it is a broken setup.
+fn as_failed(error: PublishError) -> PublishError {
+    match error {
+        PublishError::RecordRejected { reason, .. } => PublishError::Failed(Error::stop(format!(
+            "the checkpoint record was {reason}; check the checkpoint topic's max.message.bytes"
+        ))),
+        failed => failed,
+    }
+}

@@ -1,0 +1,44 @@
+//! outboxd publishes the rows of a PostgreSQL outbox table to Apache Kafka
+//! exactly once, then marks them sent.
+//!
+//! The pipeline, one module per stage, in the order a row travels:
+//!
+//! - [`capture`]: claims committed, unsent rows (`FOR UPDATE SKIP LOCKED`,
+//!   woken by `LISTEN/NOTIFY`).
+//! - [`event`]: `OutboxEvent`, the one type that flows through the pipeline.
+//! - [`routing`]: rules → topic, key and headers; or why a row is poison.
+//! - [`batch`]: claimed events → the records of one Kafka transaction.
+//! - [`kafka`]: the transactional publisher, the checkpoint record, error classes.
+//! - [`acknowledge`]: marks published rows sent (or deletes them).
+//! - [`relay`]: the loop tying them together: `relay::run(config, shutdown)`.
+//!
+//! Around it:
+//!
+//! - [`config`]: the YAML file plus `OUTBOXD__…` overrides, validated up front.
+//! - [`table`]: the outbox table contract and the SQL built from it.
+//! - [`schema`]: what the live database says about that table.
+//! - [`leader`]: the advisory lock that makes one instance per relay name publish.
+//! - [`migrate`], [`check`]: the CLI's set-up and preflight commands.
+//! - [`logging`]: human or JSON logs through `tracing`.
+//! - [`error`]: one error type, sorted by what to do about it.
+//!
+//! The exactly-once argument lives in [`kafka::checkpoint`].
+
+pub mod acknowledge;
+pub mod batch;
+pub mod capture;
+pub mod check;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod kafka;
+pub mod leader;
+pub mod logging;
+pub mod migrate;
+pub mod relay;
+pub mod routing;
+pub mod schema;
+pub mod table;
+
+pub use config::Config;
+pub use error::{Error, ErrorKind};

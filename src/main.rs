@@ -1,0 +1,152 @@
+//! The `outboxd` command: thin clap glue over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use outboxd::check::Status;
+use outboxd::config::Config;
+use outboxd::{logging, migrate, relay, table::OutboxTable};
+
+const EXAMPLES: &str = "\
+Examples:
+  outboxd check   --config /etc/outboxd/outboxd.yaml   # can it run? what is missing?
+  outboxd migrate --config /etc/outboxd/outboxd.yaml   # create the outbox table (idempotent)
+  outboxd migrate --config outboxd.yaml --print        # show the SQL instead
+  outboxd run     --config /etc/outboxd/outboxd.yaml   # relay until SIGTERM
+  OUTBOXD__KAFKA__BOOTSTRAP_SERVERS=kafka:9092 outboxd run --config outboxd.yaml
+
+Every config key can be overridden from the environment as OUTBOXD__SECTION__KEY.";
+
+#[derive(Parser)]
+#[command(name = "outboxd", version, about = "Publishes PostgreSQL outbox rows to Kafka exactly once", after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Relay outbox rows to Kafka until SIGTERM or Ctrl-C.
+    Run {
+        /// The YAML config file.
+        #[arg(long, short, env = "OUTBOXD_CONFIG")]
+        config: PathBuf,
+    },
+    /// Create the outbox table, index, notify trigger and publication (idempotent).
+    Migrate {
+        #[arg(long, short, env = "OUTBOXD_CONFIG")]
+        config: PathBuf,
+        /// Print the SQL for this config instead of applying it.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Validate the config, connect to Postgres and Kafka, report what is missing.
+    Check {
+        #[arg(long, short, env = "OUTBOXD_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config_path = match &cli.command {
+        Command::Run { config } | Command::Migrate { config, .. } | Command::Check { config } => config.clone(),
+    };
+    let config = match Config::load(&config_path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { .. } => run(config).await,
+            Command::Migrate { print, .. } => migrate_command(config, print).await,
+            Command::Check { .. } => check(config).await,
+        }
+    })
+}
+
+async fn run(config: Config) -> ExitCode {
+    match relay::run(config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(kind = ?error.kind, "relay stopped: {error}");
+            eprintln!("error: relay stopped: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate_command(config: Config, print: bool) -> ExitCode {
+    if print {
+        match OutboxTable::from_config(&config.postgres) {
+            Ok(table) => {
+                print!("{}", migrate::render(&table, &config.postgres.notify_channel, &config.postgres.publication));
+                return ExitCode::SUCCESS;
+            }
+            Err(error) => {
+                eprintln!("error: postgres.{error}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match migrate::apply(&config).await {
+        Ok(table) => {
+            println!("migrated: outbox table {} is ready", table.display_name());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: migration failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn check(config: Config) -> ExitCode {
+    let findings = outboxd::check::run(&config).await;
+    for finding in &findings {
+        println!("{finding}");
+    }
+    let failed = findings.iter().filter(|f| f.status == Status::Failed).count();
+    if failed > 0 {
+        println!("{failed} check(s) failed: the relay cannot run with this setup");
+        ExitCode::FAILURE
+    } else {
+        println!("all checks passed");
+        ExitCode::SUCCESS
+    }
+}
+
+/// Resolves on SIGTERM (what orchestrators send) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,258 @@
+//! Routing: which topic, key and headers an event gets, or why it cannot be
+//! published (a poison row).
+//!
+//! Invariant: routing is a pure function of the row and the config. The same
+//! row always yields the same record, so a batch that is aborted and re-sent
+//! is byte-for-byte the batch it replaces.
+
+use crate::config::{KeyColumn, RoutingConfig};
+use crate::event::OutboxEvent;
+
+/// Kafka's own limit on topic name length.
+const MAX_TOPIC_NAME_LEN: usize = 249;
+
+/// Header names the relay adds to every record.
+pub mod header {
+    pub const ID: &str = "id";
+    pub const TYPE: &str = "type";
+    pub const AGGREGATE_TYPE: &str = "aggregatetype";
+    pub const TRACEPARENT: &str = "traceparent";
+    /// On dead-lettered records: why the row could not be published.
+    pub const DEAD_LETTER_REASON: &str = "outboxd.dead_letter.reason";
+    /// On dead-lettered records: the row's seq, to find it in the table.
+    pub const SOURCE_SEQ: &str = "outboxd.source.seq";
+    /// On dead-lettered records: present when the payload was too large to carry.
+    pub const PAYLOAD_OMITTED: &str = "outboxd.payload_omitted";
+}
+
+/// A record ready for Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutedRecord {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub payload: Option<Vec<u8>>,
+}
+
+impl RoutedRecord {
+    /// Bytes this record occupies on the wire, near enough to compare with
+    /// the broker's `max.message.bytes`.
+    pub fn approximate_size(&self) -> usize {
+        // Kafka's per-record and per-header framing is a few varints; 64 bytes
+        // covers it with room to spare.
+        const FRAMING: usize = 64;
+        let headers: usize = self.headers.iter().map(|(name, value)| name.len() + value.len() + 8).sum();
+        FRAMING + self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + headers
+    }
+}
+
+/// A topic template: literal text with `${aggregatetype}` and `${type}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    parts: Vec<TemplatePart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TemplatePart {
+    Literal(String),
+    AggregateType,
+    EventType,
+}
+
+impl TopicTemplate {
+    pub fn parse(template: &str) -> Result<TopicTemplate, String> {
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(start) = rest.find("${") {
+            if start > 0 {
+                parts.push(TemplatePart::Literal(rest[..start].to_string()));
+            }
+            let after = &rest[start + 2..];
+            let end = after.find('}').ok_or_else(|| format!("`{template}` has an unclosed `${{`"))?;
+            parts.push(match &after[..end] {
+                "aggregatetype" => TemplatePart::AggregateType,
+                "type" => TemplatePart::EventType,
+                other => {
+                    return Err(format!(
+                        "`{template}` uses unknown placeholder `${{{other}}}`; use `${{aggregatetype}}` or `${{type}}`"
+                    ))
+                }
+            });
+            rest = &after[end + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(TemplatePart::Literal(rest.to_string()));
+        }
+        let template = TopicTemplate { parts };
+        if template.is_literal() {
+            validate_topic_name(&template.render("", ""))?;
+        }
+        Ok(template)
+    }
+
+    fn is_literal(&self) -> bool {
+        self.parts.iter().all(|part| matches!(part, TemplatePart::Literal(_)))
+    }
+
+    fn render(&self, aggregate_type: &str, event_type: &str) -> String {
+        self.parts
+            .iter()
+            .map(|part| match part {
+                TemplatePart::Literal(text) => text.as_str(),
+                TemplatePart::AggregateType => aggregate_type,
+                TemplatePart::EventType => event_type,
+            })
+            .collect()
+    }
+}
+
+/// Kafka's topic name rules: 1–249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn validate_topic_name(topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_NAME_LEN {
+        return Err(format!("topic name `{topic}` must be 1 to {MAX_TOPIC_NAME_LEN} characters"));
+    }
+    if topic == "." || topic == ".." {
+        return Err(format!("`{topic}` is not a legal topic name"));
+    }
+    if let Some(bad) = topic.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("topic name `{topic}` contains `{bad}`; Kafka allows only a-z, A-Z, 0-9, `.`, `_`, `-`"));
+    }
+    Ok(())
+}
+
+struct Rule {
+    aggregate_type: Option<String>,
+    event_type: Option<String>,
+    topic: TopicTemplate,
+}
+
+impl Rule {
+    fn matches(&self, event: &OutboxEvent) -> bool {
+        self.aggregate_type.as_ref().is_none_or(|wanted| *wanted == event.aggregate_type)
+            && self.event_type.as_ref().is_none_or(|wanted| *wanted == event.event_type)
+    }
+}
+
+/// Turns events into records. Built once from validated config.
+pub struct Router {
+    default_topic: TopicTemplate,
+    rules: Vec<Rule>,
+    key: KeyColumn,
+    dead_letter_topic: String,
+    max_message_bytes: usize,
+}
+
+impl Router {
+    pub fn new(config: &RoutingConfig, max_message_bytes: usize) -> Result<Router, String> {
+        let rules = config
+            .rules
+            .iter()
+            .map(|rule| {
+                Ok(Rule {
+                    aggregate_type: rule.aggregate_type.clone(),
+                    event_type: rule.event_type.clone(),
+                    topic: TopicTemplate::parse(&rule.topic)?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Router {
+            default_topic: TopicTemplate::parse(&config.topic)?,
+            rules,
+            key: config.key,
+            dead_letter_topic: config.dead_letter_topic.clone(),
+            max_message_bytes,
+        })
+    }
+
+    /// The record for `event`, or the reason it is poison.
+    pub fn route(&self, event: &OutboxEvent) -> Result<RoutedRecord, String> {
+        let template = self.rules.iter().find(|rule| rule.matches(event)).map_or(&self.default_topic, |rule| &rule.topic);
+        let topic = template.render(&event.aggregate_type, &event.event_type);
+        validate_topic_name(&topic).map_err(|e| format!("unroutable: {e}"))?;
+        let record = RoutedRecord {
+            topic,
+            key: self.key_of(event),
+            headers: headers_of(event)?,
+            payload: event.payload.clone(),
+        };
+        let size = record.approximate_size();
+        if size > self.max_message_bytes {
+            return Err(format!(
+                "too large: the record is about {size} bytes, over kafka.max_message_bytes ({})",
+                self.max_message_bytes
+            ));
+        }
+        Ok(record)
+    }
+
+    /// The dead-letter record for a poison `event`: its payload when that
+    /// fits, the reason and the row's seq as headers, so nothing vanishes.
+    pub fn dead_letter(&self, event: &OutboxEvent, reason: &str) -> RoutedRecord {
+        let mut headers = vec![
+            (header::DEAD_LETTER_REASON.to_string(), reason.as_bytes().to_vec()),
+            (header::SOURCE_SEQ.to_string(), event.seq.to_string().into_bytes()),
+        ];
+        headers.extend(base_headers(event));
+        let mut record = RoutedRecord {
+            topic: self.dead_letter_topic.clone(),
+            key: self.key_of(event),
+            headers,
+            payload: event.payload.clone(),
+        };
+        if record.approximate_size() > self.max_message_bytes {
+            record.payload = None;
+            record.headers.push((header::PAYLOAD_OMITTED.to_string(), b"true".to_vec()));
+        }
+        record
+    }
+
+    fn key_of(&self, event: &OutboxEvent) -> Option<Vec<u8>> {
+        match self.key {
+            KeyColumn::AggregateId => Some(event.aggregate_id.as_bytes().to_vec()),
+            KeyColumn::AggregateType => Some(event.aggregate_type.as_bytes().to_vec()),
+            KeyColumn::Id => Some(event.id.as_bytes().to_vec()),
+            KeyColumn::None => None,
+        }
+    }
+}
+
+fn base_headers(event: &OutboxEvent) -> Vec<(String, Vec<u8>)> {
+    let mut headers = vec![
+        (header::ID.to_string(), event.id.as_bytes().to_vec()),
+        (header::TYPE.to_string(), event.event_type.as_bytes().to_vec()),
+        (header::AGGREGATE_TYPE.to_string(), event.aggregate_type.as_bytes().to_vec()),
+    ];
+    if let Some(trace_parent) = &event.trace_parent {
+        headers.push((header::TRACEPARENT.to_string(), trace_parent.as_bytes().to_vec()));
+    }
+    headers
+}
+
+/// The relay's headers, then the row's `headers` JSON object: strings as
+/// they are, other JSON values as their JSON text.
+fn headers_of(event: &OutboxEvent) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let mut headers = base_headers(event);
+    let Some(json) = &event.headers_json else {
+        return Ok(headers);
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("unroutable: the headers column is not valid JSON ({e})"))?;
+    match value {
+        serde_json::Value::Null => {}
+        serde_json::Value::Object(map) => {
+            for (name, value) in map {
+                let bytes = match value {
+                    serde_json::Value::String(text) => text.into_bytes(),
+                    serde_json::Value::Null => Vec::new(),
+                    other => other.to_string().into_bytes(),
+                };
+                headers.push((name, bytes));
+            }
+        }
+        _ => return Err("unroutable: the headers column must hold a JSON object".into()),
+    }
+    Ok(headers)
+}
+
+#[cfg(test)]
+mod tests;

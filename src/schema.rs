@@ -1,0 +1,132 @@
+//! What the live database says about the outbox table: does it exist, has it
+//! the configured columns, what type is the payload, may the relay use it.
+//!
+//! Invariant: the relay never claims from a table it has not inspected, so a
+//! wrong name or a missing privilege is a clear message at start-up rather
+//! than an error deep inside a batch.
+
+use sqlx::{PgConnection, Row};
+
+use crate::config::AfterPublish;
+use crate::error::{Error, Result};
+use crate::table::{OutboxTable, PayloadEncoding};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableReport {
+    pub payload_encoding: PayloadEncoding,
+    /// Configured columns the table lacks.
+    pub missing_columns: Vec<String>,
+    /// Privileges the relay's role lacks, as `SELECT`, `UPDATE (sent_at)`, …
+    pub missing_privileges: Vec<String>,
+    /// Whether an insert trigger on the table calls `pg_notify`.
+    pub has_notify_trigger: bool,
+}
+
+impl TableReport {
+    /// The problems that stop the relay, one sentence each.
+    pub fn problems(&self, table: &OutboxTable) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !self.missing_columns.is_empty() {
+            problems.push(format!(
+                "table {} lacks column(s) {}; fix postgres.columns in the config or add them",
+                table.display_name(),
+                self.missing_columns.join(", ")
+            ));
+        }
+        if !self.missing_privileges.is_empty() {
+            problems.push(format!(
+                "the relay's role lacks {} on {}; see the grants in migrations/0001_outbox.sql",
+                self.missing_privileges.join(", "),
+                table.display_name()
+            ));
+        }
+        problems
+    }
+}
+
+/// Inspects the table. A missing table is an error telling how to create it.
+pub async fn inspect(connection: &mut PgConnection, table: &OutboxTable, after_publish: AfterPublish) -> Result<TableReport> {
+    let qualified = table.qualified();
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(&qualified)
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| Error::from_postgres("looking up the outbox table", e))?;
+    if exists.is_none() {
+        return Err(Error::stop(format!(
+            "the outbox table {} does not exist; create it with `outboxd migrate --config FILE` \
+             or add migrations/0001_outbox.sql to your service's migrations",
+            table.display_name()
+        )));
+    }
+
+    let columns = sqlx::query(
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+    )
+    .bind(&qualified)
+    .fetch_all(&mut *connection)
+    .await
+    .map_err(|e| Error::from_postgres("reading the outbox table's columns", e))?;
+    let column_type = |name: &str| {
+        columns
+            .iter()
+            .find(|row| row.try_get::<String, _>(0).is_ok_and(|n| n == name))
+            .and_then(|row| row.try_get::<String, _>(1).ok())
+    };
+    let missing_columns = table
+        .columns
+        .all()
+        .into_iter()
+        .filter(|name| column_type(name).is_none())
+        .map(str::to_string)
+        .collect();
+    let payload_encoding =
+        column_type(&table.columns.payload).map_or(PayloadEncoding::Text, |t| PayloadEncoding::from_type_name(&t));
+
+    let mut missing_privileges = Vec::new();
+    let has = |sql: &'static str, column: Option<&str>| {
+        let mut query = sqlx::query_scalar::<_, bool>(sql).bind(qualified.clone());
+        if let Some(column) = column {
+            query = query.bind(column.to_string());
+        }
+        query
+    };
+    let checks: Vec<(String, _)> = vec![
+        ("SELECT".to_string(), has("SELECT has_table_privilege($1, 'SELECT')", None)),
+        (
+            format!("UPDATE ({})", table.columns.sent_at),
+            has("SELECT has_column_privilege($1, $2, 'UPDATE')", Some(&table.columns.sent_at)),
+        ),
+    ];
+    for (name, query) in checks {
+        let granted = query
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(|e| Error::from_postgres("checking privileges", e))?;
+        if !granted {
+            missing_privileges.push(name);
+        }
+    }
+    if after_publish == AfterPublish::Delete {
+        let granted: bool = sqlx::query_scalar("SELECT has_table_privilege($1, 'DELETE')")
+            .bind(&qualified)
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(|e| Error::from_postgres("checking privileges", e))?;
+        if !granted {
+            missing_privileges.push("DELETE".to_string());
+        }
+    }
+
+    let has_notify_trigger: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+         WHERE t.tgrelid = to_regclass($1) AND NOT t.tgisinternal AND p.prosrc LIKE '%pg_notify%')",
+    )
+    .bind(&qualified)
+    .fetch_one(&mut *connection)
+    .await
+    .map_err(|e| Error::from_postgres("looking for the notify trigger", e))?;
+
+    Ok(TableReport { payload_encoding, missing_columns, missing_privileges, has_notify_trigger })
+}

@@ -1,0 +1,199 @@
+//! The outbox table contract: its name, its columns, and the SQL the relay
+//! runs against it.
+//!
+//! Invariant: every identifier that reaches SQL comes from here, quoted, so a
+//! user's schema, table or column name can never change a statement's meaning.
+
+use crate::config::{validate_identifier, ColumnNames, PostgresConfig};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxTable {
+    pub schema: String,
+    pub name: String,
+    pub columns: ColumnNames,
+}
+
+/// How the payload column is read: JSON kinds as UTF-8 text, bytea as raw
+/// bytes (Avro, Protobuf), always handed to Kafka byte for byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadEncoding {
+    Text,
+    Bytes,
+}
+
+impl PayloadEncoding {
+    /// From Postgres' `format_type` of the payload column.
+    pub fn from_type_name(type_name: &str) -> Self {
+        if type_name == "bytea" {
+            PayloadEncoding::Bytes
+        } else {
+            PayloadEncoding::Text
+        }
+    }
+}
+
+/// Double-quotes an identifier, doubling any quote inside it.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A string literal for DDL where bind parameters are not allowed.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+impl ColumnNames {
+    /// Every configured column, for checks and tests.
+    pub fn all(&self) -> Vec<&str> {
+        let mut names = vec![
+            self.seq.as_str(),
+            self.id.as_str(),
+            self.aggregate_type.as_str(),
+            self.aggregate_id.as_str(),
+            self.event_type.as_str(),
+            self.payload.as_str(),
+        ];
+        names.extend(self.headers.as_deref());
+        names.extend(self.tracing_span_context.as_deref());
+        names.push(self.created_at.as_str());
+        names.push(self.sent_at.as_str());
+        names
+    }
+}
+
+impl OutboxTable {
+    /// Splits `schema.table` (schema defaults to `public`) and checks the column names.
+    /// The error names the key under `postgres.`.
+    pub fn from_config(config: &PostgresConfig) -> Result<OutboxTable, String> {
+        let (schema, name) = match config.table.split_once('.') {
+            Some((schema, name)) => (schema, name),
+            None => ("public", config.table.as_str()),
+        };
+        validate_identifier(schema).map_err(|e| format!("table: schema {e}"))?;
+        validate_identifier(name).map_err(|e| format!("table: {e}"))?;
+        if name.contains('.') {
+            return Err(format!("table: `{}` has more than one dot; write `schema.table`", config.table));
+        }
+        for column in config.columns.all() {
+            validate_identifier(column).map_err(|e| format!("columns: {e}"))?;
+        }
+        Ok(OutboxTable { schema: schema.to_string(), name: name.to_string(), columns: config.columns.clone() })
+    }
+
+    /// `"schema"."table"`.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    /// `schema.table` for people.
+    pub fn display_name(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// Claims the oldest unsent rows. `FOR UPDATE SKIP LOCKED` keeps a row
+    /// claimed by another transaction out of this batch; `sent_at IS NULL`
+    /// (not a seq cursor) means a row whose transaction commits late, with a
+    /// seq below rows already sent, is still found. `$1` is the batch size.
+    pub fn claim_sql(&self, payload: PayloadEncoding) -> String {
+        let c = &self.columns;
+        let payload_expr = match payload {
+            PayloadEncoding::Bytes => quote_ident(&c.payload),
+            PayloadEncoding::Text => format!("convert_to({}::text, 'UTF8')", quote_ident(&c.payload)),
+        };
+        let optional_text = |column: &Option<String>| match column {
+            Some(name) => format!("{}::text", quote_ident(name)),
+            None => "NULL::text".to_string(),
+        };
+        format!(
+            "SELECT {seq}::bigint, {id}::text, {aggregate_type}::text, {aggregate_id}::text, {event_type}::text, \
+             {payload_expr}, {headers}, {trace} \
+             FROM {table} WHERE {sent_at} IS NULL ORDER BY {seq} LIMIT $1 FOR UPDATE SKIP LOCKED",
+            seq = quote_ident(&c.seq),
+            id = quote_ident(&c.id),
+            aggregate_type = quote_ident(&c.aggregate_type),
+            aggregate_id = quote_ident(&c.aggregate_id),
+            event_type = quote_ident(&c.event_type),
+            headers = optional_text(&c.headers),
+            trace = optional_text(&c.tracing_span_context),
+            table = self.qualified(),
+            sent_at = quote_ident(&c.sent_at),
+        )
+    }
+
+    /// Marks the rows in `$1` (a `bigint[]` of seq) sent; rows already
+    /// marked keep their first time, so replays are harmless.
+    pub fn mark_sent_sql(&self) -> String {
+        let c = &self.columns;
+        format!(
+            "UPDATE {table} SET {sent_at} = now() WHERE {seq} = ANY($1) AND {sent_at} IS NULL",
+            table = self.qualified(),
+            sent_at = quote_ident(&c.sent_at),
+            seq = quote_ident(&c.seq),
+        )
+    }
+
+    /// Deletes the rows in `$1` (a `bigint[]` of seq).
+    pub fn delete_sql(&self) -> String {
+        format!("DELETE FROM {} WHERE {} = ANY($1)", self.qualified(), quote_ident(&self.columns.seq))
+    }
+
+    /// Counts unsent rows and the age in seconds of the oldest: the lag.
+    pub fn lag_sql(&self) -> String {
+        let c = &self.columns;
+        format!(
+            "SELECT count(*)::bigint, COALESCE(EXTRACT(EPOCH FROM now() - min({created_at}))::float8, 0) \
+             FROM {table} WHERE {sent_at} IS NULL",
+            created_at = quote_ident(&c.created_at),
+            table = self.qualified(),
+            sent_at = quote_ident(&c.sent_at),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(name: &str) -> Result<OutboxTable, String> {
+        let config: PostgresConfig = serde_json::from_value(serde_json::json!({
+            "url": "postgres://localhost/db",
+            "table": name,
+        }))
+        .expect("test config");
+        OutboxTable::from_config(&config)
+    }
+
+    #[test]
+    fn schema_defaults_to_public() {
+        let outbox = table("outbox").unwrap();
+        assert_eq!(outbox.qualified(), "\"public\".\"outbox\"");
+        let outbox = table("orders.events").unwrap();
+        assert_eq!(outbox.qualified(), "\"orders\".\"events\"");
+        assert!(table("a.b.c").unwrap_err().contains("more than one dot"));
+        assert!(table(".x").unwrap_err().starts_with("table: schema"));
+    }
+
+    #[test]
+    fn identifiers_are_quoted_so_they_cannot_inject() {
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        let outbox = table("public.\"; DROP TABLE x; --").unwrap();
+        assert!(outbox.qualified().starts_with("\"public\".\"\"\"; DROP"));
+    }
+
+    #[test]
+    fn claim_reads_unsent_rows_in_seq_order_skipping_locked_ones() {
+        let sql = table("outbox").unwrap().claim_sql(PayloadEncoding::Text);
+        assert!(sql.contains("WHERE \"sent_at\" IS NULL ORDER BY \"seq\" LIMIT $1 FOR UPDATE SKIP LOCKED"));
+        assert!(sql.contains("convert_to(\"payload\"::text, 'UTF8')"));
+        let sql = table("outbox").unwrap().claim_sql(PayloadEncoding::Bytes);
+        assert!(sql.contains(", \"payload\", "));
+    }
+
+    #[test]
+    fn payload_encoding_follows_the_column_type() {
+        assert_eq!(PayloadEncoding::from_type_name("bytea"), PayloadEncoding::Bytes);
+        assert_eq!(PayloadEncoding::from_type_name("jsonb"), PayloadEncoding::Text);
+        assert_eq!(PayloadEncoding::from_type_name("text"), PayloadEncoding::Text);
+    }
+}
