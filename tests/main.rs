@@ -1,1 +1,11 @@
+//! Integration tests against a real PostgreSQL and a real Apache Kafka
+//! broker, started by `make test` (deploy/local/stack.sh). Each test gets its
+//! own database, relay name and topics, so tests run in parallel.
 
+mod support;
+
+mod cli;
+mod crash;
+mod exactly_once;
+mod leader;
+mod poison;

@@ -1,0 +1,114 @@
+//! Every committed row arrives exactly once, in per-aggregate order; rows
+//! from rolled-back transactions never arrive.
+
+use std::time::Duration;
+
+use crate::support::kafka::read_all;
+use crate::support::workload::{violations, write_orders};
+use crate::support::{InProcessRelay, TestEnv};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_every_committed_row_once_and_in_order() {
+    let env = TestEnv::new("concurrent").await;
+    let relay = InProcessRelay::start(env.config());
+
+    let writers: Vec<_> = (0..4)
+        .map(|writer| {
+            let pool = env.pool.clone();
+            tokio::spawn(async move { write_orders(&pool, writer, 150, 12).await })
+        })
+        .collect();
+    let mut rolled_back = Vec::new();
+    let mut committed = 0;
+    for writer in writers {
+        let written = writer.await.expect("writer");
+        committed += written.committed;
+        rolled_back.extend(written.rolled_back_ids);
+    }
+    assert!(committed > 500, "workload too small: {committed}");
+    assert!(!rolled_back.is_empty(), "the workload should roll some transactions back");
+
+    env.wait_all_sent(Duration::from_secs(90)).await;
+    relay.stop().await.expect("relay stops cleanly");
+
+    let rows = env.rows().await;
+    assert_eq!(rows.len(), committed);
+    let consumed = read_all(&env.kafka, &env.topic_prefix()).await;
+    let problems = violations(&rows, &consumed, &rolled_back);
+    assert!(problems.is_empty(), "{} violations:\n{}", problems.len(), problems.join("\n"));
+
+    let first = consumed.iter().find(|r| r.header("type") == Some("OrderCreated")).expect("an OrderCreated event");
+    assert_eq!(first.topic, format!("{}.Order", env.topic_prefix()));
+    assert_eq!(first.header("aggregatetype"), Some("Order"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_committed_late_with_a_lower_seq_is_not_skipped() {
+    let env = TestEnv::new("late-commit").await;
+    let relay = InProcessRelay::start(env.config());
+
+    // Transaction A takes the lower seq but commits last.
+    let mut slow = env.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', 'slow', 'OrderCreated', '{\"n\":1}')")
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', 'fast', 'OrderCreated', '{\"n\":1}')")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let fast_sent = async {
+        loop {
+            let sent: bool = sqlx::query_scalar("SELECT sent_at IS NOT NULL FROM outbox WHERE aggregateid = 'fast'")
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+            if sent {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), fast_sent).await.expect("the fast row is sent");
+    slow.commit().await.unwrap();
+    env.wait_all_sent(Duration::from_secs(30)).await;
+    relay.stop().await.unwrap();
+
+    let rows = env.rows().await;
+    assert!(rows[0].0 < rows[1].0);
+    let consumed = read_all(&env.kafka, &env.topic_prefix()).await;
+    assert!(violations(&rows, &consumed, &[]).is_empty());
+    assert_eq!(consumed.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_after_publish_removes_rows_and_keeps_headers_and_payload() {
+    let env = TestEnv::new("delete").await;
+    env.write_config("  after_publish: delete\n", "");
+    sqlx::query(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers, tracingspancontext) VALUES \
+         ('Customer', 'c-1', 'CustomerRegistered', '{\"name\": \"Ada\"}', '{\"tenant\": \"acme\"}', \
+          '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let id: String = sqlx::query_scalar("SELECT id::text FROM outbox").fetch_one(&env.pool).await.unwrap();
+    let relay = InProcessRelay::start(env.config());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox").fetch_one(&env.pool).await.unwrap() > 0 {
+        assert!(std::time::Instant::now() < deadline, "row was not deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.stop().await.unwrap();
+
+    let consumed = read_all(&env.kafka, &env.topic_prefix()).await;
+    assert_eq!(consumed.len(), 1);
+    let record = &consumed[0];
+    assert_eq!(record.topic, format!("{}.Customer", env.topic_prefix()));
+    assert_eq!(record.key.as_deref(), Some(&b"c-1"[..]));
+    assert_eq!(record.payload_json(), serde_json::json!({"name": "Ada"}));
+    assert_eq!(record.header("id"), Some(id.as_str()));
+    assert_eq!(record.header("tenant"), Some("acme"));
+    assert_eq!(record.header("traceparent"), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+}

@@ -1,0 +1,90 @@
+//! Two relays with the same name never both publish: one leads, the other
+//! waits as a standby and takes over; a zombie producer is fenced by Kafka.
+
+use std::time::Duration;
+
+use outboxd::error::ErrorKind;
+use outboxd::kafka::checkpoint::Checkpoint;
+use outboxd::kafka::publisher::{PublishError, Publisher};
+use outboxd::kafka::topics;
+use outboxd::routing::RoutedRecord;
+use sqlx::{Connection, PgConnection};
+
+use crate::support::kafka::read_all;
+use crate::support::workload::{violations, write_orders};
+use crate::support::{InProcessRelay, TestEnv};
+
+async fn leader_count(env: &TestEnv) -> usize {
+    let mut connection = PgConnection::connect(&env.database_url).await.unwrap();
+    let holder = outboxd::leader::holder_pid(&mut connection, &env.relay_name()).await.unwrap();
+    usize::from(holder.is_some())
+}
+
+/// Backend pids of sessions named after this relay that hold the lock.
+async fn lock_holders(env: &TestEnv) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = $1",
+    )
+    .bind(format!("outboxd-{}", env.relay_name()))
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_name_relays_one_leads_the_other_takes_over() {
+    let env = TestEnv::new("leader").await;
+    let first = InProcessRelay::start(env.config());
+    let first_batch = write_orders(&env.pool, 0, 100, 5).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+
+    let second = InProcessRelay::start(env.config());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(lock_holders(&env).await, 1, "exactly one instance holds the leader lock");
+    assert_eq!(leader_count(&env).await, 1);
+
+    let during = write_orders(&env.pool, 1, 100, 5).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+
+    // The leader goes away; the standby must take over.
+    first.stop().await.expect("first relay stops cleanly");
+    let after = write_orders(&env.pool, 2, 100, 5).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    assert_eq!(lock_holders(&env).await, 1);
+    second.stop().await.expect("second relay stops cleanly");
+
+    let rows = env.rows().await;
+    assert_eq!(rows.len(), first_batch.committed + during.committed + after.committed);
+    let mut rolled_back = first_batch.rolled_back_ids;
+    rolled_back.extend(during.rolled_back_ids);
+    rolled_back.extend(after.rolled_back_ids);
+    let consumed = read_all(&env.kafka, &env.topic_prefix()).await;
+    let problems = violations(&rows, &consumed, &rolled_back);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_producer_is_fenced_and_must_stop() {
+    let env = TestEnv::new("zombie").await;
+    let config = env.config();
+    topics::ensure_checkpoint_topic(&config).await.unwrap();
+    let zombie = Publisher::connect(&config).await.expect("first producer");
+    let _successor = Publisher::connect(&config).await.expect("second producer fences the first");
+
+    let record = RoutedRecord {
+        topic: format!("{}.Order", env.topic_prefix()),
+        key: Some(b"order-1".to_vec()),
+        headers: vec![("id".into(), b"zombie-event".to_vec())],
+        payload: Some(b"{}".to_vec()),
+    };
+    let outcome = zombie.publish(&[record], &Checkpoint::new("public.outbox", &[1], &[])).await;
+    match outcome {
+        Err(PublishError::Failed(error)) => {
+            assert_eq!(error.kind, ErrorKind::Stop, "a fenced producer must stop the relay: {error}");
+        }
+        other => panic!("the zombie published or failed softly: {other:?}"),
+    }
+    let consumed = read_all(&env.kafka, &env.topic_prefix()).await;
+    assert!(consumed.is_empty(), "nothing from the zombie is visible: {consumed:?}");
+}

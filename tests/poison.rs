@@ -1,0 +1,65 @@
+//! Poison rows (unroutable, too large) go to the dead-letter topic in the
+//! same transaction, or halt the relay when configured; never vanish.
+
+use std::time::Duration;
+
+use outboxd::error::ErrorKind;
+
+use crate::support::kafka::{read_all, read_topic};
+use crate::support::{InProcessRelay, TestEnv};
+
+async fn insert(env: &TestEnv, aggregate_type: &str, payload_sql: &str) {
+    sqlx::query(&format!(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ($1, 'agg-1', 'Happened', {payload_sql})"
+    ))
+    .bind(aggregate_type)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_and_oversized_rows_land_in_the_dead_letter_topic() {
+    let env = TestEnv::new("poison").await;
+    env.write_config("", "  max_message_bytes: 100000\n");
+    insert(&env, "Order", "'{\"n\":1}'").await;
+    insert(&env, "not a topic!", "'{\"n\":2}'").await;
+    insert(&env, "Order", "jsonb_build_object('blob', repeat('x', 200000))").await;
+    insert(&env, "Order", "'{\"n\":3}'").await;
+
+    let relay = InProcessRelay::start(env.config());
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await.unwrap();
+
+    let dead = read_topic(&env.kafka, &env.dead_letter_topic()).await;
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    let unroutable = dead.iter().find(|r| r.header("aggregatetype") == Some("not a topic!")).expect("unroutable row");
+    assert!(unroutable.header("outboxd.dead_letter.reason").unwrap().starts_with("unroutable"));
+    assert_eq!(unroutable.payload_json(), serde_json::json!({"n": 2}));
+    let oversized = dead.iter().find(|r| r.header("outboxd.payload_omitted") == Some("true")).expect("oversized row");
+    assert!(oversized.header("outboxd.dead_letter.reason").unwrap().starts_with("too large"));
+    assert_eq!(oversized.header("outboxd.source.seq"), Some("3"));
+
+    let published: Vec<_> = read_all(&env.kafka, &env.topic_prefix())
+        .await
+        .into_iter()
+        .filter(|r| r.topic != env.dead_letter_topic())
+        .collect();
+    let ns: Vec<_> = published.iter().map(|r| r.payload_json()["n"].clone()).collect();
+    assert_eq!(ns, vec![serde_json::json!(1), serde_json::json!(3)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn halt_policy_stops_the_relay_and_publishes_nothing_of_the_batch() {
+    let env = TestEnv::new("poison-halt").await;
+    env.write_config("  on_poison: halt\n", "");
+    insert(&env, "Order", "'{\"n\":1}'").await;
+    insert(&env, "bad type", "'{\"n\":2}'").await;
+
+    let relay = InProcessRelay::start(env.config());
+    let error = relay.finished(Duration::from_secs(60)).await.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Stop);
+    assert!(error.message.contains("seq 2") && error.message.contains("halt"), "{error}");
+    assert_eq!(env.unsent().await, 2, "nothing is acknowledged");
+    assert!(read_all(&env.kafka, &env.topic_prefix()).await.is_empty());
+}

@@ -1,0 +1,215 @@
+//! Shared helpers: the servers under test, one isolated environment per
+//! test, writers, relays (in-process and as a child process) and a
+//! `read_committed` consumer that checks what reached Kafka.
+
+#![allow(dead_code)]
+
+pub mod kafka;
+pub mod workload;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use outboxd::Config;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+
+/// Where the servers are. `make test` exports these after starting them;
+/// without them the tests fail, never skip.
+pub struct Servers {
+    pub postgres_url: String,
+    pub kafka: String,
+}
+
+pub fn servers() -> Servers {
+    let read = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!(
+                "{name} is not set: integration tests need the real PostgreSQL and Kafka. \
+                 Run `make test`, which starts them (deploy/local/stack.sh up DIR) and exports it."
+            )
+        })
+    };
+    Servers { postgres_url: read("OUTBOXD_TEST_PG_URL"), kafka: read("OUTBOXD_TEST_KAFKA") }
+}
+
+/// One test's world: its own database, relay name, topics and config file.
+pub struct TestEnv {
+    pub id: String,
+    pub database_url: String,
+    pub kafka: String,
+    pub pool: PgPool,
+    pub config_path: PathBuf,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl TestEnv {
+    /// A fresh database with the outbox migrated and an `aggregates` table
+    /// the workload locks to serialise writers per aggregate.
+    pub async fn new(name: &str) -> TestEnv {
+        let servers = servers();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-{}-{n}", name.replace('_', "-"), std::process::id());
+        let database = format!("t_{}", id.replace('-', "_"));
+        let mut admin = PgConnection::connect(&servers.postgres_url)
+            .await
+            .expect("connect to the test Postgres (is the stack up?)");
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {database}; CREATE DATABASE {database}"))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        let database_url = replace_database(&servers.postgres_url, &database);
+        let pool = PgPoolOptions::new().max_connections(20).connect(&database_url).await.expect("connect test db");
+        sqlx::raw_sql("CREATE TABLE aggregates (id text PRIMARY KEY, version int NOT NULL DEFAULT 0)")
+            .execute(&pool)
+            .await
+            .expect("create aggregates table");
+        let config_path = std::env::temp_dir().join(format!("outboxd-it-{id}.yaml"));
+        let env = TestEnv { id, database_url, kafka: servers.kafka, pool, config_path };
+        env.write_config("", "");
+        outboxd::migrate::apply(&env.config()).await.expect("migrate");
+        env
+    }
+
+    pub fn topic_prefix(&self) -> String {
+        format!("it-{}", self.id)
+    }
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}.dlq", self.topic_prefix())
+    }
+    pub fn relay_name(&self) -> String {
+        format!("it-{}", self.id).chars().take(48).collect()
+    }
+
+    /// (Re)writes the config file; the overrides are extra YAML lines under
+    /// `relay:` (such as `  on_poison: halt\n`) and `kafka:`.
+    pub fn write_config(&self, relay_overrides: &str, kafka_overrides: &str) {
+        let yaml = format!(
+            "relay:\n  name: {name}\n{relay_overrides}\
+             postgres:\n  url: {url}\n\
+             kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {prefix}.checkpoints\n  transaction_timeout: 20s\n{kafka_overrides}\
+             capture:\n  batch_size: 100\n  poll_interval: 200ms\n\
+             routing:\n  topic: \"{prefix}.${{aggregatetype}}\"\n  dead_letter_topic: {prefix}.dlq\n\
+             log:\n  level: info,librdkafka=warn,rdkafka=warn\n",
+            name = self.relay_name(),
+            url = self.database_url,
+            kafka = self.kafka,
+            prefix = self.topic_prefix(),
+        );
+        std::fs::write(&self.config_path, yaml).expect("write test config");
+    }
+
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path).expect("test config is valid")
+    }
+
+    /// Rows not yet marked sent.
+    pub async fn unsent(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+            .fetch_one(&self.pool)
+            .await
+            .expect("count unsent")
+    }
+
+    /// Waits until every row is marked sent, failing the test after `limit`.
+    pub async fn wait_all_sent(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let unsent = self.unsent().await;
+            if unsent == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{unsent} rows still unsent after {limit:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every row's event id, seq and sent flag, from Postgres.
+    pub async fn rows(&self) -> Vec<(i64, String, bool)> {
+        sqlx::query_as("SELECT seq, id::text, sent_at IS NOT NULL FROM outbox ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await
+            .expect("read outbox rows")
+    }
+
+    /// Starts the real binary on this env's config.
+    pub fn spawn_relay_process(&self) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start outboxd")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
+
+fn replace_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[scheme_end..].find('/').map_or(base.len(), |i| scheme_end + i);
+    let mut replaced = format!("{}/{database}", &base[..path_start]);
+    if let Some(query) = query {
+        replaced.push('?');
+        replaced.push_str(query);
+    }
+    replaced
+}
+
+/// A relay running inside the test process via `relay::run`.
+pub struct InProcessRelay {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), outboxd::Error>>,
+}
+
+impl InProcessRelay {
+    pub fn start(config: Config) -> InProcessRelay {
+        outboxd::logging::init(&config.log);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(outboxd::relay::run(config, async move {
+            let _ = stopped.await;
+        }));
+        InProcessRelay { stop: Some(stop), handle }
+    }
+
+    /// Requests shutdown and returns how the relay ended.
+    pub async fn stop(mut self) -> Result<(), outboxd::Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(60), &mut self.handle)
+            .await
+            .expect("relay stops within 60s")
+            .expect("relay task did not panic")
+    }
+
+    /// Waits for the relay to end by itself (a `Stop` error).
+    pub async fn finished(mut self, limit: Duration) -> Result<(), outboxd::Error> {
+        tokio::time::timeout(limit, &mut self.handle)
+            .await
+            .expect("relay stopped by itself in time")
+            .expect("relay task did not panic")
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
+/// Sends a signal to a child we started.
+pub fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().expect("kill");
+    assert!(status.success(), "kill -{signal} {}", child.id());
+}
