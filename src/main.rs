@@ -78,7 +78,16 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> ExitCode {
-    match relay::run(config, shutdown_signal()).await {
+    // Install the handlers before any work starts, so a SIGTERM that arrives
+    // early is a graceful stop too, never the default abrupt exit.
+    let shutdown = match shutdown_signal() {
+        Ok(shutdown) => shutdown,
+        Err(error) => {
+            eprintln!("error: cannot install signal handlers: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match relay::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(kind = ?error.kind, "relay stopped: {error}");
@@ -128,25 +137,17 @@ async fn check(config: Config) -> ExitCode {
     }
 }
 
-/// Resolves on SIGTERM (what orchestrators send) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+/// A future that resolves on SIGTERM (what orchestrators send) or Ctrl-C.
+/// The handlers are registered when this function returns, not when the
+/// future is first polled.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = terminate.recv() => {}
+            _ = terminate.recv() => tracing::info!("SIGTERM received; stopping"),
+            _ = interrupt.recv() => tracing::info!("SIGINT received; stopping"),
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    })
 }

@@ -26,7 +26,7 @@ fn bad_configs_fail_naming_the_key_and_the_file() {
         ("duration", "relay:\n  name: a\npostgres:\n  url: postgres://h/d\nkafka:\n  bootstrap_servers: k:1\ncapture:\n  poll_interval: 10\n", "poll_interval"),
         ("missing", "relay:\n  name: a\nkafka:\n  bootstrap_servers: k:1\n", "postgres"),
         ("topic", "relay:\n  name: a\npostgres:\n  url: postgres://h/d\nkafka:\n  bootstrap_servers: k:1\nrouting:\n  dead_letter_topic: \"no spaces\"\n", "routing.dead_letter_topic"),
-        ("yaml", "relay: [\n", "relay"),
+        ("yaml", "relay: [\n", "line 2"),
     ];
     for (name, yaml, key) in cases {
         let path = config_file(name, yaml);

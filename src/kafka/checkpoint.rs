@@ -120,12 +120,12 @@ pub async fn read_latest(config: &Config) -> Result<Option<Checkpoint>> {
 fn read_latest_blocking(config: &Config) -> Result<Option<Checkpoint>> {
     let topic = &config.kafka.checkpoint_topic;
     let relay_key = config.relay.name.as_bytes();
-    let consumer: BaseConsumer = super::base_client_config(config)
+    let consumer: BaseConsumer<super::RelayContext> = super::base_client_config(config)
         .set("group.id", format!("outboxd-{}-checkpoint-reader", config.relay.name))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
-        .create()
+        .create_with_context(super::RelayContext)
         .map_err(|e| Error::stop(format!("cannot create the checkpoint reader: {e}")))?;
 
     let metadata = consumer

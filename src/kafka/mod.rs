@@ -10,7 +10,10 @@ pub mod errors;
 pub mod publisher;
 pub mod topics;
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use crate::config::Config;
 
@@ -45,3 +48,20 @@ pub fn base_client_config(config: &Config) -> ClientConfig {
     }
     client
 }
+
+/// The context of every client we create: librdkafka's global errors reach
+/// our logs as warnings that say what librdkafka does about them, and the
+/// end of a partition, which the checkpoint reader asks for, is not an error.
+#[derive(Clone, Copy, Default)]
+pub struct RelayContext;
+
+impl ClientContext for RelayContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            return;
+        }
+        tracing::warn!(%error, reason, "Kafka client error; librdkafka reconnects and retries by itself");
+    }
+}
+
+impl ConsumerContext for RelayContext {}

@@ -14,6 +14,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use super::checkpoint::Checkpoint;
 use super::errors::{classify, is_record_rejected};
+use super::RelayContext;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind};
 use crate::routing::RoutedRecord;
@@ -42,7 +43,7 @@ impl From<Error> for PublishError {
 }
 
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<RelayContext>,
     relay_name: String,
     checkpoint_topic: String,
     transaction_timeout: Duration,
@@ -53,12 +54,12 @@ impl Publisher {
     /// transaction a previous instance left open and fences that instance:
     /// its next Kafka call fails and it stops.
     pub async fn connect(config: &Config) -> Result<Publisher, Error> {
-        let producer: FutureProducer = super::base_client_config(config)
+        let producer: FutureProducer<RelayContext> = super::base_client_config(config)
             .set("transactional.id", super::transactional_id(&config.relay.name))
             .set("enable.idempotence", "true")
             .set("transaction.timeout.ms", config.kafka.transaction_timeout.as_millis().to_string())
             .set("message.max.bytes", (config.kafka.max_message_bytes + LOCAL_SIZE_HEADROOM).to_string())
-            .create()
+            .create_with_context(RelayContext)
             .map_err(|e| Error::stop(format!("cannot create the Kafka producer from the config: {e}")))?;
         let publisher = Publisher {
             producer,
@@ -179,7 +180,7 @@ impl Publisher {
     /// librdkafka's transaction calls block; keep them off the async workers.
     async fn blocking<T: Send + 'static>(
         &self,
-        call: impl FnOnce(&FutureProducer) -> Result<T, KafkaError> + Send + 'static,
+        call: impl FnOnce(&FutureProducer<RelayContext>) -> Result<T, KafkaError> + Send + 'static,
     ) -> Result<T, KafkaError> {
         let producer = self.producer.clone();
         match tokio::task::spawn_blocking(move || call(&producer)).await {

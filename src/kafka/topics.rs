@@ -7,17 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 
+use super::RelayContext;
 use crate::config::Config;
 use crate::error::{Error, Result};
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 
-pub fn admin_client(config: &Config) -> Result<AdminClient<DefaultClientContext>> {
+pub fn admin_client(config: &Config) -> Result<AdminClient<RelayContext>> {
     super::base_client_config(config)
-        .create()
+        .create_with_context(RelayContext)
         .map_err(|e| Error::stop(format!("cannot create a Kafka admin client from the config: {e}")))
 }
 

@@ -49,13 +49,13 @@ pub async fn read_topic(bootstrap: &str, topic: &str) -> Vec<Consumed> {
 }
 
 fn read_all_blocking(bootstrap: &str, prefix: &str, keep: impl Fn(&str) -> bool) -> Vec<Consumed> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer<outboxd::kafka::RelayContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("it-reader-{prefix}"))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
-        .create()
+        .create_with_context(outboxd::kafka::RelayContext)
         .expect("create consumer");
     let metadata = consumer.fetch_metadata(None, Duration::from_secs(10)).expect("metadata");
     let mut assignment = TopicPartitionList::new();

@@ -57,10 +57,9 @@ impl TestEnv {
         let mut admin = PgConnection::connect(&servers.postgres_url)
             .await
             .expect("connect to the test Postgres (is the stack up?)");
-        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {database}; CREATE DATABASE {database}"))
-            .execute(&mut admin)
-            .await
-            .expect("create test database");
+        for statement in [format!("DROP DATABASE IF EXISTS {database}"), format!("CREATE DATABASE {database}")] {
+            sqlx::raw_sql(&statement).execute(&mut admin).await.expect("create test database");
+        }
         let database_url = replace_database(&servers.postgres_url, &database);
         let pool = PgPoolOptions::new().max_connections(20).connect(&database_url).await.expect("connect test db");
         sqlx::raw_sql("CREATE TABLE aggregates (id text PRIMARY KEY, version int NOT NULL DEFAULT 0)")

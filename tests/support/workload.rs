@@ -57,7 +57,7 @@ pub async fn write_orders(pool: &PgPool, writer: usize, transactions: usize, agg
         } else {
             sqlx::query_scalar(
                 "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
-                 ('Order', $1, 'OrderUpdated', jsonb_build_object('aggregate', $1::text, 'n', $2::int, 'writer', $3::int), \
+                 ('Order', $1, 'OrderUpdated', jsonb_build_object('aggregate', $1::text, 'n', $2::int, 'writer', $3::int)) \
                  RETURNING id::text",
             )
             .bind(&aggregate)
