@@ -1,0 +1,32 @@
+# outboxd: two commands do everything on a fresh machine.
+#   make demo   the relay end to end on a local PostgreSQL and Kafka
+#   make test   the whole suite: unit tests and integration tests on real servers
+
+STACK_DIR ?= $(CURDIR)/.stack
+CARGO     ?= cargo
+
+.PHONY: demo test deps build lint stack-up stack-down
+
+deps:
+	bash deploy/local/install-deps.sh
+
+build: deps
+	$(CARGO) build --locked --all-targets
+
+demo: build
+	bash scripts/with-stack.sh $(STACK_DIR)/demo bash scripts/demo.sh
+
+# Four test threads: each integration test has its own database and topics.
+test: build
+	bash scripts/with-stack.sh $(STACK_DIR)/test $(CARGO) test --locked -- --test-threads=4
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+# A stack to work against by hand: source $(STACK_DIR)/dev/env
+stack-up: deps
+	bash deploy/local/stack.sh up $(STACK_DIR)/dev
+
+stack-down:
+	bash deploy/local/stack.sh down $(STACK_DIR)/dev
