@@ -91,8 +91,18 @@ mod tests {
 
     #[test]
     fn every_event_is_either_published_or_dead_lettered() {
-        let events = [event(1, "Order"), event(2, "not a topic!"), event(3, "Order")];
-        let batch = Batch::route(&router(), &events, &HashMap::new(), PoisonPolicy::DeadLetter).unwrap();
+        let events = [
+            event(1, "Order"),
+            event(2, "not a topic!"),
+            event(3, "Order"),
+        ];
+        let batch = Batch::route(
+            &router(),
+            &events,
+            &HashMap::new(),
+            PoisonPolicy::DeadLetter,
+        )
+        .unwrap();
         assert_eq!(batch.published, vec![1, 3]);
         assert_eq!(batch.dead_lettered, vec![2]);
         assert_eq!(batch.record_seqs, vec![1, 2, 3]);
@@ -102,13 +112,25 @@ mod tests {
     #[test]
     fn rows_the_broker_rejected_before_go_to_the_dead_letter_topic() {
         let rejections = HashMap::from([(1, "rejected by Kafka: message too large".to_string())]);
-        let batch = Batch::route(&router(), &[event(1, "Order")], &rejections, PoisonPolicy::DeadLetter).unwrap();
+        let batch = Batch::route(
+            &router(),
+            &[event(1, "Order")],
+            &rejections,
+            PoisonPolicy::DeadLetter,
+        )
+        .unwrap();
         assert_eq!(batch.dead_lettered, vec![1]);
     }
 
     #[test]
     fn halt_policy_stops_with_the_row_named() {
-        let error = Batch::route(&router(), &[event(9, "bad topic")], &HashMap::new(), PoisonPolicy::Halt).unwrap_err();
+        let error = Batch::route(
+            &router(),
+            &[event(9, "bad topic")],
+            &HashMap::new(),
+            PoisonPolicy::Halt,
+        )
+        .unwrap_err();
         assert_eq!(error.kind, crate::error::ErrorKind::Stop);
         assert!(error.message.contains("seq 9"), "{}", error.message);
     }

@@ -43,14 +43,22 @@ struct Findings(Vec<Finding>);
 
 impl Findings {
     fn push(&mut self, status: Status, subject: &str, detail: impl Into<String>) {
-        self.0.push(Finding { status, subject: subject.to_string(), detail: detail.into() });
+        self.0.push(Finding {
+            status,
+            subject: subject.to_string(),
+            detail: detail.into(),
+        });
     }
 }
 
 /// Runs every check; the caller prints them and exits non-zero on any `Failed`.
 pub async fn run(config: &Config) -> Vec<Finding> {
     let mut findings = Findings::default();
-    findings.push(Status::Ok, "config", format!("valid (relay.name = {})", config.relay.name));
+    findings.push(
+        Status::Ok,
+        "config",
+        format!("valid (relay.name = {})", config.relay.name),
+    );
     check_postgres(config, &mut findings).await;
     check_kafka(config, &mut findings).await;
     findings.0
@@ -61,12 +69,23 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
     let mut connection = match PgConnection::connect(&config.postgres.url).await {
         Ok(connection) => connection,
         Err(e) => {
-            findings.push(Status::Failed, "postgres", format!("cannot connect to {target}: {e}"));
+            findings.push(
+                Status::Failed,
+                "postgres",
+                format!("cannot connect to {target}: {e}"),
+            );
             return;
         }
     };
-    let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&mut connection).await.unwrap_or_default();
-    findings.push(Status::Ok, "postgres", format!("connected to {target} (server {version})"));
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap_or_default();
+    findings.push(
+        Status::Ok,
+        "postgres",
+        format!("connected to {target} (server {version})"),
+    );
 
     let Ok(table) = OutboxTable::from_config(&config.postgres) else {
         return; // validated at load time
@@ -79,14 +98,21 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
                 findings.push(
                     Status::Ok,
                     "outbox table",
-                    format!("{} has every configured column and the relay may use it", table.display_name()),
+                    format!(
+                        "{} has every configured column and the relay may use it",
+                        table.display_name()
+                    ),
                 );
             }
             for problem in problems {
                 findings.push(Status::Failed, "outbox table", problem);
             }
             if report.has_notify_trigger {
-                findings.push(Status::Ok, "notify trigger", "present: new rows wake the relay at once");
+                findings.push(
+                    Status::Ok,
+                    "notify trigger",
+                    "present: new rows wake the relay at once",
+                );
             } else {
                 findings.push(
                     Status::Warning,
@@ -102,9 +128,17 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
 }
 
 async fn check_kafka(config: &Config, findings: &mut Findings) {
-    let mut wanted = vec![config.kafka.checkpoint_topic.clone(), config.routing.dead_letter_topic.clone()];
+    let mut wanted = vec![
+        config.kafka.checkpoint_topic.clone(),
+        config.routing.dead_letter_topic.clone(),
+    ];
     wanted.extend(
-        config.routing.rules.iter().filter(|rule| !rule.topic.contains("${")).map(|rule| rule.topic.clone()),
+        config
+            .routing
+            .rules
+            .iter()
+            .filter(|rule| !rule.topic.contains("${"))
+            .map(|rule| rule.topic.clone()),
     );
     let states = match topics::describe_topics(config, &wanted).await {
         Ok(states) => states,
@@ -112,13 +146,23 @@ async fn check_kafka(config: &Config, findings: &mut Findings) {
             findings.push(
                 Status::Failed,
                 "kafka",
-                format!("{} (bootstrap servers: {})", e.message, config.kafka.bootstrap_servers),
+                format!(
+                    "{} (bootstrap servers: {})",
+                    e.message, config.kafka.bootstrap_servers
+                ),
             );
             return;
         }
     };
-    findings.push(Status::Ok, "kafka", format!("reached {}", config.kafka.bootstrap_servers));
-    let auto_create = topics::broker_auto_creates_topics(config).await.ok().flatten();
+    findings.push(
+        Status::Ok,
+        "kafka",
+        format!("reached {}", config.kafka.bootstrap_servers),
+    );
+    let auto_create = topics::broker_auto_creates_topics(config)
+        .await
+        .ok()
+        .flatten();
 
     for (topic, state) in states {
         let is_checkpoint = topic == config.kafka.checkpoint_topic;
@@ -146,9 +190,11 @@ async fn check_kafka(config: &Config, findings: &mut Findings) {
                 "checkpoint topic",
                 format!("{topic} is missing; the relay creates it (compacted) at start"),
             ),
-            TopicState::Exists { partitions } => {
-                findings.push(Status::Ok, "topic", format!("{topic} exists ({partitions} partition(s))"))
-            }
+            TopicState::Exists { partitions } => findings.push(
+                Status::Ok,
+                "topic",
+                format!("{topic} exists ({partitions} partition(s))"),
+            ),
             TopicState::Missing if auto_create == Some(true) => findings.push(
                 Status::Warning,
                 "topic",

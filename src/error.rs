@@ -28,13 +28,22 @@ pub enum ErrorKind {
 
 impl Error {
     pub fn retry(message: impl Into<String>) -> Error {
-        Error { kind: ErrorKind::Retry, message: message.into() }
+        Error {
+            kind: ErrorKind::Retry,
+            message: message.into(),
+        }
     }
     pub fn abort_and_resend(message: impl Into<String>) -> Error {
-        Error { kind: ErrorKind::AbortAndResend, message: message.into() }
+        Error {
+            kind: ErrorKind::AbortAndResend,
+            message: message.into(),
+        }
     }
     pub fn stop(message: impl Into<String>) -> Error {
-        Error { kind: ErrorKind::Stop, message: message.into() }
+        Error {
+            kind: ErrorKind::Stop,
+            message: message.into(),
+        }
     }
 
     /// Sorts a Postgres error. Connection trouble and server restarts are

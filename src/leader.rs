@@ -22,16 +22,24 @@ const LOCK_KEY: &str = "hashtextextended('outboxd:' || $1, 0)";
 
 /// Waits until this session holds the relay's lock. Returns `false` if
 /// shutdown was requested first.
-pub async fn acquire(connection: &mut PgConnection, relay_name: &str, shutdown: &mut watch::Receiver<bool>) -> Result<bool> {
+pub async fn acquire(
+    connection: &mut PgConnection,
+    relay_name: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool> {
     let mut announced_standby = false;
     loop {
-        let acquired: bool = sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock({LOCK_KEY})"))
-            .bind(relay_name)
-            .fetch_one(&mut *connection)
-            .await
-            .map_err(|e| Error::from_postgres("taking the leader lock", e))?;
+        let acquired: bool =
+            sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock({LOCK_KEY})"))
+                .bind(relay_name)
+                .fetch_one(&mut *connection)
+                .await
+                .map_err(|e| Error::from_postgres("taking the leader lock", e))?;
         if acquired {
-            tracing::info!(relay = relay_name, "leader lock acquired; this instance publishes");
+            tracing::info!(
+                relay = relay_name,
+                "leader lock acquired; this instance publishes"
+            );
             return Ok(true);
         }
         if !announced_standby {

@@ -51,7 +51,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config_path = match &cli.command {
-        Command::Run { config } | Command::Migrate { config, .. } | Command::Check { config } => config.clone(),
+        Command::Run { config } | Command::Migrate { config, .. } | Command::Check { config } => {
+            config.clone()
+        }
     };
     let config = match Config::load(&config_path) {
         Ok(config) => config,
@@ -61,7 +63,10 @@ fn main() -> ExitCode {
         }
     };
     logging::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -101,7 +106,14 @@ async fn migrate_command(config: Config, print: bool) -> ExitCode {
     if print {
         match OutboxTable::from_config(&config.postgres) {
             Ok(table) => {
-                print!("{}", migrate::render(&table, &config.postgres.notify_channel, &config.postgres.publication));
+                print!(
+                    "{}",
+                    migrate::render(
+                        &table,
+                        &config.postgres.notify_channel,
+                        &config.postgres.publication
+                    )
+                );
                 return ExitCode::SUCCESS;
             }
             Err(error) => {
@@ -127,7 +139,10 @@ async fn check(config: Config) -> ExitCode {
     for finding in &findings {
         println!("{finding}");
     }
-    let failed = findings.iter().filter(|f| f.status == Status::Failed).count();
+    let failed = findings
+        .iter()
+        .filter(|f| f.status == Status::Failed)
+        .count();
     if failed > 0 {
         println!("{failed} check(s) failed: the relay cannot run with this setup");
         ExitCode::FAILURE

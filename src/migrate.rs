@@ -20,8 +20,14 @@ pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> S
     let c = &table.columns;
     let column = |name: &str| format!("{:<20}", quote_ident(name));
     let mut columns = vec![
-        format!("    {} bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY", column(&c.seq)),
-        format!("    {} uuid NOT NULL DEFAULT gen_random_uuid()", column(&c.id)),
+        format!(
+            "    {} bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+            column(&c.seq)
+        ),
+        format!(
+            "    {} uuid NOT NULL DEFAULT gen_random_uuid()",
+            column(&c.id)
+        ),
         format!("    {} text NOT NULL", column(&c.aggregate_type)),
         format!("    {} text NOT NULL", column(&c.aggregate_id)),
         format!("    {} text NOT NULL", column(&c.event_type)),
@@ -33,12 +39,19 @@ pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> S
     if let Some(trace) = &c.tracing_span_context {
         columns.push(format!("    {} text", column(trace)));
     }
-    columns.push(format!("    {} timestamptz NOT NULL DEFAULT now()", column(&c.created_at)));
+    columns.push(format!(
+        "    {} timestamptz NOT NULL DEFAULT now()",
+        column(&c.created_at)
+    ));
     columns.push(format!("    {} timestamptz", column(&c.sent_at)));
 
     let qualified = table.qualified();
     let index = quote_ident(&format!("{}_unsent_idx", table.name));
-    let function = format!("{}.{}", quote_ident(&table.schema), quote_ident(&format!("{}_notify", table.name)));
+    let function = format!(
+        "{}.{}",
+        quote_ident(&table.schema),
+        quote_ident(&format!("{}_notify", table.name))
+    );
     let trigger = quote_ident(&format!("{}_notify", table.name));
     format!(
         "-- outboxd: the outbox table. Column names follow Debezium's Outbox Event Router.\n\
@@ -82,12 +95,20 @@ pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> S
 /// Applies the migration in one transaction, serialised by an advisory lock
 /// so two relays starting together do not race on `IF NOT EXISTS`.
 pub async fn apply(config: &Config) -> Result<OutboxTable> {
-    let table = OutboxTable::from_config(&config.postgres).map_err(|e| Error::stop(format!("postgres.{e}")))?;
-    let sql = render(&table, &config.postgres.notify_channel, &config.postgres.publication);
+    let table = OutboxTable::from_config(&config.postgres)
+        .map_err(|e| Error::stop(format!("postgres.{e}")))?;
+    let sql = render(
+        &table,
+        &config.postgres.notify_channel,
+        &config.postgres.publication,
+    );
     let mut connection = PgConnection::connect(&config.postgres.url)
         .await
         .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
-    let mut transaction = connection.begin().await.map_err(|e| Error::from_postgres("starting the migration", e))?;
+    let mut transaction = connection
+        .begin()
+        .await
+        .map_err(|e| Error::from_postgres("starting the migration", e))?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('outboxd:migrate', 0))")
         .execute(&mut *transaction)
         .await
@@ -95,8 +116,16 @@ pub async fn apply(config: &Config) -> Result<OutboxTable> {
     sqlx::raw_sql(&sql)
         .execute(&mut *transaction)
         .await
-        .map_err(|e| Error::from_postgres(&format!("applying the migration to {}", table.display_name()), e))?;
-    transaction.commit().await.map_err(|e| Error::from_postgres("committing the migration", e))?;
+        .map_err(|e| {
+            Error::from_postgres(
+                &format!("applying the migration to {}", table.display_name()),
+                e,
+            )
+        })?;
+    transaction
+        .commit()
+        .await
+        .map_err(|e| Error::from_postgres("committing the migration", e))?;
     Ok(table)
 }
 
@@ -107,7 +136,8 @@ mod tests {
 
     fn default_table() -> OutboxTable {
         let config: PostgresConfig =
-            serde_json::from_value(serde_json::json!({ "url": "postgres://localhost/db" })).unwrap();
+            serde_json::from_value(serde_json::json!({ "url": "postgres://localhost/db" }))
+                .unwrap();
         OutboxTable::from_config(&config).unwrap()
     }
 
@@ -115,7 +145,10 @@ mod tests {
     fn default_rendering_is_the_shipped_migration_file() {
         let shipped = include_str!("../migrations/0001_outbox.sql");
         let rendered = render(&default_table(), "outbox_inserted", "outbox_publication");
-        assert_eq!(rendered, shipped, "regenerate the file: cargo run -- migrate --print > {MIGRATION_FILE}");
+        assert_eq!(
+            rendered, shipped,
+            "regenerate the file: cargo run -- migrate --print > {MIGRATION_FILE}"
+        );
     }
 
     #[test]

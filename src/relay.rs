@@ -46,11 +46,18 @@ use crate::table::OutboxTable;
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 /// A session that ran this long without failing resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+/// How long a session may take to finish its batch after shutdown is
+/// requested before it is abandoned. Abandoning is safe: nothing of the
+/// batch was acknowledged, so it is published exactly once after restart.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the relay until `shutdown` resolves (then returns `Ok`) or a
 /// failure that must stop it (then returns the error). Transient failures
 /// are retried here with exponential backoff.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let (stop_sender, stop) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -60,7 +67,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let mut backoff = new_backoff();
     loop {
         let started = Instant::now();
-        match context.session(stop.clone()).await {
+        let session = context.session(stop.clone());
+        tokio::pin!(session);
+        let outcome = tokio::select! {
+            outcome = &mut session => outcome,
+            _ = grace_after_stop(stop.clone()) => {
+                tracing::warn!(
+                    grace = ?SHUTDOWN_GRACE,
+                    "shutdown grace period passed while waiting on Kafka or Postgres; abandoning the \
+                     unacknowledged batch, which is published exactly once after restart"
+                );
+                return Ok(());
+            }
+        };
+        match outcome {
             Ok(()) => {
                 tracing::info!("shutdown requested; relay stopped");
                 return Ok(());
@@ -87,6 +107,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
             }
         }
     }
+}
+
+/// Resolves `SHUTDOWN_GRACE` after shutdown was requested.
+async fn grace_after_stop(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            // The sender lives as long as the shutdown future; if it is gone, never fire.
+            std::future::pending::<()>().await;
+        }
+    }
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
 }
 
 fn new_backoff() -> impl Iterator<Item = Duration> {
@@ -117,15 +148,23 @@ struct Progress {
 
 impl Context {
     fn new(config: Config) -> Result<Context> {
-        let table = OutboxTable::from_config(&config.postgres).map_err(|e| Error::stop(format!("postgres.{e}")))?;
-        let router = Router::new(&config.routing, config.kafka.max_message_bytes).map_err(Error::stop)?;
+        let table = OutboxTable::from_config(&config.postgres)
+            .map_err(|e| Error::stop(format!("postgres.{e}")))?;
+        let router =
+            Router::new(&config.routing, config.kafka.max_message_bytes).map_err(Error::stop)?;
         let connect_options: PgConnectOptions = config
             .postgres
             .url
             .parse()
             .map_err(|e| Error::stop(format!("postgres.url: {e}")))?;
-        let connect_options = connect_options.application_name(&format!("outboxd-{}", config.relay.name));
-        Ok(Context { config, table, router, connect_options })
+        let connect_options =
+            connect_options.application_name(&format!("outboxd-{}", config.relay.name));
+        Ok(Context {
+            config,
+            table,
+            router,
+            connect_options,
+        })
     }
 
     /// One leadership term: from connecting to the first failure or shutdown.
@@ -134,7 +173,8 @@ impl Context {
         let mut connection = PgConnection::connect_with(&self.connect_options)
             .await
             .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
-        let report = schema::inspect(&mut connection, &self.table, config.relay.after_publish).await?;
+        let report =
+            schema::inspect(&mut connection, &self.table, config.relay.after_publish).await?;
         if let Some(problem) = report.problems(&self.table).into_iter().next() {
             return Err(Error::stop(problem));
         }
@@ -153,7 +193,13 @@ impl Context {
         topics::ensure_checkpoint_topic(config).await?;
         let publisher = Publisher::connect(config).await?;
         if let Some(latest) = checkpoint::read_latest(config).await? {
-            let done = acknowledge::reconcile(&mut connection, &self.table, config.relay.after_publish, &latest).await?;
+            let done = acknowledge::reconcile(
+                &mut connection,
+                &self.table,
+                config.relay.after_publish,
+                &latest,
+            )
+            .await?;
             tracing::info!(
                 checkpoint_published = latest.published.len(),
                 checkpoint_dead_lettered = latest.dead_lettered.len(),
@@ -162,8 +208,12 @@ impl Context {
             );
         }
 
-        let mut wakeup =
-            Wakeup::listen(&self.connect_options, &config.postgres.notify_channel, config.capture.poll_interval).await?;
+        let mut wakeup = Wakeup::listen(
+            &self.connect_options,
+            &config.postgres.notify_channel,
+            config.capture.poll_interval,
+        )
+        .await?;
         let claim_sql = self.table.claim_sql(report.payload_encoding);
         let mut rejected_by_broker: HashMap<i64, String> = HashMap::new();
         let mut progress = Progress::default();
@@ -188,7 +238,9 @@ impl Context {
                 .begin()
                 .await
                 .map_err(|e| Error::from_postgres("starting the claim transaction", e))?;
-            let events = polling::claim_batch(&mut transaction, &claim_sql, config.capture.batch_size).await?;
+            let events =
+                polling::claim_batch(&mut transaction, &claim_sql, config.capture.batch_size)
+                    .await?;
             if events.is_empty() {
                 transaction
                     .rollback()
@@ -197,8 +249,17 @@ impl Context {
                 wakeup.wait(&mut stop).await;
                 continue;
             }
-            let batch = Batch::route(&self.router, &events, &rejected_by_broker, config.relay.on_poison)?;
-            let batch_checkpoint = Checkpoint::new(&self.table.display_name(), &batch.published, &batch.dead_lettered);
+            let batch = Batch::route(
+                &self.router,
+                &events,
+                &rejected_by_broker,
+                config.relay.on_poison,
+            )?;
+            let batch_checkpoint = Checkpoint::new(
+                &self.table.display_name(),
+                &batch.published,
+                &batch.dead_lettered,
+            );
             let started = Instant::now();
             match publisher.publish(&batch.records, &batch_checkpoint).await {
                 Ok(()) => {
@@ -211,7 +272,10 @@ impl Context {
                     )
                     .await?;
                     transaction.commit().await.map_err(|e| {
-                        Error::from_postgres("committing the acknowledgement (the checkpoint will repair it)", e)
+                        Error::from_postgres(
+                            "committing the acknowledgement (the checkpoint will repair it)",
+                            e,
+                        )
                     })?;
                     for seq in &batch.dead_lettered {
                         rejected_by_broker.remove(seq);

@@ -41,8 +41,15 @@ impl RoutedRecord {
         // Kafka's per-record and per-header framing is a few varints; 64 bytes
         // covers it with room to spare.
         const FRAMING: usize = 64;
-        let headers: usize = self.headers.iter().map(|(name, value)| name.len() + value.len() + 8).sum();
-        FRAMING + self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + headers
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len() + 8)
+            .sum();
+        FRAMING
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self.payload.as_ref().map_or(0, Vec::len)
+            + headers
     }
 }
 
@@ -68,7 +75,9 @@ impl TopicTemplate {
                 parts.push(TemplatePart::Literal(rest[..start].to_string()));
             }
             let after = &rest[start + 2..];
-            let end = after.find('}').ok_or_else(|| format!("`{template}` has an unclosed `${{`"))?;
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("`{template}` has an unclosed `${{`"))?;
             parts.push(match &after[..end] {
                 "aggregatetype" => TemplatePart::AggregateType,
                 "type" => TemplatePart::EventType,
@@ -91,7 +100,9 @@ impl TopicTemplate {
     }
 
     fn is_literal(&self) -> bool {
-        self.parts.iter().all(|part| matches!(part, TemplatePart::Literal(_)))
+        self.parts
+            .iter()
+            .all(|part| matches!(part, TemplatePart::Literal(_)))
     }
 
     fn render(&self, aggregate_type: &str, event_type: &str) -> String {
@@ -109,13 +120,20 @@ impl TopicTemplate {
 /// Kafka's topic name rules: 1–249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
 pub fn validate_topic_name(topic: &str) -> Result<(), String> {
     if topic.is_empty() || topic.len() > MAX_TOPIC_NAME_LEN {
-        return Err(format!("topic name `{topic}` must be 1 to {MAX_TOPIC_NAME_LEN} characters"));
+        return Err(format!(
+            "topic name `{topic}` must be 1 to {MAX_TOPIC_NAME_LEN} characters"
+        ));
     }
     if topic == "." || topic == ".." {
         return Err(format!("`{topic}` is not a legal topic name"));
     }
-    if let Some(bad) = topic.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("topic name `{topic}` contains `{bad}`; Kafka allows only a-z, A-Z, 0-9, `.`, `_`, `-`"));
+    if let Some(bad) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "topic name `{topic}` contains `{bad}`; Kafka allows only a-z, A-Z, 0-9, `.`, `_`, `-`"
+        ));
     }
     Ok(())
 }
@@ -128,8 +146,13 @@ struct Rule {
 
 impl Rule {
     fn matches(&self, event: &OutboxEvent) -> bool {
-        self.aggregate_type.as_ref().is_none_or(|wanted| *wanted == event.aggregate_type)
-            && self.event_type.as_ref().is_none_or(|wanted| *wanted == event.event_type)
+        self.aggregate_type
+            .as_ref()
+            .is_none_or(|wanted| *wanted == event.aggregate_type)
+            && self
+                .event_type
+                .as_ref()
+                .is_none_or(|wanted| *wanted == event.event_type)
     }
 }
 
@@ -166,7 +189,11 @@ impl Router {
 
     /// The record for `event`, or the reason it is poison.
     pub fn route(&self, event: &OutboxEvent) -> Result<RoutedRecord, String> {
-        let template = self.rules.iter().find(|rule| rule.matches(event)).map_or(&self.default_topic, |rule| &rule.topic);
+        let template = self
+            .rules
+            .iter()
+            .find(|rule| rule.matches(event))
+            .map_or(&self.default_topic, |rule| &rule.topic);
         let topic = template.render(&event.aggregate_type, &event.event_type);
         validate_topic_name(&topic).map_err(|e| format!("unroutable: {e}"))?;
         let record = RoutedRecord {
@@ -189,8 +216,14 @@ impl Router {
     /// fits, the reason and the row's seq as headers, so nothing vanishes.
     pub fn dead_letter(&self, event: &OutboxEvent, reason: &str) -> RoutedRecord {
         let mut headers = vec![
-            (header::DEAD_LETTER_REASON.to_string(), reason.as_bytes().to_vec()),
-            (header::SOURCE_SEQ.to_string(), event.seq.to_string().into_bytes()),
+            (
+                header::DEAD_LETTER_REASON.to_string(),
+                reason.as_bytes().to_vec(),
+            ),
+            (
+                header::SOURCE_SEQ.to_string(),
+                event.seq.to_string().into_bytes(),
+            ),
         ];
         headers.extend(base_headers(event));
         let mut record = RoutedRecord {
@@ -201,7 +234,9 @@ impl Router {
         };
         if record.approximate_size() > self.max_message_bytes {
             record.payload = None;
-            record.headers.push((header::PAYLOAD_OMITTED.to_string(), b"true".to_vec()));
+            record
+                .headers
+                .push((header::PAYLOAD_OMITTED.to_string(), b"true".to_vec()));
         }
         record
     }
@@ -219,11 +254,20 @@ impl Router {
 fn base_headers(event: &OutboxEvent) -> Vec<(String, Vec<u8>)> {
     let mut headers = vec![
         (header::ID.to_string(), event.id.as_bytes().to_vec()),
-        (header::TYPE.to_string(), event.event_type.as_bytes().to_vec()),
-        (header::AGGREGATE_TYPE.to_string(), event.aggregate_type.as_bytes().to_vec()),
+        (
+            header::TYPE.to_string(),
+            event.event_type.as_bytes().to_vec(),
+        ),
+        (
+            header::AGGREGATE_TYPE.to_string(),
+            event.aggregate_type.as_bytes().to_vec(),
+        ),
     ];
     if let Some(trace_parent) = &event.trace_parent {
-        headers.push((header::TRACEPARENT.to_string(), trace_parent.as_bytes().to_vec()));
+        headers.push((
+            header::TRACEPARENT.to_string(),
+            trace_parent.as_bytes().to_vec(),
+        ));
     }
     headers
 }
@@ -235,8 +279,8 @@ fn headers_of(event: &OutboxEvent) -> Result<Vec<(String, Vec<u8>)>, String> {
     let Some(json) = &event.headers_json else {
         return Ok(headers);
     };
-    let value: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| format!("unroutable: the headers column is not valid JSON ({e})"))?;
+    let value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| format!("unroutable: the headers column is not valid JSON ({e})"))?;
     match value {
         serde_json::Value::Null => {}
         serde_json::Value::Object(map) => {

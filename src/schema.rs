@@ -45,7 +45,11 @@ impl TableReport {
 }
 
 /// Inspects the table. A missing table is an error telling how to create it.
-pub async fn inspect(connection: &mut PgConnection, table: &OutboxTable, after_publish: AfterPublish) -> Result<TableReport> {
+pub async fn inspect(
+    connection: &mut PgConnection,
+    table: &OutboxTable,
+    after_publish: AfterPublish,
+) -> Result<TableReport> {
     let qualified = table.qualified();
     let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
         .bind(&qualified)
@@ -81,8 +85,9 @@ pub async fn inspect(connection: &mut PgConnection, table: &OutboxTable, after_p
         .filter(|name| column_type(name).is_none())
         .map(str::to_string)
         .collect();
-    let payload_encoding =
-        column_type(&table.columns.payload).map_or(PayloadEncoding::Text, |t| PayloadEncoding::from_type_name(&t));
+    let payload_encoding = column_type(&table.columns.payload).map_or(PayloadEncoding::Text, |t| {
+        PayloadEncoding::from_type_name(&t)
+    });
 
     let mut missing_privileges = Vec::new();
     let has = |sql: &'static str, column: Option<&str>| {
@@ -93,10 +98,16 @@ pub async fn inspect(connection: &mut PgConnection, table: &OutboxTable, after_p
         query
     };
     let checks: Vec<(String, _)> = vec![
-        ("SELECT".to_string(), has("SELECT has_table_privilege($1, 'SELECT')", None)),
+        (
+            "SELECT".to_string(),
+            has("SELECT has_table_privilege($1, 'SELECT')", None),
+        ),
         (
             format!("UPDATE ({})", table.columns.sent_at),
-            has("SELECT has_column_privilege($1, $2, 'UPDATE')", Some(&table.columns.sent_at)),
+            has(
+                "SELECT has_column_privilege($1, $2, 'UPDATE')",
+                Some(&table.columns.sent_at),
+            ),
         ),
     ];
     for (name, query) in checks {
@@ -128,5 +139,10 @@ pub async fn inspect(connection: &mut PgConnection, table: &OutboxTable, after_p
     .await
     .map_err(|e| Error::from_postgres("looking for the notify trigger", e))?;
 
-    Ok(TableReport { payload_encoding, missing_columns, missing_privileges, has_notify_trigger })
+    Ok(TableReport {
+        payload_encoding,
+        missing_columns,
+        missing_privileges,
+        has_notify_trigger,
+    })
 }

@@ -72,12 +72,19 @@ impl OutboxTable {
         validate_identifier(schema).map_err(|e| format!("table: schema {e}"))?;
         validate_identifier(name).map_err(|e| format!("table: {e}"))?;
         if name.contains('.') {
-            return Err(format!("table: `{}` has more than one dot; write `schema.table`", config.table));
+            return Err(format!(
+                "table: `{}` has more than one dot; write `schema.table`",
+                config.table
+            ));
         }
         for column in config.columns.all() {
             validate_identifier(column).map_err(|e| format!("columns: {e}"))?;
         }
-        Ok(OutboxTable { schema: schema.to_string(), name: name.to_string(), columns: config.columns.clone() })
+        Ok(OutboxTable {
+            schema: schema.to_string(),
+            name: name.to_string(),
+            columns: config.columns.clone(),
+        })
     }
 
     /// `"schema"."table"`.
@@ -98,7 +105,9 @@ impl OutboxTable {
         let c = &self.columns;
         let payload_expr = match payload {
             PayloadEncoding::Bytes => quote_ident(&c.payload),
-            PayloadEncoding::Text => format!("convert_to({}::text, 'UTF8')", quote_ident(&c.payload)),
+            PayloadEncoding::Text => {
+                format!("convert_to({}::text, 'UTF8')", quote_ident(&c.payload))
+            }
         };
         let optional_text = |column: &Option<String>| match column {
             Some(name) => format!("{}::text", quote_ident(name)),
@@ -134,7 +143,11 @@ impl OutboxTable {
 
     /// Deletes the rows in `$1` (a `bigint[]` of seq).
     pub fn delete_sql(&self) -> String {
-        format!("DELETE FROM {} WHERE {} = ANY($1)", self.qualified(), quote_ident(&self.columns.seq))
+        format!(
+            "DELETE FROM {} WHERE {} = ANY($1)",
+            self.qualified(),
+            quote_ident(&self.columns.seq)
+        )
     }
 
     /// Counts unsent rows and the age in seconds of the oldest: the lag.
@@ -184,7 +197,9 @@ mod tests {
     #[test]
     fn claim_reads_unsent_rows_in_seq_order_skipping_locked_ones() {
         let sql = table("outbox").unwrap().claim_sql(PayloadEncoding::Text);
-        assert!(sql.contains("WHERE \"sent_at\" IS NULL ORDER BY \"seq\" LIMIT $1 FOR UPDATE SKIP LOCKED"));
+        assert!(sql.contains(
+            "WHERE \"sent_at\" IS NULL ORDER BY \"seq\" LIMIT $1 FOR UPDATE SKIP LOCKED"
+        ));
         assert!(sql.contains("convert_to(\"payload\"::text, 'UTF8')"));
         let sql = table("outbox").unwrap().claim_sql(PayloadEncoding::Bytes);
         assert!(sql.contains(", \"payload\", "));
@@ -192,8 +207,17 @@ mod tests {
 
     #[test]
     fn payload_encoding_follows_the_column_type() {
-        assert_eq!(PayloadEncoding::from_type_name("bytea"), PayloadEncoding::Bytes);
-        assert_eq!(PayloadEncoding::from_type_name("jsonb"), PayloadEncoding::Text);
-        assert_eq!(PayloadEncoding::from_type_name("text"), PayloadEncoding::Text);
+        assert_eq!(
+            PayloadEncoding::from_type_name("bytea"),
+            PayloadEncoding::Bytes
+        );
+        assert_eq!(
+            PayloadEncoding::from_type_name("jsonb"),
+            PayloadEncoding::Text
+        );
+        assert_eq!(
+            PayloadEncoding::from_type_name("text"),
+            PayloadEncoding::Text
+        );
     }
 }

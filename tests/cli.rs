@@ -6,11 +6,18 @@ use std::process::{Command, Output};
 use crate::support::TestEnv;
 
 fn outboxd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_outboxd")).args(args).output().expect("run outboxd")
+    Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(args)
+        .output()
+        .expect("run outboxd")
 }
 
 fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 fn config_file(name: &str, yaml: &str) -> std::path::PathBuf {
@@ -33,22 +40,35 @@ fn bad_configs_fail_naming_the_key_and_the_file() {
         let output = outboxd(&["check", "--config", path.to_str().unwrap()]);
         let all = text(&output);
         assert_eq!(output.status.code(), Some(2), "{name}: {all}");
-        assert!(all.contains(key), "{name}: message does not name `{key}`: {all}");
-        assert!(all.contains(path.to_str().unwrap()), "{name}: message does not name the file: {all}");
+        assert!(
+            all.contains(key),
+            "{name}: message does not name `{key}`: {all}"
+        );
+        assert!(
+            all.contains(path.to_str().unwrap()),
+            "{name}: message does not name the file: {all}"
+        );
         std::fs::remove_file(path).unwrap();
     }
 }
 
 #[test]
 fn environment_overrides_are_validated_too() {
-    let path = config_file("env", "relay:\n  name: a\npostgres:\n  url: postgres://h/d\nkafka:\n  bootstrap_servers: k:1\n");
+    let path = config_file(
+        "env",
+        "relay:\n  name: a\npostgres:\n  url: postgres://h/d\nkafka:\n  bootstrap_servers: k:1\n",
+    );
     let output = Command::new(env!("CARGO_BIN_EXE_outboxd"))
         .args(["check", "--config", path.to_str().unwrap()])
         .env("OUTBOXD__CAPTURE__BATCH_SIZE", "lots")
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(text(&output).contains("capture.batch_size"), "{}", text(&output));
+    assert!(
+        text(&output).contains("capture.batch_size"),
+        "{}",
+        text(&output)
+    );
     std::fs::remove_file(path).unwrap();
 }
 
@@ -57,14 +77,24 @@ fn version_and_help_with_examples() {
     let version = outboxd(&["--version"]);
     assert!(text(&version).contains(env!("CARGO_PKG_VERSION")));
     let help = outboxd(&["--help"]);
-    assert!(text(&help).contains("Examples:") && text(&help).contains("OUTBOXD__"), "{}", text(&help));
+    assert!(
+        text(&help).contains("Examples:") && text(&help).contains("OUTBOXD__"),
+        "{}",
+        text(&help)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_passes_on_a_ready_setup_and_never_prints_the_password() {
     let env = TestEnv::new("check-ok").await;
-    let with_password = env.database_url.replacen("postgres://postgres@", "postgres://postgres:sup3rsecret@", 1);
-    let yaml = std::fs::read_to_string(&env.config_path).unwrap().replace(&env.database_url, &with_password);
+    let with_password = env.database_url.replacen(
+        "postgres://postgres@",
+        "postgres://postgres:sup3rsecret@",
+        1,
+    );
+    let yaml = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace(&env.database_url, &with_password);
     std::fs::write(&env.config_path, yaml).unwrap();
 
     let output = outboxd(&["check", "--config", env.config_path.to_str().unwrap()]);
@@ -78,12 +108,19 @@ async fn check_passes_on_a_ready_setup_and_never_prints_the_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_fails_on_a_missing_table_and_migrate_fixes_it_idempotently() {
     let env = TestEnv::new("check-missing").await;
-    sqlx::raw_sql("DROP TABLE outbox").execute(&env.pool).await.unwrap();
+    sqlx::raw_sql("DROP TABLE outbox")
+        .execute(&env.pool)
+        .await
+        .unwrap();
     let config = env.config_path.to_str().unwrap();
 
     let output = outboxd(&["check", "--config", config]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    assert!(text(&output).contains("does not exist") && text(&output).contains("outboxd migrate"), "{}", text(&output));
+    assert!(
+        text(&output).contains("does not exist") && text(&output).contains("outboxd migrate"),
+        "{}",
+        text(&output)
+    );
 
     for _ in 0..2 {
         let output = outboxd(&["migrate", "--config", config]);
@@ -96,9 +133,40 @@ async fn check_fails_on_a_missing_table_and_migrate_fixes_it_idempotently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_fails_when_kafka_is_unreachable() {
     let env = TestEnv::new("check-kafka").await;
-    let yaml = std::fs::read_to_string(&env.config_path).unwrap().replace(&env.kafka, "127.0.0.1:1");
+    let yaml = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace(&env.kafka, "127.0.0.1:1");
     std::fs::write(&env.config_path, yaml).unwrap();
     let output = outboxd(&["check", "--config", env.config_path.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     assert!(text(&output).contains("[FAIL] kafka"), "{}", text(&output));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_retried_until_shutdown() {
+    let env = TestEnv::new("no-broker").await;
+    let yaml = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace(&env.kafka, "127.0.0.1:1");
+    std::fs::write(&env.config_path, yaml).unwrap();
+    sqlx::query("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', 'o-1', 'OrderCreated', '{}')")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+
+    let relay = crate::support::InProcessRelay::start(env.config());
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(
+        !relay.is_finished(),
+        "the relay keeps retrying instead of exiting"
+    );
+    relay
+        .stop()
+        .await
+        .expect("a graceful stop while retrying is not an error");
+    assert_eq!(
+        env.unsent().await,
+        1,
+        "nothing was acknowledged without Kafka"
+    );
 }

@@ -40,7 +40,10 @@ async fn sigkill_mid_publish_and_restart_is_still_exactly_once() {
         tokio::time::sleep(Duration::from_millis(run_for)).await;
         signal(&relay, "KILL");
         let _ = relay.wait();
-        eprintln!("sigkill test: kill {kill} after {run_for} ms, {} rows unsent", env.unsent().await);
+        eprintln!(
+            "sigkill test: kill {kill} after {run_for} ms, {} rows unsent",
+            env.unsent().await
+        );
     }
     writing.store(false, Ordering::SeqCst);
     let live = live_writer.await.expect("live writer");
@@ -54,11 +57,19 @@ async fn sigkill_mid_publish_and_restart_is_still_exactly_once() {
     assert!(status.success(), "relay exits 0 on SIGTERM, got {status}");
 
     let rows = env.rows().await;
-    assert_eq!(rows.len(), backlog.committed + live.committed + after.committed);
+    assert_eq!(
+        rows.len(),
+        backlog.committed + live.committed + after.committed
+    );
     let mut rolled_back = backlog.rolled_back_ids;
     rolled_back.extend(live.rolled_back_ids);
     rolled_back.extend(after.rolled_back_ids);
     let consumed = read_all(&env.kafka, &env.topic_prefix()).await;
     let problems = violations(&rows, &consumed, &rolled_back);
-    assert!(problems.is_empty(), "after {kills} kills, {} violations:\n{}", problems.len(), problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "after {kills} kills, {} violations:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }

@@ -26,7 +26,10 @@ async fn concurrent_writers_every_committed_row_once_and_in_order() {
         rolled_back.extend(written.rolled_back_ids);
     }
     assert!(committed > 500, "workload too small: {committed}");
-    assert!(!rolled_back.is_empty(), "the workload should roll some transactions back");
+    assert!(
+        !rolled_back.is_empty(),
+        "the workload should roll some transactions back"
+    );
 
     env.wait_all_sent(Duration::from_secs(90)).await;
     relay.stop().await.expect("relay stops cleanly");
@@ -35,9 +38,17 @@ async fn concurrent_writers_every_committed_row_once_and_in_order() {
     assert_eq!(rows.len(), committed);
     let consumed = read_all(&env.kafka, &env.topic_prefix()).await;
     let problems = violations(&rows, &consumed, &rolled_back);
-    assert!(problems.is_empty(), "{} violations:\n{}", problems.len(), problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "{} violations:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 
-    let first = consumed.iter().find(|r| r.header("type") == Some("OrderCreated")).expect("an OrderCreated event");
+    let first = consumed
+        .iter()
+        .find(|r| r.header("type") == Some("OrderCreated"))
+        .expect("an OrderCreated event");
     assert_eq!(first.topic, format!("{}.Order", env.topic_prefix()));
     assert_eq!(first.header("aggregatetype"), Some("Order"));
 }
@@ -59,17 +70,21 @@ async fn a_row_committed_late_with_a_lower_seq_is_not_skipped() {
         .unwrap();
     let fast_sent = async {
         loop {
-            let sent: bool = sqlx::query_scalar("SELECT sent_at IS NOT NULL FROM outbox WHERE aggregateid = 'fast'")
-                .fetch_one(&env.pool)
-                .await
-                .unwrap();
+            let sent: bool = sqlx::query_scalar(
+                "SELECT sent_at IS NOT NULL FROM outbox WHERE aggregateid = 'fast'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
             if sent {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(30), fast_sent).await.expect("the fast row is sent");
+    tokio::time::timeout(Duration::from_secs(30), fast_sent)
+        .await
+        .expect("the fast row is sent");
     slow.commit().await.unwrap();
     env.wait_all_sent(Duration::from_secs(30)).await;
     relay.stop().await.unwrap();
@@ -93,10 +108,18 @@ async fn delete_after_publish_removes_rows_and_keeps_headers_and_payload() {
     .execute(&env.pool)
     .await
     .unwrap();
-    let id: String = sqlx::query_scalar("SELECT id::text FROM outbox").fetch_one(&env.pool).await.unwrap();
+    let id: String = sqlx::query_scalar("SELECT id::text FROM outbox")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
     let relay = InProcessRelay::start(env.config());
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox").fetch_one(&env.pool).await.unwrap() > 0 {
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+        > 0
+    {
         assert!(std::time::Instant::now() < deadline, "row was not deleted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -110,5 +133,8 @@ async fn delete_after_publish_removes_rows_and_keeps_headers_and_payload() {
     assert_eq!(record.payload_json(), serde_json::json!({"name": "Ada"}));
     assert_eq!(record.header("id"), Some(id.as_str()));
     assert_eq!(record.header("tenant"), Some("acme"));
-    assert_eq!(record.header("traceparent"), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+    assert_eq!(
+        record.header("traceparent"),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    );
 }

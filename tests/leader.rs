@@ -16,7 +16,9 @@ use crate::support::{InProcessRelay, TestEnv};
 
 async fn leader_count(env: &TestEnv) -> usize {
     let mut connection = PgConnection::connect(&env.database_url).await.unwrap();
-    let holder = outboxd::leader::holder_pid(&mut connection, &env.relay_name()).await.unwrap();
+    let holder = outboxd::leader::holder_pid(&mut connection, &env.relay_name())
+        .await
+        .unwrap();
     usize::from(holder.is_some())
 }
 
@@ -41,7 +43,11 @@ async fn same_name_relays_one_leads_the_other_takes_over() {
 
     let second = InProcessRelay::start(env.config());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(lock_holders(&env).await, 1, "exactly one instance holds the leader lock");
+    assert_eq!(
+        lock_holders(&env).await,
+        1,
+        "exactly one instance holds the leader lock"
+    );
     assert_eq!(leader_count(&env).await, 1);
 
     let during = write_orders(&env.pool, 1, 100, 5).await;
@@ -55,7 +61,10 @@ async fn same_name_relays_one_leads_the_other_takes_over() {
     second.stop().await.expect("second relay stops cleanly");
 
     let rows = env.rows().await;
-    assert_eq!(rows.len(), first_batch.committed + during.committed + after.committed);
+    assert_eq!(
+        rows.len(),
+        first_batch.committed + during.committed + after.committed
+    );
     let mut rolled_back = first_batch.rolled_back_ids;
     rolled_back.extend(during.rolled_back_ids);
     rolled_back.extend(after.rolled_back_ids);
@@ -70,7 +79,9 @@ async fn a_zombie_producer_is_fenced_and_must_stop() {
     let config = env.config();
     topics::ensure_checkpoint_topic(&config).await.unwrap();
     let zombie = Publisher::connect(&config).await.expect("first producer");
-    let _successor = Publisher::connect(&config).await.expect("second producer fences the first");
+    let _successor = Publisher::connect(&config)
+        .await
+        .expect("second producer fences the first");
 
     let record = RoutedRecord {
         topic: format!("{}.Order", env.topic_prefix()),
@@ -78,13 +89,22 @@ async fn a_zombie_producer_is_fenced_and_must_stop() {
         headers: vec![("id".into(), b"zombie-event".to_vec())],
         payload: Some(b"{}".to_vec()),
     };
-    let outcome = zombie.publish(&[record], &Checkpoint::new("public.outbox", &[1], &[])).await;
+    let outcome = zombie
+        .publish(&[record], &Checkpoint::new("public.outbox", &[1], &[]))
+        .await;
     match outcome {
         Err(PublishError::Failed(error)) => {
-            assert_eq!(error.kind, ErrorKind::Stop, "a fenced producer must stop the relay: {error}");
+            assert_eq!(
+                error.kind,
+                ErrorKind::Stop,
+                "a fenced producer must stop the relay: {error}"
+            );
         }
         other => panic!("the zombie published or failed softly: {other:?}"),
     }
     let consumed = read_all(&env.kafka, &env.topic_prefix()).await;
-    assert!(consumed.is_empty(), "nothing from the zombie is visible: {consumed:?}");
+    assert!(
+        consumed.is_empty(),
+        "nothing from the zombie is visible: {consumed:?}"
+    );
 }

@@ -24,7 +24,12 @@ async fn unroutable_and_oversized_rows_land_in_the_dead_letter_topic() {
     env.write_config("", "  max_message_bytes: 100000\n");
     insert(&env, "Order", "'{\"n\":1}'").await;
     insert(&env, "not a topic!", "'{\"n\":2}'").await;
-    insert(&env, "Order", "jsonb_build_object('blob', repeat('x', 200000))").await;
+    insert(
+        &env,
+        "Order",
+        "jsonb_build_object('blob', repeat('x', 200000))",
+    )
+    .await;
     insert(&env, "Order", "'{\"n\":3}'").await;
 
     let relay = InProcessRelay::start(env.config());
@@ -33,11 +38,23 @@ async fn unroutable_and_oversized_rows_land_in_the_dead_letter_topic() {
 
     let dead = read_topic(&env.kafka, &env.dead_letter_topic()).await;
     assert_eq!(dead.len(), 2, "{dead:?}");
-    let unroutable = dead.iter().find(|r| r.header("aggregatetype") == Some("not a topic!")).expect("unroutable row");
-    assert!(unroutable.header("outboxd.dead_letter.reason").unwrap().starts_with("unroutable"));
+    let unroutable = dead
+        .iter()
+        .find(|r| r.header("aggregatetype") == Some("not a topic!"))
+        .expect("unroutable row");
+    assert!(unroutable
+        .header("outboxd.dead_letter.reason")
+        .unwrap()
+        .starts_with("unroutable"));
     assert_eq!(unroutable.payload_json(), serde_json::json!({"n": 2}));
-    let oversized = dead.iter().find(|r| r.header("outboxd.payload_omitted") == Some("true")).expect("oversized row");
-    assert!(oversized.header("outboxd.dead_letter.reason").unwrap().starts_with("too large"));
+    let oversized = dead
+        .iter()
+        .find(|r| r.header("outboxd.payload_omitted") == Some("true"))
+        .expect("oversized row");
+    assert!(oversized
+        .header("outboxd.dead_letter.reason")
+        .unwrap()
+        .starts_with("too large"));
     assert_eq!(oversized.header("outboxd.source.seq"), Some("3"));
 
     let published: Vec<_> = read_all(&env.kafka, &env.topic_prefix())
@@ -45,7 +62,10 @@ async fn unroutable_and_oversized_rows_land_in_the_dead_letter_topic() {
         .into_iter()
         .filter(|r| r.topic != env.dead_letter_topic())
         .collect();
-    let ns: Vec<_> = published.iter().map(|r| r.payload_json()["n"].clone()).collect();
+    let ns: Vec<_> = published
+        .iter()
+        .map(|r| r.payload_json()["n"].clone())
+        .collect();
     assert_eq!(ns, vec![serde_json::json!(1), serde_json::json!(3)]);
 }
 
@@ -59,7 +79,10 @@ async fn halt_policy_stops_the_relay_and_publishes_nothing_of_the_batch() {
     let relay = InProcessRelay::start(env.config());
     let error = relay.finished(Duration::from_secs(60)).await.unwrap_err();
     assert_eq!(error.kind, ErrorKind::Stop);
-    assert!(error.message.contains("seq 2") && error.message.contains("halt"), "{error}");
+    assert!(
+        error.message.contains("seq 2") && error.message.contains("halt"),
+        "{error}"
+    );
     assert_eq!(env.unsent().await, 2, "nothing is acknowledged");
     assert!(read_all(&env.kafka, &env.topic_prefix()).await.is_empty());
 }

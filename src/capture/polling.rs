@@ -14,7 +14,11 @@ use crate::event::OutboxEvent;
 
 /// Claims up to `batch_size` unsent rows inside the caller's transaction; the
 /// row locks last until that transaction ends, after the rows are marked.
-pub async fn claim_batch(connection: &mut PgConnection, claim_sql: &str, batch_size: usize) -> Result<Vec<OutboxEvent>> {
+pub async fn claim_batch(
+    connection: &mut PgConnection,
+    claim_sql: &str,
+    batch_size: usize,
+) -> Result<Vec<OutboxEvent>> {
     let limit = i64::try_from(batch_size).unwrap_or(i64::MAX);
     let rows = sqlx::query(claim_sql)
         .bind(limit)

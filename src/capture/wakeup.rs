@@ -18,7 +18,11 @@ pub struct Wakeup {
 }
 
 impl Wakeup {
-    pub async fn listen(options: &PgConnectOptions, channel: &str, poll_interval: Duration) -> Result<Wakeup> {
+    pub async fn listen(
+        options: &PgConnectOptions,
+        channel: &str,
+        poll_interval: Duration,
+    ) -> Result<Wakeup> {
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .connect_lazy_with(options.clone());
@@ -29,7 +33,10 @@ impl Wakeup {
             .listen(channel)
             .await
             .map_err(|e| Error::from_postgres(&format!("LISTEN {channel}"), e))?;
-        Ok(Wakeup { listener, poll_interval })
+        Ok(Wakeup {
+            listener,
+            poll_interval,
+        })
     }
 
     /// Returns when a notification arrives, the poll interval passes, or

@@ -10,9 +10,9 @@ use serde::{Deserialize, Deserializer};
 /// Parses `<integer><unit>` with unit `ms`, `s`, `m` or `h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split_at = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` has no unit; write it like `250ms`, `30s`, `5m` or `1h`"))?;
+    let split_at = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+        format!("`{text}` has no unit; write it like `250ms`, `30s`, `5m` or `1h`")
+    })?;
     let (digits, unit) = text.split_at(split_at);
     let amount: u64 = digits
         .parse()
@@ -22,7 +22,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(1),
         "m" => Duration::from_secs(60),
         "h" => Duration::from_secs(3600),
-        _ => return Err(format!("`{text}` has unknown unit `{unit}`; use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "`{text}` has unknown unit `{unit}`; use ms, s, m or h"
+            ))
+        }
     };
     per_unit
         .checked_mul(u32::try_from(amount).map_err(|_| format!("`{text}` is too large"))?)
@@ -51,9 +55,13 @@ mod tests {
     #[test]
     fn rejects_missing_or_unknown_units() {
         assert!(parse_duration("30").unwrap_err().contains("no unit"));
-        assert!(parse_duration("3d").unwrap_err().contains("unknown unit `d`"));
+        assert!(parse_duration("3d")
+            .unwrap_err()
+            .contains("unknown unit `d`"));
         assert!(parse_duration("ms").unwrap_err().contains("whole number"));
         assert!(parse_duration("-5s").unwrap_err().contains("whole number"));
-        assert!(parse_duration("99999999999h").unwrap_err().contains("too large"));
+        assert!(parse_duration("99999999999h")
+            .unwrap_err()
+            .contains("too large"));
     }
 }

@@ -146,7 +146,10 @@ pub struct KafkaConfig {
     pub checkpoint_topic: String,
     /// Kafka `transaction.timeout.ms`: how long the broker keeps a
     /// transaction of a crashed relay open before aborting it.
-    #[serde(default = "defaults::transaction_timeout", deserialize_with = "duration::deserialize")]
+    #[serde(
+        default = "defaults::transaction_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
     pub transaction_timeout: Duration,
     /// Largest record (key + value + headers) the relay will produce; larger
     /// rows are poison. Keep it at or below the topics' `max.message.bytes`.
@@ -192,7 +195,11 @@ pub struct CaptureConfig {
 
 impl Default for CaptureConfig {
     fn default() -> Self {
-        Self { mode: CaptureMode::Polling, batch_size: 500, poll_interval: Duration::from_secs(1) }
+        Self {
+            mode: CaptureMode::Polling,
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+        }
     }
 }
 
@@ -262,7 +269,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Human, level: "info".into() }
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
     }
 }
 
@@ -307,9 +317,14 @@ pub struct ConfigError {
 impl Config {
     /// Reads `file`, applies `OUTBOXD__…` overrides from the environment and validates.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
-        let error = |message: String| ConfigError { file: file.to_path_buf(), message };
+        let error = |message: String| ConfigError {
+            file: file.to_path_buf(),
+            message,
+        };
         if !file.is_file() {
-            return Err(error("the file does not exist or is not a regular file".into()));
+            return Err(error(
+                "the file does not exist or is not a regular file".into(),
+            ));
         }
         let raw = config::Config::builder()
             .add_source(config::File::from(file).format(config::FileFormat::Yaml))
@@ -321,7 +336,8 @@ impl Config {
             .build()
             .map_err(|e| error(e.to_string()))?;
         let mut config: Config = raw.try_deserialize().map_err(|e| error(e.to_string()))?;
-        config.kafka.properties = normalize_property_keys(std::mem::take(&mut config.kafka.properties));
+        config.kafka.properties =
+            normalize_property_keys(std::mem::take(&mut config.kafka.properties));
         config.validate().map_err(error)?;
         Ok(config)
     }
@@ -338,8 +354,10 @@ impl Config {
             .parse::<sqlx::postgres::PgConnectOptions>()
             .map_err(|e| format!("postgres.url: not a valid Postgres URL ({e})"))?;
         OutboxTable::from_config(&self.postgres).map_err(|e| format!("postgres.{e}"))?;
-        validate_identifier(&self.postgres.notify_channel).map_err(|e| format!("postgres.notify_channel: {e}"))?;
-        validate_identifier(&self.postgres.publication).map_err(|e| format!("postgres.publication: {e}"))?;
+        validate_identifier(&self.postgres.notify_channel)
+            .map_err(|e| format!("postgres.notify_channel: {e}"))?;
+        validate_identifier(&self.postgres.publication)
+            .map_err(|e| format!("postgres.publication: {e}"))?;
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return Err("kafka.bootstrap_servers: must not be empty".into());
         }
@@ -366,7 +384,8 @@ impl Config {
         }
         TopicTemplate::parse(&self.routing.topic).map_err(|e| format!("routing.topic: {e}"))?;
         for (index, rule) in self.routing.rules.iter().enumerate() {
-            TopicTemplate::parse(&rule.topic).map_err(|e| format!("routing.rules[{index}].topic: {e}"))?;
+            TopicTemplate::parse(&rule.topic)
+                .map_err(|e| format!("routing.rules[{index}].topic: {e}"))?;
             if rule.aggregate_type.is_none() && rule.event_type.is_none() {
                 return Err(format!(
                     "routing.rules[{index}]: needs `aggregate_type` or `type` to match on; \
@@ -377,7 +396,10 @@ impl Config {
         crate::routing::validate_topic_name(&self.routing.dead_letter_topic)
             .map_err(|e| format!("routing.dead_letter_topic: {e}"))?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(format!("log.level: `{}` is not a valid filter such as `info`", self.log.level));
+            return Err(format!(
+                "log.level: `{}` is not a valid filter such as `info`",
+                self.log.level
+            ));
         }
         Ok(())
     }
@@ -386,7 +408,10 @@ impl Config {
 /// librdkafka names use dots; environment variables cannot, so `sasl_password`
 /// from `OUTBOXD__KAFKA__PROPERTIES__SASL_PASSWORD` becomes `sasl.password`.
 fn normalize_property_keys(properties: BTreeMap<String, String>) -> BTreeMap<String, String> {
-    properties.into_iter().map(|(key, value)| (key.replace('_', "."), value)).collect()
+    properties
+        .into_iter()
+        .map(|(key, value)| (key.replace('_', "."), value))
+        .collect()
 }
 
 /// The name becomes a Kafka `transactional.id`, a lock key and a slot name
@@ -395,7 +420,10 @@ fn validate_relay_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 48 {
         return Err("must be 1 to 48 characters".into());
     }
-    if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-') {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    {
         return Err(format!("`{name}` may only contain a-z, 0-9, `_` and `-`"));
     }
     Ok(())
@@ -407,7 +435,9 @@ pub(crate) fn validate_identifier(name: &str) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if name.len() > 63 {
-        return Err(format!("`{name}` is longer than Postgres' 63-byte identifier limit"));
+        return Err(format!(
+            "`{name}` is longer than Postgres' 63-byte identifier limit"
+        ));
     }
     if name.contains('\0') {
         return Err("must not contain NUL".into());

@@ -48,7 +48,10 @@ fn redact_query_password(url: &str) -> String {
 /// `ssl.key.password`, `sasl.oauthbearer.client.secret`, PEM keys, …).
 pub fn is_secret_property(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    key.contains("password") || key.contains("secret") || key.ends_with(".key.pem") || key.contains("jaas")
+    key.contains("password")
+        || key.contains("secret")
+        || key.ends_with(".key.pem")
+        || key.contains("jaas")
 }
 
 /// A property value fit to print.
@@ -70,9 +73,18 @@ mod tests {
             redact_url("postgres://relay:s3cr3t@db.example:5432/orders?sslmode=verify-full"),
             "postgres://relay:***@db.example:5432/orders?sslmode=verify-full"
         );
-        assert_eq!(redact_url("postgres://relay@db/orders"), "postgres://relay@db/orders");
-        assert_eq!(redact_url("postgres://db/orders?user=a&password=x"), "postgres://db/orders?user=a&password=***");
-        assert_eq!(redact_url("postgres://u:p%40ss@h/d"), "postgres://u:***@h/d");
+        assert_eq!(
+            redact_url("postgres://relay@db/orders"),
+            "postgres://relay@db/orders"
+        );
+        assert_eq!(
+            redact_url("postgres://db/orders?user=a&password=x"),
+            "postgres://db/orders?user=a&password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p%40ss@h/d"),
+            "postgres://u:***@h/d"
+        );
     }
 
     #[test]

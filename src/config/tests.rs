@@ -25,7 +25,10 @@ mod tempfile_path {
         pub fn new(text: &str) -> TempConfig {
             static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
             let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let path = std::env::temp_dir().join(format!("outboxd-config-test-{}-{n}.yaml", std::process::id()));
+            let path = std::env::temp_dir().join(format!(
+                "outboxd-config-test-{}-{n}.yaml",
+                std::process::id()
+            ));
             let mut file = std::fs::File::create(&path).unwrap();
             file.write_all(text.as_bytes()).unwrap();
             TempConfig(path)
@@ -42,7 +45,10 @@ mod tempfile_path {
 fn load_error(text: &str) -> String {
     let file = write_config(text);
     let error = Config::load(&file.0).unwrap_err().to_string();
-    assert!(error.contains(&file.0.display().to_string()), "error does not name the file: {error}");
+    assert!(
+        error.contains(&file.0.display().to_string()),
+        "error does not name the file: {error}"
+    );
     error
 }
 
@@ -74,16 +80,25 @@ fn unknown_keys_are_named() {
 #[test]
 fn bad_values_name_their_key() {
     let error = load_error(&format!("{MINIMAL}capture:\n  poll_interval: 5\n"));
-    assert!(error.contains("poll_interval") && error.contains("no unit"), "{error}");
+    assert!(
+        error.contains("poll_interval") && error.contains("no unit"),
+        "{error}"
+    );
     let error = load_error(&format!("{MINIMAL}relay_extra: 1\n"));
     assert!(error.contains("relay_extra"), "{error}");
     let error = load_error(&MINIMAL.replace("name: orders", "name: Orders Relay"));
     assert!(error.contains("relay.name"), "{error}");
-    let error = load_error(&format!("{MINIMAL}routing:\n  topic: \"outbox.${{nope}}\"\n"));
-    assert!(error.contains("routing.topic") && error.contains("unknown placeholder"), "{error}");
+    let error = load_error(&format!(
+        "{MINIMAL}routing:\n  topic: \"outbox.${{nope}}\"\n"
+    ));
+    assert!(
+        error.contains("routing.topic") && error.contains("unknown placeholder"),
+        "{error}"
+    );
     let error = load_error(&format!("{MINIMAL}capture:\n  batch_size: 0\n"));
     assert!(error.contains("capture.batch_size"), "{error}");
-    let error = load_error(&MINIMAL.replace("name: orders", "name: orders\n  after_publish: archive"));
+    let error =
+        load_error(&MINIMAL.replace("name: orders", "name: orders\n  after_publish: archive"));
     assert!(error.contains("archive"), "{error}");
 }
 
@@ -95,8 +110,13 @@ fn missing_required_keys_are_named() {
 
 #[test]
 fn managed_kafka_properties_are_refused() {
-    let error = load_error(&format!("{MINIMAL}  properties:\n    transactional.id: mine\n"));
-    assert!(error.contains("kafka.properties.transactional.id"), "{error}");
+    let error = load_error(&format!(
+        "{MINIMAL}  properties:\n    transactional.id: mine\n"
+    ));
+    assert!(
+        error.contains("kafka.properties.transactional.id"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -105,13 +125,25 @@ fn dotted_property_keys_survive_and_secrets_are_redacted_in_debug() {
         "{MINIMAL}  properties:\n    security.protocol: SASL_SSL\n    sasl.password: hunter2\n"
     ));
     let config = Config::load(&file.0).unwrap();
-    assert_eq!(config.kafka.properties.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
+    assert_eq!(
+        config
+            .kafka
+            .properties
+            .get("security.protocol")
+            .map(String::as_str),
+        Some("SASL_SSL")
+    );
     let debug = format!("{config:?}");
     assert!(!debug.contains("hunter2"), "{debug}");
 }
 
 #[test]
 fn missing_file_is_a_clear_error() {
-    let error = Config::load(Path::new("/nonexistent/outboxd.yaml")).unwrap_err().to_string();
-    assert!(error.contains("/nonexistent/outboxd.yaml") && error.contains("does not exist"), "{error}");
+    let error = Config::load(Path::new("/nonexistent/outboxd.yaml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("/nonexistent/outboxd.yaml") && error.contains("does not exist"),
+        "{error}"
+    );
 }

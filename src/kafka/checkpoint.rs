@@ -94,11 +94,17 @@ impl SeqRanges {
     /// Every seq, for `= ANY($1)`. A checkpoint covers one batch, so this is
     /// at most `capture.batch_size` values.
     pub fn to_seqs(&self) -> Vec<i64> {
-        self.0.iter().flat_map(|&(first, last)| first..=last).collect()
+        self.0
+            .iter()
+            .flat_map(|&(first, last)| first..=last)
+            .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.0.iter().map(|&(first, last)| (last - first + 1) as usize).sum()
+        self.0
+            .iter()
+            .map(|&(first, last)| (last - first + 1) as usize)
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -121,7 +127,10 @@ fn read_latest_blocking(config: &Config) -> Result<Option<Checkpoint>> {
     let topic = &config.kafka.checkpoint_topic;
     let relay_key = config.relay.name.as_bytes();
     let consumer: BaseConsumer<super::RelayContext> = super::base_client_config(config)
-        .set("group.id", format!("outboxd-{}-checkpoint-reader", config.relay.name))
+        .set(
+            "group.id",
+            format!("outboxd-{}-checkpoint-reader", config.relay.name),
+        )
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
@@ -130,7 +139,11 @@ fn read_latest_blocking(config: &Config) -> Result<Option<Checkpoint>> {
 
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(15))
-        .map_err(|e| Error::retry(format!("reading metadata of checkpoint topic `{topic}`: {e}")))?;
+        .map_err(|e| {
+            Error::retry(format!(
+                "reading metadata of checkpoint topic `{topic}`: {e}"
+            ))
+        })?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
@@ -138,7 +151,9 @@ fn read_latest_blocking(config: &Config) -> Result<Option<Checkpoint>> {
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if partitions.is_empty() {
-        return Err(Error::retry(format!("checkpoint topic `{topic}` has no partitions yet")));
+        return Err(Error::retry(format!(
+            "checkpoint topic `{topic}` has no partitions yet"
+        )));
     }
     let mut assignment = TopicPartitionList::new();
     for &partition in &partitions {
@@ -164,7 +179,11 @@ fn read_latest_blocking(config: &Config) -> Result<Option<Checkpoint>> {
         match consumer.poll(Duration::from_millis(500)) {
             None => {}
             Some(Err(KafkaError::PartitionEOF(_))) => partitions_at_end += 1,
-            Some(Err(e)) => return Err(Error::retry(format!("reading checkpoint topic `{topic}`: {e}"))),
+            Some(Err(e)) => {
+                return Err(Error::retry(format!(
+                    "reading checkpoint topic `{topic}`: {e}"
+                )))
+            }
             Some(Ok(message)) => {
                 if message.key() != Some(relay_key) {
                     continue;
@@ -213,7 +232,9 @@ mod tests {
     #[test]
     fn unknown_versions_and_garbage_are_refused() {
         let newer = br#"{"version":2,"table":"t","published":[],"dead_lettered":[]}"#;
-        assert!(Checkpoint::from_bytes(newer).unwrap_err().contains("newer outboxd"));
+        assert!(Checkpoint::from_bytes(newer)
+            .unwrap_err()
+            .contains("newer outboxd"));
         assert!(Checkpoint::from_bytes(b"not json").is_err());
     }
 }

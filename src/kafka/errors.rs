@@ -13,7 +13,9 @@ use crate::error::Error;
 pub fn classify(context: &str, error: &KafkaError) -> Error {
     let message = format!("{context}: {error}");
     match error {
-        KafkaError::Transaction(rd) if rd.is_fatal() => Error::stop(fatal_message(message, rd.code())),
+        KafkaError::Transaction(rd) if rd.is_fatal() => {
+            Error::stop(fatal_message(message, rd.code()))
+        }
         KafkaError::Transaction(rd) if rd.txn_requires_abort() => Error::abort_and_resend(message),
         KafkaError::Transaction(rd) if rd.is_retriable() => Error::retry(message),
         KafkaError::Transaction(rd) => {
@@ -77,21 +79,33 @@ mod tests {
 
     #[test]
     fn fencing_stops_the_relay_and_says_why() {
-        let error = classify("committing", &KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced));
+        let error = classify(
+            "committing",
+            &KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced),
+        );
         assert_eq!(error.kind, ErrorKind::Stop);
-        assert!(error.message.contains("same relay.name"), "{}", error.message);
+        assert!(
+            error.message.contains("same relay.name"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]
     fn failed_deliveries_abort_and_resend() {
-        let error = classify("delivering", &KafkaError::MessageProduction(RDKafkaErrorCode::RequestTimedOut));
+        let error = classify(
+            "delivering",
+            &KafkaError::MessageProduction(RDKafkaErrorCode::RequestTimedOut),
+        );
         assert_eq!(error.kind, ErrorKind::AbortAndResend);
     }
 
     #[test]
     fn authorization_failures_stop_with_advice() {
-        let error =
-            classify("init", &KafkaError::MessageProduction(RDKafkaErrorCode::TransactionalIdAuthorizationFailed));
+        let error = classify(
+            "init",
+            &KafkaError::MessageProduction(RDKafkaErrorCode::TransactionalIdAuthorizationFailed),
+        );
         assert_eq!(error.kind, ErrorKind::Stop);
         assert!(error.message.contains("Grant"));
     }

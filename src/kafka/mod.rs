@@ -57,7 +57,10 @@ pub struct RelayContext;
 
 impl ClientContext for RelayContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error, KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+        if matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
             return;
         }
         tracing::warn!(%error, reason, "Kafka client error; librdkafka reconnects and retries by itself");

@@ -55,12 +55,25 @@ impl Publisher {
     /// its next Kafka call fails and it stops.
     pub async fn connect(config: &Config) -> Result<Publisher, Error> {
         let producer: FutureProducer<RelayContext> = super::base_client_config(config)
-            .set("transactional.id", super::transactional_id(&config.relay.name))
+            .set(
+                "transactional.id",
+                super::transactional_id(&config.relay.name),
+            )
             .set("enable.idempotence", "true")
-            .set("transaction.timeout.ms", config.kafka.transaction_timeout.as_millis().to_string())
-            .set("message.max.bytes", (config.kafka.max_message_bytes + LOCAL_SIZE_HEADROOM).to_string())
+            .set(
+                "transaction.timeout.ms",
+                config.kafka.transaction_timeout.as_millis().to_string(),
+            )
+            .set(
+                "message.max.bytes",
+                (config.kafka.max_message_bytes + LOCAL_SIZE_HEADROOM).to_string(),
+            )
             .create_with_context(RelayContext)
-            .map_err(|e| Error::stop(format!("cannot create the Kafka producer from the config: {e}")))?;
+            .map_err(|e| {
+                Error::stop(format!(
+                    "cannot create the Kafka producer from the config: {e}"
+                ))
+            })?;
         let publisher = Publisher {
             producer,
             relay_name: config.relay.name.clone(),
@@ -71,12 +84,21 @@ impl Publisher {
         publisher
             .blocking(move |producer| producer.init_transactions(timeout))
             .await
-            .map_err(|e| classify("initialising Kafka transactions (is the broker reachable?)", &e))?;
+            .map_err(|e| {
+                classify(
+                    "initialising Kafka transactions (is the broker reachable?)",
+                    &e,
+                )
+            })?;
         Ok(publisher)
     }
 
     /// Publishes `records` and `checkpoint` in one Kafka transaction.
-    pub async fn publish(&self, records: &[RoutedRecord], checkpoint: &Checkpoint) -> Result<(), PublishError> {
+    pub async fn publish(
+        &self,
+        records: &[RoutedRecord],
+        checkpoint: &Checkpoint,
+    ) -> Result<(), PublishError> {
         self.blocking(|producer| producer.begin_transaction())
             .await
             .map_err(|e| classify("beginning a Kafka transaction", &e))?;
@@ -92,10 +114,18 @@ impl Publisher {
         outcome
     }
 
-    async fn produce_and_commit(&self, records: &[RoutedRecord], checkpoint: &Checkpoint) -> Result<(), PublishError> {
+    async fn produce_and_commit(
+        &self,
+        records: &[RoutedRecord],
+        checkpoint: &Checkpoint,
+    ) -> Result<(), PublishError> {
         let mut deliveries = Vec::with_capacity(records.len() + 1);
         for (index, record) in records.iter().enumerate() {
-            deliveries.push(self.send(record).await.map_err(|e| rejected_or_failed(index, e))?);
+            deliveries.push(
+                self.send(record)
+                    .await
+                    .map_err(|e| rejected_or_failed(index, e))?,
+            );
         }
         let checkpoint_record = RoutedRecord {
             topic: self.checkpoint_topic.clone(),
@@ -103,7 +133,11 @@ impl Publisher {
             headers: Vec::new(),
             payload: Some(checkpoint.to_bytes()),
         };
-        deliveries.push(self.send(&checkpoint_record).await.map_err(|e| as_failed(rejected_or_failed(records.len(), e)))?);
+        deliveries.push(
+            self.send(&checkpoint_record)
+                .await
+                .map_err(|e| as_failed(rejected_or_failed(records.len(), e)))?,
+        );
 
         for (index, delivery) in deliveries.into_iter().enumerate() {
             match delivery.await {
@@ -111,10 +145,16 @@ impl Publisher {
                 Ok(Err((error, _))) => {
                     let failure = rejected_or_failed(index, error);
                     // The last delivery is the checkpoint record's.
-                    return Err(if index < records.len() { failure } else { as_failed(failure) });
+                    return Err(if index < records.len() {
+                        failure
+                    } else {
+                        as_failed(failure)
+                    });
                 }
                 Err(_canceled) => {
-                    return Err(PublishError::Failed(Error::retry("the Kafka producer was dropped mid-delivery")))
+                    return Err(PublishError::Failed(Error::retry(
+                        "the Kafka producer was dropped mid-delivery",
+                    )))
                 }
             }
         }
@@ -126,9 +166,13 @@ impl Publisher {
         loop {
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
             for (name, value) in &record.headers {
-                headers = headers.insert(Header { key: name, value: Some(value.as_slice()) });
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value.as_slice()),
+                });
             }
-            let mut future_record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic).headers(headers);
+            let mut future_record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&record.topic).headers(headers);
             if let Some(key) = &record.key {
                 future_record = future_record.key(key.as_slice());
             }
@@ -149,7 +193,10 @@ impl Publisher {
         let timeout = self.transaction_timeout;
         let mut attempt = 1;
         loop {
-            match self.blocking(move |producer| producer.commit_transaction(timeout)).await {
+            match self
+                .blocking(move |producer| producer.commit_transaction(timeout))
+                .await
+            {
                 Ok(()) => return Ok(()),
                 Err(error) => {
                     let error = classify("committing the Kafka transaction", &error);
@@ -167,14 +214,16 @@ impl Publisher {
 
     async fn abort(&self) -> Result<(), Error> {
         let timeout = self.transaction_timeout;
-        self.blocking(move |producer| producer.abort_transaction(timeout)).await.map_err(|e| {
-            let error = classify("aborting the Kafka transaction", &e);
-            match error.kind {
-                ErrorKind::Stop => error,
-                // A producer that cannot abort is re-initialised with the session.
-                _ => Error::retry(error.message),
-            }
-        })
+        self.blocking(move |producer| producer.abort_transaction(timeout))
+            .await
+            .map_err(|e| {
+                let error = classify("aborting the Kafka transaction", &e);
+                match error.kind {
+                    ErrorKind::Stop => error,
+                    // A producer that cannot abort is re-initialised with the session.
+                    _ => Error::retry(error.message),
+                }
+            })
     }
 
     /// librdkafka's transaction calls block; keep them off the async workers.
@@ -194,9 +243,10 @@ impl Publisher {
 
 fn rejected_or_failed(index: usize, error: KafkaError) -> PublishError {
     match error.rdkafka_error_code() {
-        Some(code) if is_record_rejected(code) => {
-            PublishError::RecordRejected { index, reason: format!("rejected by Kafka: {code}") }
-        }
+        Some(code) if is_record_rejected(code) => PublishError::RecordRejected {
+            index,
+            reason: format!("rejected by Kafka: {code}"),
+        },
         _ => PublishError::Failed(classify("delivering a record", &error)),
     }
 }

@@ -18,7 +18,11 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 pub fn admin_client(config: &Config) -> Result<AdminClient<RelayContext>> {
     super::base_client_config(config)
         .create_with_context(RelayContext)
-        .map_err(|e| Error::stop(format!("cannot create a Kafka admin client from the config: {e}")))
+        .map_err(|e| {
+            Error::stop(format!(
+                "cannot create a Kafka admin client from the config: {e}"
+            ))
+        })
 }
 
 /// Creates the checkpoint topic when missing: one partition (each relay's
@@ -26,8 +30,11 @@ pub fn admin_client(config: &Config) -> Result<AdminClient<RelayContext>> {
 pub async fn ensure_checkpoint_topic(config: &Config) -> Result<()> {
     let admin = admin_client(config)?;
     let topic = &config.kafka.checkpoint_topic;
-    let new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
-    let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)).request_timeout(Some(ADMIN_TIMEOUT));
+    let new_topic =
+        NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+    let options = AdminOptions::new()
+        .operation_timeout(Some(ADMIN_TIMEOUT))
+        .request_timeout(Some(ADMIN_TIMEOUT));
     let results = admin
         .create_topics([&new_topic], &options)
         .await
@@ -43,7 +50,11 @@ pub async fn ensure_checkpoint_topic(config: &Config) -> Result<()> {
                      cleanup.policy=compact, or grant the relay CREATE on it"
                 )))
             }
-            Err((_, code)) => return Err(Error::retry(format!("creating checkpoint topic `{topic}`: {code}"))),
+            Err((_, code)) => {
+                return Err(Error::retry(format!(
+                    "creating checkpoint topic `{topic}`: {code}"
+                )))
+            }
         }
     }
     Ok(())
@@ -57,14 +68,19 @@ pub enum TopicState {
 }
 
 /// Looks each topic up in one metadata request.
-pub async fn describe_topics(config: &Config, topics: &[String]) -> Result<Vec<(String, TopicState)>> {
+pub async fn describe_topics(
+    config: &Config,
+    topics: &[String],
+) -> Result<Vec<(String, TopicState)>> {
     let admin = admin_client(config)?;
     let topics = topics.to_vec();
     tokio::task::spawn_blocking(move || {
         let metadata = admin
             .inner()
             .fetch_metadata(None, ADMIN_TIMEOUT)
-            .map_err(|e| Error::retry(format!("cannot reach Kafka at the bootstrap servers: {e}")))?;
+            .map_err(|e| {
+                Error::retry(format!("cannot reach Kafka at the bootstrap servers: {e}"))
+            })?;
         Ok(topics
             .into_iter()
             .map(|name| {
@@ -72,7 +88,9 @@ pub async fn describe_topics(config: &Config, topics: &[String]) -> Result<Vec<(
                     .topics()
                     .iter()
                     .find(|t| t.name() == name && t.error().is_none())
-                    .map_or(TopicState::Missing, |t| TopicState::Exists { partitions: t.partitions().len() });
+                    .map_or(TopicState::Missing, |t| TopicState::Exists {
+                        partitions: t.partitions().len(),
+                    });
                 (name, state)
             })
             .collect())
@@ -89,10 +107,11 @@ pub async fn cleanup_policy(config: &Config, topic: &str) -> Result<Option<Strin
         .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
         .await
         .map_err(|e| Error::retry(format!("describing topic `{topic}`: {e}")))?;
-    Ok(results
-        .into_iter()
-        .flatten()
-        .find_map(|resource| resource.get("cleanup.policy").and_then(|entry| entry.value.clone())))
+    Ok(results.into_iter().flatten().find_map(|resource| {
+        resource
+            .get("cleanup.policy")
+            .and_then(|entry| entry.value.clone())
+    }))
 }
 
 /// Whether the broker creates topics on first use (`auto.create.topics.enable`).
@@ -119,6 +138,10 @@ pub async fn broker_auto_creates_topics(config: &Config) -> Result<Option<bool>>
     Ok(results
         .into_iter()
         .flatten()
-        .find_map(|resource| resource.get("auto.create.topics.enable").and_then(|entry| entry.value.clone()))
+        .find_map(|resource| {
+            resource
+                .get("auto.create.topics.enable")
+                .and_then(|entry| entry.value.clone())
+        })
         .map(|value| value == "true"))
 }

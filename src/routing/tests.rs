@@ -15,21 +15,33 @@ fn event(aggregate_type: &str, event_type: &str) -> OutboxEvent {
 }
 
 fn router(rules: Vec<RouteRule>) -> Router {
-    let config = RoutingConfig { rules, ..RoutingConfig::default() };
+    let config = RoutingConfig {
+        rules,
+        ..RoutingConfig::default()
+    };
     Router::new(&config, 1_000_000).unwrap()
 }
 
 fn header<'a>(record: &'a RoutedRecord, name: &str) -> Option<&'a [u8]> {
-    record.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    record
+        .headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_slice())
 }
 
 #[test]
 fn default_template_uses_the_aggregate_type() {
-    let record = router(vec![]).route(&event("Order", "OrderCreated")).unwrap();
+    let record = router(vec![])
+        .route(&event("Order", "OrderCreated"))
+        .unwrap();
     assert_eq!(record.topic, "outbox.Order");
     assert_eq!(record.key.as_deref(), Some(&b"order-42"[..]));
     assert_eq!(record.payload.as_deref(), Some(&br#"{"total":12.5}"#[..]));
-    assert_eq!(header(&record, "id"), Some(&b"5f0c6a4e-0000-4000-8000-000000000007"[..]));
+    assert_eq!(
+        header(&record, "id"),
+        Some(&b"5f0c6a4e-0000-4000-8000-000000000007"[..])
+    );
     assert_eq!(header(&record, "type"), Some(&b"OrderCreated"[..]));
     assert_eq!(header(&record, "aggregatetype"), Some(&b"Order"[..]));
     assert_eq!(header(&record, "traceparent"), None);
@@ -38,13 +50,33 @@ fn default_template_uses_the_aggregate_type() {
 #[test]
 fn first_matching_rule_wins() {
     let rules = vec![
-        RouteRule { aggregate_type: None, event_type: Some("PaymentCaptured".into()), topic: "payments.captured".into() },
-        RouteRule { aggregate_type: Some("Order".into()), event_type: None, topic: "orders.${type}".into() },
+        RouteRule {
+            aggregate_type: None,
+            event_type: Some("PaymentCaptured".into()),
+            topic: "payments.captured".into(),
+        },
+        RouteRule {
+            aggregate_type: Some("Order".into()),
+            event_type: None,
+            topic: "orders.${type}".into(),
+        },
     ];
     let router = router(rules);
-    assert_eq!(router.route(&event("Order", "PaymentCaptured")).unwrap().topic, "payments.captured");
-    assert_eq!(router.route(&event("Order", "OrderCreated")).unwrap().topic, "orders.OrderCreated");
-    assert_eq!(router.route(&event("Customer", "Renamed")).unwrap().topic, "outbox.Customer");
+    assert_eq!(
+        router
+            .route(&event("Order", "PaymentCaptured"))
+            .unwrap()
+            .topic,
+        "payments.captured"
+    );
+    assert_eq!(
+        router.route(&event("Order", "OrderCreated")).unwrap().topic,
+        "orders.OrderCreated"
+    );
+    assert_eq!(
+        router.route(&event("Customer", "Renamed")).unwrap().topic,
+        "outbox.Customer"
+    );
 }
 
 #[test]
@@ -56,18 +88,26 @@ fn row_headers_and_trace_context_become_kafka_headers() {
     assert_eq!(header(&record, "tenant"), Some(&b"acme"[..]));
     assert_eq!(header(&record, "attempt"), Some(&b"3"[..]));
     assert_eq!(header(&record, "flag"), Some(&b""[..]));
-    assert_eq!(header(&record, "traceparent"), Some(&b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"[..]));
+    assert_eq!(
+        header(&record, "traceparent"),
+        Some(&b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"[..])
+    );
 }
 
 #[test]
 fn illegal_topic_or_headers_make_a_poison_row() {
-    let err = router(vec![]).route(&event("Order Lines", "X")).unwrap_err();
+    let err = router(vec![])
+        .route(&event("Order Lines", "X"))
+        .unwrap_err();
     assert!(err.starts_with("unroutable:"), "{err}");
     assert!(err.contains("contains ` `"), "{err}");
 
     let mut bad_headers = event("Order", "X");
     bad_headers.headers_json = Some("[1,2]".into());
-    assert!(router(vec![]).route(&bad_headers).unwrap_err().contains("JSON object"));
+    assert!(router(vec![])
+        .route(&bad_headers)
+        .unwrap_err()
+        .contains("JSON object"));
 }
 
 #[test]
@@ -84,7 +124,10 @@ fn oversized_rows_are_poison_and_dead_letter_without_their_payload() {
     assert_eq!(dead.payload, None);
     assert_eq!(header(&dead, header::PAYLOAD_OMITTED), Some(&b"true"[..]));
     assert_eq!(header(&dead, header::SOURCE_SEQ), Some(&b"7"[..]));
-    assert_eq!(header(&dead, header::DEAD_LETTER_REASON), Some(reason.as_bytes()));
+    assert_eq!(
+        header(&dead, header::DEAD_LETTER_REASON),
+        Some(reason.as_bytes())
+    );
 }
 
 #[test]
@@ -99,16 +142,25 @@ fn small_poison_rows_keep_their_payload_in_the_dead_letter_topic() {
 
 #[test]
 fn key_column_is_configurable() {
-    let config = RoutingConfig { key: KeyColumn::None, ..RoutingConfig::default() };
+    let config = RoutingConfig {
+        key: KeyColumn::None,
+        ..RoutingConfig::default()
+    };
     let router = Router::new(&config, 1_000_000).unwrap();
     assert_eq!(router.route(&event("Order", "X")).unwrap().key, None);
 }
 
 #[test]
 fn templates_reject_unknown_placeholders_and_illegal_literals() {
-    assert!(TopicTemplate::parse("outbox.${aggregateid}").unwrap_err().contains("unknown placeholder"));
-    assert!(TopicTemplate::parse("outbox.${type").unwrap_err().contains("unclosed"));
-    assert!(TopicTemplate::parse("has space").unwrap_err().contains("contains ` `"));
+    assert!(TopicTemplate::parse("outbox.${aggregateid}")
+        .unwrap_err()
+        .contains("unknown placeholder"));
+    assert!(TopicTemplate::parse("outbox.${type")
+        .unwrap_err()
+        .contains("unclosed"));
+    assert!(TopicTemplate::parse("has space")
+        .unwrap_err()
+        .contains("contains ` `"));
     assert!(TopicTemplate::parse("plain.topic").is_ok());
     assert!(validate_topic_name(&"a".repeat(250)).is_err());
     assert!(validate_topic_name("..").is_err());

@@ -34,9 +34,13 @@ impl Consumed {
 pub async fn read_all(bootstrap: &str, prefix: &str) -> Vec<Consumed> {
     let bootstrap = bootstrap.to_string();
     let prefix = prefix.to_string();
-    tokio::task::spawn_blocking(move || read_all_blocking(&bootstrap, &prefix, |topic| !topic.ends_with(".checkpoints")))
-        .await
-        .expect("consumer task")
+    tokio::task::spawn_blocking(move || {
+        read_all_blocking(&bootstrap, &prefix, |topic| {
+            !topic.ends_with(".checkpoints")
+        })
+    })
+    .await
+    .expect("consumer task")
 }
 
 /// Every committed record of one topic.
@@ -57,11 +61,19 @@ fn read_all_blocking(bootstrap: &str, prefix: &str, keep: impl Fn(&str) -> bool)
         .set("enable.partition.eof", "true")
         .create_with_context(outboxd::kafka::RelayContext)
         .expect("create consumer");
-    let metadata = consumer.fetch_metadata(None, Duration::from_secs(10)).expect("metadata");
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata");
     let mut assignment = TopicPartitionList::new();
-    for topic in metadata.topics().iter().filter(|t| t.name().starts_with(prefix) && keep(t.name())) {
+    for topic in metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name().starts_with(prefix) && keep(t.name()))
+    {
         for partition in topic.partitions() {
-            assignment.add_partition_offset(topic.name(), partition.id(), Offset::Beginning).expect("assign");
+            assignment
+                .add_partition_offset(topic.name(), partition.id(), Offset::Beginning)
+                .expect("assign");
         }
     }
     let partitions = assignment.count();
@@ -73,7 +85,10 @@ fn read_all_blocking(bootstrap: &str, prefix: &str, keep: impl Fn(&str) -> bool)
     let mut at_end = 0;
     let mut records = Vec::new();
     while at_end < partitions {
-        assert!(Instant::now() < deadline, "consumer did not reach the end of {prefix}* within 60s");
+        assert!(
+            Instant::now() < deadline,
+            "consumer did not reach the end of {prefix}* within 60s"
+        );
         match consumer.poll(Duration::from_millis(500)) {
             None => {}
             Some(Err(KafkaError::PartitionEOF(_))) => at_end += 1,
@@ -82,7 +97,10 @@ fn read_all_blocking(bootstrap: &str, prefix: &str, keep: impl Fn(&str) -> bool)
                 let mut headers = HashMap::new();
                 if let Some(all) = message.headers() {
                     for header in all.iter() {
-                        let value = header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                        let value = header
+                            .value
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                            .unwrap_or_default();
                         headers.insert(header.key.to_string(), value);
                     }
                 }

@@ -32,7 +32,10 @@ pub fn servers() -> Servers {
             )
         })
     };
-    Servers { postgres_url: read("OUTBOXD_TEST_PG_URL"), kafka: read("OUTBOXD_TEST_KAFKA") }
+    Servers {
+        postgres_url: read("OUTBOXD_TEST_PG_URL"),
+        kafka: read("OUTBOXD_TEST_KAFKA"),
+    }
 }
 
 /// One test's world: its own database, relay name, topics and config file.
@@ -57,19 +60,39 @@ impl TestEnv {
         let mut admin = PgConnection::connect(&servers.postgres_url)
             .await
             .expect("connect to the test Postgres (is the stack up?)");
-        for statement in [format!("DROP DATABASE IF EXISTS {database}"), format!("CREATE DATABASE {database}")] {
-            sqlx::raw_sql(&statement).execute(&mut admin).await.expect("create test database");
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {database}"),
+            format!("CREATE DATABASE {database}"),
+        ] {
+            sqlx::raw_sql(&statement)
+                .execute(&mut admin)
+                .await
+                .expect("create test database");
         }
         let database_url = replace_database(&servers.postgres_url, &database);
-        let pool = PgPoolOptions::new().max_connections(20).connect(&database_url).await.expect("connect test db");
-        sqlx::raw_sql("CREATE TABLE aggregates (id text PRIMARY KEY, version int NOT NULL DEFAULT 0)")
-            .execute(&pool)
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect(&database_url)
             .await
-            .expect("create aggregates table");
+            .expect("connect test db");
+        sqlx::raw_sql(
+            "CREATE TABLE aggregates (id text PRIMARY KEY, version int NOT NULL DEFAULT 0)",
+        )
+        .execute(&pool)
+        .await
+        .expect("create aggregates table");
         let config_path = std::env::temp_dir().join(format!("outboxd-it-{id}.yaml"));
-        let env = TestEnv { id, database_url, kafka: servers.kafka, pool, config_path };
+        let env = TestEnv {
+            id,
+            database_url,
+            kafka: servers.kafka,
+            pool,
+            config_path,
+        };
         env.write_config("", "");
-        outboxd::migrate::apply(&env.config()).await.expect("migrate");
+        outboxd::migrate::apply(&env.config())
+            .await
+            .expect("migrate");
         env
     }
 
@@ -121,7 +144,10 @@ impl TestEnv {
             if unsent == 0 {
                 return;
             }
-            assert!(Instant::now() < deadline, "{unsent} rows still unsent after {limit:?}");
+            assert!(
+                Instant::now() < deadline,
+                "{unsent} rows still unsent after {limit:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -158,7 +184,9 @@ fn replace_database(url: &str, database: &str) -> String {
         None => (url, None),
     };
     let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let path_start = base[scheme_end..].find('/').map_or(base.len(), |i| scheme_end + i);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
     let mut replaced = format!("{}/{database}", &base[..path_start]);
     if let Some(query) = query {
         replaced.push('?');
@@ -180,7 +208,10 @@ impl InProcessRelay {
         let handle = tokio::spawn(outboxd::relay::run(config, async move {
             let _ = stopped.await;
         }));
-        InProcessRelay { stop: Some(stop), handle }
+        InProcessRelay {
+            stop: Some(stop),
+            handle,
+        }
     }
 
     /// Requests shutdown and returns how the relay ended.
@@ -209,6 +240,9 @@ impl InProcessRelay {
 
 /// Sends a signal to a child we started.
 pub fn signal(child: &Child, signal: &str) {
-    let status = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().expect("kill");
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success(), "kill -{signal} {}", child.id());
 }

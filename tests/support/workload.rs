@@ -19,12 +19,21 @@ pub struct Written {
 /// One writer: `transactions` business transactions over `aggregates`
 /// aggregates; about one in ten rolls back, about one in four writes two
 /// events (OrderCreated then PaymentCaptured) in one multi-row INSERT.
-pub async fn write_orders(pool: &PgPool, writer: usize, transactions: usize, aggregates: usize) -> Written {
+pub async fn write_orders(
+    pool: &PgPool,
+    writer: usize,
+    transactions: usize,
+    aggregates: usize,
+) -> Written {
     let mut written = Written::default();
     for _ in 0..transactions {
         let (aggregate, roll_back, two_events) = {
             let mut rng = rand::rng();
-            (format!("order-{}", rng.random_range(0..aggregates)), rng.random_ratio(1, 10), rng.random_ratio(1, 4))
+            (
+                format!("order-{}", rng.random_range(0..aggregates)),
+                rng.random_ratio(1, 10),
+                rng.random_ratio(1, 4),
+            )
         };
         let mut tx = pool.begin().await.expect("begin");
         sqlx::query("INSERT INTO aggregates (id) VALUES ($1) ON CONFLICT DO NOTHING")
@@ -35,12 +44,14 @@ pub async fn write_orders(pool: &PgPool, writer: usize, transactions: usize, agg
         let events = if two_events { 2 } else { 1 };
         // The row lock serialises this aggregate's writers; `version` counts
         // its committed events, so their `n` runs 1, 2, 3, … with no gap.
-        let version: i32 = sqlx::query_scalar("UPDATE aggregates SET version = version + $2 WHERE id = $1 RETURNING version")
-            .bind(&aggregate)
-            .bind(events)
-            .fetch_one(&mut *tx)
-            .await
-            .expect("lock aggregate");
+        let version: i32 = sqlx::query_scalar(
+            "UPDATE aggregates SET version = version + $2 WHERE id = $1 RETURNING version",
+        )
+        .bind(&aggregate)
+        .bind(events)
+        .fetch_one(&mut *tx)
+        .await
+        .expect("lock aggregate");
         let ids: Vec<String> = if two_events {
             sqlx::query_scalar(
                 "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
@@ -84,7 +95,11 @@ pub async fn write_orders(pool: &PgPool, writer: usize, transactions: usize, agg
 /// - nothing else arrived (no rolled-back event, no stranger);
 /// - each aggregate stays on one partition, and in offset order its `n`
 ///   runs 1, 2, 3, … (no gap, no reordering).
-pub fn violations(rows: &[(i64, String, bool)], consumed: &[Consumed], rolled_back: &[String]) -> Vec<String> {
+pub fn violations(
+    rows: &[(i64, String, bool)],
+    consumed: &[Consumed],
+    rolled_back: &[String],
+) -> Vec<String> {
     let mut problems = Vec::new();
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for record in consumed {
@@ -96,35 +111,51 @@ pub fn violations(rows: &[(i64, String, bool)], consumed: &[Consumed], rolled_ba
         match seen.get(id.as_str()) {
             None => problems.push(format!("lost: row seq {seq} id {id} never reached Kafka")),
             Some(1) => {}
-            Some(n) => problems.push(format!("duplicated: row seq {seq} id {id} arrived {n} times")),
+            Some(n) => problems.push(format!(
+                "duplicated: row seq {seq} id {id} arrived {n} times"
+            )),
         }
         if !sent {
-            problems.push(format!("unacknowledged: row seq {seq} id {id} is not marked sent"));
+            problems.push(format!(
+                "unacknowledged: row seq {seq} id {id} is not marked sent"
+            ));
         }
     }
     for id in seen.keys() {
         if !expected.contains(id) {
-            problems.push(format!("stranger: event id {id} is in Kafka but not in the table"));
+            problems.push(format!(
+                "stranger: event id {id} is in Kafka but not in the table"
+            ));
         }
     }
     for id in rolled_back {
         if seen.contains_key(id.as_str()) {
-            problems.push(format!("rolled back: event id {id} from a rolled-back transaction reached Kafka"));
+            problems.push(format!(
+                "rolled back: event id {id} from a rolled-back transaction reached Kafka"
+            ));
         }
     }
     let mut by_aggregate: HashMap<(String, i32), Vec<(i64, i64)>> = HashMap::new();
     for record in consumed {
         let key = String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned();
         let n = record.payload_json()["n"].as_i64().unwrap_or(-1);
-        by_aggregate.entry((key, record.partition)).or_default().push((record.offset, n));
+        by_aggregate
+            .entry((key, record.partition))
+            .or_default()
+            .push((record.offset, n));
     }
     let mut partitions_per_key: HashMap<&str, HashSet<i32>> = HashMap::new();
-    for ((key, partition), _) in &by_aggregate {
-        partitions_per_key.entry(key.as_str()).or_default().insert(*partition);
+    for (key, partition) in by_aggregate.keys() {
+        partitions_per_key
+            .entry(key.as_str())
+            .or_default()
+            .insert(*partition);
     }
     for (key, partitions) in &partitions_per_key {
         if partitions.len() > 1 {
-            problems.push(format!("split: aggregate {key} landed on partitions {partitions:?}"));
+            problems.push(format!(
+                "split: aggregate {key} landed on partitions {partitions:?}"
+            ));
         }
     }
     for ((key, _), mut events) in by_aggregate {
