@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Installs, via apt-get, whatever the local test stack and the Rust build need
+# and is not there yet: PostgreSQL server, a C/C++ toolchain for rdkafka's
+# bundled librdkafka (features cmake-build + ssl + curl), a Java 17 runtime and Maven
+# (Kafka's jars come from Maven Central). Idempotent: does nothing, and never
+# touches the network, when everything is present.
+set -euo pipefail
+
+export DEBIAN_FRONTEND=noninteractive
+
+say() { echo "install-deps: $*"; }
+die() { echo "install-deps: ERROR: $*" >&2; exit 1; }
+
+# Debian package installed (not merely known to dpkg)?
+has_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
+
+# Any java >= 17 on PATH is fine (e.g. a JDK 21 someone installed by hand).
+has_java17() {
+    command -v java >/dev/null 2>&1 || return 1
+    local major
+    major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)
+    [[ -n "$major" && "$major" -ge 17 ]]
+}
+
+# Debian puts the server binaries in /usr/lib/postgresql/<ver>/bin, not on PATH.
+has_pg_server() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; }
+
+missing_packages() {
+    local pkgs=()
+    has_pg_server || pkgs+=(postgresql)
+    command -v psql >/dev/null 2>&1 || pkgs+=(postgresql-client)
+    # librdkafka built from source by rdkafka-sys (cmake-build) with OpenSSL,
+    # zlib, and libcurl (its OAUTHBEARER/OIDC code does not compile without it).
+    local p
+    for p in build-essential cmake pkg-config libssl-dev zlib1g-dev libcurl4-openssl-dev; do
+        has_pkg "$p" || pkgs+=("$p")
+    done
+    has_java17 || pkgs+=(openjdk-17-jre-headless)
+    command -v mvn >/dev/null 2>&1 || pkgs+=(maven)
+    echo "${pkgs[@]:-}"
+}
+
+main() {
+    command -v apt-get >/dev/null || die "apt-get not found: this script supports Debian/Ubuntu only"
+    local missing
+    missing=$(missing_packages)
+    if [[ -z "$missing" ]]; then
+        say "all dependencies present"
+        return 0
+    fi
+    [[ $EUID -eq 0 ]] || die "missing packages ($missing); re-run as root or: sudo apt-get install $missing"
+
+    local log
+    log=$(mktemp /tmp/install-deps.XXXXXX.log)
+    say "apt-get update"
+    apt-get update -qq >"$log" 2>&1 || { tail -20 "$log" >&2; die "apt-get update failed (full log: $log)"; }
+    say "installing: $missing"
+    # shellcheck disable=SC2086 # word splitting of the package list is intended
+    apt-get install -y -qq --no-install-recommends $missing >>"$log" 2>&1 \
+        || { tail -20 "$log" >&2; die "apt-get install failed (full log: $log)"; }
+
+    # Verify instead of trusting apt's exit code alone.
+    missing=$(missing_packages)
+    [[ -z "$missing" ]] || die "still missing after install: $missing (log: $log)"
+    rm -f "$log"
+    say "done"
+}
+
+main "$@"

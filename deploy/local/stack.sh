@@ -1,0 +1,441 @@
+#!/usr/bin/env bash
+# Throwaway local PostgreSQL + single-node Kafka (KRaft) as plain processes,
+# for tests, `make demo` and `make test`. No Docker needed.
+#
+#   stack.sh up DIR             install deps, start both, write DIR/env
+#   stack.sh down DIR           stop both (idempotent)
+#   stack.sh kafka-kill DIR     SIGKILL the broker (fault tests)
+#   stack.sh kafka-restart DIR  stop the broker if running, start it again on
+#                               the same ports and data
+#   stack.sh kafka-cli DIR TOOL [ARGS...]
+#                               run a Kafka CLI class (aliases: topics,
+#                               produce, consume) with the stack's jars
+#
+# Environment: OUTBOXD_KAFKA_VERSION (default 4.3.1), XDG_CACHE_HOME (jar cache).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# 4.4.0 is listed on Maven Central but its kafka-tools-api/kafka-tools jars
+# are not there, so it cannot be resolved; 4.3.1 is the newest that resolves.
+KAFKA_VERSION=${OUTBOXD_KAFKA_VERSION:-4.3.1}
+KAFKA_LIBS=${XDG_CACHE_HOME:-$HOME/.cache}/outboxd/kafka-$KAFKA_VERSION/libs
+STOP_TIMEOUT=20     # seconds to wait after SIGTERM before SIGKILL
+KAFKA_TIMEOUT=90    # seconds for the broker to come up (2-core CI under load)
+
+say() { echo "stack: $*"; }
+die() { echo "stack: ERROR: $*" >&2; exit 1; }
+
+# Print the tail of a log and its last error lines (a failed broker ends its
+# log with many lines of shutdown noise), then fail; the EXIT trap of `up`
+# cleans up.
+die_with_log() {
+    local log=$1; shift
+    if [[ -f "$log" ]]; then
+        echo "----- last 40 lines of $log -----" >&2
+        tail -n 40 "$log" >&2
+        echo "----- last error lines of $log -----" >&2
+        grep -E ' (ERROR|FATAL) |^[A-Za-z0-9_.$]+(Exception|Error)\b|^Caused by:' "$log" | tail -n 8 >&2 || true
+        echo "-----" >&2
+    fi
+    die "$*"
+}
+
+# ---------------------------------------------------------------- helpers
+
+# Sets variable $1 to a port nobody listens on. Picked below the kernel's
+# ephemeral range (32768+) so outgoing connections can't take it before we
+# bind; plain bash so a fresh machine needs no python. Not a subshell, so
+# USED_PORTS remembers ports handed out earlier in this run.
+free_port() {
+    local p i
+    for i in $(seq 1 200); do
+        p=$((20000 + RANDOM % 12000))
+        [[ " ${USED_PORTS:-} " == *" $p "* ]] && continue
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            USED_PORTS="${USED_PORTS:-} $p"
+            printf -v "$1" '%s' "$p"
+            return 0
+        fi
+    done
+    die "no free TCP port found on 127.0.0.1"
+}
+
+# Is PID alive and still the process we started (guards against PID reuse)?
+# $2 is a string its command line must contain.
+is_ours() {
+    local pid=$1 marker=$2
+    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null \
+        && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$marker"
+}
+
+# SIGTERM, wait up to STOP_TIMEOUT, then SIGKILL.
+stop_pid() {
+    local pid=$1 marker=$2 name=$3 i
+    is_ours "$pid" "$marker" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < STOP_TIMEOUT * 4; i++)); do
+        is_ours "$pid" "$marker" || break
+        sleep 0.25
+    done
+    if is_ours "$pid" "$marker"; then
+        say "$name did not stop within ${STOP_TIMEOUT}s, sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait_gone "$pid"
+    say "$name stopped"
+}
+
+# An exited process lingers as a zombie until init reaps it; wait (briefly)
+# so that callers checking the PID right after `down` see it gone.
+wait_gone() {
+    local i
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.05
+    done
+}
+
+read_pid() { if [[ -f "$1" ]]; then cat "$1"; fi; }
+
+# ---------------------------------------------------------------- postgres
+
+# Debian keeps server binaries in /usr/lib/postgresql/<ver>/bin (not on PATH).
+pg_bin() {
+    local d
+    d=$(printf '%s\n' /usr/lib/postgresql/*/bin | grep -v '\*' | sort -V | tail -n 1)
+    if [[ -z "$d" ]] && command -v initdb >/dev/null; then d=$(dirname "$(command -v initdb)"); fi
+    [[ -n "$d" && -x "$d/initdb" ]] || die "PostgreSQL server binaries not found (run install-deps.sh)"
+    echo "$d"
+}
+
+# initdb and postgres refuse to run as root: run them as the `postgres`
+# system user (created by Debian's package), from / so an unreadable cwd
+# (e.g. /root) doesn't matter.
+as_pg() {
+    if [[ $EUID -eq 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
+}
+
+start_pg() {
+    local dir=$1 bin port
+    bin=$(pg_bin)
+    free_port port
+    local pg=$dir/pg data=$dir/pg/data log=$dir/pg/postgres.log
+    mkdir -p "$pg"
+    if [[ $EUID -eq 0 ]]; then
+        id postgres >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin postgres
+        chown postgres: "$pg"
+        as_pg test -w "$pg" || die "user postgres cannot reach $pg: make every parent of $dir traversable (chmod o+x) or use a DIR under /tmp"
+    fi
+    chmod 700 "$pg"
+
+    say "postgres: initdb ($bin)"
+    as_pg "$bin/initdb" -D "$data" -U postgres -A trust -E UTF8 --no-locale >"$pg/initdb.log" 2>&1 \
+        || die_with_log "$pg/initdb.log" "initdb failed"
+
+    # TCP on 127.0.0.1 only; no unix socket, so no clash with the system
+    # cluster's /var/run/postgresql and no socket-path length limit.
+    cat >>"$data/postgresql.conf" <<EOF
+
+# --- outboxd local test stack ---
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = ''
+wal_level = logical
+max_replication_slots = 20
+max_wal_senders = 20
+max_connections = 200
+# Throwaway data: durability is not needed, speed is.
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+EOF
+    cat >"$data/pg_hba.conf" <<EOF
+host all         all 127.0.0.1/32 trust
+host replication all 127.0.0.1/32 trust
+EOF
+
+    say "postgres: starting on 127.0.0.1:$port"
+    as_pg "$bin/pg_ctl" -D "$data" -l "$log" -w -t 60 start >/dev/null 2>&1 \
+        || die_with_log "$log" "postgres failed to start"
+    head -n 1 "$data/postmaster.pid" >"$dir/pg.pid"
+
+    local i
+    for ((i = 0; i < 120; i++)); do
+        "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres && break
+        sleep 0.25
+    done
+    "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres || die_with_log "$log" "postgres does not answer pg_isready"
+    PG_PORT=$port
+}
+
+stop_pg() {
+    local dir=$1 data=$1/pg/data pid
+    pid=$(read_pid "$dir/pg.pid")
+    if is_ours "$pid" "$data" && [[ -f "$data/postmaster.pid" ]]; then
+        as_pg "$(pg_bin)/pg_ctl" -D "$data" -m fast -w -t "$STOP_TIMEOUT" stop >/dev/null 2>&1 \
+            && wait_gone "$pid" && say "postgres stopped"
+    fi
+    stop_pid "$pid" "$data" postgres   # no-op unless pg_ctl failed
+    rm -f "$dir/pg.pid"
+}
+
+# ---------------------------------------------------------------- kafka
+
+# Broker jars from Maven Central, cached across runs and stacks.
+fetch_kafka() {
+    [[ -f "$KAFKA_LIBS/.complete" ]] && return 0
+    say "kafka: fetching $KAFKA_VERSION jars from Maven Central into $KAFKA_LIBS (first run only)"
+    local tmp=$KAFKA_LIBS.tmp.$$ log
+    log=$(mktemp /tmp/outboxd-mvn.XXXXXX.log)
+    rm -rf "$tmp"
+    mkdir -p "$(dirname "$KAFKA_LIBS")"
+    mvn -q -B -f "$HERE/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+        dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp" >"$log" 2>&1 \
+        || { rm -rf "$tmp"; die_with_log "$log" "mvn could not fetch Kafka $KAFKA_VERSION"; }
+    compgen -G "$tmp/kafka_2.13-$KAFKA_VERSION.jar" >/dev/null || die_with_log "$log" "mvn did not produce kafka_2.13-$KAFKA_VERSION.jar"
+    touch "$tmp/.complete"
+    # Atomic publish; if a concurrent run won the race, keep its copy.
+    rm -rf "$KAFKA_LIBS.old"
+    [[ -d "$KAFKA_LIBS" ]] && mv "$KAFKA_LIBS" "$KAFKA_LIBS.old"
+    mv -T "$tmp" "$KAFKA_LIBS" 2>/dev/null || rm -rf "$tmp"
+    rm -rf "$KAFKA_LIBS.old" "$log"
+}
+
+# Runs a Kafka class of stack DIR ($1) with quiet logging. Uses DIR/kafka/libs
+# (a link to the cache made by `up`), so later commands use the same jars
+# whatever HOME or OUTBOXD_KAFKA_VERSION say then.
+kafka_java() {
+    local kdir=$1/kafka; shift
+    java -Djava.awt.headless=true -Dlog4j2.configurationFile="file:$kdir/tools-log4j2.properties" \
+        -cp "$kdir/libs/*" "$@"
+}
+
+write_kafka_config() {
+    local kdir=$1 port=$2 cport=$3
+    mkdir -p "$kdir/data"
+    ln -sfn "$KAFKA_LIBS" "$kdir/libs"
+    cat >"$kdir/server.properties" <<EOF
+# Single-node KRaft: this process is both broker and controller.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$kdir/data
+num.partitions=3
+default.replication.factor=1
+min.insync.replicas=1
+auto.create.topics.enable=true
+group.initial.rebalance.delay.ms=0
+# One broker: every internal topic must have replication factor 1.
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+# Fewer internal partitions (default 50) => faster first group/transaction.
+offsets.topic.num.partitions=3
+transaction.state.log.num.partitions=3
+# After a kill -9 the controller keeps the dead broker's registration until
+# its session expires (default 9 s); a shorter session makes kafka-restart
+# after kafka-kill quicker.
+broker.session.timeout.ms=4000
+broker.heartbeat.interval.ms=500
+EOF
+    # The broker logs through log4j2 to stdout, which goes to kafka.log.
+    write_log4j "$kdir/log4j2.properties" INFO out
+    # CLI tools: warnings only, on stderr, so their stdout stays clean.
+    write_log4j "$kdir/tools-log4j2.properties" WARN err
+}
+
+write_log4j() {
+    local target=SYSTEM_OUT
+    [[ $3 == err ]] && target=SYSTEM_ERR
+    cat >"$1" <<EOF
+status = warn
+appender.main.type = Console
+appender.main.name = MAIN
+appender.main.target = $target
+appender.main.layout.type = PatternLayout
+appender.main.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = $2
+rootLogger.appenderRef.main.ref = MAIN
+EOF
+}
+
+format_kafka() {
+    local dir=$1 kdir=$1/kafka id
+    id=$(kafka_java "$dir" kafka.tools.StorageTool random-uuid 2>"$kdir/format.log") \
+        || die_with_log "$kdir/format.log" "kafka: could not generate a cluster id (jars broken? delete $KAFKA_LIBS)"
+    # Static quorum (controller.quorum.voters) => plain `format -t ID -c CFG`,
+    # no --standalone (that is for dynamic quorums).
+    kafka_java "$dir" kafka.tools.StorageTool format -t "$id" \
+        -c "$kdir/server.properties" >>"$kdir/format.log" 2>&1 \
+        || die_with_log "$kdir/format.log" "kafka: storage format failed"
+}
+
+# Start the broker in the background and wait until it serves.
+launch_kafka() {
+    local dir=$1 kdir=$1/kafka
+    local log=$kdir/kafka.log port pid start_line i
+    port=$(sed -n 's#^listeners=PLAINTEXT://127.0.0.1:\([0-9]*\),.*#\1#p' "$kdir/server.properties")
+    touch "$log"
+    start_line=$(($(wc -l <"$log") + 1))
+    echo "=== starting broker $(date -Is) ===" >>"$log"
+    # setsid + no inherited stdio: the broker must not die with the caller's
+    # terminal or keep the caller's pipes (e.g. $(stack.sh up)) open.
+    setsid java -Xmx512m -Xms256m -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+        -Dlog4j2.configurationFile="file:$kdir/log4j2.properties" \
+        -cp "$kdir/libs/*" kafka.Kafka "$kdir/server.properties" \
+        </dev/null >>"$log" 2>&1 &
+    pid=$!
+    echo "$pid" >"$dir/kafka.pid"
+
+    for ((i = 0; i < KAFKA_TIMEOUT * 4; i++)); do
+        kill -0 "$pid" 2>/dev/null || die_with_log "$log" "kafka exited during startup"
+        # "Kafka Server started" is logged once the broker is unfenced, i.e.
+        # really serving; the port check guards against a stale log line.
+        if tail -n +"$start_line" "$log" | grep -q 'Kafka Server started' \
+            && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            KAFKA_PORT=$port
+            return 0
+        fi
+        sleep 0.25
+    done
+    die_with_log "$log" "kafka not ready after ${KAFKA_TIMEOUT}s"
+}
+
+kafka_marker() { echo "$1/kafka/server.properties"; }
+
+stop_kafka() {
+    local dir=$1
+    stop_pid "$(read_pid "$dir/kafka.pid")" "$(kafka_marker "$dir")" kafka
+    rm -f "$dir/kafka.pid"
+}
+
+# ---------------------------------------------------------------- commands
+
+# EXIT trap of `up`: on failure, stop our background waiter and whatever started.
+on_up_exit() {
+    local rc=$?
+    [[ $rc -eq 0 ]] && return 0
+    say "startup failed, stopping what was started" >&2
+    local job
+    for job in $(jobs -p); do kill "$job" 2>/dev/null || true; done
+    cmd_down "$UP_DIR" >/dev/null 2>&1 || true
+    exit "$rc"
+}
+
+abs_dir() { mkdir -p "$1" && (cd "$1" && pwd -P); }
+
+cmd_up() {
+    local dir
+    dir=$(abs_dir "$1")
+    if is_ours "$(read_pid "$dir/kafka.pid")" "$(kafka_marker "$dir")" \
+        || is_ours "$(read_pid "$dir/pg.pid")" "$dir/pg/data"; then
+        die "a stack is already running in $dir (run: $0 down $dir)"
+    fi
+    bash "$HERE/install-deps.sh"
+    command -v java >/dev/null || die "java not found after install-deps.sh"
+
+    # Fresh state every time: this is a throwaway stack.
+    rm -rf "$dir/pg" "$dir/kafka" "$dir/env" "$dir/pg.pid" "$dir/kafka.pid"
+    # mktemp -d makes 0700 dirs; the postgres user must be able to enter DIR.
+    [[ $EUID -eq 0 ]] && chmod o+x "$dir"
+
+    # On any failure from here on, take down whatever was started.
+    UP_DIR=$dir
+    trap on_up_exit EXIT
+
+    fetch_kafka
+    local kport cport
+    free_port kport
+    free_port cport
+    write_kafka_config "$dir/kafka" "$kport" "$cport"
+    format_kafka "$dir"
+    say "kafka: starting $KAFKA_VERSION on 127.0.0.1:$kport (controller :$cport)"
+    # Kafka boots in the background while Postgres starts; launch_kafka waits.
+    launch_kafka "$dir" &
+    local kafka_waiter=$!
+    start_pg "$dir"
+    wait "$kafka_waiter" || exit 1
+    KAFKA_PORT=$kport
+
+    cat >"$dir/env" <<EOF
+export OUTBOXD_TEST_PG_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
+export OUTBOXD_TEST_PG_PORT=$PG_PORT
+export OUTBOXD_TEST_KAFKA=127.0.0.1:$KAFKA_PORT
+export OUTBOXD_STACK_DIR=$dir
+EOF
+    trap - EXIT
+    say "up in ${SECONDS}s:"
+    echo "  postgres  postgres://postgres@127.0.0.1:$PG_PORT/postgres  pid $(cat "$dir/pg.pid")  log $dir/pg/postgres.log"
+    echo "  kafka     127.0.0.1:$KAFKA_PORT ($KAFKA_VERSION)  pid $(cat "$dir/kafka.pid")  log $dir/kafka/kafka.log"
+    echo "  env       source $dir/env"
+}
+
+cmd_down() {
+    local dir=$1
+    [[ -d "$dir" ]] || return 0
+    dir=$(cd "$dir" && pwd -P)
+    stop_kafka "$dir"
+    stop_pg "$dir"
+}
+
+cmd_kafka_kill() {
+    local dir
+    dir=$(cd "$1" && pwd -P)
+    local pid
+    pid=$(read_pid "$dir/kafka.pid")
+    if is_ours "$pid" "$(kafka_marker "$dir")"; then
+        kill -KILL "$pid"
+        wait_gone "$pid"
+        say "kafka killed (pid $pid)"
+    fi
+    rm -f "$dir/kafka.pid"
+}
+
+cmd_kafka_restart() {
+    local dir
+    dir=$(cd "$1" && pwd -P)
+    [[ -f "$dir/kafka/server.properties" ]] || die "no kafka in $dir (run: $0 up $dir)"
+    stop_kafka "$dir"
+    launch_kafka "$dir"
+    say "kafka restarted on 127.0.0.1:$KAFKA_PORT (pid $(cat "$dir/kafka.pid"))"
+}
+
+cmd_kafka_cli() {
+    local dir tool
+    dir=$(cd "$1" && pwd -P)
+    tool=$2; shift 2
+    case $tool in
+        topics) tool=org.apache.kafka.tools.TopicCommand ;;
+        produce) tool=org.apache.kafka.tools.ConsoleProducer ;;
+        consume) tool=org.apache.kafka.tools.consumer.ConsoleConsumer ;;
+    esac
+    [[ -f "$dir/kafka/libs/.complete" ]] || die "no kafka jars for $dir (run: $0 up $dir)"
+    kafka_java "$dir" "$tool" "$@"
+}
+
+usage() {
+    sed -n '2,14s/^# \{0,1\}//p' "$0" >&2
+    exit 2
+}
+
+main() {
+    [[ $# -ge 2 ]] || usage
+    local cmd=$1; shift
+    case $cmd in
+        up) cmd_up "$1" ;;
+        down) cmd_down "$1" ;;
+        kafka-kill) cmd_kafka_kill "$1" ;;
+        kafka-restart) cmd_kafka_restart "$1" ;;
+        kafka-cli) [[ $# -ge 2 ]] || usage; cmd_kafka_cli "$@" ;;
+        *) usage ;;
+    esac
+}
+
+main "$@"
