@@ -43,12 +43,14 @@ async fn write(url: &str, orders: u32) -> Result<(), Box<dyn std::error::Error>>
         let order_id = format!("order-{n:04}-{}", std::process::id());
         let total_cents = 1_000 + i64::from(n) * 137 % 9_000;
         let mut tx = pool.begin().await?;
-        sqlx::query("INSERT INTO orders (id, customer, total_cents, status) VALUES ($1, $2, $3, 'created')")
-            .bind(&order_id)
-            .bind(format!("customer-{}", n % 7))
-            .bind(total_cents)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO orders (id, customer, total_cents, status) VALUES ($1, $2, $3, 'created')",
+        )
+        .bind(&order_id)
+        .bind(format!("customer-{}", n % 7))
+        .bind(total_cents)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) VALUES \
              ('Order', $1, 'OrderCreated', jsonb_build_object('orderId', $1::text, 'totalCents', $2::bigint), \
@@ -69,7 +71,10 @@ async fn write(url: &str, orders: u32) -> Result<(), Box<dyn std::error::Error>>
         committed += 1;
 
         let mut tx = pool.begin().await?;
-        sqlx::query("UPDATE orders SET status = 'paid' WHERE id = $1").bind(&order_id).execute(&mut *tx).await?;
+        sqlx::query("UPDATE orders SET status = 'paid' WHERE id = $1")
+            .bind(&order_id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
              ('Order', $1, 'PaymentCaptured', jsonb_build_object('orderId', $1::text, 'amountCents', $2::bigint))",
@@ -126,6 +131,9 @@ fn consume(bootstrap: &str, topics: &[String]) -> Result<(), Box<dyn std::error:
             }
         }
     }
-    println!("consumer: {events} committed events read from {}", topics.join(", "));
+    println!(
+        "consumer: {events} committed events read from {}",
+        topics.join(", ")
+    );
     Ok(())
 }

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::support::kafka::read_all;
-use crate::support::workload::{violations, write_orders, Written};
+use crate::support::workload::{assert_exactly_once, write_orders, Written};
 use crate::support::{signal, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -23,13 +22,11 @@ async fn sigkill_mid_publish_and_restart_is_still_exactly_once() {
         let pool = env.pool.clone();
         let writing = Arc::clone(&writing);
         tokio::spawn(async move {
-            let mut total = Written::default();
+            let mut chunks = Vec::new();
             while writing.load(Ordering::SeqCst) {
-                let chunk = write_orders(&pool, 1, 20, 25).await;
-                total.committed += chunk.committed;
-                total.rolled_back_ids.extend(chunk.rolled_back_ids);
+                chunks.push(write_orders(&pool, 1, 20, 25).await);
             }
-            total
+            Written::combined(chunks)
         })
     };
 
@@ -56,20 +53,6 @@ async fn sigkill_mid_publish_and_restart_is_still_exactly_once() {
     let status = relay.wait().expect("relay exits");
     assert!(status.success(), "relay exits 0 on SIGTERM, got {status}");
 
-    let rows = env.rows().await;
-    assert_eq!(
-        rows.len(),
-        backlog.committed + live.committed + after.committed
-    );
-    let mut rolled_back = backlog.rolled_back_ids;
-    rolled_back.extend(live.rolled_back_ids);
-    rolled_back.extend(after.rolled_back_ids);
-    let consumed = read_all(&env.kafka, &env.topic_prefix()).await;
-    let problems = violations(&rows, &consumed, &rolled_back);
-    assert!(
-        problems.is_empty(),
-        "after {kills} kills, {} violations:\n{}",
-        problems.len(),
-        problems.join("\n")
-    );
+    let written = Written::combined([backlog, live, after]);
+    assert_exactly_once(&env, &written).await;
 }

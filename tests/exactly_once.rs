@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::support::kafka::read_all;
-use crate::support::workload::{violations, write_orders};
+use crate::support::workload::{assert_exactly_once, violations, write_orders, Written};
 use crate::support::{InProcessRelay, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -18,32 +18,26 @@ async fn concurrent_writers_every_committed_row_once_and_in_order() {
             tokio::spawn(async move { write_orders(&pool, writer, 150, 12).await })
         })
         .collect();
-    let mut rolled_back = Vec::new();
-    let mut committed = 0;
+    let mut parts = Vec::new();
     for writer in writers {
-        let written = writer.await.expect("writer");
-        committed += written.committed;
-        rolled_back.extend(written.rolled_back_ids);
+        parts.push(writer.await.expect("writer"));
     }
-    assert!(committed > 500, "workload too small: {committed}");
+    let written = Written::combined(parts);
     assert!(
-        !rolled_back.is_empty(),
+        written.committed > 500,
+        "workload too small: {}",
+        written.committed
+    );
+    assert!(
+        !written.rolled_back_ids.is_empty(),
         "the workload should roll some transactions back"
     );
 
     env.wait_all_sent(Duration::from_secs(90)).await;
     relay.stop().await.expect("relay stops cleanly");
 
-    let rows = env.rows().await;
-    assert_eq!(rows.len(), committed);
+    assert_exactly_once(&env, &written).await;
     let consumed = read_all(&env.kafka, &env.topic_prefix()).await;
-    let problems = violations(&rows, &consumed, &rolled_back);
-    assert!(
-        problems.is_empty(),
-        "{} violations:\n{}",
-        problems.len(),
-        problems.join("\n")
-    );
 
     let first = consumed
         .iter()

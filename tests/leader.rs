@@ -11,7 +11,7 @@ use outboxd::routing::RoutedRecord;
 use sqlx::{Connection, PgConnection};
 
 use crate::support::kafka::read_all;
-use crate::support::workload::{violations, write_orders};
+use crate::support::workload::{assert_exactly_once, write_orders, Written};
 use crate::support::{InProcessRelay, TestEnv};
 
 async fn leader_count(env: &TestEnv) -> usize {
@@ -60,17 +60,8 @@ async fn same_name_relays_one_leads_the_other_takes_over() {
     assert_eq!(lock_holders(&env).await, 1);
     second.stop().await.expect("second relay stops cleanly");
 
-    let rows = env.rows().await;
-    assert_eq!(
-        rows.len(),
-        first_batch.committed + during.committed + after.committed
-    );
-    let mut rolled_back = first_batch.rolled_back_ids;
-    rolled_back.extend(during.rolled_back_ids);
-    rolled_back.extend(after.rolled_back_ids);
-    let consumed = read_all(&env.kafka, &env.topic_prefix()).await;
-    let problems = violations(&rows, &consumed, &rolled_back);
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let written = Written::combined([first_batch, during, after]);
+    assert_exactly_once(&env, &written).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

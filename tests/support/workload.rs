@@ -16,6 +16,18 @@ pub struct Written {
     pub rolled_back_ids: Vec<String>,
 }
 
+impl Written {
+    /// Everything several writers did, as one account.
+    pub fn combined(parts: impl IntoIterator<Item = Written>) -> Written {
+        let mut all = Written::default();
+        for part in parts {
+            all.committed += part.committed;
+            all.rolled_back_ids.extend(part.rolled_back_ids);
+        }
+        all
+    }
+}
+
 /// One writer: `transactions` business transactions over `aggregates`
 /// aggregates; about one in ten rolls back, about one in four writes two
 /// events (OrderCreated then PaymentCaptured) in one multi-row INSERT.
@@ -52,32 +64,22 @@ pub async fn write_orders(
         .fetch_one(&mut *tx)
         .await
         .expect("lock aggregate");
-        let ids: Vec<String> = if two_events {
-            sqlx::query_scalar(
-                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
-                 ('Order', $1, 'OrderCreated', jsonb_build_object('aggregate', $1::text, 'n', $2::int, 'writer', $3::int)), \
-                 ('Order', $1, 'PaymentCaptured', jsonb_build_object('aggregate', $1::text, 'n', $2::int + 1, 'writer', $3::int)) \
-                 RETURNING id::text",
-            )
-            .bind(&aggregate)
-            .bind(version - events + 1)
-            .bind(writer as i32)
-            .fetch_all(&mut *tx)
-            .await
-            .expect("insert two events")
-        } else {
-            sqlx::query_scalar(
-                "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
-                 ('Order', $1, 'OrderUpdated', jsonb_build_object('aggregate', $1::text, 'n', $2::int, 'writer', $3::int)) \
-                 RETURNING id::text",
-            )
-            .bind(&aggregate)
-            .bind(version - events + 1)
-            .bind(writer as i32)
-            .fetch_all(&mut *tx)
-            .await
-            .expect("insert event")
-        };
+        // One INSERT for all the transaction's events: a multi-row insert
+        // whose rows share the transaction, in `n` order.
+        let ids: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             SELECT 'Order', $1, (ARRAY['OrderCreated', 'PaymentCaptured'])[i], \
+                    jsonb_build_object('aggregate', $1::text, 'n', $2::int + i - 1, 'writer', $3::int) \
+             FROM generate_series(1, $4::int) AS i ORDER BY i \
+             RETURNING id::text",
+        )
+        .bind(&aggregate)
+        .bind(version - events + 1)
+        .bind(writer as i32)
+        .bind(events)
+        .fetch_all(&mut *tx)
+        .await
+        .expect("insert events");
         if roll_back {
             tx.rollback().await.expect("rollback");
             written.rolled_back_ids.extend(ids);
@@ -168,4 +170,20 @@ pub fn violations(
         }
     }
     problems
+}
+
+/// Reads everything the relay published for `env` and fails the test with
+/// every violation listed, after checking the table holds `committed` rows.
+pub async fn assert_exactly_once(env: &super::TestEnv, written: &Written) {
+    let (committed, rolled_back) = (written.committed, &written.rolled_back_ids);
+    let rows = env.rows().await;
+    assert_eq!(rows.len(), committed, "the table holds every committed row");
+    let consumed = super::kafka::read_all(&env.kafka, &env.topic_prefix()).await;
+    let problems = violations(&rows, &consumed, rolled_back);
+    assert!(
+        problems.is_empty(),
+        "{} violations:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }
