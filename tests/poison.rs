@@ -86,3 +86,53 @@ async fn halt_policy_stops_the_relay_and_publishes_nothing_of_the_batch() {
     assert_eq!(env.unsent().await, 2, "nothing is acknowledged");
     assert!(read_all(&env.kafka, &env.topic_prefix()).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_broker_refuses_is_dead_lettered_and_its_batch_mates_are_published() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+
+    let env = TestEnv::new("poison-broker").await;
+    // The topic accepts less than the relay's own limit, so only the broker can refuse.
+    let topic = format!("{}.Big", env.topic_prefix());
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .create()
+        .unwrap();
+    let new_topic =
+        NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "4000");
+    admin
+        .create_topics([&new_topic], &AdminOptions::new())
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+
+    insert(&env, "Big", "'{\"n\":1}'").await;
+    insert(
+        &env,
+        "Big",
+        "jsonb_build_object('n', 2, 'blob', repeat('x', 10000))",
+    )
+    .await;
+    insert(&env, "Big", "'{\"n\":3}'").await;
+
+    let relay = InProcessRelay::start(env.config());
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await.unwrap();
+
+    let dead = read_topic(&env.kafka, &env.dead_letter_topic()).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].header("outboxd.source.seq"), Some("2"));
+    assert!(dead[0]
+        .header("outboxd.dead_letter.reason")
+        .unwrap()
+        .contains("rejected by Kafka"));
+    let published = read_topic(&env.kafka, &topic).await;
+    let ns: Vec<_> = published
+        .iter()
+        .map(|r| r.payload_json()["n"].clone())
+        .collect();
+    assert_eq!(ns, vec![serde_json::json!(1), serde_json::json!(3)]);
+}

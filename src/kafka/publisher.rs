@@ -64,6 +64,9 @@ impl Publisher {
                 "transaction.timeout.ms",
                 config.kafka.transaction_timeout.as_millis().to_string(),
             )
+            // Batches no larger than one allowed record, so a topic whose
+            // max.message.bytes is kafka.max_message_bytes accepts every batch.
+            .set("batch.size", config.kafka.max_message_bytes.to_string())
             .set(
                 "message.max.bytes",
                 (config.kafka.max_message_bytes + LOCAL_SIZE_HEADROOM).to_string(),
@@ -139,24 +142,40 @@ impl Publisher {
                 .map_err(|e| as_failed(rejected_or_failed(records.len(), e)))?,
         );
 
+        // Await every delivery before judging: the broker refuses a whole
+        // produce request when one record in it is too large, so the
+        // innocent records of that request fail alongside the guilty one.
+        let mut rejected: Vec<(usize, String)> = Vec::new();
+        let mut other_failure = None;
         for (index, delivery) in deliveries.into_iter().enumerate() {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((error, _))) => {
-                    let failure = rejected_or_failed(index, error);
-                    // The last delivery is the checkpoint record's.
-                    return Err(if index < records.len() {
-                        failure
-                    } else {
-                        as_failed(failure)
-                    });
-                }
-                Err(_canceled) => {
-                    return Err(PublishError::Failed(Error::retry(
-                        "the Kafka producer was dropped mid-delivery",
-                    )))
+            let error = match delivery.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err((error, _))) => error,
+                Err(_canceled) => KafkaError::Canceled,
+            };
+            // The last delivery is the checkpoint record's.
+            let failure = if index < records.len() {
+                rejected_or_failed(index, error)
+            } else {
+                as_failed(rejected_or_failed(index, error))
+            };
+            match failure {
+                PublishError::RecordRejected { index, reason } => rejected.push((index, reason)),
+                PublishError::Failed(error) => {
+                    other_failure.get_or_insert(error);
                 }
             }
+        }
+        if let Some(error) = other_failure {
+            return Err(PublishError::Failed(error));
+        }
+        // Blame the largest refused record; if it was not the only culprit,
+        // the next attempt names the next one.
+        if let Some((index, reason)) = rejected
+            .into_iter()
+            .max_by_key(|(index, _)| records[*index].approximate_size())
+        {
+            return Err(PublishError::RecordRejected { index, reason });
         }
         self.commit().await
     }
