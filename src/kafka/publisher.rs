@@ -127,7 +127,7 @@ impl Publisher {
             deliveries.push(
                 self.send(record)
                     .await
-                    .map_err(|e| rejected_or_failed(index, e))?,
+                    .map_err(|e| delivery_failure(index, records.len(), e))?,
             );
         }
         let checkpoint_record = RoutedRecord {
@@ -139,7 +139,7 @@ impl Publisher {
         deliveries.push(
             self.send(&checkpoint_record)
                 .await
-                .map_err(|e| as_failed(rejected_or_failed(records.len(), e)))?,
+                .map_err(|e| delivery_failure(records.len(), records.len(), e))?,
         );
 
         // Await every delivery before judging: the broker refuses a whole
@@ -153,13 +153,7 @@ impl Publisher {
                 Ok(Err((error, _))) => error,
                 Err(_canceled) => KafkaError::Canceled,
             };
-            // The last delivery is the checkpoint record's.
-            let failure = if index < records.len() {
-                rejected_or_failed(index, error)
-            } else {
-                as_failed(rejected_or_failed(index, error))
-            };
-            match failure {
+            match delivery_failure(index, records.len(), error) {
                 PublishError::RecordRejected { index, reason } => rejected.push((index, reason)),
                 PublishError::Failed(error) => {
                     other_failure.get_or_insert(error);
@@ -260,22 +254,18 @@ impl Publisher {
     }
 }
 
-fn rejected_or_failed(index: usize, error: KafkaError) -> PublishError {
+/// Sorts the failure of delivery `index`. Indexes below `record_count` are
+/// event records; the one after them is the checkpoint record, whose
+/// rejection is not a poison row but a broken setup.
+fn delivery_failure(index: usize, record_count: usize, error: KafkaError) -> PublishError {
     match error.rdkafka_error_code() {
-        Some(code) if is_record_rejected(code) => PublishError::RecordRejected {
+        Some(code) if is_record_rejected(code) && index < record_count => PublishError::RecordRejected {
             index,
             reason: format!("rejected by Kafka: {code}"),
         },
-        _ => PublishError::Failed(classify("delivering a record", &error)),
-    }
-}
-
-/// A rejected checkpoint record is not a poison row: it is a broken setup.
-fn as_failed(error: PublishError) -> PublishError {
-    match error {
-        PublishError::RecordRejected { reason, .. } => PublishError::Failed(Error::stop(format!(
-            "the checkpoint record was {reason}; check the checkpoint topic's max.message.bytes"
+        Some(code) if is_record_rejected(code) => PublishError::Failed(Error::stop(format!(
+            "the checkpoint record was rejected by Kafka: {code}; check the checkpoint topic's max.message.bytes"
         ))),
-        failed => failed,
+        _ => PublishError::Failed(classify("delivering a record", &error)),
     }
 }
