@@ -20,61 +20,76 @@ pub struct Acknowledged {
     pub dead_lettered: u64,
 }
 
-/// Marks (or deletes) the rows of a committed batch.
-pub async fn acknowledge(
-    connection: &mut PgConnection,
-    table: &OutboxTable,
-    after_publish: AfterPublish,
-    published: &[i64],
-    dead_lettered: &[i64],
-) -> Result<Acknowledged> {
-    let published_sql = match after_publish {
-        AfterPublish::Mark => table.mark_sent_sql(),
-        AfterPublish::Delete => table.delete_sql(),
-    };
-    let mut acknowledged = Acknowledged::default();
-    if !published.is_empty() {
-        acknowledged.published = sqlx::query(&published_sql)
-            .bind(published)
-            .execute(&mut *connection)
-            .await
-            .map_err(|e| Error::from_postgres("acknowledging published rows", e))?
-            .rows_affected();
-    }
-    if !dead_lettered.is_empty() {
-        acknowledged.dead_lettered = sqlx::query(&table.mark_sent_sql())
-            .bind(dead_lettered)
-            .execute(&mut *connection)
-            .await
-            .map_err(|e| Error::from_postgres("acknowledging dead-lettered rows", e))?
-            .rows_affected();
-    }
-    Ok(acknowledged)
+/// The acknowledgement statements for one table, built once: they run
+/// after every batch.
+pub struct Acknowledger {
+    /// `schema.table`, to match checkpoints against.
+    table_name: String,
+    /// `UPDATE … SET sent_at` or `DELETE`, per `relay.after_publish`.
+    published_sql: String,
+    /// Always `UPDATE … SET sent_at`: poison rows are never deleted.
+    dead_lettered_sql: String,
 }
 
-/// Start-up reconciliation: the latest checkpoint's rows are in Kafka, so
-/// acknowledge any of them a crash left unmarked. They will not be claimed,
-/// hence never produced, again.
-pub async fn reconcile(
-    connection: &mut PgConnection,
-    table: &OutboxTable,
-    after_publish: AfterPublish,
-    checkpoint: &Checkpoint,
-) -> Result<Acknowledged> {
-    if checkpoint.table != table.display_name() {
-        return Err(Error::stop(format!(
-            "the latest checkpoint of this relay.name belongs to table {}, not {}; \
-             give each outbox table its own relay.name",
-            checkpoint.table,
-            table.display_name()
-        )));
+impl Acknowledger {
+    pub fn new(table: &OutboxTable, after_publish: AfterPublish) -> Acknowledger {
+        Acknowledger {
+            table_name: table.display_name(),
+            published_sql: match after_publish {
+                AfterPublish::Mark => table.mark_sent_sql(),
+                AfterPublish::Delete => table.delete_sql(),
+            },
+            dead_lettered_sql: table.mark_sent_sql(),
+        }
     }
-    acknowledge(
-        connection,
-        table,
-        after_publish,
-        &checkpoint.published.to_seqs(),
-        &checkpoint.dead_lettered.to_seqs(),
-    )
-    .await
+
+    /// Marks (or deletes) the rows of a committed batch.
+    pub async fn acknowledge(
+        &self,
+        connection: &mut PgConnection,
+        published: &[i64],
+        dead_lettered: &[i64],
+    ) -> Result<Acknowledged> {
+        let mut acknowledged = Acknowledged::default();
+        if !published.is_empty() {
+            acknowledged.published = sqlx::query(&self.published_sql)
+                .bind(published)
+                .execute(&mut *connection)
+                .await
+                .map_err(|e| Error::from_postgres("acknowledging published rows", e))?
+                .rows_affected();
+        }
+        if !dead_lettered.is_empty() {
+            acknowledged.dead_lettered = sqlx::query(&self.dead_lettered_sql)
+                .bind(dead_lettered)
+                .execute(&mut *connection)
+                .await
+                .map_err(|e| Error::from_postgres("acknowledging dead-lettered rows", e))?
+                .rows_affected();
+        }
+        Ok(acknowledged)
+    }
+
+    /// Start-up reconciliation: the latest checkpoint's rows are in Kafka, so
+    /// acknowledge any of them a crash left unmarked. They will not be
+    /// claimed, hence never produced, again.
+    pub async fn reconcile(
+        &self,
+        connection: &mut PgConnection,
+        checkpoint: &Checkpoint,
+    ) -> Result<Acknowledged> {
+        if checkpoint.table != self.table_name {
+            return Err(Error::stop(format!(
+                "the latest checkpoint of this relay.name belongs to table {}, not {}; \
+                 give each outbox table its own relay.name",
+                checkpoint.table, self.table_name
+            )));
+        }
+        self.acknowledge(
+            connection,
+            &checkpoint.published.to_seqs(),
+            &checkpoint.dead_lettered.to_seqs(),
+        )
+        .await
+    }
 }

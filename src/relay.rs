@@ -28,7 +28,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 
-use crate::acknowledge;
+use crate::acknowledge::Acknowledger;
 use crate::batch::Batch;
 use crate::capture::polling;
 use crate::capture::wakeup::Wakeup;
@@ -133,7 +133,10 @@ fn new_backoff() -> impl Iterator<Item = Duration> {
 struct Context {
     config: Config,
     table: OutboxTable,
+    /// `schema.table`, written into every checkpoint.
+    table_name: String,
     router: Router,
+    acknowledger: Acknowledger,
     connect_options: PgConnectOptions,
 }
 
@@ -160,6 +163,8 @@ impl Context {
         let connect_options =
             connect_options.application_name(&format!("outboxd-{}", config.relay.name));
         Ok(Context {
+            table_name: table.display_name(),
+            acknowledger: Acknowledger::new(&table, config.relay.after_publish),
             config,
             table,
             router,
@@ -180,7 +185,7 @@ impl Context {
         }
         if !report.has_notify_trigger {
             tracing::warn!(
-                table = %self.table.display_name(),
+                table = %self.table_name,
                 poll_interval = ?config.capture.poll_interval,
                 "no insert trigger calls pg_notify on the outbox table; new rows wait up to the poll interval. \
                  The trigger is in migrations/0001_outbox.sql"
@@ -193,13 +198,10 @@ impl Context {
         topics::ensure_checkpoint_topic(config).await?;
         let publisher = Publisher::connect(config).await?;
         if let Some(latest) = checkpoint::read_latest(config).await? {
-            let done = acknowledge::reconcile(
-                &mut connection,
-                &self.table,
-                config.relay.after_publish,
-                &latest,
-            )
-            .await?;
+            let done = self
+                .acknowledger
+                .reconcile(&mut connection, &latest)
+                .await?;
             tracing::info!(
                 checkpoint_published = latest.published.len(),
                 checkpoint_dead_lettered = latest.dead_lettered.len(),
@@ -220,7 +222,7 @@ impl Context {
         let mut last_progress_log = Instant::now();
         let mut resend_backoff = new_backoff();
         tracing::info!(
-            table = %self.table.display_name(),
+            table = %self.table_name,
             mode = "polling",
             batch_size = config.capture.batch_size,
             "relay started"
@@ -255,22 +257,14 @@ impl Context {
                 &rejected_by_broker,
                 config.relay.on_poison,
             )?;
-            let batch_checkpoint = Checkpoint::new(
-                &self.table.display_name(),
-                &batch.published,
-                &batch.dead_lettered,
-            );
+            let batch_checkpoint =
+                Checkpoint::new(&self.table_name, &batch.published, &batch.dead_lettered);
             let started = Instant::now();
             match publisher.publish(&batch.records, &batch_checkpoint).await {
                 Ok(()) => {
-                    acknowledge::acknowledge(
-                        &mut transaction,
-                        &self.table,
-                        config.relay.after_publish,
-                        &batch.published,
-                        &batch.dead_lettered,
-                    )
-                    .await?;
+                    self.acknowledger
+                        .acknowledge(&mut transaction, &batch.published, &batch.dead_lettered)
+                        .await?;
                     transaction.commit().await.map_err(|e| {
                         Error::from_postgres(
                             "committing the acknowledgement (the checkpoint will repair it)",
