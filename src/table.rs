@@ -195,7 +195,7 @@ mod tests {
     }
 
     #[test]
-    fn claim_reads_unsent_rows_in_seq_order_skipping_locked_ones() {
+    fn claim_reads_unsent_rows_in_seq_order_past_rows_locked_elsewhere() {
         let sql = table("outbox").unwrap().claim_sql(PayloadEncoding::Text);
         assert!(sql.contains(
             "WHERE \"sent_at\" IS NULL ORDER BY \"seq\" LIMIT $1 FOR UPDATE SKIP LOCKED"

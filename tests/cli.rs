@@ -92,10 +92,7 @@ async fn check_passes_on_a_ready_setup_and_never_prints_the_password() {
         "postgres://postgres:sup3rsecret@",
         1,
     );
-    let yaml = std::fs::read_to_string(&env.config_path)
-        .unwrap()
-        .replace(&env.database_url, &with_password);
-    std::fs::write(&env.config_path, yaml).unwrap();
+    env.replace_in_config(&env.database_url, &with_password);
 
     let output = outboxd(&["check", "--config", env.config_path.to_str().unwrap()]);
     let all = text(&output);
@@ -133,10 +130,7 @@ async fn check_fails_on_a_missing_table_and_migrate_fixes_it_idempotently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_fails_when_kafka_is_unreachable() {
     let env = TestEnv::new("check-kafka").await;
-    let yaml = std::fs::read_to_string(&env.config_path)
-        .unwrap()
-        .replace(&env.kafka, "127.0.0.1:1");
-    std::fs::write(&env.config_path, yaml).unwrap();
+    env.replace_in_config(&env.kafka, "127.0.0.1:1");
     let output = outboxd(&["check", "--config", env.config_path.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     assert!(text(&output).contains("[FAIL] kafka"), "{}", text(&output));
@@ -145,10 +139,7 @@ async fn check_fails_when_kafka_is_unreachable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_is_retried_until_shutdown() {
     let env = TestEnv::new("no-broker").await;
-    let yaml = std::fs::read_to_string(&env.config_path)
-        .unwrap()
-        .replace(&env.kafka, "127.0.0.1:1");
-    std::fs::write(&env.config_path, yaml).unwrap();
+    env.replace_in_config(&env.kafka, "127.0.0.1:1");
     sqlx::query("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', 'o-1', 'OrderCreated', '{}')")
         .execute(&env.pool)
         .await

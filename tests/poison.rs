@@ -32,9 +32,7 @@ async fn unroutable_and_oversized_rows_land_in_the_dead_letter_topic() {
     .await;
     insert(&env, "Order", "'{\"n\":3}'").await;
 
-    let relay = InProcessRelay::start(env.config());
-    env.wait_all_sent(Duration::from_secs(60)).await;
-    relay.stop().await.unwrap();
+    env.relay_until_all_sent(Duration::from_secs(60)).await;
 
     let dead = read_topic(&env.kafka, &env.dead_letter_topic()).await;
     assert_eq!(dead.len(), 2, "{dead:?}");
@@ -118,9 +116,7 @@ async fn a_row_the_broker_refuses_is_dead_lettered_and_its_batch_mates_are_publi
     .await;
     insert(&env, "Big", "'{\"n\":3}'").await;
 
-    let relay = InProcessRelay::start(env.config());
-    env.wait_all_sent(Duration::from_secs(60)).await;
-    relay.stop().await.unwrap();
+    env.relay_until_all_sent(Duration::from_secs(60)).await;
 
     let dead = read_topic(&env.kafka, &env.dead_letter_topic()).await;
     assert_eq!(dead.len(), 1, "{dead:?}");

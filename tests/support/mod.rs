@@ -124,6 +124,19 @@ impl TestEnv {
         std::fs::write(&self.config_path, yaml).expect("write test config");
     }
 
+    /// Edits the config file in place, e.g. to point it at another broker.
+    pub fn replace_in_config(&self, from: &str, to: &str) {
+        let yaml = std::fs::read_to_string(&self.config_path).expect("read test config");
+        std::fs::write(&self.config_path, yaml.replace(from, to)).expect("write test config");
+    }
+
+    /// Runs a relay in-process until every row is marked sent, then stops it.
+    pub async fn relay_until_all_sent(&self, limit: Duration) {
+        let relay = InProcessRelay::start(self.config());
+        self.wait_all_sent(limit).await;
+        relay.stop().await.expect("relay stops cleanly");
+    }
+
     pub fn config(&self) -> Config {
         Config::load(&self.config_path).expect("test config is valid")
     }
