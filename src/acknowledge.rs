@@ -50,23 +50,22 @@ impl Acknowledger {
         published: &[i64],
         dead_lettered: &[i64],
     ) -> Result<Acknowledged> {
-        let mut acknowledged = Acknowledged::default();
-        if !published.is_empty() {
-            acknowledged.published = sqlx::query(&self.published_sql)
-                .bind(published)
-                .execute(&mut *connection)
-                .await
-                .map_err(|e| Error::from_postgres("acknowledging published rows", e))?
-                .rows_affected();
-        }
-        if !dead_lettered.is_empty() {
-            acknowledged.dead_lettered = sqlx::query(&self.dead_lettered_sql)
-                .bind(dead_lettered)
-                .execute(&mut *connection)
-                .await
-                .map_err(|e| Error::from_postgres("acknowledging dead-lettered rows", e))?
-                .rows_affected();
-        }
+        let acknowledged = Acknowledged {
+            published: execute_for_seqs(
+                connection,
+                &self.published_sql,
+                published,
+                "acknowledging published rows",
+            )
+            .await?,
+            dead_lettered: execute_for_seqs(
+                connection,
+                &self.dead_lettered_sql,
+                dead_lettered,
+                "acknowledging dead-lettered rows",
+            )
+            .await?,
+        };
         Ok(acknowledged)
     }
 
@@ -92,4 +91,22 @@ impl Acknowledger {
         )
         .await
     }
+}
+
+/// Runs `sql` with `seqs` as `$1`, skipping the round trip when there are none.
+async fn execute_for_seqs(
+    connection: &mut PgConnection,
+    sql: &str,
+    seqs: &[i64],
+    context: &str,
+) -> Result<u64> {
+    if seqs.is_empty() {
+        return Ok(0);
+    }
+    Ok(sqlx::query(sql)
+        .bind(seqs)
+        .execute(&mut *connection)
+        .await
+        .map_err(|e| Error::from_postgres(context, e))?
+        .rows_affected())
 }
