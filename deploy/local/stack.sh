@@ -115,11 +115,15 @@ as_pg() {
     if [[ $EUID -eq 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
+# start_pg DIR NAME WAL_LEVEL: a cluster in DIR/NAME; its port goes to
+# DIR/NAME.port. The main cluster ("pg") has wal_level=logical; a second one
+# ("pg-nological", wal_level=replica) lets tests check the fallback to
+# polling on servers without logical decoding.
 start_pg() {
-    local dir=$1 bin port
+    local dir=$1 name=$2 wal_level=$3 bin port
     bin=$(pg_bin)
     free_port port
-    local pg=$dir/pg data=$dir/pg/data log=$dir/pg/postgres.log
+    local pg=$dir/$name data=$dir/$name/data log=$dir/$name/postgres.log
     mkdir -p "$pg"
     if [[ $EUID -eq 0 ]]; then
         id postgres >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin postgres
@@ -140,10 +144,14 @@ start_pg() {
 listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = ''
-wal_level = logical
-max_replication_slots = 20
-max_wal_senders = 20
-max_connections = 200
+wal_level = $wal_level
+# Integration tests run in parallel, each with its own slot.
+max_replication_slots = 100
+max_wal_senders = 100
+max_connections = 300
+# The minimum: a test transaction of a few hundred rows already spills to
+# disk, the case where other CDC tools lost events on resume.
+logical_decoding_work_mem = 64kB
 # Throwaway data: durability is not needed, speed is.
 fsync = off
 synchronous_commit = off
@@ -157,7 +165,7 @@ EOF
     say "postgres: starting on 127.0.0.1:$port"
     as_pg "$bin/pg_ctl" -D "$data" -l "$log" -w -t 60 start >/dev/null 2>&1 \
         || die_with_log "$log" "postgres failed to start"
-    head -n 1 "$data/postmaster.pid" >"$dir/pg.pid"
+    head -n 1 "$data/postmaster.pid" >"$dir/$name.pid"
 
     local i
     for ((i = 0; i < 120; i++)); do
@@ -165,18 +173,19 @@ EOF
         sleep 0.25
     done
     "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres || die_with_log "$log" "postgres does not answer pg_isready"
-    PG_PORT=$port
+    echo "$port" >"$dir/$name.port"
 }
 
+# stop_pg DIR NAME
 stop_pg() {
-    local dir=$1 data=$1/pg/data pid
-    pid=$(read_pid "$dir/pg.pid")
+    local dir=$1 name=$2 data=$1/$2/data pid
+    pid=$(read_pid "$dir/$name.pid")
     if is_ours "$pid" "$data" && [[ -f "$data/postmaster.pid" ]]; then
         as_pg "$(pg_bin)/pg_ctl" -D "$data" -m fast -w -t "$STOP_TIMEOUT" stop >/dev/null 2>&1 \
-            && wait_gone "$pid" && say "postgres stopped"
+            && wait_gone "$pid" && say "postgres ($name) stopped"
     fi
-    stop_pid "$pid" "$data" postgres   # no-op unless pg_ctl failed
-    rm -f "$dir/pg.pid"
+    stop_pid "$pid" "$data" "postgres ($name)"   # no-op unless pg_ctl failed
+    rm -f "$dir/$name.pid" "$dir/$name.port"
 }
 
 # ---------------------------------------------------------------- kafka
@@ -335,14 +344,15 @@ cmd_up() {
     local dir
     dir=$(abs_dir "$1")
     if is_ours "$(read_pid "$dir/kafka.pid")" "$(kafka_marker "$dir")" \
-        || is_ours "$(read_pid "$dir/pg.pid")" "$dir/pg/data"; then
+        || is_ours "$(read_pid "$dir/pg.pid")" "$dir/pg/data" \
+        || is_ours "$(read_pid "$dir/pg-nological.pid")" "$dir/pg-nological/data"; then
         die "a stack is already running in $dir (run: $0 down $dir)"
     fi
     bash "$HERE/install-deps.sh"
     command -v java >/dev/null || die "java not found after install-deps.sh"
 
     # Fresh state every time: this is a throwaway stack.
-    rm -rf "$dir/pg" "$dir/kafka" "$dir/env" "$dir/pg.pid" "$dir/kafka.pid"
+    rm -rf "$dir/pg" "$dir/pg-nological" "$dir/kafka" "$dir/env" "$dir"/*.pid "$dir"/*.port
     # mktemp -d makes 0700 dirs; the postgres user must be able to enter DIR.
     [[ $EUID -eq 0 ]] && chmod o+x "$dir"
 
@@ -360,19 +370,25 @@ cmd_up() {
     # Kafka boots in the background while Postgres starts; launch_kafka waits.
     launch_kafka "$dir" &
     local kafka_waiter=$!
-    start_pg "$dir"
+    start_pg "$dir" pg logical
+    start_pg "$dir" pg-nological replica
     wait "$kafka_waiter" || exit 1
     KAFKA_PORT=$kport
+    local PG_PORT NOLOGICAL_PORT
+    PG_PORT=$(cat "$dir/pg.port")
+    NOLOGICAL_PORT=$(cat "$dir/pg-nological.port")
 
     cat >"$dir/env" <<EOF
 export OUTBOXD_TEST_PG_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
 export OUTBOXD_TEST_PG_PORT=$PG_PORT
+export OUTBOXD_TEST_PG_NOLOGICAL_URL=postgres://postgres@127.0.0.1:$NOLOGICAL_PORT/postgres
 export OUTBOXD_TEST_KAFKA=127.0.0.1:$KAFKA_PORT
 export OUTBOXD_STACK_DIR=$dir
 EOF
     trap - EXIT
     say "up in ${SECONDS}s:"
     echo "  postgres  postgres://postgres@127.0.0.1:$PG_PORT/postgres  pid $(cat "$dir/pg.pid")  log $dir/pg/postgres.log"
+    echo "  postgres  postgres://postgres@127.0.0.1:$NOLOGICAL_PORT/postgres  (wal_level=replica)  pid $(cat "$dir/pg-nological.pid")"
     echo "  kafka     127.0.0.1:$KAFKA_PORT ($KAFKA_VERSION)  pid $(cat "$dir/kafka.pid")  log $dir/kafka/kafka.log"
     echo "  env       source $dir/env"
 }
@@ -382,7 +398,8 @@ cmd_down() {
     [[ -d "$dir" ]] || return 0
     dir=$(cd "$dir" && pwd -P)
     stop_kafka "$dir"
-    stop_pg "$dir"
+    stop_pg "$dir" pg
+    stop_pg "$dir" pg-nological
 }
 
 cmd_kafka_kill() {
