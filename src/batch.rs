@@ -82,6 +82,7 @@ mod tests {
             payload: Some(b"{}".to_vec()),
             headers_json: None,
             trace_parent: None,
+            position: None,
         }
     }
 

@@ -4,6 +4,10 @@
 //! Invariant: an event holds the row exactly as stored (payload bytes are
 //! never re-encoded), plus the `seq` that identifies it in checkpoints.
 
+use serde::{Deserialize, Serialize};
+
+use crate::capture::lsn::Lsn;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEvent {
     /// Relay order and primary key; checkpoints and acknowledgements name rows by it.
@@ -20,4 +24,23 @@ pub struct OutboxEvent {
     pub headers_json: Option<String>,
     /// W3C `traceparent`, propagated as a header.
     pub trace_parent: Option<String>,
+    /// Where replication capture found the row; `None` from polling.
+    pub position: Option<SourcePosition>,
+}
+
+/// An event's place in the replication stream: its transaction's commit
+/// LSN, then its index among that transaction's outbox inserts. pgoutput
+/// version 1 sends whole transactions in commit order, so positions grow
+/// strictly along the stream, also for many rows sharing one LSN (a
+/// multi-row INSERT or COPY) and for a transaction split over batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SourcePosition {
+    pub commit_lsn: Lsn,
+    pub index: u32,
+}
+
+impl std::fmt::Display for SourcePosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.commit_lsn, self.index)
+    }
 }

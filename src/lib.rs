@@ -3,13 +3,15 @@
 //!
 //! The pipeline, one module per stage, in the order a row travels:
 //!
-//! - [`capture`]: claims committed, unsent rows (`FOR UPDATE SKIP LOCKED`,
-//!   woken by `LISTEN/NOTIFY`).
+//! - [`capture`]: finds committed, unsent rows: streamed from a logical
+//!   replication slot (our own pgoutput decoder), or claimed with
+//!   `FOR UPDATE SKIP LOCKED`, woken by `LISTEN/NOTIFY`.
 //! - [`event`]: `OutboxEvent`, the one type that flows through the pipeline.
 //! - [`routing`]: rules → topic, key and headers; or why a row is poison.
 //! - [`batch`]: claimed events → the records of one Kafka transaction.
 //! - [`kafka`]: the transactional publisher, the checkpoint record, error classes.
-//! - [`acknowledge`]: marks published rows sent (or deletes them).
+//! - [`acknowledge`]: marks published rows sent (or deletes them); the
+//!   replication slot is confirmed after that.
 //! - [`relay`]: the loop tying them together: `relay::run(config, shutdown)`.
 //!
 //! Around it:
@@ -18,6 +20,7 @@
 //! - [`table`]: the outbox table contract and the SQL built from it.
 //! - [`schema`]: what the live database says about that table.
 //! - [`leader`]: the advisory lock that makes one instance per relay name publish.
+//! - [`retention`]: deletes rows published longer ago than `relay.retention`.
 //! - [`migrate`], [`check`]: the CLI's set-up and preflight commands.
 //! - [`logging`]: human or JSON logs through `tracing`.
 //! - [`error`]: one error type, sorted by what to do about it.
@@ -36,6 +39,7 @@ pub mod leader;
 pub mod logging;
 pub mod migrate;
 pub mod relay;
+pub mod retention;
 pub mod routing;
 pub mod schema;
 pub mod table;

@@ -141,6 +141,30 @@ impl OutboxTable {
         )
     }
 
+    /// Which of the rows in `$1` (a `bigint[]` of seq) are still unsent.
+    pub fn unsent_among_sql(&self) -> String {
+        let c = &self.columns;
+        format!(
+            "SELECT {seq}::bigint FROM {table} WHERE {seq} = ANY($1) AND {sent_at} IS NULL",
+            table = self.qualified(),
+            sent_at = quote_ident(&c.sent_at),
+            seq = quote_ident(&c.seq),
+        )
+    }
+
+    /// Deletes up to `$2` rows marked sent more than `$1` seconds ago, oldest
+    /// seq first (old rows sit at the start of the primary key).
+    pub fn delete_sent_before_sql(&self) -> String {
+        let c = &self.columns;
+        format!(
+            "DELETE FROM {table} WHERE {seq} IN (SELECT {seq} FROM {table} \
+             WHERE {sent_at} < now() - make_interval(secs => $1) ORDER BY {seq} LIMIT $2)",
+            table = self.qualified(),
+            sent_at = quote_ident(&c.sent_at),
+            seq = quote_ident(&c.seq),
+        )
+    }
+
     /// Deletes the rows in `$1` (a `bigint[]` of seq).
     pub fn delete_sql(&self) -> String {
         format!(

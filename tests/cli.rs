@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-use crate::support::TestEnv;
+use crate::support::{Mode, TestEnv};
 
 fn outboxd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_outboxd"))
@@ -86,7 +86,7 @@ fn version_and_help_with_examples() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_passes_on_a_ready_setup_and_never_prints_the_password() {
-    let env = TestEnv::new("check-ok").await;
+    let env = TestEnv::new("check-ok", Mode::Polling).await;
     let with_password = env.database_url.replacen(
         "postgres://postgres@",
         "postgres://postgres:sup3rsecret@",
@@ -104,7 +104,7 @@ async fn check_passes_on_a_ready_setup_and_never_prints_the_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_fails_on_a_missing_table_and_migrate_fixes_it_idempotently() {
-    let env = TestEnv::new("check-missing").await;
+    let env = TestEnv::new("check-missing", Mode::Polling).await;
     sqlx::raw_sql("DROP TABLE outbox")
         .execute(&env.pool)
         .await
@@ -129,7 +129,7 @@ async fn check_fails_on_a_missing_table_and_migrate_fixes_it_idempotently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_fails_when_kafka_is_unreachable() {
-    let env = TestEnv::new("check-kafka").await;
+    let env = TestEnv::new("check-kafka", Mode::Polling).await;
     env.replace_in_config(&env.kafka, "127.0.0.1:1");
     let output = outboxd(&["check", "--config", env.config_path.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
@@ -138,7 +138,7 @@ async fn check_fails_when_kafka_is_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_is_retried_until_shutdown() {
-    let env = TestEnv::new("no-broker").await;
+    let env = TestEnv::new("no-broker", Mode::Polling).await;
     env.replace_in_config(&env.kafka, "127.0.0.1:1");
     sqlx::query("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', 'o-1', 'OrderCreated', '{}')")
         .execute(&env.pool)

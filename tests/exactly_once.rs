@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use crate::support::kafka::read_all;
 use crate::support::workload::{assert_exactly_once, violations, write_orders, Written};
-use crate::support::{InProcessRelay, TestEnv};
+use crate::support::{InProcessRelay, Mode, TestEnv};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writers_every_committed_row_once_and_in_order() {
-    let env = TestEnv::new("concurrent").await;
+in_both_modes!(concurrent_writers_every_committed_row_once_and_in_order, worker_threads = 4);
+async fn concurrent_writers_every_committed_row_once_and_in_order(mode: Mode) {
+    let env = TestEnv::new("concurrent", mode).await;
     let relay = InProcessRelay::start(env.config());
 
     let writers: Vec<_> = (0..4)
@@ -47,10 +47,11 @@ async fn concurrent_writers_every_committed_row_once_and_in_order() {
     assert_eq!(first.header("aggregatetype"), Some("Order"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_row_committed_late_with_a_lower_seq_is_not_skipped() {
-    let env = TestEnv::new("late-commit").await;
+in_both_modes!(a_row_committed_late_with_a_lower_seq_is_not_skipped, worker_threads = 2);
+async fn a_row_committed_late_with_a_lower_seq_is_not_skipped(mode: Mode) {
+    let env = TestEnv::new("late-commit", mode).await;
     let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(30)).await;
 
     // Transaction A takes the lower seq but commits last.
     let mut slow = env.pool.begin().await.unwrap();
@@ -90,9 +91,9 @@ async fn a_row_committed_late_with_a_lower_seq_is_not_skipped() {
     assert_eq!(consumed.len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_after_publish_removes_rows_and_keeps_headers_and_payload() {
-    let env = TestEnv::new("delete").await;
+in_both_modes!(delete_after_publish_removes_rows_and_keeps_headers_and_payload, worker_threads = 2);
+async fn delete_after_publish_removes_rows_and_keeps_headers_and_payload(mode: Mode) {
+    let env = TestEnv::new("delete", mode).await;
     env.write_config("  after_publish: delete\n", "");
     sqlx::query(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers, tracingspancontext) VALUES \

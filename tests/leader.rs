@@ -12,7 +12,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::support::kafka::read_all;
 use crate::support::workload::{assert_exactly_once, write_orders, Written};
-use crate::support::{InProcessRelay, TestEnv};
+use crate::support::{InProcessRelay, Mode, TestEnv};
 
 async fn leader_count(env: &TestEnv) -> usize {
     let mut connection = PgConnection::connect(&env.database_url).await.unwrap();
@@ -34,9 +34,9 @@ async fn lock_holders(env: &TestEnv) -> i64 {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn same_name_relays_one_leads_the_other_takes_over() {
-    let env = TestEnv::new("leader").await;
+in_both_modes!(same_name_relays_one_leads_the_other_takes_over, worker_threads = 4);
+async fn same_name_relays_one_leads_the_other_takes_over(mode: Mode) {
+    let env = TestEnv::new("leader", mode).await;
     let first = InProcessRelay::start(env.config());
     let first_batch = write_orders(&env.pool, 0, 100, 5).await;
     env.wait_all_sent(Duration::from_secs(60)).await;
@@ -66,7 +66,7 @@ async fn same_name_relays_one_leads_the_other_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_producer_is_fenced_and_must_stop() {
-    let env = TestEnv::new("zombie").await;
+    let env = TestEnv::new("zombie", Mode::Polling).await;
     let config = env.config();
     topics::ensure_checkpoint_topic(&config).await.unwrap();
     let zombie = Publisher::connect(&config).await.expect("first producer");
@@ -81,7 +81,7 @@ async fn a_zombie_producer_is_fenced_and_must_stop() {
         payload: Some(b"{}".to_vec()),
     };
     let outcome = zombie
-        .publish(&[record], &Checkpoint::new("public.outbox", &[1], &[]))
+        .publish(&[record], &Checkpoint::new("public.outbox", &[1], &[], None))
         .await;
     match outcome {
         Err(PublishError::Failed(error)) => {

@@ -2,6 +2,7 @@
 //! broker, started by `make test` (deploy/local/stack.sh). Each test gets its
 //! own database, relay name and topics, so tests run in parallel.
 
+#[macro_use]
 mod support;
 
 mod cli;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use outboxd::error::ErrorKind;
 
 use crate::support::kafka::{read_all, read_topic};
-use crate::support::{InProcessRelay, TestEnv};
+use crate::support::{InProcessRelay, Mode, TestEnv};
 
 async fn insert(env: &TestEnv, aggregate_type: &str, payload_sql: &str) {
     sqlx::query(&format!(
@@ -18,9 +18,9 @@ async fn insert(env: &TestEnv, aggregate_type: &str, payload_sql: &str) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unroutable_and_oversized_rows_land_in_the_dead_letter_topic() {
-    let env = TestEnv::new("poison").await;
+in_both_modes!(unroutable_and_oversized_rows_land_in_the_dead_letter_topic, worker_threads = 2);
+async fn unroutable_and_oversized_rows_land_in_the_dead_letter_topic(mode: Mode) {
+    let env = TestEnv::new("poison", mode).await;
     env.write_config("", "  max_message_bytes: 100000\n");
     insert(&env, "Order", "'{\"n\":1}'").await;
     insert(&env, "not a topic!", "'{\"n\":2}'").await;
@@ -67,9 +67,9 @@ async fn unroutable_and_oversized_rows_land_in_the_dead_letter_topic() {
     assert_eq!(ns, vec![serde_json::json!(1), serde_json::json!(3)]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn halt_policy_stops_the_relay_and_publishes_nothing_of_the_batch() {
-    let env = TestEnv::new("poison-halt").await;
+in_both_modes!(halt_policy_stops_the_relay_and_publishes_nothing_of_the_batch, worker_threads = 2);
+async fn halt_policy_stops_the_relay_and_publishes_nothing_of_the_batch(mode: Mode) {
+    let env = TestEnv::new("poison-halt", mode).await;
     env.write_config("  on_poison: halt\n", "");
     insert(&env, "Order", "'{\"n\":1}'").await;
     insert(&env, "bad type", "'{\"n\":2}'").await;
@@ -85,13 +85,13 @@ async fn halt_policy_stops_the_relay_and_publishes_nothing_of_the_batch() {
     assert!(read_all(&env.kafka, &env.topic_prefix()).await.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_row_the_broker_refuses_is_dead_lettered_and_its_batch_mates_are_published() {
+in_both_modes!(a_row_the_broker_refuses_is_dead_lettered_and_its_batch_mates_are_published, worker_threads = 2);
+async fn a_row_the_broker_refuses_is_dead_lettered_and_its_batch_mates_are_published(mode: Mode) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::config::ClientConfig;
 
-    let env = TestEnv::new("poison-broker").await;
+    let env = TestEnv::new("poison-broker", mode).await;
     // The topic accepts less than the relay's own limit, so only the broker can refuse.
     let topic = format!("{}.Big", env.topic_prefix());
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()

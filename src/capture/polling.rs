@@ -39,5 +39,6 @@ fn event_from_row(row: &PgRow) -> Result<OutboxEvent> {
         payload: row.try_get(5).map_err(decode)?,
         headers_json: row.try_get(6).map_err(decode)?,
         trace_parent: row.try_get(7).map_err(decode)?,
+        position: None,
     })
 }

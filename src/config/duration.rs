@@ -1,4 +1,4 @@
-//! Human durations in config files (`250ms`, `30s`, `5m`, `1h`).
+//! Human durations in config files (`250ms`, `30s`, `5m`, `1h`, `7d`).
 //!
 //! Invariant: a duration is always written with its unit, so `timeout: 30`
 //! can never be misread as milliseconds by one person and seconds by another.
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-/// Parses `<integer><unit>` with unit `ms`, `s`, `m` or `h`.
+/// Parses `<integer><unit>` with unit `ms`, `s`, `m`, `h` or `d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split_at = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
@@ -22,9 +22,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(1),
         "m" => Duration::from_secs(60),
         "h" => Duration::from_secs(3600),
+        "d" => Duration::from_secs(86_400),
         _ => {
             return Err(format!(
-                "`{text}` has unknown unit `{unit}`; use ms, s, m or h"
+                "`{text}` has unknown unit `{unit}`; use ms, s, m, h or d"
             ))
         }
     };
@@ -39,6 +40,18 @@ pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duratio
     parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
+/// Serde adapter for an optional duration (absent or `null` is `None`).
+pub fn deserialize_optional<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    match Option::<String>::deserialize(deserializer)? {
+        Some(text) => parse_duration(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+        None => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,15 +62,16 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration(" 1h "), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
     }
 
     #[test]
     fn rejects_missing_or_unknown_units() {
         assert!(parse_duration("30").unwrap_err().contains("no unit"));
-        assert!(parse_duration("3d")
+        assert!(parse_duration("3w")
             .unwrap_err()
-            .contains("unknown unit `d`"));
+            .contains("unknown unit `w`"));
         assert!(parse_duration("ms").unwrap_err().contains("whole number"));
         assert!(parse_duration("-5s").unwrap_err().contains("whole number"));
         assert!(parse_duration("99999999999h")

@@ -52,6 +52,11 @@ pub struct RelayConfig {
     /// `dead_letter` sends it to `routing.dead_letter_topic`, `halt` stops the relay.
     #[serde(default)]
     pub on_poison: PoisonPolicy,
+    /// Deletes rows marked sent longer ago than this (e.g. `7d`), a few
+    /// thousand at a time, so the table does not grow forever. Unset keeps
+    /// them. Only with `after_publish: mark`.
+    #[serde(default, deserialize_with = "duration::deserialize_optional")]
+    pub retention: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -183,30 +188,73 @@ impl fmt::Debug for KafkaConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CaptureConfig {
-    /// How rows are found: `polling` claims unsent rows with
-    /// `FOR UPDATE SKIP LOCKED`, woken by `LISTEN/NOTIFY`.
+    /// How rows are found: `replication` tails the table through logical
+    /// replication (pgoutput); `polling` claims unsent rows with
+    /// `FOR UPDATE SKIP LOCKED`, woken by `LISTEN/NOTIFY`; `auto` picks
+    /// replication where the server and role allow it, else polling.
     pub mode: CaptureMode,
     /// Most rows in one Kafka transaction; also bounds the relay's memory.
     pub batch_size: usize,
-    /// Longest wait between two claims when no notification arrives.
+    /// Longest wait between two claims when no notification arrives (polling).
     #[serde(deserialize_with = "duration::deserialize")]
     pub poll_interval: Duration,
+    /// Replication slot name; `outboxd_<relay name>` when unset. Postgres
+    /// allows lower-case letters, digits and `_`, at most 63 characters.
+    pub slot: Option<String>,
+    /// What to do when the slot was dropped or invalidated (`wal_status =
+    /// lost`): `recover` publishes the rows still unsent from the table and
+    /// streams from a new slot; `halt` stops the relay for an operator.
+    pub on_slot_lost: SlotLostPolicy,
+    /// Updates, deletes and truncates of outbox rows arriving through the
+    /// publication (only if it publishes more than inserts): `warn` logs
+    /// them, `ignore` drops them silently. They are never published.
+    pub other_changes: OtherChangesPolicy,
 }
 
 impl Default for CaptureConfig {
     fn default() -> Self {
         Self {
-            mode: CaptureMode::Polling,
+            mode: CaptureMode::Auto,
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
+            slot: None,
+            on_slot_lost: SlotLostPolicy::Recover,
+            other_changes: OtherChangesPolicy::Warn,
         }
+    }
+}
+
+impl Config {
+    /// The replication slot: `capture.slot`, or `outboxd_<relay name>` with
+    /// `-` made `_` (slot names allow only `[a-z0-9_]`).
+    pub fn slot_name(&self) -> String {
+        self.capture
+            .slot
+            .clone()
+            .unwrap_or_else(|| format!("outboxd_{}", self.relay.name.replace('-', "_")))
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CaptureMode {
+    Auto,
+    Replication,
     Polling,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotLostPolicy {
+    Recover,
+    Halt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtherChangesPolicy {
+    Warn,
+    Ignore,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -382,6 +430,19 @@ impl Config {
         if self.capture.poll_interval < Duration::from_millis(10) {
             return Err("capture.poll_interval: must be at least 10ms".into());
         }
+        validate_slot_name(&self.slot_name()).map_err(|e| format!("capture.slot: {e}"))?;
+        if let Some(retention) = self.relay.retention {
+            if self.relay.after_publish == AfterPublish::Delete {
+                return Err(
+                    "relay.retention: rows are deleted as soon as they are published \
+                     (after_publish: delete); remove retention or use after_publish: mark"
+                        .into(),
+                );
+            }
+            if retention < Duration::from_secs(60) {
+                return Err("relay.retention: must be at least 1m".into());
+            }
+        }
         TopicTemplate::parse(&self.routing.topic).map_err(|e| format!("routing.topic: {e}"))?;
         for (index, rule) in self.routing.rules.iter().enumerate() {
             TopicTemplate::parse(&rule.topic)
@@ -425,6 +486,22 @@ fn validate_relay_name(name: &str) -> Result<(), String> {
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
     {
         return Err(format!("`{name}` may only contain a-z, 0-9, `_` and `-`"));
+    }
+    Ok(())
+}
+
+/// Postgres' rule for replication slot names (`ReplicationSlotValidateName`).
+pub fn validate_slot_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!("`{name}` must be 1 to 63 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(format!(
+            "`{name}` may only contain a-z, 0-9 and `_` (Postgres' rule for slot names)"
+        ));
     }
     Ok(())
 }

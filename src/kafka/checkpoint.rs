@@ -3,7 +3,8 @@
 //! ```text
 //!   Kafka transaction ─┬─ event records (one per row)
 //!                      └─ checkpoint record: key = relay name,
-//!                         value = {published seqs, dead-lettered seqs}
+//!                         value = {published seqs, dead-lettered seqs,
+//!                                  source position (replication only)}
 //! ```
 //!
 //! Why it exists: marking a row sent in Postgres and committing to Kafka can
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::event::SourcePosition;
 
 /// Current checkpoint format; older relays refuse newer ones rather than guess.
 const FORMAT_VERSION: u32 = 1;
@@ -41,15 +43,27 @@ pub struct Checkpoint {
     pub published: SeqRanges,
     /// Poison rows published to the dead-letter topic.
     pub dead_lettered: SeqRanges,
+    /// Replication capture: the stream position of the batch's last event.
+    /// A restarted stream skips every event at or before it. Absent from
+    /// polling checkpoints (and from those of relays before 0.2, which read
+    /// the same format).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<SourcePosition>,
 }
 
 impl Checkpoint {
-    pub fn new(table: &str, published: &[i64], dead_lettered: &[i64]) -> Checkpoint {
+    pub fn new(
+        table: &str,
+        published: &[i64],
+        dead_lettered: &[i64],
+        position: Option<SourcePosition>,
+    ) -> Checkpoint {
         Checkpoint {
             version: FORMAT_VERSION,
             table: table.to_string(),
             published: SeqRanges::from_seqs(published),
             dead_lettered: SeqRanges::from_seqs(dead_lettered),
+            position,
         }
     }
 
@@ -220,13 +234,27 @@ mod tests {
 
     #[test]
     fn checkpoint_round_trips_as_json() {
-        let checkpoint = Checkpoint::new("public.outbox", &[1, 2, 3], &[4]);
+        let checkpoint = Checkpoint::new("public.outbox", &[1, 2, 3], &[4], None);
         let bytes = checkpoint.to_bytes();
         assert_eq!(
             String::from_utf8(bytes.clone()).unwrap(),
             r#"{"version":1,"table":"public.outbox","published":[[1,3]],"dead_lettered":[[4,4]]}"#
         );
         assert_eq!(Checkpoint::from_bytes(&bytes).unwrap(), checkpoint);
+    }
+
+    #[test]
+    fn a_replication_checkpoint_carries_its_source_position() {
+        let position = SourcePosition {
+            commit_lsn: crate::capture::lsn::Lsn(0x16_B374_D848),
+            index: 7,
+        };
+        let checkpoint = Checkpoint::new("public.outbox", &[10, 11], &[], Some(position));
+        let bytes = checkpoint.to_bytes();
+        assert!(String::from_utf8(bytes.clone())
+            .unwrap()
+            .ends_with(r#""position":{"commit_lsn":97500059720,"index":7}}"#));
+        assert_eq!(Checkpoint::from_bytes(&bytes).unwrap().position, Some(position));
     }
 
     #[test]

@@ -11,6 +11,7 @@ fn event(aggregate_type: &str, event_type: &str) -> OutboxEvent {
         payload: Some(br#"{"total":12.5}"#.to_vec()),
         headers_json: None,
         trace_parent: None,
+        position: None,
     }
 }
 

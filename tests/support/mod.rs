@@ -38,9 +38,49 @@ pub fn servers() -> Servers {
     }
 }
 
-/// One test's world: its own database, relay name, topics and config file.
+/// Which capture mode a test's relay uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Polling,
+    Replication,
+    /// The relay decides (the default in a user's config).
+    Auto,
+}
+
+impl Mode {
+    pub fn config_value(self) -> &'static str {
+        match self {
+            Mode::Polling => "polling",
+            Mode::Replication => "replication",
+            Mode::Auto => "auto",
+        }
+    }
+}
+
+/// Runs a scenario `async fn NAME(mode: Mode)` as two tests, `NAME::polling`
+/// and `NAME::replication`: everything must hold in both capture modes.
+#[macro_export]
+macro_rules! in_both_modes {
+    ($scenario:ident, worker_threads = $threads:expr) => {
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn polling() {
+                super::$scenario($crate::support::Mode::Polling).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn replication() {
+                super::$scenario($crate::support::Mode::Replication).await
+            }
+        }
+    };
+}
+
+/// One test's world: its own database, relay name, replication slot,
+/// topics and config file.
 pub struct TestEnv {
     pub id: String,
+    pub mode: Mode,
+    relay_name: String,
     pub database_url: String,
     pub kafka: String,
     pub pool: PgPool,
@@ -52,12 +92,25 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 impl TestEnv {
     /// A fresh database with the outbox migrated and an `aggregates` table
     /// the workload locks to serialise writers per aggregate.
-    pub async fn new(name: &str) -> TestEnv {
+    pub async fn new(name: &str, mode: Mode) -> TestEnv {
+        TestEnv::new_on(&servers().postgres_url, name, mode).await
+    }
+
+    /// Like `new`, on the Postgres server at `server_url`.
+    pub async fn new_on(server_url: &str, name: &str, mode: Mode) -> TestEnv {
         let servers = servers();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let id = format!("{}-{}-{n}", name.replace('_', "-"), std::process::id());
+        let pid = std::process::id();
+        let id = format!(
+            "{}-{}-{pid}-{n}",
+            name.replace('_', "-"),
+            mode.config_value()
+        );
+        // Short and unique: it also names the replication slot, which is
+        // per server, not per database.
+        let relay_name = format!("it-{}-{pid}-{n}", &mode.config_value()[..1]);
         let database = format!("t_{}", id.replace('-', "_"));
-        let mut admin = PgConnection::connect(&servers.postgres_url)
+        let mut admin = PgConnection::connect(server_url)
             .await
             .expect("connect to the test Postgres (is the stack up?)");
         for statement in [
@@ -69,7 +122,7 @@ impl TestEnv {
                 .await
                 .expect("create test database");
         }
-        let database_url = replace_database(&servers.postgres_url, &database);
+        let database_url = replace_database(server_url, &database);
         let pool = PgPoolOptions::new()
             .max_connections(20)
             .connect(&database_url)
@@ -84,6 +137,8 @@ impl TestEnv {
         let config_path = std::env::temp_dir().join(format!("outboxd-it-{id}.yaml"));
         let env = TestEnv {
             id,
+            mode,
+            relay_name,
             database_url,
             kafka: servers.kafka,
             pool,
@@ -103,7 +158,10 @@ impl TestEnv {
         format!("{}.dlq", self.topic_prefix())
     }
     pub fn relay_name(&self) -> String {
-        format!("it-{}", self.id).chars().take(48).collect()
+        self.relay_name.clone()
+    }
+    pub fn slot_name(&self) -> String {
+        format!("outboxd_{}", self.relay_name.replace('-', "_"))
     }
 
     /// (Re)writes the config file; the overrides are extra YAML lines under
@@ -113,13 +171,14 @@ impl TestEnv {
             "relay:\n  name: {name}\n{relay_overrides}\
              postgres:\n  url: {url}\n\
              kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {prefix}.checkpoints\n  transaction_timeout: 20s\n{kafka_overrides}\
-             capture:\n  batch_size: 100\n  poll_interval: 200ms\n\
+             capture:\n  mode: {mode}\n  batch_size: 100\n  poll_interval: 200ms\n\
              routing:\n  topic: \"{prefix}.${{aggregatetype}}\"\n  dead_letter_topic: {prefix}.dlq\n\
              log:\n  level: info,librdkafka=warn,rdkafka=warn\n",
             name = self.relay_name(),
             url = self.database_url,
             kafka = self.kafka,
             prefix = self.topic_prefix(),
+            mode = self.mode.config_value(),
         );
         std::fs::write(&self.config_path, yaml).expect("write test config");
     }
@@ -139,6 +198,47 @@ impl TestEnv {
 
     pub fn config(&self) -> Config {
         Config::load(&self.config_path).expect("test config is valid")
+    }
+
+    /// In replication mode, waits until the relay streams from its slot
+    /// (creating a slot waits for every open transaction to end, so a test
+    /// that holds one open must start it after this). No-op when polling.
+    pub async fn wait_streaming(&self, limit: Duration) {
+        if self.mode != Mode::Replication {
+            return;
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let active: Option<bool> =
+                sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+                    .bind(self.slot_name())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .expect("read pg_replication_slots");
+            if active == Some(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the relay did not stream from slot {} within {limit:?}",
+                self.slot_name()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The slot's `confirmed_flush_lsn` and the server's current WAL
+    /// position, as numbers.
+    pub async fn slot_positions(&self) -> (Option<i64>, i64) {
+        sqlx::query_as(
+            "SELECT (SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint \
+                     FROM pg_replication_slots WHERE slot_name = $1), \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
+        )
+        .bind(self.slot_name())
+        .fetch_one(&self.pool)
+        .await
+        .expect("read slot positions")
     }
 
     /// Rows not yet marked sent.

@@ -1,0 +1,261 @@
+//! The replication slot and publication: what the server allows, what
+//! exists, and creating what is missing.
+//!
+//! Invariant: a slot is streamed from only if it is a logical `pgoutput`
+//! slot of this database that still has its WAL; anything else is reported
+//! with what to do, never silently reused. The publication is created only
+//! when missing; an existing one that does not cover the outbox table is an
+//! error, because changing it could break another consumer.
+
+use sqlx::{PgConnection, Row};
+
+use super::lsn::Lsn;
+use crate::error::{Error, Result};
+use crate::table::{quote_ident, OutboxTable};
+
+/// What the server and the relay's role allow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSupport {
+    pub wal_level: String,
+    /// `REPLICATION` attribute or superuser.
+    pub can_replicate: bool,
+    pub max_replication_slots: i64,
+}
+
+impl ServerSupport {
+    /// Why replication capture is impossible here, or `None` if it is possible.
+    pub fn replication_unavailable(&self) -> Option<String> {
+        if self.wal_level != "logical" {
+            return Some(format!(
+                "wal_level is `{}`, not `logical` (set wal_level = logical and restart Postgres)",
+                self.wal_level
+            ));
+        }
+        if !self.can_replicate {
+            return Some(
+                "the role has no REPLICATION attribute (ALTER ROLE … WITH REPLICATION)".into(),
+            );
+        }
+        if self.max_replication_slots == 0 {
+            return Some("max_replication_slots is 0".into());
+        }
+        None
+    }
+}
+
+pub async fn server_support(connection: &mut PgConnection) -> Result<ServerSupport> {
+    let row = sqlx::query(
+        "SELECT current_setting('wal_level'), \
+                (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
+                current_setting('max_replication_slots')::bigint",
+    )
+    .fetch_one(connection)
+    .await
+    .map_err(|e| Error::from_postgres("reading wal_level and the role's privileges", e))?;
+    Ok(ServerSupport {
+        wal_level: row.get(0),
+        can_replicate: row.get::<Option<bool>, _>(1).unwrap_or(false),
+        max_replication_slots: row.get(2),
+    })
+}
+
+/// A slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub name: String,
+    pub plugin: Option<String>,
+    pub slot_type: String,
+    pub database: Option<String>,
+    /// The backend streaming from it, if any.
+    pub active_pid: Option<i32>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    pub confirmed_flush: Option<Lsn>,
+    /// WAL the server keeps for this slot: current WAL position minus `restart_lsn`.
+    pub retained_bytes: Option<i64>,
+}
+
+impl SlotInfo {
+    /// Invalidated (its WAL was removed, `max_slot_wal_keep_size`): it can
+    /// never stream again.
+    pub fn is_lost(&self) -> bool {
+        self.wal_status.as_deref() == Some("lost")
+    }
+
+    /// Why this slot cannot be streamed by this relay, or `None`.
+    pub fn unusable_because(&self, database: &str) -> Option<String> {
+        if self.slot_type != "logical" {
+            return Some(format!(
+                "replication slot `{}` is a {} slot, not a logical one; choose another capture.slot",
+                self.name, self.slot_type
+            ));
+        }
+        if self.plugin.as_deref() != Some("pgoutput") {
+            return Some(format!(
+                "replication slot `{}` uses the `{}` plugin, not pgoutput; drop it \
+                 (SELECT pg_drop_replication_slot('{}')) or choose another capture.slot",
+                self.name,
+                self.plugin.as_deref().unwrap_or("?"),
+                self.name
+            ));
+        }
+        if self.database.as_deref() != Some(database) {
+            return Some(format!(
+                "replication slot `{}` belongs to database `{}`, not `{database}`; choose another capture.slot",
+                self.name,
+                self.database.as_deref().unwrap_or("?")
+            ));
+        }
+        None
+    }
+}
+
+pub async fn inspect(connection: &mut PgConnection, slot: &str) -> Result<Option<SlotInfo>> {
+    let row = sqlx::query(
+        "SELECT slot_name::text, plugin::text, slot_type, database::text, active_pid, wal_status, \
+                confirmed_flush_lsn::text, \
+                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+         FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(connection)
+    .await
+    .map_err(|e| Error::from_postgres("reading the replication slot", e))?;
+    let Some(row) = row else { return Ok(None) };
+    let confirmed_flush: Option<String> = row.get(6);
+    Ok(Some(SlotInfo {
+        name: row.get(0),
+        plugin: row.get(1),
+        slot_type: row.get(2),
+        database: row.get(3),
+        active_pid: row.get(4),
+        wal_status: row.get(5),
+        confirmed_flush: confirmed_flush.and_then(|text| text.parse().ok()),
+        retained_bytes: row.get(7),
+    }))
+}
+
+/// Creates the slot; returns its consistent point. Changes committed after
+/// that point are streamed from it; earlier ones are only in the table.
+pub async fn create(connection: &mut PgConnection, slot: &str) -> Result<Lsn> {
+    let lsn: String = sqlx::query_scalar(
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+    )
+    .bind(slot)
+    .fetch_one(connection)
+    .await
+    .map_err(|e| Error::from_postgres(&format!("creating replication slot `{slot}`"), e))?;
+    parse_lsn(&lsn)
+}
+
+/// Drops a slot that can never stream again.
+pub async fn drop_slot(connection: &mut PgConnection, slot: &str) -> Result<()> {
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(slot)
+        .execute(connection)
+        .await
+        .map_err(|e| Error::from_postgres(&format!("dropping replication slot `{slot}`"), e))?;
+    Ok(())
+}
+
+/// The server's current WAL write position.
+pub async fn current_wal_lsn(connection: &mut PgConnection) -> Result<Lsn> {
+    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(connection)
+        .await
+        .map_err(|e| Error::from_postgres("reading the current WAL position", e))?;
+    parse_lsn(&lsn)
+}
+
+fn parse_lsn(text: &str) -> Result<Lsn> {
+    text.parse()
+        .map_err(|e| Error::stop(format!("Postgres returned an unreadable LSN: {e}")))
+}
+
+/// What the publication covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicationInfo {
+    pub includes_table: bool,
+    pub publishes_inserts: bool,
+    /// Updates, deletes or truncates are published too.
+    pub publishes_other_changes: bool,
+    pub other_tables: i64,
+}
+
+pub async fn inspect_publication(
+    connection: &mut PgConnection,
+    publication: &str,
+    table: &OutboxTable,
+) -> Result<Option<PublicationInfo>> {
+    let row = sqlx::query(
+        "SELECT EXISTS (SELECT 1 FROM pg_publication_tables t \
+                        WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3), \
+                p.pubinsert, p.pubupdate OR p.pubdelete OR p.pubtruncate, \
+                (SELECT count(*) FROM pg_publication_tables t \
+                 WHERE t.pubname = p.pubname AND NOT (t.schemaname = $2 AND t.tablename = $3)) \
+         FROM pg_publication p WHERE p.pubname = $1",
+    )
+    .bind(publication)
+    .bind(&table.schema)
+    .bind(&table.name)
+    .fetch_optional(connection)
+    .await
+    .map_err(|e| Error::from_postgres("reading the publication", e))?;
+    Ok(row.map(|row| PublicationInfo {
+        includes_table: row.get(0),
+        publishes_inserts: row.get(1),
+        publishes_other_changes: row.get(2),
+        other_tables: row.get(3),
+    }))
+}
+
+/// Creates the publication (inserts on the outbox table only) when missing;
+/// checks an existing one covers the table's inserts.
+pub async fn ensure_publication(
+    connection: &mut PgConnection,
+    publication: &str,
+    table: &OutboxTable,
+) -> Result<()> {
+    let info = match inspect_publication(connection, publication, table).await? {
+        Some(info) => info,
+        None => {
+            sqlx::query(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+                quote_ident(publication),
+                table.qualified()
+            ))
+            .execute(connection)
+            .await
+            .map_err(|e| {
+                Error::from_postgres(
+                    &format!("creating publication `{publication}` (or run `outboxd migrate`)"),
+                    e,
+                )
+            })?;
+            tracing::info!(
+                publication,
+                table = %table.display_name(),
+                "created the publication for the outbox table"
+            );
+            return Ok(());
+        }
+    };
+    if !info.includes_table || !info.publishes_inserts {
+        return Err(Error::stop(format!(
+            "publication `{publication}` does not publish inserts into {table}; run \
+             ALTER PUBLICATION {quoted} ADD TABLE {table} (and publish = 'insert'), \
+             or set postgres.publication to another name and outboxd creates it",
+            table = table.qualified(),
+            quoted = quote_ident(publication),
+        )));
+    }
+    if info.other_tables > 0 {
+        tracing::warn!(
+            publication,
+            other_tables = info.other_tables,
+            "the publication covers other tables too; their changes are decoded and ignored, \
+             which costs throughput. Give outboxd a publication of its own"
+        );
+    }
+    Ok(())
+}

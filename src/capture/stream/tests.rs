@@ -1,0 +1,267 @@
+use super::*;
+use crate::capture::pgoutput::RelationColumn;
+use crate::config::PostgresConfig;
+
+fn outbox() -> OutboxTable {
+    let config: PostgresConfig = serde_json::from_value(serde_json::json!({
+        "url": "postgres://localhost/db",
+        "table": "public.outbox",
+    }))
+    .expect("test config");
+    OutboxTable::from_config(&config).expect("table")
+}
+
+fn column(name: &str, type_oid: u32) -> RelationColumn {
+    RelationColumn {
+        flags: 0,
+        name: name.into(),
+        type_oid,
+        type_modifier: -1,
+    }
+}
+
+/// The outbox with its columns shuffled and a column of the user's own.
+fn shuffled_relation(id: u32, payload_oid: u32) -> Relation {
+    Relation {
+        id,
+        namespace: "public".into(),
+        name: "outbox".into(),
+        replica_identity: b'd',
+        columns: vec![
+            column("type", 25),
+            column("tenant", 25),
+            column("payload", payload_oid),
+            column("seq", 20),
+            column("aggregateid", 25),
+            column("id", 2950),
+            column("aggregatetype", 25),
+            column("headers", 3802),
+            column("tracingspancontext", 25),
+            column("created_at", 1184),
+            column("sent_at", 1184),
+        ],
+    }
+}
+
+fn text(value: &str) -> Value {
+    Value::Text(value.as_bytes().to_vec())
+}
+
+fn row(seq: i64, payload: Value) -> Tuple {
+    Tuple(vec![
+        text("OrderCreated"),
+        text("acme"),
+        payload,
+        text(&seq.to_string()),
+        text("order-1"),
+        text("0b6c3d5e-0000-4000-8000-000000000001"),
+        text("Order"),
+        Value::Null,
+        text("00-trace"),
+        text("2026-11-21 10:00:00+00"),
+        Value::Null,
+    ])
+}
+
+fn message(message: Message) -> StreamItem {
+    StreamItem::Message(message)
+}
+
+fn begin(lsn: u64) -> StreamItem {
+    message(Message::Begin {
+        final_lsn: Lsn(lsn),
+        commit_time_micros: 0,
+        xid: 7,
+    })
+}
+
+fn commit(lsn: u64, end: u64) -> StreamItem {
+    message(Message::Commit {
+        flags: 0,
+        commit_lsn: Lsn(lsn),
+        end_lsn: Lsn(end),
+        commit_time_micros: 0,
+    })
+}
+
+fn insert(relation_id: u32, tuple: Tuple) -> StreamItem {
+    message(Message::Insert {
+        relation_id,
+        new: tuple,
+    })
+}
+
+fn run(assembler: &mut Assembler, items: Vec<StreamItem>) -> Vec<Captured> {
+    items
+        .into_iter()
+        .filter_map(|item| assembler.accept(item).expect("accepted"))
+        .collect()
+}
+
+fn event_positions(captured: &[Captured]) -> Vec<(i64, u64, u32)> {
+    captured
+        .iter()
+        .filter_map(|c| match c {
+            Captured::Event(e) => {
+                let p = e.position.expect("replication events have positions");
+                Some((e.seq, p.commit_lsn.0, p.index))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn reads_columns_by_name_whatever_their_order() {
+    let mut assembler = Assembler::new(&outbox(), OtherChangesPolicy::Warn, None);
+    let captured = run(
+        &mut assembler,
+        vec![
+            message(Message::Relation(shuffled_relation(16384, 3802))),
+            begin(100),
+            insert(16384, row(42, text("{\"orderId\": 1}"))),
+            commit(100, 120),
+        ],
+    );
+    let Captured::Event(event) = &captured[0] else {
+        panic!("expected an event, got {captured:?}")
+    };
+    assert_eq!(event.seq, 42);
+    assert_eq!(event.event_type, "OrderCreated");
+    assert_eq!(event.aggregate_type, "Order");
+    assert_eq!(event.aggregate_id, "order-1");
+    assert_eq!(event.id, "0b6c3d5e-0000-4000-8000-000000000001");
+    assert_eq!(event.payload.as_deref(), Some(&b"{\"orderId\": 1}"[..]));
+    assert_eq!(event.headers_json, None);
+    assert_eq!(event.trace_parent.as_deref(), Some("00-trace"));
+    assert_eq!(
+        captured[1],
+        Captured::TransactionEnd {
+            end_lsn: Lsn(120)
+        }
+    );
+}
+
+#[test]
+fn rows_sharing_one_commit_lsn_get_increasing_indexes() {
+    let mut assembler = Assembler::new(&outbox(), OtherChangesPolicy::Warn, None);
+    let mut items = vec![
+        message(Message::Relation(shuffled_relation(1, 3802))),
+        begin(500),
+    ];
+    items.extend((1..=3).map(|seq| insert(1, row(seq, Value::Null))));
+    items.push(commit(500, 510));
+    items.push(begin(600));
+    items.push(insert(1, row(4, Value::Null)));
+    items.push(commit(600, 610));
+    let captured = run(&mut assembler, items);
+    assert_eq!(
+        event_positions(&captured),
+        vec![(1, 500, 0), (2, 500, 1), (3, 500, 2), (4, 600, 0)]
+    );
+}
+
+#[test]
+fn events_at_or_before_the_checkpoint_are_skipped() {
+    let resume = SourcePosition {
+        commit_lsn: Lsn(500),
+        index: 1,
+    };
+    let mut assembler = Assembler::new(&outbox(), OtherChangesPolicy::Warn, Some(resume));
+    let mut items = vec![
+        message(Message::Relation(shuffled_relation(1, 3802))),
+        begin(400),
+        insert(1, row(1, Value::Null)),
+        commit(400, 410),
+        begin(500),
+    ];
+    items.extend((2..=4).map(|seq| insert(1, row(seq, Value::Null))));
+    items.push(commit(500, 510));
+    let captured = run(&mut assembler, items);
+    assert_eq!(event_positions(&captured), vec![(4, 500, 2)]);
+    assert_eq!(assembler.skipped, 3);
+    // Both transactions still end, so the slot can be confirmed past them.
+    let ends = captured
+        .iter()
+        .filter(|c| matches!(c, Captured::TransactionEnd { .. }))
+        .count();
+    assert_eq!(ends, 2);
+}
+
+#[test]
+fn inserts_into_other_tables_are_ignored() {
+    let mut other = shuffled_relation(2, 3802);
+    other.name = "orders".into();
+    let mut assembler = Assembler::new(&outbox(), OtherChangesPolicy::Warn, None);
+    let captured = run(
+        &mut assembler,
+        vec![
+            message(Message::Relation(other)),
+            message(Message::Relation(shuffled_relation(1, 3802))),
+            begin(10),
+            insert(2, row(1, Value::Null)),
+            insert(1, row(2, Value::Null)),
+            message(Message::Update { relation_id: 1 }),
+            commit(10, 20),
+        ],
+    );
+    assert_eq!(event_positions(&captured), vec![(2, 10, 0)]);
+}
+
+#[test]
+fn bytea_payloads_are_decoded_from_hex() {
+    let mut assembler = Assembler::new(&outbox(), OtherChangesPolicy::Warn, None);
+    let captured = run(
+        &mut assembler,
+        vec![
+            message(Message::Relation(shuffled_relation(1, BYTEA_OID))),
+            begin(10),
+            insert(1, row(1, text("\\x00ff10"))),
+            commit(10, 20),
+        ],
+    );
+    let Captured::Event(event) = &captured[0] else {
+        panic!("expected an event")
+    };
+    assert_eq!(event.payload.as_deref(), Some(&[0x00, 0xff, 0x10][..]));
+    assert_eq!(decode_bytea_hex(b"\\x0"), None);
+    assert_eq!(decode_bytea_hex(b"\\xzz"), None);
+    assert_eq!(decode_bytea_hex(b"abc"), None);
+}
+
+#[test]
+fn a_missing_configured_column_names_the_column_and_key() {
+    let mut relation = shuffled_relation(1, 3802);
+    relation.columns.retain(|c| c.name != "aggregateid");
+    let mut assembler = Assembler::new(&outbox(), OtherChangesPolicy::Warn, None);
+    let error = assembler
+        .accept(message(Message::Relation(relation)))
+        .unwrap_err();
+    assert!(error.message.contains("`aggregateid`"), "{error}");
+    assert!(error.message.contains("postgres.columns.aggregate_id"), "{error}");
+}
+
+#[test]
+fn out_of_order_protocol_messages_are_errors_not_events() {
+    let mut assembler = Assembler::new(&outbox(), OtherChangesPolicy::Warn, None);
+    assert!(assembler.accept(commit(1, 2)).is_err());
+    assert!(assembler.accept(insert(9, row(1, Value::Null))).is_err());
+    assembler
+        .accept(message(Message::Relation(shuffled_relation(1, 3802))))
+        .unwrap();
+    assert!(assembler.accept(insert(1, row(1, Value::Null))).is_err());
+    assembler.accept(begin(5)).unwrap();
+    assert!(assembler.in_transaction());
+    assert!(assembler.accept(begin(6)).is_err());
+}
+
+#[test]
+fn keepalives_become_idle_marks() {
+    let mut assembler = Assembler::new(&outbox(), OtherChangesPolicy::Ignore, None);
+    assert_eq!(
+        assembler
+            .accept(StreamItem::KeepAlive { wal_end: Lsn(77) })
+            .unwrap(),
+        Some(Captured::Idle { wal_end: Lsn(77) })
+    );
+}

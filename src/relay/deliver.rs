@@ -1,0 +1,164 @@
+//! Delivering one batch: route the events, publish them with their
+//! checkpoint in one Kafka transaction, and retry what can be retried.
+//!
+//! Invariant: `deliver` returns `Delivered` only after the Kafka transaction
+//! holding every event of the batch (or its dead-letter record) committed.
+//! On any other outcome nothing of the batch is visible to `read_committed`
+//! consumers, so the caller acknowledges nothing.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::batch::Batch;
+use crate::config::PoisonPolicy;
+use crate::error::{ErrorKind, Result};
+use crate::event::{OutboxEvent, SourcePosition};
+use crate::kafka::checkpoint::Checkpoint;
+use crate::kafka::publisher::{PublishError, Publisher};
+use crate::routing::Router;
+
+/// How often the relay logs what it has done.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
+/// The rows of a committed batch, to acknowledge.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    pub published: Vec<i64>,
+    pub dead_lettered: Vec<i64>,
+}
+
+/// Counters for the periodic progress line.
+#[derive(Debug, Default)]
+struct Progress {
+    events: u64,
+    dead_lettered: u64,
+    transactions: u64,
+    aborted: u64,
+}
+
+pub struct Deliverer<'a> {
+    router: &'a Router,
+    publisher: Publisher,
+    /// `schema.table`, written into every checkpoint.
+    table_name: &'a str,
+    on_poison: PoisonPolicy,
+    /// Rows the broker refused on an earlier attempt, by seq, with why.
+    rejected_by_broker: HashMap<i64, String>,
+    progress: Progress,
+    last_progress_log: Instant,
+}
+
+impl<'a> Deliverer<'a> {
+    pub fn new(
+        router: &'a Router,
+        publisher: Publisher,
+        table_name: &'a str,
+        on_poison: PoisonPolicy,
+    ) -> Deliverer<'a> {
+        Deliverer {
+            router,
+            publisher,
+            table_name,
+            on_poison,
+            rejected_by_broker: HashMap::new(),
+            progress: Progress::default(),
+            last_progress_log: Instant::now(),
+        }
+    }
+
+    /// Publishes `events` and a checkpoint naming them (and `position`, the
+    /// stream position of the last event the batch accounts for) in one
+    /// Kafka transaction. A record the broker refuses makes its row poison
+    /// and the batch is sent again without it; an abortable error re-sends
+    /// the batch after a backoff. Returns `None` if shutdown was requested
+    /// before the batch committed.
+    pub async fn deliver(
+        &mut self,
+        events: &[OutboxEvent],
+        position: Option<SourcePosition>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Option<Delivered>> {
+        let mut resend_backoff = super::new_backoff();
+        loop {
+            let batch = Batch::route(
+                self.router,
+                events,
+                &self.rejected_by_broker,
+                self.on_poison,
+            )?;
+            let checkpoint = Checkpoint::new(
+                self.table_name,
+                &batch.published,
+                &batch.dead_lettered,
+                position,
+            );
+            let started = Instant::now();
+            match self.publisher.publish(&batch.records, &checkpoint).await {
+                Ok(()) => {
+                    for seq in &batch.dead_lettered {
+                        self.rejected_by_broker.remove(seq);
+                    }
+                    self.progress.events += batch.published.len() as u64;
+                    self.progress.dead_lettered += batch.dead_lettered.len() as u64;
+                    self.progress.transactions += 1;
+                    tracing::debug!(
+                        events = batch.records.len(),
+                        first_seq = batch.record_seqs.first(),
+                        last_seq = batch.record_seqs.last(),
+                        position = position.map(|p| p.to_string()),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "batch committed to Kafka"
+                    );
+                    self.log_progress_now_and_then();
+                    return Ok(Some(Delivered {
+                        published: batch.published,
+                        dead_lettered: batch.dead_lettered,
+                    }));
+                }
+                Err(PublishError::RecordRejected { index, reason }) => {
+                    let seq = batch.record_seqs[index];
+                    tracing::warn!(
+                        seq,
+                        %reason,
+                        "Kafka refused a record; the transaction was aborted and the row will be dead-lettered"
+                    );
+                    self.rejected_by_broker.insert(seq, reason);
+                    self.progress.aborted += 1;
+                }
+                Err(PublishError::Failed(error)) if error.kind == ErrorKind::AbortAndResend => {
+                    self.progress.aborted += 1;
+                    let delay = resend_backoff.next().unwrap_or(Duration::from_secs(30));
+                    tracing::warn!(
+                        %error,
+                        retry_in = ?delay,
+                        "Kafka transaction aborted; nothing from it is visible. Re-sending the batch"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.changed() => {}
+                    }
+                    if *stop.borrow() {
+                        return Ok(None);
+                    }
+                }
+                Err(PublishError::Failed(error)) => return Err(error),
+            }
+        }
+    }
+
+    fn log_progress_now_and_then(&mut self) {
+        if self.last_progress_log.elapsed() < PROGRESS_EVERY {
+            return;
+        }
+        self.last_progress_log = Instant::now();
+        tracing::info!(
+            published = self.progress.events,
+            dead_lettered = self.progress.dead_lettered,
+            transactions = self.progress.transactions,
+            aborted = self.progress.aborted,
+            "relay progress since this session started"
+        );
+    }
+}

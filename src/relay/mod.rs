@@ -1,0 +1,275 @@
+//! The relay: one leadership term after another, each a session that
+//! connects, becomes leader, settles the last checkpoint, then captures and
+//! publishes until shutdown or failure.
+//!
+//! ```text
+//!  connect ─▶ leader lock ─▶ choose capture mode ─▶ init_transactions
+//!        ─▶ read checkpoint ─▶ reconcile ─▶ polling::run | replication::run
+//! ```
+//!
+//! Invariant: transient failures restart the whole session with backoff, so
+//! every restart re-fences, re-reads the checkpoint and reconciles before
+//! anything new is published. The loops themselves live in `polling` and
+//! `replication`; `deliver` publishes one batch for both.
+
+mod deliver;
+mod polling;
+mod replication;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::watch;
+
+use crate::acknowledge::Acknowledger;
+use crate::capture::slot;
+use crate::capture::wakeup::Wakeup;
+use crate::config::{CaptureMode, Config};
+use crate::error::{Error, ErrorKind, Result};
+use crate::kafka::checkpoint;
+use crate::kafka::publisher::Publisher;
+use crate::kafka::topics;
+use crate::leader;
+use crate::retention;
+use crate::routing::Router;
+use crate::schema;
+use crate::table::{OutboxTable, PayloadEncoding};
+use deliver::Deliverer;
+/// A session that ran this long without failing resets the backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+/// How long a session may take to finish its batch after shutdown is
+/// requested before it is abandoned. Abandoning is safe: nothing of the
+/// batch was acknowledged, so it is published exactly once after restart.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the relay until `shutdown` resolves (then returns `Ok`) or a
+/// failure that must stop it (then returns the error). Transient failures
+/// are retried here with exponential backoff.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let (stop_sender, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_sender.send(true);
+    });
+    let context = Context::new(config)?;
+    let mut backoff = new_backoff();
+    loop {
+        let started = Instant::now();
+        let session = context.session(stop.clone());
+        tokio::pin!(session);
+        let outcome = tokio::select! {
+            outcome = &mut session => outcome,
+            _ = grace_after_stop(stop.clone()) => {
+                tracing::warn!(
+                    grace = ?SHUTDOWN_GRACE,
+                    "shutdown grace period passed while waiting on Kafka or Postgres; abandoning the \
+                     unacknowledged batch, which is published exactly once after restart"
+                );
+                return Ok(());
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!("shutdown requested; relay stopped");
+                return Ok(());
+            }
+            Err(error) if error.kind == ErrorKind::Stop => return Err(error),
+            Err(error) => {
+                if started.elapsed() > HEALTHY_SESSION {
+                    backoff = new_backoff();
+                }
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(
+                    error = %error,
+                    retry_in = ?delay,
+                    "relay session failed; nothing unpublished was acknowledged. Reconnecting and resuming from the last checkpoint"
+                );
+                let mut stop = stop.clone();
+                if *stop.borrow() {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Resolves `SHUTDOWN_GRACE` after shutdown was requested.
+async fn grace_after_stop(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            // The sender lives as long as the shutdown future; if it is gone, never fire.
+            std::future::pending::<()>().await;
+        }
+    }
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
+}
+
+fn new_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// What a session needs, built once from the config.
+struct Context {
+    config: Config,
+    table: OutboxTable,
+    /// `schema.table`, written into every checkpoint.
+    table_name: String,
+    router: Router,
+    acknowledger: Acknowledger,
+    connect_options: PgConnectOptions,
+}
+
+impl Context {
+    fn new(config: Config) -> Result<Context> {
+        let table = OutboxTable::from_config(&config.postgres)
+            .map_err(|e| Error::stop(format!("postgres.{e}")))?;
+        let router =
+            Router::new(&config.routing, config.kafka.max_message_bytes).map_err(Error::stop)?;
+        let connect_options: PgConnectOptions = config
+            .postgres
+            .url
+            .parse()
+            .map_err(|e| Error::stop(format!("postgres.url: {e}")))?;
+        let connect_options =
+            connect_options.application_name(&format!("outboxd-{}", config.relay.name));
+        Ok(Context {
+            table_name: table.display_name(),
+            acknowledger: Acknowledger::new(&table, config.relay.after_publish),
+            config,
+            table,
+            router,
+            connect_options,
+        })
+    }
+
+    /// One leadership term: from connecting to the first failure or shutdown.
+    async fn session(&self, mut stop: watch::Receiver<bool>) -> Result<()> {
+        let config = &self.config;
+        let mut connection = PgConnection::connect_with(&self.connect_options)
+            .await
+            .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
+        let report =
+            schema::inspect(&mut connection, &self.table, config.relay.after_publish).await?;
+        if let Some(problem) = report.problems(&self.table).into_iter().next() {
+            return Err(Error::stop(problem));
+        }
+        if !leader::acquire(&mut connection, &config.relay.name, &mut stop).await? {
+            return Ok(());
+        }
+        let mode = choose_mode(config.capture.mode, &mut connection).await?;
+        if mode == CaptureMode::Polling && !report.has_notify_trigger {
+            tracing::warn!(
+                table = %self.table_name,
+                poll_interval = ?config.capture.poll_interval,
+                "no insert trigger calls pg_notify on the outbox table; new rows wait up to the poll interval. \
+                 The trigger is in migrations/0001_outbox.sql"
+            );
+        }
+
+        topics::ensure_checkpoint_topic(config).await?;
+        let publisher = Publisher::connect(config).await?;
+        let latest = checkpoint::read_latest(config).await?;
+        if let Some(latest) = &latest {
+            let done = self.acknowledger.reconcile(&mut connection, latest).await?;
+            tracing::info!(
+                checkpoint_published = latest.published.len(),
+                checkpoint_dead_lettered = latest.dead_lettered.len(),
+                checkpoint_position = latest.position.map(|p| p.to_string()),
+                newly_acknowledged = done.published + done.dead_lettered,
+                "reconciled the outbox with the latest committed checkpoint"
+            );
+        }
+        let _retention = config.relay.retention.map(|period| {
+            retention::spawn(
+                self.connect_options.clone(),
+                self.table.clone(),
+                period,
+                stop.clone(),
+            )
+        });
+
+        let mut session = Session {
+            context: self,
+            connection,
+            deliverer: Deliverer::new(
+                &self.router,
+                publisher,
+                &self.table_name,
+                config.relay.on_poison,
+            ),
+            payload_encoding: report.payload_encoding,
+            stop,
+        };
+        match mode {
+            CaptureMode::Replication => replication::run(&mut session, latest.as_ref()).await,
+            _ => {
+                let wakeup = Wakeup::listen(
+                    &self.connect_options,
+                    &config.postgres.notify_channel,
+                    config.capture.poll_interval,
+                )
+                .await?;
+                tracing::info!(
+                    table = %self.table_name,
+                    mode = "polling",
+                    batch_size = config.capture.batch_size,
+                    "relay started"
+                );
+                polling::run(&mut session, Some(wakeup)).await
+            }
+        }
+    }
+}
+
+/// What one leadership term works with.
+struct Session<'a> {
+    context: &'a Context,
+    /// Holds the leader lock; claims and acknowledgements run on it.
+    connection: PgConnection,
+    deliverer: Deliverer<'a>,
+    payload_encoding: PayloadEncoding,
+    stop: watch::Receiver<bool>,
+}
+
+/// Resolves `auto` (replication where the server and role allow it, else
+/// polling) and refuses `replication` where it cannot work. Says which and why.
+async fn choose_mode(configured: CaptureMode, connection: &mut PgConnection) -> Result<CaptureMode> {
+    if configured == CaptureMode::Polling {
+        return Ok(CaptureMode::Polling);
+    }
+    let support = slot::server_support(connection).await?;
+    match (configured, support.replication_unavailable()) {
+        (CaptureMode::Replication, Some(reason)) => Err(Error::stop(format!(
+            "capture.mode is `replication` but {reason}; fix that, or use capture.mode: auto or polling"
+        ))),
+        (CaptureMode::Auto, Some(reason)) => {
+            tracing::warn!(
+                %reason,
+                "capture mode auto chose polling: logical replication is unavailable. Polling works, \
+                 with one claim query per batch; fix the reason to stream instead"
+            );
+            Ok(CaptureMode::Polling)
+        }
+        (CaptureMode::Auto, None) => {
+            tracing::info!("capture mode auto chose replication: wal_level is logical and the role may replicate");
+            Ok(CaptureMode::Replication)
+        }
+        (mode, None) => Ok(mode),
+        (CaptureMode::Polling, Some(_)) => Ok(CaptureMode::Polling),
+    }
+}

@@ -1,0 +1,324 @@
+//! The replication loop: stream the outbox's inserts from a logical slot,
+//! deliver them in batches, mark the rows sent, then confirm the slot.
+//!
+//! ```text
+//!  slot ok? ──no──▶ create slot · drain unsent rows from the table (polling)
+//!     │                                       │
+//!     ▼                                       ▼
+//!  START_REPLICATION ─▶ events (commit LSN, index) ─▶ batch ≤ batch_size
+//!                                                       ▼
+//!        Kafka: begin · events + checkpoint(position) · commit
+//!                                                       ▼
+//!        mark rows sent ─▶ confirm slot up to the last whole transaction
+//! ```
+//!
+//! Invariants:
+//! - The slot is confirmed past a transaction only after the Kafka
+//!   transaction holding its last event committed; a transaction split over
+//!   batches is confirmed only at its end. A restart therefore replays at
+//!   most the transactions in flight, and the checkpoint's position skips
+//!   what of them is already in Kafka.
+//! - When nothing is in flight (no open transaction, empty batch), a
+//!   keepalive's WAL end is confirmed, so WAL written by other tables or
+//!   databases never piles up behind an idle outbox.
+//! - A new slot only streams what commits after it was created, so every
+//!   new slot (first start, or after a lost one) starts with a drain of the
+//!   rows still unsent in the table. Until the stream passes the WAL position
+//!   read after that drain, streamed rows are published only if the table
+//!   still shows them unsent: none is produced twice.
+
+use futures_util::FutureExt;
+use sqlx::PgConnection;
+
+use super::Session;
+use crate::capture::lsn::Lsn;
+use crate::capture::slot::{self, SlotInfo};
+use crate::capture::stream::{Assembler, Captured};
+use crate::capture::wire::{ReplicationStream, StreamTarget, WireClient};
+use crate::config::SlotLostPolicy;
+use crate::error::{Error, Result};
+use crate::event::{OutboxEvent, SourcePosition};
+use crate::kafka::checkpoint::Checkpoint;
+
+/// Runs until shutdown or the first failure.
+pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Result<()> {
+    let config = &session.context.config;
+    let table = &session.context.table;
+    slot::ensure_publication(&mut session.connection, &config.postgres.publication, table)
+        .await?;
+    let slot_name = config.slot_name();
+    let database: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(&mut session.connection)
+        .await
+        .map_err(|e| Error::from_postgres("reading the database name", e))?;
+
+    // A checkpoint with a position means this relay streamed from its slot
+    // before; without one (first start, or polling until now) the slot's
+    // stream cannot be trusted to hold every unsent row.
+    let streamed_before = latest.and_then(|c| c.position).is_some();
+    let (slot, created) = usable_slot(session, &slot_name, &database, streamed_before).await?;
+    let needs_catch_up = created || !streamed_before;
+
+    let mut filter_before = None;
+    let mut resume_after = latest.and_then(|c| c.position);
+    if needs_catch_up {
+        tracing::info!(
+            slot = %slot_name,
+            "publishing the rows still unsent in the table before streaming: the slot's stream \
+             starts at its creation and cannot hold them"
+        );
+        super::polling::run(session, None).await?;
+        if *session.stop.borrow() {
+            return Ok(());
+        }
+        filter_before = Some(slot::current_wal_lsn(&mut session.connection).await?);
+        resume_after = None;
+    }
+
+    let target = StreamTarget {
+        slot: slot_name.clone(),
+        publication: config.postgres.publication.clone(),
+        confirmed_flush: slot.confirmed_flush.unwrap_or_default(),
+        application_name: format!("outboxd-{}", config.relay.name),
+    };
+    let mut stream = WireClient::start(&config.postgres.url, &target).await?;
+    tracing::info!(
+        table = %session.context.table_name,
+        mode = "replication",
+        slot = %slot_name,
+        publication = %config.postgres.publication,
+        confirmed_flush = %target.confirmed_flush,
+        resume_after = resume_after.map(|p| p.to_string()),
+        batch_size = config.capture.batch_size,
+        "relay started"
+    );
+    let mut streamer = Streamer {
+        assembler: Assembler::new(table, config.capture.other_changes, resume_after),
+        batch: Vec::new(),
+        batch_position: None,
+        confirm_after_batch: None,
+        filter_before,
+        unsent_among_sql: table.unsent_among_sql(),
+    };
+    let outcome = streamer.stream(session, &mut stream).await;
+    if streamer.assembler.skipped > 0 {
+        tracing::info!(
+            skipped = streamer.assembler.skipped,
+            "skipped replayed events the checkpoint showed already in Kafka"
+        );
+    }
+    outcome
+}
+
+/// The slot to stream from, creating it when missing and replacing it when
+/// lost (unless `capture.on_slot_lost: halt`). Returns whether it is new.
+async fn usable_slot(
+    session: &mut Session<'_>,
+    slot_name: &str,
+    database: &str,
+    streamed_before: bool,
+) -> Result<(SlotInfo, bool)> {
+    let policy = session.context.config.capture.on_slot_lost;
+    let connection = &mut session.connection;
+    let existing = slot::inspect(connection, slot_name).await?;
+    let lost_because = match &existing {
+        Some(info) if info.is_lost() => Some(
+            "was invalidated (wal_status = lost): Postgres removed WAL it still needed, \
+             usually because max_slot_wal_keep_size was exceeded while the relay was down or slow",
+        ),
+        None if streamed_before => Some(
+            "is gone: it was dropped while the relay was not streaming from it \
+             (by an operator, a failover, or a restore)",
+        ),
+        _ => None,
+    };
+    if let Some(why) = lost_because {
+        if policy == SlotLostPolicy::Halt {
+            return Err(Error::stop(format!(
+                "replication slot `{slot_name}` {why}. Changes it held are not in the stream, but their \
+                 rows are still unsent in the table. capture.on_slot_lost is `halt`: set it to `recover` \
+                 (publishes the unsent rows, then streams from a new slot) or switch to capture.mode: polling"
+            )));
+        }
+        tracing::error!(
+            slot = slot_name,
+            "replication slot {why}. Recovering: publishing the rows still unsent in the table, \
+             then streaming from a new slot. No event is lost or produced twice; check why the slot \
+             was lost so it does not happen again"
+        );
+        if existing.is_some() {
+            slot::drop_slot(connection, slot_name).await?;
+        }
+    }
+    if let Some(info) = existing.filter(|info| !info.is_lost()) {
+        if let Some(reason) = info.unusable_because(database) {
+            return Err(Error::stop(reason));
+        }
+        if let Some(pid) = info.active_pid {
+            return Err(Error::retry(format!(
+                "replication slot `{slot_name}` is in use by backend pid {pid}: another process \
+                 streams from it (a relay that just died is released within seconds). \
+                 If it is not outboxd, give this relay its own capture.slot"
+            )));
+        }
+        return Ok((info, false));
+    }
+    let consistent_point = slot::create(connection, slot_name).await?;
+    tracing::info!(
+        slot = slot_name,
+        consistent_point = %consistent_point,
+        "created the replication slot"
+    );
+    let info = slot::inspect(connection, slot_name).await?.ok_or_else(|| {
+        Error::retry(format!(
+            "replication slot `{slot_name}` vanished right after it was created"
+        ))
+    })?;
+    Ok((info, true))
+}
+
+/// The state of one streaming session.
+struct Streamer {
+    assembler: Assembler,
+    batch: Vec<OutboxEvent>,
+    /// Position of the last event taken into the batch.
+    batch_position: Option<SourcePosition>,
+    /// End of the last transaction whose events are all in the batch (or
+    /// were in earlier ones): what to confirm once the batch is committed.
+    confirm_after_batch: Option<Lsn>,
+    /// After a catch-up drain: transactions committed before this may have
+    /// been published by the drain, so their rows are checked in the table.
+    filter_before: Option<Lsn>,
+    unsent_among_sql: String,
+}
+
+impl Streamer {
+    async fn stream(
+        &mut self,
+        session: &mut Session<'_>,
+        stream: &mut impl ReplicationStream,
+    ) -> Result<()> {
+        let batch_size = session.context.config.capture.batch_size;
+        loop {
+            if *session.stop.borrow() {
+                // Whatever is batched is not in Kafka and nothing of it was
+                // confirmed: it is streamed again after restart.
+                return Ok(());
+            }
+            // Batch whatever is already here; deliver as soon as the stream
+            // has nothing more to give right now, or the batch is full.
+            let next = if self.batch.is_empty() {
+                tokio::select! {
+                    next = stream.next() => next?,
+                    _ = session.stop.changed() => return Ok(()),
+                }
+            } else {
+                match stream.next().now_or_never() {
+                    Some(next) => next?,
+                    None => {
+                        self.flush(session, stream).await?;
+                        continue;
+                    }
+                }
+            };
+            let Some(item) = next else {
+                return Err(Error::retry(
+                    "Postgres ended the replication stream; reconnecting",
+                ));
+            };
+            match self.assembler.accept(item)? {
+                None => {}
+                Some(Captured::Event(event)) => {
+                    self.batch_position = event.position;
+                    self.batch.push(event);
+                    if self.batch.len() >= batch_size {
+                        self.flush(session, stream).await?;
+                    }
+                }
+                Some(Captured::TransactionEnd { end_lsn }) => {
+                    if self.batch.is_empty() {
+                        stream.acknowledge(end_lsn);
+                    } else {
+                        self.confirm_after_batch = Some(end_lsn);
+                    }
+                }
+                Some(Captured::Idle { wal_end }) => {
+                    if self.batch.is_empty() && !self.assembler.in_transaction() {
+                        stream.acknowledge(wal_end);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers the batch, marks its rows, then confirms the slot.
+    async fn flush(
+        &mut self,
+        session: &mut Session<'_>,
+        stream: &mut impl ReplicationStream,
+    ) -> Result<()> {
+        let mut events = std::mem::take(&mut self.batch);
+        if let Some(before) = self.filter_before {
+            if self.batch_position.is_some_and(|p| p.commit_lsn >= before) {
+                // The stream has passed everything the drain could have seen.
+                self.filter_before = None;
+            }
+            keep_unsent_before(&mut session.connection, &self.unsent_among_sql, &mut events, before)
+                .await?;
+        }
+        let position = self.batch_position;
+        if !events.is_empty() {
+            let Some(delivered) = session
+                .deliverer
+                .deliver(&events, position, &mut session.stop)
+                .await?
+            else {
+                return Ok(());
+            };
+            session
+                .context
+                .acknowledger
+                .acknowledge(
+                    &mut session.connection,
+                    &delivered.published,
+                    &delivered.dead_lettered,
+                )
+                .await?;
+        }
+        if let Some(end_lsn) = self.confirm_after_batch.take() {
+            stream.acknowledge(end_lsn);
+        }
+        Ok(())
+    }
+}
+
+/// Drops events of transactions committed before `before` whose rows the
+/// table no longer shows unsent: the catch-up drain published them.
+async fn keep_unsent_before(
+    connection: &mut PgConnection,
+    unsent_among_sql: &str,
+    events: &mut Vec<OutboxEvent>,
+    before: Lsn,
+) -> Result<()> {
+    let is_early = |event: &OutboxEvent| event.position.is_some_and(|p| p.commit_lsn < before);
+    let early: Vec<i64> = events.iter().filter(|e| is_early(e)).map(|e| e.seq).collect();
+    if early.is_empty() {
+        return Ok(());
+    }
+    let unsent: std::collections::HashSet<i64> = sqlx::query_scalar(unsent_among_sql)
+        .bind(&early)
+        .fetch_all(connection)
+        .await
+        .map_err(|e| Error::from_postgres("checking which streamed rows are still unsent", e))?
+        .into_iter()
+        .collect();
+    let before_len = events.len();
+    events.retain(|event| !is_early(event) || unsent.contains(&event.seq));
+    if events.len() < before_len {
+        tracing::debug!(
+            already_published = before_len - events.len(),
+            "streamed rows the catch-up drain had already published were not produced again"
+        );
+    }
+    Ok(())
+}
