@@ -102,6 +102,19 @@ impl OutboxTable {
     /// (not a seq cursor) means a row whose transaction commits late, with a
     /// seq below rows already sent, is still found. `$1` is the batch size.
     pub fn claim_sql(&self, payload: PayloadEncoding) -> String {
+        self.claim_sql_where(payload, "")
+    }
+
+    /// Like [`claim_sql`](Self::claim_sql), only rows with seq ≤ `$2`: a
+    /// drain that ends even while services keep writing.
+    pub fn claim_up_to_sql(&self, payload: PayloadEncoding) -> String {
+        self.claim_sql_where(
+            payload,
+            &format!(" AND {} <= $2", quote_ident(&self.columns.seq)),
+        )
+    }
+
+    fn claim_sql_where(&self, payload: PayloadEncoding, extra_condition: &str) -> String {
         let c = &self.columns;
         let payload_expr = match payload {
             PayloadEncoding::Bytes => quote_ident(&c.payload),
@@ -116,7 +129,7 @@ impl OutboxTable {
         format!(
             "SELECT {seq}::bigint, {id}::text, {aggregate_type}::text, {aggregate_id}::text, {event_type}::text, \
              {payload_expr}, {headers}, {trace} \
-             FROM {table} WHERE {sent_at} IS NULL ORDER BY {seq} LIMIT $1 FOR UPDATE SKIP LOCKED",
+             FROM {table} WHERE {sent_at} IS NULL{extra_condition} ORDER BY {seq} LIMIT $1 FOR UPDATE SKIP LOCKED",
             seq = quote_ident(&c.seq),
             id = quote_ident(&c.id),
             aggregate_type = quote_ident(&c.aggregate_type),
@@ -135,6 +148,17 @@ impl OutboxTable {
         let c = &self.columns;
         format!(
             "UPDATE {table} SET {sent_at} = now() WHERE {seq} = ANY($1) AND {sent_at} IS NULL",
+            table = self.qualified(),
+            sent_at = quote_ident(&c.sent_at),
+            seq = quote_ident(&c.seq),
+        )
+    }
+
+    /// The highest seq among unsent rows this snapshot sees (NULL if none).
+    pub fn max_unsent_seq_sql(&self) -> String {
+        let c = &self.columns;
+        format!(
+            "SELECT max({seq})::bigint FROM {table} WHERE {sent_at} IS NULL",
             table = self.qualified(),
             sent_at = quote_ident(&c.sent_at),
             seq = quote_ident(&c.seq),

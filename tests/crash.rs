@@ -10,7 +10,10 @@ use rand::Rng;
 use crate::support::workload::{assert_exactly_once, write_orders, Written};
 use crate::support::{signal, Mode, TestEnv};
 
-in_both_modes!(sigkill_mid_publish_and_restart_is_still_exactly_once, worker_threads = 4);
+in_both_modes!(
+    sigkill_mid_publish_and_restart_is_still_exactly_once,
+    worker_threads = 4
+);
 async fn sigkill_mid_publish_and_restart_is_still_exactly_once(mode: Mode) {
     let env = TestEnv::new("sigkill", mode).await;
     let backlog = write_orders(&env.pool, 0, 1500, 25).await;

@@ -7,7 +7,10 @@ use crate::support::kafka::read_all;
 use crate::support::workload::{assert_exactly_once, violations, write_orders, Written};
 use crate::support::{InProcessRelay, Mode, TestEnv};
 
-in_both_modes!(concurrent_writers_every_committed_row_once_and_in_order, worker_threads = 4);
+in_both_modes!(
+    concurrent_writers_every_committed_row_once_and_in_order,
+    worker_threads = 4
+);
 async fn concurrent_writers_every_committed_row_once_and_in_order(mode: Mode) {
     let env = TestEnv::new("concurrent", mode).await;
     let relay = InProcessRelay::start(env.config());
@@ -47,7 +50,10 @@ async fn concurrent_writers_every_committed_row_once_and_in_order(mode: Mode) {
     assert_eq!(first.header("aggregatetype"), Some("Order"));
 }
 
-in_both_modes!(a_row_committed_late_with_a_lower_seq_is_not_skipped, worker_threads = 2);
+in_both_modes!(
+    a_row_committed_late_with_a_lower_seq_is_not_skipped,
+    worker_threads = 2
+);
 async fn a_row_committed_late_with_a_lower_seq_is_not_skipped(mode: Mode) {
     let env = TestEnv::new("late-commit", mode).await;
     let relay = InProcessRelay::start(env.config());
@@ -91,7 +97,10 @@ async fn a_row_committed_late_with_a_lower_seq_is_not_skipped(mode: Mode) {
     assert_eq!(consumed.len(), 2);
 }
 
-in_both_modes!(delete_after_publish_removes_rows_and_keeps_headers_and_payload, worker_threads = 2);
+in_both_modes!(
+    delete_after_publish_removes_rows_and_keeps_headers_and_payload,
+    worker_threads = 2
+);
 async fn delete_after_publish_removes_rows_and_keeps_headers_and_payload(mode: Mode) {
     let env = TestEnv::new("delete", mode).await;
     env.write_config("  after_publish: delete\n", "");

@@ -34,7 +34,10 @@ async fn lock_holders(env: &TestEnv) -> i64 {
     .unwrap()
 }
 
-in_both_modes!(same_name_relays_one_leads_the_other_takes_over, worker_threads = 4);
+in_both_modes!(
+    same_name_relays_one_leads_the_other_takes_over,
+    worker_threads = 4
+);
 async fn same_name_relays_one_leads_the_other_takes_over(mode: Mode) {
     let env = TestEnv::new("leader", mode).await;
     let first = InProcessRelay::start(env.config());
@@ -81,7 +84,10 @@ async fn a_zombie_producer_is_fenced_and_must_stop() {
         payload: Some(b"{}".to_vec()),
     };
     let outcome = zombie
-        .publish(&[record], &Checkpoint::new("public.outbox", &[1], &[], None))
+        .publish(
+            &[record],
+            &Checkpoint::new("public.outbox", &[1], &[], None),
+        )
         .await;
     match outcome {
         Err(PublishError::Failed(error)) => {

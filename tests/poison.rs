@@ -18,7 +18,10 @@ async fn insert(env: &TestEnv, aggregate_type: &str, payload_sql: &str) {
     .unwrap();
 }
 
-in_both_modes!(unroutable_and_oversized_rows_land_in_the_dead_letter_topic, worker_threads = 2);
+in_both_modes!(
+    unroutable_and_oversized_rows_land_in_the_dead_letter_topic,
+    worker_threads = 2
+);
 async fn unroutable_and_oversized_rows_land_in_the_dead_letter_topic(mode: Mode) {
     let env = TestEnv::new("poison", mode).await;
     env.write_config("", "  max_message_bytes: 100000\n");
@@ -67,7 +70,10 @@ async fn unroutable_and_oversized_rows_land_in_the_dead_letter_topic(mode: Mode)
     assert_eq!(ns, vec![serde_json::json!(1), serde_json::json!(3)]);
 }
 
-in_both_modes!(halt_policy_stops_the_relay_and_publishes_nothing_of_the_batch, worker_threads = 2);
+in_both_modes!(
+    halt_policy_stops_the_relay_and_publishes_nothing_of_the_batch,
+    worker_threads = 2
+);
 async fn halt_policy_stops_the_relay_and_publishes_nothing_of_the_batch(mode: Mode) {
     let env = TestEnv::new("poison-halt", mode).await;
     env.write_config("  on_poison: halt\n", "");
@@ -85,7 +91,10 @@ async fn halt_policy_stops_the_relay_and_publishes_nothing_of_the_batch(mode: Mo
     assert!(read_all(&env.kafka, &env.topic_prefix()).await.is_empty());
 }
 
-in_both_modes!(a_row_the_broker_refuses_is_dead_lettered_and_its_batch_mates_are_published, worker_threads = 2);
+in_both_modes!(
+    a_row_the_broker_refuses_is_dead_lettered_and_its_batch_mates_are_published,
+    worker_threads = 2
+);
 async fn a_row_the_broker_refuses_is_dead_lettered_and_its_batch_mates_are_published(mode: Mode) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;

@@ -14,14 +14,19 @@ use crate::event::OutboxEvent;
 
 /// Claims up to `batch_size` unsent rows inside the caller's transaction; the
 /// row locks last until that transaction ends, after the rows are marked.
+/// `up_to` binds `$2` of a bounded claim (`OutboxTable::claim_up_to_sql`).
 pub async fn claim_batch(
     connection: &mut PgConnection,
     claim_sql: &str,
     batch_size: usize,
+    up_to: Option<i64>,
 ) -> Result<Vec<OutboxEvent>> {
     let limit = i64::try_from(batch_size).unwrap_or(i64::MAX);
-    let rows = sqlx::query(claim_sql)
-        .bind(limit)
+    let mut query = sqlx::query(claim_sql).bind(limit);
+    if let Some(up_to) = up_to {
+        query = query.bind(up_to);
+    }
+    let rows = query
         .fetch_all(connection)
         .await
         .map_err(|e| Error::from_postgres("claiming outbox rows", e))?;

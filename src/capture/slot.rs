@@ -158,9 +158,12 @@ pub async fn drop_slot(connection: &mut PgConnection, slot: &str) -> Result<()> 
     Ok(())
 }
 
-/// The server's current WAL write position.
-pub async fn current_wal_lsn(connection: &mut PgConnection) -> Result<Lsn> {
-    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+/// The server's current WAL insert position: every commit record of a
+/// transaction already visible to this session lies before it. (The
+/// *write* position, `pg_current_wal_lsn()`, can lag behind a commit that is
+/// already visible when `synchronous_commit` is off.)
+pub async fn current_wal_insert_lsn(connection: &mut PgConnection) -> Result<Lsn> {
+    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
         .fetch_one(connection)
         .await
         .map_err(|e| Error::from_postgres("reading the current WAL position", e))?;

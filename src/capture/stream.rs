@@ -32,10 +32,14 @@ pub enum Captured {
     Event(OutboxEvent),
     /// A transaction ended: every event of it has been yielded, and once they
     /// are in Kafka, the slot may be confirmed up to `end_lsn`.
-    TransactionEnd { end_lsn: Lsn },
+    TransactionEnd {
+        end_lsn: Lsn,
+    },
     /// The server has sent everything before `wal_end`: with nothing in
     /// flight, confirming it keeps an idle outbox from pinning WAL.
-    Idle { wal_end: Lsn },
+    Idle {
+        wal_end: Lsn,
+    },
 }
 
 /// Where each configured column sits in the outbox relation's tuples.
@@ -196,7 +200,9 @@ impl Assembler {
             }
         };
         let Some(transaction) = self.transaction.as_mut() else {
-            return Err(protocol_error("an insert arrived outside a transaction".into()));
+            return Err(protocol_error(
+                "an insert arrived outside a transaction".into(),
+            ));
         };
         let position = SourcePosition {
             commit_lsn: transaction.commit_lsn,
@@ -280,7 +286,10 @@ fn event_from_tuple(
     })?;
     let id = required(text(take(layout.id, "id")?, "id")?, "id")?;
     let aggregate_type = required(
-        text(take(layout.aggregate_type, "aggregatetype")?, "aggregatetype")?,
+        text(
+            take(layout.aggregate_type, "aggregatetype")?,
+            "aggregatetype",
+        )?,
         "aggregatetype",
     )?;
     let aggregate_id = required(

@@ -118,7 +118,9 @@ impl ReplicationStream for WireClient {
                     end_lsn: Lsn(end_lsn.as_u64()),
                     commit_time_micros,
                 }),
-                Some(ReplicationEvent::XLogData { data, wal_start, .. }) => {
+                Some(ReplicationEvent::XLogData {
+                    data, wal_start, ..
+                }) => {
                     let message = pgoutput::decode(&data).map_err(|e| {
                         Error::stop(format!(
                             "cannot decode the replication message at {}: {e}. \

@@ -254,7 +254,10 @@ mod tests {
         assert!(String::from_utf8(bytes.clone())
             .unwrap()
             .ends_with(r#""position":{"commit_lsn":97500059720,"index":7}}"#));
-        assert_eq!(Checkpoint::from_bytes(&bytes).unwrap().position, Some(position));
+        assert_eq!(
+            Checkpoint::from_bytes(&bytes).unwrap().position,
+            Some(position)
+        );
     }
 
     #[test]

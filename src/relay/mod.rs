@@ -230,7 +230,7 @@ impl Context {
                     batch_size = config.capture.batch_size,
                     "relay started"
                 );
-                polling::run(&mut session, Some(wakeup)).await
+                polling::run(&mut session, polling::Until::Shutdown(wakeup)).await
             }
         }
     }
@@ -248,7 +248,10 @@ struct Session<'a> {
 
 /// Resolves `auto` (replication where the server and role allow it, else
 /// polling) and refuses `replication` where it cannot work. Says which and why.
-async fn choose_mode(configured: CaptureMode, connection: &mut PgConnection) -> Result<CaptureMode> {
+async fn choose_mode(
+    configured: CaptureMode,
+    connection: &mut PgConnection,
+) -> Result<CaptureMode> {
     if configured == CaptureMode::Polling {
         return Ok(CaptureMode::Polling);
     }

@@ -21,11 +21,22 @@ use crate::capture::polling;
 use crate::capture::wakeup::Wakeup;
 use crate::error::{Error, Result};
 
-/// Runs until shutdown, waiting on `wakeup` when the table has nothing
-/// unsent; without a wakeup, returns as soon as nothing is unsent (the
-/// catch-up before replication streaming starts).
-pub async fn run(session: &mut Session<'_>, mut wakeup: Option<Wakeup>) -> Result<()> {
-    let claim_sql = session.context.table.claim_sql(session.payload_encoding);
+/// How long the loop runs.
+pub enum Until {
+    /// Until shutdown, waiting on the wakeup whenever nothing is unsent.
+    Shutdown(Wakeup),
+    /// Until no unsent row with seq ≤ this is left: the catch-up before
+    /// replication streaming starts. Bounded, so it ends even while
+    /// services keep writing (their new rows are in the stream).
+    DrainedUpTo(i64),
+}
+
+pub async fn run(session: &mut Session<'_>, mut until: Until) -> Result<()> {
+    let table = &session.context.table;
+    let (claim_sql, up_to) = match &until {
+        Until::Shutdown(_) => (table.claim_sql(session.payload_encoding), None),
+        Until::DrainedUpTo(seq) => (table.claim_up_to_sql(session.payload_encoding), Some(*seq)),
+    };
     let batch_size = session.context.config.capture.batch_size;
     loop {
         if *session.stop.borrow() {
@@ -36,12 +47,12 @@ pub async fn run(session: &mut Session<'_>, mut wakeup: Option<Wakeup>) -> Resul
             .begin()
             .await
             .map_err(|e| Error::from_postgres("starting the claim transaction", e))?;
-        let events = polling::claim_batch(&mut transaction, &claim_sql, batch_size).await?;
+        let events = polling::claim_batch(&mut transaction, &claim_sql, batch_size, up_to).await?;
         if events.is_empty() {
             release(transaction).await?;
-            match wakeup.as_mut() {
-                Some(wakeup) => wakeup.wait(&mut session.stop).await,
-                None => return Ok(()),
+            match &mut until {
+                Until::Shutdown(wakeup) => wakeup.wait(&mut session.stop).await,
+                Until::DrainedUpTo(_) => return Ok(()),
             }
             continue;
         }

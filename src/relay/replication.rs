@@ -44,8 +44,7 @@ use crate::kafka::checkpoint::Checkpoint;
 pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Result<()> {
     let config = &session.context.config;
     let table = &session.context.table;
-    slot::ensure_publication(&mut session.connection, &config.postgres.publication, table)
-        .await?;
+    slot::ensure_publication(&mut session.connection, &config.postgres.publication, table).await?;
     let slot_name = config.slot_name();
     let database: String = sqlx::query_scalar("SELECT current_database()::text")
         .fetch_one(&mut session.connection)
@@ -62,16 +61,25 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
     let mut filter_before = None;
     let mut resume_after = latest.and_then(|c| c.position);
     if needs_catch_up {
-        tracing::info!(
-            slot = %slot_name,
-            "publishing the rows still unsent in the table before streaming: the slot's stream \
-             starts at its creation and cannot hold them"
-        );
-        super::polling::run(session, None).await?;
-        if *session.stop.borrow() {
-            return Ok(());
+        // Every row committed before the slot existed is visible now, with
+        // a seq at most this; rows committed later are in the stream.
+        let up_to: Option<i64> = sqlx::query_scalar(&table.max_unsent_seq_sql())
+            .fetch_one(&mut session.connection)
+            .await
+            .map_err(|e| Error::from_postgres("finding the unsent rows to catch up on", e))?;
+        if let Some(up_to) = up_to {
+            tracing::info!(
+                slot = %slot_name,
+                up_to_seq = up_to,
+                "publishing the rows still unsent in the table before streaming: the slot's stream \
+                 starts at its creation and cannot hold them"
+            );
+            super::polling::run(session, super::polling::Until::DrainedUpTo(up_to)).await?;
+            if *session.stop.borrow() {
+                return Ok(());
+            }
         }
-        filter_before = Some(slot::current_wal_lsn(&mut session.connection).await?);
+        filter_before = Some(slot::current_wal_insert_lsn(&mut session.connection).await?);
         resume_after = None;
     }
 
@@ -242,11 +250,13 @@ impl Streamer {
                         self.confirm_after_batch = Some(end_lsn);
                     }
                 }
-                Some(Captured::Idle { wal_end }) => {
-                    if self.batch.is_empty() && !self.assembler.in_transaction() {
-                        stream.acknowledge(wal_end);
-                    }
+                // Nothing in flight: everything the server sent is settled.
+                Some(Captured::Idle { wal_end })
+                    if self.batch.is_empty() && !self.assembler.in_transaction() =>
+                {
+                    stream.acknowledge(wal_end);
                 }
+                Some(Captured::Idle { .. }) => {}
             }
         }
     }
@@ -263,8 +273,13 @@ impl Streamer {
                 // The stream has passed everything the drain could have seen.
                 self.filter_before = None;
             }
-            keep_unsent_before(&mut session.connection, &self.unsent_among_sql, &mut events, before)
-                .await?;
+            keep_unsent_before(
+                &mut session.connection,
+                &self.unsent_among_sql,
+                &mut events,
+                before,
+            )
+            .await?;
         }
         let position = self.batch_position;
         if !events.is_empty() {
@@ -301,7 +316,11 @@ async fn keep_unsent_before(
     before: Lsn,
 ) -> Result<()> {
     let is_early = |event: &OutboxEvent| event.position.is_some_and(|p| p.commit_lsn < before);
-    let early: Vec<i64> = events.iter().filter(|e| is_early(e)).map(|e| e.seq).collect();
+    let early: Vec<i64> = events
+        .iter()
+        .filter(|e| is_early(e))
+        .map(|e| e.seq)
+        .collect();
     if early.is_empty() {
         return Ok(());
     }

@@ -134,12 +134,7 @@ fn reads_columns_by_name_whatever_their_order() {
     assert_eq!(event.payload.as_deref(), Some(&b"{\"orderId\": 1}"[..]));
     assert_eq!(event.headers_json, None);
     assert_eq!(event.trace_parent.as_deref(), Some("00-trace"));
-    assert_eq!(
-        captured[1],
-        Captured::TransactionEnd {
-            end_lsn: Lsn(120)
-        }
-    );
+    assert_eq!(captured[1], Captured::TransactionEnd { end_lsn: Lsn(120) });
 }
 
 #[test]
@@ -238,7 +233,10 @@ fn a_missing_configured_column_names_the_column_and_key() {
         .accept(message(Message::Relation(relation)))
         .unwrap_err();
     assert!(error.message.contains("`aggregateid`"), "{error}");
-    assert!(error.message.contains("postgres.columns.aggregate_id"), "{error}");
+    assert!(
+        error.message.contains("postgres.columns.aggregate_id"),
+        "{error}"
+    );
 }
 
 #[test]

@@ -1,0 +1,261 @@
+//! What only replication capture has: transactions larger than
+//! `logical_decoding_work_mem` and than a Kafka batch, many rows on one
+//! LSN, a slot that must not pin WAL when the outbox is idle, a lost slot,
+//! and `auto` choosing a mode by what the server allows.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::workload::{assert_exactly_once, write_orders, Written};
+use crate::support::{servers, signal, InProcessRelay, Mode, TestEnv};
+
+/// Rows per aggregate and aggregates in the big transaction.
+const AGGREGATES: i64 = 20;
+
+/// Writes `rows` outbox rows in one transaction: half by one multi-row
+/// INSERT, half by COPY, so thousands of rows share few LSNs. Each row is
+/// about 300 bytes, far past the stack's 64kB `logical_decoding_work_mem`.
+/// Rows go round-robin over `AGGREGATES` aggregates with `n` = 1, 2, 3, …
+async fn write_big_transaction(env: &TestEnv, rows: i64) -> Written {
+    let half = rows / 2;
+    let mut tx = env.pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         SELECT 'Order', 'big-' || (i % $1), 'OrderCreated', \
+                jsonb_build_object('aggregate', 'big-' || (i % $1), 'n', i / $1 + 1, 'pad', repeat('x', 250)) \
+         FROM generate_series(0, $2 - 1) AS i ORDER BY i",
+    )
+    .bind(AGGREGATES)
+    .bind(half)
+    .execute(&mut *tx)
+    .await
+    .expect("multi-row insert");
+    let mut copy = tx
+        .copy_in_raw("COPY outbox (aggregatetype, aggregateid, type, payload) FROM STDIN")
+        .await
+        .expect("start COPY");
+    let mut data = String::new();
+    for i in half..rows {
+        let aggregate = format!("big-{}", i % AGGREGATES);
+        data.push_str(&format!(
+            "Order\t{aggregate}\tPaymentCaptured\t{{\"aggregate\": \"{aggregate}\", \"n\": {}, \"pad\": \"{}\"}}\n",
+            i / AGGREGATES + 1,
+            "y".repeat(250)
+        ));
+    }
+    copy.send(data.as_bytes()).await.expect("COPY data");
+    copy.finish().await.expect("finish COPY");
+    tx.commit().await.expect("commit");
+    Written {
+        committed: rows as usize,
+        rolled_back_ids: Vec::new(),
+    }
+}
+
+async fn sent_count(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count sent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_transaction_killed_midway_comes_out_exactly_once() {
+    let env = TestEnv::new("big-txn", Mode::Replication).await;
+    // A column of the service's own: rows are read by column name.
+    sqlx::raw_sql("ALTER TABLE outbox ADD COLUMN tenant text DEFAULT 'acme'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let rows = 3000;
+
+    let mut relay = env.spawn_relay_process();
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let written = write_big_transaction(&env, rows).await;
+
+    // Kill it twice while the transaction is part-way through Kafka: the
+    // slot cannot be confirmed inside a transaction, so each restart
+    // replays it from its first row and must skip what the checkpoint
+    // already covers.
+    for kill in 1..=2 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let floor = sent_count(&env).await;
+        loop {
+            let sent = sent_count(&env).await;
+            if sent > floor || sent == rows {
+                break;
+            }
+            assert!(Instant::now() < deadline, "relay published nothing in 60s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        signal(&relay, "KILL");
+        let _ = relay.wait();
+        eprintln!(
+            "big transaction: kill {kill} with {} of {rows} rows marked sent",
+            sent_count(&env).await
+        );
+        relay = env.spawn_relay_process();
+    }
+    env.wait_all_sent(Duration::from_secs(120)).await;
+    signal(&relay, "TERM");
+    assert!(relay.wait().expect("relay exits").success());
+
+    assert_exactly_once(&env, &written).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_outbox_does_not_pin_wal() {
+    let env = TestEnv::new("idle-slot", Mode::Replication).await;
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let before = write_orders(&env.pool, 0, 5, 3).await;
+    env.wait_all_sent(Duration::from_secs(30)).await;
+
+    // Lots of WAL from another table and nothing for the outbox.
+    sqlx::raw_sql(
+        "CREATE TABLE noise (id bigserial PRIMARY KEY, body text); \
+         INSERT INTO noise (body) SELECT repeat('n', 500) FROM generate_series(1, 20000);",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let (confirmed_before, wal_after_noise) = env.slot_positions().await;
+    let confirmed_before = confirmed_before.expect("slot exists");
+    assert!(
+        wal_after_noise - confirmed_before > 5_000_000,
+        "the noise should be megabytes of WAL past the slot"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (confirmed, _) = env.slot_positions().await;
+        if confirmed.expect("slot exists") >= wal_after_noise {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "confirmed_flush_lsn stayed {} bytes behind the WAL written by other tables",
+            wal_after_noise - confirmed.unwrap_or(0)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // And it still streams afterwards.
+    let after = write_orders(&env.pool, 1, 5, 3).await;
+    env.wait_all_sent(Duration::from_secs(30)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    assert_exactly_once(&env, &Written::combined([before, after])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_slot_is_recovered_from_the_table_without_duplicates() {
+    let env = TestEnv::new("lost-slot", Mode::Replication).await;
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let streamed = write_orders(&env.pool, 0, 60, 8).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(env.slot_name())
+        .execute(&env.pool)
+        .await
+        .expect("drop the slot");
+    let while_down = write_orders(&env.pool, 1, 60, 8).await;
+
+    // `halt` stops and says why, publishing nothing.
+    env.replace_in_config(
+        "  batch_size: 100\n",
+        "  batch_size: 100\n  on_slot_lost: halt\n",
+    );
+    let halted = InProcessRelay::start(env.config())
+        .finished(Duration::from_secs(60))
+        .await
+        .expect_err("on_slot_lost: halt stops the relay");
+    assert!(
+        halted.message.contains("is gone") && halted.message.contains("on_slot_lost"),
+        "{halted}"
+    );
+    assert!(env.unsent().await > 0);
+
+    // `recover` publishes the unsent rows, then streams from a new slot,
+    // while writers keep committing through the switch.
+    env.replace_in_config("  on_slot_lost: halt\n", "");
+    let writing = Arc::new(AtomicBool::new(true));
+    let live_writer = {
+        let pool = env.pool.clone();
+        let writing = Arc::clone(&writing);
+        tokio::spawn(async move {
+            let mut parts = Vec::new();
+            while writing.load(Ordering::SeqCst) {
+                parts.push(write_orders(&pool, 2, 10, 8).await);
+            }
+            Written::combined(parts)
+        })
+    };
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    writing.store(false, Ordering::SeqCst);
+    let live = live_writer.await.expect("live writer");
+    let after = write_orders(&env.pool, 3, 10, 8).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+
+    assert_exactly_once(
+        &env,
+        &Written::combined([streamed, while_down, live, after]),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_to_polling_where_wal_level_is_replica() {
+    let server = std::env::var("OUTBOXD_TEST_PG_NOLOGICAL_URL").expect(
+        "OUTBOXD_TEST_PG_NOLOGICAL_URL is not set: run `make test`, whose stack starts a \
+         second Postgres with wal_level=replica",
+    );
+    let _ = servers();
+    let env = TestEnv::new_on(&server, "auto-fallback", Mode::Auto).await;
+    let written = write_orders(&env.pool, 0, 40, 5).await;
+    env.relay_until_all_sent(Duration::from_secs(60)).await;
+    assert_exactly_once(&env, &written).await;
+    let slots: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(slots, 0, "polling creates no slot");
+
+    // Asking for replication there is a clear error, not a silent fallback.
+    env.replace_in_config("  mode: auto\n", "  mode: replication\n");
+    let error = InProcessRelay::start(env.config())
+        .finished(Duration::from_secs(60))
+        .await
+        .expect_err("replication is impossible with wal_level=replica");
+    assert!(error.message.contains("wal_level is `replica`"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_streams_where_the_server_allows_it() {
+    let env = TestEnv::new("auto-streams", Mode::Auto).await;
+    let relay = InProcessRelay::start(env.config());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let active: Option<bool> =
+            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(env.slot_name())
+                .fetch_optional(&env.pool)
+                .await
+                .unwrap();
+        if active == Some(true) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "auto did not start streaming");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let written = write_orders(&env.pool, 0, 20, 4).await;
+    env.wait_all_sent(Duration::from_secs(30)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    assert_exactly_once(&env, &written).await;
+}
