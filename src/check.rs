@@ -8,7 +8,8 @@ use std::fmt;
 
 use sqlx::{Connection, PgConnection};
 
-use crate::config::{secret, Config};
+use crate::capture::slot;
+use crate::config::{secret, CaptureMode, Config, SlotLostPolicy};
 use crate::kafka::topics::{self, TopicState};
 use crate::schema;
 use crate::table::OutboxTable;
@@ -124,6 +125,131 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
                 );
             }
         }
+    }
+    check_capture(config, &mut connection, &table, findings).await;
+}
+
+/// Which capture mode the relay will use and, for replication, the state
+/// of the publication and the slot.
+async fn check_capture(
+    config: &Config,
+    connection: &mut PgConnection,
+    table: &OutboxTable,
+    findings: &mut Findings,
+) {
+    if config.capture.mode == CaptureMode::Polling {
+        findings.push(Status::Ok, "capture", "mode polling (as configured)");
+        return;
+    }
+    let support = match slot::server_support(connection).await {
+        Ok(support) => support,
+        Err(e) => return findings.push(Status::Failed, "capture", e.message),
+    };
+    let facts = format!(
+        "wal_level = {}, role may replicate: {}, max_replication_slots = {}",
+        support.wal_level,
+        if support.can_replicate { "yes" } else { "no" },
+        support.max_replication_slots
+    );
+    match (config.capture.mode, support.replication_unavailable()) {
+        (CaptureMode::Replication, Some(reason)) => {
+            return findings.push(
+                Status::Failed,
+                "capture",
+                format!("mode replication is impossible: {reason} ({facts})"),
+            )
+        }
+        (_, Some(reason)) => {
+            return findings.push(
+                Status::Warning,
+                "capture",
+                format!("mode auto will poll, because {reason} ({facts})"),
+            )
+        }
+        (_, None) => findings.push(Status::Ok, "capture", format!("replication ({facts})")),
+    }
+
+    let publication = &config.postgres.publication;
+    match slot::inspect_publication(connection, publication, table).await {
+        Err(e) => findings.push(Status::Failed, "publication", e.message),
+        Ok(None) => findings.push(
+            Status::Warning,
+            "publication",
+            format!("`{publication}` is missing; the relay creates it at start (it must own the table), or run `outboxd migrate`"),
+        ),
+        Ok(Some(info)) if !info.includes_table || !info.publishes_inserts => findings.push(
+            Status::Failed,
+            "publication",
+            format!("`{publication}` does not publish inserts into {}; add the table or choose another postgres.publication", table.qualified()),
+        ),
+        Ok(Some(info)) => findings.push(
+            if info.other_tables > 0 || info.publishes_other_changes { Status::Warning } else { Status::Ok },
+            "publication",
+            format!(
+                "`{publication}` publishes inserts into {}{}{}",
+                table.display_name(),
+                if info.other_tables > 0 { format!(", and {} other tables (decoded, then ignored)", info.other_tables) } else { String::new() },
+                if info.publishes_other_changes { "; also updates/deletes/truncates (see capture.other_changes)" } else { "" },
+            ),
+        ),
+    }
+
+    let slot_name = config.slot_name();
+    let database: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(&mut *connection)
+        .await
+        .unwrap_or_default();
+    match slot::inspect(connection, &slot_name).await {
+        Err(e) => findings.push(Status::Failed, "replication slot", e.message),
+        Ok(None) => findings.push(
+            Status::Ok,
+            "replication slot",
+            format!("`{slot_name}` does not exist yet; the relay creates it and first publishes the unsent rows from the table"),
+        ),
+        Ok(Some(info)) if info.is_lost() => findings.push(
+            if config.capture.on_slot_lost == SlotLostPolicy::Halt { Status::Failed } else { Status::Warning },
+            "replication slot",
+            format!(
+                "`{slot_name}` is lost (wal_status = lost); the relay {}",
+                if config.capture.on_slot_lost == SlotLostPolicy::Halt {
+                    "halts (capture.on_slot_lost: halt)"
+                } else {
+                    "replaces it and publishes the unsent rows from the table"
+                }
+            ),
+        ),
+        Ok(Some(info)) => match info.unusable_because(&database) {
+            Some(reason) => findings.push(Status::Failed, "replication slot", reason),
+            None => findings.push(
+                Status::Ok,
+                "replication slot",
+                format!(
+                    "`{slot_name}`: wal_status {}, retains {} of WAL, confirmed up to {}, {}",
+                    info.wal_status.as_deref().unwrap_or("unknown"),
+                    human_bytes(info.retained_bytes.unwrap_or(0)),
+                    info.confirmed_flush.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+                    match info.active_pid {
+                        Some(pid) => format!("streamed by backend pid {pid}"),
+                        None => "not streamed right now".into(),
+                    }
+                ),
+            ),
+        },
+    }
+}
+
+fn human_bytes(bytes: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
     }
 }
 

@@ -2,8 +2,9 @@
 //! reports what is missing without printing secrets, `migrate` is idempotent.
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
-use crate::support::{Mode, TestEnv};
+use crate::support::{InProcessRelay, Mode, TestEnv};
 
 fn outboxd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_outboxd"))
@@ -159,5 +160,37 @@ async fn an_unreachable_broker_is_retried_until_shutdown() {
         env.unsent().await,
         1,
         "nothing was acknowledged without Kafka"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_capture_mode_and_the_slot() {
+    let env = TestEnv::new("check-slot", Mode::Replication).await;
+    let config = env.config_path.to_str().unwrap().to_string();
+    let before = text(&outboxd(&["check", "--config", &config]));
+    assert!(
+        before.contains("[ok  ] capture: replication (wal_level = logical"),
+        "{before}"
+    );
+    assert!(before.contains("does not exist yet"), "{before}");
+
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let streaming = outboxd(&["check", "--config", &config]);
+    let all = text(&streaming);
+    assert!(streaming.status.success(), "{all}");
+    assert!(all.contains("wal_status reserved, retains"), "{all}");
+    assert!(all.contains("streamed by backend pid"), "{all}");
+    relay.stop().await.expect("relay stops cleanly");
+
+    let nological = std::env::var("OUTBOXD_TEST_PG_NOLOGICAL_URL")
+        .expect("OUTBOXD_TEST_PG_NOLOGICAL_URL is set by `make test`");
+    let env = TestEnv::new_on(&nological, "check-nological", Mode::Replication).await;
+    let refused = outboxd(&["check", "--config", env.config_path.to_str().unwrap()]);
+    let all = text(&refused);
+    assert!(!refused.status.success(), "{all}");
+    assert!(
+        all.contains("[FAIL] capture: mode replication is impossible: wal_level is `replica`"),
+        "{all}"
     );
 }

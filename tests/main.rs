@@ -11,3 +11,4 @@ mod exactly_once;
 mod leader;
 mod poison;
 mod replication;
+mod retention;
