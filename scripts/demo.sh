@@ -31,6 +31,9 @@ for _ in $(seq 1 300); do
   sleep 0.2
 done
 
+say "capture mode (capture.mode: auto)"
+sed 's/\x1b\[[0-9;]*m//g' "$work/outboxd.log" | grep -E "capture mode auto chose|created the replication slot" || true
+
 say "order service: placing orders in real business transactions (every fifth rolls back)"
 "$bin/examples/order_service" write "$OUTBOXD_TEST_PG_URL" 25
 
@@ -50,6 +53,12 @@ done
 
 say "relay lag (from the outbox table)"
 psql "$OUTBOXD_TEST_PG_URL" -P pager=off -c "$lag_sql"
+
+say "replication slot lag (WAL the slot still holds, and how far its confirmed position is behind)"
+psql "$OUTBOXD_TEST_PG_URL" -P pager=off -c "SELECT slot_name, plugin, active, wal_status,
+       pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)) AS retained_wal,
+       pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)) AS confirmed_behind
+FROM pg_replication_slots"
 
 say "events in Kafka, read with isolation.level=read_committed"
 "$bin/examples/order_service" consume "$OUTBOXD_TEST_KAFKA" outbox.Order payments.captured
