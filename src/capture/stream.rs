@@ -102,6 +102,8 @@ pub struct Assembler {
     relations: HashMap<u32, Option<RowLayout>>,
     transaction: Option<OpenTransaction>,
     resume_after: Option<SourcePosition>,
+    /// Other changes are logged once per session, not once per row.
+    warned_other_changes: bool,
     /// Events dropped because the checkpoint already covers them.
     pub skipped: u64,
 }
@@ -120,6 +122,7 @@ impl Assembler {
             relations: HashMap::new(),
             transaction: None,
             resume_after,
+            warned_other_changes: false,
             skipped: 0,
         }
     }
@@ -217,19 +220,23 @@ impl Assembler {
         Ok(Some(Captured::Event(event)))
     }
 
-    fn other_change(&self, kind: &str, relation_ids: &[u32]) {
+    fn other_change(&mut self, kind: &str, relation_ids: &[u32]) {
         let touches_outbox = relation_ids
             .iter()
             .any(|id| matches!(self.relations.get(id), Some(Some(_))))
             // A truncate may name relations never sent before.
             || relation_ids.iter().any(|id| !self.relations.contains_key(id));
-        if touches_outbox && self.other_changes == OtherChangesPolicy::Warn {
+        if touches_outbox
+            && self.other_changes == OtherChangesPolicy::Warn
+            && !self.warned_other_changes
+        {
+            self.warned_other_changes = true;
             tracing::warn!(
                 change = kind,
                 table = %format!("{}.{}", self.schema, self.table),
                 "the publication sends a change other than INSERT on the outbox table; outboxd \
-                 publishes only inserts and ignored it. Use a publication WITH (publish = 'insert'), \
-                 or set capture.other_changes: ignore"
+                 publishes only inserts and ignored it (and ignores any more, without logging each). \
+                 Use a publication WITH (publish = 'insert'), or set capture.other_changes: ignore"
             );
         }
     }

@@ -218,6 +218,7 @@ impl Context {
         match mode {
             CaptureMode::Replication => replication::run(&mut session, latest.as_ref()).await,
             _ => {
+                warn_if_a_slot_is_left(&mut session.connection, &config.slot_name()).await;
                 let wakeup = Wakeup::listen(
                     &self.connect_options,
                     &config.postgres.notify_channel,
@@ -244,6 +245,20 @@ struct Session<'a> {
     deliverer: Deliverer<'a>,
     payload_encoding: PayloadEncoding,
     stop: watch::Receiver<bool>,
+}
+
+/// Polling never reads this relay's replication slot; if one is left from
+/// running in replication mode, it keeps WAL on the server for nothing.
+async fn warn_if_a_slot_is_left(connection: &mut PgConnection, slot_name: &str) {
+    if let Ok(Some(info)) = slot::inspect(connection, slot_name).await {
+        tracing::warn!(
+            slot = slot_name,
+            retained_bytes = info.retained_bytes,
+            "capture is polling, but this relay's replication slot still exists and makes Postgres \
+             keep WAL for it. Drop it (SELECT pg_drop_replication_slot('{slot_name}')) if you stay \
+             with polling; replication mode would reuse it safely"
+        );
+    }
 }
 
 /// Resolves `auto` (replication where the server and role allow it, else
