@@ -259,3 +259,44 @@ async fn auto_streams_where_the_server_allows_it() {
     relay.stop().await.expect("relay stops cleanly");
     assert_exactly_once(&env, &written).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_least_privilege_role_streams_with_a_scram_password() {
+    let env = TestEnv::new("scram", Mode::Replication).await;
+    let role = format!("it_scram_{}", std::process::id());
+    // The stack's pg_hba.conf makes members of scram_auth use SCRAM-SHA-256.
+    for statement in [
+        "DO $$ BEGIN CREATE ROLE scram_auth NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+            .to_string(),
+        format!("DROP ROLE IF EXISTS {role}"),
+        format!("CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'scr@m secret' IN ROLE scram_auth"),
+        format!("GRANT SELECT, UPDATE (sent_at) ON outbox TO {role}"),
+    ] {
+        sqlx::raw_sql(&statement).execute(&env.pool).await.unwrap();
+    }
+    let url = env.database_url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://{role}:scr%40m%20secret@"),
+        1,
+    );
+    env.replace_in_config(&env.database_url, &url);
+
+    let written = write_orders(&env.pool, 0, 30, 4).await;
+    env.relay_until_all_sent(Duration::from_secs(60)).await;
+    assert_exactly_once(&env, &written).await;
+    let slot_user_streamed: bool =
+        sqlx::query_scalar("SELECT count(*) = 1 FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(env.slot_name())
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(slot_user_streamed, "the role created its slot");
+
+    // A wrong password is an error that says what to check.
+    env.replace_in_config("scr%40m%20secret", "wrong");
+    let error = InProcessRelay::start(env.config())
+        .finished(Duration::from_secs(60))
+        .await
+        .expect_err("a wrong password stops the relay");
+    assert!(error.message.contains("password"), "{error}");
+}

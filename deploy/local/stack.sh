@@ -157,9 +157,13 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 EOF
+    # Members of scram_auth must log in with a SCRAM-SHA-256 password, so
+    # tests can check both the SQL and the replication connection's auth;
+    # everyone else is trusted.
     cat >"$data/pg_hba.conf" <<EOF
-host all         all 127.0.0.1/32 trust
-host replication all 127.0.0.1/32 trust
+host all         +scram_auth 127.0.0.1/32 scram-sha-256
+host all         all         127.0.0.1/32 trust
+host replication all         127.0.0.1/32 trust
 EOF
 
     say "postgres: starting on 127.0.0.1:$port"
