@@ -155,6 +155,10 @@ logical_decoding_work_mem = 64kB
 # Throwaway data: durability is not needed, speed is.
 fsync = off
 synchronous_commit = off
+# Logical decoding only reads WAL that is flushed; with asynchronous commit
+# the WAL writer flushes every wal_writer_delay (200ms by default), which
+# would show up as replication latency.
+wal_writer_delay = 10ms
 full_page_writes = off
 EOF
     # Members of scram_auth must log in with a SCRAM-SHA-256 password, so
