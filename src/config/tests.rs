@@ -52,6 +52,11 @@ fn load_error(text: &str) -> String {
     error
 }
 
+fn load(text: &str) -> Config {
+    let file = write_config(text);
+    Config::load(&file.0).unwrap()
+}
+
 #[test]
 fn minimal_config_gets_debezium_defaults() {
     let file = write_config(MINIMAL);
@@ -100,6 +105,29 @@ fn bad_values_name_their_key() {
     let error =
         load_error(&MINIMAL.replace("name: orders", "name: orders\n  after_publish: archive"));
     assert!(error.contains("archive"), "{error}");
+}
+
+#[test]
+fn capture_defaults_to_auto_with_a_slot_named_after_the_relay() {
+    let config = load(&MINIMAL.replace("name: orders", "name: order-relay"));
+    assert_eq!(config.capture.mode, CaptureMode::Auto);
+    assert_eq!(config.slot_name(), "outboxd_order_relay");
+    assert_eq!(config.capture.on_slot_lost, SlotLostPolicy::Recover);
+}
+
+#[test]
+fn slot_names_follow_postgres_rules() {
+    for bad in ["Orders", "orders-slot", "ordérs", &"s".repeat(64)] {
+        let error = load_error(&format!("{MINIMAL}capture:\n  slot: \"{bad}\"\n"));
+        assert!(error.contains("capture.slot"), "{bad}: {error}");
+    }
+    let config = load(&format!(
+        "{MINIMAL}capture:\n  mode: replication\n  slot: orders_1\n"
+    ));
+    assert_eq!(config.slot_name(), "orders_1");
+    assert_eq!(config.capture.mode, CaptureMode::Replication);
+    let error = load_error(&format!("{MINIMAL}capture:\n  mode: logical\n"));
+    assert!(error.contains("logical"), "{error}");
 }
 
 #[test]
