@@ -83,6 +83,7 @@ mod tests {
             headers_json: None,
             trace_parent: None,
             position: None,
+            committed_at: None,
         }
     }
 

@@ -26,6 +26,9 @@ pub struct OutboxEvent {
     pub trace_parent: Option<String>,
     /// Where replication capture found the row; `None` from polling.
     pub position: Option<SourcePosition>,
+    /// When the row's transaction committed (replication) or its
+    /// `created_at` (polling): where the latency metric starts.
+    pub committed_at: Option<std::time::SystemTime>,
 }
 
 /// An event's place in the replication stream: its transaction's commit

@@ -34,14 +34,18 @@ pub mod check;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod http;
 pub mod kafka;
+pub mod lag;
 pub mod leader;
 pub mod logging;
+pub mod metrics;
 pub mod migrate;
 pub mod relay;
 pub mod retention;
 pub mod routing;
 pub mod schema;
+pub mod status;
 pub mod table;
 
 pub use config::Config;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use outboxd::check::Status;
 use outboxd::config::Config;
-use outboxd::{logging, migrate, relay, table::OutboxTable};
+use outboxd::metrics::Metrics;
+use outboxd::{http, logging, migrate, relay, status, table::OutboxTable};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -14,6 +15,7 @@ Examples:
   outboxd migrate --config /etc/outboxd/outboxd.yaml   # create the outbox table (idempotent)
   outboxd migrate --config outboxd.yaml --print        # show the SQL instead
   outboxd run     --config /etc/outboxd/outboxd.yaml   # relay until SIGTERM
+  outboxd status  --config /etc/outboxd/outboxd.yaml   # how far behind is it? (--json)
   OUTBOXD__KAFKA__BOOTSTRAP_SERVERS=kafka:9092 outboxd run --config outboxd.yaml
 
 Every config key can be overridden from the environment as OUTBOXD__SECTION__KEY.";
@@ -46,14 +48,23 @@ enum Command {
         #[arg(long, short, env = "OUTBOXD_CONFIG")]
         config: PathBuf,
     },
+    /// Show the lag: pending rows, oldest unsent age, slot, last checkpoint, leader.
+    Status {
+        #[arg(long, short, env = "OUTBOXD_CONFIG")]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config_path = match &cli.command {
-        Command::Run { config } | Command::Migrate { config, .. } | Command::Check { config } => {
-            config.clone()
-        }
+        Command::Run { config }
+        | Command::Migrate { config, .. }
+        | Command::Check { config }
+        | Command::Status { config, .. } => config.clone(),
     };
     let config = match Config::load(&config_path) {
         Ok(config) => config,
@@ -78,6 +89,7 @@ fn main() -> ExitCode {
             Command::Run { .. } => run(config).await,
             Command::Migrate { print, .. } => migrate_command(config, print).await,
             Command::Check { .. } => check(config).await,
+            Command::Status { json, .. } => status_command(config, json).await,
         }
     })
 }
@@ -92,7 +104,25 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match relay::run(config, shutdown).await {
+    let metrics = Metrics::new(&config.relay.name);
+    let listener = match http::bind(config.http.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        listen = %config.http.listen,
+        "serving /metrics, /healthz and /readyz"
+    );
+    // Served until the process exits, so the last state stays visible.
+    tokio::spawn(http::serve(
+        listener,
+        std::sync::Arc::clone(&metrics),
+        std::future::pending(),
+    ));
+    match relay::run(config, metrics, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(kind = ?error.kind, "relay stopped: {error}");
@@ -149,6 +179,26 @@ async fn check(config: Config) -> ExitCode {
     } else {
         println!("all checks passed");
         ExitCode::SUCCESS
+    }
+}
+
+async fn status_command(config: Config, json: bool) -> ExitCode {
+    match status::read(&config).await {
+        Ok(status) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&status).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            print!("{status}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -128,7 +128,7 @@ impl OutboxTable {
         };
         format!(
             "SELECT {seq}::bigint, {id}::text, {aggregate_type}::text, {aggregate_id}::text, {event_type}::text, \
-             {payload_expr}, {headers}, {trace} \
+             {payload_expr}, {headers}, {trace}, EXTRACT(EPOCH FROM {created_at})::float8 \
              FROM {table} WHERE {sent_at} IS NULL{extra_condition} ORDER BY {seq} LIMIT $1 FOR UPDATE SKIP LOCKED",
             seq = quote_ident(&c.seq),
             id = quote_ident(&c.id),
@@ -137,6 +137,7 @@ impl OutboxTable {
             event_type = quote_ident(&c.event_type),
             headers = optional_text(&c.headers),
             trace = optional_text(&c.tracing_span_context),
+            created_at = quote_ident(&c.created_at),
             table = self.qualified(),
             sent_at = quote_ident(&c.sent_at),
         )

@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod exactly_once;
 mod leader;
+mod operations;
 mod poison;
 mod replication;
 mod retention;

@@ -45,5 +45,12 @@ fn event_from_row(row: &PgRow) -> Result<OutboxEvent> {
         headers_json: row.try_get(6).map_err(decode)?,
         trace_parent: row.try_get(7).map_err(decode)?,
         position: None,
+        committed_at: row
+            .try_get::<Option<f64>, _>(8)
+            .map_err(decode)?
+            .and_then(|epoch| {
+                std::time::SystemTime::UNIX_EPOCH
+                    .checked_add(std::time::Duration::try_from_secs_f64(epoch).ok()?)
+            }),
     })
 }

@@ -14,6 +14,7 @@
 //! inserts into any other table in the publication are ignored.
 
 use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
 
 use super::lsn::Lsn;
 use super::pgoutput::{Message, Relation, Tuple, Value};
@@ -27,6 +28,9 @@ use crate::table::OutboxTable;
 const BYTEA_OID: u32 = 17;
 
 /// What one stream item means for the relay.
+// Not boxed: every event moves straight into the batch, and a box would
+// cost an allocation per row for a value that lives a few instructions.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Captured {
     Event(OutboxEvent),
@@ -89,7 +93,19 @@ impl RowLayout {
 #[derive(Debug, Clone, Copy)]
 struct OpenTransaction {
     commit_lsn: Lsn,
+    committed_at: Option<SystemTime>,
     next_index: u32,
+}
+
+/// Seconds from the Unix epoch to Postgres' epoch, 2000-01-01.
+const POSTGRES_EPOCH_UNIX_SECONDS: u64 = 946_684_800;
+
+/// A pgoutput timestamp (microseconds since 2000-01-01) as a `SystemTime`.
+fn postgres_time(micros: i64) -> Option<SystemTime> {
+    let since_2000 = Duration::from_micros(u64::try_from(micros).ok()?);
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::from_secs(POSTGRES_EPOCH_UNIX_SECONDS))?
+        .checked_add(since_2000)
 }
 
 /// Turns stream items into [`Captured`] items; one per replication session.
@@ -145,7 +161,11 @@ impl Assembler {
             StreamItem::Message(message) => message,
         };
         match message {
-            Message::Begin { final_lsn, .. } => {
+            Message::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => {
                 if let Some(open) = self.transaction {
                     return Err(protocol_error(format!(
                         "a transaction began at {final_lsn} before the one committing at {} ended",
@@ -154,6 +174,7 @@ impl Assembler {
                 }
                 self.transaction = Some(OpenTransaction {
                     commit_lsn: final_lsn,
+                    committed_at: postgres_time(commit_time_micros),
                     next_index: 0,
                 });
                 Ok(None)
@@ -216,7 +237,9 @@ impl Assembler {
             self.skipped += 1;
             return Ok(None);
         }
-        let event = event_from_tuple(layout, new, position)?;
+        let committed_at = transaction.committed_at;
+        let mut event = event_from_tuple(layout, new, position)?;
+        event.committed_at = committed_at;
         Ok(Some(Captured::Event(event)))
     }
 
@@ -332,6 +355,7 @@ fn event_from_tuple(
         headers_json,
         trace_parent,
         position: Some(position),
+        committed_at: None,
     })
 }
 

@@ -35,6 +35,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -57,6 +59,14 @@ pub struct RelayConfig {
     /// them. Only with `after_publish: mark`.
     #[serde(default, deserialize_with = "duration::deserialize_optional")]
     pub retention: Option<Duration>,
+    /// On SIGTERM/SIGINT: how long the relay may take to finish the Kafka
+    /// transaction in flight and acknowledge it before it gives up on it
+    /// (safe either way: what is not acknowledged is published after restart).
+    #[serde(
+        default = "defaults::shutdown_grace",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -307,6 +317,22 @@ pub enum KeyColumn {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`. Loopback by default;
+    /// in a container set `0.0.0.0:9464` so probes and Prometheus reach it.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `human` for a terminal, `json` for a log pipeline.
     pub format: LogFormat,
@@ -348,6 +374,9 @@ mod defaults {
     }
     pub fn transaction_timeout() -> Duration {
         Duration::from_secs(60)
+    }
+    pub fn shutdown_grace() -> Duration {
+        Duration::from_secs(30)
     }
     pub fn max_message_bytes() -> usize {
         1_000_000

@@ -17,6 +17,7 @@ use crate::error::{ErrorKind, Result};
 use crate::event::{OutboxEvent, SourcePosition};
 use crate::kafka::checkpoint::Checkpoint;
 use crate::kafka::publisher::{PublishError, Publisher};
+use crate::metrics::{Metrics, RelayState};
 use crate::routing::Router;
 
 /// How often the relay logs what it has done.
@@ -48,6 +49,7 @@ pub struct Deliverer<'a> {
     rejected_by_broker: HashMap<i64, String>,
     progress: Progress,
     last_progress_log: Instant,
+    metrics: &'a Metrics,
 }
 
 impl<'a> Deliverer<'a> {
@@ -56,7 +58,10 @@ impl<'a> Deliverer<'a> {
         publisher: Publisher,
         table_name: &'a str,
         on_poison: PoisonPolicy,
+        metrics: &'a Metrics,
     ) -> Deliverer<'a> {
+        // The publisher is connected and fenced: from here this instance relays.
+        metrics.set_state(RelayState::Leading);
         Deliverer {
             router,
             publisher,
@@ -65,6 +70,7 @@ impl<'a> Deliverer<'a> {
             rejected_by_broker: HashMap::new(),
             progress: Progress::default(),
             last_progress_log: Instant::now(),
+            metrics,
         }
     }
 
@@ -97,6 +103,19 @@ impl<'a> Deliverer<'a> {
             let started = Instant::now();
             match self.publisher.publish(&batch.records, &checkpoint).await {
                 Ok(()) => {
+                    let published_topics: Vec<&str> = batch
+                        .records
+                        .iter()
+                        .zip(&batch.record_seqs)
+                        .filter(|(_, seq)| !batch.dead_lettered.contains(seq))
+                        .map(|(record, _)| record.topic.as_str())
+                        .collect();
+                    let committed_at: Vec<_> = events.iter().map(|e| e.committed_at).collect();
+                    self.metrics.committed(
+                        &published_topics,
+                        batch.dead_lettered.len(),
+                        &committed_at,
+                    );
                     for seq in &batch.dead_lettered {
                         self.rejected_by_broker.remove(seq);
                     }
@@ -126,9 +145,12 @@ impl<'a> Deliverer<'a> {
                     );
                     self.rejected_by_broker.insert(seq, reason);
                     self.progress.aborted += 1;
+                    self.metrics.aborted();
                 }
                 Err(PublishError::Failed(error)) if error.kind == ErrorKind::AbortAndResend => {
                     self.progress.aborted += 1;
+                    self.metrics.aborted();
+                    self.metrics.error(error.kind);
                     let delay = resend_backoff.next().unwrap_or(Duration::from_secs(30));
                     tracing::warn!(
                         %error,

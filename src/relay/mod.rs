@@ -17,6 +17,7 @@ mod polling;
 mod replication;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -32,24 +33,25 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::kafka::checkpoint;
 use crate::kafka::publisher::Publisher;
 use crate::kafka::topics;
+use crate::lag;
 use crate::leader;
+use crate::metrics::{Metrics, RelayState};
 use crate::retention;
 use crate::routing::Router;
 use crate::schema;
 use crate::table::{OutboxTable, PayloadEncoding};
 use deliver::Deliverer;
+
 /// A session that ran this long without failing resets the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
-/// How long a session may take to finish its batch after shutdown is
-/// requested before it is abandoned. Abandoning is safe: nothing of the
-/// batch was acknowledged, so it is published exactly once after restart.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the relay until `shutdown` resolves (then returns `Ok`) or a
 /// failure that must stop it (then returns the error). Transient failures
-/// are retried here with exponential backoff.
+/// are retried here with exponential backoff. Everything it does shows in
+/// `metrics`.
 pub async fn run(
     config: Config,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let (stop_sender, stop) = watch::channel(false);
@@ -57,7 +59,15 @@ pub async fn run(
         shutdown.await;
         let _ = stop_sender.send(true);
     });
-    let context = Context::new(config)?;
+    let context = Context::new(config, Arc::clone(&metrics))?;
+    let _sampler = AbortOnDrop(lag::spawn(
+        &context.config,
+        context.connect_options.clone(),
+        &context.table,
+        Arc::clone(&metrics),
+        stop.clone(),
+    ));
+    let grace = context.config.relay.shutdown_grace;
     let mut backoff = new_backoff();
     loop {
         let started = Instant::now();
@@ -65,22 +75,35 @@ pub async fn run(
         tokio::pin!(session);
         let outcome = tokio::select! {
             outcome = &mut session => outcome,
-            _ = grace_after_stop(stop.clone()) => {
+            _ = grace_after_stop(stop.clone(), grace) => {
+                metrics.set_state(RelayState::Stopping);
                 tracing::warn!(
-                    grace = ?SHUTDOWN_GRACE,
-                    "shutdown grace period passed while waiting on Kafka or Postgres; abandoning the \
+                    ?grace,
+                    "relay.shutdown_grace passed while waiting on Kafka or Postgres; abandoning the \
                      unacknowledged batch, which is published exactly once after restart"
                 );
                 return Ok(());
             }
         };
+        let was_leading = metrics.state() == RelayState::Leading;
+        metrics.set_state(RelayState::Stopping);
         match outcome {
             Ok(()) => {
-                tracing::info!("shutdown requested; relay stopped");
+                tracing::info!("shutdown requested; relay stopped and released the leader lock");
                 return Ok(());
             }
-            Err(error) if error.kind == ErrorKind::Stop => return Err(error),
+            Err(error) if error.kind == ErrorKind::Stop => {
+                metrics.error(error.kind);
+                return Err(error);
+            }
             Err(error) => {
+                metrics.error(error.kind);
+                metrics.set_state(RelayState::Retrying);
+                if was_leading {
+                    tracing::warn!(
+                        "leadership ended with the failed session; the lock is released"
+                    );
+                }
                 if started.elapsed() > HEALTHY_SESSION {
                     backoff = new_backoff();
                 }
@@ -103,15 +126,24 @@ pub async fn run(
     }
 }
 
-/// Resolves `SHUTDOWN_GRACE` after shutdown was requested.
-async fn grace_after_stop(mut stop: watch::Receiver<bool>) {
+/// Resolves `grace` after shutdown was requested.
+async fn grace_after_stop(mut stop: watch::Receiver<bool>, grace: Duration) {
     while !*stop.borrow() {
         if stop.changed().await.is_err() {
             // The sender lives as long as the shutdown future; if it is gone, never fire.
             std::future::pending::<()>().await;
         }
     }
-    tokio::time::sleep(SHUTDOWN_GRACE).await;
+    tokio::time::sleep(grace).await;
+}
+
+/// Ends a background task with the relay.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn new_backoff() -> impl Iterator<Item = Duration> {
@@ -132,10 +164,11 @@ struct Context {
     router: Router,
     acknowledger: Acknowledger,
     connect_options: PgConnectOptions,
+    metrics: Arc<Metrics>,
 }
 
 impl Context {
-    fn new(config: Config) -> Result<Context> {
+    fn new(config: Config, metrics: Arc<Metrics>) -> Result<Context> {
         let table = OutboxTable::from_config(&config.postgres)
             .map_err(|e| Error::stop(format!("postgres.{e}")))?;
         let router =
@@ -154,6 +187,7 @@ impl Context {
             table,
             router,
             connect_options,
+            metrics,
         })
     }
 
@@ -168,10 +202,15 @@ impl Context {
         if let Some(problem) = report.problems(&self.table).into_iter().next() {
             return Err(Error::stop(problem));
         }
+        self.metrics.set_state(RelayState::Standby);
         if !leader::acquire(&mut connection, &config.relay.name, &mut stop).await? {
             return Ok(());
         }
         let mode = choose_mode(config.capture.mode, &mut connection).await?;
+        self.metrics.set_capture_mode(match mode {
+            CaptureMode::Replication => "replication",
+            _ => "polling",
+        });
         if mode == CaptureMode::Polling && !report.has_notify_trigger {
             tracing::warn!(
                 table = %self.table_name,
@@ -211,6 +250,7 @@ impl Context {
                 publisher,
                 &self.table_name,
                 config.relay.on_poison,
+                &self.metrics,
             ),
             payload_encoding: report.payload_encoding,
             stop,

@@ -12,6 +12,7 @@ fn event(aggregate_type: &str, event_type: &str) -> OutboxEvent {
         headers_json: None,
         trace_parent: None,
         position: None,
+        committed_at: None,
     }
 }
 

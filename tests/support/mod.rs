@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod http;
 pub mod kafka;
 pub mod workload;
 
@@ -173,7 +174,8 @@ impl TestEnv {
              kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {prefix}.checkpoints\n  transaction_timeout: 20s\n{kafka_overrides}\
              capture:\n  mode: {mode}\n  batch_size: 100\n  poll_interval: 200ms\n\
              routing:\n  topic: \"{prefix}.${{aggregatetype}}\"\n  dead_letter_topic: {prefix}.dlq\n\
-             log:\n  level: info,librdkafka=warn,rdkafka=warn\n",
+             log:\n  level: info,librdkafka=warn,rdkafka=warn\n\
+             http:\n  listen: 127.0.0.1:0\n",
             name = self.relay_name(),
             url = self.database_url,
             kafka = self.kafka,
@@ -312,19 +314,41 @@ fn replace_database(url: &str, database: &str) -> String {
 pub struct InProcessRelay {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<Result<(), outboxd::Error>>,
+    pub metrics: std::sync::Arc<outboxd::metrics::Metrics>,
 }
 
 impl InProcessRelay {
     pub fn start(config: Config) -> InProcessRelay {
         outboxd::logging::init(&config.log);
+        let metrics = outboxd::metrics::Metrics::new(&config.relay.name);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(outboxd::relay::run(config, async move {
-            let _ = stopped.await;
-        }));
+        let handle = tokio::spawn(outboxd::relay::run(
+            config,
+            std::sync::Arc::clone(&metrics),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         InProcessRelay {
             stop: Some(stop),
             handle,
+            metrics,
         }
+    }
+
+    /// Serves this relay's `/metrics`, `/healthz` and `/readyz` on a free
+    /// loopback port; returns the base URL.
+    pub async fn serve_http(&self) -> String {
+        let listener = outboxd::http::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("bind a free port");
+        let address = listener.local_addr().expect("bound address");
+        tokio::spawn(outboxd::http::serve(
+            listener,
+            std::sync::Arc::clone(&self.metrics),
+            std::future::pending(),
+        ));
+        format!("http://{address}")
     }
 
     /// Requests shutdown and returns how the relay ended.

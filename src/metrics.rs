@@ -1,0 +1,360 @@
+//! The relay's metrics and health, shared by the relay (which updates them
+//! where things happen) and the HTTP endpoint (which reads them).
+//!
+//! Invariant: reading never touches Postgres or Kafka. A scrape encodes
+//! values already in memory, so scraping is cheap and can never slow the
+//! relay; figures that need a query (pending rows, the slot) are sampled by
+//! one background task on its own connection (`lag`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::error::ErrorKind;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabel {
+    pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SlotLabel {
+    pub slot: String,
+}
+
+/// What the relay is doing, for `/readyz` and `outboxd status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayState {
+    Starting = 0,
+    /// Waiting for the leader lock: a healthy standby.
+    Standby = 1,
+    /// Holding the lock and relaying.
+    Leading = 2,
+    /// A session failed; reconnecting after a backoff.
+    Retrying = 3,
+    Stopping = 4,
+}
+
+impl RelayState {
+    fn from_u8(value: u8) -> RelayState {
+        match value {
+            1 => RelayState::Standby,
+            2 => RelayState::Leading,
+            3 => RelayState::Retrying,
+            4 => RelayState::Stopping,
+            _ => RelayState::Starting,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RelayState::Starting => "starting",
+            RelayState::Standby => "standby",
+            RelayState::Leading => "leading",
+            RelayState::Retrying => "retrying",
+            RelayState::Stopping => "stopping",
+        }
+    }
+}
+
+/// Buckets of the latency histogram, in seconds: 5 ms to 5 minutes.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    events_published: Family<TopicLabel, Counter>,
+    events_dead_lettered: Counter,
+    kafka_transactions: Family<OutcomeLabel, Counter>,
+    errors: Family<KindLabel, Counter>,
+    pending_rows: Gauge,
+    oldest_unsent_age: Gauge<f64, AtomicU64>,
+    event_latency: Histogram,
+    slot_retained_wal: Family<SlotLabel, Gauge>,
+    slot_confirmed_flush: Family<SlotLabel, Gauge>,
+    leader: Gauge,
+    capture_mode: Family<ModeLabel, Gauge>,
+    state: AtomicU8,
+    postgres_reachable: AtomicBool,
+    kafka_reachable: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new(relay_name: &str) -> Arc<Metrics> {
+        let registry = Registry::with_prefix_and_labels(
+            "outboxd",
+            [(
+                std::borrow::Cow::Borrowed("relay"),
+                std::borrow::Cow::Owned(relay_name.to_string()),
+            )]
+            .into_iter(),
+        );
+        let mut metrics = Metrics {
+            events_published: Family::default(),
+            events_dead_lettered: Counter::default(),
+            kafka_transactions: Family::default(),
+            errors: Family::default(),
+            pending_rows: Gauge::default(),
+            oldest_unsent_age: Gauge::default(),
+            event_latency: Histogram::new(LATENCY_BUCKETS),
+            slot_retained_wal: Family::default(),
+            slot_confirmed_flush: Family::default(),
+            leader: Gauge::default(),
+            capture_mode: Family::default(),
+            state: AtomicU8::new(RelayState::Starting as u8),
+            postgres_reachable: AtomicBool::new(false),
+            kafka_reachable: AtomicBool::new(false),
+            registry,
+        };
+        let registry = &mut metrics.registry;
+        registry.register(
+            "build",
+            "The running outboxd version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register(
+            "events_published",
+            "Events committed to their routed topics",
+            metrics.events_published.clone(),
+        );
+        registry.register(
+            "events_dead_lettered",
+            "Poison rows committed to the dead-letter topic",
+            metrics.events_dead_lettered.clone(),
+        );
+        registry.register(
+            "kafka_transactions",
+            "Kafka transactions, by outcome (committed or aborted)",
+            metrics.kafka_transactions.clone(),
+        );
+        registry.register(
+            "errors",
+            "Failures by what the relay did about them: retry (reconnect), abort_and_resend, stop",
+            metrics.errors.clone(),
+        );
+        registry.register(
+            "pending_rows",
+            "Outbox rows not yet marked sent (sampled)",
+            metrics.pending_rows.clone(),
+        );
+        registry.register_with_unit(
+            "oldest_unsent_age",
+            "Age of the oldest unsent outbox row, by created_at; 0 when none (sampled)",
+            Unit::Seconds,
+            metrics.oldest_unsent_age.clone(),
+        );
+        // Named with its unit but registered without a UNIT line: some
+        // OpenMetrics parsers refuse units on histograms.
+        registry.register(
+            "event_latency_seconds",
+            "From the row's commit (replication) or created_at (polling) to its Kafka commit",
+            metrics.event_latency.clone(),
+        );
+        registry.register_with_unit(
+            "replication_slot_retained_wal",
+            "WAL the server keeps for the relay's slot (sampled)",
+            Unit::Bytes,
+            metrics.slot_retained_wal.clone(),
+        );
+        registry.register(
+            "replication_slot_confirmed_flush_lsn",
+            "The slot's confirmed_flush_lsn as a number (sampled)",
+            metrics.slot_confirmed_flush.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this instance holds the leader lock and relays, else 0",
+            metrics.leader.clone(),
+        );
+        registry.register(
+            "capture_mode",
+            "1 for the capture mode in use",
+            metrics.capture_mode.clone(),
+        );
+        Arc::new(metrics)
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// A Kafka transaction committed with these events.
+    pub fn committed(
+        &self,
+        topics: &[&str],
+        dead_lettered: usize,
+        committed_at: &[Option<SystemTime>],
+    ) {
+        for topic in topics {
+            self.events_published
+                .get_or_create(&TopicLabel {
+                    topic: (*topic).to_string(),
+                })
+                .inc();
+        }
+        self.events_dead_lettered.inc_by(dead_lettered as u64);
+        self.kafka_transactions
+            .get_or_create(&OutcomeLabel {
+                outcome: "committed",
+            })
+            .inc();
+        let now = SystemTime::now();
+        for source_time in committed_at.iter().flatten() {
+            let latency = now.duration_since(*source_time).unwrap_or(Duration::ZERO);
+            self.event_latency.observe(latency.as_secs_f64());
+        }
+    }
+
+    pub fn aborted(&self) {
+        self.kafka_transactions
+            .get_or_create(&OutcomeLabel { outcome: "aborted" })
+            .inc();
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        let kind = match kind {
+            ErrorKind::Retry => "retry",
+            ErrorKind::AbortAndResend => "abort_and_resend",
+            ErrorKind::Stop => "stop",
+        };
+        self.errors.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn set_state(&self, state: RelayState) {
+        self.state.store(state as u8, Ordering::SeqCst);
+        self.leader.set(i64::from(state == RelayState::Leading));
+    }
+
+    pub fn state(&self) -> RelayState {
+        RelayState::from_u8(self.state.load(Ordering::SeqCst))
+    }
+
+    pub fn set_capture_mode(&self, mode: &'static str) {
+        self.capture_mode.clear();
+        self.capture_mode.get_or_create(&ModeLabel { mode }).set(1);
+    }
+
+    pub fn set_lag(&self, pending_rows: i64, oldest_unsent_age_seconds: f64) {
+        self.pending_rows.set(pending_rows);
+        self.oldest_unsent_age.set(oldest_unsent_age_seconds);
+    }
+
+    pub fn set_slot(&self, slot: &str, retained_bytes: i64, confirmed_flush: u64) {
+        let label = SlotLabel {
+            slot: slot.to_string(),
+        };
+        self.slot_retained_wal
+            .get_or_create(&label)
+            .set(retained_bytes);
+        self.slot_confirmed_flush
+            .get_or_create(&label)
+            .set(i64::try_from(confirmed_flush).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_reachable(&self, postgres: bool, kafka: bool) {
+        self.postgres_reachable.store(postgres, Ordering::SeqCst);
+        self.kafka_reachable.store(kafka, Ordering::SeqCst);
+    }
+
+    /// Ready: leading, or a standby whose last probe reached Postgres and
+    /// Kafka, so it can take over.
+    pub fn ready(&self) -> Result<(), String> {
+        match self.state() {
+            RelayState::Leading => Ok(()),
+            RelayState::Standby => {
+                if !self.postgres_reachable.load(Ordering::SeqCst) {
+                    Err("standby, but Postgres was not reachable at the last probe".into())
+                } else if !self.kafka_reachable.load(Ordering::SeqCst) {
+                    Err("standby, but Kafka was not reachable at the last probe".into())
+                } else {
+                    Ok(())
+                }
+            }
+            other => Err(format!("relay is {}", other.name())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let metrics = Metrics::new("orders");
+        metrics.committed(
+            &["outbox.Order", "outbox.Order"],
+            1,
+            &[Some(SystemTime::now())],
+        );
+        metrics.aborted();
+        metrics.error(ErrorKind::Retry);
+        metrics.set_state(RelayState::Leading);
+        metrics.set_capture_mode("replication");
+        metrics.set_lag(3, 1.5);
+        metrics.set_slot("outboxd_orders", 4096, 0x1_0000_0000);
+        let text = metrics.encode();
+        for line in [
+            "outboxd_build_info{relay=\"orders\",version=\"",
+            "outboxd_events_published_total{relay=\"orders\",topic=\"outbox.Order\"} 2",
+            "outboxd_events_dead_lettered_total{relay=\"orders\"} 1",
+            "outboxd_kafka_transactions_total{relay=\"orders\",outcome=\"committed\"} 1",
+            "outboxd_kafka_transactions_total{relay=\"orders\",outcome=\"aborted\"} 1",
+            "outboxd_errors_total{relay=\"orders\",kind=\"retry\"} 1",
+            "outboxd_pending_rows{relay=\"orders\"} 3",
+            "outboxd_oldest_unsent_age_seconds{relay=\"orders\"} 1.5",
+            "outboxd_event_latency_seconds_count{relay=\"orders\"} 1",
+            "outboxd_replication_slot_retained_wal_bytes{relay=\"orders\",slot=\"outboxd_orders\"} 4096",
+            "outboxd_replication_slot_confirmed_flush_lsn{relay=\"orders\",slot=\"outboxd_orders\"} 4294967296",
+            "outboxd_leader{relay=\"orders\"} 1",
+            "outboxd_capture_mode{relay=\"orders\",mode=\"replication\"} 1",
+        ] {
+            assert!(text.contains(line), "missing `{line}` in:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn a_standby_is_ready_only_when_it_could_take_over() {
+        let metrics = Metrics::new("orders");
+        assert!(metrics.ready().is_err(), "starting is not ready");
+        metrics.set_state(RelayState::Standby);
+        assert!(metrics.ready().unwrap_err().contains("Postgres"));
+        metrics.set_reachable(true, false);
+        assert!(metrics.ready().unwrap_err().contains("Kafka"));
+        metrics.set_reachable(true, true);
+        assert!(metrics.ready().is_ok());
+        metrics.set_state(RelayState::Retrying);
+        assert!(metrics.ready().unwrap_err().contains("retrying"));
+        metrics.set_state(RelayState::Leading);
+        assert!(metrics.ready().is_ok());
+    }
+}
