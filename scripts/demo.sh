@@ -54,6 +54,20 @@ done
 say "relay lag (from the outbox table)"
 psql "$OUTBOXD_TEST_PG_URL" -P pager=off -c "$lag_sql"
 
+say "outboxd status: the lag view for a person"
+"$bin/outboxd" status --config "$config"
+
+say "GET /metrics (excerpt)"
+python3 - <<'PY'
+import urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=5).read().decode()
+for line in text.splitlines():
+    if line.startswith(("outboxd_events_published_total", "outboxd_pending_rows", "outboxd_oldest_unsent",
+                        "outboxd_leader", "outboxd_capture_mode", "outboxd_kafka_transactions_total",
+                        "outboxd_event_latency_seconds_count", "outboxd_replication_slot_retained")):
+        print("  " + line)
+PY
+
 say "replication slot lag (WAL the slot still holds, and how far its confirmed position is behind)"
 psql "$OUTBOXD_TEST_PG_URL" -P pager=off -c "SELECT slot_name, plugin, active, wal_status,
        pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)) AS retained_wal,

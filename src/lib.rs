@@ -21,7 +21,9 @@
 //! - [`schema`]: what the live database says about that table.
 //! - [`leader`]: the advisory lock that makes one instance per relay name publish.
 //! - [`retention`]: deletes rows published longer ago than `relay.retention`.
-//! - [`migrate`], [`check`]: the CLI's set-up and preflight commands.
+//! - [`metrics`], [`lag`], [`http`]: the figures an operator watches, the
+//!   task that samples the lag, and `/metrics`, `/healthz`, `/readyz`.
+//! - [`migrate`], [`check`], [`status`]: the CLI's set-up, preflight and lag commands.
 //! - [`logging`]: human or JSON logs through `tracing`.
 //! - [`error`]: one error type, sorted by what to do about it.
 //!
