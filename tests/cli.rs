@@ -194,3 +194,52 @@ async fn check_reports_the_capture_mode_and_the_slot() {
         "{all}"
     );
 }
+
+/// The configs we ship (the example, the compose stack's, the Kubernetes
+/// ConfigMap's) load and validate with this binary, with the secrets the
+/// deployment would inject from the environment.
+#[test]
+fn shipped_configs_are_valid() {
+    let manifest = std::fs::read_to_string("deploy/kubernetes/order-service-with-outboxd.yaml")
+        .expect("read the Kubernetes example");
+    // The ConfigMap's `outboxd.yaml: |` block, dedented.
+    let embedded: String = manifest
+        .lines()
+        .skip_while(|line| line.trim() != "outboxd.yaml: |")
+        .skip(1)
+        .take_while(|line| line.is_empty() || line.starts_with("    "))
+        .map(|line| format!("{}\n", line.get(4..).unwrap_or("")))
+        .collect();
+    assert!(
+        embedded.contains("relay:"),
+        "no config found in the ConfigMap"
+    );
+    let embedded_path =
+        std::env::temp_dir().join(format!("outboxd-k8s-{}.yaml", std::process::id()));
+    std::fs::write(&embedded_path, embedded).unwrap();
+
+    for config in [
+        "examples/outboxd.yaml".into(),
+        "deploy/compose/outboxd.yaml".into(),
+        embedded_path.clone(),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .args(["migrate", "--print", "--config"])
+            .arg(&config)
+            .env(
+                "OUTBOXD__POSTGRES__URL",
+                "postgres://outboxd:secret@db:5432/orders",
+            )
+            .env("OUTBOXD__KAFKA__BOOTSTRAP_SERVERS", "kafka:9092")
+            .env("OUTBOXD__KAFKA__PROPERTIES__SASL_PASSWORD", "secret")
+            .output()
+            .expect("run outboxd");
+        assert!(
+            output.status.success(),
+            "{} does not load: {}",
+            config.display(),
+            text(&output)
+        );
+    }
+    std::fs::remove_file(&embedded_path).unwrap();
+}
