@@ -220,6 +220,9 @@ async fn sigterm_mid_batch_loses_and_duplicates_nothing(mode: Mode) {
     );
 
     relay = env.spawn_relay_process();
+    // Signal handlers exist once it runs; a SIGTERM before that would be the
+    // default, abrupt exit.
+    env.wait_leader(Duration::from_secs(60)).await;
     env.wait_all_sent(Duration::from_secs(120)).await;
     signal(&relay, "TERM");
     assert!(relay.wait().expect("relay exits").success());

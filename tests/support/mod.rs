@@ -202,28 +202,52 @@ impl TestEnv {
         Config::load(&self.config_path).expect("test config is valid")
     }
 
-    /// In replication mode, waits until the relay streams from its slot
-    /// (creating a slot waits for every open transaction to end, so a test
-    /// that holds one open must start it after this). No-op when polling.
+    /// In replication mode, waits until the relay streams from its slot:
+    /// its walsender shows in `pg_stat_replication`. (Creating a slot waits
+    /// for every transaction open meanwhile to end, and the slot looks
+    /// active while it is being created, so a test that holds a transaction
+    /// open must start it after this.) No-op when polling.
     pub async fn wait_streaming(&self, limit: Duration) {
         if self.mode != Mode::Replication {
             return;
         }
         let deadline = Instant::now() + limit;
         loop {
-            let active: Option<bool> =
-                sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
-                    .bind(self.slot_name())
-                    .fetch_optional(&self.pool)
-                    .await
-                    .expect("read pg_replication_slots");
-            if active == Some(true) {
+            let streaming: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_replication \
+                 WHERE application_name = $1 AND state IN ('catchup', 'streaming'))",
+            )
+            .bind(format!("outboxd-{}", self.relay_name))
+            .fetch_one(&self.pool)
+            .await
+            .expect("read pg_stat_replication");
+            if streaming {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
                 "the relay did not stream from slot {} within {limit:?}",
                 self.slot_name()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until some instance holds this relay's leader lock.
+    pub async fn wait_leader(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let config = self.config();
+            let mut connection = self.pool.acquire().await.expect("connection");
+            let holder = outboxd::leader::holder_pid(&mut connection, &config.relay.name)
+                .await
+                .expect("look up the leader");
+            if holder.is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no relay took the lock within {limit:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
