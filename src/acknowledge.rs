@@ -93,7 +93,7 @@ impl Acknowledger {
     }
 }
 
-/// Runs `sql` with `seqs` as `$1`, skipping the round trip when there are none.
+/// Runs `sql` with `seqs` as `$1`; with no seqs there is nothing to send.
 async fn execute_for_seqs(
     connection: &mut PgConnection,
     sql: &str,

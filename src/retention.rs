@@ -27,9 +27,9 @@ pub fn spawn(
     table: OutboxTable,
     period: Duration,
     mut stop: watch::Receiver<bool>,
-) -> AbortOnDrop {
+) -> JoinHandle<()> {
     let sql = table.delete_sent_before_sql();
-    AbortOnDrop(tokio::spawn(async move {
+    tokio::spawn(async move {
         let mut connection: Option<PgConnection> = None;
         loop {
             tokio::select! {
@@ -63,7 +63,7 @@ pub fn spawn(
                 }
             }
         }
-    }))
+    })
 }
 
 /// Deletes in batches until a batch comes back short.
@@ -86,14 +86,5 @@ pub async fn delete_old_rows(
         if deleted < ROWS_PER_DELETE as u64 || *stop.borrow() {
             return Ok(total);
         }
-    }
-}
-
-/// Ends the retention task with the session that started it.
-pub struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -137,7 +137,8 @@ async fn grace_after_stop(mut stop: watch::Receiver<bool>, grace: Duration) {
     tokio::time::sleep(grace).await;
 }
 
-/// Ends a background task with the relay.
+/// Ends a background task with whatever owns this: the relay (lag sampler)
+/// or a session (retention).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -233,13 +234,14 @@ impl Context {
                 "reconciled the outbox with the latest committed checkpoint"
             );
         }
+        // Ends with the session: only the leader deletes old rows.
         let _retention = config.relay.retention.map(|period| {
-            retention::spawn(
+            AbortOnDrop(retention::spawn(
                 self.connect_options.clone(),
                 self.table.clone(),
                 period,
                 stop.clone(),
-            )
+            ))
         });
 
         let mut session = Session {
