@@ -213,12 +213,20 @@ impl Metrics {
         dead_lettered: usize,
         committed_at: &[Option<SystemTime>],
     ) {
+        // One label lookup per topic, not per event: a batch spans few topics.
+        let mut per_topic: Vec<(&str, u64)> = Vec::new();
         for topic in topics {
+            match per_topic.iter_mut().find(|(seen, _)| seen == topic) {
+                Some((_, count)) => *count += 1,
+                None => per_topic.push((topic, 1)),
+            }
+        }
+        for (topic, count) in per_topic {
             self.events_published
                 .get_or_create(&TopicLabel {
-                    topic: (*topic).to_string(),
+                    topic: topic.to_string(),
                 })
-                .inc();
+                .inc_by(count);
         }
         self.events_dead_lettered.inc_by(dead_lettered as u64);
         self.kafka_transactions
