@@ -195,10 +195,6 @@ async fn check_capture(
     }
 
     let slot_name = config.slot_name();
-    let database: String = sqlx::query_scalar("SELECT current_database()::text")
-        .fetch_one(&mut *connection)
-        .await
-        .unwrap_or_default();
     match slot::inspect(connection, &slot_name).await {
         Err(e) => findings.push(Status::Failed, "replication slot", e.message),
         Ok(None) => findings.push(
@@ -218,7 +214,7 @@ async fn check_capture(
                 }
             ),
         ),
-        Ok(Some(info)) => match info.unusable_because(&database) {
+        Ok(Some(info)) => match info.unusable_because() {
             Some(reason) => findings.push(Status::Failed, "replication slot", reason),
             None => findings.push(
                 Status::Ok,

@@ -66,6 +66,8 @@ pub struct SlotInfo {
     pub plugin: Option<String>,
     pub slot_type: String,
     pub database: Option<String>,
+    /// The database this connection is in, which the slot must belong to.
+    pub current_database: String,
     /// The backend streaming from it, if any.
     pub active_pid: Option<i32>,
     /// `reserved`, `extended`, `unreserved` or `lost`.
@@ -83,7 +85,8 @@ impl SlotInfo {
     }
 
     /// Why this slot cannot be streamed by this relay, or `None`.
-    pub fn unusable_because(&self, database: &str) -> Option<String> {
+    pub fn unusable_because(&self) -> Option<String> {
+        let database = self.current_database.as_str();
         if self.slot_type != "logical" {
             return Some(format!(
                 "replication slot `{}` is a {} slot, not a logical one; choose another capture.slot",
@@ -114,7 +117,8 @@ pub async fn inspect(connection: &mut PgConnection, slot: &str) -> Result<Option
     let row = sqlx::query(
         "SELECT slot_name::text, plugin::text, slot_type, database::text, active_pid, wal_status, \
                 confirmed_flush_lsn::text, \
-                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
+                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
+                current_database()::text \
          FROM pg_replication_slots WHERE slot_name = $1",
     )
     .bind(slot)
@@ -132,6 +136,7 @@ pub async fn inspect(connection: &mut PgConnection, slot: &str) -> Result<Option
         wal_status: row.get(5),
         confirmed_flush: confirmed_flush.and_then(|text| text.parse().ok()),
         retained_bytes: row.get(7),
+        current_database: row.get(8),
     }))
 }
 

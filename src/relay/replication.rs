@@ -46,16 +46,11 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
     let table = &session.context.table;
     slot::ensure_publication(&mut session.connection, &config.postgres.publication, table).await?;
     let slot_name = config.slot_name();
-    let database: String = sqlx::query_scalar("SELECT current_database()::text")
-        .fetch_one(&mut session.connection)
-        .await
-        .map_err(|e| Error::from_postgres("reading the database name", e))?;
-
     // A checkpoint with a position means this relay streamed from its slot
     // before; without one (first start, or polling until now) the slot's
     // stream cannot be trusted to hold every unsent row.
     let streamed_before = latest.and_then(|c| c.position).is_some();
-    let (slot, created) = usable_slot(session, &slot_name, &database, streamed_before).await?;
+    let (slot, created) = usable_slot(session, &slot_name, streamed_before).await?;
     let needs_catch_up = created || !streamed_before;
 
     let mut filter_before = None;
@@ -123,7 +118,6 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
 async fn usable_slot(
     session: &mut Session<'_>,
     slot_name: &str,
-    database: &str,
     streamed_before: bool,
 ) -> Result<(SlotInfo, bool)> {
     let policy = session.context.config.capture.on_slot_lost;
@@ -159,7 +153,7 @@ async fn usable_slot(
         }
     }
     if let Some(info) = existing.filter(|info| !info.is_lost()) {
-        if let Some(reason) = info.unusable_because(database) {
+        if let Some(reason) = info.unusable_because() {
             return Err(Error::stop(reason));
         }
         if let Some(pid) = info.active_pid {
