@@ -1,13 +1,11 @@
 //! The relay killed with SIGKILL in the middle of publishing, several times,
 //! and restarted, still yields every row exactly once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 
-use crate::support::workload::{assert_exactly_once, write_orders, Written};
+use crate::support::workload::{assert_exactly_once, write_orders, LiveWriter, Written};
 use crate::support::{signal, Mode, TestEnv};
 
 in_both_modes!(
@@ -20,18 +18,7 @@ async fn sigkill_mid_publish_and_restart_is_still_exactly_once(mode: Mode) {
 
     // Writers keep committing while the relay is killed, so kills land
     // while it claims, produces, commits and acknowledges.
-    let writing = Arc::new(AtomicBool::new(true));
-    let live_writer = {
-        let pool = env.pool.clone();
-        let writing = Arc::clone(&writing);
-        tokio::spawn(async move {
-            let mut chunks = Vec::new();
-            while writing.load(Ordering::SeqCst) {
-                chunks.push(write_orders(&pool, 1, 20, 25).await);
-            }
-            Written::combined(chunks)
-        })
-    };
+    let live_writer = LiveWriter::start(&env.pool, 1, 20, 25);
 
     let kills = 6;
     for kill in 1..=kills {
@@ -45,8 +32,7 @@ async fn sigkill_mid_publish_and_restart_is_still_exactly_once(mode: Mode) {
             env.unsent().await
         );
     }
-    writing.store(false, Ordering::SeqCst);
-    let live = live_writer.await.expect("live writer");
+    let live = live_writer.finish().await;
 
     let mut relay = env.spawn_relay_process();
     // Rows written after the restart prove the last relay is up and publishing.

@@ -3,11 +3,9 @@
 //! LSN, a slot that must not pin WAL when the outbox is idle, a lost slot,
 //! and `auto` choosing a mode by what the server allows.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::workload::{assert_exactly_once, write_orders, Written};
+use crate::support::workload::{assert_exactly_once, write_orders, LiveWriter, Written};
 use crate::support::{servers, signal, InProcessRelay, Mode, TestEnv};
 
 /// Rows per aggregate and aggregates in the big transaction.
@@ -182,23 +180,11 @@ async fn a_dropped_slot_is_recovered_from_the_table_without_duplicates() {
     // `recover` publishes the unsent rows, then streams from a new slot,
     // while writers keep committing through the switch.
     env.replace_in_config("  on_slot_lost: halt\n", "");
-    let writing = Arc::new(AtomicBool::new(true));
-    let live_writer = {
-        let pool = env.pool.clone();
-        let writing = Arc::clone(&writing);
-        tokio::spawn(async move {
-            let mut parts = Vec::new();
-            while writing.load(Ordering::SeqCst) {
-                parts.push(write_orders(&pool, 2, 10, 8).await);
-            }
-            Written::combined(parts)
-        })
-    };
+    let live_writer = LiveWriter::start(&env.pool, 2, 10, 8);
     let relay = InProcessRelay::start(env.config());
     env.wait_streaming(Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    writing.store(false, Ordering::SeqCst);
-    let live = live_writer.await.expect("live writer");
+    let live = live_writer.finish().await;
     let after = write_orders(&env.pool, 3, 10, 8).await;
     env.wait_all_sent(Duration::from_secs(60)).await;
     relay.stop().await.expect("relay stops cleanly");
@@ -240,20 +226,8 @@ async fn auto_falls_back_to_polling_where_wal_level_is_replica() {
 async fn auto_streams_where_the_server_allows_it() {
     let env = TestEnv::new("auto-streams", Mode::Auto).await;
     let relay = InProcessRelay::start(env.config());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let active: Option<bool> =
-            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
-                .bind(env.slot_name())
-                .fetch_optional(&env.pool)
-                .await
-                .unwrap();
-        if active == Some(true) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "auto did not start streaming");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // On this server auto must stream: its walsender shows up.
+    env.wait_streaming(Duration::from_secs(60)).await;
     let written = write_orders(&env.pool, 0, 20, 4).await;
     env.wait_all_sent(Duration::from_secs(30)).await;
     relay.stop().await.expect("relay stops cleanly");

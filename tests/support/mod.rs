@@ -206,9 +206,10 @@ impl TestEnv {
     /// its walsender shows in `pg_stat_replication`. (Creating a slot waits
     /// for every transaction open meanwhile to end, and the slot looks
     /// active while it is being created, so a test that holds a transaction
-    /// open must start it after this.) No-op when polling.
+    /// open must start it after this.) No-op when polling; with `auto` the
+    /// caller expects a server where auto streams.
     pub async fn wait_streaming(&self, limit: Duration) {
-        if self.mode != Mode::Replication {
+        if self.mode == Mode::Polling {
             return;
         }
         let deadline = Instant::now() + limit;

@@ -91,6 +91,45 @@ pub async fn write_orders(
     written
 }
 
+/// A writer that keeps committing rounds of `write_orders` in the
+/// background until `finish`, so faults land while rows keep arriving.
+pub struct LiveWriter {
+    writing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: tokio::task::JoinHandle<Written>,
+}
+
+impl LiveWriter {
+    /// Each round is `write_orders(pool, writer, transactions, aggregates)`.
+    pub fn start(
+        pool: &PgPool,
+        writer: usize,
+        transactions: usize,
+        aggregates: usize,
+    ) -> LiveWriter {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let writing = std::sync::Arc::new(AtomicBool::new(true));
+        let handle = {
+            let pool = pool.clone();
+            let writing = std::sync::Arc::clone(&writing);
+            tokio::spawn(async move {
+                let mut rounds = Vec::new();
+                while writing.load(Ordering::SeqCst) {
+                    rounds.push(write_orders(&pool, writer, transactions, aggregates).await);
+                }
+                Written::combined(rounds)
+            })
+        };
+        LiveWriter { writing, handle }
+    }
+
+    /// Stops after the round in progress; returns everything written.
+    pub async fn finish(self) -> Written {
+        self.writing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.handle.await.expect("live writer")
+    }
+}
+
 /// Checks Kafka against Postgres and returns the violations, one line each.
 ///
 /// - every row in the table arrived exactly once (by event id);
