@@ -19,13 +19,14 @@
 //! - [`config`]: the YAML file plus `OUTBOXD__…` overrides, validated up front.
 //! - [`table`]: the outbox table contract and the SQL built from it.
 //! - [`schema`]: what the live database says about that table.
-//! - [`leader`]: the advisory lock that makes one instance per relay name publish.
+//! - [`leader`]: the advisory lock that makes one instance per outbox table publish.
 //! - [`retention`]: deletes rows published longer ago than `relay.retention`.
 //! - [`metrics`], [`lag`], [`http`]: the figures an operator watches, the
 //!   task that samples the lag, and `/metrics`, `/healthz`, `/readyz`.
 //! - [`migrate`], [`check`], [`status`]: the CLI's set-up, preflight and lag commands.
 //! - [`logging`]: human or JSON logs through `tracing`.
 //! - [`error`]: one error type, sorted by what to do about it.
+//! - [`failpoint`]: named kill points for the fault-injection suite.
 //!
 //! The exactly-once argument lives in [`kafka::checkpoint`].
 
@@ -36,6 +37,7 @@ pub mod check;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod failpoint;
 pub mod http;
 pub mod kafka;
 pub mod lag;

@@ -95,6 +95,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> ExitCode {
+    if let Err(error) = outboxd::failpoint::announce() {
+        eprintln!("error: {error}");
+        return ExitCode::from(2);
+    }
     // Install the handlers before any work starts, so a SIGTERM that arrives
     // early is a graceful stop too, never the default abrupt exit.
     let shutdown = match shutdown_signal() {

@@ -71,7 +71,7 @@ pub async fn read(config: &Config) -> Result<Status> {
     let lag = lag::sample(&mut connection, &table.lag_sql())
         .await
         .map_err(|e| Error::from_postgres("reading the outbox lag", e))?;
-    let leader = match leader::holder_pid(&mut connection, &config.relay.name).await? {
+    let leader = match leader::holder_pid(&mut connection, &table.display_name()).await? {
         None => None,
         Some(pid) => Some(describe_backend(&mut connection, pid).await?),
     };
@@ -85,12 +85,12 @@ pub async fn read(config: &Config) -> Result<Status> {
             confirmed_flush_lsn: info.confirmed_flush.map(|lsn| lsn.to_string()),
         });
     let last_checkpoint =
-        match tokio::time::timeout(CHECKPOINT_TIMEOUT, checkpoint::read_latest(config)).await {
+        match tokio::time::timeout(CHECKPOINT_TIMEOUT, checkpoint::read_latest(config, None)).await {
             Err(_) => Err(format!(
                 "Kafka did not answer within {CHECKPOINT_TIMEOUT:?}"
             )),
             Ok(Err(error)) => Err(error.message),
-            Ok(Ok(latest)) => Ok(latest.map(|c| CheckpointStatus {
+            Ok(Ok(latest)) => Ok(latest.own.map(|c| CheckpointStatus {
                 published_rows: c.published.len(),
                 dead_lettered_rows: c.dead_lettered.len(),
                 position: c.position.map(|p| p.to_string()),

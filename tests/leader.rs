@@ -1,5 +1,6 @@
 //! Two relays with the same name never both publish: one leads, the other
-//! waits as a standby and takes over; a zombie producer is fenced by Kafka.
+//! waits as a standby and takes over; a zombie producer is fenced by Kafka
+//! and its session ends (the next one must win the leader lock first).
 
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use crate::support::{InProcessRelay, Mode, TestEnv};
 
 async fn leader_count(env: &TestEnv) -> usize {
     let mut connection = PgConnection::connect(&env.database_url).await.unwrap();
-    let holder = outboxd::leader::holder_pid(&mut connection, &env.relay_name())
+    let holder = outboxd::leader::holder_pid(&mut connection, "public.outbox")
         .await
         .unwrap();
     usize::from(holder.is_some())
@@ -68,7 +69,7 @@ async fn same_name_relays_one_leads_the_other_takes_over(mode: Mode) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_zombie_producer_is_fenced_and_must_stop() {
+async fn a_zombie_producer_is_fenced_and_ends_its_session() {
     let env = TestEnv::new("zombie", Mode::Polling).await;
     let config = env.config();
     topics::ensure_checkpoint_topic(&config).await.unwrap();
@@ -86,16 +87,17 @@ async fn a_zombie_producer_is_fenced_and_must_stop() {
     let outcome = zombie
         .publish(
             &[record],
-            &Checkpoint::new("public.outbox", &[1], &[], None),
+            &Checkpoint::new("public.outbox", None, &[1], &[], None),
         )
         .await;
     match outcome {
         Err(PublishError::Failed(error)) => {
             assert_eq!(
                 error.kind,
-                ErrorKind::Stop,
-                "a fenced producer must stop the relay: {error}"
+                ErrorKind::Retry,
+                "a fenced producer ends the session; the next must win the lock first: {error}"
             );
+            assert!(error.message.contains("fenced"), "{error}");
         }
         other => panic!("the zombie published or failed softly: {other:?}"),
     }

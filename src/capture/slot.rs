@@ -163,16 +163,49 @@ pub async fn drop_slot(connection: &mut PgConnection, slot: &str) -> Result<()> 
     Ok(())
 }
 
-/// The server's current WAL insert position: every commit record of a
-/// transaction already visible to this session lies before it. (The
-/// *write* position, `pg_current_wal_lsn()`, can lag behind a commit that is
-/// already visible when `synchronous_commit` is off.)
-pub async fn current_wal_insert_lsn(connection: &mut PgConnection) -> Result<Lsn> {
+/// A WAL position before which every committed transaction is visible to
+/// new snapshots. A commit record is in the WAL (and streamed once flushed)
+/// a moment before the transaction leaves the running set, so the insert
+/// position alone is not enough: this also waits until every transaction
+/// that held an id when the position was read has ended. (Creating a slot
+/// waits the same way.)
+pub async fn settled_wal_position(connection: &mut PgConnection) -> Result<Lsn> {
     let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
-        .fetch_one(connection)
+        .fetch_one(&mut *connection)
         .await
         .map_err(|e| Error::from_postgres("reading the current WAL position", e))?;
-    parse_lsn(&lsn)
+    // Read after the position, so every transaction whose commit lies
+    // before it has an id below this.
+    let next_xid: String = sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| Error::from_postgres("reading the next transaction id", e))?;
+    let started = std::time::Instant::now();
+    let mut announced = false;
+    loop {
+        let (settled, oldest_pid): (bool, Option<i32>) = sqlx::query_as(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8, \
+                    (SELECT pid FROM pg_stat_activity WHERE backend_xid IS NOT NULL \
+                     ORDER BY age(backend_xid) DESC LIMIT 1)",
+        )
+        .bind(&next_xid)
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| Error::from_postgres("waiting for running transactions", e))?;
+        if settled {
+            return parse_lsn(&lsn);
+        }
+        if !announced && started.elapsed() > std::time::Duration::from_secs(5) {
+            tracing::warn!(
+                oldest_transaction_pid = oldest_pid,
+                "waiting for transactions that were running when streaming began to end, so the \
+                 relay can tell published rows from rows not yet visible; a long-running or idle \
+                 transaction holds this up (see pg_stat_activity)"
+            );
+            announced = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 fn parse_lsn(text: &str) -> Result<Lsn> {

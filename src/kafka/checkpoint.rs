@@ -16,7 +16,9 @@
 //! and the next batch is claimed only after that marking committed. So at any
 //! moment the only rows that can be in Kafka but not marked are those of the
 //! *latest* checkpoint; start-up reads it and marks them, and never produces
-//! them again.
+//! them again. A relay that takes a table over from a relay with another
+//! name (the leader lock is per table) also reconciles that relay's latest
+//! checkpoint for the same table in the same database.
 
 use std::time::{Duration, Instant};
 
@@ -39,6 +41,12 @@ pub struct Checkpoint {
     /// The outbox table the seqs belong to, so a renamed config cannot
     /// apply one table's checkpoint to another.
     pub table: String,
+    /// Where the table lives: `<Postgres system identifier>/<database>`.
+    /// Tells this table's checkpoints from those of a same-named table on
+    /// another server when relays with different names share the topic.
+    /// Absent when the relay could not read it, and in older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// Rows published to their routed topics.
     pub published: SeqRanges,
     /// Poison rows published to the dead-letter topic.
@@ -54,6 +62,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn new(
         table: &str,
+        source: Option<&str>,
         published: &[i64],
         dead_lettered: &[i64],
         position: Option<SourcePosition>,
@@ -61,6 +70,7 @@ impl Checkpoint {
         Checkpoint {
             version: FORMAT_VERSION,
             table: table.to_string(),
+            source: source.map(str::to_string),
             published: SeqRanges::from_seqs(published),
             dead_lettered: SeqRanges::from_seqs(dead_lettered),
             position,
@@ -126,18 +136,30 @@ impl SeqRanges {
     }
 }
 
-/// Reads the relay's latest committed checkpoint. `read_committed` skips
+/// The latest committed checkpoints that concern this relay's table.
+#[derive(Debug, Default)]
+pub struct Latest {
+    /// This relay's own (its key is `relay.name`).
+    pub own: Option<Checkpoint>,
+    /// The latest of each relay with another name whose checkpoint names
+    /// the same table and source: relays that led this table before.
+    pub predecessors: Vec<(String, Checkpoint)>,
+}
+
+/// Reads the latest committed checkpoints. `read_committed` skips
 /// transactions that aborted or are still open, so what comes back was
 /// really published. Call it only after `init_transactions`, which settles
-/// any transaction a previous instance left open.
-pub async fn read_latest(config: &Config) -> Result<Option<Checkpoint>> {
+/// any transaction a previous instance left open. Predecessors are looked
+/// for only when `origin` gives the table and its source.
+pub async fn read_latest(config: &Config, origin: Option<(&str, &str)>) -> Result<Latest> {
     let config = config.clone();
-    tokio::task::spawn_blocking(move || read_latest_blocking(&config))
+    let origin = origin.map(|(table, source)| (table.to_string(), source.to_string()));
+    tokio::task::spawn_blocking(move || read_latest_blocking(&config, origin))
         .await
         .map_err(|e| Error::stop(format!("checkpoint reader task failed: {e}")))?
 }
 
-fn read_latest_blocking(config: &Config) -> Result<Option<Checkpoint>> {
+fn read_latest_blocking(config: &Config, origin: Option<(String, String)>) -> Result<Latest> {
     let topic = &config.kafka.checkpoint_topic;
     let relay_key = config.relay.name.as_bytes();
     let consumer: BaseConsumer<super::RelayContext> = super::base_client_config(config)
@@ -184,6 +206,7 @@ fn read_latest_blocking(config: &Config) -> Result<Option<Checkpoint>> {
     let deadline = Instant::now() + config.kafka.transaction_timeout + Duration::from_secs(30);
     let mut partitions_at_end = 0;
     let mut latest = None;
+    let mut predecessors: std::collections::BTreeMap<String, Checkpoint> = Default::default();
     while partitions_at_end < partitions.len() {
         if Instant::now() > deadline {
             return Err(Error::retry(format!(
@@ -200,6 +223,24 @@ fn read_latest_blocking(config: &Config) -> Result<Option<Checkpoint>> {
             }
             Some(Ok(message)) => {
                 if message.key() != Some(relay_key) {
+                    if let (Some((table, source)), Some(key)) = (&origin, message.key()) {
+                        let key = String::from_utf8_lossy(key).into_owned();
+                        // Another relay's record: only the same table in the
+                        // same database counts, and an unreadable one is
+                        // that relay's business.
+                        match message.payload().map(Checkpoint::from_bytes) {
+                            Some(Ok(checkpoint))
+                                if &checkpoint.table == table
+                                    && checkpoint.source.as_ref() == Some(source) =>
+                            {
+                                predecessors.insert(key, checkpoint);
+                            }
+                            None => {
+                                predecessors.remove(&key);
+                            }
+                            Some(_) => {}
+                        }
+                    }
                     continue;
                 }
                 // A null value would be a tombstone: the checkpoint was deleted on purpose.
@@ -216,7 +257,10 @@ fn read_latest_blocking(config: &Config) -> Result<Option<Checkpoint>> {
             }
         }
     }
-    Ok(latest)
+    Ok(Latest {
+        own: latest,
+        predecessors: predecessors.into_iter().collect(),
+    })
 }
 
 #[cfg(test)]
@@ -234,11 +278,11 @@ mod tests {
 
     #[test]
     fn checkpoint_round_trips_as_json() {
-        let checkpoint = Checkpoint::new("public.outbox", &[1, 2, 3], &[4], None);
+        let checkpoint = Checkpoint::new("public.outbox", Some("7710644134332591330/orders"), &[1, 2, 3], &[4], None);
         let bytes = checkpoint.to_bytes();
         assert_eq!(
             String::from_utf8(bytes.clone()).unwrap(),
-            r#"{"version":1,"table":"public.outbox","published":[[1,3]],"dead_lettered":[[4,4]]}"#
+            r#"{"version":1,"table":"public.outbox","source":"7710644134332591330/orders","published":[[1,3]],"dead_lettered":[[4,4]]}"#
         );
         assert_eq!(Checkpoint::from_bytes(&bytes).unwrap(), checkpoint);
     }
@@ -249,7 +293,7 @@ mod tests {
             commit_lsn: crate::capture::lsn::Lsn(0x16_B374_D848),
             index: 7,
         };
-        let checkpoint = Checkpoint::new("public.outbox", &[10, 11], &[], Some(position));
+        let checkpoint = Checkpoint::new("public.outbox", None, &[10, 11], &[], Some(position));
         let bytes = checkpoint.to_bytes();
         assert!(String::from_utf8(bytes.clone())
             .unwrap()

@@ -1,8 +1,11 @@
 //! Sorting librdkafka errors by what to do about them.
 //!
 //! Invariant: a producer that reported a fatal error (fenced included) is
-//! never used again; the relay stops, so a zombie can never publish after a
-//! newer instance took over.
+//! never used again. The session ends; the next one must win the leader
+//! lock before it creates a new producer, so a zombie that lost the lock
+//! waits as a standby and never publishes after a newer instance took over.
+//! Only errors no restart can fix (authorization, an unsupported broker)
+//! stop the relay.
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
@@ -13,9 +16,7 @@ use crate::error::Error;
 pub fn classify(context: &str, error: &KafkaError) -> Error {
     let message = format!("{context}: {error}");
     match error {
-        KafkaError::Transaction(rd) if rd.is_fatal() => {
-            Error::stop(fatal_message(message, rd.code()))
-        }
+        KafkaError::Transaction(rd) if rd.is_fatal() => fatal(message, rd.code()),
         KafkaError::Transaction(rd) if rd.txn_requires_abort() => Error::abort_and_resend(message),
         KafkaError::Transaction(rd) if rd.is_retriable() => Error::retry(message),
         KafkaError::Transaction(rd) => {
@@ -24,7 +25,7 @@ pub fn classify(context: &str, error: &KafkaError) -> Error {
             Error::retry(format!("{message} (code {:?})", rd.code()))
         }
         other => match other.rdkafka_error_code() {
-            Some(code) if is_fatal_code(code) => Error::stop(fatal_message(message, code)),
+            Some(code) if is_fatal_code(code) => fatal(message, code),
             // Inside a transaction any failed delivery poisons the transaction.
             _ => Error::abort_and_resend(message),
         },
@@ -57,18 +58,29 @@ fn is_fatal_code(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-fn fatal_message(message: String, code: RDKafkaErrorCode) -> String {
+/// A fatal producer error: the producer is done for. Stop where a restart
+/// cannot help; otherwise end the session, whose successor must win the
+/// leader lock again before it builds a new producer.
+fn fatal(message: String, code: RDKafkaErrorCode) -> Error {
     match code {
-        RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch => format!(
-            "{message}. Another relay with the same relay.name took over this transactional.id; \
-             this instance stops so only one publishes"
-        ),
+        RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch => Error::retry(format!(
+            "{message}. This producer was fenced: another instance with the same relay.name took \
+             over, or the broker aborted a transaction that outlived kafka.transaction_timeout. \
+             Nothing of the open transaction is visible. Starting a new session: it publishes \
+             again only if it wins the leader lock"
+        )),
         RDKafkaErrorCode::TransactionalIdAuthorizationFailed
         | RDKafkaErrorCode::ClusterAuthorizationFailed
-        | RDKafkaErrorCode::TopicAuthorizationFailed => format!(
+        | RDKafkaErrorCode::TopicAuthorizationFailed => Error::stop(format!(
             "{message}. Grant the relay's Kafka principal WRITE and DESCRIBE on its transactional.id and topics"
-        ),
-        _ => message,
+        )),
+        RDKafkaErrorCode::UnsupportedVersion => Error::stop(format!(
+            "{message}. The broker does not support transactions as this relay needs them (Kafka 2.5 or newer)"
+        )),
+        _ => Error::retry(format!(
+            "{message}. The Kafka producer hit a fatal error; nothing of the open transaction is \
+             visible. Starting a new session with a new producer"
+        )),
     }
 }
 
@@ -78,17 +90,26 @@ mod tests {
     use crate::error::ErrorKind;
 
     #[test]
-    fn fencing_stops_the_relay_and_says_why() {
+    fn fencing_ends_the_session_and_says_why() {
         let error = classify(
             "committing",
             &KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced),
         );
-        assert_eq!(error.kind, ErrorKind::Stop);
+        assert_eq!(error.kind, ErrorKind::Retry);
         assert!(
-            error.message.contains("same relay.name"),
+            error.message.contains("same relay.name") && error.message.contains("leader lock"),
             "{}",
             error.message
         );
+    }
+
+    #[test]
+    fn other_fatal_errors_restart_with_a_new_producer() {
+        let error = classify(
+            "aborting",
+            &KafkaError::MessageProduction(RDKafkaErrorCode::Fatal),
+        );
+        assert_eq!(error.kind, ErrorKind::Retry);
     }
 
     #[test]

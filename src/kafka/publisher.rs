@@ -17,6 +17,7 @@ use super::errors::{classify, is_record_rejected};
 use super::RelayContext;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind};
+use crate::failpoint;
 use crate::routing::RoutedRecord;
 
 /// How often a retriable commit error is retried before the session restarts.
@@ -105,6 +106,7 @@ impl Publisher {
         self.blocking(|producer| producer.begin_transaction())
             .await
             .map_err(|e| classify("beginning a Kafka transaction", &e))?;
+        failpoint::kill_point("after-begin");
         let outcome = self.produce_and_commit(records, checkpoint).await;
         let needs_abort = match &outcome {
             Ok(()) => false,
@@ -124,6 +126,9 @@ impl Publisher {
     ) -> Result<(), PublishError> {
         let mut deliveries = Vec::with_capacity(records.len() + 1);
         for (index, record) in records.iter().enumerate() {
+            if index == records.len() / 2 {
+                failpoint::kill_point("mid-produce");
+            }
             deliveries.push(
                 self.send(record)
                     .await
@@ -171,7 +176,10 @@ impl Publisher {
         {
             return Err(PublishError::RecordRejected { index, reason });
         }
-        self.commit().await
+        failpoint::kill_point("after-checkpoint");
+        self.commit().await?;
+        failpoint::kill_point("after-commit");
+        Ok(())
     }
 
     /// Queues one record, waiting while librdkafka's local queue is full.
@@ -205,6 +213,9 @@ impl Publisher {
     async fn commit(&self) -> Result<(), PublishError> {
         let timeout = self.transaction_timeout;
         let mut attempt = 1;
+        // Commit on a local broker takes a few milliseconds: EndTxn, then
+        // the coordinator writes the markers.
+        failpoint::kill_point_after("inside-commit", Duration::from_millis(2));
         loop {
             match self
                 .blocking(move |producer| producer.commit_transaction(timeout))

@@ -42,8 +42,9 @@ struct Progress {
 pub struct Deliverer<'a> {
     router: &'a Router,
     publisher: Publisher,
-    /// `schema.table`, written into every checkpoint.
+    /// `schema.table` and where it lives, written into every checkpoint.
     table_name: &'a str,
+    source: Option<String>,
     on_poison: PoisonPolicy,
     /// Rows the broker refused on an earlier attempt, by seq, with why.
     rejected_by_broker: HashMap<i64, String>,
@@ -57,6 +58,7 @@ impl<'a> Deliverer<'a> {
         router: &'a Router,
         publisher: Publisher,
         table_name: &'a str,
+        source: Option<String>,
         on_poison: PoisonPolicy,
         metrics: &'a Metrics,
     ) -> Deliverer<'a> {
@@ -66,6 +68,7 @@ impl<'a> Deliverer<'a> {
             router,
             publisher,
             table_name,
+            source,
             on_poison,
             rejected_by_broker: HashMap::new(),
             progress: Progress::default(),
@@ -96,6 +99,7 @@ impl<'a> Deliverer<'a> {
             )?;
             let checkpoint = Checkpoint::new(
                 self.table_name,
+                self.source.as_deref(),
                 &batch.published,
                 &batch.dead_lettered,
                 position,

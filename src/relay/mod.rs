@@ -198,13 +198,19 @@ impl Context {
         let mut connection = PgConnection::connect_with(&self.connect_options)
             .await
             .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
+        durable_acknowledgements(&mut connection).await?;
         let report =
             schema::inspect(&mut connection, &self.table, config.relay.after_publish).await?;
         if let Some(problem) = report.problems(&self.table).into_iter().next() {
             return Err(Error::stop(problem));
         }
         self.metrics.set_state(RelayState::Standby);
-        if !leader::acquire(&mut connection, &config.relay.name, &mut stop).await? {
+        if !leader::acquire(
+            &mut connection,
+            &self.table_name,
+            &config.relay.name,
+            &mut stop,
+        ).await? {
             return Ok(());
         }
         let mode = choose_mode(config.capture.mode, &mut connection).await?;
@@ -223,7 +229,27 @@ impl Context {
 
         topics::ensure_checkpoint_topic(config).await?;
         let publisher = Publisher::connect(config).await?;
-        let latest = checkpoint::read_latest(config).await?;
+        let source = source_of(&mut connection).await;
+        let latest = checkpoint::read_latest(
+            config,
+            source.as_deref().map(|source| (self.table_name.as_str(), source)),
+        )
+        .await?;
+        for (previous_relay, checkpoint) in &latest.predecessors {
+            // Marking is idempotent: rows of a checkpoint that were marked
+            // long ago are simply marked again.
+            let done = self.acknowledger.reconcile(&mut connection, checkpoint).await?;
+            if done.published + done.dead_lettered > 0 {
+                tracing::warn!(
+                    previous_relay = %previous_relay,
+                    newly_acknowledged = done.published + done.dead_lettered,
+                    "acknowledged rows another relay published to Kafka but did not mark: this \
+                     table was relayed under another relay.name before"
+                );
+            }
+        }
+        let relayed_by_others = !latest.predecessors.is_empty();
+        let latest = latest.own;
         if let Some(latest) = &latest {
             let done = self.acknowledger.reconcile(&mut connection, latest).await?;
             tracing::info!(
@@ -251,6 +277,7 @@ impl Context {
                 &self.router,
                 publisher,
                 &self.table_name,
+                source,
                 config.relay.on_poison,
                 &self.metrics,
             ),
@@ -258,7 +285,7 @@ impl Context {
             stop,
         };
         match mode {
-            CaptureMode::Replication => replication::run(&mut session, latest.as_ref()).await,
+            CaptureMode::Replication => replication::run(&mut session, latest.as_ref(), relayed_by_others).await,
             _ => {
                 warn_if_a_slot_is_left(&mut session.connection, &config.slot_name()).await;
                 let wakeup = Wakeup::listen(
@@ -287,6 +314,54 @@ struct Session<'a> {
     deliverer: Deliverer<'a>,
     payload_encoding: PayloadEncoding,
     stop: watch::Receiver<bool>,
+}
+
+/// Makes the session's commits wait for their WAL to be flushed.
+///
+/// With `synchronous_commit = off`, a Postgres crash forgets the last
+/// commits even though they returned: for the relay, rows it marked sent
+/// would be unsent again after recovery and published a second time (only
+/// the latest checkpoint's rows are reconciled). Services may keep `off` for
+/// their own transactions; this only changes the relay's session, and only
+/// when it is `off` (a stronger setting such as `remote_apply` is kept).
+async fn durable_acknowledgements(connection: &mut PgConnection) -> Result<()> {
+    let setting: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| Error::from_postgres("reading synchronous_commit", e))?;
+    if setting == "off" {
+        sqlx::query("SET synchronous_commit = on")
+            .execute(&mut *connection)
+            .await
+            .map_err(|e| Error::from_postgres("setting synchronous_commit for the relay session", e))?;
+        tracing::debug!(
+            "synchronous_commit is off for this role or server; the relay's own session uses on, \
+             so a Postgres crash cannot forget which rows were marked sent"
+        );
+    }
+    Ok(())
+}
+
+/// `<system identifier>/<database>`: which Postgres database this relay's
+/// checkpoints speak of. `None` if the role may not read it, which only
+/// turns off reconciling checkpoints of relays with another name.
+async fn source_of(connection: &mut PgConnection) -> Option<String> {
+    let source: std::result::Result<String, sqlx::Error> = sqlx::query_scalar(
+        "SELECT system_identifier::text || '/' || current_database() FROM pg_control_system()",
+    )
+    .fetch_one(&mut *connection)
+    .await;
+    match source {
+        Ok(source) => Some(source),
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "cannot read pg_control_system(); checkpoints will not name their database, and \
+                 rows another relay.name published but did not mark cannot be reconciled"
+            );
+            None
+        }
+    }
 }
 
 /// Polling never reads this relay's replication slot; if one is left from

@@ -20,6 +20,7 @@ use super::Session;
 use crate::capture::polling;
 use crate::capture::wakeup::Wakeup;
 use crate::error::{Error, Result};
+use crate::failpoint;
 
 /// How long the loop runs.
 pub enum Until {
@@ -73,6 +74,7 @@ pub async fn run(session: &mut Session<'_>, mut until: Until) -> Result<()> {
                 &delivered.dead_lettered,
             )
             .await?;
+        failpoint::kill_point("after-mark");
         transaction.commit().await.map_err(|e| {
             Error::from_postgres(
                 "committing the acknowledgement (the checkpoint will repair it)",

@@ -25,7 +25,13 @@
 //!   new slot (first start, or after a lost one) starts with a drain of the
 //!   rows still unsent in the table. Until the stream passes the WAL position
 //!   read after that drain, streamed rows are published only if the table
-//!   still shows them unsent: none is produced twice.
+//!   still shows them unsent: none is produced twice. The same holds when
+//!   relays with other names led this table before (their checkpoints say
+//!   so): this relay's slot may replay what they published.
+//! - That position is read only once every transaction committed before it
+//!   is visible, so "not unsent" always means "published", never "not yet
+//!   visible" (a commit is streamed as soon as its WAL is flushed, a moment
+//!   before other sessions can see it).
 
 use futures_util::FutureExt;
 use sqlx::PgConnection;
@@ -37,11 +43,18 @@ use crate::capture::stream::{Assembler, Captured};
 use crate::capture::wire::{ReplicationStream, StreamTarget, WireClient};
 use crate::config::SlotLostPolicy;
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::event::{OutboxEvent, SourcePosition};
 use crate::kafka::checkpoint::Checkpoint;
 
 /// Runs until shutdown or the first failure.
-pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Result<()> {
+/// `relayed_by_others`: relays with other names have checkpoints for this
+/// table, so the slot may replay rows they published.
+pub async fn run(
+    session: &mut Session<'_>,
+    latest: Option<&Checkpoint>,
+    relayed_by_others: bool,
+) -> Result<()> {
     let config = &session.context.config;
     let table = &session.context.table;
     slot::ensure_publication(&mut session.connection, &config.postgres.publication, table).await?;
@@ -74,8 +87,10 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
                 return Ok(());
             }
         }
-        filter_before = Some(slot::current_wal_insert_lsn(&mut session.connection).await?);
         resume_after = None;
+    }
+    if needs_catch_up || relayed_by_others {
+        filter_before = Some(slot::settled_wal_position(&mut session.connection).await?);
     }
 
     let target = StreamTarget {
@@ -293,6 +308,7 @@ impl Streamer {
                     &delivered.dead_lettered,
                 )
                 .await?;
+            failpoint::kill_point("after-mark");
         }
         if let Some(end_lsn) = self.confirm_after_batch.take() {
             stream.acknowledge(end_lsn);

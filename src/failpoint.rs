@@ -1,0 +1,118 @@
+//! Named kill points for the fault-injection suite.
+//!
+//! Invariant: unless `OUTBOXD_KILL_AT` is set, `kill_point` does nothing but
+//! read a value cached at first use. When it is set to `NAME` or `NAME:N`,
+//! the process SIGKILLs itself the Nth time (default the first) it reaches
+//! the point `NAME`: no destructor, no flush, no log after it — exactly what
+//! a crash or an OOM kill leaves behind.
+//!
+//! The points sit in the windows where a crash is hardest to survive:
+//!
+//! ```text
+//!  after-begin       Kafka transaction begun, nothing produced
+//!  mid-produce       half the batch handed to librdkafka
+//!  after-checkpoint  every record and the checkpoint acknowledged by the broker, not committed
+//!  inside-commit     a few milliseconds into commit_transaction
+//!  after-commit      Kafka committed, rows not yet marked sent
+//!  after-mark        rows marked (polling: not yet committed; replication:
+//!                    slot not yet confirmed)
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The environment variable the test harness sets.
+pub const ENV: &str = "OUTBOXD_KILL_AT";
+
+/// Every point's name, for validation and documentation.
+pub const POINTS: [&str; 6] = [
+    "after-begin",
+    "mid-produce",
+    "after-checkpoint",
+    "inside-commit",
+    "after-commit",
+    "after-mark",
+];
+
+struct Armed {
+    point: String,
+    nth: u64,
+    hits: AtomicU64,
+}
+
+fn armed() -> Option<&'static Armed> {
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let value = std::env::var(ENV).ok()?;
+            let (point, nth) = match value.split_once(':') {
+                Some((point, nth)) => (point.to_string(), nth.parse().unwrap_or(1)),
+                None => (value.clone(), 1),
+            };
+            Some(Armed {
+                point,
+                nth: nth.max(1),
+                hits: AtomicU64::new(0),
+            })
+        })
+        .as_ref()
+}
+
+/// Logs loudly at start-up when a kill point is armed, and refuses names
+/// that match no point (a typo would silently test nothing).
+pub fn announce() -> Result<(), String> {
+    let Some(armed) = armed() else {
+        return Ok(());
+    };
+    if !POINTS.contains(&armed.point.as_str()) {
+        return Err(format!(
+            "{ENV}={} names no kill point; known points: {}",
+            armed.point,
+            POINTS.join(", ")
+        ));
+    }
+    tracing::warn!(
+        point = %armed.point,
+        nth = armed.nth,
+        "{ENV} is set: this relay will kill itself at that point (fault-injection testing only)"
+    );
+    Ok(())
+}
+
+/// Kills the process here if this is the armed point's Nth hit.
+pub fn kill_point(point: &str) {
+    if should_fire(point) {
+        kill_now();
+    }
+}
+
+/// Kills the process `after` from now, from another thread, if this is the
+/// armed point's Nth hit: for a crash in the middle of a blocking call.
+pub fn kill_point_after(point: &str, after: Duration) {
+    if should_fire(point) {
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            kill_now();
+        });
+    }
+}
+
+fn should_fire(point: &str) -> bool {
+    match armed() {
+        Some(armed) if armed.point == point => {
+            armed.hits.fetch_add(1, Ordering::SeqCst) + 1 == armed.nth
+        }
+        _ => false,
+    }
+}
+
+fn kill_now() {
+    // SIGKILL to ourselves: the same as the harness killing us from outside.
+    // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    // Unreachable in practice; abort is the next best crash.
+    std::process::abort();
+}
