@@ -1,11 +1,12 @@
 # outboxd: two commands do everything on a fresh machine.
 #   make demo   the relay end to end on a local PostgreSQL and Kafka
 #   make test   the whole suite: unit tests and integration tests on real servers
+#   make chaos  long fault-injection campaigns, then a table (chaos/results.md)
 
 STACK_DIR ?= $(CURDIR)/.stack
 CARGO     ?= cargo
 
-.PHONY: demo test deps build lint stack-up stack-down
+.PHONY: demo test chaos deps build lint stack-up stack-down
 
 deps:
 	bash deploy/local/install-deps.sh
@@ -21,6 +22,11 @@ demo: build
 # run would be the last line CI reads.
 test: build
 	bash scripts/with-stack.sh $(STACK_DIR)/test $(CARGO) test --locked --lib --bins --tests -- --test-threads=4
+
+# The fault suite at campaign size: hundreds of relay kills and tens of
+# broker and Postgres restarts per capture mode (about an hour on 2 cores).
+chaos: build
+	bash scripts/with-stack.sh $(STACK_DIR)/chaos bash scripts/chaos.sh
 
 lint:
 	$(CARGO) fmt --check

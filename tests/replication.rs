@@ -47,7 +47,7 @@ async fn write_big_transaction(env: &TestEnv, rows: i64) -> Written {
     tx.commit().await.expect("commit");
     Written {
         committed: rows as usize,
-        rolled_back_ids: Vec::new(),
+        ..Written::default()
     }
 }
 

@@ -7,6 +7,9 @@
 #   stack.sh kafka-kill DIR     SIGKILL the broker (fault tests)
 #   stack.sh kafka-restart DIR  stop the broker if running, start it again on
 #                               the same ports and data
+#   stack.sh pg-restart DIR     stop the main Postgres with `-m immediate` (a
+#                               crash: no checkpoint, recovery on start) and
+#                               start it again on the same port
 #   stack.sh kafka-cli DIR TOOL [ARGS...]
 #                               run a Kafka CLI class (aliases: topics,
 #                               produce, consume) with the stack's jars
@@ -227,8 +230,12 @@ kafka_java() {
         -cp "$kdir/libs/*" "$@"
 }
 
+# The PROXIED listener advertises a port nobody listens on until a test
+# starts its TCP proxy there (forwarding to the listener's real port): a
+# client that bootstraps through the proxy then reaches the broker only
+# through it, so a test can cut or stall that path.
 write_kafka_config() {
-    local kdir=$1 port=$2 cport=$3
+    local kdir=$1 port=$2 cport=$3 proxied_port=$4 proxy_port=$5
     mkdir -p "$kdir/data"
     ln -sfn "$KAFKA_LIBS" "$kdir/libs"
     cat >"$kdir/server.properties" <<EOF
@@ -236,11 +243,11 @@ write_kafka_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,PROXIED://127.0.0.1:$proxied_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,PROXIED://127.0.0.1:$proxy_port
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT
 log.dirs=$kdir/data
 num.partitions=3
 default.replication.factor=1
@@ -369,10 +376,12 @@ cmd_up() {
     trap on_up_exit EXIT
 
     fetch_kafka
-    local kport cport
+    local kport cport proxied_port proxy_port
     free_port kport
     free_port cport
-    write_kafka_config "$dir/kafka" "$kport" "$cport"
+    free_port proxied_port
+    free_port proxy_port
+    write_kafka_config "$dir/kafka" "$kport" "$cport" "$proxied_port" "$proxy_port"
     format_kafka "$dir"
     say "kafka: starting $KAFKA_VERSION on 127.0.0.1:$kport (controller :$cport)"
     # Kafka boots in the background while Postgres starts; launch_kafka waits.
@@ -391,6 +400,10 @@ export OUTBOXD_TEST_PG_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
 export OUTBOXD_TEST_PG_PORT=$PG_PORT
 export OUTBOXD_TEST_PG_NOLOGICAL_URL=postgres://postgres@127.0.0.1:$NOLOGICAL_PORT/postgres
 export OUTBOXD_TEST_KAFKA=127.0.0.1:$KAFKA_PORT
+# Fault tests: a proxy listening on PROXY and forwarding to PROXIED is the
+# only path to the broker for clients bootstrapping at PROXY.
+export OUTBOXD_TEST_KAFKA_PROXIED=127.0.0.1:$proxied_port
+export OUTBOXD_TEST_KAFKA_PROXY=127.0.0.1:$proxy_port
 export OUTBOXD_STACK_DIR=$dir
 EOF
     trap - EXIT
@@ -432,6 +445,24 @@ cmd_kafka_restart() {
     say "kafka restarted on 127.0.0.1:$KAFKA_PORT (pid $(cat "$dir/kafka.pid"))"
 }
 
+cmd_pg_restart() {
+    local dir data pid bin
+    dir=$(cd "$1" && pwd -P)
+    data=$dir/pg/data
+    [[ -f "$data/postgresql.conf" ]] || die "no postgres in $dir (run: $0 up $dir)"
+    bin=$(pg_bin)
+    pid=$(read_pid "$dir/pg.pid")
+    if is_ours "$pid" "$data"; then
+        as_pg "$bin/pg_ctl" -D "$data" -m immediate -w -t "$STOP_TIMEOUT" stop >/dev/null 2>&1 \
+            || die_with_log "$dir/pg/postgres.log" "postgres did not stop"
+        wait_gone "$pid"
+    fi
+    as_pg "$bin/pg_ctl" -D "$data" -l "$dir/pg/postgres.log" -w -t 60 start >/dev/null 2>&1 \
+        || die_with_log "$dir/pg/postgres.log" "postgres failed to restart"
+    head -n 1 "$data/postmaster.pid" >"$dir/pg.pid"
+    say "postgres restarted after an immediate stop (pid $(cat "$dir/pg.pid"))"
+}
+
 cmd_kafka_cli() {
     local dir tool
     dir=$(cd "$1" && pwd -P)
@@ -446,7 +477,7 @@ cmd_kafka_cli() {
 }
 
 usage() {
-    sed -n '2,14s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,17s/^# \{0,1\}//p' "$0" >&2
     exit 2
 }
 
@@ -458,6 +489,7 @@ main() {
         down) cmd_down "$1" ;;
         kafka-kill) cmd_kafka_kill "$1" ;;
         kafka-restart) cmd_kafka_restart "$1" ;;
+        pg-restart) cmd_pg_restart "$1" ;;
         kafka-cli) [[ $# -ge 2 ]] || usage; cmd_kafka_cli "$@" ;;
         *) usage ;;
     esac

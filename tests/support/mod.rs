@@ -4,8 +4,11 @@
 
 #![allow(dead_code)]
 
+pub mod checker;
+pub mod faults;
 pub mod http;
 pub mod kafka;
+pub mod proxy;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -234,13 +237,12 @@ impl TestEnv {
         }
     }
 
-    /// Waits until some instance holds this relay's leader lock.
+    /// Waits until some instance holds the outbox table's leader lock.
     pub async fn wait_leader(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            let config = self.config();
             let mut connection = self.pool.acquire().await.expect("connection");
-            let holder = outboxd::leader::holder_pid(&mut connection, &config.relay.name)
+            let holder = outboxd::leader::holder_pid(&mut connection, "public.outbox")
                 .await
                 .expect("look up the leader");
             if holder.is_some() {

@@ -1,19 +1,43 @@
-//! A small order workload: writers lock an aggregate, bump its version and
-//! insert outbox rows carrying that version in real transactions, some of
-//! which roll back. The invariant checker compares Kafka with Postgres.
+//! The order workload: writers lock an aggregate, bump its version and
+//! insert outbox rows carrying that version (`n`) in real transactions.
+//!
+//! Invariant: per aggregate, the committed events' `n` run 1, 2, 3, … with
+//! no gap, whatever rolls back or crashes: the version bump and the rows
+//! commit or vanish together, and the row lock orders writers of one
+//! aggregate. So the checker can demand exactly that order in Kafka.
+//!
+//! What makes it hard for a relay, all tunable in `Workload`:
+//! - writers pause before COMMIT, so commits land out of `seq` order;
+//! - some transactions roll back;
+//! - multi-row INSERT (two events) and COPY (several) share a transaction;
+//! - now and then one transaction is larger than `logical_decoding_work_mem`
+//!   (64kB on the test stack), so decoding spills it to disk;
+//! - optionally poison rows (unroutable, oversized) mixed into the stream.
+//!
+//! Writers survive faults: an error (Postgres restarting, say) is counted,
+//! the transaction's fate is "in doubt" when it failed at COMMIT, and the
+//! writer goes on after a pause. The table is the truth the checker uses.
 
-use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use rand::Rng;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use super::kafka::Consumed;
-
-/// What the writers did: ids of events whose transaction rolled back.
+/// What the writers did.
 #[derive(Debug, Default)]
 pub struct Written {
+    /// Events whose transaction committed (COMMIT returned).
     pub committed: usize,
+    pub committed_ids: Vec<String>,
+    /// Events whose transaction rolled back on purpose.
     pub rolled_back_ids: Vec<String>,
+    /// Events whose COMMIT failed (connection lost): in the table or not.
+    pub in_doubt_ids: Vec<String>,
+    /// Poison rows among the committed ones, bound for the dead-letter topic.
+    pub poison_ids: Vec<String>,
+    /// Transactions that failed before COMMIT (and so did not happen).
+    pub failed_transactions: usize,
 }
 
 impl Written {
@@ -22,207 +46,398 @@ impl Written {
         let mut all = Written::default();
         for part in parts {
             all.committed += part.committed;
+            all.committed_ids.extend(part.committed_ids);
             all.rolled_back_ids.extend(part.rolled_back_ids);
+            all.in_doubt_ids.extend(part.in_doubt_ids);
+            all.poison_ids.extend(part.poison_ids);
+            all.failed_transactions += part.failed_transactions;
         }
         all
     }
 }
 
-/// One writer: `transactions` business transactions over `aggregates`
-/// aggregates; about one in ten rolls back, about one in four writes two
-/// events (OrderCreated then PaymentCaptured) in one multi-row INSERT.
+/// The aggregate type of poison rows that no topic can be named after.
+pub const UNROUTABLE_TYPE: &str = "not a topic!";
+/// Payload size of oversized poison rows: the fault tests configure
+/// `kafka.max_message_bytes: 100000`.
+pub const OVERSIZED_BYTES: usize = 200_000;
+
+/// The shape of the load.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub aggregates: usize,
+    /// Upper bound of the random pause before COMMIT.
+    pub max_commit_pause: Duration,
+    /// One transaction in this many rolls back.
+    pub rollback_one_in: u32,
+    /// One in this many writes several events with COPY (else INSERT).
+    pub copy_one_in: u32,
+    /// One in this many writes `large_events` events (above the decoding
+    /// memory limit); 0 turns large transactions off.
+    pub large_one_in: u32,
+    pub large_events: usize,
+    /// One in this many also writes a poison row; 0 turns poison off.
+    pub poison_one_in: u32,
+    /// Padding in each payload, to reach a realistic size.
+    pub padding: usize,
+}
+
+impl Workload {
+    /// Single and paired events on `aggregates` aggregates, some rolled
+    /// back; no pauses, COPY, large transactions or poison.
+    pub fn simple(aggregates: usize) -> Workload {
+        Workload {
+            aggregates,
+            max_commit_pause: Duration::ZERO,
+            rollback_one_in: 10,
+            copy_one_in: 0,
+            large_one_in: 0,
+            large_events: 0,
+            poison_one_in: 0,
+            padding: 0,
+        }
+    }
+
+    /// Everything the issue asks for, except poison.
+    pub fn realistic() -> Workload {
+        Workload {
+            aggregates: 200,
+            max_commit_pause: Duration::from_millis(15),
+            rollback_one_in: 10,
+            copy_one_in: 5,
+            large_one_in: 150,
+            large_events: 250,
+            poison_one_in: 0,
+            padding: 200,
+        }
+    }
+
+    pub fn with_poison(mut self, one_in: u32) -> Workload {
+        self.poison_one_in = one_in;
+        self
+    }
+
+    /// One writer: `transactions` business transactions, one after another.
+    pub async fn write(&self, pool: &PgPool, writer: usize, transactions: usize) -> Written {
+        let mut written = Written::default();
+        for _ in 0..transactions {
+            self.one_transaction(pool, writer, &mut written).await;
+        }
+        written
+    }
+
+    async fn one_transaction(&self, pool: &PgPool, writer: usize, written: &mut Written) {
+        let plan = self.plan();
+        let mut tx = match pool.begin().await {
+            Ok(tx) => tx,
+            Err(_) => return self.failed(written).await,
+        };
+        let ids = match self.insert_all(&mut tx, writer, &plan).await {
+            Ok(ids) => ids,
+            Err(_) => {
+                let _ = tx.rollback().await;
+                return self.failed(written).await;
+            }
+        };
+        if !self.max_commit_pause.is_zero() {
+            let pause = rand::rng().random_range(Duration::ZERO..=self.max_commit_pause);
+            tokio::time::sleep(pause).await;
+        }
+        let (events, poison) = ids;
+        if plan.roll_back {
+            let _ = tx.rollback().await;
+            written.rolled_back_ids.extend(events);
+            written.rolled_back_ids.extend(poison);
+            return;
+        }
+        match tx.commit().await {
+            Ok(()) => {
+                written.committed += events.len() + poison.len();
+                written.committed_ids.extend(events);
+                written.committed_ids.extend(poison.iter().cloned());
+                written.poison_ids.extend(poison);
+            }
+            Err(_) => {
+                written.in_doubt_ids.extend(events);
+                written.in_doubt_ids.extend(poison);
+                written.failed_transactions += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    async fn failed(&self, written: &mut Written) {
+        written.failed_transactions += 1;
+        // Postgres is restarting or unreachable: do not spin.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    fn plan(&self) -> Plan {
+        let mut rng = rand::rng();
+        let one_in = |rng: &mut rand::rngs::ThreadRng, n: u32| n > 0 && rng.random_ratio(1, n);
+        let (events, how) = if one_in(&mut rng, self.large_one_in) {
+            (self.large_events, How::Insert)
+        } else if one_in(&mut rng, self.copy_one_in) {
+            (rng.random_range(2..=5), How::Copy)
+        } else {
+            (rng.random_range(1..=2), How::Insert)
+        };
+        Plan {
+            aggregate: format!("order-{}", rng.random_range(0..self.aggregates)),
+            events,
+            how,
+            roll_back: one_in(&mut rng, self.rollback_one_in),
+            poison: if one_in(&mut rng, self.poison_one_in) {
+                Some(if rng.random_bool(0.5) {
+                    Poison::Unroutable
+                } else {
+                    Poison::Oversized
+                })
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Returns the ids of the events and of the poison row.
+    async fn insert_all(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        writer: usize,
+        plan: &Plan,
+    ) -> Result<(Vec<String>, Vec<String>), sqlx::Error> {
+        sqlx::query("INSERT INTO aggregates (id) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(&plan.aggregate)
+            .execute(&mut *tx)
+            .await?;
+        // The row lock serialises this aggregate's writers; `version` counts
+        // its committed events, so their `n` runs 1, 2, 3, … with no gap.
+        let version: i32 = sqlx::query_scalar(
+            "UPDATE aggregates SET version = version + $2 WHERE id = $1 RETURNING version",
+        )
+        .bind(&plan.aggregate)
+        .bind(plan.events as i32)
+        .fetch_one(&mut *tx)
+        .await?;
+        let first_n = version as usize - plan.events + 1;
+        let ids: Vec<String> = (0..plan.events).map(|_| new_uuid()).collect();
+        match plan.how {
+            How::Insert => {
+                // One statement for all the transaction's events, in `n` order.
+                sqlx::query(
+                    "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) \
+                     SELECT ($5::text[])[i]::uuid, 'Order', $1, \
+                            CASE WHEN i = 1 THEN 'OrderCreated' ELSE 'PaymentCaptured' END, \
+                            jsonb_build_object('aggregate', $1::text, 'n', $2::int + i - 1, \
+                                               'writer', $3::int, 'pad', repeat('p', $4::int)) \
+                     FROM generate_series(1, array_length($5::text[], 1)) AS i ORDER BY i",
+                )
+                .bind(&plan.aggregate)
+                .bind(first_n as i32)
+                .bind(writer as i32)
+                .bind(self.padding as i32)
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            }
+            How::Copy => {
+                let mut data = String::new();
+                for (i, id) in ids.iter().enumerate() {
+                    // Text format: tab-separated; the JSON holds no tab,
+                    // newline or backslash.
+                    data.push_str(&format!(
+                        "{id}\tOrder\t{aggregate}\tPaymentCaptured\t\
+                         {{\"aggregate\": \"{aggregate}\", \"n\": {n}, \"writer\": {writer}, \"pad\": \"{pad}\"}}\n",
+                        aggregate = plan.aggregate,
+                        n = first_n + i,
+                        pad = "c".repeat(self.padding),
+                    ));
+                }
+                let mut copy = tx
+                    .copy_in_raw(
+                        "COPY outbox (id, aggregatetype, aggregateid, type, payload) FROM STDIN",
+                    )
+                    .await?;
+                copy.send(data.into_bytes()).await?;
+                copy.finish().await?;
+            }
+        }
+        let mut poison_ids = Vec::new();
+        if let Some(poison) = plan.poison {
+            let id = new_uuid();
+            // Its own aggregate: a poison row is not part of any order's sequence.
+            let (aggregate_type, payload_sql) = match poison {
+                Poison::Unroutable => (UNROUTABLE_TYPE, "jsonb_build_object('poison', true)".to_string()),
+                Poison::Oversized => (
+                    "Order",
+                    format!("jsonb_build_object('poison', true, 'blob', repeat('x', {OVERSIZED_BYTES}))"),
+                ),
+            };
+            sqlx::query(&format!(
+                "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) \
+                 VALUES ($1::uuid, $2, 'poison-' || $1, 'Poison', {payload_sql})"
+            ))
+            .bind(&id)
+            .bind(aggregate_type)
+            .execute(&mut *tx)
+            .await?;
+            poison_ids.push(id);
+        }
+        Ok((ids, poison_ids))
+    }
+}
+
+struct Plan {
+    aggregate: String,
+    events: usize,
+    how: How,
+    roll_back: bool,
+    poison: Option<Poison>,
+}
+
+enum How {
+    Insert,
+    Copy,
+}
+
+#[derive(Clone, Copy)]
+enum Poison {
+    Unroutable,
+    Oversized,
+}
+
+fn new_uuid() -> String {
+    let mut rng = rand::rng();
+    let (a, b, c, d, e): (u32, u16, u16, u16, u64) = (
+        rng.random(),
+        rng.random(),
+        rng.random(),
+        rng.random(),
+        rng.random(),
+    );
+    format!(
+        "{a:08x}-{b:04x}-4{:03x}-{:04x}-{:012x}",
+        c & 0x0fff,
+        (d & 0x3fff) | 0x8000,
+        e & 0xffff_ffff_ffff
+    )
+}
+
+/// A pool for writers: its own connections, with durable commits even
+/// though the test server runs `synchronous_commit = off` (a crash must not
+/// forget a transaction whose COMMIT returned, or the checker would blame
+/// the relay for Postgres' promise).
+pub async fn writer_pool(database_url: &str, connections: u32) -> PgPool {
+    let options: PgConnectOptions = database_url.parse().expect("database url");
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options.options([("synchronous_commit", "on")]))
+}
+
+/// `rows` events in bulk over `aggregates` aggregates of their own
+/// (`backlog-0` …), in transactions of 10,000 rows: a backlog to drain.
+pub async fn write_backlog(pool: &PgPool, rows: usize, aggregates: usize) -> Written {
+    const CHUNK: usize = 10_000;
+    let mut written = Written::default();
+    let mut done = 0;
+    while done < rows {
+        let chunk = CHUNK.min(rows - done);
+        // Row i of the backlog goes to aggregate i % aggregates as its
+        // (i / aggregates + 1)th event: n stays 1, 2, 3, … across chunks.
+        let ids: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             SELECT 'Order', 'backlog-' || (i % $1), 'OrderCreated', \
+                    jsonb_build_object('aggregate', 'backlog-' || (i % $1), 'n', i / $1 + 1, \
+                                       'pad', repeat('b', 200)) \
+             FROM generate_series($2::bigint, $3::bigint) AS i ORDER BY i \
+             RETURNING id::text",
+        )
+        .bind(aggregates as i64)
+        .bind(done as i64)
+        .bind((done + chunk - 1) as i64)
+        .fetch_all(pool)
+        .await
+        .expect("write backlog");
+        written.committed += ids.len();
+        written.committed_ids.extend(ids);
+        done += chunk;
+    }
+    written
+}
+
+/// One writer of the simple workload (kept for the scenario tests).
 pub async fn write_orders(
     pool: &PgPool,
     writer: usize,
     transactions: usize,
     aggregates: usize,
 ) -> Written {
-    let mut written = Written::default();
-    for _ in 0..transactions {
-        let (aggregate, roll_back, two_events) = {
-            let mut rng = rand::rng();
-            (
-                format!("order-{}", rng.random_range(0..aggregates)),
-                rng.random_ratio(1, 10),
-                rng.random_ratio(1, 4),
-            )
-        };
-        let mut tx = pool.begin().await.expect("begin");
-        sqlx::query("INSERT INTO aggregates (id) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(&aggregate)
-            .execute(&mut *tx)
-            .await
-            .expect("ensure aggregate");
-        let events = if two_events { 2 } else { 1 };
-        // The row lock serialises this aggregate's writers; `version` counts
-        // its committed events, so their `n` runs 1, 2, 3, … with no gap.
-        let version: i32 = sqlx::query_scalar(
-            "UPDATE aggregates SET version = version + $2 WHERE id = $1 RETURNING version",
-        )
-        .bind(&aggregate)
-        .bind(events)
-        .fetch_one(&mut *tx)
+    Workload::simple(aggregates)
+        .write(pool, writer, transactions)
         .await
-        .expect("lock aggregate");
-        // One INSERT for all the transaction's events: a multi-row insert
-        // whose rows share the transaction, in `n` order.
-        let ids: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
-             SELECT 'Order', $1, (ARRAY['OrderCreated', 'PaymentCaptured'])[i], \
-                    jsonb_build_object('aggregate', $1::text, 'n', $2::int + i - 1, 'writer', $3::int) \
-             FROM generate_series(1, $4::int) AS i ORDER BY i \
-             RETURNING id::text",
-        )
-        .bind(&aggregate)
-        .bind(version - events + 1)
-        .bind(writer as i32)
-        .bind(events)
-        .fetch_all(&mut *tx)
-        .await
-        .expect("insert events");
-        if roll_back {
-            tx.rollback().await.expect("rollback");
-            written.rolled_back_ids.extend(ids);
-        } else {
-            tx.commit().await.expect("commit");
-            written.committed += ids.len();
-        }
-    }
-    written
 }
 
-/// A writer that keeps committing rounds of `write_orders` in the
-/// background until `finish`, so faults land while rows keep arriving.
+/// Writers that keep committing in the background until `finish`, so
+/// faults land while rows keep arriving.
 pub struct LiveWriter {
     writing: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: tokio::task::JoinHandle<Written>,
+    handles: Vec<tokio::task::JoinHandle<Written>>,
 }
 
 impl LiveWriter {
-    /// Each round is `write_orders(pool, writer, transactions, aggregates)`.
+    /// One writer of the simple workload, in rounds of `transactions`.
     pub fn start(
         pool: &PgPool,
         writer: usize,
         transactions: usize,
         aggregates: usize,
     ) -> LiveWriter {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let writing = std::sync::Arc::new(AtomicBool::new(true));
-        let handle = {
-            let pool = pool.clone();
-            let writing = std::sync::Arc::clone(&writing);
-            tokio::spawn(async move {
-                let mut rounds = Vec::new();
-                while writing.load(Ordering::SeqCst) {
-                    rounds.push(write_orders(&pool, writer, transactions, aggregates).await);
-                }
-                Written::combined(rounds)
-            })
-        };
-        LiveWriter { writing, handle }
+        LiveWriter::start_many(pool, &Workload::simple(aggregates), writer..writer + 1, transactions)
     }
 
-    /// Stops after the round in progress; returns everything written.
+    /// One task per writer number in `writers`, each committing rounds of
+    /// `transactions` transactions of `workload`.
+    pub fn start_many(
+        pool: &PgPool,
+        workload: &Workload,
+        writers: std::ops::Range<usize>,
+        transactions: usize,
+    ) -> LiveWriter {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let writing = std::sync::Arc::new(AtomicBool::new(true));
+        let handles = writers
+            .map(|writer| {
+                let pool = pool.clone();
+                let workload = workload.clone();
+                let writing = std::sync::Arc::clone(&writing);
+                tokio::spawn(async move {
+                    let mut rounds = Vec::new();
+                    while writing.load(Ordering::SeqCst) {
+                        rounds.push(workload.write(&pool, writer, transactions).await);
+                    }
+                    Written::combined(rounds)
+                })
+            })
+            .collect();
+        LiveWriter { writing, handles }
+    }
+
+    /// Stops after the rounds in progress; returns everything written.
     pub async fn finish(self) -> Written {
         self.writing
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        self.handle.await.expect("live writer")
+        let mut parts = Vec::new();
+        for handle in self.handles {
+            parts.push(handle.await.expect("live writer"));
+        }
+        Written::combined(parts)
     }
 }
 
-/// Checks Kafka against Postgres and returns the violations, one line each.
-///
-/// - every row in the table arrived exactly once (by event id);
-/// - nothing else arrived (no rolled-back event, no stranger);
-/// - each aggregate stays on one partition, and in offset order its `n`
-///   runs 1, 2, 3, … (no gap, no reordering).
-pub fn violations(
-    rows: &[(i64, String, bool)],
-    consumed: &[Consumed],
-    rolled_back: &[String],
-) -> Vec<String> {
-    let mut problems = Vec::new();
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for record in consumed {
-        let id = record.header("id").unwrap_or("<no id header>");
-        *seen.entry(id).or_default() += 1;
-    }
-    let expected: HashSet<&str> = rows.iter().map(|(_, id, _)| id.as_str()).collect();
-    for (seq, id, sent) in rows {
-        match seen.get(id.as_str()) {
-            None => problems.push(format!("lost: row seq {seq} id {id} never reached Kafka")),
-            Some(1) => {}
-            Some(n) => problems.push(format!(
-                "duplicated: row seq {seq} id {id} arrived {n} times"
-            )),
-        }
-        if !sent {
-            problems.push(format!(
-                "unacknowledged: row seq {seq} id {id} is not marked sent"
-            ));
-        }
-    }
-    for id in seen.keys() {
-        if !expected.contains(id) {
-            problems.push(format!(
-                "stranger: event id {id} is in Kafka but not in the table"
-            ));
-        }
-    }
-    for id in rolled_back {
-        if seen.contains_key(id.as_str()) {
-            problems.push(format!(
-                "rolled back: event id {id} from a rolled-back transaction reached Kafka"
-            ));
-        }
-    }
-    let mut by_aggregate: HashMap<(String, i32), Vec<(i64, i64)>> = HashMap::new();
-    for record in consumed {
-        let key = String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned();
-        let n = record.payload_json()["n"].as_i64().unwrap_or(-1);
-        by_aggregate
-            .entry((key, record.partition))
-            .or_default()
-            .push((record.offset, n));
-    }
-    let mut partitions_per_key: HashMap<&str, HashSet<i32>> = HashMap::new();
-    for (key, partition) in by_aggregate.keys() {
-        partitions_per_key
-            .entry(key.as_str())
-            .or_default()
-            .insert(*partition);
-    }
-    for (key, partitions) in &partitions_per_key {
-        if partitions.len() > 1 {
-            problems.push(format!(
-                "split: aggregate {key} landed on partitions {partitions:?}"
-            ));
-        }
-    }
-    for ((key, _), mut events) in by_aggregate {
-        events.sort();
-        for (expected_n, (offset, n)) in (1..).zip(events) {
-            if n != expected_n {
-                problems.push(format!("out of order: aggregate {key}: offset {offset} holds n {n}, expected {expected_n}"));
-                break;
-            }
-        }
-    }
-    problems
-}
-
-/// Reads everything the relay published for `env` and fails the test with
-/// every violation listed, after checking the table holds `committed` rows.
+/// Checks everything the relay published for `env` against the table and
+/// fails the test with every violation listed.
 pub async fn assert_exactly_once(env: &super::TestEnv, written: &Written) {
-    let (committed, rolled_back) = (written.committed, &written.rolled_back_ids);
-    let rows = env.rows().await;
-    assert_eq!(rows.len(), committed, "the table holds every committed row");
-    let consumed = super::kafka::read_all(&env.kafka, &env.topic_prefix()).await;
-    let problems = violations(&rows, &consumed, rolled_back);
-    assert!(
-        problems.is_empty(),
-        "{} violations:\n{}",
-        problems.len(),
-        problems.join("\n")
-    );
+    let report = super::checker::check(env, written).await;
+    report.assert_clean();
 }

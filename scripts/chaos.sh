@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# `make chaos`: the fault-injection suite at campaign size (OUTBOXD_CHAOS=long:
+# hundreds of relay kills, tens of broker and Postgres restarts per capture
+# mode), one test at a time, then the table of what the checker found.
+# Runs inside scripts/with-stack.sh, which provides the servers.
+set -uo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$here/.."
+report="$root/chaos/report.jsonl"
+rm -f "$report"
+
+started=$SECONDS
+OUTBOXD_CHAOS=long OUTBOXD_CHAOS_REPORT="$report" \
+  cargo test --locked --test faults -- --test-threads=1
+status=$?
+
+echo
+if [[ -s "$report" ]]; then
+  python3 "$here/chaos_table.py" "$report" "$(( (SECONDS - started) / 60 ))" | tee "$root/chaos/results.md"
+else
+  echo "chaos: no campaign finished; see the test output above" >&2
+fi
+exit "$status"

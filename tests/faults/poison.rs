@@ -1,0 +1,26 @@
+//! Poison rows (unroutable, oversized) mixed into the stream while the
+//! relay is killed now and then: each lands once in the dead-letter topic,
+//! and the good rows around them keep their order.
+
+use std::time::Duration;
+
+use crate::support::faults::{random_between, size, Campaign, RelayProcess};
+use crate::support::workload::Workload;
+use crate::support::Mode;
+
+in_both_modes!(poison_rows_mixed_into_the_stream, worker_threads = 2);
+async fn poison_rows_mixed_into_the_stream(mode: Mode) {
+    let workload = Workload::realistic().with_poison(15);
+    let mut campaign = Campaign::start("poison-mix", mode, &workload).await;
+    for _ in 0..size(3, 30) {
+        let mut relay = RelayProcess::start(&campaign.env, None);
+        tokio::time::sleep(random_between(
+            Duration::from_millis(500)..=Duration::from_secs(3),
+        ))
+        .await;
+        relay.kill();
+        campaign.runs += 1;
+    }
+    let written = campaign.finish(Vec::new(), &[]).await;
+    assert!(!written.poison_ids.is_empty(), "the workload wrote poison rows");
+}

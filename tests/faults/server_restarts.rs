@@ -1,0 +1,56 @@
+//! The servers crash under a running relay: the broker SIGKILLed
+//! mid-transaction and restarted, Postgres stopped with `-m immediate` and
+//! restarted. The relay rides them out: it must still be running after
+//! each, and everything arrives exactly once.
+
+use std::time::Duration;
+
+use crate::support::faults::{
+    random_between, restart_kafka_after_kill, restart_postgres_after_crash, size, Campaign,
+    RelayProcess,
+};
+use crate::support::workload::Workload;
+use crate::support::Mode;
+
+in_both_modes!(broker_killed_and_restarted, worker_threads = 2);
+async fn broker_killed_and_restarted(mode: Mode) {
+    let mut campaign = Campaign::start("broker-restarts", mode, &Workload::realistic()).await;
+    let mut relay = RelayProcess::start(&campaign.env, None);
+    campaign.env.wait_leader(Duration::from_secs(30)).await;
+    for _ in 0..size(1, 30) {
+        // Writers never stop, so the relay is almost always mid-transaction.
+        tokio::time::sleep(random_between(
+            Duration::from_millis(500)..=Duration::from_secs(3),
+        ))
+        .await;
+        restart_kafka_after_kill().await;
+        campaign.runs += 1;
+        assert!(
+            relay.is_running(),
+            "the relay must retry through a broker restart, not exit; log: {}",
+            relay.log.display()
+        );
+    }
+    campaign.finish(vec![relay], &[]).await;
+}
+
+in_both_modes!(postgres_crashed_and_restarted, worker_threads = 2);
+async fn postgres_crashed_and_restarted(mode: Mode) {
+    let mut campaign = Campaign::start("postgres-restarts", mode, &Workload::realistic()).await;
+    let mut relay = RelayProcess::start(&campaign.env, None);
+    campaign.env.wait_leader(Duration::from_secs(30)).await;
+    for _ in 0..size(1, 30) {
+        tokio::time::sleep(random_between(
+            Duration::from_millis(500)..=Duration::from_secs(3),
+        ))
+        .await;
+        restart_postgres_after_crash().await;
+        campaign.runs += 1;
+        assert!(
+            relay.is_running(),
+            "the relay must reconnect after a Postgres crash, not exit; log: {}",
+            relay.log.display()
+        );
+    }
+    campaign.finish(vec![relay], &[]).await;
+}

@@ -1,0 +1,284 @@
+//! The invariant checker: what a `read_committed` consumer sees in every
+//! routed topic, the dead-letter topic and the checkpoint topic, compared
+//! with the rows that actually committed in Postgres.
+//!
+//! Invariant it enforces (each violation names the event ids):
+//! - every committed row is in Kafka exactly once: a good row in its routed
+//!   topic, a poison row in the dead-letter topic;
+//! - nothing else is: no event of a rolled-back transaction, no stranger;
+//! - per aggregate, one partition, and `n` runs 1, 2, 3, … in offset order;
+//! - every row marked sent was published, and at the end every row is sent;
+//! - the checkpoints name exactly the rows that are in Kafka;
+//! - every transaction whose COMMIT returned is in the table.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use outboxd::kafka::checkpoint::Checkpoint;
+
+use super::kafka::{read_all, read_topic, Consumed};
+use super::workload::Written;
+use super::TestEnv;
+
+/// What the check found, counted the way the chaos table reports it.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Rows checked (committed rows in the table).
+    pub events: usize,
+    pub lost: Vec<String>,
+    pub duplicated: Vec<String>,
+    pub out_of_order: Vec<String>,
+    /// Everything else: strangers, rolled-back events, unmarked rows,
+    /// checkpoint mismatches, rows Postgres forgot.
+    pub other: Vec<String>,
+}
+
+impl Report {
+    pub fn is_clean(&self) -> bool {
+        self.lost.is_empty()
+            && self.duplicated.is_empty()
+            && self.out_of_order.is_empty()
+            && self.other.is_empty()
+    }
+
+    pub fn violations(&self) -> Vec<String> {
+        self.lost
+            .iter()
+            .chain(&self.duplicated)
+            .chain(&self.out_of_order)
+            .chain(&self.other)
+            .cloned()
+            .collect()
+    }
+
+    pub fn assert_clean(&self) {
+        let violations = self.violations();
+        assert!(
+            violations.is_empty(),
+            "{} violations among {} events:\n{}",
+            violations.len(),
+            self.events,
+            violations
+                .iter()
+                .take(200)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+/// One row of the outbox as the checker needs it.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub seq: i64,
+    pub id: String,
+    pub sent: bool,
+}
+
+/// Reads Postgres and Kafka for `env` and checks every invariant.
+/// Checkpoints are read for the relay names in `relays` (the env's own
+/// relay name when empty).
+pub async fn check(env: &TestEnv, written: &Written) -> Report {
+    check_relays(env, written, &[env.relay_name()]).await
+}
+
+pub async fn check_relays(env: &TestEnv, written: &Written, relays: &[String]) -> Report {
+    let rows: Vec<Row> = sqlx::query_as::<_, (i64, String, bool)>(
+        "SELECT seq, id::text, sent_at IS NOT NULL FROM outbox ORDER BY seq",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("read outbox rows")
+    .into_iter()
+    .map(|(seq, id, sent)| Row { seq, id, sent })
+    .collect();
+    let routed = read_all(&env.kafka, &env.topic_prefix())
+        .await
+        .into_iter()
+        .filter(|record| record.topic != env.dead_letter_topic())
+        .collect::<Vec<_>>();
+    let dead_lettered = read_topic(&env.kafka, &env.dead_letter_topic()).await;
+    let checkpoints = read_topic(&env.kafka, &format!("{}.checkpoints", env.topic_prefix())).await;
+    let relay_keys: HashSet<&[u8]> = relays.iter().map(|r| r.as_bytes()).collect();
+    let checkpoints: Vec<Checkpoint> = checkpoints
+        .iter()
+        .filter(|r| r.key.as_deref().is_some_and(|k| relay_keys.contains(k)))
+        .filter_map(|r| r.payload.as_deref())
+        .map(|bytes| Checkpoint::from_bytes(bytes).expect("checkpoint record is readable"))
+        .collect();
+    compare(&rows, &routed, &dead_lettered, &checkpoints, written)
+}
+
+/// The pure comparison, separate from the reading so it reads as a spec.
+pub fn compare(
+    rows: &[Row],
+    routed: &[Consumed],
+    dead_lettered: &[Consumed],
+    checkpoints: &[Checkpoint],
+    written: &Written,
+) -> Report {
+    let mut report = Report {
+        events: rows.len(),
+        ..Report::default()
+    };
+    let poison: HashSet<&str> = written.poison_ids.iter().map(String::as_str).collect();
+    let count = |records: &[Consumed]| {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for record in records {
+            let id = record.header("id").unwrap_or("<no id header>").to_string();
+            *seen.entry(id).or_default() += 1;
+        }
+        seen
+    };
+    let in_routed = count(routed);
+    let in_dead = count(dead_lettered);
+    let table_ids: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+
+    // Each row exactly once, in the right place.
+    let mut published_seqs = HashSet::new();
+    for row in rows {
+        let (here, elsewhere, place) = if poison.contains(row.id.as_str()) {
+            (&in_dead, &in_routed, "the dead-letter topic")
+        } else {
+            (&in_routed, &in_dead, "its routed topic")
+        };
+        let n = here.get(&row.id).copied().unwrap_or(0);
+        let misplaced = elsewhere.get(&row.id).copied().unwrap_or(0);
+        if n + misplaced > 0 {
+            published_seqs.insert(row.seq);
+        }
+        match (n, misplaced) {
+            (1, 0) => {}
+            (0, 0) if row.sent => report.lost.push(format!(
+                "lost: row seq {} id {} is marked sent but never reached Kafka",
+                row.seq, row.id
+            )),
+            (0, 0) => report.lost.push(format!(
+                "lost: row seq {} id {} never reached Kafka (and is not marked sent)",
+                row.seq, row.id
+            )),
+            (0, m) => report.other.push(format!(
+                "misrouted: row seq {} id {} is not in {place} but {m} time(s) elsewhere",
+                row.seq, row.id
+            )),
+            (n, m) => report.duplicated.push(format!(
+                "duplicated: row seq {} id {} arrived {} times",
+                row.seq,
+                row.id,
+                n + m
+            )),
+        }
+        if !row.sent {
+            report.other.push(format!(
+                "unacknowledged: row seq {} id {} is not marked sent",
+                row.seq, row.id
+            ));
+        }
+    }
+
+    // Nothing else.
+    let rolled_back: HashSet<&str> = written.rolled_back_ids.iter().map(String::as_str).collect();
+    for id in in_routed.keys().chain(in_dead.keys()) {
+        if table_ids.contains(id.as_str()) {
+            continue;
+        }
+        if rolled_back.contains(id.as_str()) {
+            report.other.push(format!(
+                "rolled back: event id {id} from a rolled-back transaction reached Kafka"
+            ));
+        } else {
+            report.other.push(format!(
+                "stranger: event id {id} is in Kafka but not in the table"
+            ));
+        }
+    }
+
+    // What the writers were told versus what Postgres kept.
+    if !written.committed_ids.is_empty() {
+        let known: HashSet<&str> = written
+            .committed_ids
+            .iter()
+            .chain(&written.in_doubt_ids)
+            .map(String::as_str)
+            .collect();
+        for id in &written.committed_ids {
+            if !table_ids.contains(id.as_str()) {
+                report.other.push(format!(
+                    "forgotten: event id {id} was committed but is not in the table"
+                ));
+            }
+        }
+        for row in rows {
+            if !known.contains(row.id.as_str()) {
+                report.other.push(format!(
+                    "unknown: row seq {} id {} was written by no writer",
+                    row.seq, row.id
+                ));
+            }
+        }
+    } else if written.committed > 0 && written.committed != rows.len() {
+        report.other.push(format!(
+            "the table holds {} rows but the writers committed {}",
+            rows.len(),
+            written.committed
+        ));
+    }
+
+    // Per aggregate: one partition, n = 1, 2, 3, … in offset order.
+    let mut by_aggregate: BTreeMap<String, BTreeMap<(String, i32), Vec<(i64, i64, String)>>> =
+        BTreeMap::new();
+    for record in routed {
+        let key = String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned();
+        let n = record.payload_json()["n"].as_i64().unwrap_or(-1);
+        let id = record.header("id").unwrap_or("<no id>").to_string();
+        by_aggregate
+            .entry(key)
+            .or_default()
+            .entry((record.topic.clone(), record.partition))
+            .or_default()
+            .push((record.offset, n, id));
+    }
+    for (key, partitions) in by_aggregate {
+        if partitions.len() > 1 {
+            report.out_of_order.push(format!(
+                "split: aggregate {key} landed on {:?}",
+                partitions.keys().collect::<Vec<_>>()
+            ));
+            continue;
+        }
+        for mut events in partitions.into_values() {
+            events.sort();
+            for (expected, (offset, n, id)) in (1..).zip(events) {
+                if n != expected {
+                    report.out_of_order.push(format!(
+                        "out of order: aggregate {key}: offset {offset} (event id {id}) holds n {n}, expected {expected}"
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+
+    // The checkpoints name exactly the rows in Kafka.
+    let mut named: HashSet<i64> = HashSet::new();
+    for checkpoint in checkpoints {
+        named.extend(checkpoint.published.to_seqs());
+        named.extend(checkpoint.dead_lettered.to_seqs());
+    }
+    let id_of: HashMap<i64, &str> = rows.iter().map(|r| (r.seq, r.id.as_str())).collect();
+    for seq in &published_seqs {
+        if !named.contains(seq) {
+            report.other.push(format!(
+                "uncovered: row seq {seq} id {} is in Kafka but no checkpoint names it",
+                id_of[seq]
+            ));
+        }
+    }
+    for seq in named.difference(&published_seqs) {
+        report.other.push(format!(
+            "phantom checkpoint: a checkpoint names row seq {seq} (id {}) but it is not in Kafka",
+            id_of.get(seq).unwrap_or(&"<not in table>")
+        ));
+    }
+    report
+}

@@ -1,0 +1,310 @@
+//! The fault-injection harness: the real relay binary as a child process
+//! (optionally armed with a kill point), the shared servers' crash and
+//! restart commands, campaign sizes and the campaign report.
+//!
+//! Invariant: fault tests run one at a time (`exclusive`), because a broker
+//! or Postgres restart hits every client of the shared stack; and a relay
+//! process started here is always killed when its handle is dropped, so a
+//! failed test leaves no relay behind.
+
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::checker::{self, Report};
+use super::workload::{writer_pool, LiveWriter, Workload, Written};
+use super::{Mode, TestEnv};
+
+/// Holds the shared servers for one fault test at a time.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERVERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERVERS.lock().await
+}
+
+/// How big a campaign is: short in `make test`, long in `make chaos`
+/// (`OUTBOXD_CHAOS=long`).
+pub fn size(short: usize, long: usize) -> usize {
+    match std::env::var("OUTBOXD_CHAOS").as_deref() {
+        Ok("long") => long,
+        _ => short,
+    }
+}
+
+/// A random pause in `range`.
+pub fn random_between(range: std::ops::RangeInclusive<Duration>) -> Duration {
+    rand::rng().random_range(range)
+}
+
+/// Appends one line to the campaign report (`OUTBOXD_CHAOS_REPORT`, JSON
+/// lines) when set; `make chaos` turns the lines into its table.
+pub fn record(fault: &str, mode: Mode, runs: usize, report: &Report) {
+    let Ok(path) = std::env::var("OUTBOXD_CHAOS_REPORT") else {
+        return;
+    };
+    let line = serde_json::json!({
+        "fault": fault,
+        "mode": mode.config_value(),
+        "runs": runs,
+        "events": report.events,
+        "lost": report.lost.len(),
+        "duplicated": report.duplicated.len(),
+        "out_of_order": report.out_of_order.len(),
+        "other": report.other.len(),
+    });
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open chaos report {path}: {e}"));
+    writeln!(file, "{line}").expect("write chaos report");
+}
+
+fn stack_dir() -> String {
+    std::env::var("OUTBOXD_STACK_DIR").expect(
+        "OUTBOXD_STACK_DIR is not set: fault tests restart the stack's servers. Run `make test`",
+    )
+}
+
+/// Runs `deploy/local/stack.sh COMMAND STACK_DIR` and fails the test if it fails.
+async fn stack(command: &'static str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/local/stack.sh");
+    let dir = stack_dir();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("bash")
+            .arg(script)
+            .arg(command)
+            .arg(dir)
+            .output()
+            .expect("run stack.sh")
+    })
+    .await
+    .expect("stack.sh task");
+    assert!(
+        output.status.success(),
+        "stack.sh {command} failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// SIGKILLs the broker and starts it again on the same ports and data.
+pub async fn restart_kafka_after_kill() {
+    stack("kafka-kill").await;
+    stack("kafka-restart").await;
+}
+
+/// Stops Postgres with `-m immediate` (a crash) and starts it again.
+pub async fn restart_postgres_after_crash() {
+    stack("pg-restart").await;
+}
+
+/// Environment variables naming the proxied Kafka path (see stack.sh).
+pub fn kafka_proxy_addresses() -> (String, String) {
+    let read = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
+    (
+        read("OUTBOXD_TEST_KAFKA_PROXY"),
+        read("OUTBOXD_TEST_KAFKA_PROXIED"),
+    )
+}
+
+/// The real `outboxd run` as a child process, its logs appended to a file.
+pub struct RelayProcess {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl RelayProcess {
+    /// Starts `outboxd run --config CONFIG`; with `kill_at` (`POINT` or
+    /// `POINT:N`) it kills itself there.
+    pub fn spawn(config: &Path, log: &Path, kill_at: Option<&str>) -> RelayProcess {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open relay log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+        command
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        if let Some(point) = kill_at {
+            command.env(outboxd::failpoint::ENV, point);
+        }
+        RelayProcess {
+            child: Some(command.spawn().expect("start outboxd")),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// The env's relay, logging to the env's fault log.
+    pub fn start(env: &TestEnv, kill_at: Option<&str>) -> RelayProcess {
+        RelayProcess::spawn(&env.config_path, &log_path(env), kill_at)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().expect("try_wait").is_none(),
+            None => false,
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the process to end by itself.
+    pub async fn exited(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut().expect("relay was started");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the relay did not exit within {limit:?}; its log: {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for the armed kill point to fire: the relay must die of SIGKILL.
+    pub async fn killed_at_point(&mut self, point: &str, limit: Duration) {
+        let status = self.exited(limit).await;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "the relay armed to die at {point} ended with {status} instead; log: {}",
+            self.log.display()
+        );
+    }
+
+    /// SIGTERM, and the relay must exit 0 within the grace period.
+    pub async fn stop(&mut self) {
+        let pid = self.child.as_ref().expect("relay was started").id();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let status = self.exited(Duration::from_secs(60)).await;
+        assert!(
+            status.success(),
+            "the relay exited with {status} after SIGTERM; log: {}",
+            self.log.display()
+        );
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Where the env's relays log during fault tests.
+pub fn log_path(env: &TestEnv) -> PathBuf {
+    std::env::temp_dir().join(format!("outboxd-fault-{}.log", env.id))
+}
+
+/// A copy of the env's config under another relay name (and so another
+/// slot, transactional id and checkpoint key), for a second relay on the
+/// same table.
+pub fn config_with_relay_name(env: &TestEnv, name: &str) -> PathBuf {
+    let yaml = std::fs::read_to_string(&env.config_path).expect("read config");
+    let renamed = yaml.replace(
+        &format!("name: {}\n", env.relay_name()),
+        &format!("name: {name}\n"),
+    );
+    assert_ne!(yaml, renamed, "the relay name is in the config");
+    let path = env.config_path.with_extension(format!("{name}.yaml"));
+    std::fs::write(&path, renamed).expect("write second config");
+    path
+}
+
+/// One fault campaign: a fresh env, writers committing the realistic
+/// workload throughout, and at the end a clean relay that drains
+/// everything, then the checker over the whole run.
+pub struct Campaign {
+    pub env: TestEnv,
+    pub fault: &'static str,
+    /// Faults injected so far.
+    pub runs: usize,
+    writers: LiveWriter,
+    /// Written outside the live writers (a backlog).
+    extra: Vec<Written>,
+    _servers: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Campaign {
+    /// `kafka_overrides` go under `kafka:` in the config (poison tests
+    /// lower `max_message_bytes` to 100000).
+    pub async fn start(fault: &'static str, mode: Mode, workload: &Workload) -> Campaign {
+        let servers = exclusive().await;
+        let env = TestEnv::new(fault, mode).await;
+        env.write_config("", "  max_message_bytes: 100000\n");
+        let pool = writer_pool(&env.database_url, 4).await;
+        let writers = LiveWriter::start_many(&pool, workload, 0..3, 10);
+        Campaign {
+            env,
+            fault,
+            runs: 0,
+            writers,
+            extra: Vec::new(),
+            _servers: servers,
+        }
+    }
+
+    /// Counts rows written outside the live writers.
+    pub fn extra_written(&mut self, written: Written) {
+        self.extra.push(written);
+    }
+
+    /// Stops the writers, lets the relays still running (or a new one if
+    /// none is) drain every row, stops them with SIGTERM (each must exit
+    /// 0), then checks everything and records the campaign. `relays` are
+    /// the relay names whose checkpoints count (the env's own when empty).
+    pub async fn finish(self, running: Vec<RelayProcess>, relays: &[String]) -> Written {
+        let written = Written::combined(
+            std::iter::once(self.writers.finish().await).chain(self.extra),
+        );
+        let mut running: Vec<RelayProcess> =
+            running.into_iter().filter_map(|mut r| r.is_running().then_some(r)).collect();
+        if running.is_empty() {
+            running.push(RelayProcess::start(&self.env, None));
+        }
+        self.env.wait_all_sent(Duration::from_secs(300)).await;
+        for relay in &mut running {
+            relay.stop().await;
+        }
+        let relays = if relays.is_empty() {
+            vec![self.env.relay_name()]
+        } else {
+            relays.to_vec()
+        };
+        let report = checker::check_relays(&self.env, &written, &relays).await;
+        record(self.fault, self.env.mode, self.runs, &report);
+        eprintln!(
+            "{} ({}): {} faults, {} events, {} violations; relay log {}",
+            self.fault,
+            self.env.mode.config_value(),
+            self.runs,
+            report.events,
+            report.violations().len(),
+            log_path(&self.env).display()
+        );
+        report.assert_clean();
+        written
+    }
+}
