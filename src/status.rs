@@ -85,7 +85,8 @@ pub async fn read(config: &Config) -> Result<Status> {
             confirmed_flush_lsn: info.confirmed_flush.map(|lsn| lsn.to_string()),
         });
     let last_checkpoint =
-        match tokio::time::timeout(CHECKPOINT_TIMEOUT, checkpoint::read_latest(config, None)).await {
+        match tokio::time::timeout(CHECKPOINT_TIMEOUT, checkpoint::read_latest(config, None)).await
+        {
             Err(_) => Err(format!(
                 "Kafka did not answer within {CHECKPOINT_TIMEOUT:?}"
             )),

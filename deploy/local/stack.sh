@@ -322,7 +322,10 @@ launch_kafka() {
         kill -0 "$pid" 2>/dev/null || die_with_log "$log" "kafka exited during startup"
         # "Kafka Server started" is logged once the broker is unfenced, i.e.
         # really serving; the port check guards against a stale log line.
-        if tail -n +"$start_line" "$log" | grep -q 'Kafka Server started' \
+        # One awk, not `tail | grep -q`: grep -q exits at the first match,
+        # tail then dies of SIGPIPE on a long log, and pipefail would call
+        # the broker not started forever.
+        if awk -v from="$start_line" 'NR >= from && /Kafka Server started/ { found = 1; exit } END { exit !found }' "$log" \
             && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             KAFKA_PORT=$port
             return 0

@@ -176,10 +176,11 @@ pub async fn settled_wal_position(connection: &mut PgConnection) -> Result<Lsn> 
         .map_err(|e| Error::from_postgres("reading the current WAL position", e))?;
     // Read after the position, so every transaction whose commit lies
     // before it has an id below this.
-    let next_xid: String = sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
-        .fetch_one(&mut *connection)
-        .await
-        .map_err(|e| Error::from_postgres("reading the next transaction id", e))?;
+    let next_xid: String =
+        sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(|e| Error::from_postgres("reading the next transaction id", e))?;
     let started = std::time::Instant::now();
     let mut announced = false;
     loop {

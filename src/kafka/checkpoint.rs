@@ -278,7 +278,13 @@ mod tests {
 
     #[test]
     fn checkpoint_round_trips_as_json() {
-        let checkpoint = Checkpoint::new("public.outbox", Some("7710644134332591330/orders"), &[1, 2, 3], &[4], None);
+        let checkpoint = Checkpoint::new(
+            "public.outbox",
+            Some("7710644134332591330/orders"),
+            &[1, 2, 3],
+            &[4],
+            None,
+        );
         let bytes = checkpoint.to_bytes();
         assert_eq!(
             String::from_utf8(bytes.clone()).unwrap(),

@@ -210,7 +210,9 @@ impl Context {
             &self.table_name,
             &config.relay.name,
             &mut stop,
-        ).await? {
+        )
+        .await?
+        {
             return Ok(());
         }
         let mode = choose_mode(config.capture.mode, &mut connection).await?;
@@ -232,13 +234,18 @@ impl Context {
         let source = source_of(&mut connection).await;
         let latest = checkpoint::read_latest(
             config,
-            source.as_deref().map(|source| (self.table_name.as_str(), source)),
+            source
+                .as_deref()
+                .map(|source| (self.table_name.as_str(), source)),
         )
         .await?;
         for (previous_relay, checkpoint) in &latest.predecessors {
             // Marking is idempotent: rows of a checkpoint that were marked
             // long ago are simply marked again.
-            let done = self.acknowledger.reconcile(&mut connection, checkpoint).await?;
+            let done = self
+                .acknowledger
+                .reconcile(&mut connection, checkpoint)
+                .await?;
             if done.published + done.dead_lettered > 0 {
                 tracing::warn!(
                     previous_relay = %previous_relay,
@@ -285,7 +292,9 @@ impl Context {
             stop,
         };
         match mode {
-            CaptureMode::Replication => replication::run(&mut session, latest.as_ref(), relayed_by_others).await,
+            CaptureMode::Replication => {
+                replication::run(&mut session, latest.as_ref(), relayed_by_others).await
+            }
             _ => {
                 warn_if_a_slot_is_left(&mut session.connection, &config.slot_name()).await;
                 let wakeup = Wakeup::listen(
@@ -333,7 +342,9 @@ async fn durable_acknowledgements(connection: &mut PgConnection) -> Result<()> {
         sqlx::query("SET synchronous_commit = on")
             .execute(&mut *connection)
             .await
-            .map_err(|e| Error::from_postgres("setting synchronous_commit for the relay session", e))?;
+            .map_err(|e| {
+                Error::from_postgres("setting synchronous_commit for the relay session", e)
+            })?;
         tracing::debug!(
             "synchronous_commit is off for this role or server; the relay's own session uses on, \
              so a Postgres crash cannot forget which rows were marked sent"

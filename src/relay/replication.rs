@@ -43,8 +43,8 @@ use crate::capture::stream::{Assembler, Captured};
 use crate::capture::wire::{ReplicationStream, StreamTarget, WireClient};
 use crate::config::SlotLostPolicy;
 use crate::error::{Error, Result};
-use crate::failpoint;
 use crate::event::{OutboxEvent, SourcePosition};
+use crate::failpoint;
 use crate::kafka::checkpoint::Checkpoint;
 
 /// Runs until shutdown or the first failure.

@@ -45,14 +45,26 @@ fn written(ids: &[&str]) -> Written {
     }
 }
 
-fn check(rows: &[Row], routed: &[Consumed], dead: &[Consumed], checkpoints: &[Checkpoint], written: &Written) -> Report {
+fn check(
+    rows: &[Row],
+    routed: &[Consumed],
+    dead: &[Consumed],
+    checkpoints: &[Checkpoint],
+    written: &Written,
+) -> Report {
     compare(rows, routed, dead, checkpoints, written)
 }
 
 #[test]
 fn a_clean_run_has_no_violation() {
     let routed = [record("a", "order-1", 1, 0), record("b", "order-1", 2, 1)];
-    let report = check(&two_rows(), &routed, &[], &[checkpoint(&[1, 2], &[])], &written(&["a", "b"]));
+    let report = check(
+        &two_rows(),
+        &routed,
+        &[],
+        &[checkpoint(&[1, 2], &[])],
+        &written(&["a", "b"]),
+    );
     assert!(report.is_clean(), "{:?}", report.violations());
     assert_eq!(report.events, 2);
 }
@@ -60,7 +72,13 @@ fn a_clean_run_has_no_violation() {
 #[test]
 fn a_missing_event_is_lost() {
     let routed = [record("a", "order-1", 1, 0)];
-    let report = check(&two_rows(), &routed, &[], &[checkpoint(&[1], &[])], &written(&["a", "b"]));
+    let report = check(
+        &two_rows(),
+        &routed,
+        &[],
+        &[checkpoint(&[1], &[])],
+        &written(&["a", "b"]),
+    );
     assert_eq!(report.lost.len(), 1);
     assert!(report.lost[0].contains("id b"), "{:?}", report.lost);
 }
@@ -72,7 +90,13 @@ fn an_event_twice_is_duplicated() {
         record("a", "order-1", 1, 1),
         record("b", "order-1", 2, 2),
     ];
-    let report = check(&two_rows(), &routed, &[], &[checkpoint(&[1, 2], &[])], &written(&["a", "b"]));
+    let report = check(
+        &two_rows(),
+        &routed,
+        &[],
+        &[checkpoint(&[1, 2], &[])],
+        &written(&["a", "b"]),
+    );
     assert_eq!(report.duplicated.len(), 1);
     assert!(report.duplicated[0].contains("id a"));
 }
@@ -80,7 +104,13 @@ fn an_event_twice_is_duplicated() {
 #[test]
 fn events_swapped_in_offset_order_are_out_of_order() {
     let routed = [record("b", "order-1", 2, 0), record("a", "order-1", 1, 1)];
-    let report = check(&two_rows(), &routed, &[], &[checkpoint(&[1, 2], &[])], &written(&["a", "b"]));
+    let report = check(
+        &two_rows(),
+        &routed,
+        &[],
+        &[checkpoint(&[1, 2], &[])],
+        &written(&["a", "b"]),
+    );
     assert_eq!(report.out_of_order.len(), 1);
     assert!(report.out_of_order[0].contains("event id b"));
 }
@@ -90,7 +120,13 @@ fn an_aggregate_over_two_partitions_is_out_of_order() {
     let mut second = record("b", "order-1", 2, 0);
     second.partition = 1;
     let routed = [record("a", "order-1", 1, 0), second];
-    let report = check(&two_rows(), &routed, &[], &[checkpoint(&[1, 2], &[])], &written(&["a", "b"]));
+    let report = check(
+        &two_rows(),
+        &routed,
+        &[],
+        &[checkpoint(&[1, 2], &[])],
+        &written(&["a", "b"]),
+    );
     assert_eq!(report.out_of_order.len(), 1);
 }
 
@@ -104,9 +140,18 @@ fn rolled_back_and_unknown_events_are_reported() {
     ];
     let mut written = written(&["a", "b"]);
     written.rolled_back_ids.push("r".to_string());
-    let report = check(&two_rows(), &routed, &[], &[checkpoint(&[1, 2], &[])], &written);
+    let report = check(
+        &two_rows(),
+        &routed,
+        &[],
+        &[checkpoint(&[1, 2], &[])],
+        &written,
+    );
     let violations = report.violations().join("\n");
-    assert!(violations.contains("rolled back: event id r"), "{violations}");
+    assert!(
+        violations.contains("rolled back: event id r"),
+        "{violations}"
+    );
     assert!(violations.contains("stranger: event id x"), "{violations}");
 }
 
@@ -115,11 +160,23 @@ fn unmarked_rows_and_checkpoint_gaps_are_reported() {
     let mut rows = two_rows();
     rows[1].sent = false;
     let routed = [record("a", "order-1", 1, 0), record("b", "order-1", 2, 1)];
-    let report = check(&rows, &routed, &[], &[checkpoint(&[1, 7], &[])], &written(&["a", "b"]));
+    let report = check(
+        &rows,
+        &routed,
+        &[],
+        &[checkpoint(&[1, 7], &[])],
+        &written(&["a", "b"]),
+    );
     let violations = report.violations().join("\n");
-    assert!(violations.contains("unacknowledged: row seq 2"), "{violations}");
+    assert!(
+        violations.contains("unacknowledged: row seq 2"),
+        "{violations}"
+    );
     assert!(violations.contains("uncovered: row seq 2"), "{violations}");
-    assert!(violations.contains("phantom checkpoint: a checkpoint names row seq 7"), "{violations}");
+    assert!(
+        violations.contains("phantom checkpoint: a checkpoint names row seq 7"),
+        "{violations}"
+    );
 }
 
 #[test]
@@ -133,8 +190,17 @@ fn poison_rows_belong_in_the_dead_letter_topic() {
     assert!(clean.is_clean(), "{:?}", clean.violations());
 
     let misrouted = [record("a", "order-1", 1, 0), record("p", "poison-p", 1, 1)];
-    let report = check(&rows, &misrouted, &[], &[checkpoint(&[1, 2], &[])], &written);
-    assert!(report.violations().join("\n").contains("misrouted: row seq 2"));
+    let report = check(
+        &rows,
+        &misrouted,
+        &[],
+        &[checkpoint(&[1, 2], &[])],
+        &written,
+    );
+    assert!(report
+        .violations()
+        .join("\n")
+        .contains("misrouted: row seq 2"));
 }
 
 #[test]
@@ -146,5 +212,8 @@ fn a_committed_row_missing_from_the_table_is_reported() {
         &[checkpoint(&[1], &[])],
         &written(&["a", "b"]),
     );
-    assert!(report.violations().join("\n").contains("forgotten: event id b"));
+    assert!(report
+        .violations()
+        .join("\n")
+        .contains("forgotten: event id b"));
 }

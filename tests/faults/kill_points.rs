@@ -16,11 +16,8 @@ async fn killed_at_every_named_point(mode: Mode) {
         for point in outboxd::failpoint::POINTS {
             // Not always the first batch: also one after a few commits.
             let nth = rand::rng().random_range(1..=3);
-            let mut relay =
-                RelayProcess::start(&campaign.env, Some(&format!("{point}:{nth}")));
-            relay
-                .killed_at_point(point, Duration::from_secs(90))
-                .await;
+            let mut relay = RelayProcess::start(&campaign.env, Some(&format!("{point}:{nth}")));
+            relay.killed_at_point(point, Duration::from_secs(90)).await;
             campaign.runs += 1;
         }
     }

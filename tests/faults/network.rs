@@ -11,7 +11,13 @@ use crate::support::Mode;
 
 /// Alternates cuts and stalls of `proxy` under a running relay; `longest`
 /// bounds how long one lasts.
-async fn cut_and_stall(campaign: &mut Campaign, relay: &mut RelayProcess, proxy: &Proxy, faults: usize, longest: Duration) {
+async fn cut_and_stall(
+    campaign: &mut Campaign,
+    relay: &mut RelayProcess,
+    proxy: &Proxy,
+    faults: usize,
+    longest: Duration,
+) {
     for i in 0..faults {
         tokio::time::sleep(random_between(
             Duration::from_millis(300)..=Duration::from_secs(2),
@@ -47,13 +53,19 @@ async fn postgres_link_cut_and_stalled(mode: Mode) {
     let proxy = Proxy::start("127.0.0.1:0", &server).await;
     // The relay's SQL and replication connections both go through it; the
     // writers and the checker do not.
-    campaign.env.replace_in_config(
-        &format!("@{server}/"),
-        &format!("@{}/", proxy.local_addr()),
-    );
+    campaign
+        .env
+        .replace_in_config(&format!("@{server}/"), &format!("@{}/", proxy.local_addr()));
     let mut relay = RelayProcess::start(&campaign.env, None);
     campaign.env.wait_leader(Duration::from_secs(30)).await;
-    cut_and_stall(&mut campaign, &mut relay, &proxy, size(2, 20), Duration::from_secs(4)).await;
+    cut_and_stall(
+        &mut campaign,
+        &mut relay,
+        &proxy,
+        size(2, 20),
+        Duration::from_secs(4),
+    )
+    .await;
     campaign.finish(vec![relay], &[]).await;
     drop(proxy);
 }
@@ -74,7 +86,14 @@ async fn kafka_link_cut_and_stalled(mode: Mode) {
         .replace_in_config("transaction_timeout: 20s", "transaction_timeout: 4s");
     let mut relay = RelayProcess::start(&campaign.env, None);
     campaign.env.wait_leader(Duration::from_secs(30)).await;
-    cut_and_stall(&mut campaign, &mut relay, &proxy, size(2, 20), Duration::from_secs(3)).await;
+    cut_and_stall(
+        &mut campaign,
+        &mut relay,
+        &proxy,
+        size(2, 20),
+        Duration::from_secs(3),
+    )
+    .await;
 
     // A stall longer than the transaction timeout: the coordinator aborts
     // the open transaction behind the relay's back.

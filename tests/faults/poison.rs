@@ -22,5 +22,8 @@ async fn poison_rows_mixed_into_the_stream(mode: Mode) {
         campaign.runs += 1;
     }
     let written = campaign.finish(Vec::new(), &[]).await;
-    assert!(!written.poison_ids.is_empty(), "the workload wrote poison rows");
+    assert!(
+        !written.poison_ids.is_empty(),
+        "the workload wrote poison rows"
+    );
 }

@@ -225,8 +225,9 @@ pub fn compare(
     }
 
     // Per aggregate: one partition, n = 1, 2, 3, … in offset order.
-    let mut by_aggregate: BTreeMap<String, BTreeMap<(String, i32), Vec<(i64, i64, String)>>> =
-        BTreeMap::new();
+    // aggregate → (topic, partition) → (offset, n, event id)
+    type Placed = BTreeMap<(String, i32), Vec<(i64, i64, String)>>;
+    let mut by_aggregate: BTreeMap<String, Placed> = BTreeMap::new();
     for record in routed {
         let key = String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned();
         let n = record.payload_json()["n"].as_i64().unwrap_or(-1);

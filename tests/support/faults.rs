@@ -276,11 +276,12 @@ impl Campaign {
     /// 0), then checks everything and records the campaign. `relays` are
     /// the relay names whose checkpoints count (the env's own when empty).
     pub async fn finish(self, running: Vec<RelayProcess>, relays: &[String]) -> Written {
-        let written = Written::combined(
-            std::iter::once(self.writers.finish().await).chain(self.extra),
-        );
-        let mut running: Vec<RelayProcess> =
-            running.into_iter().filter_map(|mut r| r.is_running().then_some(r)).collect();
+        let written =
+            Written::combined(std::iter::once(self.writers.finish().await).chain(self.extra));
+        let mut running: Vec<RelayProcess> = running
+            .into_iter()
+            .filter_map(|mut r| r.is_running().then_some(r))
+            .collect();
         if running.is_empty() {
             running.push(RelayProcess::start(&self.env, None));
         }

@@ -393,7 +393,12 @@ impl LiveWriter {
         transactions: usize,
         aggregates: usize,
     ) -> LiveWriter {
-        LiveWriter::start_many(pool, &Workload::simple(aggregates), writer..writer + 1, transactions)
+        LiveWriter::start_many(
+            pool,
+            &Workload::simple(aggregates),
+            writer..writer + 1,
+            transactions,
+        )
     }
 
     /// One task per writer number in `writers`, each committing rounds of
