@@ -3,6 +3,7 @@
 //! LSN, a slot that must not pin WAL when the outbox is idle, a lost slot,
 //! and `auto` choosing a mode by what the server allows.
 
+use sqlx::{Connection, PgConnection};
 use std::time::{Duration, Instant};
 
 use crate::support::workload::{assert_exactly_once, write_orders, LiveWriter, Written};
@@ -273,4 +274,37 @@ async fn a_least_privilege_role_streams_with_a_scram_password() {
         .await
         .expect_err("a wrong password stops the relay");
     assert!(error.message.contains("password"), "{error}");
+}
+
+/// The catch-up filter's WAL position must wait for transactions that were
+/// running when it was read: Postgres streams a commit as soon as its WAL is
+/// flushed, a moment before other sessions can see the row, and the filter
+/// would otherwise take a row it cannot see yet for one already sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_filter_position_waits_for_running_transactions() {
+    let env = TestEnv::new("settled", Mode::Replication).await;
+    let mut open = env.pool.begin().await.expect("begin");
+    sqlx::query("INSERT INTO aggregates (id) VALUES ('held-open')")
+        .execute(&mut *open)
+        .await
+        .expect("a transaction with an id");
+
+    let mut connection = PgConnection::connect(&env.database_url).await.unwrap();
+    let settled =
+        tokio::spawn(
+            async move { outboxd::capture::slot::settled_wal_position(&mut connection).await },
+        );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    if settled.is_finished() {
+        panic!(
+            "the position was settled while a transaction that held an id was still running: {:?}",
+            settled.await
+        );
+    }
+    open.commit().await.expect("commit");
+    tokio::time::timeout(Duration::from_secs(10), settled)
+        .await
+        .expect("settles once the transaction ended")
+        .expect("task")
+        .expect("position");
 }

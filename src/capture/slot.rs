@@ -174,13 +174,14 @@ pub async fn settled_wal_position(connection: &mut PgConnection) -> Result<Lsn> 
         .fetch_one(&mut *connection)
         .await
         .map_err(|e| Error::from_postgres("reading the current WAL position", e))?;
-    // Read after the position, so every transaction whose commit lies
-    // before it has an id below this.
-    let next_xid: String =
-        sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
-            .fetch_one(&mut *connection)
-            .await
-            .map_err(|e| Error::from_postgres("reading the next transaction id", e))?;
+    // A fresh transaction id, taken after the position: every transaction
+    // whose commit lies before the position has a lower one. (A snapshot's
+    // xmax is not that: it is one past the latest *completed* id, and ids
+    // running above it are not listed in the snapshot at all.)
+    let next_xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| Error::from_postgres("taking a transaction id", e))?;
     let started = std::time::Instant::now();
     let mut announced = false;
     loop {
