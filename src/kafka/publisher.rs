@@ -97,6 +97,36 @@ impl Publisher {
         Ok(publisher)
     }
 
+    /// Fences the transactional id of the relay named `relay_name`: its
+    /// open transaction, if any, is aborted now instead of when its timeout
+    /// expires. Until then `read_committed` consumers could not read past it
+    /// on the partitions it touched, so a takeover from a relay with another
+    /// name would hold back every event for up to its transaction timeout.
+    pub async fn fence_relay(config: &Config, relay_name: &str) -> Result<(), Error> {
+        let producer: FutureProducer<RelayContext> = super::base_client_config(config)
+            .set("transactional.id", super::transactional_id(relay_name))
+            .set("enable.idempotence", "true")
+            .create_with_context(RelayContext)
+            .map_err(|e| {
+                Error::stop(format!(
+                    "cannot create a Kafka producer to fence `{relay_name}`: {e}"
+                ))
+            })?;
+        let timeout = config
+            .kafka
+            .transaction_timeout
+            .max(Duration::from_secs(30));
+        tokio::task::spawn_blocking(move || producer.init_transactions(timeout))
+            .await
+            .map_err(|e| Error::retry(format!("fencing task failed: {e}")))?
+            .map_err(|e| {
+                classify(
+                    &format!("fencing the transactional id of relay `{relay_name}`"),
+                    &e,
+                )
+            })
+    }
+
     /// Publishes `records` and `checkpoint` in one Kafka transaction.
     pub async fn publish(
         &self,

@@ -232,13 +232,19 @@ impl Context {
         topics::ensure_checkpoint_topic(config).await?;
         let publisher = Publisher::connect(config).await?;
         let source = source_of(&mut connection).await;
-        let latest = checkpoint::read_latest(
-            config,
-            source
-                .as_deref()
-                .map(|source| (self.table_name.as_str(), source)),
-        )
-        .await?;
+        let origin = source
+            .as_deref()
+            .map(|source| (self.table_name.as_str(), source));
+        let mut latest = checkpoint::read_latest(config, origin).await?;
+        if !latest.predecessors.is_empty() {
+            // Relays with other names led this table: settle whatever
+            // transaction they left open (aborted, or completed if it was
+            // committing), then read again to see the outcome.
+            for (previous_relay, _) in &latest.predecessors {
+                Publisher::fence_relay(config, previous_relay).await?;
+            }
+            latest = checkpoint::read_latest(config, origin).await?;
+        }
         for (previous_relay, checkpoint) in &latest.predecessors {
             // Marking is idempotent: rows of a checkpoint that were marked
             // long ago are simply marked again.
@@ -255,7 +261,6 @@ impl Context {
                 );
             }
         }
-        let relayed_by_others = !latest.predecessors.is_empty();
         let latest = latest.own;
         if let Some(latest) = &latest {
             let done = self.acknowledger.reconcile(&mut connection, latest).await?;
@@ -292,9 +297,7 @@ impl Context {
             stop,
         };
         match mode {
-            CaptureMode::Replication => {
-                replication::run(&mut session, latest.as_ref(), relayed_by_others).await
-            }
+            CaptureMode::Replication => replication::run(&mut session, latest.as_ref()).await,
             _ => {
                 warn_if_a_slot_is_left(&mut session.connection, &config.slot_name()).await;
                 let wakeup = Wakeup::listen(

@@ -23,15 +23,18 @@
 //!   databases never piles up behind an idle outbox.
 //! - A new slot only streams what commits after it was created, so every
 //!   new slot (first start, or after a lost one) starts with a drain of the
-//!   rows still unsent in the table. Until the stream passes the WAL position
-//!   read after that drain, streamed rows are published only if the table
-//!   still shows them unsent: none is produced twice. The same holds when
-//!   relays with other names led this table before (their checkpoints say
-//!   so): this relay's slot may replay what they published.
-//! - That position is read only once every transaction committed before it
-//!   is visible, so "not unsent" always means "published", never "not yet
-//!   visible" (a commit is streamed as soon as its WAL is flushed, a moment
-//!   before other sessions can see it).
+//!   rows still unsent in the table, read once every transaction committed
+//!   before the slot is visible.
+//! - Until the stream passes the WAL position read when streaming starts,
+//!   streamed rows are published only if the table still shows them unsent:
+//!   what a session replays may have been published by a drain (its own, or
+//!   that of a predecessor killed inside its window) or by a relay with
+//!   another name. Marking follows the Kafka commit, so "sent" means
+//!   "published"; rows committed after that position only this leader sees.
+//! - Positions are read only once every transaction committed before them
+//!   is visible (`slot::settled_wal_position`): a commit is streamed as soon
+//!   as its WAL is flushed, a moment before other sessions can see it, and
+//!   "not visible yet" must never pass for "sent" or be missed by a drain.
 
 use futures_util::FutureExt;
 use sqlx::PgConnection;
@@ -48,13 +51,7 @@ use crate::failpoint;
 use crate::kafka::checkpoint::Checkpoint;
 
 /// Runs until shutdown or the first failure.
-/// `relayed_by_others`: relays with other names have checkpoints for this
-/// table, so the slot may replay rows they published.
-pub async fn run(
-    session: &mut Session<'_>,
-    latest: Option<&Checkpoint>,
-    relayed_by_others: bool,
-) -> Result<()> {
+pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Result<()> {
     let config = &session.context.config;
     let table = &session.context.table;
     slot::ensure_publication(&mut session.connection, &config.postgres.publication, table).await?;
@@ -66,11 +63,13 @@ pub async fn run(
     let (slot, created) = usable_slot(session, &slot_name, streamed_before).await?;
     let needs_catch_up = created || !streamed_before;
 
-    let mut filter_before = None;
     let mut resume_after = latest.and_then(|c| c.position);
     if needs_catch_up {
-        // Every row committed before the slot existed is visible now, with
-        // a seq at most this; rows committed later are in the stream.
+        // Once settled, every row committed before the slot existed is
+        // visible, with a seq at most this; rows committed later are in the
+        // stream. (Unsettled, a row whose commit was just before the slot
+        // but not yet visible was in neither: lost.)
+        slot::settled_wal_position(&mut session.connection).await?;
         let up_to: Option<i64> = sqlx::query_scalar(&table.max_unsent_seq_sql())
             .fetch_one(&mut session.connection)
             .await
@@ -89,9 +88,7 @@ pub async fn run(
         }
         resume_after = None;
     }
-    if needs_catch_up || relayed_by_others {
-        filter_before = Some(slot::settled_wal_position(&mut session.connection).await?);
-    }
+    let filter_before = Some(slot::settled_wal_position(&mut session.connection).await?);
 
     let target = StreamTarget {
         slot: slot_name.clone(),
@@ -279,7 +276,7 @@ impl Streamer {
         let mut events = std::mem::take(&mut self.batch);
         if let Some(before) = self.filter_before {
             if self.batch_position.is_some_and(|p| p.commit_lsn >= before) {
-                // The stream has passed everything the drain could have seen.
+                // The stream has passed everything committed before it began.
                 self.filter_before = None;
             }
             keep_unsent_before(

@@ -248,8 +248,9 @@ pub struct Campaign {
 }
 
 impl Campaign {
-    /// `kafka_overrides` go under `kafka:` in the config (poison tests
-    /// lower `max_message_bytes` to 100000).
+    /// Takes the servers for this test, makes its env (with
+    /// `kafka.max_message_bytes: 100000`, so the workload's oversized poison
+    /// rows are too large) and starts three writers of `workload`.
     pub async fn start(fault: &'static str, mode: Mode, workload: &Workload) -> Campaign {
         let servers = exclusive().await;
         let env = TestEnv::new(fault, mode).await;
