@@ -55,36 +55,32 @@ impl Publisher {
     /// transaction a previous instance left open and fences that instance:
     /// its next Kafka call fails and it stops.
     pub async fn connect(config: &Config) -> Result<Publisher, Error> {
-        let producer: FutureProducer<RelayContext> = super::base_client_config(config)
-            .set(
-                "transactional.id",
-                super::transactional_id(&config.relay.name),
-            )
-            .set("enable.idempotence", "true")
-            .set(
-                "transaction.timeout.ms",
-                config.kafka.transaction_timeout.as_millis().to_string(),
-            )
-            // Batches no larger than one allowed record, so a topic whose
-            // max.message.bytes is kafka.max_message_bytes accepts every batch.
-            .set("batch.size", config.kafka.max_message_bytes.to_string())
-            .set(
-                "message.max.bytes",
-                (config.kafka.max_message_bytes + LOCAL_SIZE_HEADROOM).to_string(),
-            )
-            .create_with_context(RelayContext)
-            .map_err(|e| {
-                Error::stop(format!(
-                    "cannot create the Kafka producer from the config: {e}"
-                ))
-            })?;
+        let producer: FutureProducer<RelayContext> =
+            transactional_client(config, &config.relay.name)
+                .set(
+                    "transaction.timeout.ms",
+                    config.kafka.transaction_timeout.as_millis().to_string(),
+                )
+                // Batches no larger than one allowed record, so a topic whose
+                // max.message.bytes is kafka.max_message_bytes accepts every batch.
+                .set("batch.size", config.kafka.max_message_bytes.to_string())
+                .set(
+                    "message.max.bytes",
+                    (config.kafka.max_message_bytes + LOCAL_SIZE_HEADROOM).to_string(),
+                )
+                .create_with_context(RelayContext)
+                .map_err(|e| {
+                    Error::stop(format!(
+                        "cannot create the Kafka producer from the config: {e}"
+                    ))
+                })?;
         let publisher = Publisher {
             producer,
             relay_name: config.relay.name.clone(),
             checkpoint_topic: config.kafka.checkpoint_topic.clone(),
             transaction_timeout: config.kafka.transaction_timeout,
         };
-        let timeout = publisher.transaction_timeout.max(Duration::from_secs(30));
+        let timeout = init_timeout(config);
         publisher
             .blocking(move |producer| producer.init_transactions(timeout))
             .await
@@ -103,19 +99,14 @@ impl Publisher {
     /// on the partitions it touched, so a takeover from a relay with another
     /// name would hold back every event for up to its transaction timeout.
     pub async fn fence_relay(config: &Config, relay_name: &str) -> Result<(), Error> {
-        let producer: FutureProducer<RelayContext> = super::base_client_config(config)
-            .set("transactional.id", super::transactional_id(relay_name))
-            .set("enable.idempotence", "true")
+        let producer: FutureProducer<RelayContext> = transactional_client(config, relay_name)
             .create_with_context(RelayContext)
             .map_err(|e| {
                 Error::stop(format!(
                     "cannot create a Kafka producer to fence `{relay_name}`: {e}"
                 ))
             })?;
-        let timeout = config
-            .kafka
-            .transaction_timeout
-            .max(Duration::from_secs(30));
+        let timeout = init_timeout(config);
         tokio::task::spawn_blocking(move || producer.init_transactions(timeout))
             .await
             .map_err(|e| Error::retry(format!("fencing task failed: {e}")))?
@@ -293,6 +284,24 @@ impl Publisher {
             }),
         }
     }
+}
+
+/// A producer's settings for the transactional id of `relay_name`.
+fn transactional_client(config: &Config, relay_name: &str) -> rdkafka::ClientConfig {
+    let mut client = super::base_client_config(config);
+    client
+        .set("transactional.id", super::transactional_id(relay_name))
+        .set("enable.idempotence", "true");
+    client
+}
+
+/// How long `init_transactions` may take: it first settles the previous
+/// holder's transaction, which can take as long as that transaction's timeout.
+fn init_timeout(config: &Config) -> Duration {
+    config
+        .kafka
+        .transaction_timeout
+        .max(Duration::from_secs(30))
 }
 
 /// Sorts the failure of delivery `index`. Indexes below `record_count` are

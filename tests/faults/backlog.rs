@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::support::faults::{random_between, size, Campaign, RelayProcess};
+use crate::support::faults::{size, Campaign, RelayProcess};
 use crate::support::workload::{write_backlog, Workload};
 use crate::support::Mode;
 
@@ -20,13 +20,9 @@ async fn backlog_drained_with_kills(mode: Mode) {
     let rows = size(5_000, 100_000);
     let backlog = write_backlog(&campaign.env.pool, rows, 500).await;
     for _ in 0..size(3, 20) {
-        let mut relay = RelayProcess::start(&campaign.env, None);
-        tokio::time::sleep(random_between(
-            Duration::from_millis(500)..=Duration::from_secs(4),
-        ))
-        .await;
-        relay.kill();
-        campaign.runs += 1;
+        campaign
+            .kill_relay_after(Duration::from_millis(500)..=Duration::from_secs(4))
+            .await;
     }
     campaign.extra_written(backlog);
     campaign.finish(Vec::new(), &[]).await;

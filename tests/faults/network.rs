@@ -31,11 +31,7 @@ async fn cut_and_stall(
         tokio::time::sleep(random_between(Duration::from_millis(500)..=longest)).await;
         proxy.restore();
         campaign.runs += 1;
-        assert!(
-            relay.is_running(),
-            "the relay must reconnect after a network fault, not exit; log: {}",
-            relay.log.display()
-        );
+        relay.assert_running("the relay must reconnect after a network fault");
     }
 }
 
@@ -103,11 +99,7 @@ async fn kafka_link_cut_and_stalled(mode: Mode) {
         tokio::time::sleep(Duration::from_secs(7)).await;
         proxy.restore();
         campaign.runs += 1;
-        assert!(
-            relay.is_running(),
-            "the relay must recover from a transaction the broker timed out; log: {}",
-            relay.log.display()
-        );
+        relay.assert_running("the relay must recover from a transaction the broker timed out");
     }
     campaign.finish(vec![relay], &[]).await;
     drop(proxy);

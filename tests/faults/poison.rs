@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::support::faults::{random_between, size, Campaign, RelayProcess};
+use crate::support::faults::{size, Campaign};
 use crate::support::workload::Workload;
 use crate::support::Mode;
 
@@ -13,13 +13,9 @@ async fn poison_rows_mixed_into_the_stream(mode: Mode) {
     let workload = Workload::realistic().with_poison(15);
     let mut campaign = Campaign::start("poison-mix", mode, &workload).await;
     for _ in 0..size(3, 30) {
-        let mut relay = RelayProcess::start(&campaign.env, None);
-        tokio::time::sleep(random_between(
-            Duration::from_millis(500)..=Duration::from_secs(3),
-        ))
-        .await;
-        relay.kill();
-        campaign.runs += 1;
+        campaign
+            .kill_relay_after(Duration::from_millis(500)..=Duration::from_secs(3))
+            .await;
     }
     let written = campaign.finish(Vec::new(), &[]).await;
     assert!(

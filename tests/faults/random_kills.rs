@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::faults::{random_between, size, Campaign, RelayProcess};
+use crate::support::faults::{size, Campaign};
 use crate::support::workload::Workload;
 use crate::support::Mode;
 
@@ -11,18 +11,9 @@ in_both_modes!(killed_at_random_moments, worker_threads = 2);
 async fn killed_at_random_moments(mode: Mode) {
     let mut campaign = Campaign::start("random-kills", mode, &Workload::realistic()).await;
     for _ in 0..size(5, 300) {
-        let mut relay = RelayProcess::start(&campaign.env, None);
-        tokio::time::sleep(random_between(
-            Duration::from_millis(100)..=Duration::from_millis(2500),
-        ))
-        .await;
-        assert!(
-            relay.is_running(),
-            "the relay exited by itself; log: {}",
-            relay.log.display()
-        );
-        relay.kill();
-        campaign.runs += 1;
+        campaign
+            .kill_relay_after(Duration::from_millis(100)..=Duration::from_millis(2500))
+            .await;
     }
     campaign.finish(Vec::new(), &[]).await;
 }

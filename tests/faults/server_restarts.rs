@@ -12,9 +12,16 @@ use crate::support::faults::{
 use crate::support::workload::Workload;
 use crate::support::Mode;
 
-in_both_modes!(broker_killed_and_restarted, worker_threads = 2);
-async fn broker_killed_and_restarted(mode: Mode) {
-    let mut campaign = Campaign::start("broker-restarts", mode, &Workload::realistic()).await;
+/// Which server crashes.
+#[derive(Clone, Copy)]
+enum Server {
+    Kafka,
+    Postgres,
+}
+
+/// Crashes and restarts `server` again and again under one running relay.
+async fn crash_under_a_running_relay(fault: &'static str, server: Server, mode: Mode) {
+    let mut campaign = Campaign::start(fault, mode, &Workload::realistic()).await;
     let mut relay = RelayProcess::start(&campaign.env, None);
     campaign.env.wait_leader(Duration::from_secs(30)).await;
     for _ in 0..size(1, 30) {
@@ -23,34 +30,25 @@ async fn broker_killed_and_restarted(mode: Mode) {
             Duration::from_millis(500)..=Duration::from_secs(3),
         ))
         .await;
-        restart_kafka_after_kill().await;
+        match server {
+            Server::Kafka => restart_kafka_after_kill().await,
+            Server::Postgres => restart_postgres_after_crash().await,
+        }
         campaign.runs += 1;
-        assert!(
-            relay.is_running(),
-            "the relay must retry through a broker restart, not exit; log: {}",
-            relay.log.display()
-        );
+        relay.assert_running(match server {
+            Server::Kafka => "the relay must retry through a broker restart",
+            Server::Postgres => "the relay must reconnect after a Postgres crash",
+        });
     }
     campaign.finish(vec![relay], &[]).await;
 }
 
+in_both_modes!(broker_killed_and_restarted, worker_threads = 2);
+async fn broker_killed_and_restarted(mode: Mode) {
+    crash_under_a_running_relay("broker-restarts", Server::Kafka, mode).await;
+}
+
 in_both_modes!(postgres_crashed_and_restarted, worker_threads = 2);
 async fn postgres_crashed_and_restarted(mode: Mode) {
-    let mut campaign = Campaign::start("postgres-restarts", mode, &Workload::realistic()).await;
-    let mut relay = RelayProcess::start(&campaign.env, None);
-    campaign.env.wait_leader(Duration::from_secs(30)).await;
-    for _ in 0..size(1, 30) {
-        tokio::time::sleep(random_between(
-            Duration::from_millis(500)..=Duration::from_secs(3),
-        ))
-        .await;
-        restart_postgres_after_crash().await;
-        campaign.runs += 1;
-        assert!(
-            relay.is_running(),
-            "the relay must reconnect after a Postgres crash, not exit; log: {}",
-            relay.log.display()
-        );
-    }
-    campaign.finish(vec![relay], &[]).await;
+    crash_under_a_running_relay("postgres-restarts", Server::Postgres, mode).await;
 }

@@ -83,15 +83,12 @@ pub async fn check(env: &TestEnv, written: &Written) -> Report {
 }
 
 pub async fn check_relays(env: &TestEnv, written: &Written, relays: &[String]) -> Report {
-    let rows: Vec<Row> = sqlx::query_as::<_, (i64, String, bool)>(
-        "SELECT seq, id::text, sent_at IS NOT NULL FROM outbox ORDER BY seq",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .expect("read outbox rows")
-    .into_iter()
-    .map(|(seq, id, sent)| Row { seq, id, sent })
-    .collect();
+    let rows: Vec<Row> = env
+        .rows()
+        .await
+        .into_iter()
+        .map(|(seq, id, sent)| Row { seq, id, sent })
+        .collect();
     let routed = read_all(&env.kafka, &env.topic_prefix())
         .await
         .into_iter()

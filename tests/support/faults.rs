@@ -153,6 +153,16 @@ impl RelayProcess {
         }
     }
 
+    /// Fails the test, pointing at the log, if the relay has exited;
+    /// `expected` says what it should have ridden out.
+    pub fn assert_running(&mut self, expected: &str) {
+        assert!(
+            self.is_running(),
+            "{expected}, but the relay exited; log: {}",
+            self.log.display()
+        );
+    }
+
     /// SIGKILL, then reap.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -192,12 +202,7 @@ impl RelayProcess {
 
     /// SIGTERM, and the relay must exit 0 within the grace period.
     pub async fn stop(&mut self) {
-        let pid = self.child.as_ref().expect("relay was started").id();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("kill");
-        assert!(sent.success());
+        super::signal(self.child.as_ref().expect("relay was started"), "TERM");
         let status = self.exited(Duration::from_secs(60)).await;
         assert!(
             status.success(),
@@ -265,6 +270,16 @@ impl Campaign {
             extra: Vec::new(),
             _servers: servers,
         }
+    }
+
+    /// Starts the env's relay, lets it run for a random moment in `alive`,
+    /// and SIGKILLs it: one fault.
+    pub async fn kill_relay_after(&mut self, alive: std::ops::RangeInclusive<Duration>) {
+        let mut relay = RelayProcess::start(&self.env, None);
+        tokio::time::sleep(random_between(alive)).await;
+        relay.assert_running("the relay should have been running until killed");
+        relay.kill();
+        self.runs += 1;
     }
 
     /// Counts rows written outside the live writers.
