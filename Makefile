@@ -2,11 +2,13 @@
 #   make demo   the relay end to end on a local PostgreSQL and Kafka
 #   make test   the whole suite: unit tests and integration tests on real servers
 #   make chaos  long fault-injection campaigns, then a table (chaos/results.md)
+#   make bench  throughput, latency and footprint against Debezium and the
+#               machine's ceilings (bench/results.md, bench/results.png)
 
 STACK_DIR ?= $(CURDIR)/.stack
 CARGO     ?= cargo
 
-.PHONY: demo test chaos deps build lint stack-up stack-down
+.PHONY: demo test chaos bench deps build lint stack-up stack-down
 
 deps:
 	bash deploy/local/install-deps.sh
@@ -27,6 +29,11 @@ test: build
 # broker and Postgres restarts per capture mode (about an hour on 2 cores).
 chaos: build
 	bash scripts/with-stack.sh $(STACK_DIR)/chaos bash scripts/chaos.sh
+
+# Benchmarks on a stack of their own with Postgres' default
+# logical_decoding_work_mem; they measure and assert nothing about time.
+bench: deps
+	OUTBOXD_STACK_PROFILE=bench bash scripts/with-stack.sh $(STACK_DIR)/bench bash scripts/bench.sh
 
 lint:
 	$(CARGO) fmt --check

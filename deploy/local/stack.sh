@@ -14,7 +14,9 @@
 #                               run a Kafka CLI class (aliases: topics,
 #                               produce, consume) with the stack's jars
 #
-# Environment: OUTBOXD_KAFKA_VERSION (default 4.3.1), XDG_CACHE_HOME (jar cache).
+# Environment: OUTBOXD_KAFKA_VERSION (default 4.3.1), XDG_CACHE_HOME (jar cache),
+# OUTBOXD_STACK_PROFILE (`test`, the default, or `bench`: Postgres keeps its
+# default logical_decoding_work_mem, as a user's server would).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -22,6 +24,12 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # are not there, so it cannot be resolved; 4.3.1 is the newest that resolves.
 KAFKA_VERSION=${OUTBOXD_KAFKA_VERSION:-4.3.1}
 KAFKA_LIBS=${XDG_CACHE_HOME:-$HOME/.cache}/outboxd/kafka-$KAFKA_VERSION/libs
+STACK_PROFILE=${OUTBOXD_STACK_PROFILE:-test}
+case $STACK_PROFILE in
+    test) DECODING_WORK_MEM=64kB ;;
+    bench) DECODING_WORK_MEM=64MB ;;
+    *) echo "stack: ERROR: OUTBOXD_STACK_PROFILE is \`$STACK_PROFILE\`; use test or bench" >&2; exit 2 ;;
+esac
 STOP_TIMEOUT=20     # seconds to wait after SIGTERM before SIGKILL
 KAFKA_TIMEOUT=90    # seconds for the broker to come up (2-core CI under load)
 
@@ -152,9 +160,10 @@ wal_level = $wal_level
 max_replication_slots = 100
 max_wal_senders = 100
 max_connections = 300
-# The minimum: a test transaction of a few hundred rows already spills to
-# disk, the case where other CDC tools lost events on resume.
-logical_decoding_work_mem = 64kB
+# Tests use the minimum: a transaction of a few hundred rows already spills
+# to disk, the case where other CDC tools lost events on resume. Benchmarks
+# use the server default.
+logical_decoding_work_mem = $DECODING_WORK_MEM
 # Throwaway data: durability is not needed, speed is.
 fsync = off
 synchronous_commit = off

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use outboxd::kafka::checkpoint::Checkpoint;
 
-use crate::support::checker::{compare, Report, Row};
+use crate::support::checker::{compare, Books, Report, Row};
 use crate::support::kafka::Consumed;
 use crate::support::workload::Written;
 
@@ -52,7 +52,7 @@ fn check(
     checkpoints: &[Checkpoint],
     written: &Written,
 ) -> Report {
-    compare(rows, routed, dead, checkpoints, written)
+    compare(rows, routed, dead, Books::Outboxd { checkpoints }, written)
 }
 
 #[test]

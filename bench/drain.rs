@@ -1,0 +1,117 @@
+//! Backlog drains: a backlog written while the system is down, then the
+//! system started cold and timed until every event is committed in Kafka.
+//!
+//! Invariant: a figure is reported only if the invariant checker found the
+//! run clean; otherwise the run is reported as failed, with what it broke.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::backlog;
+use crate::support::checker::{self, Report};
+use crate::systems::{BenchEnv, System};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Drain {
+    pub system: String,
+    pub rows: usize,
+    pub payload_bytes: usize,
+    /// From the cold start to the last event committed in Kafka.
+    pub seconds: f64,
+    pub events_per_second: f64,
+    pub megabytes_per_second: f64,
+    pub cpu_seconds: f64,
+    pub cpu_seconds_per_million: f64,
+    pub peak_rss_megabytes: f64,
+    /// `None` when the checker found the run clean.
+    pub failed: Option<String>,
+}
+
+/// Drains `rows` rows of `payload_bytes` with `system`.
+pub async fn run(system: System, rows: usize, payload_bytes: usize) -> Drain {
+    let name = format!("drain-{}-{rows}-{payload_bytes}", system.short());
+    eprintln!("bench: {name}: priming, then writing the backlog");
+    let bench = BenchEnv::new(&name, system).await;
+    let mut written = backlog::write_warmup(bench.pool()).await;
+    if system != System::OutboxdPolling {
+        // The slot must exist before the backlog, or it is not in the stream.
+        bench.prime(&written).await;
+    }
+    let warmup_published = written.committed;
+    let backlog = backlog::write(bench.pool(), rows, payload_bytes).await;
+    written.committed += backlog.committed;
+    written.committed_ids.extend(backlog.committed_ids);
+    analyze(&bench).await;
+
+    eprintln!("bench: {name}: draining");
+    let mut running = bench.start("drain");
+    // outboxd counts what this process published: the primed relay
+    // published the warm-up event already. Debezium is counted in Kafka.
+    let already_counted = if system == System::OutboxdReplication {
+        warmup_published
+    } else {
+        0
+    };
+    let expected = (written.committed - already_counted) as u64;
+    let limit = Duration::from_secs(120 + (rows as u64) / 1_000);
+    let seconds = bench.wait_published(&mut running, expected, limit).await;
+    let usage = running.usage();
+    running.stop(Duration::from_secs(60));
+
+    let report = if system == System::Debezium {
+        checker::check_events_only(&bench.env, &written).await
+    } else {
+        checker::check(&bench.env, &written).await
+    };
+    let drain = Drain {
+        system: system.label().to_string(),
+        rows,
+        payload_bytes,
+        seconds,
+        events_per_second: rows as f64 / seconds,
+        megabytes_per_second: (rows * payload_bytes) as f64 / seconds / 1e6,
+        cpu_seconds: usage.cpu_seconds,
+        cpu_seconds_per_million: usage.cpu_seconds / rows as f64 * 1e6,
+        peak_rss_megabytes: usage.peak_rss_bytes as f64 / 1e6,
+        failed: failure(&report),
+    };
+    eprintln!(
+        "bench: {name}: {:.0} events/s, {:.1} s, CPU {:.1} s, peak RSS {:.0} MB{}",
+        drain.events_per_second,
+        drain.seconds,
+        drain.cpu_seconds,
+        drain.peak_rss_megabytes,
+        drain
+            .failed
+            .as_deref()
+            .map(|f| format!(", FAILED: {f}"))
+            .unwrap_or_default()
+    );
+    drain
+}
+
+/// Fresh statistics, as autovacuum would have after a bulk write, so the
+/// first claims plan like a user's steady table would.
+pub async fn analyze(bench: &BenchEnv) {
+    sqlx::query("ANALYZE outbox")
+        .execute(bench.pool())
+        .await
+        .expect("ANALYZE outbox");
+}
+
+/// `None` for a clean run; otherwise the counts and the first violations.
+pub fn failure(report: &Report) -> Option<String> {
+    if report.is_clean() {
+        return None;
+    }
+    let first: Vec<String> = report.violations().into_iter().take(3).collect();
+    Some(format!(
+        "{} lost, {} duplicated, {} out of order, {} other (first: {})",
+        report.lost.len(),
+        report.duplicated.len(),
+        report.out_of_order.len(),
+        report.other.len(),
+        first.join("; ")
+    ))
+}

@@ -1,0 +1,195 @@
+//! `make bench`: outboxd against the machine's ceilings and Debezium
+//! Server on the same PostgreSQL and Kafka, in one run.
+//!
+//! Runs, in order: the ceilings, backlog drains, payload sizes, steady
+//! state at fixed rates, and the highest rate outboxd sustains. Results
+//! go to `bench/results.json` after every section (so a failure keeps what
+//! was measured) and to `bench/results.md` at the end, which is printed.
+//!
+//! Knobs, all optional (environment):
+//! - `BENCH_SIZES`: backlog sizes, default `100000,1000000` (add 10000000
+//!   for the optional 10M drain);
+//! - `BENCH_RATES`: steady-state rates, default `1000,5000`;
+//! - `BENCH_LADDER`: rates tried for the highest sustained one;
+//! - `BENCH_STEADY_SECONDS`: length of each steady run, default 20;
+//! - `BENCH_SKIP`: sections to leave out, of `ceilings,drain,payloads,
+//!   steady,highest,debezium`.
+//!
+//! Benchmarks measure; they assert nothing about time. A run the invariant
+//! checker fails is reported as FAILED, and the bench exits non-zero.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(unused_imports, unused_macros)]
+mod support;
+
+mod backlog;
+mod ceilings;
+mod drain;
+mod process;
+mod report;
+mod steady;
+mod systems;
+
+use std::path::PathBuf;
+
+use report::Results;
+use systems::System;
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let clean = runtime.block_on(run());
+    std::process::exit(if clean { 0 } else { 1 });
+}
+
+async fn run() -> bool {
+    let sizes = list("BENCH_SIZES", &[100_000, 1_000_000]);
+    let rates = list("BENCH_RATES", &[1_000, 5_000]);
+    let ladder = list("BENCH_LADDER", &[7_500, 10_000, 15_000, 20_000, 30_000]);
+    let seconds = list("BENCH_STEADY_SECONDS", &[20])[0] as u64;
+    let skip = std::env::var("BENCH_SKIP").unwrap_or_default();
+    let wanted = |section: &str| !skip.split(',').any(|s| s.trim() == section);
+    let mut systems = vec![System::OutboxdReplication, System::OutboxdPolling];
+    if wanted("debezium") {
+        systems.push(System::Debezium);
+    }
+
+    let mut results = Results {
+        machine: machine(),
+        versions: versions().await,
+        ..Results::default()
+    };
+    if wanted("ceilings") {
+        for &rows in &sizes {
+            results.ceilings.push(ceilings::decode(rows, 256).await);
+            results.ceilings.push(ceilings::claim_mark(rows, 256).await);
+            results.ceilings.push(ceilings::kafka(rows, 256).await);
+            save(&results);
+        }
+    }
+    if wanted("drain") {
+        for &rows in &sizes {
+            for &system in &systems {
+                results.drains.push(drain::run(system, rows, 256).await);
+                save(&results);
+            }
+        }
+    }
+    if wanted("payloads") {
+        for (bytes, rows) in [
+            (100, 100_000),
+            (1_000, 100_000),
+            (10_000, 20_000),
+            (100_000, 2_000),
+        ] {
+            results
+                .payloads
+                .push(drain::run(System::OutboxdReplication, rows, bytes).await);
+            save(&results);
+        }
+    }
+    if wanted("steady") {
+        for &rate in &rates {
+            for &system in &systems {
+                results
+                    .steady
+                    .push(steady::run(system, rate as u32, seconds).await);
+                save(&results);
+            }
+        }
+    }
+    if wanted("highest") {
+        for system in [System::OutboxdReplication, System::OutboxdPolling] {
+            let ladder: Vec<u32> = ladder.iter().map(|&r| r as u32).collect();
+            if let Some(best) = steady::highest_sustained(system, &ladder, seconds.min(15)).await {
+                results.highest.push(best);
+                save(&results);
+            }
+        }
+    }
+    save(&results);
+    let markdown = results.markdown();
+    std::fs::write(out_dir().join("results.md"), &markdown).expect("write bench/results.md");
+    println!("{markdown}");
+    let failed = results
+        .drains
+        .iter()
+        .chain(&results.payloads)
+        .filter_map(|d| d.failed.as_ref())
+        .chain(
+            results
+                .steady
+                .iter()
+                .chain(&results.highest)
+                .filter_map(|s| s.failed.as_ref()),
+        )
+        .count();
+    if failed > 0 {
+        eprintln!("bench: {failed} run(s) failed the invariant check; see FAILED above");
+    }
+    failed == 0
+}
+
+fn list(name: &str, default: &[usize]) -> Vec<usize> {
+    match std::env::var(name) {
+        Ok(value) if !value.trim().is_empty() => value
+            .split(',')
+            .map(|v| {
+                v.trim()
+                    .replace('_', "")
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}: `{v}` is not a whole number"))
+            })
+            .collect(),
+        _ => default.to_vec(),
+    }
+}
+
+fn out_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench")
+}
+
+fn save(results: &Results) {
+    let json = serde_json::to_string_pretty(results).expect("results as JSON");
+    std::fs::write(out_dir().join("results.json"), json).expect("write bench/results.json");
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    format!("{cores} cores ({cpu}), {memory_gib:.0} GiB; Postgres, Kafka, the system under test and the load generator share them")
+}
+
+async fn versions() -> String {
+    let servers = support::servers();
+    let postgres: String = match sqlx::PgPool::connect(&servers.postgres_url).await {
+        Ok(pool) => sqlx::query_scalar("SHOW server_version")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_default(),
+        Err(e) => panic!("connect to the bench Postgres: {e}"),
+    };
+    format!(
+        "outboxd {} (release build), PostgreSQL {postgres}, {}",
+        env!("CARGO_PKG_VERSION"),
+        std::env::var("BENCH_VERSIONS").unwrap_or_default()
+    )
+}

@@ -1,0 +1,323 @@
+//! The results of one `make bench` run: `bench/results.json` (read by
+//! `bench/chart.py` for the PNG) and `bench/results.md`, also printed.
+//!
+//! Invariant: a run the invariant checker failed shows as FAILED with its
+//! reason, never as a figure, and the targets table compares only figures
+//! from this same run.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::ceilings::{self, Ceiling};
+use crate::drain::Drain;
+use crate::steady::Steady;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Results {
+    pub machine: String,
+    pub versions: String,
+    pub drains: Vec<Drain>,
+    pub ceilings: Vec<Ceiling>,
+    pub steady: Vec<Steady>,
+    /// The highest rate outboxd sustained, per capture mode.
+    pub highest: Vec<Steady>,
+    pub payloads: Vec<Drain>,
+}
+
+const REPLICATION: &str = "outboxd (replication)";
+const POLLING: &str = "outboxd (polling)";
+const DEBEZIUM: &str = "Debezium Server";
+
+impl Results {
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let w = &mut md;
+        let _ = writeln!(w, "# outboxd benchmark results\n");
+        let _ = writeln!(
+            w,
+            "Written by `make bench`; every figure below comes from the same run.\n"
+        );
+        let _ = writeln!(w, "- Machine: {}", self.machine);
+        let _ = writeln!(w, "- Versions: {}", self.versions);
+        let _ = writeln!(
+            w,
+            "- Every run ends with the invariant checker (each committed event in Kafka once, in order \
+             per aggregate, nothing else); a run it fails shows as FAILED instead of a figure.\n"
+        );
+        let _ = writeln!(w, "![latency percentiles and drain rates](results.png)\n");
+
+        let _ = writeln!(w, "## Backlog drain\n");
+        let _ = writeln!(
+            w,
+            "Rows of ~256-byte JSON payloads written while the system is down; the system is then \
+             started cold and timed until every event is committed in Kafka.\n"
+        );
+        drain_table(w, &self.drains);
+
+        let _ = writeln!(w, "\n## Ceilings of this machine, same backlog\n");
+        let _ = writeln!(
+            w,
+            "| ceiling | rows | events/s | seconds |\n|---|---:|---:|---:|"
+        );
+        for c in &self.ceilings {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {:.0} | {:.1} |",
+                c.name, c.rows, c.events_per_second, c.seconds
+            );
+        }
+        let _ = writeln!(w, "\n## outboxd as a fraction of each ceiling\n");
+        let _ = writeln!(w, "| outboxd | rows | events/s | ceiling | ceiling events/s | fraction |\n|---|---:|---:|---|---:|---:|");
+        for drain in self.drains.iter().filter(|d| d.system != DEBEZIUM) {
+            // Each mode against the ceilings of the work it does.
+            let relevant = |c: &&Ceiling| match drain.system.as_str() {
+                REPLICATION => c.name != ceilings::CLAIM_MARK,
+                _ => c.name != ceilings::DECODE,
+            };
+            for ceiling in self
+                .ceilings
+                .iter()
+                .filter(|c| c.rows == drain.rows)
+                .filter(relevant)
+            {
+                let fraction = if drain.failed.is_none() {
+                    format!(
+                        "{:.0}%",
+                        100.0 * drain.events_per_second / ceiling.events_per_second
+                    )
+                } else {
+                    "FAILED".into()
+                };
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {} | {} | {:.0} | {} |",
+                    drain.system,
+                    drain.rows,
+                    figure(drain, drain.events_per_second, 0),
+                    ceiling.name,
+                    ceiling.events_per_second,
+                    fraction
+                );
+            }
+        }
+
+        let _ = writeln!(w, "\n## outboxd / Debezium\n");
+        let _ = writeln!(w, "| rows | outboxd | drain rate ratio | peak RSS: Debezium / outboxd | CPU per event: Debezium / outboxd |\n|---:|---|---:|---:|---:|");
+        for debezium in self.drains.iter().filter(|d| d.system == DEBEZIUM) {
+            for ours in self
+                .drains
+                .iter()
+                .filter(|d| d.system != DEBEZIUM && d.rows == debezium.rows)
+            {
+                if ours.failed.is_some() || debezium.failed.is_some() {
+                    let _ = writeln!(
+                        w,
+                        "| {} | {} | FAILED | FAILED | FAILED |",
+                        ours.rows, ours.system
+                    );
+                    continue;
+                }
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {:.2}× | {:.1}× | {:.1}× |",
+                    ours.rows,
+                    ours.system,
+                    ours.events_per_second / debezium.events_per_second,
+                    debezium.peak_rss_megabytes / ours.peak_rss_megabytes,
+                    debezium.cpu_seconds_per_million / ours.cpu_seconds_per_million
+                );
+            }
+        }
+
+        let _ = writeln!(
+            w,
+            "\n## Steady state: commit → visible to a read_committed consumer\n"
+        );
+        let _ = writeln!(
+            w,
+            "An open-loop writer commits one-event transactions at the target rate (16 connections); \
+             latency runs from the writer's COMMIT returning to the event arriving at a `read_committed` \
+             consumer in the same process (HdrHistogram). \"Highest sustained\" is the highest rate of \
+             the ladder at which the writer held the rate, every event arrived, and p99 stayed under 1 s.\n"
+        );
+        let _ = writeln!(w, "| system | target/s | achieved/s | p50 ms | p99 ms | p99.9 ms | max ms | CPU s per M events | peak RSS MB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for s in self
+            .steady
+            .iter()
+            .map(|s| (s, ""))
+            .chain(self.highest.iter().map(|s| (s, " (highest sustained)")))
+        {
+            steady_row(w, s.0, s.1);
+        }
+
+        let _ = writeln!(
+            w,
+            "\n## Footprint against payload size (outboxd, replication)\n"
+        );
+        drain_table(w, &self.payloads);
+
+        let _ = writeln!(w, "\n## Targets\n");
+        let _ = writeln!(w, "| target | measured | met |\n|---|---|---|");
+        for (target, measured, met) in self.targets() {
+            let _ = writeln!(
+                w,
+                "| {target} | {measured} | {} |",
+                if met { "yes" } else { "no" }
+            );
+        }
+        md
+    }
+
+    /// (target, what this run measured, met?) for the issue's targets.
+    fn targets(&self) -> Vec<(String, String, bool)> {
+        let mut targets = Vec::new();
+        let largest = self.drains.iter().map(|d| d.rows).max().unwrap_or(0);
+        let drain = |system: &str| {
+            self.drains
+                .iter()
+                .find(|d| d.system == system && d.rows == largest && d.failed.is_none())
+        };
+        let ceiling = |name: &str| {
+            self.ceilings
+                .iter()
+                .find(|c| c.name == name && c.rows == largest)
+        };
+        for (system, ceiling_name) in [
+            (REPLICATION, ceilings::DECODE),
+            (POLLING, ceilings::CLAIM_MARK),
+        ] {
+            if let (Some(d), Some(c)) = (drain(system), ceiling(ceiling_name)) {
+                let fraction = d.events_per_second / c.events_per_second;
+                targets.push((
+                    format!("{system} drain ≥ 80% of {ceiling_name} ({largest} rows)"),
+                    format!("{:.0}%", fraction * 100.0),
+                    fraction >= 0.8,
+                ));
+            }
+        }
+        for s in self
+            .steady
+            .iter()
+            .filter(|s| s.target_rate == 5_000 && s.system != DEBEZIUM && s.failed.is_none())
+        {
+            targets.push((
+                format!("{}: p99 commit → visible < 50 ms at 5k events/s", s.system),
+                format!("{:.1} ms", s.p99_ms),
+                s.p99_ms < 50.0 && s.missing == 0,
+            ));
+        }
+        let peak = self
+            .drains
+            .iter()
+            .chain(&self.steady_as_drains())
+            .filter(|d| d.system != DEBEZIUM)
+            .map(|d| d.peak_rss_megabytes)
+            .fold(0.0, f64::max);
+        targets.push((
+            "outboxd RSS < 64 MB at any backlog (256-byte payloads)".into(),
+            format!("{peak:.0} MB peak"),
+            peak > 0.0 && peak < 64.0,
+        ));
+        if let Some(debezium) = self
+            .drains
+            .iter()
+            .find(|d| d.system == DEBEZIUM && d.rows == largest && d.failed.is_none())
+        {
+            for system in [REPLICATION, POLLING] {
+                if let Some(ours) = drain(system) {
+                    let speed = ours.events_per_second / debezium.events_per_second;
+                    let memory = ours.peak_rss_megabytes / debezium.peak_rss_megabytes;
+                    targets.push((
+                        format!("{system}: ≥ 3× Debezium's drain rate at ≤ 1/10 of its memory"),
+                        format!(
+                            "{speed:.2}× the rate at {:.0}% of the memory",
+                            memory * 100.0
+                        ),
+                        speed >= 3.0 && memory <= 0.1,
+                    ));
+                }
+            }
+        }
+        targets
+    }
+
+    /// Steady runs as peak-memory carriers for the RSS target.
+    fn steady_as_drains(&self) -> Vec<Drain> {
+        self.steady
+            .iter()
+            .chain(&self.highest)
+            .map(|s| Drain {
+                system: s.system.clone(),
+                rows: s.events,
+                payload_bytes: 256,
+                seconds: 0.0,
+                events_per_second: 0.0,
+                megabytes_per_second: 0.0,
+                cpu_seconds: 0.0,
+                cpu_seconds_per_million: 0.0,
+                peak_rss_megabytes: s.peak_rss_megabytes,
+                failed: s.failed.clone(),
+            })
+            .collect()
+    }
+}
+
+fn drain_table(w: &mut String, drains: &[Drain]) {
+    let _ = writeln!(w, "| system | rows | payload B | events/s | MB/s | seconds | CPU s per M events | peak RSS MB | check |\n|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    for d in drains {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            d.system,
+            d.rows,
+            d.payload_bytes,
+            figure(d, d.events_per_second, 0),
+            figure(d, d.megabytes_per_second, 1),
+            figure(d, d.seconds, 1),
+            figure(d, d.cpu_seconds_per_million, 1),
+            figure(d, d.peak_rss_megabytes, 0),
+            d.failed
+                .as_deref()
+                .map(|f| format!("FAILED: {f}"))
+                .unwrap_or_else(|| "clean".into())
+        );
+    }
+}
+
+fn steady_row(w: &mut String, s: &Steady, note: &str) {
+    if let Some(failed) = &s.failed {
+        let _ = writeln!(
+            w,
+            "| {}{note} | {} | FAILED: {failed} | | | | | | |",
+            s.system, s.target_rate
+        );
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "| {}{note} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |{}",
+        s.system,
+        s.target_rate,
+        s.achieved_rate,
+        s.p50_ms,
+        s.p99_ms,
+        s.p999_ms,
+        s.max_ms,
+        s.cpu_seconds_per_million,
+        s.peak_rss_megabytes,
+        if s.missing > 0 {
+            format!(" {} events never arrived", s.missing)
+        } else {
+            String::new()
+        }
+    );
+}
+
+fn figure(drain: &Drain, value: f64, decimals: usize) -> String {
+    if drain.failed.is_some() {
+        "FAILED".into()
+    } else {
+        format!("{value:.decimals$}")
+    }
+}

@@ -1,0 +1,294 @@
+//! Steady state: an open-loop writer commits one-event transactions at a
+//! fixed rate while a `read_committed` consumer in the same process notes
+//! when each event becomes visible; the difference is the latency a
+//! service's consumer sees, from the Postgres commit to Kafka.
+//!
+//! Invariant: the writer's schedule never waits for the relay (event k is
+//! due at k / rate seconds whatever happened before), so a slow relay shows
+//! up as latency, not as a politely slower writer; and every run ends with
+//! the invariant checker, whose verdict outranks the figures.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::drain::failure;
+use crate::process::Running;
+use crate::support::checker;
+use crate::support::workload::writer_pool;
+use crate::systems::{BenchEnv, System, PARTITIONS};
+
+/// Writer connections; each owns its aggregates, so per-aggregate order is
+/// the order of its own commits.
+const WRITERS: usize = 16;
+const AGGREGATES_PER_WRITER: u64 = 50;
+const PAYLOAD_BYTES: usize = 256;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Steady {
+    pub system: String,
+    pub target_rate: u32,
+    pub achieved_rate: f64,
+    pub events: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    /// Events not visible 10 s after the writer stopped.
+    pub missing: usize,
+    pub cpu_seconds_per_million: f64,
+    pub peak_rss_megabytes: f64,
+    /// The writer held the rate and the relay kept up (see `sustained`).
+    pub sustained: bool,
+    pub failed: Option<String>,
+}
+
+/// One run of `seconds` at `rate` events per second.
+pub async fn run(system: System, rate: u32, seconds: u64) -> Steady {
+    let name = format!("steady-{}-{rate}", system.short());
+    eprintln!("bench: {name}: starting");
+    let bench = BenchEnv::new(&name, system).await;
+    let mut running = bench.start("steady");
+    if system == System::Debezium {
+        // It only sees what commits after its slot exists.
+        bench.wait_streaming_log(&mut running).await;
+    }
+    let mut written = crate::backlog::write_warmup(bench.pool()).await;
+    let consumer = LatencyConsumer::start(&bench.env.kafka, &bench.routed_topic());
+    assert!(
+        consumer
+            .wait_seen(1, Duration::from_secs(180), &mut running)
+            .await,
+        "{name}: the warm-up event did not reach Kafka within 180 s; see {}",
+        running.log.display()
+    );
+
+    let before = running.usage();
+    let total = rate as u64 * seconds;
+    let pool = writer_pool(&bench.env.database_url, WRITERS as u32).await;
+    let start = Instant::now();
+    let writers: Vec<_> = (0..WRITERS as u64)
+        .map(|writer| {
+            let pool = pool.clone();
+            tokio::spawn(write_schedule(pool, writer, total, rate, start))
+        })
+        .collect();
+    let mut commits = Vec::with_capacity(total as usize);
+    for handle in writers {
+        let (ids, times) = handle.await.expect("writer task");
+        written.committed += ids.len();
+        written.committed_ids.extend(ids);
+        commits.extend(times);
+    }
+    let writing_seconds = commits
+        .iter()
+        .map(|(_, at)| at.duration_since(start).as_secs_f64())
+        .fold(0.0, f64::max);
+    consumer
+        .wait_seen(total + 1, Duration::from_secs(10), &mut running)
+        .await;
+    let after = running.usage();
+    let seen = consumer.finish();
+    running.stop(Duration::from_secs(60));
+
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
+    let mut missing = 0;
+    for (k, committed_at) in &commits {
+        match seen.get(*k as usize).copied().flatten() {
+            Some(visible_at) => {
+                let micros = visible_at
+                    .saturating_duration_since(*committed_at)
+                    .as_micros() as u64;
+                histogram.saturating_record(micros.max(1));
+            }
+            None => missing += 1,
+        }
+    }
+    let report = if system == System::Debezium {
+        checker::check_events_only(&bench.env, &written).await
+    } else {
+        checker::check(&bench.env, &written).await
+    };
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let achieved_rate = total as f64 / writing_seconds.max(1e-9);
+    let p99_ms = ms(0.99);
+    let steady = Steady {
+        system: system.label().to_string(),
+        target_rate: rate,
+        achieved_rate,
+        events: total as usize,
+        p50_ms: ms(0.50),
+        p99_ms,
+        p999_ms: ms(0.999),
+        max_ms: histogram.max() as f64 / 1000.0,
+        missing,
+        cpu_seconds_per_million: (after.cpu_seconds - before.cpu_seconds) / total as f64 * 1e6,
+        peak_rss_megabytes: after.peak_rss_bytes as f64 / 1e6,
+        sustained: achieved_rate >= 0.95 * rate as f64 && missing == 0 && p99_ms < 1000.0,
+        failed: failure(&report),
+    };
+    eprintln!(
+        "bench: {name}: achieved {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, missing {}{}",
+        steady.achieved_rate,
+        steady.p50_ms,
+        steady.p99_ms,
+        steady.p999_ms,
+        steady.missing,
+        steady
+            .failed
+            .as_deref()
+            .map(|f| format!(", FAILED: {f}"))
+            .unwrap_or_default()
+    );
+    steady
+}
+
+/// The highest rate of `ladder` the machine sustains, with that run's
+/// figures; stops at the first rate it cannot hold.
+pub async fn highest_sustained(system: System, ladder: &[u32], seconds: u64) -> Option<Steady> {
+    let mut best = None;
+    for &rate in ladder {
+        let run = run(system, rate, seconds).await;
+        if !run.sustained || run.failed.is_some() {
+            break;
+        }
+        best = Some(run);
+    }
+    best
+}
+
+/// Writer `writer`'s share of the schedule: events k ≡ writer (mod
+/// WRITERS), event k due at `start + k / rate`. Returns the ids it
+/// committed and, per event, when its COMMIT returned.
+async fn write_schedule(
+    pool: sqlx::PgPool,
+    writer: u64,
+    total: u64,
+    rate: u32,
+    start: Instant,
+) -> (Vec<String>, Vec<(u64, Instant)>) {
+    let pad = "b".repeat(PAYLOAD_BYTES - 64);
+    let mut ids = Vec::new();
+    let mut times = Vec::new();
+    let mut k = writer;
+    let mut own = 0u64;
+    while k < total {
+        let due = start + Duration::from_secs_f64(k as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let aggregate = format!("w{writer}-{}", own % AGGREGATES_PER_WRITER);
+        let n = own / AGGREGATES_PER_WRITER + 1;
+        let payload =
+            format!(r#"{{"aggregate": "{aggregate}", "n": {n}, "k": {k}, "pad": "{pad}"}}"#);
+        let id: String = sqlx::query_scalar(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+             VALUES ('Order', $1, 'OrderCreated', $2::jsonb) RETURNING id::text",
+        )
+        .bind(&aggregate)
+        .bind(&payload)
+        .fetch_one(&pool)
+        .await
+        .expect("steady-state insert");
+        times.push((k, Instant::now()));
+        ids.push(id);
+        own += 1;
+        k += WRITERS as u64;
+    }
+    (ids, times)
+}
+
+/// A `read_committed` consumer on its own thread noting, per event number
+/// `k`, when it became visible.
+struct LatencyConsumer {
+    seen: Arc<Mutex<Vec<Option<Instant>>>>,
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl LatencyConsumer {
+    fn start(bootstrap: &str, topic: &str) -> LatencyConsumer {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", format!("bench-latency-{topic}"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            // Answer as soon as anything is readable; the wait only bounds
+            // an idle fetch.
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .expect("latency consumer");
+        let mut partitions = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            partitions
+                .add_partition_offset(topic, p, Offset::Beginning)
+                .expect("partition");
+        }
+        consumer.assign(&partitions).expect("assign");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (seen, count, stop) = (seen.clone(), count.clone(), stop.clone());
+            std::thread::spawn(move || {
+                #[derive(serde::Deserialize)]
+                struct Numbered {
+                    k: Option<u64>,
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(message) = consumer.poll(Duration::from_millis(50)) else {
+                        continue;
+                    };
+                    let at = Instant::now();
+                    let message = message.expect("latency consumer poll");
+                    let k = message
+                        .payload()
+                        .and_then(|p| serde_json::from_slice::<Numbered>(p).ok())
+                        .and_then(|n| n.k);
+                    if let Some(k) = k {
+                        let mut seen = seen.lock().expect("seen");
+                        if seen.len() <= k as usize {
+                            seen.resize(k as usize + 1, None);
+                        }
+                        seen[k as usize].get_or_insert(at);
+                    }
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        LatencyConsumer {
+            seen,
+            count,
+            stop,
+            thread,
+        }
+    }
+
+    /// Waits until `n` records were read; false if `limit` passed first.
+    async fn wait_seen(&self, n: u64, limit: Duration, running: &mut Running) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.count.load(Ordering::Relaxed) < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            running.assert_alive();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    fn finish(self) -> Vec<Option<Instant>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("latency consumer thread");
+        Arc::try_unwrap(self.seen)
+            .expect("consumer done")
+            .into_inner()
+            .expect("seen")
+    }
+}

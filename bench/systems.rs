@@ -1,0 +1,322 @@
+//! The systems under test, each started cold on a database of its own:
+//! outboxd in either capture mode, and Debezium Server with the Outbox
+//! Event Router (the relay a user would pick instead).
+//!
+//! Invariant: every system reads the same outbox table contract and writes
+//! the same records (key = aggregate id, value = the payload, `id` header)
+//! to the same topic, `<prefix>.Order`, pre-created with the same
+//! partitions; so one checker judges them all and the figures compare.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use sqlx::PgPool;
+
+use crate::process::Running;
+use crate::support::workload::Written;
+use crate::support::{Mode, TestEnv};
+
+/// Partitions of the routed topic, for every system.
+pub const PARTITIONS: i32 = 6;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum System {
+    OutboxdReplication,
+    OutboxdPolling,
+    Debezium,
+}
+
+impl System {
+    pub fn label(self) -> &'static str {
+        match self {
+            System::OutboxdReplication => "outboxd (replication)",
+            System::OutboxdPolling => "outboxd (polling)",
+            System::Debezium => "Debezium Server",
+        }
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            System::OutboxdReplication => "outboxd-replication",
+            System::OutboxdPolling => "outboxd-polling",
+            System::Debezium => "debezium",
+        }
+    }
+
+    fn mode(self) -> Mode {
+        match self {
+            System::OutboxdPolling => Mode::Polling,
+            _ => Mode::Replication,
+        }
+    }
+}
+
+/// One run's world: database, topics, and the system's config.
+pub struct BenchEnv {
+    pub env: TestEnv,
+    pub system: System,
+    http_port: u16,
+    /// Reads the routed topic's watermarks (Debezium's progress).
+    watermarks: BaseConsumer,
+}
+
+impl BenchEnv {
+    pub async fn new(name: &str, system: System) -> BenchEnv {
+        let env = TestEnv::new(&format!("bench-{name}"), system.mode()).await;
+        let http_port = free_port();
+        let watermarks: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &env.kafka)
+            .set("group.id", "bench-watermarks")
+            .create()
+            .expect("watermark consumer");
+        let bench = BenchEnv {
+            env,
+            system,
+            http_port,
+            watermarks,
+        };
+        bench.write_outboxd_config();
+        create_topic(&bench.env.kafka, &bench.routed_topic()).await;
+        bench
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.env.pool
+    }
+
+    pub fn routed_topic(&self) -> String {
+        format!("{}.Order", self.env.topic_prefix())
+    }
+
+    /// The config a user would write: everything not named is a default
+    /// (batch size, linger, transaction timeout).
+    fn write_outboxd_config(&self) {
+        let yaml = format!(
+            "relay:\n  name: {name}\n\
+             postgres:\n  url: {url}\n\
+             kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {prefix}.checkpoints\n\
+             capture:\n  mode: {mode}\n\
+             routing:\n  topic: \"{prefix}.${{aggregatetype}}\"\n  dead_letter_topic: {prefix}.dlq\n\
+             log:\n  level: info,librdkafka=warn,rdkafka=warn\n\
+             http:\n  listen: 127.0.0.1:{port}\n",
+            name = self.env.relay_name(),
+            url = self.env.database_url,
+            kafka = self.env.kafka,
+            prefix = self.env.topic_prefix(),
+            mode = self.system.mode().config_value(),
+            port = self.http_port,
+        );
+        std::fs::write(&self.env.config_path, yaml).expect("write bench config");
+    }
+
+    /// Starts the system cold.
+    pub fn start(&self, phase: &str) -> Running {
+        let log = log_dir().join(format!("{}-{phase}.log", self.env.id));
+        match self.system {
+            System::Debezium => {
+                let mut command = Command::new("bash");
+                command.arg(debezium_script("run.sh"));
+                for (key, value) in self.debezium_env() {
+                    command.env(key, value);
+                }
+                Running::spawn("Debezium Server", command, &log)
+            }
+            _ => {
+                let mut command = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+                command.args(["run", "--config"]).arg(&self.env.config_path);
+                Running::spawn("outboxd", command, &log)
+            }
+        }
+    }
+
+    /// Starts the system once and waits until it streams (creating its
+    /// slot), publishing `warmup` first so outboxd has a checkpoint with a
+    /// stream position; then stops it. A backlog written after this is in
+    /// the slot, and a cold start drains it by streaming.
+    pub async fn prime(&self, warmup: &Written) {
+        let mut running = self.start("prime");
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            running.assert_alive();
+            let ready = match self.system {
+                System::Debezium => {
+                    running.log_contains(DEBEZIUM_STREAMING)
+                        && self.published().await >= warmup.committed as u64
+                }
+                _ => self.env.unsent().await == 0,
+            };
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start streaming within 180 s; see {}",
+                self.system.label(),
+                running.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        running.stop(Duration::from_secs(60));
+    }
+
+    /// Waits until Debezium logs that it streams from its slot.
+    pub async fn wait_streaming_log(&self, running: &mut Running) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while !running.log_contains(DEBEZIUM_STREAMING) {
+            running.assert_alive();
+            assert!(
+                Instant::now() < deadline,
+                "Debezium did not start streaming within 180 s; see {}",
+                running.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Events the system has committed to Kafka so far: outboxd's
+    /// `events_published` counter; for Debezium, which is not
+    /// transactional, the records in the routed topic.
+    pub async fn published(&self) -> u64 {
+        match self.system {
+            System::Debezium => self.records_in_routed_topic(),
+            _ => scrape_published(self.http_port).await.unwrap_or(0),
+        }
+    }
+
+    /// High minus low watermark, summed over the routed topic's partitions.
+    fn records_in_routed_topic(&self) -> u64 {
+        let topic = self.routed_topic();
+        tokio::task::block_in_place(|| {
+            (0..PARTITIONS)
+                .map(|p| {
+                    self.watermarks
+                        .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                        .map(|(low, high)| (high - low).max(0) as u64)
+                        .unwrap_or(0)
+                })
+                .sum()
+        })
+    }
+
+    /// Waits until `expected` events are published; returns the seconds
+    /// from the system's start.
+    pub async fn wait_published(
+        &self,
+        running: &mut Running,
+        expected: u64,
+        limit: Duration,
+    ) -> f64 {
+        let deadline = Instant::now() + limit;
+        loop {
+            let published = self.published().await;
+            if published >= expected {
+                return running.started.elapsed().as_secs_f64();
+            }
+            running.assert_alive();
+            assert!(
+                Instant::now() < deadline,
+                "{} published {published} of {expected} events within {limit:?}; see {}",
+                self.system.label(),
+                running.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn debezium_env(&self) -> Vec<(&'static str, String)> {
+        let url: url::Url = self.env.database_url.parse().expect("database url");
+        let work = log_dir().join(format!("debezium-{}", self.env.id));
+        std::fs::create_dir_all(&work).expect("Debezium work dir");
+        vec![
+            ("DBZ_WORK_DIR", work.display().to_string()),
+            ("PG_HOST", url.host_str().unwrap_or("127.0.0.1").to_string()),
+            ("PG_PORT", url.port().unwrap_or(5432).to_string()),
+            ("PG_USER", url.username().to_string()),
+            ("PG_PASSWORD", url.password().unwrap_or("").to_string()),
+            (
+                "PG_DATABASE",
+                url.path().trim_start_matches('/').to_string(),
+            ),
+            ("OUTBOX_TABLE", "public.outbox".to_string()),
+            ("DBZ_SLOT", self.env.slot_name()),
+            ("DBZ_PUBLICATION", "outbox_publication".to_string()),
+            ("KAFKA_BOOTSTRAP", self.env.kafka.clone()),
+            ("TOPIC_PREFIX", self.env.topic_prefix()),
+            ("DBZ_SNAPSHOT_MODE", "no_data".to_string()),
+        ]
+    }
+}
+
+/// What Debezium logs once it streams from its slot.
+const DEBEZIUM_STREAMING: &str = "Starting streaming";
+
+pub fn debezium_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("bench/debezium")
+        .join(name)
+}
+
+pub fn log_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-logs");
+    std::fs::create_dir_all(&dir).expect("create target/bench-logs");
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn create_topic(bootstrap: &str, topic: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let new_topic = NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics([&new_topic], &AdminOptions::new())
+        .await
+        .expect("create topic");
+    for result in results {
+        result.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}
+
+/// The sum of outboxd's `outboxd_events_published_total` series.
+async fn scrape_published(port: u16) -> Option<u64> {
+    let base = format!("http://127.0.0.1:{port}");
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), try_get(&base, "/metrics"))
+        .await
+        .ok()??;
+    if status != 200 {
+        return None;
+    }
+    let total = body
+        .lines()
+        .filter(|line| line.starts_with("outboxd_events_published_total"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>();
+    Some(total as u64)
+}
+
+/// Like `support::http::get`, but `None` while the relay is not listening yet.
+async fn try_get(base: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let response = String::from_utf8(response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
