@@ -134,34 +134,22 @@ impl BenchEnv {
         }
     }
 
-    /// Starts the system once and waits until it streams (creating its
-    /// slot), publishing `warmup` first so outboxd has a checkpoint with a
-    /// stream position; then stops it. A backlog written after this is in
-    /// the slot, and a cold start drains it by streaming.
-    pub async fn prime(&self, warmup: &Written) {
+    /// Starts the system once, waits until it streams from its (new)
+    /// slot, has it publish one warm-up event through the stream, then
+    /// stops it. A backlog written after this is in the slot, and outboxd's
+    /// checkpoint holds a stream position, so a cold start drains the
+    /// backlog by streaming, as it would after any restart.
+    pub async fn prime(&self) -> Written {
         let mut running = self.start("prime");
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            running.assert_alive();
-            let ready = match self.system {
-                System::Debezium => {
-                    running.log_contains(DEBEZIUM_STREAMING)
-                        && self.published().await >= warmup.committed as u64
-                }
-                _ => self.env.unsent().await == 0,
-            };
-            if ready {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not start streaming within 180 s; see {}",
-                self.system.label(),
-                running.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        match self.system {
+            System::Debezium => self.wait_streaming_log(&mut running).await,
+            _ => self.env.wait_streaming(Duration::from_secs(180)).await,
         }
+        let warmup = crate::backlog::write_warmup(self.pool()).await;
+        self.wait_published(&mut running, 1, Duration::from_secs(180))
+            .await;
         running.stop(Duration::from_secs(60));
+        warmup
     }
 
     /// Waits until Debezium logs that it streams from its slot.

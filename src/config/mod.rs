@@ -204,7 +204,14 @@ pub struct CaptureConfig {
     /// replication where the server and role allow it, else polling.
     pub mode: CaptureMode,
     /// Most rows in one Kafka transaction; also bounds the relay's memory.
+    /// Large enough that a backlog drains in few transactions (each costs
+    /// a few broker round trips); under light load batches stay small,
+    /// since a batch is delivered as soon as no more rows are waiting.
     pub batch_size: usize,
+    /// Replication: a batch is also delivered once its payloads reach this
+    /// many bytes, so large payloads do not multiply memory by `batch_size`.
+    /// (Polling claims by row count only.)
+    pub batch_bytes: usize,
     /// Longest wait between two claims when no notification arrives (polling).
     #[serde(deserialize_with = "duration::deserialize")]
     pub poll_interval: Duration,
@@ -225,7 +232,8 @@ impl Default for CaptureConfig {
     fn default() -> Self {
         Self {
             mode: CaptureMode::Auto,
-            batch_size: 500,
+            batch_size: 2_000,
+            batch_bytes: 8 * 1024 * 1024,
             poll_interval: Duration::from_secs(1),
             slot: None,
             on_slot_lost: SlotLostPolicy::Recover,
@@ -455,6 +463,9 @@ impl Config {
         }
         if self.capture.batch_size == 0 || self.capture.batch_size > 50_000 {
             return Err("capture.batch_size: must be between 1 and 50000".into());
+        }
+        if self.capture.batch_bytes < 1024 {
+            return Err("capture.batch_bytes: must be at least 1024".into());
         }
         if self.capture.poll_interval < Duration::from_millis(10) {
             return Err("capture.poll_interval: must be at least 10ms".into());

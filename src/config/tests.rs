@@ -64,7 +64,8 @@ fn minimal_config_gets_debezium_defaults() {
     assert_eq!(config.postgres.table, "public.outbox");
     assert_eq!(config.postgres.columns.aggregate_id, "aggregateid");
     assert_eq!(config.relay.after_publish, AfterPublish::Mark);
-    assert_eq!(config.capture.batch_size, 500);
+    assert_eq!(config.capture.batch_size, 2_000);
+    assert_eq!(config.capture.batch_bytes, 8 * 1024 * 1024);
     assert_eq!(config.routing.topic, "outbox.${aggregatetype}");
     assert_eq!(config.kafka.transaction_timeout, Duration::from_secs(60));
 }
@@ -102,6 +103,8 @@ fn bad_values_name_their_key() {
     );
     let error = load_error(&format!("{MINIMAL}capture:\n  batch_size: 0\n"));
     assert!(error.contains("capture.batch_size"), "{error}");
+    let error = load_error(&format!("{MINIMAL}capture:\n  batch_bytes: 10\n"));
+    assert!(error.contains("capture.batch_bytes"), "{error}");
     let error =
         load_error(&MINIMAL.replace("name: orders", "name: orders\n  after_publish: archive"));
     assert!(error.contains("archive"), "{error}");

@@ -55,25 +55,32 @@ impl Publisher {
     /// transaction a previous instance left open and fences that instance:
     /// its next Kafka call fails and it stops.
     pub async fn connect(config: &Config) -> Result<Publisher, Error> {
-        let producer: FutureProducer<RelayContext> =
-            transactional_client(config, &config.relay.name)
-                .set(
-                    "transaction.timeout.ms",
-                    config.kafka.transaction_timeout.as_millis().to_string(),
-                )
-                // Batches no larger than one allowed record, so a topic whose
-                // max.message.bytes is kafka.max_message_bytes accepts every batch.
-                .set("batch.size", config.kafka.max_message_bytes.to_string())
-                .set(
-                    "message.max.bytes",
-                    (config.kafka.max_message_bytes + LOCAL_SIZE_HEADROOM).to_string(),
-                )
-                .create_with_context(RelayContext)
-                .map_err(|e| {
-                    Error::stop(format!(
-                        "cannot create the Kafka producer from the config: {e}"
-                    ))
-                })?;
+        let mut client = transactional_client(config, &config.relay.name);
+        if !config.kafka.properties.contains_key("linger.ms") {
+            // A batch is produced in one go and committed right after, so
+            // waiting for more records (librdkafka's default is 5 ms) only
+            // adds to every transaction: it was most of a small one's time.
+            // Records still share requests while earlier ones are in flight.
+            client.set("linger.ms", "0");
+        }
+        let producer: FutureProducer<RelayContext> = client
+            .set(
+                "transaction.timeout.ms",
+                config.kafka.transaction_timeout.as_millis().to_string(),
+            )
+            // Batches no larger than one allowed record, so a topic whose
+            // max.message.bytes is kafka.max_message_bytes accepts every batch.
+            .set("batch.size", config.kafka.max_message_bytes.to_string())
+            .set(
+                "message.max.bytes",
+                (config.kafka.max_message_bytes + LOCAL_SIZE_HEADROOM).to_string(),
+            )
+            .create_with_context(RelayContext)
+            .map_err(|e| {
+                Error::stop(format!(
+                    "cannot create the Kafka producer from the config: {e}"
+                ))
+            })?;
         let publisher = Publisher {
             producer,
             relay_name: config.relay.name.clone(),

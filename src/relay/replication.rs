@@ -5,7 +5,7 @@
 //!  slot ok? ──no──▶ create slot · drain unsent rows from the table (polling)
 //!     │                                       │
 //!     ▼                                       ▼
-//!  START_REPLICATION ─▶ events (commit LSN, index) ─▶ batch ≤ batch_size
+//!  START_REPLICATION ─▶ events (commit LSN, index) ─▶ batch ≤ batch_size, batch_bytes
 //!                                                       ▼
 //!        Kafka: begin · events + checkpoint(position) · commit
 //!                                                       ▼
@@ -110,6 +110,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
     let mut streamer = Streamer {
         assembler: Assembler::new(table, config.capture.other_changes, resume_after),
         batch: Vec::new(),
+        batch_bytes: 0,
         batch_position: None,
         confirm_after_batch: None,
         filter_before,
@@ -195,6 +196,8 @@ async fn usable_slot(
 struct Streamer {
     assembler: Assembler,
     batch: Vec<OutboxEvent>,
+    /// Payload bytes in `batch`.
+    batch_bytes: usize,
     /// Position of the last event taken into the batch.
     batch_position: Option<SourcePosition>,
     /// End of the last transaction whose events are all in the batch (or
@@ -213,6 +216,7 @@ impl Streamer {
         stream: &mut impl ReplicationStream,
     ) -> Result<()> {
         let batch_size = session.context.config.capture.batch_size;
+        let batch_bytes = session.context.config.capture.batch_bytes;
         loop {
             if *session.stop.borrow() {
                 // Whatever is batched is not in Kafka and nothing of it was
@@ -220,14 +224,17 @@ impl Streamer {
                 return Ok(());
             }
             // Batch whatever is already here; deliver as soon as the stream
-            // has nothing more to give right now, or the batch is full.
-            let next = if self.batch.is_empty() {
+            // has nothing more to give right now, or the batch is full. In
+            // the middle of a source transaction the rest of it is on its
+            // way (pgoutput sends committed transactions whole), so wait for
+            // it rather than cut a small batch that cannot be confirmed yet.
+            let next = if self.batch.is_empty() || self.assembler.in_transaction() {
                 tokio::select! {
                     next = stream.next() => next?,
                     _ = session.stop.changed() => return Ok(()),
                 }
             } else {
-                match stream.next().now_or_never() {
+                match next_if_ready(stream).await {
                     Some(next) => next?,
                     None => {
                         self.flush(session, stream).await?;
@@ -244,8 +251,9 @@ impl Streamer {
                 None => {}
                 Some(Captured::Event(event)) => {
                     self.batch_position = event.position;
+                    self.batch_bytes += event.payload.as_ref().map_or(0, Vec::len);
                     self.batch.push(event);
-                    if self.batch.len() >= batch_size {
+                    if self.batch.len() >= batch_size || self.batch_bytes >= batch_bytes {
                         self.flush(session, stream).await?;
                     }
                 }
@@ -274,6 +282,7 @@ impl Streamer {
         stream: &mut impl ReplicationStream,
     ) -> Result<()> {
         let mut events = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
         if let Some(before) = self.filter_before {
             if self.batch_position.is_some_and(|p| p.commit_lsn >= before) {
                 // The stream has passed everything committed before it began.
@@ -312,6 +321,19 @@ impl Streamer {
         }
         Ok(())
     }
+}
+
+/// The next item if the stream has one ready, letting the wire client's
+/// task run once first: under a backlog the next transaction is usually
+/// one task switch away, and delivering without it would cut batches short.
+async fn next_if_ready(
+    stream: &mut impl ReplicationStream,
+) -> Option<Result<Option<crate::capture::wire::StreamItem>>> {
+    if let Some(next) = stream.next().now_or_never() {
+        return Some(next);
+    }
+    tokio::task::yield_now().await;
+    stream.next().now_or_never()
 }
 
 /// Drops events of transactions committed before `before` whose rows the
