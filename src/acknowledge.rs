@@ -69,6 +69,40 @@ impl Acknowledger {
         Ok(acknowledged)
     }
 
+    /// Acknowledges rows the replication stream delivered. Postgres streams
+    /// a commit as soon as its WAL is flushed, a moment before other
+    /// sessions can see its rows; a mark in that moment misses them, and
+    /// they would stay unsent for good although they are in Kafka. So when
+    /// fewer rows were acknowledged than named, this waits until every
+    /// transaction committed so far is visible and acknowledges again
+    /// (harmless for rows already done). A row still missing after that was
+    /// deleted by someone else.
+    pub async fn acknowledge_streamed(
+        &self,
+        connection: &mut PgConnection,
+        published: &[i64],
+        dead_lettered: &[i64],
+    ) -> Result<Acknowledged> {
+        let first = self
+            .acknowledge(connection, published, dead_lettered)
+            .await?;
+        if first.published + first.dead_lettered >= (published.len() + dead_lettered.len()) as u64 {
+            return Ok(first);
+        }
+        crate::capture::slot::settled_wal_position(connection).await?;
+        let again = self
+            .acknowledge(connection, published, dead_lettered)
+            .await?;
+        tracing::debug!(
+            acknowledged_late = again.published + again.dead_lettered,
+            "streamed rows were not yet visible when first acknowledged; acknowledged them once visible"
+        );
+        Ok(Acknowledged {
+            published: first.published + again.published,
+            dead_lettered: first.dead_lettered + again.dead_lettered,
+        })
+    }
+
     /// Start-up reconciliation: the latest checkpoint's rows are in Kafka, so
     /// acknowledge any of them a crash left unmarked. They will not be
     /// claimed, hence never produced, again.

@@ -34,7 +34,9 @@
 //! - Positions are read only once every transaction committed before them
 //!   is visible (`slot::settled_wal_position`): a commit is streamed as soon
 //!   as its WAL is flushed, a moment before other sessions can see it, and
-//!   "not visible yet" must never pass for "sent" or be missed by a drain.
+//!   "not visible yet" must never pass for "sent" or be missed by a drain,
+//!   and a mark that found a streamed row not yet visible is repeated once
+//!   it is (`Acknowledger::acknowledge_streamed`).
 
 use futures_util::FutureExt;
 use sqlx::PgConnection;
@@ -308,7 +310,7 @@ impl Streamer {
             session
                 .context
                 .acknowledger
-                .acknowledge(
+                .acknowledge_streamed(
                     &mut session.connection,
                     &delivered.published,
                     &delivered.dead_lettered,
