@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::backlog;
-use crate::support::checker::{self, Report};
+use crate::support::checker::Report;
 use crate::systems::{BenchEnv, System};
 
 #[derive(Debug, Clone, Serialize)]
@@ -60,11 +60,7 @@ pub async fn run(system: System, rows: usize, payload_bytes: usize) -> Drain {
     let usage = running.usage();
     running.stop(Duration::from_secs(60));
 
-    let report = if system == System::Debezium {
-        checker::check_events_only(&bench.env, &written).await
-    } else {
-        checker::check(&bench.env, &written).await
-    };
+    let report = bench.check(&written).await;
     let drain = Drain {
         system: system.label().to_string(),
         rows,

@@ -207,12 +207,19 @@ impl Results {
                 s.p99_ms < 50.0 && s.missing == 0,
             ));
         }
-        let peak = self
+        let drain_peaks = self
             .drains
             .iter()
-            .chain(&self.steady_as_drains())
-            .filter(|d| d.system != DEBEZIUM)
-            .map(|d| d.peak_rss_megabytes)
+            .map(|d| (d.system.as_str(), d.peak_rss_megabytes));
+        let steady_peaks = self
+            .steady
+            .iter()
+            .chain(&self.highest)
+            .map(|s| (s.system.as_str(), s.peak_rss_megabytes));
+        let peak = drain_peaks
+            .chain(steady_peaks)
+            .filter(|(system, _)| *system != DEBEZIUM)
+            .map(|(_, megabytes)| megabytes)
             .fold(0.0, f64::max);
         targets.push((
             "outboxd RSS < 64 MB at any backlog (256-byte payloads)".into(),
@@ -240,26 +247,6 @@ impl Results {
             }
         }
         targets
-    }
-
-    /// Steady runs as peak-memory carriers for the RSS target.
-    fn steady_as_drains(&self) -> Vec<Drain> {
-        self.steady
-            .iter()
-            .chain(&self.highest)
-            .map(|s| Drain {
-                system: s.system.clone(),
-                rows: s.events,
-                payload_bytes: 256,
-                seconds: 0.0,
-                events_per_second: 0.0,
-                megabytes_per_second: 0.0,
-                cpu_seconds: 0.0,
-                cpu_seconds_per_million: 0.0,
-                peak_rss_megabytes: s.peak_rss_megabytes,
-                failed: s.failed.clone(),
-            })
-            .collect()
     }
 }
 

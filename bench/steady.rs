@@ -21,7 +21,6 @@ use serde::Serialize;
 
 use crate::drain::failure;
 use crate::process::Running;
-use crate::support::checker;
 use crate::support::workload::writer_pool;
 use crate::systems::{BenchEnv, System, PARTITIONS};
 
@@ -111,11 +110,7 @@ pub async fn run(system: System, rate: u32, seconds: u64) -> Steady {
             None => missing += 1,
         }
     }
-    let report = if system == System::Debezium {
-        checker::check_events_only(&bench.env, &written).await
-    } else {
-        checker::check(&bench.env, &written).await
-    };
+    let report = bench.check(&written).await;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     let achieved_rate = total as f64 / writing_seconds.max(1e-9);
     let p99_ms = ms(0.99);

@@ -18,6 +18,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::PgPool;
 
 use crate::process::Running;
+use crate::support::checker::{self, Report};
 use crate::support::workload::Written;
 use crate::support::{Mode, TestEnv};
 
@@ -216,6 +217,15 @@ impl BenchEnv {
         }
     }
 
+    /// The invariant checker's verdict on this run: outboxd's books
+    /// (marks, checkpoints) too, Debezium's events only (it keeps none).
+    pub async fn check(&self, written: &Written) -> Report {
+        match self.system {
+            System::Debezium => checker::check_events_only(&self.env, written).await,
+            _ => checker::check(&self.env, written).await,
+        }
+    }
+
     fn debezium_env(&self) -> Vec<(&'static str, String)> {
         let url: url::Url = self.env.database_url.parse().expect("database url");
         let work = log_dir().join(format!("debezium-{}", self.env.id));
@@ -283,9 +293,12 @@ async fn create_topic(bootstrap: &str, topic: &str) {
 /// The sum of outboxd's `outboxd_events_published_total` series.
 async fn scrape_published(port: u16) -> Option<u64> {
     let base = format!("http://127.0.0.1:{port}");
-    let (status, body) = tokio::time::timeout(Duration::from_secs(5), try_get(&base, "/metrics"))
-        .await
-        .ok()??;
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(5),
+        crate::support::http::try_get(&base, "/metrics"),
+    )
+    .await
+    .ok()??;
     if status != 200 {
         return None;
     }
@@ -295,19 +308,4 @@ async fn scrape_published(port: u16) -> Option<u64> {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>();
     Some(total as u64)
-}
-
-/// Like `support::http::get`, but `None` while the relay is not listening yet.
-async fn try_get(base: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let address = base.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let response = String::from_utf8(response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
 }

@@ -294,19 +294,13 @@ async fn the_filter_position_waits_for_running_transactions() {
         tokio::spawn(
             async move { outboxd::capture::slot::settled_wal_position(&mut connection).await },
         );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    if settled.is_finished() {
-        panic!(
-            "the position was settled while a transaction that held an id was still running: {:?}",
-            settled.await
-        );
-    }
-    open.commit().await.expect("commit");
-    tokio::time::timeout(Duration::from_secs(10), settled)
-        .await
-        .expect("settles once the transaction ended")
-        .expect("task")
-        .expect("position");
+    waits_for_commit(
+        open,
+        settled,
+        "the position was settled while a transaction that held an id was still running",
+    )
+    .await
+    .expect("position");
 }
 
 /// Found by `make chaos` (random kills, replication): a row the stream had
@@ -338,19 +332,32 @@ async fn a_streamed_row_not_yet_visible_is_marked_once_visible() {
             .acknowledge_streamed(&mut connection, &[seq], &[])
             .await
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    if marking.is_finished() {
-        panic!(
-            "the mark gave up on a row whose transaction was not visible yet: {:?}",
-            marking.await
-        );
-    }
-    open.commit().await.expect("commit");
-    let acknowledged = tokio::time::timeout(Duration::from_secs(10), marking)
-        .await
-        .expect("marks once the row is visible")
-        .expect("task")
-        .expect("acknowledge");
+    let acknowledged = waits_for_commit(
+        open,
+        marking,
+        "the mark gave up on a row whose transaction was not visible yet",
+    )
+    .await
+    .expect("acknowledge");
     assert_eq!(acknowledged.published, 1);
     assert_eq!(env.unsent().await, 0, "the row is marked sent");
+}
+
+/// Asserts that `task` is still waiting half a second after it started,
+/// while `open` is uncommitted, and that it finishes once `open` commits;
+/// returns what it returned.
+async fn waits_for_commit<T: std::fmt::Debug>(
+    open: sqlx::Transaction<'static, sqlx::Postgres>,
+    task: tokio::task::JoinHandle<T>,
+    finished_too_early: &str,
+) -> T {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    if task.is_finished() {
+        panic!("{finished_too_early}: {:?}", task.await);
+    }
+    open.commit().await.expect("commit");
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("finishes once the transaction committed")
+        .expect("task")
 }

@@ -92,12 +92,7 @@ pub async fn check(env: &TestEnv, written: &Written) -> Report {
 }
 
 pub async fn check_relays(env: &TestEnv, written: &Written, relays: &[String]) -> Report {
-    let rows: Vec<Row> = env
-        .rows()
-        .await
-        .into_iter()
-        .map(|(seq, id, sent)| Row { seq, id, sent })
-        .collect();
+    let rows = table_rows(env).await;
     let routed = read_all(&env.kafka, &env.topic_prefix())
         .await
         .into_iter()
@@ -121,14 +116,17 @@ pub async fn check_relays(env: &TestEnv, written: &Written, relays: &[String]) -
 /// For a relay other than outboxd (the benchmarks' Debezium): every
 /// committed row in Kafka exactly once, in order, and nothing else.
 pub async fn check_events_only(env: &TestEnv, written: &Written) -> Report {
-    let rows: Vec<Row> = env
-        .rows()
+    let rows = table_rows(env).await;
+    let routed = read_all(&env.kafka, &env.topic_prefix()).await;
+    compare(&rows, &routed, &[], Books::None, written)
+}
+
+async fn table_rows(env: &TestEnv) -> Vec<Row> {
+    env.rows()
         .await
         .into_iter()
         .map(|(seq, id, sent)| Row { seq, id, sent })
-        .collect();
-    let routed = read_all(&env.kafka, &env.topic_prefix()).await;
-    compare(&rows, &routed, &[], Books::None, written)
+        .collect()
 }
 
 /// The pure comparison, separate from the reading so it reads as a spec.
