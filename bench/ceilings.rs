@@ -15,6 +15,7 @@ use outboxd::capture::polling::claim_batch;
 use outboxd::config::AfterPublish;
 use outboxd::event::OutboxEvent;
 use outboxd::kafka::checkpoint::Checkpoint;
+use outboxd::kafka::identity::TableIdentity;
 use outboxd::kafka::publisher::Publisher;
 use outboxd::routing::Router;
 use outboxd::table::{OutboxTable, PayloadEncoding};
@@ -170,8 +171,11 @@ pub async fn kafka(rows: usize, payload_bytes: usize) -> Ceiling {
             }
         })
         .collect();
-    let publisher = Publisher::connect(&config).await.expect("producer");
     let table_name = "public.outbox";
+    let identity = TableIdentity::new(None, table_name, &config.relay.name);
+    let publisher = Publisher::connect(&config, &identity)
+        .await
+        .expect("producer");
     let started = Instant::now();
     for batch in events.chunks(config.capture.batch_size) {
         let records: Vec<_> = batch

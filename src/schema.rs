@@ -146,3 +146,27 @@ pub async fn inspect(
         has_notify_trigger,
     })
 }
+
+/// `<system identifier>/<database>`: which Postgres database the table
+/// lives in, for the relay's Kafka identity (`kafka::identity`). A physical
+/// replica promoted in a failover keeps the system identifier. `None` if
+/// the role may not read it; the identity then falls back to `relay.name`.
+pub async fn database_source(connection: &mut PgConnection) -> Option<String> {
+    let source: std::result::Result<String, sqlx::Error> = sqlx::query_scalar(
+        "SELECT system_identifier::text || '/' || current_database() FROM pg_control_system()",
+    )
+    .fetch_one(&mut *connection)
+    .await;
+    match source {
+        Ok(source) => Some(source),
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "cannot read pg_control_system(), so the relay's Kafka identity (transactional.id, \
+                 checkpoint key) names relay.name instead of the database; grant EXECUTE on \
+                 pg_control_system() to the relay's role so a renamed relay still fences the old one"
+            );
+            None
+        }
+    }
+}

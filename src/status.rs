@@ -15,8 +15,10 @@ use crate::capture::slot;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::checkpoint;
+use crate::kafka::identity::TableIdentity;
 use crate::lag;
 use crate::leader;
+use crate::schema;
 use crate::table::OutboxTable;
 
 /// How long `status` waits for Kafka before reporting it unreachable.
@@ -84,14 +86,17 @@ pub async fn read(config: &Config) -> Result<Status> {
             retained_wal_bytes: info.retained_bytes,
             confirmed_flush_lsn: info.confirmed_flush.map(|lsn| lsn.to_string()),
         });
+    let source = schema::database_source(&mut connection).await;
+    let identity = TableIdentity::new(source.as_deref(), &table.display_name(), &config.relay.name);
     let last_checkpoint =
-        match tokio::time::timeout(CHECKPOINT_TIMEOUT, checkpoint::read_latest(config, None)).await
+        match tokio::time::timeout(CHECKPOINT_TIMEOUT, checkpoint::read_latest(config, &identity))
+            .await
         {
             Err(_) => Err(format!(
                 "Kafka did not answer within {CHECKPOINT_TIMEOUT:?}"
             )),
             Ok(Err(error)) => Err(error.message),
-            Ok(Ok(latest)) => Ok(latest.own.map(|c| CheckpointStatus {
+            Ok(Ok(latest)) => Ok(latest.map(|c| CheckpointStatus {
                 published_rows: c.published.len(),
                 dead_lettered_rows: c.dead_lettered.len(),
                 position: c.position.map(|p| p.to_string()),

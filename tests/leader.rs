@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use outboxd::error::ErrorKind;
 use outboxd::kafka::checkpoint::Checkpoint;
+use outboxd::kafka::identity::TableIdentity;
 use outboxd::kafka::publisher::{PublishError, Publisher};
 use outboxd::kafka::topics;
 use outboxd::routing::RoutedRecord;
@@ -73,8 +74,11 @@ async fn a_zombie_producer_is_fenced_and_ends_its_session() {
     let env = TestEnv::new("zombie", Mode::Polling).await;
     let config = env.config();
     topics::ensure_checkpoint_topic(&config).await.unwrap();
-    let zombie = Publisher::connect(&config).await.expect("first producer");
-    let _successor = Publisher::connect(&config)
+    let identity = TableIdentity::new(Some("test/zombie"), "public.outbox", &env.relay_name());
+    let zombie = Publisher::connect(&config, &identity)
+        .await
+        .expect("first producer");
+    let _successor = Publisher::connect(&config, &identity)
         .await
         .expect("second producer fences the first");
 

@@ -1,36 +1,71 @@
-//! The checkpoint record: which rows a Kafka transaction published.
+//! The checkpoint record: which rows a Kafka transaction published, and how
+//! start-up finds the latest one.
 //!
 //! ```text
 //!   Kafka transaction ─┬─ event records (one per row)
-//!                      └─ checkpoint record: key = relay name,
-//!                         value = {published seqs, dead-lettered seqs,
-//!                                  source position (replication only)}
+//!                      ├─ checkpoint record ─▶ checkpoint topic, partition 0
+//!                      │    key   = the table's identity (kafka::identity)
+//!                      │    value = {published seqs, dead-lettered seqs,
+//!                      │             source position (replication only)}
+//!                      └─ committed offset of the table's checkpoint group
+//!                           = the checkpoint record's own offset
 //! ```
 //!
 //! Why it exists: marking a row sent in Postgres and committing to Kafka can
 //! never be one atomic step. The checkpoint travels inside the same Kafka
 //! transaction as the events, so "these rows are in Kafka" is true exactly
-//! when the checkpoint is visible to a `read_committed` reader.
+//! when the checkpoint is committed.
 //!
 //! Invariant: rows are marked sent only after their transaction committed,
 //! and the next batch is claimed only after that marking committed. So at any
 //! moment the only rows that can be in Kafka but not marked are those of the
-//! *latest* checkpoint; start-up reads it and marks them, and never produces
-//! them again. A relay that takes a table over from a relay with another
-//! name (the leader lock is per table) also reconciles that relay's latest
-//! checkpoint for the same table in the same database.
+//! *latest* checkpoint of the table; start-up reads it and marks them, and
+//! never produces them again.
+//!
+//! Finding the latest, exactly. Every relay of every order database writes
+//! its checkpoints into one shared topic, so reading that topic to its end
+//! would be wrong twice: a `read_committed` reader's end is the last stable
+//! offset, which any other relay's open transaction (one killed mid-batch
+//! stays open until its timeout) holds back below our own latest
+//! checkpoint; and its cost would grow with everyone's traffic. So each
+//! transaction also commits, through `send_offsets_to_transaction`, the
+//! offset of its own checkpoint record for the table's consumer group. The
+//! group offset and the record commit or abort together, so the group's
+//! committed offset always points at the latest committed checkpoint.
+//! Start-up, after `init_transactions` has fenced every earlier leader of
+//! the table (they share its `transactional.id`):
+//!
+//! 1. fetches the group's committed offset with `require_stable`, which
+//!    waits only for a pending commit of this group, that is, of this table;
+//! 2. reads the one record at that offset. It reads uncommitted, because
+//!    the record is known committed (its offset commit is) and another
+//!    relay's open transaction must not hide it; the record must be exactly
+//!    at that offset with the table's key, or start-up stops rather than guess.
+//!
+//! Both steps cost the same whatever other relays write. A table whose group
+//! has no offset yet was last relayed by an older outboxd (or never):
+//! `kafka::legacy` reads the checkpoints keyed by relay name once.
 
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use super::identity::TableIdentity;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::event::SourcePosition;
+
+/// The partition every checkpoint is written to and read from, whatever
+/// the topic's partition count: the read never depends on how a key hashes.
+pub const CHECKPOINT_PARTITION: i32 = 0;
+
+/// How long one read of the latest checkpoint may take before the session
+/// is retried.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Current checkpoint format; older relays refuse newer ones rather than guess.
 const FORMAT_VERSION: u32 = 1;
@@ -136,131 +171,116 @@ impl SeqRanges {
     }
 }
 
-/// The latest committed checkpoints that concern this relay's table.
-#[derive(Debug, Default)]
-pub struct Latest {
-    /// This relay's own (its key is `relay.name`).
-    pub own: Option<Checkpoint>,
-    /// The latest of each relay with another name whose checkpoint names
-    /// the same table and source: relays that led this table before.
-    pub predecessors: Vec<(String, Checkpoint)>,
-}
-
-/// Reads the latest committed checkpoints. `read_committed` skips
-/// transactions that aborted or are still open, so what comes back was
-/// really published. Call it only after `init_transactions`, which settles
-/// any transaction a previous instance left open. Predecessors are looked
-/// for only when `origin` gives the table and its source.
-pub async fn read_latest(config: &Config, origin: Option<(&str, &str)>) -> Result<Latest> {
+/// Reads the table's latest committed checkpoint: `Ok(None)` when the
+/// table's checkpoint group has no committed offset (no checkpoint written
+/// by this version yet). Call it after `init_transactions` with the table's
+/// `transactional.id`, so no transaction of an earlier leader is pending.
+pub async fn read_latest(config: &Config, identity: &TableIdentity) -> Result<Option<Checkpoint>> {
     let config = config.clone();
-    let origin = origin.map(|(table, source)| (table.to_string(), source.to_string()));
-    tokio::task::spawn_blocking(move || read_latest_blocking(&config, origin))
+    let identity = identity.clone();
+    tokio::task::spawn_blocking(move || read_latest_blocking(&config, &identity))
         .await
         .map_err(|e| Error::stop(format!("checkpoint reader task failed: {e}")))?
 }
 
-fn read_latest_blocking(config: &Config, origin: Option<(String, String)>) -> Result<Latest> {
+fn read_latest_blocking(config: &Config, identity: &TableIdentity) -> Result<Option<Checkpoint>> {
     let topic = &config.kafka.checkpoint_topic;
-    let relay_key = config.relay.name.as_bytes();
-    let consumer: BaseConsumer<super::RelayContext> = super::base_client_config(config)
-        .set(
-            "group.id",
-            format!("outboxd-{}-checkpoint-reader", config.relay.name),
-        )
+    let Some(offset) = committed_checkpoint_offset(config, identity)? else {
+        return Ok(None);
+    };
+    let reader: BaseConsumer<super::RelayContext> = super::base_client_config(config)
+        .set("group.id", &identity.checkpoint_group)
         .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_uncommitted")
+        // A checkpoint deleted by retention must stop the relay, not be
+        // skipped silently.
+        .set("auto.offset.reset", "error")
         .create_with_context(super::RelayContext)
         .map_err(|e| Error::stop(format!("cannot create the checkpoint reader: {e}")))?;
-
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(15))
-        .map_err(|e| {
-            Error::retry(format!(
-                "reading metadata of checkpoint topic `{topic}`: {e}"
-            ))
-        })?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic.as_str())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(Error::retry(format!(
-            "checkpoint topic `{topic}` has no partitions yet"
-        )));
-    }
     let mut assignment = TopicPartitionList::new();
-    for &partition in &partitions {
-        assignment
-            .add_partition_offset(topic, partition, Offset::Beginning)
-            .map_err(|e| Error::stop(format!("assigning checkpoint partition {partition}: {e}")))?;
-    }
-    consumer
+    assignment
+        .add_partition_offset(topic, CHECKPOINT_PARTITION, Offset::Offset(offset))
+        .map_err(|e| Error::stop(format!("assigning the checkpoint partition: {e}")))?;
+    reader
         .assign(&assignment)
         .map_err(|e| Error::retry(format!("assigning checkpoint topic `{topic}`: {e}")))?;
-
-    // Another relay's open transaction on this topic holds back what a
-    // read_committed reader may see, but never longer than its transaction timeout.
-    let deadline = Instant::now() + config.kafka.transaction_timeout + Duration::from_secs(30);
-    let mut partitions_at_end = 0;
-    let mut latest = None;
-    let mut predecessors: std::collections::BTreeMap<String, Checkpoint> = Default::default();
-    while partitions_at_end < partitions.len() {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    loop {
         if Instant::now() > deadline {
             return Err(Error::retry(format!(
-                "timed out reading checkpoint topic `{topic}` to its end; is a transaction stuck open on it?"
+                "timed out reading the checkpoint at `{topic}` partition {CHECKPOINT_PARTITION} \
+                 offset {offset}; is the partition's leader reachable?"
             )));
         }
-        match consumer.poll(Duration::from_millis(500)) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(_))) => partitions_at_end += 1,
+        let message = match reader.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(_))) => continue,
             Some(Err(e)) => {
                 return Err(Error::retry(format!(
-                    "reading checkpoint topic `{topic}`: {e}"
+                    "reading the checkpoint at `{topic}` offset {offset}: {e}; if the offset is \
+                     out of range, the topic lost it: the checkpoint topic must be compacted \
+                     (cleanup.policy=compact), never deleted by time or size"
                 )))
             }
-            Some(Ok(message)) => {
-                if message.key() != Some(relay_key) {
-                    if let (Some((table, source)), Some(key)) = (&origin, message.key()) {
-                        let key = String::from_utf8_lossy(key).into_owned();
-                        // Another relay's record: only the same table in the
-                        // same database counts, and an unreadable one is
-                        // that relay's business.
-                        match message.payload().map(Checkpoint::from_bytes) {
-                            Some(Ok(checkpoint))
-                                if &checkpoint.table == table
-                                    && checkpoint.source.as_ref() == Some(source) =>
-                            {
-                                predecessors.insert(key, checkpoint);
-                            }
-                            None => {
-                                predecessors.remove(&key);
-                            }
-                            Some(_) => {}
-                        }
-                    }
-                    continue;
-                }
-                // A null value would be a tombstone: the checkpoint was deleted on purpose.
-                latest = match message.payload() {
-                    None => None,
-                    Some(bytes) => Some(Checkpoint::from_bytes(bytes).map_err(|e| {
-                        Error::stop(format!(
-                            "the checkpoint at `{topic}` offset {} is unreadable ({e}); \
-                             refusing to guess which rows were published",
-                            message.offset()
-                        ))
-                    })?),
-                };
-            }
+            Some(Ok(message)) => message,
+        };
+        if message.offset() != offset || message.key() != Some(identity.checkpoint_key.as_bytes())
+        {
+            return Err(Error::stop(format!(
+                "the checkpoint group `{}` points at `{topic}` offset {offset}, but the record \
+                 there is not this table's checkpoint (found offset {} with another key); \
+                 refusing to guess which rows were published. Was the checkpoint topic \
+                 deleted and re-created? Then delete the consumer group `{}` too",
+                identity.checkpoint_group,
+                message.offset(),
+                identity.checkpoint_group,
+            )));
         }
+        let bytes = message.payload().unwrap_or_default();
+        return Checkpoint::from_bytes(bytes).map(Some).map_err(|e| {
+            Error::stop(format!(
+                "the checkpoint at `{topic}` offset {offset} is unreadable ({e}); \
+                 refusing to guess which rows were published"
+            ))
+        });
     }
-    Ok(Latest {
-        own: latest,
-        predecessors: predecessors.into_iter().collect(),
-    })
+}
+
+/// The offset of the table's latest committed checkpoint record, from its
+/// checkpoint group. `read_committed` makes librdkafka ask with
+/// `require_stable`, so an offset commit still pending in an unfinished
+/// transaction of this table is waited for, never read around.
+fn committed_checkpoint_offset(config: &Config, identity: &TableIdentity) -> Result<Option<i64>> {
+    let topic = &config.kafka.checkpoint_topic;
+    let consumer: BaseConsumer<super::RelayContext> = super::base_client_config(config)
+        .set("group.id", &identity.checkpoint_group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create_with_context(super::RelayContext)
+        .map_err(|e| Error::stop(format!("cannot create the checkpoint reader: {e}")))?;
+    let mut partitions = TopicPartitionList::new();
+    partitions.add_partition(topic, CHECKPOINT_PARTITION);
+    let committed = consumer
+        .committed_offsets(partitions, READ_TIMEOUT)
+        .map_err(|e| {
+            let group = &identity.checkpoint_group;
+            match e.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::GroupAuthorizationFailed) => Error::stop(format!(
+                    "fetching the committed offset of checkpoint group `{group}`: {e}. Grant the \
+                     relay's Kafka principal READ and DESCRIBE on consumer groups prefixed `outboxd-`"
+                )),
+                _ => Error::retry(format!(
+                    "fetching the committed offset of checkpoint group `{group}`: {e}"
+                )),
+            }
+        })?;
+    let offset = committed
+        .find_partition(topic, CHECKPOINT_PARTITION)
+        .map(|partition| partition.offset());
+    match offset {
+        Some(Offset::Offset(offset)) => Ok(Some(offset)),
+        _ => Ok(None),
+    }
 }
 
 #[cfg(test)]

@@ -64,7 +64,7 @@ fn is_fatal_code(code: RDKafkaErrorCode) -> bool {
 fn fatal(message: String, code: RDKafkaErrorCode) -> Error {
     match code {
         RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch => Error::retry(format!(
-            "{message}. This producer was fenced: another instance with the same relay.name took \
+            "{message}. This producer was fenced: another instance leading the same outbox table took \
              over, or the broker aborted a transaction that outlived kafka.transaction_timeout. \
              Nothing of the open transaction is visible. Starting a new session: it publishes \
              again only if it wins the leader lock"
@@ -97,7 +97,7 @@ mod tests {
         );
         assert_eq!(error.kind, ErrorKind::Retry);
         assert!(
-            error.message.contains("same relay.name") && error.message.contains("leader lock"),
+            error.message.contains("same outbox table") && error.message.contains("leader lock"),
             "{}",
             error.message
         );

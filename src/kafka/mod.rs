@@ -7,6 +7,8 @@
 
 pub mod checkpoint;
 pub mod errors;
+pub mod identity;
+pub mod legacy;
 pub mod publisher;
 pub mod topics;
 
@@ -31,11 +33,6 @@ const MANAGED_PROPERTIES: &[&str] = &[
 
 pub fn is_managed_property(key: &str) -> bool {
     MANAGED_PROPERTIES.contains(&key)
-}
-
-/// The Kafka `transactional.id` of a relay: the same name fences the same producer.
-pub fn transactional_id(relay_name: &str) -> String {
-    format!("outboxd-{relay_name}")
 }
 
 /// Settings every client shares: servers, TLS/SASL pass-through, log routing.

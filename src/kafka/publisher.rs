@@ -2,18 +2,24 @@
 //! one Kafka transaction.
 //!
 //! Invariant: `publish` returns `Ok` only after `commit_transaction`
-//! succeeded, so every event of the batch and its checkpoint are visible to
-//! `read_committed` consumers together, or none of them ever is. Any other
-//! outcome leaves no committed trace of the batch in Kafka.
+//! succeeded, so every event of the batch, its checkpoint and the checkpoint
+//! group's offset pointing at that checkpoint are committed together, or
+//! none of them ever is. Any other outcome leaves no committed trace of the
+//! batch in Kafka.
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, CHECKPOINT_PARTITION};
 use super::errors::{classify, is_record_rejected};
+use super::identity::TableIdentity;
 use super::RelayContext;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind};
@@ -45,17 +51,21 @@ impl From<Error> for PublishError {
 
 pub struct Publisher {
     producer: FutureProducer<RelayContext>,
-    relay_name: String,
+    /// Names the table's checkpoint group in `send_offsets_to_transaction`.
+    checkpoint_group: Arc<ConsumerGroupMetadata>,
+    /// Key of every checkpoint record: the table's identity.
+    checkpoint_key: Vec<u8>,
     checkpoint_topic: String,
     transaction_timeout: Duration,
 }
 
 impl Publisher {
-    /// Creates the producer and calls `init_transactions`, which aborts any
-    /// transaction a previous instance left open and fences that instance:
-    /// its next Kafka call fails and it stops.
-    pub async fn connect(config: &Config) -> Result<Publisher, Error> {
-        let mut client = transactional_client(config, &config.relay.name);
+    /// Creates the producer and calls `init_transactions` with the table's
+    /// `transactional.id`, which aborts any transaction an earlier leader of
+    /// the table left open, whatever its `relay.name`, and fences it: its
+    /// next Kafka call fails and its session ends.
+    pub async fn connect(config: &Config, identity: &TableIdentity) -> Result<Publisher, Error> {
+        let mut client = transactional_client(config, &identity.transactional_id);
         if !config.kafka.properties.contains_key("linger.ms") {
             // A batch is produced in one go and committed right after, so
             // waiting for more records (librdkafka's default is 5 ms) only
@@ -83,7 +93,8 @@ impl Publisher {
             })?;
         let publisher = Publisher {
             producer,
-            relay_name: config.relay.name.clone(),
+            checkpoint_group: Arc::new(group_metadata(config, identity)?),
+            checkpoint_key: identity.checkpoint_key.as_bytes().to_vec(),
             checkpoint_topic: config.kafka.checkpoint_topic.clone(),
             transaction_timeout: config.kafka.transaction_timeout,
         };
@@ -100,17 +111,18 @@ impl Publisher {
         Ok(publisher)
     }
 
-    /// Fences the transactional id of the relay named `relay_name`: its
-    /// open transaction, if any, is aborted now instead of when its timeout
-    /// expires. Until then `read_committed` consumers could not read past it
-    /// on the partitions it touched, so a takeover from a relay with another
-    /// name would hold back every event for up to its transaction timeout.
-    pub async fn fence_relay(config: &Config, relay_name: &str) -> Result<(), Error> {
-        let producer: FutureProducer<RelayContext> = transactional_client(config, relay_name)
+    /// Fences `transactional_id`: its open transaction, if any, is aborted
+    /// now instead of when its timeout expires, and its holder can never
+    /// commit again. Used for the ids of outboxd 0.1 (`kafka::legacy`).
+    pub async fn fence_transactional_id(
+        config: &Config,
+        transactional_id: &str,
+    ) -> Result<(), Error> {
+        let producer: FutureProducer<RelayContext> = transactional_client(config, transactional_id)
             .create_with_context(RelayContext)
             .map_err(|e| {
                 Error::stop(format!(
-                    "cannot create a Kafka producer to fence `{relay_name}`: {e}"
+                    "cannot create a Kafka producer to fence `{transactional_id}`: {e}"
                 ))
             })?;
         let timeout = init_timeout(config);
@@ -119,7 +131,7 @@ impl Publisher {
             .map_err(|e| Error::retry(format!("fencing task failed: {e}")))?
             .map_err(|e| {
                 classify(
-                    &format!("fencing the transactional id of relay `{relay_name}`"),
+                    &format!("fencing the transactional id `{transactional_id}`"),
                     &e,
                 )
             })
@@ -165,12 +177,12 @@ impl Publisher {
         }
         let checkpoint_record = RoutedRecord {
             topic: self.checkpoint_topic.clone(),
-            key: Some(self.relay_name.as_bytes().to_vec()),
+            key: Some(self.checkpoint_key.clone()),
             headers: Vec::new(),
             payload: Some(checkpoint.to_bytes()),
         };
         deliveries.push(
-            self.send(&checkpoint_record)
+            self.send_to(&checkpoint_record, Some(CHECKPOINT_PARTITION))
                 .await
                 .map_err(|e| delivery_failure(records.len(), records.len(), e))?,
         );
@@ -180,9 +192,15 @@ impl Publisher {
         // innocent records of that request fail alongside the guilty one.
         let mut rejected: Vec<(usize, String)> = Vec::new();
         let mut other_failure = None;
+        let mut checkpoint_offset = None;
         for (index, delivery) in deliveries.into_iter().enumerate() {
             let error = match delivery.await {
-                Ok(Ok(_)) => continue,
+                Ok(Ok(delivered)) => {
+                    if index == records.len() {
+                        checkpoint_offset = Some(delivered.offset);
+                    }
+                    continue;
+                }
                 Ok(Err((error, _))) => error,
                 Err(_canceled) => KafkaError::Canceled,
             };
@@ -204,14 +222,57 @@ impl Publisher {
         {
             return Err(PublishError::RecordRejected { index, reason });
         }
+        let Some(checkpoint_offset) = checkpoint_offset else {
+            return Err(PublishError::Failed(Error::abort_and_resend(
+                "the checkpoint record's delivery report carried no offset",
+            )));
+        };
+        self.point_group_at_checkpoint(checkpoint_offset).await?;
         failpoint::kill_point("after-checkpoint");
         self.commit().await?;
         failpoint::kill_point("after-commit");
         Ok(())
     }
 
-    /// Queues one record, waiting while librdkafka's local queue is full.
+    /// Adds the table's checkpoint group offset, pointing at this
+    /// transaction's checkpoint record, to the transaction: start-up finds
+    /// the latest checkpoint through it (see `kafka::checkpoint`).
+    async fn point_group_at_checkpoint(&self, offset: i64) -> Result<(), PublishError> {
+        let mut offsets = TopicPartitionList::new();
+        offsets
+            .add_partition_offset(
+                &self.checkpoint_topic,
+                CHECKPOINT_PARTITION,
+                Offset::Offset(offset),
+            )
+            .map_err(|e| Error::stop(format!("naming the checkpoint offset: {e}")))?;
+        let group = Arc::clone(&self.checkpoint_group);
+        let timeout = self.transaction_timeout;
+        self.blocking(move |producer| {
+            producer.send_offsets_to_transaction(&offsets, &group, timeout)
+        })
+        .await
+        .map_err(|e| {
+            let error = classify(
+                "adding the checkpoint group's offset to the Kafka transaction",
+                &e,
+            );
+            PublishError::Failed(error)
+        })
+    }
+
+    /// Queues one event record, waiting while librdkafka's local queue is full.
     async fn send(&self, record: &RoutedRecord) -> Result<DeliveryFuture, KafkaError> {
+        self.send_to(record, None).await
+    }
+
+    /// Queues one record to `partition` (the partitioner's choice when
+    /// `None`), waiting while librdkafka's local queue is full.
+    async fn send_to(
+        &self,
+        record: &RoutedRecord,
+        partition: Option<i32>,
+    ) -> Result<DeliveryFuture, KafkaError> {
         loop {
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
             for (name, value) in &record.headers {
@@ -224,6 +285,9 @@ impl Publisher {
                 FutureRecord::to(&record.topic).headers(headers);
             if let Some(key) = &record.key {
                 future_record = future_record.key(key.as_slice());
+            }
+            if let Some(partition) = partition {
+                future_record = future_record.partition(partition);
             }
             if let Some(payload) = &record.payload {
                 future_record = future_record.payload(payload.as_slice());
@@ -293,13 +357,30 @@ impl Publisher {
     }
 }
 
-/// A producer's settings for the transactional id of `relay_name`.
-fn transactional_client(config: &Config, relay_name: &str) -> rdkafka::ClientConfig {
+/// A producer's settings for `transactional_id`.
+fn transactional_client(config: &Config, transactional_id: &str) -> rdkafka::ClientConfig {
     let mut client = super::base_client_config(config);
     client
-        .set("transactional.id", super::transactional_id(relay_name))
+        .set("transactional.id", transactional_id)
         .set("enable.idempotence", "true");
     client
+}
+
+/// The checkpoint group as `send_offsets_to_transaction` names it. The group
+/// never has members (nothing subscribes), so its offsets are committed as
+/// a simple group's: generation -1, no member id.
+fn group_metadata(config: &Config, identity: &TableIdentity) -> Result<ConsumerGroupMetadata, Error> {
+    let consumer: BaseConsumer<RelayContext> = super::base_client_config(config)
+        .set("group.id", &identity.checkpoint_group)
+        .set("enable.auto.commit", "false")
+        .create_with_context(RelayContext)
+        .map_err(|e| Error::stop(format!("cannot create the checkpoint group's client: {e}")))?;
+    consumer.group_metadata().ok_or_else(|| {
+        Error::stop(format!(
+            "librdkafka gave no group metadata for checkpoint group `{}`",
+            identity.checkpoint_group
+        ))
+    })
 }
 
 /// How long `init_transactions` may take: it first settles the previous

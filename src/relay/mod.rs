@@ -3,8 +3,9 @@
 //! publishes until shutdown or failure.
 //!
 //! ```text
-//!  connect ─▶ leader lock ─▶ choose capture mode ─▶ init_transactions
-//!        ─▶ read checkpoint ─▶ reconcile ─▶ polling::run | replication::run
+//!  connect ─▶ leader lock ─▶ choose capture mode ─▶ takeover (fence every
+//!        earlier leader, read the table's checkpoint, reconcile)
+//!        ─▶ polling::run | replication::run
 //! ```
 //!
 //! Invariant: transient failures restart the whole session with backoff, so
@@ -15,6 +16,7 @@
 mod deliver;
 mod polling;
 mod replication;
+mod takeover;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,8 +32,6 @@ use crate::capture::slot;
 use crate::capture::wakeup::Wakeup;
 use crate::config::{CaptureMode, Config};
 use crate::error::{Error, ErrorKind, Result};
-use crate::kafka::checkpoint;
-use crate::kafka::publisher::Publisher;
 use crate::kafka::topics;
 use crate::lag;
 use crate::leader;
@@ -230,48 +230,9 @@ impl Context {
         }
 
         topics::ensure_checkpoint_topic(config).await?;
-        let publisher = Publisher::connect(config).await?;
-        let source = source_of(&mut connection).await;
-        let origin = source
-            .as_deref()
-            .map(|source| (self.table_name.as_str(), source));
-        let mut latest = checkpoint::read_latest(config, origin).await?;
-        if !latest.predecessors.is_empty() {
-            // Relays with other names led this table: settle whatever
-            // transaction they left open (aborted, or completed if it was
-            // committing), then read again to see the outcome.
-            for (previous_relay, _) in &latest.predecessors {
-                Publisher::fence_relay(config, previous_relay).await?;
-            }
-            latest = checkpoint::read_latest(config, origin).await?;
-        }
-        for (previous_relay, checkpoint) in &latest.predecessors {
-            // Marking is idempotent: rows of a checkpoint that were marked
-            // long ago are simply marked again.
-            let done = self
-                .acknowledger
-                .reconcile(&mut connection, checkpoint)
-                .await?;
-            if done.published + done.dead_lettered > 0 {
-                tracing::warn!(
-                    previous_relay = %previous_relay,
-                    newly_acknowledged = done.published + done.dead_lettered,
-                    "acknowledged rows another relay published to Kafka but did not mark: this \
-                     table was relayed under another relay.name before"
-                );
-            }
-        }
-        let latest = latest.own;
-        if let Some(latest) = &latest {
-            let done = self.acknowledger.reconcile(&mut connection, latest).await?;
-            tracing::info!(
-                checkpoint_published = latest.published.len(),
-                checkpoint_dead_lettered = latest.dead_lettered.len(),
-                checkpoint_position = latest.position.map(|p| p.to_string()),
-                newly_acknowledged = done.published + done.dead_lettered,
-                "reconciled the outbox with the latest committed checkpoint"
-            );
-        }
+        let source = schema::database_source(&mut connection).await;
+        let takeover::TakenOver { publisher, latest } =
+            takeover::take_over(self, &mut connection, source.as_deref()).await?;
         // Ends with the session: only the leader deletes old rows.
         let _retention = config.relay.retention.map(|period| {
             AbortOnDrop(retention::spawn(
@@ -297,7 +258,7 @@ impl Context {
             stop,
         };
         match mode {
-            CaptureMode::Replication => replication::run(&mut session, latest.as_ref()).await,
+            CaptureMode::Replication => replication::run(&mut session, Some(&latest)).await,
             _ => {
                 warn_if_a_slot_is_left(&mut session.connection, &config.slot_name()).await;
                 let wakeup = Wakeup::listen(
@@ -354,28 +315,6 @@ async fn durable_acknowledgements(connection: &mut PgConnection) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// `<system identifier>/<database>`: which Postgres database this relay's
-/// checkpoints speak of. `None` if the role may not read it, which only
-/// turns off reconciling checkpoints of relays with another name.
-async fn source_of(connection: &mut PgConnection) -> Option<String> {
-    let source: std::result::Result<String, sqlx::Error> = sqlx::query_scalar(
-        "SELECT system_identifier::text || '/' || current_database() FROM pg_control_system()",
-    )
-    .fetch_one(&mut *connection)
-    .await;
-    match source {
-        Ok(source) => Some(source),
-        Err(error) => {
-            tracing::warn!(
-                %error,
-                "cannot read pg_control_system(); checkpoints will not name their database, and \
-                 rows another relay.name published but did not mark cannot be reconciled"
-            );
-            None
-        }
-    }
 }
 
 /// Polling never reads this relay's replication slot; if one is left from

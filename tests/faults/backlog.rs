@@ -25,5 +25,5 @@ async fn backlog_drained_with_kills(mode: Mode) {
             .await;
     }
     campaign.extra_written(backlog);
-    campaign.finish(Vec::new(), &[]).await;
+    campaign.finish(Vec::new()).await;
 }

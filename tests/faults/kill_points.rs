@@ -21,5 +21,5 @@ async fn killed_at_every_named_point(mode: Mode) {
             campaign.runs += 1;
         }
     }
-    campaign.finish(Vec::new(), &[]).await;
+    campaign.finish(Vec::new()).await;
 }

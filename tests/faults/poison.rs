@@ -17,7 +17,7 @@ async fn poison_rows_mixed_into_the_stream(mode: Mode) {
             .kill_relay_after(Duration::from_millis(500)..=Duration::from_secs(3))
             .await;
     }
-    let written = campaign.finish(Vec::new(), &[]).await;
+    let written = campaign.finish(Vec::new()).await;
     assert!(
         !written.poison_ids.is_empty(),
         "the workload wrote poison rows"

@@ -15,5 +15,5 @@ async fn killed_at_random_moments(mode: Mode) {
             .kill_relay_after(Duration::from_millis(100)..=Duration::from_millis(2500))
             .await;
     }
-    campaign.finish(Vec::new(), &[]).await;
+    campaign.finish(Vec::new()).await;
 }

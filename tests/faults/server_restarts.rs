@@ -40,7 +40,7 @@ async fn crash_under_a_running_relay(fault: &'static str, server: Server, mode: 
             Server::Postgres => "the relay must reconnect after a Postgres crash",
         });
     }
-    campaign.finish(vec![relay], &[]).await;
+    campaign.finish(vec![relay]).await;
 }
 
 in_both_modes!(broker_killed_and_restarted, worker_threads = 2);

@@ -84,14 +84,10 @@ pub enum Books<'a> {
     None,
 }
 
-/// Reads Postgres and Kafka for `env` and checks every invariant.
-/// Checkpoints are read for the relay names in `relays` (the env's own
-/// relay name when empty).
+/// Reads Postgres and Kafka for `env` and checks every invariant. The
+/// checkpoints that count are those of the env's table, whichever relay
+/// name wrote them, in the env's (possibly shared) checkpoint topic.
 pub async fn check(env: &TestEnv, written: &Written) -> Report {
-    check_relays(env, written, &[env.relay_name()]).await
-}
-
-pub async fn check_relays(env: &TestEnv, written: &Written, relays: &[String]) -> Report {
     let rows = table_rows(env).await;
     let routed = read_all(&env.kafka, &env.topic_prefix())
         .await
@@ -99,11 +95,11 @@ pub async fn check_relays(env: &TestEnv, written: &Written, relays: &[String]) -
         .filter(|record| record.topic != env.dead_letter_topic())
         .collect::<Vec<_>>();
     let dead_lettered = read_topic(&env.kafka, &env.dead_letter_topic()).await;
-    let checkpoints = read_topic(&env.kafka, &format!("{}.checkpoints", env.topic_prefix())).await;
-    let relay_keys: HashSet<&[u8]> = relays.iter().map(|r| r.as_bytes()).collect();
+    let checkpoints = read_topic(&env.kafka, &env.checkpoint_topic()).await;
+    let key = env.checkpoint_key().await;
     let checkpoints: Vec<Checkpoint> = checkpoints
         .iter()
-        .filter(|r| r.key.as_deref().is_some_and(|k| relay_keys.contains(k)))
+        .filter(|r| r.key.as_deref() == Some(key.as_bytes()))
         .filter_map(|r| r.payload.as_deref())
         .map(|bytes| Checkpoint::from_bytes(bytes).expect("checkpoint record is readable"))
         .collect();

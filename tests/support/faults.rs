@@ -289,9 +289,8 @@ impl Campaign {
 
     /// Stops the writers, lets the relays still running (or a new one if
     /// none is) drain every row, stops them with SIGTERM (each must exit
-    /// 0), then checks everything and records the campaign. `relays` are
-    /// the relay names whose checkpoints count (the env's own when empty).
-    pub async fn finish(self, running: Vec<RelayProcess>, relays: &[String]) -> Written {
+    /// 0), then checks everything and records the campaign.
+    pub async fn finish(self, running: Vec<RelayProcess>) -> Written {
         let written =
             Written::combined(std::iter::once(self.writers.finish().await).chain(self.extra));
         let mut running: Vec<RelayProcess> = running
@@ -305,12 +304,7 @@ impl Campaign {
         for relay in &mut running {
             relay.stop().await;
         }
-        let relays = if relays.is_empty() {
-            vec![self.env.relay_name()]
-        } else {
-            relays.to_vec()
-        };
-        let report = checker::check_relays(&self.env, &written, &relays).await;
+        let report = checker::check(&self.env, &written).await;
         record(self.fault, self.env.mode, self.runs, &report);
         eprintln!(
             "{} ({}): {} faults, {} events, {} violations; relay log {}",

@@ -89,6 +89,9 @@ pub struct TestEnv {
     pub kafka: String,
     pub pool: PgPool,
     pub config_path: PathBuf,
+    /// The test's own `{prefix}.checkpoints`, or a topic shared with other
+    /// envs' relays (`with_checkpoint_topic`), as in production.
+    checkpoint_topic: String,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -139,7 +142,9 @@ impl TestEnv {
         .await
         .expect("create aggregates table");
         let config_path = std::env::temp_dir().join(format!("outboxd-it-{id}.yaml"));
+        let checkpoint_topic = format!("it-{id}.checkpoints");
         let env = TestEnv {
+            checkpoint_topic,
             id,
             mode,
             relay_name,
@@ -164,6 +169,30 @@ impl TestEnv {
     pub fn relay_name(&self) -> String {
         self.relay_name.clone()
     }
+    pub fn checkpoint_topic(&self) -> String {
+        self.checkpoint_topic.clone()
+    }
+
+    /// Makes the env's relays write their checkpoints to `topic`, which
+    /// other envs' relays share.
+    pub fn with_checkpoint_topic(mut self, topic: &str) -> TestEnv {
+        self.checkpoint_topic = topic.to_string();
+        self.write_config("", "");
+        self
+    }
+
+    /// The key of this env's checkpoint records: the table's identity in
+    /// its database, whatever the relay is called.
+    pub async fn checkpoint_key(&self) -> String {
+        let mut connection = self.pool.acquire().await.expect("connection");
+        let source = outboxd::schema::database_source(&mut connection).await;
+        outboxd::kafka::identity::TableIdentity::new(
+            source.as_deref(),
+            "public.outbox",
+            &self.relay_name,
+        )
+        .checkpoint_key
+    }
     pub fn slot_name(&self) -> String {
         format!("outboxd_{}", self.relay_name.replace('-', "_"))
     }
@@ -174,7 +203,7 @@ impl TestEnv {
         let yaml = format!(
             "relay:\n  name: {name}\n{relay_overrides}\
              postgres:\n  url: {url}\n\
-             kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {prefix}.checkpoints\n  transaction_timeout: 20s\n{kafka_overrides}\
+             kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {checkpoint_topic}\n  transaction_timeout: 20s\n{kafka_overrides}\
              capture:\n  mode: {mode}\n  batch_size: 100\n  poll_interval: 200ms\n\
              routing:\n  topic: \"{prefix}.${{aggregatetype}}\"\n  dead_letter_topic: {prefix}.dlq\n\
              log:\n  level: info,librdkafka=warn,rdkafka=warn\n\
@@ -183,6 +212,7 @@ impl TestEnv {
             url = self.database_url,
             kafka = self.kafka,
             prefix = self.topic_prefix(),
+            checkpoint_topic = self.checkpoint_topic,
             mode = self.mode.config_value(),
         );
         std::fs::write(&self.config_path, yaml).expect("write test config");

@@ -1,0 +1,105 @@
+//! Taking a table over: fence every earlier leader, read the table's latest
+//! checkpoint, and mark its rows before anything new is published.
+//!
+//! Invariant: when `take_over` returns, no earlier leader of the table (any
+//! `relay.name`, any version) can still commit a Kafka transaction, and
+//! every row that any of them committed to Kafka is acknowledged in
+//! Postgres. So what the session then captures and publishes was never
+//! published before (replication also skips replayed events up to the
+//! returned checkpoint's position).
+
+use sqlx::PgConnection;
+
+use super::Context;
+use crate::error::Result;
+use crate::kafka::checkpoint::{self, Checkpoint};
+use crate::kafka::identity::TableIdentity;
+use crate::kafka::legacy;
+use crate::kafka::publisher::{PublishError, Publisher};
+
+/// What the session publishes with, after the takeover.
+pub(super) struct TakenOver {
+    /// Connected with the table's `transactional.id`: every earlier leader is fenced.
+    pub publisher: Publisher,
+    /// The table's latest committed checkpoint, its rows acknowledged.
+    pub latest: Checkpoint,
+}
+
+pub(super) async fn take_over(
+    context: &Context,
+    connection: &mut PgConnection,
+    source: Option<&str>,
+) -> Result<TakenOver> {
+    let config = &context.config;
+    let identity = TableIdentity::new(source, &context.table_name, &config.relay.name);
+    if !identity.names_the_database {
+        tracing::warn!(
+            transactional_id = %identity.transactional_id,
+            "the relay's Kafka identity uses relay.name instead of the database's system \
+             identifier; keep relay.name unchanged for this table, or a relay under a new name \
+             could not fence the old one"
+        );
+    }
+    let publisher = Publisher::connect(config, &identity).await?;
+    let latest = match checkpoint::read_latest(config, &identity).await? {
+        Some(latest) => latest,
+        None => adopt_legacy_checkpoints(context, connection, source, &identity, &publisher).await?,
+    };
+    let done = context.acknowledger.reconcile(connection, &latest).await?;
+    tracing::info!(
+        checkpoint_key = %identity.checkpoint_key,
+        checkpoint_published = latest.published.len(),
+        checkpoint_dead_lettered = latest.dead_lettered.len(),
+        checkpoint_position = latest.position.map(|p| p.to_string()),
+        newly_acknowledged = done.published + done.dead_lettered,
+        "reconciled the outbox with the table's latest committed checkpoint"
+    );
+    Ok(TakenOver { publisher, latest })
+}
+
+/// The table has no checkpoint of this version yet: reads (once) those of
+/// outboxd 0.1, keyed by relay name, acknowledges their rows, and writes the
+/// relay's own latest as the table's first checkpoint, so every later start
+/// reads the table's checkpoint directly.
+async fn adopt_legacy_checkpoints(
+    context: &Context,
+    connection: &mut PgConnection,
+    source: Option<&str>,
+    identity: &TableIdentity,
+    publisher: &Publisher,
+) -> Result<Checkpoint> {
+    tracing::info!(
+        topic = %context.config.kafka.checkpoint_topic,
+        checkpoint_group = %identity.checkpoint_group,
+        "no checkpoint of this table yet: reading the checkpoints outboxd 0.1 kept by relay name, \
+         once (this waits for other relays' open transactions on the topic)"
+    );
+    let origin = source.map(|source| (context.table_name.as_str(), source));
+    let legacy = legacy::read(&context.config, origin).await?;
+    for (previous_relay, checkpoint) in &legacy.predecessors {
+        // Marking is idempotent: rows of a checkpoint that were marked long
+        // ago are simply marked again.
+        let done = context.acknowledger.reconcile(connection, checkpoint).await?;
+        if done.published + done.dead_lettered > 0 {
+            tracing::warn!(
+                previous_relay = %previous_relay,
+                newly_acknowledged = done.published + done.dead_lettered,
+                "acknowledged rows another relay published to Kafka but did not mark: this \
+                 table was relayed under another relay.name before"
+            );
+        }
+    }
+    let first = legacy.own.unwrap_or_else(|| {
+        Checkpoint::new(&context.table_name, source, &[], &[], None)
+    });
+    // Its rows are acknowledged before it becomes the table's checkpoint, so
+    // a crash in between only repeats this adoption.
+    context.acknowledger.reconcile(connection, &first).await?;
+    match publisher.publish(&[], &first).await {
+        Ok(()) => Ok(first),
+        Err(PublishError::Failed(error)) => Err(error),
+        Err(PublishError::RecordRejected { reason, .. }) => Err(crate::error::Error::stop(
+            format!("the first checkpoint of this table was rejected by Kafka: {reason}"),
+        )),
+    }
+}
