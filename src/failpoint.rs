@@ -4,7 +4,10 @@
 //! read a value cached at first use. When it is set to `NAME` or `NAME:N`,
 //! the process SIGKILLs itself the Nth time (default the first) it reaches
 //! the point `NAME`: no destructor, no flush, no log after it — exactly what
-//! a crash or an OOM kill leaves behind.
+//! a crash or an OOM kill leaves behind. With `OUTBOXD_KILL_SIGNAL=STOP` it
+//! freezes there instead (SIGSTOP: a stalled VM, a long pause) and goes on
+//! where it stopped once the harness sends SIGCONT: a zombie that wakes up
+//! after others took over.
 //!
 //! The points sit in the windows where a crash is hardest to survive:
 //!
@@ -24,6 +27,8 @@ use std::time::Duration;
 
 /// The environment variable the test harness sets.
 pub const ENV: &str = "OUTBOXD_KILL_AT";
+/// `KILL` (the default) or `STOP`: what the armed point does.
+pub const SIGNAL_ENV: &str = "OUTBOXD_KILL_SIGNAL";
 
 /// Every point's name, for validation and documentation.
 pub const POINTS: [&str; 6] = [
@@ -39,6 +44,8 @@ struct Armed {
     point: String,
     nth: u64,
     hits: AtomicU64,
+    /// Freeze (SIGSTOP) instead of dying.
+    freeze: bool,
 }
 
 fn armed() -> Option<&'static Armed> {
@@ -54,6 +61,7 @@ fn armed() -> Option<&'static Armed> {
                 point,
                 nth: nth.max(1),
                 hits: AtomicU64::new(0),
+                freeze: std::env::var(SIGNAL_ENV).is_ok_and(|signal| signal == "STOP"),
             })
         })
         .as_ref()
@@ -75,7 +83,8 @@ pub fn announce() -> Result<(), String> {
     tracing::warn!(
         point = %armed.point,
         nth = armed.nth,
-        "{ENV} is set: this relay will kill itself at that point (fault-injection testing only)"
+        freeze = armed.freeze,
+        "{ENV} is set: this relay will kill (or freeze) itself at that point (fault-injection testing only)"
     );
     Ok(())
 }
@@ -108,6 +117,13 @@ fn should_fire(point: &str) -> bool {
 }
 
 fn kill_now() {
+    if armed().is_some_and(|armed| armed.freeze) {
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGSTOP);
+        }
+        return;
+    }
     // SIGKILL to ourselves: the same as the harness killing us from outside.
     // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
     unsafe {

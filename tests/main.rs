@@ -13,3 +13,4 @@ mod operations;
 mod poison;
 mod replication;
 mod retention;
+mod shared_checkpoints;

@@ -121,6 +121,15 @@ impl RelayProcess {
     /// Starts `outboxd run --config CONFIG`; with `kill_at` (`POINT` or
     /// `POINT:N`) it kills itself there.
     pub fn spawn(config: &Path, log: &Path, kill_at: Option<&str>) -> RelayProcess {
+        RelayProcess::spawn_with(config, log, kill_at, &[])
+    }
+
+    fn spawn_with(
+        config: &Path,
+        log: &Path,
+        kill_at: Option<&str>,
+        environment: &[(&str, &str)],
+    ) -> RelayProcess {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -135,10 +144,53 @@ impl RelayProcess {
         if let Some(point) = kill_at {
             command.env(outboxd::failpoint::ENV, point);
         }
+        command.envs(environment.iter().copied());
         RelayProcess {
             child: Some(command.spawn().expect("start outboxd")),
             log: log.to_path_buf(),
         }
+    }
+
+    /// Starts `outboxd run --config CONFIG` armed to *freeze* (SIGSTOP
+    /// itself) at `point` (`POINT` or `POINT:N`), as a stalled process that
+    /// later wakes up (`resume`).
+    pub fn spawn_freezing_at(config: &Path, log: &Path, point: &str) -> RelayProcess {
+        RelayProcess::spawn_with(
+            config,
+            log,
+            Some(point),
+            &[(outboxd::failpoint::SIGNAL_ENV, "STOP")],
+        )
+    }
+
+    /// Waits until the process is stopped by a signal (state `T` in /proc).
+    pub async fn frozen(&mut self, limit: Duration) {
+        let pid = self.child.as_ref().expect("relay was started").id();
+        let deadline = Instant::now() + limit;
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            let state = stat.rsplit(") ").next().and_then(|rest| rest.chars().next());
+            if state == Some('T') {
+                return;
+            }
+            assert!(
+                self.is_running(),
+                "the relay exited instead of freezing; log: {}",
+                self.log.display()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the relay did not freeze within {limit:?}; log: {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGCONT: a frozen relay goes on where it stopped.
+    pub fn resume(&self) {
+        super::signal(self.child.as_ref().expect("relay was started"), "CONT");
     }
 
     /// The env's relay, logging to the env's fault log.

@@ -65,33 +65,50 @@ fn read_all_blocking(bootstrap: &str, prefix: &str, keep: impl Fn(&str) -> bool)
         .fetch_metadata(None, Duration::from_secs(10))
         .expect("metadata");
     let mut assignment = TopicPartitionList::new();
+    // Read up to the high watermark of each partition, not to the first
+    // end-of-partition event: a read_committed reader's end is the last
+    // stable offset, which an open transaction holds back.
+    let mut bounds: Vec<(String, i32, i64)> = Vec::new();
     for topic in metadata
         .topics()
         .iter()
         .filter(|t| t.name().starts_with(prefix) && keep(t.name()))
     {
         for partition in topic.partitions() {
+            let (_, high) = consumer
+                .fetch_watermarks(topic.name(), partition.id(), Duration::from_secs(10))
+                .expect("watermarks");
+            bounds.push((topic.name().to_string(), partition.id(), high));
             assignment
                 .add_partition_offset(topic.name(), partition.id(), Offset::Beginning)
                 .expect("assign");
         }
     }
-    let partitions = assignment.count();
-    if partitions == 0 {
+    if bounds.is_empty() {
         return Vec::new();
     }
     consumer.assign(&assignment).expect("assign");
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut at_end = 0;
+    let reached = |consumer: &BaseConsumer<outboxd::kafka::RelayContext>| {
+        let positions = consumer.position().expect("position");
+        bounds.iter().all(|(topic, partition, high)| {
+            *high == 0
+                || matches!(
+                    positions.find_partition(topic, *partition).map(|p| p.offset()),
+                    Some(Offset::Offset(position)) if position >= *high
+                )
+        })
+    };
     let mut records = Vec::new();
-    while at_end < partitions {
+    while !reached(&consumer) {
         assert!(
             Instant::now() < deadline,
-            "consumer did not reach the end of {prefix}* within 60s"
+            "consumer did not reach the high watermarks of {prefix}* within 60s \
+             (a transaction left open on them?)"
         );
-        match consumer.poll(Duration::from_millis(500)) {
+        match consumer.poll(Duration::from_millis(100)) {
             None => {}
-            Some(Err(KafkaError::PartitionEOF(_))) => at_end += 1,
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => panic!("consumer error: {e}"),
             Some(Ok(message)) => {
                 let mut headers = HashMap::new();
@@ -116,4 +133,53 @@ fn read_all_blocking(bootstrap: &str, prefix: &str, keep: impl Fn(&str) -> bool)
         }
     }
     records
+}
+
+/// A Kafka transaction held open by "another relay" on a topic: until it
+/// ends, `read_committed` readers of the topic's partition cannot read
+/// past its first record (the last stable offset stays there).
+pub struct OpenTransaction {
+    producer: rdkafka::producer::FutureProducer<outboxd::kafka::RelayContext>,
+}
+
+impl OpenTransaction {
+    /// Begins a transaction as `transactional_id` and writes one record to
+    /// partition 0 of `topic`, acknowledged by the broker, without committing.
+    pub async fn begin(bootstrap: &str, topic: &str, transactional_id: &str) -> OpenTransaction {
+        use rdkafka::producer::{FutureRecord, Producer};
+        let producer: rdkafka::producer::FutureProducer<outboxd::kafka::RelayContext> =
+            ClientConfig::new()
+                .set("bootstrap.servers", bootstrap)
+                .set("transactional.id", transactional_id)
+                // Longer than any test waits: it ends when the test aborts it.
+                .set("transaction.timeout.ms", "300000")
+                .create_with_context(outboxd::kafka::RelayContext)
+                .expect("create the other relay's producer");
+        let setup = producer.clone();
+        tokio::task::spawn_blocking(move || {
+            setup.init_transactions(Duration::from_secs(30))?;
+            setup.begin_transaction()
+        })
+        .await
+        .expect("transaction task")
+        .expect("begin the other relay's transaction");
+        let record = FutureRecord::to(topic)
+            .partition(0)
+            .key("another-relay")
+            .payload("{}");
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .expect("the other relay's record is acknowledged");
+        OpenTransaction { producer }
+    }
+
+    pub async fn abort(self) {
+        use rdkafka::producer::Producer;
+        let producer = self.producer;
+        tokio::task::spawn_blocking(move || producer.abort_transaction(Duration::from_secs(30)))
+            .await
+            .expect("abort task")
+            .expect("abort the other relay's transaction");
+    }
 }

@@ -1,0 +1,100 @@
+//! Many relays on one Kafka cluster: every relay writes its checkpoints to
+//! one shared topic, and every relay that leads a table is fenced by the
+//! next, whatever its name. Each scenario fails with outboxd 0.1's
+//! checkpoint protocol.
+
+use std::time::{Duration, Instant};
+
+use crate::support::faults::{config_with_relay_name, log_path, RelayProcess};
+use crate::support::kafka::OpenTransaction;
+use crate::support::workload::{assert_exactly_once, write_orders, Written};
+use crate::support::{Mode, TestEnv};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+in_both_modes!(another_relays_open_transaction_does_not_hide_the_latest_checkpoint, worker_threads = 2);
+/// Another relay's transaction open on the shared checkpoint topic (a relay
+/// killed mid-batch stays open until its timeout) holds the topic's last
+/// stable offset below this relay's latest checkpoint. A relay killed right
+/// after its Kafka commit must still find that checkpoint on restart and
+/// mark its rows instead of publishing them again.
+async fn another_relays_open_transaction_does_not_hide_the_latest_checkpoint(mode: Mode) {
+    let env = TestEnv::new("hidden-checkpoint", mode).await;
+    let shared = format!("{}-shared.checkpoints", env.topic_prefix());
+    let env = env.with_checkpoint_topic(&shared);
+    let before = write_orders(&env.pool, 0, 10, 5).await;
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+
+    let other = OpenTransaction::begin(&env.kafka, &shared, &format!("{}-other", env.id)).await;
+    let during = write_orders(&env.pool, 1, 10, 5).await;
+    let mut relay = RelayProcess::start(&env, Some("after-commit"));
+    relay.killed_at_point("after-commit", LIMIT).await;
+    assert!(
+        env.unsent().await > 0,
+        "the relay died between its Kafka commit and marking the rows"
+    );
+
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    other.abort().await;
+    assert_exactly_once(&env, &Written::combined([before, during])).await;
+}
+
+in_both_modes!(a_predecessor_with_another_name_is_fenced_in_its_first_transaction, worker_threads = 2);
+/// A relay loses its Postgres sessions (and so the table's lock) while it
+/// is frozen inside its very first Kafka transaction, before any checkpoint
+/// names it. A relay with another name takes the table over and publishes
+/// the rows. When the first wakes up, its transaction must not commit.
+async fn a_predecessor_with_another_name_is_fenced_in_its_first_transaction(mode: Mode) {
+    let env = TestEnv::new("first-txn-zombie", mode).await;
+    let written = write_orders(&env.pool, 0, 20, 5).await;
+    let zombie_log = log_path(&env).with_extension("zombie.log");
+    let _ = std::fs::remove_file(&zombie_log);
+    let mut zombie = RelayProcess::spawn_freezing_at(&env.config_path, &zombie_log, "mid-produce");
+    zombie.frozen(LIMIT).await;
+    terminate_sessions_of(&env, &format!("outboxd-{}", env.relay_name())).await;
+
+    let successor_config = config_with_relay_name(&env, &format!("{}-b", env.relay_name()));
+    let mut successor = RelayProcess::spawn(&successor_config, &log_path(&env), None);
+    env.wait_all_sent(LIMIT).await;
+
+    zombie.resume();
+    wait_for_line(&zombie_log, "relay session failed", LIMIT).await;
+    zombie.stop().await;
+    successor.stop().await;
+    let _ = std::fs::remove_file(&successor_config);
+    assert_exactly_once(&env, &written).await;
+}
+
+/// Ends every Postgres session of `application_name`, as a network
+/// partition between that relay and its database would.
+async fn terminate_sessions_of(env: &TestEnv, application_name: &str) {
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = $1) AS terminated",
+    )
+    .bind(application_name)
+    .fetch_one(&env.pool)
+    .await
+    .expect("terminate the relay's sessions");
+    assert!(ended > 0, "no session of {application_name} to end");
+}
+
+async fn wait_for_line(log: &std::path::Path, needle: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`{needle}` did not appear in {} within {limit:?}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
