@@ -289,30 +289,19 @@ async fn check_kafka(config: &Config, findings: &mut Findings) {
     for (topic, state) in states {
         let is_checkpoint = topic == config.kafka.checkpoint_topic;
         match state {
-            TopicState::Exists { partitions } if is_checkpoint => {
-                let policy = topics::cleanup_policy(config, &topic).await.ok().flatten();
-                match policy.as_deref() {
-                    Some(p) if p.contains("compact") => {
-                        findings.push(Status::Ok, "checkpoint topic", format!("{topic} exists, compacted"))
-                    }
-                    Some(p) => findings.push(
-                        Status::Failed,
-                        "checkpoint topic",
-                        format!("{topic} has cleanup.policy={p}; it must be compacted or old checkpoints expire"),
-                    ),
-                    None => findings.push(
-                        Status::Warning,
-                        "checkpoint topic",
-                        format!("{topic} exists ({partitions} partition(s)); could not read its cleanup.policy"),
-                    ),
-                }
+            TopicState::Exists {
+                partitions,
+                replication_factor,
+            } if is_checkpoint => {
+                check_checkpoint_topic(config, &topic, partitions, replication_factor, findings)
+                    .await
             }
             TopicState::Missing if is_checkpoint => findings.push(
                 Status::Ok,
                 "checkpoint topic",
                 format!("{topic} is missing; the relay creates it (compacted) at start"),
             ),
-            TopicState::Exists { partitions } => findings.push(
+            TopicState::Exists { partitions, .. } => findings.push(
                 Status::Ok,
                 "topic",
                 format!("{topic} exists ({partitions} partition(s))"),
@@ -334,6 +323,62 @@ async fn check_kafka(config: &Config, findings: &mut Findings) {
             Status::Ok,
             "routing",
             format!("topics from the template `{}` depend on the rows; create them ahead of time or let the broker auto-create them", config.routing.topic),
+        );
+    }
+}
+
+/// The checkpoint topic must be compacted (or old checkpoints expire and the
+/// relay stops, refusing to guess); it should be replicated like any topic
+/// the cluster must not lose. Only partition 0 is used.
+async fn check_checkpoint_topic(
+    config: &Config,
+    topic: &str,
+    partitions: usize,
+    replication_factor: usize,
+    findings: &mut Findings,
+) {
+    let settings = topics::topic_configs(config, topic, &["cleanup.policy", "min.insync.replicas"])
+        .await
+        .unwrap_or_default();
+    let policy = settings.first().cloned().flatten();
+    let min_insync = settings.get(1).cloned().flatten();
+    let shape = format!(
+        "{partitions} partition(s), replication factor {replication_factor}, min.insync.replicas {}",
+        min_insync.as_deref().unwrap_or("?")
+    );
+    match policy.as_deref() {
+        Some(p) if p.contains("compact") && !p.contains("delete") => findings.push(
+            Status::Ok,
+            "checkpoint topic",
+            format!("{topic} exists, compacted; {shape}"),
+        ),
+        Some(p) => findings.push(
+            Status::Failed,
+            "checkpoint topic",
+            format!("{topic} has cleanup.policy={p}; it must be `compact` alone, or old checkpoints expire and the relay stops"),
+        ),
+        None => findings.push(
+            Status::Warning,
+            "checkpoint topic",
+            format!("{topic} exists ({shape}); could not read its cleanup.policy"),
+        ),
+    }
+    let brokers = topics::broker_count(config).await.unwrap_or(0);
+    if replication_factor < 3 && brokers >= 3 {
+        findings.push(
+            Status::Warning,
+            "checkpoint topic",
+            format!(
+                "{topic} has replication factor {replication_factor} on a cluster of {brokers} brokers: \
+                 losing one broker can lose every relay's checkpoints; raise it to 3 with min.insync.replicas 2"
+            ),
+        );
+    }
+    if partitions > 1 {
+        findings.push(
+            Status::Ok,
+            "checkpoint topic",
+            format!("{topic} has {partitions} partitions; checkpoints are written to and read from partition 0 only"),
         );
     }
 }

@@ -98,3 +98,60 @@ async fn wait_for_line(log: &std::path::Path, needle: &str, limit: Duration) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_creates_a_short_compacted_checkpoint_topic() {
+    let env = TestEnv::new("checkpoint-topic-settings", Mode::Polling).await;
+    let written = write_orders(&env.pool, 0, 3, 2).await;
+    env.relay_until_all_sent(LIMIT).await;
+    let keys = [
+        "cleanup.policy",
+        "segment.ms",
+        "min.cleanable.dirty.ratio",
+        "max.compaction.lag.ms",
+        "min.insync.replicas",
+    ];
+    let values = outboxd::kafka::topics::topic_configs(&env.config(), &env.checkpoint_topic(), &keys)
+        .await
+        .expect("describe the checkpoint topic");
+    let values: Vec<Option<&str>> = values.iter().map(Option::as_deref).collect();
+    // One broker in the test stack: one replica, min.insync.replicas 1.
+    assert_eq!(
+        values,
+        [Some("compact"), Some("600000"), Some("0.1"), Some("3600000"), Some("1")]
+    );
+    assert_exactly_once(&env, &written).await;
+}
+
+in_both_modes!(a_checkpoint_topic_with_several_partitions_keeps_exactly_once, worker_threads = 2);
+/// A user-created checkpoint topic with several partitions: checkpoints go
+/// to partition 0 and are found there after an after-commit kill.
+async fn a_checkpoint_topic_with_several_partitions_keeps_exactly_once(mode: Mode) {
+    let env = TestEnv::new("multi-partition-checkpoints", mode).await;
+    create_compacted_topic(&env, &env.checkpoint_topic(), 3).await;
+    let before = write_orders(&env.pool, 0, 10, 5).await;
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    let during = write_orders(&env.pool, 1, 10, 5).await;
+    let mut relay = RelayProcess::start(&env, Some("after-commit"));
+    relay.killed_at_point("after-commit", LIMIT).await;
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    assert_exactly_once(&env, &Written::combined([before, during])).await;
+}
+
+async fn create_compacted_topic(env: &TestEnv, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    let admin = outboxd::kafka::topics::admin_client(&env.config()).expect("admin client");
+    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "compact");
+    let results = admin
+        .create_topics([&new_topic], &AdminOptions::new())
+        .await
+        .expect("create topic");
+    for result in results {
+        result.expect("topic created");
+    }
+}

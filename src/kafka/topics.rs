@@ -1,7 +1,10 @@
 //! Topic administration: the compacted checkpoint topic, and which topics exist.
 //!
-//! Invariant: the checkpoint topic is compacted, so it keeps each relay's
-//! latest checkpoint forever and start-up reads stay short.
+//! Invariant: the checkpoint topic is compacted, so it keeps each table's
+//! latest checkpoint forever (start-up reads that one record at the offset
+//! its checkpoint group names), and it is created replicated like any
+//! topic a production cluster must not lose: replication factor 3 where
+//! the cluster has three brokers, `min.insync.replicas` 2.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,13 +28,37 @@ pub fn admin_client(config: &Config) -> Result<AdminClient<RelayContext>> {
         })
 }
 
-/// Creates the checkpoint topic when missing: one partition (each relay's
-/// key lands in it anyway), compacted, the broker's default replication.
+/// Settings of a created checkpoint topic. Every relay of the cluster writes
+/// one record per Kafka transaction to it, so without them its uncompacted
+/// active segment grows to a gigabyte of everyone's checkpoints: short
+/// segments and an eager cleaner keep it to about one record per table.
+const CHECKPOINT_TOPIC_CONFIGS: [(&str, &str); 5] = [
+    ("cleanup.policy", "compact"),
+    // Roll the active segment (which is never compacted) every 10 minutes
+    // or 16 MiB, whichever comes first.
+    ("segment.ms", "600000"),
+    ("segment.bytes", "16777216"),
+    // Compact once a tenth of the log is superseded records.
+    ("min.cleanable.dirty.ratio", "0.1"),
+    // ... and at the latest an hour after a record was superseded.
+    ("max.compaction.lag.ms", "3600000"),
+];
+
+/// Creates the checkpoint topic when missing: one partition (every
+/// checkpoint is written to partition 0), compacted, replicated three times
+/// with `min.insync.replicas` 2 where the cluster has three brokers or more
+/// (a smaller cluster gets one replica per broker and `min.insync.replicas` 1).
 pub async fn ensure_checkpoint_topic(config: &Config) -> Result<()> {
-    let admin = admin_client(config)?;
+    let admin = Arc::new(admin_client(config)?);
     let topic = &config.kafka.checkpoint_topic;
-    let new_topic =
-        NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+    let brokers = broker_count_with(Arc::clone(&admin)).await?;
+    let replication_factor = brokers.clamp(1, 3) as i32;
+    let min_insync = if replication_factor >= 3 { "2" } else { "1" };
+    let mut new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(replication_factor))
+        .set("min.insync.replicas", min_insync);
+    for (key, value) in CHECKPOINT_TOPIC_CONFIGS {
+        new_topic = new_topic.set(key, value);
+    }
     let options = AdminOptions::new()
         .operation_timeout(Some(ADMIN_TIMEOUT))
         .request_timeout(Some(ADMIN_TIMEOUT));
@@ -41,7 +68,12 @@ pub async fn ensure_checkpoint_topic(config: &Config) -> Result<()> {
         .map_err(|e| Error::retry(format!("creating checkpoint topic `{topic}`: {e}")))?;
     for result in results {
         match result {
-            Ok(_) => tracing::info!(topic = %topic, "created compacted checkpoint topic"),
+            Ok(_) => tracing::info!(
+                topic = %topic,
+                replication_factor,
+                min_insync_replicas = min_insync,
+                "created the compacted checkpoint topic"
+            ),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code @ RDKafkaErrorCode::TopicAuthorizationFailed))
             | Err((_, code @ RDKafkaErrorCode::ClusterAuthorizationFailed)) => {
@@ -60,10 +92,27 @@ pub async fn ensure_checkpoint_topic(config: &Config) -> Result<()> {
     Ok(())
 }
 
+/// How many brokers the cluster has.
+pub async fn broker_count(config: &Config) -> Result<usize> {
+    broker_count_with(Arc::new(admin_client(config)?)).await
+}
+
+async fn broker_count_with(admin: Arc<AdminClient<RelayContext>>) -> Result<usize> {
+    tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, ADMIN_TIMEOUT))
+        .await
+        .map_err(|e| Error::stop(format!("metadata task failed: {e}")))?
+        .map(|metadata| metadata.brokers().len())
+        .map_err(|e| Error::retry(format!("cannot reach Kafka at the bootstrap servers: {e}")))
+}
+
 /// What the broker says about a topic, for `outboxd check`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TopicState {
-    Exists { partitions: usize },
+    Exists {
+        partitions: usize,
+        /// Replicas of its first partition.
+        replication_factor: usize,
+    },
     Missing,
 }
 
@@ -90,6 +139,10 @@ pub async fn describe_topics(
                     .find(|t| t.name() == name && t.error().is_none())
                     .map_or(TopicState::Missing, |t| TopicState::Exists {
                         partitions: t.partitions().len(),
+                        replication_factor: t
+                            .partitions()
+                            .first()
+                            .map_or(0, |p| p.replicas().len()),
                     });
                 (name, state)
             })
@@ -99,19 +152,28 @@ pub async fn describe_topics(
     .map_err(|e| Error::stop(format!("metadata task failed: {e}")))?
 }
 
-/// The topic's `cleanup.policy`, or `None` when the broker would not say.
-pub async fn cleanup_policy(config: &Config, topic: &str) -> Result<Option<String>> {
+/// The topic's value of each of `keys` (`None` where the broker would not say).
+pub async fn topic_configs(
+    config: &Config,
+    topic: &str,
+    keys: &[&str],
+) -> Result<Vec<Option<String>>> {
     let admin = admin_client(config)?;
     let options = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
     let results = admin
         .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
         .await
         .map_err(|e| Error::retry(format!("describing topic `{topic}`: {e}")))?;
-    Ok(results.into_iter().flatten().find_map(|resource| {
-        resource
-            .get("cleanup.policy")
-            .and_then(|entry| entry.value.clone())
-    }))
+    let resource = results.into_iter().flatten().next();
+    Ok(keys
+        .iter()
+        .map(|key| {
+            resource
+                .as_ref()
+                .and_then(|resource| resource.get(key))
+                .and_then(|entry| entry.value.clone())
+        })
+        .collect())
 }
 
 /// Whether the broker creates topics on first use (`auto.create.topics.enable`).
