@@ -2,7 +2,9 @@
 //! Server on the same PostgreSQL and Kafka, in one run.
 //!
 //! Runs, in order: the ceilings, backlog drains, payload sizes, steady
-//! state at fixed rates, and the highest rate outboxd sustains. Results
+//! state at fixed rates, the highest rate outboxd sustains, and start-up
+//! (cold start and standby takeover) with other relays' checkpoints in the
+//! checkpoint topic. Results
 //! go to `bench/results.json` after every section (so a failure keeps what
 //! was measured) and to `bench/results.md` at the end, which is printed.
 //!
@@ -13,7 +15,7 @@
 //! - `BENCH_LADDER`: rates tried for the highest sustained one;
 //! - `BENCH_STEADY_SECONDS`: length of each steady run, default 20;
 //! - `BENCH_SKIP`: sections to leave out, of `ceilings,drain,payloads,
-//!   steady,highest,debezium`.
+//!   steady,highest,startup,debezium`.
 //!
 //! Benchmarks measure; they assert nothing about time. A run the invariant
 //! checker fails is reported as FAILED, and the bench exits non-zero.
@@ -24,9 +26,11 @@ mod support;
 
 mod backlog;
 mod ceilings;
+mod crowd;
 mod drain;
 mod process;
 mod report;
+mod startup;
 mod steady;
 mod systems;
 
@@ -110,6 +114,29 @@ async fn run() -> bool {
             }
         }
     }
+    if wanted("startup") {
+        // Filled first, so the log cleaner has had its chance at the
+        // closed segments by the time a relay reads the topic.
+        let shared = format!("bench-startup-{}.checkpoints", std::process::id());
+        eprintln!(
+            "bench: startup: writing {} other relays' checkpoint records to {shared}",
+            crowd::RECORDS
+        );
+        let filling = std::time::Instant::now();
+        crowd::create_and_fill(&support::servers().kafka, &shared).await;
+        eprintln!(
+            "bench: startup: filled {shared} in {:.1} s",
+            filling.elapsed().as_secs_f64()
+        );
+        for (topic, others) in [(None, 0), (Some(shared.as_str()), crowd::RECORDS)] {
+            for system in [System::OutboxdReplication, System::OutboxdPolling] {
+                results
+                    .startup
+                    .extend(startup::run(system, topic, others).await);
+                save(&results);
+            }
+        }
+    }
     save(&results);
     let markdown = results.markdown();
     std::fs::write(out_dir().join("results.md"), &markdown).expect("write bench/results.md");
@@ -126,6 +153,7 @@ async fn run() -> bool {
                 .chain(&results.highest)
                 .filter_map(|s| s.failed.as_ref()),
         )
+        .chain(results.startup.iter().filter_map(|s| s.failed.as_ref()))
         .count();
     if failed > 0 {
         eprintln!("bench: {failed} run(s) failed the invariant check; see FAILED above");

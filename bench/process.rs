@@ -75,6 +75,14 @@ impl Running {
         child.wait().expect("wait for child")
     }
 
+    /// SIGKILL at once, then reap: a crash, not a shutdown.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// SIGTERM, then SIGKILL if it has not exited after `grace`.
     pub fn stop(mut self, grace: Duration) {
         self.stop_now(grace);

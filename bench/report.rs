@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::ceilings::{self, Ceiling};
 use crate::drain::Drain;
+use crate::startup::{self, Startup};
 use crate::steady::Steady;
 
 #[derive(Debug, Default, Serialize)]
@@ -23,6 +24,8 @@ pub struct Results {
     /// The highest rate outboxd sustained, per capture mode.
     pub highest: Vec<Steady>,
     pub payloads: Vec<Drain>,
+    /// Cold start and standby takeover, per capture mode and checkpoint topic.
+    pub startup: Vec<Startup>,
 }
 
 const REPLICATION: &str = "outboxd (replication)";
@@ -157,6 +160,31 @@ impl Results {
         );
         drain_table(w, &self.payloads);
 
+        let _ = writeln!(
+            w,
+            "\n## Start-up with other relays' checkpoints in the topic\n"
+        );
+        let _ = writeln!(
+            w,
+            "Cold start: the table already has a checkpoint (a run sent everything and stopped with \
+             SIGTERM); one row is committed, then the relay is spawned and timed until that row is \
+             visible to a `read_committed` consumer. Standby takeover: a leader and a standby with the \
+             same config run; the leader is SIGKILLed, a row committed right after, and the time runs \
+             from the SIGKILL until the row is visible. {} samples each. The checkpoint topic is either \
+             the relay's own (no other relays' records) or shared with {} records of {} other tables' \
+             relays (~160-byte checkpoints, written in transactions; the older {} in closed segments \
+             the log cleaner may compact, the latest {} in the active segment).\n",
+            startup::RUNS,
+            crate::crowd::RECORDS,
+            crate::crowd::OTHER_TABLES,
+            crate::crowd::RECORDS - crate::crowd::RECENT,
+            crate::crowd::RECENT,
+        );
+        let _ = writeln!(w, "| system | case | other relays' records | median s | max s | samples s | check |\n|---|---|---:|---:|---:|---|---|");
+        for s in &self.startup {
+            startup_row(w, s);
+        }
+
         let _ = writeln!(w, "\n## Targets\n");
         let _ = writeln!(w, "| target | measured | met |\n|---|---|---|");
         for (target, measured, met) in self.targets() {
@@ -246,8 +274,53 @@ impl Results {
                 }
             }
         }
+        for s in self
+            .startup
+            .iter()
+            .filter(|s| s.other_records > 0 && s.failed.is_none())
+        {
+            let without = self
+                .startup
+                .iter()
+                .find(|e| e.other_records == 0 && e.system == s.system && e.case == s.case)
+                .filter(|e| e.failed.is_none())
+                .map(|e| format!("; median {:.2} s without them", e.median_seconds))
+                .unwrap_or_default();
+            targets.push((
+                format!(
+                    "{}: {} < 2 s with {} other relays' checkpoint records (every sample)",
+                    s.system, s.case, s.other_records
+                ),
+                format!(
+                    "max {:.2} s (median {:.2} s{without})",
+                    s.max_seconds, s.median_seconds
+                ),
+                s.max_seconds < 2.0,
+            ));
+        }
         targets
     }
+}
+
+fn startup_row(w: &mut String, s: &Startup) {
+    let samples = s
+        .seconds
+        .iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = match &s.failed {
+        Some(failed) => writeln!(
+            w,
+            "| {} | {} | {} | FAILED | FAILED | | FAILED: {failed} |",
+            s.system, s.case, s.other_records
+        ),
+        None => writeln!(
+            w,
+            "| {} | {} | {} | {:.2} | {:.2} | {samples} | clean |",
+            s.system, s.case, s.other_records, s.median_seconds, s.max_seconds
+        ),
+    };
 }
 
 fn drain_table(w: &mut String, drains: &[Drain]) {

@@ -68,7 +68,16 @@ pub struct BenchEnv {
 
 impl BenchEnv {
     pub async fn new(name: &str, system: System) -> BenchEnv {
-        let env = TestEnv::new(&format!("bench-{name}"), system.mode()).await;
+        BenchEnv::sharing(name, system, None).await
+    }
+
+    /// Like `new`, but with outboxd's checkpoints in `checkpoint_topic`,
+    /// shared with other relays, when given (else a topic of its own).
+    pub async fn sharing(name: &str, system: System, checkpoint_topic: Option<&str>) -> BenchEnv {
+        let mut env = TestEnv::new(&format!("bench-{name}"), system.mode()).await;
+        if let Some(topic) = checkpoint_topic {
+            env = env.with_checkpoint_topic(topic);
+        }
         let http_port = free_port();
         let watermarks: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &env.kafka)
@@ -100,7 +109,7 @@ impl BenchEnv {
         let yaml = format!(
             "relay:\n  name: {name}\n\
              postgres:\n  url: {url}\n\
-             kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {prefix}.checkpoints\n\
+             kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {checkpoints}\n\
              capture:\n  mode: {mode}\n\
              routing:\n  topic: \"{prefix}.${{aggregatetype}}\"\n  dead_letter_topic: {prefix}.dlq\n\
              log:\n  level: info,librdkafka=warn,rdkafka=warn\n\
@@ -108,6 +117,7 @@ impl BenchEnv {
             name = self.env.relay_name(),
             url = self.env.database_url,
             kafka = self.env.kafka,
+            checkpoints = self.env.checkpoint_topic(),
             prefix = self.env.topic_prefix(),
             mode = self.system.mode().config_value(),
             port = self.http_port,
@@ -133,6 +143,20 @@ impl BenchEnv {
                 Running::spawn("outboxd", command, &log)
             }
         }
+    }
+
+    /// Starts a second outboxd of the same relay (a standby): the same
+    /// config but a port of its own for HTTP, which it does not share.
+    pub fn start_another(&self, phase: &str) -> Running {
+        let yaml = std::fs::read_to_string(&self.env.config_path).expect("read bench config");
+        let own_port = format!("127.0.0.1:{}", self.http_port);
+        assert!(yaml.contains(&own_port), "the config names the HTTP port");
+        let config = log_dir().join(format!("{}-another.yaml", self.env.id));
+        std::fs::write(&config, yaml.replace(&own_port, "127.0.0.1:0")).expect("write config");
+        let log = log_dir().join(format!("{}-{phase}.log", self.env.id));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+        command.args(["run", "--config"]).arg(&config);
+        Running::spawn("outboxd", command, &log)
     }
 
     /// Starts the system once, waits until it streams from its (new)
