@@ -20,3 +20,4 @@ mod proxy;
 mod random_kills;
 mod second_relay;
 mod server_restarts;
+mod shared_topic;
