@@ -241,3 +241,38 @@ async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
     env.relay_until_all_sent(LIMIT).await;
     assert_exactly_once(&env, &written).await;
 }
+
+in_both_modes!(an_expired_checkpoint_group_is_found_by_scanning, worker_threads = 2);
+/// The broker expires an empty group's offsets after
+/// `offsets.retention.minutes` (7 days by default): a relay killed right
+/// after its Kafka commit and restarted after that still finds its latest
+/// checkpoint, by scanning the topic once.
+async fn an_expired_checkpoint_group_is_found_by_scanning(mode: Mode) {
+    use rdkafka::admin::AdminOptions;
+
+    let env = TestEnv::new("expired-group", mode).await;
+    let before = write_orders(&env.pool, 0, 10, 5).await;
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    let during = write_orders(&env.pool, 1, 10, 5).await;
+    let mut relay = RelayProcess::start(&env, Some("after-commit"));
+    relay.killed_at_point("after-commit", LIMIT).await;
+    assert!(env.unsent().await > 0, "the relay died before marking");
+
+    // What the broker's offset expiry does: the group and its offset are gone.
+    let group = format!("outboxd-{}", env.checkpoint_key().await);
+    let admin = outboxd::kafka::topics::admin_client(&env.config()).expect("admin client");
+    let deleted = admin
+        .delete_groups(&[group.as_str()], &AdminOptions::new())
+        .await
+        .expect("delete the checkpoint group");
+    for result in deleted {
+        result.expect("checkpoint group deleted");
+    }
+
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    assert_exactly_once(&env, &Written::combined([before, during])).await;
+}

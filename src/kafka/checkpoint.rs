@@ -43,8 +43,9 @@
 //!    at that offset with the table's key, or start-up stops rather than guess.
 //!
 //! Both steps cost the same whatever other relays write. A table whose group
-//! has no offset yet was last relayed by an older outboxd (or never):
-//! `kafka::legacy` reads the checkpoints keyed by relay name once.
+//! has no offset (a first start, the first after upgrading from outboxd 0.1,
+//! or an offset the broker expired after `offsets.retention.minutes` without
+//! a transaction) is found by `kafka::checkpoint_scan`, once.
 
 use std::time::{Duration, Instant};
 

@@ -6,9 +6,9 @@
 //! `read_committed`) cannot be overridden by a pass-through property.
 
 pub mod checkpoint;
+pub mod checkpoint_scan;
 pub mod errors;
 pub mod identity;
-pub mod legacy;
 pub mod publisher;
 pub mod topics;
 

@@ -113,7 +113,7 @@ impl Publisher {
 
     /// Fences `transactional_id`: its open transaction, if any, is aborted
     /// now instead of when its timeout expires, and its holder can never
-    /// commit again. Used for the ids of outboxd 0.1 (`kafka::legacy`).
+    /// commit again. Used for the ids of outboxd 0.1 (`kafka::checkpoint_scan`).
     pub async fn fence_transactional_id(
         config: &Config,
         transactional_id: &str,

@@ -14,7 +14,7 @@ use super::Context;
 use crate::error::Result;
 use crate::kafka::checkpoint::{self, Checkpoint};
 use crate::kafka::identity::TableIdentity;
-use crate::kafka::legacy;
+use crate::kafka::checkpoint_scan;
 use crate::kafka::publisher::{PublishError, Publisher};
 
 /// What the session publishes with, after the takeover.
@@ -43,7 +43,7 @@ pub(super) async fn take_over(
     let publisher = Publisher::connect(config, &identity).await?;
     let latest = match checkpoint::read_latest(config, &identity).await? {
         Some(latest) => latest,
-        None => adopt_legacy_checkpoints(context, connection, source, &identity, &publisher).await?,
+        None => find_by_scanning(context, connection, source, &identity, &publisher).await?,
     };
     let done = context.acknowledger.reconcile(connection, &latest).await?;
     tracing::info!(
@@ -57,11 +57,14 @@ pub(super) async fn take_over(
     Ok(TakenOver { publisher, latest })
 }
 
-/// The table has no checkpoint of this version yet: reads (once) those of
-/// outboxd 0.1, keyed by relay name, acknowledges their rows, and writes the
-/// relay's own latest as the table's first checkpoint, so every later start
-/// reads the table's checkpoint directly.
-async fn adopt_legacy_checkpoints(
+/// The table's checkpoint group has no offset: this version has not written
+/// a checkpoint for the table yet (a first start, or the first after
+/// upgrading from 0.1), or the broker expired the group's offset after
+/// `offsets.retention.minutes` without a transaction. Scans the topic (once:
+/// see `kafka::checkpoint_scan`), acknowledges what the checkpoints found
+/// name, and writes the latest as the table's checkpoint, so the next start
+/// reads it directly.
+async fn find_by_scanning(
     context: &Context,
     connection: &mut PgConnection,
     source: Option<&str>,
@@ -71,12 +74,13 @@ async fn adopt_legacy_checkpoints(
     tracing::info!(
         topic = %context.config.kafka.checkpoint_topic,
         checkpoint_group = %identity.checkpoint_group,
-        "no checkpoint of this table yet: reading the checkpoints outboxd 0.1 kept by relay name, \
-         once (this waits for other relays' open transactions on the topic)"
+        "the table's checkpoint group has no offset (first start, first start after upgrading \
+         from 0.1, or offsets expired by the broker's offsets.retention.minutes): scanning the \
+         checkpoint topic once; this waits for other relays' open transactions on it"
     );
     let origin = source.map(|source| (context.table_name.as_str(), source));
-    let legacy = legacy::read(&context.config, origin).await?;
-    for (previous_relay, checkpoint) in &legacy.predecessors {
+    let found = checkpoint_scan::read(&context.config, &identity.checkpoint_key, origin).await?;
+    for (previous_relay, checkpoint) in &found.predecessors {
         // Marking is idempotent: rows of a checkpoint that were marked long
         // ago are simply marked again.
         let done = context.acknowledger.reconcile(connection, checkpoint).await?;
@@ -89,11 +93,17 @@ async fn adopt_legacy_checkpoints(
             );
         }
     }
-    let first = legacy.own.unwrap_or_else(|| {
-        Checkpoint::new(&context.table_name, source, &[], &[], None)
-    });
+    if let Some(own) = &found.own {
+        // 0.1's own: when the table's checkpoint exists too, this one is
+        // older, but its rows were never marked if the upgrade followed a crash.
+        context.acknowledger.reconcile(connection, own).await?;
+    }
+    let first = found
+        .table
+        .or(found.own)
+        .unwrap_or_else(|| Checkpoint::new(&context.table_name, source, &[], &[], None));
     // Its rows are acknowledged before it becomes the table's checkpoint, so
-    // a crash in between only repeats this adoption.
+    // a crash in between only repeats this scan.
     context.acknowledger.reconcile(connection, &first).await?;
     match publisher.publish(&[], &first).await {
         Ok(()) => Ok(first),

@@ -1,18 +1,21 @@
-//! Checkpoints written by outboxd 0.1, which keyed them by `relay.name` and
-//! used `outboxd-<relay.name>` as the transactional id: read once, when a
-//! table's checkpoint group has no offset yet (the first start after an
-//! upgrade, or the very first start of a relay).
+//! Finding checkpoints by reading the whole checkpoint topic, for when the
+//! table's checkpoint group has no offset: the first start after upgrading
+//! from outboxd 0.1 (which keyed checkpoints by `relay.name` and used
+//! `outboxd-<relay.name>` as its transactional id), the very first start of
+//! a relay, or a group whose offset the broker expired after
+//! `offsets.retention.minutes` without a transaction.
 //!
-//! Invariant: the result is the latest committed legacy checkpoint of this
-//! relay and of every other relay name that led the same table, never an
-//! older one. The reader first fences those transactional ids, then reads up
-//! to the high watermark taken after fencing, which no checkpoint of theirs
-//! can be above, waiting while other relays' open transactions hold the
-//! last stable offset below it. (0.1 read "to the end", which for a
-//! `read_committed` reader is the last stable offset, and so could take a
-//! stale checkpoint for the latest.) The caller then writes the latest as
-//! this version's first checkpoint, so the scan, whose cost grows with the
-//! shared topic, happens once.
+//! Invariant: the result holds the latest committed checkpoint under the
+//! table's own key and, from 0.1, of this relay and of every other relay
+//! name that led the same table, never an older one. The reader first
+//! fences those 0.1 transactional ids (the table's own id is fenced
+//! already), then reads up to the high watermark taken after fencing, which
+//! none of their checkpoints can be above, waiting while other relays' open
+//! transactions hold the last stable offset below it. (0.1 read "to the
+//! end", which for a `read_committed` reader is the last stable offset, and
+//! so could take a stale checkpoint for the latest.) The caller then writes
+//! the latest as the table's checkpoint, so the scan, whose cost grows with
+//! the shared topic, is not repeated.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -29,10 +32,13 @@ use crate::error::{Error, Result};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The latest legacy checkpoints that concern this relay's table.
+/// The latest checkpoints that concern this relay's table.
 #[derive(Debug, Default)]
 pub struct Latest {
-    /// This relay's own (its key is `relay.name`).
+    /// The table's, under its identity key: written by this version, its
+    /// group offset gone.
+    pub table: Option<Checkpoint>,
+    /// This relay's from 0.1 (its key is `relay.name`).
     pub own: Option<Checkpoint>,
     /// The latest of each relay with another name whose checkpoint names
     /// the same table and source: relays that led this table before.
@@ -43,16 +49,20 @@ pub struct Latest {
 /// predecessor found, and reads again to see how their open transactions
 /// ended. Predecessors are looked for only when `origin` gives the table
 /// and its source.
-pub async fn read(config: &Config, origin: Option<(&str, &str)>) -> Result<Latest> {
+pub async fn read(
+    config: &Config,
+    table_key: &str,
+    origin: Option<(&str, &str)>,
+) -> Result<Latest> {
     Publisher::fence_transactional_id(config, &legacy_transactional_id(&config.relay.name))
         .await?;
-    let mut latest = scan(config, origin).await?;
+    let mut latest = scan(config, table_key, origin).await?;
     if !latest.predecessors.is_empty() {
         for (previous_relay, _) in &latest.predecessors {
             Publisher::fence_transactional_id(config, &legacy_transactional_id(previous_relay))
                 .await?;
         }
-        latest = scan(config, origin).await?;
+        latest = scan(config, table_key, origin).await?;
     }
     Ok(latest)
 }
@@ -62,15 +72,20 @@ fn legacy_transactional_id(relay_name: &str) -> String {
     format!("outboxd-{relay_name}")
 }
 
-async fn scan(config: &Config, origin: Option<(&str, &str)>) -> Result<Latest> {
+async fn scan(config: &Config, table_key: &str, origin: Option<(&str, &str)>) -> Result<Latest> {
     let config = config.clone();
+    let table_key = table_key.to_string();
     let origin = origin.map(|(table, source)| (table.to_string(), source.to_string()));
-    tokio::task::spawn_blocking(move || scan_blocking(&config, origin))
+    tokio::task::spawn_blocking(move || scan_blocking(&config, &table_key, origin))
         .await
-        .map_err(|e| Error::stop(format!("legacy checkpoint reader task failed: {e}")))?
+        .map_err(|e| Error::stop(format!("checkpoint scan task failed: {e}")))?
 }
 
-fn scan_blocking(config: &Config, origin: Option<(String, String)>) -> Result<Latest> {
+fn scan_blocking(
+    config: &Config,
+    table_key: &str,
+    origin: Option<(String, String)>,
+) -> Result<Latest> {
     let topic = &config.kafka.checkpoint_topic;
     let relay_key = config.relay.name.as_bytes();
     let consumer: BaseConsumer<super::RelayContext> = super::base_client_config(config)
@@ -125,6 +140,7 @@ fn scan_blocking(config: &Config, origin: Option<(String, String)>) -> Result<La
     // but never longer than its transaction timeout (and the broker's abort
     // sweep): wait for it rather than stop early.
     let deadline = Instant::now() + config.kafka.transaction_timeout + Duration::from_secs(30);
+    let mut table_latest = None;
     let mut latest = None;
     let mut predecessors: BTreeMap<String, Checkpoint> = BTreeMap::new();
     while !reached(&consumer, topic, &bounds)? {
@@ -143,6 +159,10 @@ fn scan_blocking(config: &Config, origin: Option<(String, String)>) -> Result<La
             }
             Some(Ok(message)) => message,
         };
+        if message.key() == Some(table_key.as_bytes()) {
+            table_latest = readable(topic, &message)?;
+            continue;
+        }
         if message.key() != Some(relay_key) {
             if let (Some((table, source)), Some(key)) = (&origin, message.key()) {
                 let key = String::from_utf8_lossy(key).into_owned();
@@ -164,22 +184,28 @@ fn scan_blocking(config: &Config, origin: Option<(String, String)>) -> Result<La
             }
             continue;
         }
-        // A null value would be a tombstone: the checkpoint was deleted on purpose.
-        latest = match message.payload() {
-            None => None,
-            Some(bytes) => Some(Checkpoint::from_bytes(bytes).map_err(|e| {
-                Error::stop(format!(
-                    "the checkpoint at `{topic}` offset {} is unreadable ({e}); \
-                     refusing to guess which rows were published",
-                    message.offset()
-                ))
-            })?),
-        };
+        latest = readable(topic, &message)?;
     }
     Ok(Latest {
+        table: table_latest,
         own: latest,
         predecessors: predecessors.into_iter().collect(),
     })
+}
+
+/// One of our checkpoints. A null value would be a tombstone: the
+/// checkpoint was deleted on purpose.
+fn readable(topic: &str, message: &rdkafka::message::BorrowedMessage<'_>) -> Result<Option<Checkpoint>> {
+    match message.payload() {
+        None => Ok(None),
+        Some(bytes) => Checkpoint::from_bytes(bytes).map(Some).map_err(|e| {
+            Error::stop(format!(
+                "the checkpoint at `{topic}` offset {} is unreadable ({e}); \
+                 refusing to guess which rows were published",
+                message.offset()
+            ))
+        }),
+    }
 }
 
 /// Whether the reader's position has reached the bound on every partition.
