@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::faults::{config_with_relay_name, log_path, RelayProcess};
-use crate::support::kafka::OpenTransaction;
+use crate::support::kafka::{begin_transaction_as, OpenTransaction};
 use crate::support::workload::{assert_exactly_once, write_orders, Written};
 use crate::support::{Mode, TestEnv};
 
@@ -22,19 +22,10 @@ async fn another_relays_open_transaction_does_not_hide_the_latest_checkpoint(mod
     let env = TestEnv::new("hidden-checkpoint", mode).await;
     let shared = format!("{}-shared.checkpoints", env.topic_prefix());
     let env = env.with_checkpoint_topic(&shared);
-    let before = write_orders(&env.pool, 0, 10, 5).await;
-    let mut relay = RelayProcess::start(&env, None);
-    env.wait_all_sent(LIMIT).await;
-    relay.stop().await;
+    let before = relayed(&env).await;
 
     let other = OpenTransaction::begin(&env.kafka, &shared, &format!("{}-other", env.id)).await;
-    let during = write_orders(&env.pool, 1, 10, 5).await;
-    let mut relay = RelayProcess::start(&env, Some("after-commit"));
-    relay.killed_at_point("after-commit", LIMIT).await;
-    assert!(
-        env.unsent().await > 0,
-        "the relay died between its Kafka commit and marking the rows"
-    );
+    let during = killed_after_commit(&env).await;
 
     let mut relay = RelayProcess::start(&env, None);
     env.wait_all_sent(LIMIT).await;
@@ -67,6 +58,28 @@ async fn a_predecessor_with_another_name_is_fenced_in_its_first_transaction(mode
     successor.stop().await;
     let _ = std::fs::remove_file(&successor_config);
     assert_exactly_once(&env, &written).await;
+}
+
+/// Writes orders and relays them all (the table's first checkpoints).
+async fn relayed(env: &TestEnv) -> Written {
+    let written = write_orders(&env.pool, 0, 10, 5).await;
+    let mut relay = RelayProcess::start(env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    written
+}
+
+/// Writes orders and runs a relay that dies right after its first Kafka
+/// commit: that batch is in Kafka, its rows unmarked.
+async fn killed_after_commit(env: &TestEnv) -> Written {
+    let written = write_orders(&env.pool, 1, 10, 5).await;
+    let mut relay = RelayProcess::start(env, Some("after-commit"));
+    relay.killed_at_point("after-commit", LIMIT).await;
+    assert!(
+        env.unsent().await > 0,
+        "the relay died between its Kafka commit and marking the rows"
+    );
+    written
 }
 
 /// Ends every Postgres session of `application_name`, as a network
@@ -129,13 +142,8 @@ in_both_modes!(a_checkpoint_topic_with_several_partitions_keeps_exactly_once, wo
 async fn a_checkpoint_topic_with_several_partitions_keeps_exactly_once(mode: Mode) {
     let env = TestEnv::new("multi-partition-checkpoints", mode).await;
     create_compacted_topic(&env, &env.checkpoint_topic(), 3).await;
-    let before = write_orders(&env.pool, 0, 10, 5).await;
-    let mut relay = RelayProcess::start(&env, None);
-    env.wait_all_sent(LIMIT).await;
-    relay.stop().await;
-    let during = write_orders(&env.pool, 1, 10, 5).await;
-    let mut relay = RelayProcess::start(&env, Some("after-commit"));
-    relay.killed_at_point("after-commit", LIMIT).await;
+    let before = relayed(&env).await;
+    let during = killed_after_commit(&env).await;
     let mut relay = RelayProcess::start(&env, None);
     env.wait_all_sent(LIMIT).await;
     relay.stop().await;
@@ -163,7 +171,7 @@ in_both_modes!(a_checkpoint_left_by_outboxd_0_1_is_adopted, worker_threads = 2);
 async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
     use outboxd::kafka::checkpoint::Checkpoint;
     use outboxd::table::{OutboxTable, PayloadEncoding};
-    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    use rdkafka::producer::{FutureRecord, Producer};
     use sqlx::Connection;
 
     let env = TestEnv::new("legacy-checkpoint", mode).await;
@@ -190,19 +198,8 @@ async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
     drop(connection);
     let router = outboxd::routing::Router::new(&config.routing, config.kafka.max_message_bytes)
         .expect("router");
-    let producer: FutureProducer<outboxd::kafka::RelayContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &env.kafka)
-        .set("transactional.id", format!("outboxd-{}", env.relay_name()))
-        .create_with_context(outboxd::kafka::RelayContext)
-        .expect("0.1's producer");
-    let setup = producer.clone();
-    tokio::task::spawn_blocking(move || {
-        setup.init_transactions(Duration::from_secs(30))?;
-        setup.begin_transaction()
-    })
-    .await
-    .expect("task")
-    .expect("begin");
+    let producer =
+        begin_transaction_as(&env.kafka, &format!("outboxd-{}", env.relay_name())).await;
     for event in &events {
         let record = router.route(event).expect("routable");
         let mut future_record = FutureRecord::to(&record.topic)
@@ -251,14 +248,8 @@ async fn an_expired_checkpoint_group_is_found_by_scanning(mode: Mode) {
     use rdkafka::admin::AdminOptions;
 
     let env = TestEnv::new("expired-group", mode).await;
-    let before = write_orders(&env.pool, 0, 10, 5).await;
-    let mut relay = RelayProcess::start(&env, None);
-    env.wait_all_sent(LIMIT).await;
-    relay.stop().await;
-    let during = write_orders(&env.pool, 1, 10, 5).await;
-    let mut relay = RelayProcess::start(&env, Some("after-commit"));
-    relay.killed_at_point("after-commit", LIMIT).await;
-    assert!(env.unsent().await > 0, "the relay died before marking");
+    let before = relayed(&env).await;
+    let during = killed_after_commit(&env).await;
 
     // What the broker's offset expiry does: the group and its offset are gone.
     let group = format!("outboxd-{}", env.checkpoint_key().await);

@@ -146,23 +146,8 @@ impl OpenTransaction {
     /// Begins a transaction as `transactional_id` and writes one record to
     /// partition 0 of `topic`, acknowledged by the broker, without committing.
     pub async fn begin(bootstrap: &str, topic: &str, transactional_id: &str) -> OpenTransaction {
-        use rdkafka::producer::{FutureRecord, Producer};
-        let producer: rdkafka::producer::FutureProducer<outboxd::kafka::RelayContext> =
-            ClientConfig::new()
-                .set("bootstrap.servers", bootstrap)
-                .set("transactional.id", transactional_id)
-                // Longer than any test waits: it ends when the test aborts it.
-                .set("transaction.timeout.ms", "300000")
-                .create_with_context(outboxd::kafka::RelayContext)
-                .expect("create the other relay's producer");
-        let setup = producer.clone();
-        tokio::task::spawn_blocking(move || {
-            setup.init_transactions(Duration::from_secs(30))?;
-            setup.begin_transaction()
-        })
-        .await
-        .expect("transaction task")
-        .expect("begin the other relay's transaction");
+        use rdkafka::producer::FutureRecord;
+        let producer = begin_transaction_as(bootstrap, transactional_id).await;
         let record = FutureRecord::to(topic)
             .partition(0)
             .key("another-relay")
@@ -182,4 +167,30 @@ impl OpenTransaction {
             .expect("abort task")
             .expect("abort the other relay's transaction");
     }
+}
+
+/// A transactional producer as `transactional_id`, initialised (fencing any
+/// earlier holder of the id) with a transaction begun. Its transactions
+/// time out after five minutes: longer than any test waits.
+pub async fn begin_transaction_as(
+    bootstrap: &str,
+    transactional_id: &str,
+) -> rdkafka::producer::FutureProducer<outboxd::kafka::RelayContext> {
+    use rdkafka::producer::Producer;
+    let producer: rdkafka::producer::FutureProducer<outboxd::kafka::RelayContext> =
+        ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("transactional.id", transactional_id)
+            .set("transaction.timeout.ms", "300000")
+            .create_with_context(outboxd::kafka::RelayContext)
+            .expect("create a transactional producer");
+    let setup = producer.clone();
+    tokio::task::spawn_blocking(move || {
+        setup.init_transactions(Duration::from_secs(30))?;
+        setup.begin_transaction()
+    })
+    .await
+    .expect("transaction task")
+    .expect("begin a transaction");
+    producer
 }
