@@ -100,14 +100,9 @@ impl Publisher {
         };
         let timeout = init_timeout(config);
         publisher
-            .blocking(move |producer| producer.init_transactions(timeout))
+            .transaction_call(timeout, move |producer| producer.init_transactions(timeout))
             .await
-            .map_err(|e| {
-                classify(
-                    "initialising Kafka transactions (is the broker reachable?)",
-                    &e,
-                )
-            })?;
+            .map_err(|e| e.classified("initialising Kafka transactions (is the broker reachable?)"))?;
         Ok(publisher)
     }
 
@@ -143,9 +138,9 @@ impl Publisher {
         records: &[RoutedRecord],
         checkpoint: &Checkpoint,
     ) -> Result<(), PublishError> {
-        self.blocking(|producer| producer.begin_transaction())
+        self.transaction_call(self.transaction_timeout, |producer| producer.begin_transaction())
             .await
-            .map_err(|e| classify("beginning a Kafka transaction", &e))?;
+            .map_err(|e| e.classified("beginning a Kafka transaction"))?;
         failpoint::kill_point("after-begin");
         let outcome = self.produce_and_commit(records, checkpoint).await;
         let needs_abort = match &outcome {
@@ -248,16 +243,14 @@ impl Publisher {
             .map_err(|e| Error::stop(format!("naming the checkpoint offset: {e}")))?;
         let group = Arc::clone(&self.checkpoint_group);
         let timeout = self.transaction_timeout;
-        self.blocking(move |producer| {
+        self.transaction_call(timeout, move |producer| {
             producer.send_offsets_to_transaction(&offsets, &group, timeout)
         })
         .await
         .map_err(|e| {
-            let error = classify(
-                "adding the checkpoint group's offset to the Kafka transaction",
-                &e,
-            );
-            PublishError::Failed(error)
+            PublishError::Failed(
+                e.classified("adding the checkpoint group's offset to the Kafka transaction"),
+            )
         })
     }
 
@@ -310,11 +303,13 @@ impl Publisher {
         failpoint::kill_point_after("inside-commit", Duration::from_millis(2));
         loop {
             match self
-                .blocking(move |producer| producer.commit_transaction(timeout))
+                .transaction_call(timeout, move |producer| producer.commit_transaction(timeout))
                 .await
             {
                 Ok(()) => return Ok(()),
-                Err(error) => {
+                // Another commit call would only conflict with the stuck one.
+                Err(CallError::Stuck(error)) => return Err(PublishError::Failed(error)),
+                Err(CallError::Returned(error)) => {
                     let error = classify("committing the Kafka transaction", &error);
                     if error.kind == ErrorKind::Retry && attempt < COMMIT_ATTEMPTS {
                         tracing::warn!(attempt, error = %error, "Kafka commit failed with a retriable error; retrying the commit");
@@ -330,10 +325,10 @@ impl Publisher {
 
     async fn abort(&self) -> Result<(), Error> {
         let timeout = self.transaction_timeout;
-        self.blocking(move |producer| producer.abort_transaction(timeout))
+        self.transaction_call(timeout, move |producer| producer.abort_transaction(timeout))
             .await
             .map_err(|e| {
-                let error = classify("aborting the Kafka transaction", &e);
+                let error = e.classified("aborting the Kafka transaction");
                 match error.kind {
                     ErrorKind::Stop => error,
                     // A producer that cannot abort is re-initialised with the session.
@@ -342,17 +337,53 @@ impl Publisher {
             })
     }
 
-    /// librdkafka's transaction calls block; keep them off the async workers.
-    async fn blocking<T: Send + 'static>(
+    /// Runs one of librdkafka's blocking transaction calls off the async
+    /// workers, and stops waiting for it `CALL_MARGIN` after its own
+    /// `timeout`. librdkafka is meant to return by then; when it does not
+    /// (`send_offsets_to_transaction` was seen waiting for minutes after a
+    /// broker of a three-node cluster was killed), the session ends instead
+    /// of stalling: its successor's `init_transactions` fences this producer,
+    /// which ends the stuck call, and reconciles whatever its transaction did.
+    async fn transaction_call<T: Send + 'static>(
         &self,
+        timeout: Duration,
         call: impl FnOnce(&FutureProducer<RelayContext>) -> Result<T, KafkaError> + Send + 'static,
-    ) -> Result<T, KafkaError> {
+    ) -> Result<T, CallError> {
         let producer = self.producer.clone();
-        match tokio::task::spawn_blocking(move || call(&producer)).await {
-            Ok(result) => result,
-            Err(join_error) => Err(KafkaError::Canceled).inspect_err(|_| {
-                tracing::error!(error = %join_error, "a Kafka transaction call panicked");
-            }),
+        let limit = timeout + CALL_MARGIN;
+        match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || call(&producer)))
+            .await
+        {
+            Ok(Ok(result)) => result.map_err(CallError::Returned),
+            Ok(Err(join_error)) => Err(CallError::Stuck(Error::retry(format!(
+                "a Kafka transaction call panicked: {join_error}"
+            )))),
+            Err(_elapsed) => Err(CallError::Stuck(Error::retry(format!(
+                "librdkafka did not return from a transaction call within {limit:?}; ending the \
+                 session: the next one's producer fences this one, and what its transaction did \
+                 is settled from the checkpoint"
+            )))),
+        }
+    }
+}
+
+/// How long past a transaction call's own timeout we wait for librdkafka.
+const CALL_MARGIN: Duration = Duration::from_secs(15);
+
+/// Why a transaction call gave no result.
+enum CallError {
+    /// librdkafka returned this error.
+    Returned(KafkaError),
+    /// It did not return in time (or panicked): the producer is not to be
+    /// used again.
+    Stuck(Error),
+}
+
+impl CallError {
+    fn classified(self, doing: &str) -> Error {
+        match self {
+            CallError::Returned(error) => classify(doing, &error),
+            CallError::Stuck(error) => Error::retry(format!("{doing}: {error}")),
         }
     }
 }
