@@ -7,10 +7,10 @@
 //! JSON, one key per table) and are written the way relays write them, in
 //! Kafka transactions, but 50,000 to a transaction so filling takes
 //! seconds. The topic is compacted like the relay's own. The older 700,000
-//! records roll into closed 16 MiB segments, which the log cleaner may
-//! compact as it would on a long-lived topic; the latest 300,000 sit in the
-//! active segment, which is never compacted, so whatever the cleaner did, a
-//! start-up that scanned the topic would still read at least those.
+//! records roll into closed 16 MiB segments, which the log cleaner compacts
+//! to about one record per table, as on a long-lived topic; the latest
+//! 300,000 sit in the active segment, which is never compacted, so whatever
+//! the cleaner did, a start-up that scanned the topic would read those.
 
 use std::time::Duration;
 
@@ -114,7 +114,7 @@ async fn write(producer: BaseProducer, topic: &str, from: usize, to: usize) -> B
         producer
     })
     .await
-    .expect("producer task");
+    .expect("producer task")
 }
 
 /// Record `i`: the `i / OTHER_TABLES`-th checkpoint of table `i % OTHER_TABLES`,

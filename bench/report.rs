@@ -170,10 +170,12 @@ impl Results {
              SIGTERM); one row is committed, then the relay is spawned and timed until that row is \
              visible to a `read_committed` consumer. Standby takeover: a leader and a standby with the \
              same config run; the leader is SIGKILLed, a row committed right after, and the time runs \
-             from the SIGKILL until the row is visible. {} samples each. The checkpoint topic is either \
+             from the SIGKILL until the row is visible (so it includes up to 0.5 s until the standby \
+             next asks for the leader lock). {} samples each. The checkpoint topic is either \
              the relay's own (no other relays' records) or shared with {} records of {} other tables' \
-             relays (~160-byte checkpoints, written in transactions; the older {} in closed segments \
-             the log cleaner may compact, the latest {} in the active segment).\n",
+             relays (~160-byte checkpoints, written in transactions; the older {} roll into closed \
+             segments, which the log cleaner compacts to about one record per table, the latest {} \
+             stay in the active segment, which it never compacts).\n",
             startup::RUNS,
             crate::crowd::RECORDS,
             crate::crowd::OTHER_TABLES,

@@ -10,9 +10,9 @@
 //! stopped with SIGTERM; the row is committed just before), for a takeover
 //! from the leader's SIGKILL (a standby with the same config waits; the
 //! row is committed right after the kill). So a sample holds all a user
-//! waits for: process start, connections, the leader lock, fencing,
-//! reading the checkpoint, reconciling, the first claim or the stream's
-//! start, and the Kafka transaction.
+//! waits for: process start, connections, the leader lock (a standby asks
+//! for it every 0.5 s), fencing, reading the checkpoint, reconciling, the
+//! first claim or the stream's start, and the Kafka transaction.
 //!
 //! Invariant: a figure is reported only if the invariant checker found the
 //! whole run (priming, every start and every takeover) clean.
