@@ -51,6 +51,13 @@ impl Error {
     /// by itself.
     pub fn from_postgres(context: &str, error: sqlx::Error) -> Error {
         let message = format!("{context}: {error}");
+        if rejects_certificate(&error) {
+            return Error::stop(format!(
+                "{message}. The server's TLS certificate does not verify: check postgres.url's \
+                 sslrootcert (the CA that signed the server's certificate) and, with \
+                 sslmode=verify-full, that the host in the URL is one the certificate names"
+            ));
+        }
         match &error {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 // 08: connection exception, 57P0x: server shutting down,
@@ -80,6 +87,21 @@ impl Error {
     }
 }
 
+/// The server's certificate failed verification (another CA, another host
+/// name, expired): every reconnect would fail the same way until an
+/// operator changes the URL or the certificate. sqlx reports it as an I/O
+/// error around rustls' own.
+fn rejects_certificate(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Io(io) = error else {
+        return false;
+    };
+    matches!(
+        io.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidCertificate(_))
+    )
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)
@@ -87,3 +109,24 @@ impl fmt::Display for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rejected_server_certificate_stops_and_names_sslrootcert() {
+        let rejected = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        let error = Error::from_postgres("connecting", sqlx::Error::Io(rejected));
+        assert_eq!(error.kind, ErrorKind::Stop);
+        assert!(error.message.contains("sslrootcert"), "{}", error.message);
+
+        // A connection reset during the handshake heals by reconnecting.
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let error = Error::from_postgres("connecting", sqlx::Error::Io(reset));
+        assert_eq!(error.kind, ErrorKind::Retry);
+    }
+}

@@ -14,3 +14,4 @@ mod poison;
 mod replication;
 mod retention;
 mod shared_checkpoints;
+mod tls;

@@ -2,7 +2,8 @@
 # Installs, via apt-get, whatever the local test stack and the Rust build need
 # and is not there yet: PostgreSQL server, a C/C++ toolchain for rdkafka's
 # bundled librdkafka (features cmake-build + ssl + curl), a Java 17 runtime and Maven
-# (Kafka's jars come from Maven Central). Idempotent: does nothing, and never
+# (Kafka's jars come from Maven Central), and openssl for the stack's test
+# certificates. Idempotent: does nothing, and never
 # touches the network, when everything is present.
 set -euo pipefail
 
@@ -36,6 +37,8 @@ missing_packages() {
         has_pkg "$p" || pkgs+=("$p")
     done
     has_java17 || pkgs+=(openjdk-17-jre-headless)
+    # The stack's throwaway CA and certificates (TLS Postgres, SASL_SSL broker).
+    command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)
     command -v mvn >/dev/null 2>&1 || pkgs+=(maven)
     echo "${pkgs[@]:-}"
 }

@@ -11,9 +11,12 @@
 //! Items arrive in WAL order, and a keepalive arrives only after every
 //! change the server sent before it.
 //!
-//! `pgwire-replication` does TLS, SCRAM-SHA-256, keepalive replies and
-//! backpressure; the pgoutput bodies it hands over are decoded by our own
-//! [`pgoutput`](super::pgoutput) module.
+//! `pgwire-replication` does TLS (client certificates too), SCRAM-SHA-256,
+//! keepalive replies and backpressure; the pgoutput bodies it hands over are
+//! decoded by our own [`pgoutput`](super::pgoutput) module. It connects with
+//! `postgres.url` read as the SQL connection (sqlx) reads it, so both reach
+//! the same server as the same role, and the replication connection never
+//! has less TLS than the SQL one; what it cannot honour is refused by name.
 
 use std::future::Future;
 use std::time::Duration;
@@ -155,9 +158,21 @@ impl Drop for WireClient {
 /// session; authentication and TLS problems need an operator.
 fn wire_error(doing: &str, error: PgWireError) -> Error {
     let message = format!("{doing}: {error}");
-    if error.is_auth() || error.is_tls() {
+    // The server refusing the login (wrong password, no pg_hba.conf line,
+    // a client certificate required) comes as its error response, class 28
+    // (`… (SQLSTATE 28P01)` in the client's words): the same every retry.
+    let login_refused =
+        matches!(&error, PgWireError::Server(text) if text.contains("(SQLSTATE 28"));
+    if error.is_tls() {
         Error::stop(format!(
-            "{message}. Check postgres.url's user, password and sslmode; the role needs the REPLICATION attribute"
+            "{message}. Check postgres.url's sslmode, sslrootcert (the CA that signed the server's \
+             certificate) and, for a client certificate, sslcert and sslkey; the replication \
+             connection uses the same URL as the SQL one"
+        ))
+    } else if error.is_auth() || login_refused {
+        Error::stop(format!(
+            "{message}. Check postgres.url's user, password, sslmode and client certificate \
+             (sslcert, sslkey); the role needs the REPLICATION attribute"
         ))
     } else {
         Error::retry(message)
@@ -165,9 +180,10 @@ fn wire_error(doing: &str, error: PgWireError) -> Error {
 }
 
 /// Builds the client's settings from `postgres.url`, so both connections
-/// use the same host, user, password, database and TLS mode.
+/// use the same host, user, password, database and TLS settings.
 fn replication_config(postgres_url: &str, target: &StreamTarget) -> Result<ReplicationConfig> {
-    let parts = ConnectionParts::parse(postgres_url).map_err(Error::stop)?;
+    let parts = ConnectionParts::parse(postgres_url, |name| std::env::var(name).ok())
+        .map_err(Error::stop)?;
     let config = ReplicationConfig::new(
         parts.host.clone(),
         parts.user,
@@ -198,81 +214,246 @@ struct ConnectionParts {
     tls: TlsConfig,
 }
 
+/// What the URL sets; the environment fills in the rest.
+#[derive(Default)]
+struct UrlValues {
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    password: Option<String>,
+    database: Option<String>,
+    ssl_mode: Option<String>,
+    root_cert: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
+}
+
 impl ConnectionParts {
-    /// Follows libpq's URL rules for what we support: host, port, user,
-    /// password, database, `sslmode`, `sslrootcert`, `host=` for a Unix socket.
-    fn parse(text: &str) -> Result<ConnectionParts, String> {
-        // libpq allows an empty host when `?host=` names a socket directory;
-        // the url crate does not, so parse with a placeholder host.
-        let url = match url::Url::parse(text) {
-            Err(url::ParseError::EmptyHost) => {
-                url::Url::parse(&text.replacen("@/", "@localhost/", 1))
-            }
-            parsed => parsed,
-        }
-        .map_err(|e| format!("postgres.url: {e}"))?;
-        if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return Err("postgres.url: must start with postgres://".into());
-        }
-        let decode = |text: &str| {
-            url::form_urlencoded::parse(format!("x={text}").as_bytes())
-                .next()
-                .map(|(_, value)| value.into_owned())
-                .unwrap_or_default()
+    /// Reads `postgres.url` the way the SQL connection (sqlx) reads it, so
+    /// the replication connection reaches the same server as the same role,
+    /// never with less TLS:
+    ///
+    /// - user, password, host and database are percent-decoded only: a `+`
+    ///   stays a `+` (form decoding would make it a space, another password);
+    /// - query values are read as sqlx reads them (`sslmode`, `sslrootcert`,
+    ///   `sslcert`, `sslkey`, `host` (a socket directory if it starts with
+    ///   `/`), `hostaddr`, `port`, `dbname`, `user`, `password`, and sqlx's
+    ///   dashed spellings); sqlx form-decodes them, so we do too, or the two
+    ///   connections would read different values;
+    /// - what the URL leaves out comes from the same environment variables
+    ///   (`PGSSLMODE`, `PGPASSWORD`, …), read through `env`.
+    ///
+    /// What the replication client cannot do the same way is refused with
+    /// the parameter's name, never dropped; `sslmode=allow` alone is read
+    /// as something else, stricter (see [`ssl_mode`]).
+    fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<ConnectionParts, String> {
+        let url = Self::url_values(text)?;
+        let env_value = |name: &str| env(name).filter(|value| !value.is_empty());
+
+        let user = url.user.or_else(|| env_value("PGUSER")).ok_or(
+            "postgres.url: has no user name; write postgres://USER@HOST/DB (or set PGUSER)",
+        )?;
+        let password = url
+            .password
+            .or_else(|| env_value("PGPASSWORD"))
+            .unwrap_or_default();
+        let host = url
+            .host
+            .or_else(|| env_value("PGHOSTADDR"))
+            .or_else(|| env_value("PGHOST"))
+            .unwrap_or_else(|| "localhost".into());
+        let port = match url.port {
+            Some(port) => port,
+            None => match env_value("PGPORT") {
+                Some(port) => port
+                    .parse()
+                    .map_err(|_| format!("PGPORT (environment) is `{port}`, not a port number"))?,
+                None => 5432,
+            },
         };
-        let user = decode(url.username());
-        if user.is_empty() {
-            return Err("postgres.url: has no user name; write postgres://USER@HOST/DB".into());
-        }
-        let password = url.password().map(decode).unwrap_or_default();
-        let mut host = url.host_str().unwrap_or("localhost").to_string();
-        let mut database = decode(url.path().trim_start_matches('/'));
-        let mut ssl_mode = "prefer".to_string();
-        let mut root_cert = None;
-        for (key, value) in url.query_pairs() {
-            match key.as_ref() {
-                "sslmode" => ssl_mode = value.into_owned(),
-                "sslrootcert" => root_cert = Some(std::path::PathBuf::from(value.as_ref())),
-                "host" => host = value.into_owned(),
-                "dbname" => database = value.into_owned(),
-                _ => {}
-            }
-        }
-        if database.is_empty() {
-            database = user.clone();
-        }
-        let mode = match ssl_mode.as_str() {
-            "disable" | "allow" => SslMode::Disable,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            other => return Err(format!("postgres.url: unknown sslmode `{other}`")),
+        let database = url
+            .database
+            .or_else(|| env_value("PGDATABASE"))
+            .unwrap_or_else(|| user.clone());
+
+        let ssl_mode = match url.ssl_mode {
+            Some(mode) => ssl_mode(&mode).ok_or_else(|| {
+                format!("postgres.url: unknown sslmode `{mode}`; use disable, allow, prefer, require, verify-ca or verify-full")
+            })?,
+            None => match env_value("PGSSLMODE") {
+                Some(mode) => ssl_mode(&mode).ok_or_else(|| {
+                    format!("PGSSLMODE (environment) is `{mode}`, not an sslmode; use disable, allow, prefer, require, verify-ca or verify-full")
+                })?,
+                None => SslMode::Prefer,
+            },
         };
+        let file = |parameter: &str, from_url: Option<String>, variable: &str| {
+            let value = from_url.or_else(|| env_value(variable));
+            match value {
+                // sqlx takes a value that is itself a PEM block as the
+                // certificate; the replication client reads files only.
+                Some(value) if value.trim_start().starts_with("-----BEGIN") => Err(format!(
+                    "postgres.url: {parameter} holds the PEM text itself; the replication connection \
+                     reads it from a file: write it to a file and give {parameter} that file's path"
+                )),
+                value => Ok(value.map(std::path::PathBuf::from)),
+            }
+        };
+        let root_cert = file("sslrootcert", url.root_cert, "PGSSLROOTCERT")?;
+        let client_cert = file("sslcert", url.client_cert, "PGSSLCERT")?;
+        let client_key = file("sslkey", url.client_key, "PGSSLKEY")?;
+        if client_cert.is_some() != client_key.is_some() {
+            let (given, missing) = if client_cert.is_some() {
+                ("sslcert", "sslkey")
+            } else {
+                ("sslkey", "sslcert")
+            };
+            return Err(format!(
+                "postgres.url: {given} is set but {missing} is not; a client certificate needs \
+                 both the certificate (sslcert) and its private key (sslkey)"
+            ));
+        }
+        let host = host.trim_matches(|c| c == '[' || c == ']').to_string();
         let tls = TlsConfig {
-            mode,
+            mode: ssl_mode,
             ca_pem_path: root_cert,
-            ..TlsConfig::default()
+            // The client refuses verify-full on an IP address unless it is
+            // named here; named, rustls checks it against the certificate's
+            // subjectAltName IP entries, as sqlx does for the SQL connection.
+            sni_hostname: host
+                .parse::<std::net::IpAddr>()
+                .is_ok()
+                .then(|| host.clone()),
+            client_cert_pem_path: client_cert,
+            client_key_pem_path: client_key,
         };
         Ok(ConnectionParts {
-            host: host.trim_matches(|c| c == '[' || c == ']').to_string(),
-            port: url.port().unwrap_or(5432),
+            host,
+            port,
             user,
             password,
             database,
             tls,
         })
     }
+
+    /// The values `text` itself sets.
+    fn url_values(text: &str) -> Result<UrlValues, String> {
+        // libpq allows an empty host when `?host=` names a socket directory;
+        // the url crate does not, so parse with a placeholder host.
+        let (url, placeholder_host) = match url::Url::parse(text) {
+            Err(url::ParseError::EmptyHost) => (
+                url::Url::parse(&text.replacen("@/", "@localhost/", 1)),
+                true,
+            ),
+            parsed => (parsed, false),
+        };
+        let url = url.map_err(|e| format!("postgres.url: {e}"))?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err("postgres.url: must start with postgres://".into());
+        }
+        let decode = |text: &str, what: &str| -> Result<Option<String>, String> {
+            let decoded = percent_encoding::percent_decode_str(text)
+                .decode_utf8()
+                .map_err(|_| {
+                    format!("postgres.url: the {what} is not UTF-8 once percent-decoded")
+                })?;
+            Ok((!decoded.is_empty()).then(|| decoded.into_owned()))
+        };
+        let mut values = UrlValues {
+            user: decode(url.username(), "user name")?,
+            password: match url.password() {
+                Some(password) => decode(password, "password")?,
+                None => None,
+            },
+            database: decode(url.path().trim_start_matches('/'), "database name")?,
+            port: url.port(),
+            ..UrlValues::default()
+        };
+        if !placeholder_host {
+            if let Some(host) = url.host_str().filter(|host| !host.is_empty()) {
+                // A percent-encoded socket directory (`%2Fvar%2Frun%2Fpostgresql`).
+                values.host = match decode(host, "host")? {
+                    Some(decoded) if decoded.starts_with('/') => Some(decoded),
+                    _ => Some(host.to_string()),
+                };
+            }
+        }
+        for (key, value) in url.query_pairs() {
+            let value = value.into_owned();
+            match key.as_ref() {
+                "sslmode" | "ssl-mode" => values.ssl_mode = Some(value),
+                "sslrootcert" | "ssl-root-cert" | "ssl-ca" => values.root_cert = Some(value),
+                "sslcert" | "ssl-cert" => values.client_cert = Some(value),
+                "sslkey" | "ssl-key" => values.client_key = Some(value),
+                "host" => values.host = Some(value),
+                "hostaddr" => {
+                    value.parse::<std::net::IpAddr>().map_err(|_| {
+                        format!("postgres.url: hostaddr `{value}` is not an IP address")
+                    })?;
+                    values.host = Some(value);
+                }
+                "port" => {
+                    values.port = Some(value.parse().map_err(|_| {
+                        format!("postgres.url: port `{value}` is not a port number")
+                    })?)
+                }
+                "dbname" => values.database = Some(value),
+                "user" => values.user = Some(value),
+                "password" => values.password = Some(value),
+                // application_name, options, …: the replication connection
+                // sets its own application_name and needs no other.
+                _ => {}
+            }
+        }
+        Ok(values)
+    }
+}
+
+/// libpq's `sslmode` as the replication client can honour it.
+fn ssl_mode(text: &str) -> Option<SslMode> {
+    Some(match text.to_ascii_lowercase().as_str() {
+        "disable" => SslMode::Disable,
+        // libpq's `allow` tries without TLS first and with TLS only if the
+        // server refuses a plain connection; the client cannot try in that
+        // order. `disable` (what sqlx makes of `allow` for the SQL
+        // connection) would send every outbox row in clear even where the
+        // server offers TLS, and fail against a TLS-only server that libpq
+        // reaches. `prefer` connects where `allow` does (TLS first, plain if
+        // the server offers no TLS) and encrypts whenever it can, so the
+        // replication connection is never less secure than the SQL one.
+        "allow" | "prefer" => SslMode::Prefer,
+        "require" => SslMode::Require,
+        "verify-ca" => SslMode::VerifyCa,
+        "verify-full" => SslMode::VerifyFull,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    /// Parses with an empty environment.
+    fn parse(url: &str) -> Result<ConnectionParts, String> {
+        ConnectionParts::parse(url, |_| None)
+    }
+
+    /// Parses with `variables` as the environment.
+    fn parse_with_env(url: &str, variables: &[(&str, &str)]) -> Result<ConnectionParts, String> {
+        ConnectionParts::parse(url, |name| {
+            variables
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.to_string())
+        })
+    }
 
     #[test]
     fn connection_parts_follow_libpq_urls() {
         let parts =
-            ConnectionParts::parse("postgres://relay:p%40ss@db.internal:6543/orders?sslmode=verify-full&sslrootcert=/etc/ca.pem")
+            parse("postgres://relay:p%40ss@db.internal:6543/orders?sslmode=verify-full&sslrootcert=/etc/ca.pem")
                 .unwrap();
         assert_eq!(parts.host, "db.internal");
         assert_eq!(parts.port, 6543);
@@ -282,28 +463,208 @@ mod tests {
         assert_eq!(parts.tls.mode, SslMode::VerifyFull);
         assert_eq!(
             parts.tls.ca_pem_path.as_deref(),
-            Some(std::path::Path::new("/etc/ca.pem"))
+            Some(Path::new("/etc/ca.pem"))
         );
+        assert_eq!(parts.tls.sni_hostname, None);
+        assert!(!parts.tls.is_mtls());
 
-        let parts = ConnectionParts::parse("postgresql://app@localhost").unwrap();
+        let parts = parse("postgresql://app@localhost").unwrap();
         assert_eq!((parts.port, parts.database.as_str()), (5432, "app"));
         assert_eq!(parts.tls.mode, SslMode::Prefer);
 
-        let parts =
-            ConnectionParts::parse("postgres://app@/orders?host=/var/run/postgresql").unwrap();
+        let parts = parse("postgres://app@/orders?host=/var/run/postgresql").unwrap();
         assert_eq!(parts.host, "/var/run/postgresql");
+        let parts = parse("postgres://app@%2Fvar%2Frun%2Fpostgresql/orders").unwrap();
+        assert_eq!(parts.host, "/var/run/postgresql");
+
+        let parts = parse("postgres://app@[::1]:6000/orders").unwrap();
+        assert_eq!((parts.host.as_str(), parts.port), ("::1", 6000));
+    }
+
+    #[test]
+    fn a_plus_in_the_password_stays_a_plus() {
+        // Form decoding would turn `+` into a space: another password than
+        // the SQL connection's (sqlx percent-decodes only).
+        let parts = parse("postgres://relay:a+b%20c%2Bd@db/my+db").unwrap();
+        assert_eq!(parts.password, "a+b c+d");
+        assert_eq!(parts.database, "my+db");
+        let parts = parse("postgres://us+er@db/orders").unwrap();
+        assert_eq!(parts.user, "us+er");
+        assert!(parse("postgres://relay:%FF@db/orders")
+            .unwrap_err()
+            .contains("password is not UTF-8"));
+    }
+
+    #[test]
+    fn query_parameters_are_read_as_sqlx_reads_them() {
+        let parts = parse(
+            "postgres://ignored@db:1/ignored?user=relay&password=s3cret&port=6432&dbname=orders&hostaddr=10.0.0.7",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                parts.user.as_str(),
+                parts.password.as_str(),
+                parts.port,
+                parts.database.as_str(),
+                parts.host.as_str()
+            ),
+            ("relay", "s3cret", 6432, "orders", "10.0.0.7")
+        );
+        let parts = parse("postgres://a@db/o?ssl-mode=REQUIRE&ssl-ca=/ca.pem").unwrap();
+        assert_eq!(parts.tls.mode, SslMode::Require);
+        assert_eq!(parts.tls.ca_pem_path.as_deref(), Some(Path::new("/ca.pem")));
+        assert!(parse("postgres://a@db/o?port=many")
+            .unwrap_err()
+            .contains("port"));
+        assert!(parse("postgres://a@db/o?hostaddr=db.internal")
+            .unwrap_err()
+            .contains("hostaddr"));
+    }
+
+    #[test]
+    fn client_certificates_are_honoured() {
+        let parts = parse(
+            "postgres://relay@db/orders?sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/relay.crt&sslkey=/relay.key",
+        )
+        .unwrap();
+        assert!(parts.tls.is_mtls());
+        assert_eq!(
+            parts.tls.client_cert_pem_path.as_deref(),
+            Some(Path::new("/relay.crt"))
+        );
+        assert_eq!(
+            parts.tls.client_key_pem_path.as_deref(),
+            Some(Path::new("/relay.key"))
+        );
+
+        // Half a client certificate is refused, naming what is missing.
+        let error = parse("postgres://relay@db/orders?sslcert=/relay.crt").unwrap_err();
+        assert!(error.contains("sslkey is not"), "{error}");
+        let error = parse("postgres://relay@db/orders?sslkey=/relay.key").unwrap_err();
+        assert!(error.contains("sslcert is not"), "{error}");
+        // sqlx takes PEM text in place of a path; the replication client cannot.
+        let error = parse(
+            "postgres://relay@db/orders?sslrootcert=-----BEGIN%20CERTIFICATE-----%0AMII%0A-----END%20CERTIFICATE-----",
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("sslrootcert") && error.contains("file"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn sslmode_allow_keeps_tls_where_the_server_offers_it() {
+        assert_eq!(
+            parse("postgres://a@db/o?sslmode=allow").unwrap().tls.mode,
+            SslMode::Prefer
+        );
+        assert_eq!(
+            parse("postgres://a@db/o?sslmode=disable").unwrap().tls.mode,
+            SslMode::Disable
+        );
+        assert_eq!(
+            parse("postgres://a@db/o?sslmode=verify-ca")
+                .unwrap()
+                .tls
+                .mode,
+            SslMode::VerifyCa
+        );
+    }
+
+    #[test]
+    fn verify_full_on_an_ip_address_checks_the_address() {
+        let parts = parse("postgres://a@127.0.0.1:5432/o?sslmode=verify-full").unwrap();
+        assert_eq!(parts.tls.sni_hostname.as_deref(), Some("127.0.0.1"));
+        let parts = parse("postgres://a@[::1]:5432/o?sslmode=verify-full").unwrap();
+        assert_eq!(parts.tls.sni_hostname.as_deref(), Some("::1"));
+        let parts = parse("postgres://a@db.internal/o?sslmode=verify-full").unwrap();
+        assert_eq!(parts.tls.sni_hostname, None);
+    }
+
+    #[test]
+    fn the_environment_fills_in_what_the_url_leaves_out() {
+        let env = [
+            ("PGSSLMODE", "verify-full"),
+            ("PGSSLROOTCERT", "/env-ca.pem"),
+            ("PGSSLCERT", "/env.crt"),
+            ("PGSSLKEY", "/env.key"),
+            ("PGPASSWORD", "from-env"),
+            ("PGPORT", "6543"),
+            ("PGDATABASE", "envdb"),
+        ];
+        let parts = parse_with_env("postgres://relay@db", &env).unwrap();
+        assert_eq!(parts.tls.mode, SslMode::VerifyFull);
+        assert_eq!(
+            parts.tls.ca_pem_path.as_deref(),
+            Some(Path::new("/env-ca.pem"))
+        );
+        assert!(parts.tls.is_mtls());
+        assert_eq!(
+            (parts.password.as_str(), parts.port, parts.database.as_str()),
+            ("from-env", 6543, "envdb")
+        );
+
+        // The URL wins.
+        let parts = parse_with_env(
+            "postgres://relay:pw@db:1/orders?sslmode=require&sslrootcert=/ca.pem",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(parts.tls.mode, SslMode::Require);
+        assert_eq!(parts.tls.ca_pem_path.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(
+            (parts.password.as_str(), parts.port, parts.database.as_str()),
+            ("pw", 1, "orders")
+        );
+
+        let parts = parse_with_env(
+            "postgres:///orders",
+            &[("PGUSER", "relay"), ("PGHOST", "db")],
+        );
+        let parts = parts.unwrap();
+        assert_eq!((parts.user.as_str(), parts.host.as_str()), ("relay", "db"));
+
+        let error = parse_with_env("postgres://a@db/o", &[("PGSSLMODE", "strict")]).unwrap_err();
+        assert!(error.contains("PGSSLMODE"), "{error}");
+    }
+
+    #[test]
+    fn refused_logins_and_tls_stop_transient_errors_retry() {
+        let refused = wire_error(
+            "opening",
+            PgWireError::Server(
+                "password authentication failed for user \"relay\" (SQLSTATE 28P01)".into(),
+            ),
+        );
+        assert_eq!(refused.kind, crate::error::ErrorKind::Stop);
+        assert!(refused.message.contains("password"), "{}", refused.message);
+        let tls = wire_error(
+            "opening",
+            PgWireError::Tls(
+                "TLS handshake failed: invalid peer certificate: UnknownIssuer".into(),
+            ),
+        );
+        assert_eq!(tls.kind, crate::error::ErrorKind::Stop);
+        assert!(tls.message.contains("sslrootcert"), "{}", tls.message);
+        let restarting = wire_error(
+            "reading",
+            PgWireError::Server(
+                "terminating connection due to administrator command (SQLSTATE 57P01)".into(),
+            ),
+        );
+        assert_eq!(restarting.kind, crate::error::ErrorKind::Retry);
     }
 
     #[test]
     fn connection_parts_refuse_what_they_cannot_honour() {
-        assert!(ConnectionParts::parse("postgres://db/orders")
+        assert!(parse("postgres://db/orders")
             .unwrap_err()
             .contains("no user name"));
-        assert!(ConnectionParts::parse("postgres://a@db/o?sslmode=maybe")
+        assert!(parse("postgres://a@db/o?sslmode=maybe")
             .unwrap_err()
             .contains("sslmode"));
-        assert!(ConnectionParts::parse("mysql://a@db/o")
-            .unwrap_err()
-            .contains("postgres://"));
+        assert!(parse("mysql://a@db/o").unwrap_err().contains("postgres://"));
     }
 }

@@ -100,6 +100,7 @@ pub struct PostgresConfig {
     #[serde(default = "defaults::notify_channel")]
     pub notify_channel: String,
     /// Publication on the outbox table, for logical replication capture.
+    /// `a-z 0-9 _` only: the replication protocol names it unquoted.
     #[serde(default = "defaults::publication")]
     pub publication: String,
 }
@@ -441,7 +442,7 @@ impl Config {
         OutboxTable::from_config(&self.postgres).map_err(|e| format!("postgres.{e}"))?;
         validate_identifier(&self.postgres.notify_channel)
             .map_err(|e| format!("postgres.notify_channel: {e}"))?;
-        validate_identifier(&self.postgres.publication)
+        validate_publication_name(&self.postgres.publication)
             .map_err(|e| format!("postgres.publication: {e}"))?;
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return Err("kafka.bootstrap_servers: must not be empty".into());
@@ -541,6 +542,28 @@ pub fn validate_slot_name(name: &str) -> Result<(), String> {
     {
         return Err(format!(
             "`{name}` may only contain a-z, 0-9 and `_` (Postgres' rule for slot names)"
+        ));
+    }
+    Ok(())
+}
+
+/// The publication is named to the server in pgoutput's `publication_names`
+/// option, a list the server reads unquoted: it folds upper case to lower
+/// case (`Outbox` streams `outbox`, another publication or none), splits at
+/// commas and rejects spaces. So only lower-case identifier characters,
+/// which read the same quoted or not.
+fn validate_publication_name(name: &str) -> Result<(), String> {
+    validate_identifier(name)?;
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(format!(
+            "`{name}` may only contain a-z, 0-9 and `_`: the replication protocol's \
+             publication_names option reads names unquoted (upper case folded to lower \
+             case, split at commas, no spaces). Rename the publication \
+             (ALTER PUBLICATION … RENAME TO) or set a new name, which the relay or \
+             `outboxd migrate` creates"
         ));
     }
     Ok(())

@@ -119,6 +119,31 @@ fn capture_defaults_to_auto_with_a_slot_named_after_the_relay() {
 }
 
 #[test]
+fn publication_names_must_read_the_same_unquoted() {
+    // pgoutput's publication_names would fold, split or reject most of
+    // these; anything outside lower-case identifier characters is refused.
+    for bad in [
+        "Outbox",
+        "outbox publication",
+        "outbox,other",
+        "outbox-pub",
+        "\"outbox\"",
+        "",
+    ] {
+        let error = load_error(&MINIMAL.replace(
+            "  url: postgres://outboxd@localhost/orders\n",
+            &format!("  url: postgres://outboxd@localhost/orders\n  publication: '{bad}'\n"),
+        ));
+        assert!(error.contains("postgres.publication"), "{bad}: {error}");
+    }
+    let config = load(&MINIMAL.replace(
+        "  url: postgres://outboxd@localhost/orders\n",
+        "  url: postgres://outboxd@localhost/orders\n  publication: outbox_pub_2\n",
+    ));
+    assert_eq!(config.postgres.publication, "outbox_pub_2");
+}
+
+#[test]
 fn slot_names_follow_postgres_rules() {
     for bad in ["Orders", "orders-slot", "ordérs", &"s".repeat(64)] {
         let error = load_error(&format!("{MINIMAL}capture:\n  slot: \"{bad}\"\n"));
