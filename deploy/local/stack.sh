@@ -2,8 +2,8 @@
 # Throwaway local PostgreSQL + single-node Kafka (KRaft) as plain processes,
 # for tests, `make demo` and `make test`. No Docker needed.
 #
-#   stack.sh up DIR             install deps, start both, write DIR/env
-#   stack.sh down DIR           stop both (idempotent)
+#   stack.sh up DIR             install deps, start them all, write DIR/env
+#   stack.sh down DIR           stop them all (idempotent)
 #   stack.sh kafka-kill DIR     SIGKILL the broker (fault tests)
 #   stack.sh kafka-restart DIR  stop the broker if running, start it again on
 #                               the same ports and data
@@ -126,12 +126,13 @@ as_pg() {
     if [[ $EUID -eq 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
-# start_pg DIR NAME WAL_LEVEL: a cluster in DIR/NAME; its port goes to
+# start_pg DIR NAME WAL_LEVEL [tls]: a cluster in DIR/NAME; its port goes to
 # DIR/NAME.port. The main cluster ("pg") has wal_level=logical; a second one
 # ("pg-nological", wal_level=replica) lets tests check the fallback to
-# polling on servers without logical decoding.
+# polling on servers without logical decoding; a third ("pg-tls", with
+# `tls`) accepts TLS connections only, with the certificates of make_tls.
 start_pg() {
-    local dir=$1 name=$2 wal_level=$3 bin port
+    local dir=$1 name=$2 wal_level=$3 tls=${4:-} bin port
     bin=$(pg_bin)
     free_port port
     local pg=$dir/$name data=$dir/$name/data log=$dir/$name/postgres.log
@@ -175,12 +176,24 @@ full_page_writes = off
 EOF
     # Members of scram_auth must log in with a SCRAM-SHA-256 password, so
     # tests can check both the SQL and the replication connection's auth;
-    # everyone else is trusted.
-    cat >"$data/pg_hba.conf" <<EOF
+    # everyone else is trusted. With TLS every line is `hostssl`, so a plain
+    # connection is refused, and members of cert_auth log in with a client
+    # certificate alone (its CN is the role).
+    if [[ $tls == tls ]]; then
+        pg_enable_tls "$data" "$dir/tls"
+        cat >"$data/pg_hba.conf" <<EOF
+hostssl all         +cert_auth  127.0.0.1/32 cert
+hostssl all         +scram_auth 127.0.0.1/32 scram-sha-256
+hostssl all         all         127.0.0.1/32 trust
+hostssl replication all         127.0.0.1/32 trust
+EOF
+    else
+        cat >"$data/pg_hba.conf" <<EOF
 host all         +scram_auth 127.0.0.1/32 scram-sha-256
 host all         all         127.0.0.1/32 trust
 host replication all         127.0.0.1/32 trust
 EOF
+    fi
 
     say "postgres: starting on 127.0.0.1:$port"
     as_pg "$bin/pg_ctl" -D "$data" -l "$log" -w -t 60 start >/dev/null 2>&1 \
@@ -206,6 +219,66 @@ stop_pg() {
     fi
     stop_pid "$pid" "$data" "postgres ($name)"   # no-op unless pg_ctl failed
     rm -f "$dir/$name.pid" "$dir/$name.port"
+}
+
+# ---------------------------------------------------------------- tls
+
+# Password of the broker's PKCS12 keystore and the SCRAM user of its
+# SASL_SSL listener: throwaway, like everything in the stack.
+KEYSTORE_PASSWORD=outboxd-keystore
+SASL_USER=outboxd
+SASL_PASSWORD=outboxd-sasl-secret
+# The client certificate's CN: Postgres `cert` auth logs it in as this role.
+CERT_USER=outboxd_cert
+
+# openssl with its output in DIR/tls/openssl.log, failing with that log.
+ossl() {
+    openssl "$@" >>"$TLS_DIR/openssl.log" 2>&1 || die_with_log "$TLS_DIR/openssl.log" "openssl $1 failed"
+}
+
+# make_tls DIR: a throwaway CA in DIR/tls, made fresh at every `up`, and
+# what it signs: the server certificate of the TLS Postgres and of the
+# broker's SASL_SSL listener (subjectAltName 127.0.0.1 and localhost, so
+# verify-full passes on either name), a client certificate for CERT_USER,
+# and the broker's PKCS12 keystore. A second, unrelated CA lets tests check
+# that a wrong CA fails. EC P-256 keys: made in milliseconds, where RSA keys
+# would cost seconds of a busy 2-core machine on every `make test`.
+make_tls() {
+    TLS_DIR=$1/tls
+    mkdir -p "$TLS_DIR"
+    local t=$TLS_DIR ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+    ossl req -x509 "${ec[@]}" -keyout "$t/ca.key" -out "$t/ca.crt" -days 30 -subj "/CN=outboxd test CA"
+    ossl req -x509 "${ec[@]}" -keyout "$t/wrong-ca.key" -out "$t/wrong-ca.crt" -days 30 -subj "/CN=outboxd unrelated CA"
+    printf '%s\n' 'subjectAltName = IP:127.0.0.1, DNS:localhost' 'extendedKeyUsage = serverAuth' \
+        'basicConstraints = critical, CA:FALSE' >"$t/server.ext"
+    ossl req -new "${ec[@]}" -keyout "$t/server.key" -out "$t/server.csr" -subj "/CN=localhost"
+    ossl x509 -req -in "$t/server.csr" -CA "$t/ca.crt" -CAkey "$t/ca.key" -CAcreateserial \
+        -days 30 -extfile "$t/server.ext" -out "$t/server.crt"
+    printf '%s\n' 'extendedKeyUsage = clientAuth' 'basicConstraints = critical, CA:FALSE' >"$t/client.ext"
+    ossl req -new "${ec[@]}" -keyout "$t/client.key" -out "$t/client.csr" -subj "/CN=$CERT_USER"
+    ossl x509 -req -in "$t/client.csr" -CA "$t/ca.crt" -CAkey "$t/ca.key" -CAcreateserial \
+        -days 30 -extfile "$t/client.ext" -out "$t/client.crt"
+    # libpq refuses a client key others may read.
+    chmod 600 "$t"/*.key
+    # Kafka reads PKCS12 keystores directly; no keytool round trip needed.
+    ossl pkcs12 -export -in "$t/server.crt" -inkey "$t/server.key" -certfile "$t/ca.crt" \
+        -name broker -passout "pass:$KEYSTORE_PASSWORD" -out "$t/broker.p12"
+}
+
+# Gives postgres cluster DIR/NAME TLS with the stack's server certificate
+# and CA (for client certificates); called by start_pg before it starts.
+pg_enable_tls() {
+    local data=$1 tls=$2
+    cp "$tls/server.crt" "$tls/server.key" "$tls/ca.crt" "$data/"
+    # Postgres refuses a key file others may read, or that it does not own.
+    chmod 600 "$data/server.key"
+    if [[ $EUID -eq 0 ]]; then chown postgres: "$data/server.crt" "$data/server.key" "$data/ca.crt"; fi
+    cat >>"$data/postgresql.conf" <<EOF
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+ssl_ca_file = 'ca.crt'
+EOF
 }
 
 # ---------------------------------------------------------------- kafka
@@ -242,9 +315,14 @@ kafka_java() {
 # The PROXIED listener advertises a port nobody listens on until a test
 # starts its TCP proxy there (forwarding to the listener's real port): a
 # client that bootstraps through the proxy then reaches the broker only
-# through it, so a test can cut or stall that path.
+# through it, so a test can cut or stall that path. The SASL_SSL listener
+# (TLS with make_tls's server certificate, SCRAM-SHA-512 users made by
+# format_kafka) is how a managed cluster is reached; the broker's own
+# traffic stays PLAINTEXT.
 write_kafka_config() {
-    local kdir=$1 port=$2 cport=$3 proxied_port=$4 proxy_port=$5
+    local kdir=$1 port=$2 cport=$3 proxied_port=$4 proxy_port=$5 sasl_port=$6
+    local tls
+    tls=$(dirname "$kdir")/tls
     mkdir -p "$kdir/data"
     ln -sfn "$KAFKA_LIBS" "$kdir/libs"
     cat >"$kdir/server.properties" <<EOF
@@ -252,11 +330,16 @@ write_kafka_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,PROXIED://127.0.0.1:$proxied_port
-advertised.listeners=PLAINTEXT://127.0.0.1:$port,PROXIED://127.0.0.1:$proxy_port
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,PROXIED://127.0.0.1:$proxied_port,SASL_SSL://127.0.0.1:$sasl_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,PROXIED://127.0.0.1:$proxy_port,SASL_SSL://127.0.0.1:$sasl_port
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT,SASL_SSL:SASL_SSL
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PKCS12
+listener.name.sasl_ssl.ssl.keystore.location=$tls/broker.p12
+listener.name.sasl_ssl.ssl.keystore.password=$KEYSTORE_PASSWORD
 log.dirs=$kdir/data
 num.partitions=3
 default.replication.factor=1
@@ -299,14 +382,28 @@ rootLogger.appenderRef.main.ref = MAIN
 EOF
 }
 
+# A cluster id as `StorageTool random-uuid` makes one (16 random bytes in
+# URL-safe base64, unpadded, never starting with `-`, which would read as an
+# option), without a JVM start of its own: seconds of every `make test`.
+kafka_cluster_id() {
+    local id
+    while :; do
+        id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')
+        if [[ $id != -* ]]; then echo "$id"; return 0; fi
+    done
+}
+
 format_kafka() {
     local dir=$1 kdir=$1/kafka id
-    id=$(kafka_java "$dir" kafka.tools.StorageTool random-uuid 2>"$kdir/format.log") \
-        || die_with_log "$kdir/format.log" "kafka: could not generate a cluster id (jars broken? delete $KAFKA_LIBS)"
+    id=$(kafka_cluster_id)
+    : >"$kdir/format.log"
     # Static quorum (controller.quorum.voters) => plain `format -t ID -c CFG`,
     # no --standalone (that is for dynamic quorums).
+    # --add-scram writes the SASL_SSL listener's user into the metadata log
+    # at format time, so no admin call has to wait for the broker.
     kafka_java "$dir" kafka.tools.StorageTool format -t "$id" \
-        -c "$kdir/server.properties" >>"$kdir/format.log" 2>&1 \
+        -c "$kdir/server.properties" \
+        --add-scram "SCRAM-SHA-512=[name=$SASL_USER,password=$SASL_PASSWORD]" >>"$kdir/format.log" 2>&1 \
         || die_with_log "$kdir/format.log" "kafka: storage format failed"
 }
 
@@ -372,14 +469,15 @@ cmd_up() {
     dir=$(abs_dir "$1")
     if is_ours "$(read_pid "$dir/kafka.pid")" "$(kafka_marker "$dir")" \
         || is_ours "$(read_pid "$dir/pg.pid")" "$dir/pg/data" \
-        || is_ours "$(read_pid "$dir/pg-nological.pid")" "$dir/pg-nological/data"; then
+        || is_ours "$(read_pid "$dir/pg-nological.pid")" "$dir/pg-nological/data" \
+        || is_ours "$(read_pid "$dir/pg-tls.pid")" "$dir/pg-tls/data"; then
         die "a stack is already running in $dir (run: $0 down $dir)"
     fi
     bash "$HERE/install-deps.sh"
     command -v java >/dev/null || die "java not found after install-deps.sh"
 
     # Fresh state every time: this is a throwaway stack.
-    rm -rf "$dir/pg" "$dir/pg-nological" "$dir/kafka" "$dir/env" "$dir"/*.pid "$dir"/*.port
+    rm -rf "$dir/pg" "$dir/pg-nological" "$dir/pg-tls" "$dir/tls" "$dir/kafka" "$dir/env" "$dir"/*.pid "$dir"/*.port
     # mktemp -d makes 0700 dirs; the postgres user must be able to enter DIR.
     [[ $EUID -eq 0 ]] && chmod o+x "$dir"
 
@@ -388,24 +486,28 @@ cmd_up() {
     trap on_up_exit EXIT
 
     fetch_kafka
-    local kport cport proxied_port proxy_port
+    make_tls "$dir"
+    local kport cport proxied_port proxy_port sasl_port
     free_port kport
     free_port cport
     free_port proxied_port
     free_port proxy_port
-    write_kafka_config "$dir/kafka" "$kport" "$cport" "$proxied_port" "$proxy_port"
-    format_kafka "$dir"
-    say "kafka: starting $KAFKA_VERSION on 127.0.0.1:$kport (controller :$cport)"
-    # Kafka boots in the background while Postgres starts; launch_kafka waits.
-    launch_kafka "$dir" &
+    free_port sasl_port
+    write_kafka_config "$dir/kafka" "$kport" "$cport" "$proxied_port" "$proxy_port" "$sasl_port"
+    say "kafka: formatting and starting $KAFKA_VERSION on 127.0.0.1:$kport (controller :$cport)"
+    # Kafka is formatted and boots in the background while Postgres starts
+    # (the JVM starts are the longest part of `up`); launch_kafka waits.
+    (format_kafka "$dir"; launch_kafka "$dir") &
     local kafka_waiter=$!
     start_pg "$dir" pg logical
     start_pg "$dir" pg-nological replica
+    start_pg "$dir" pg-tls logical tls
     wait "$kafka_waiter" || exit 1
     KAFKA_PORT=$kport
-    local PG_PORT NOLOGICAL_PORT
+    local PG_PORT NOLOGICAL_PORT TLS_PORT tls=$dir/tls
     PG_PORT=$(cat "$dir/pg.port")
     NOLOGICAL_PORT=$(cat "$dir/pg-nological.port")
+    TLS_PORT=$(cat "$dir/pg-tls.port")
 
     cat >"$dir/env" <<EOF
 export OUTBOXD_TEST_PG_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
@@ -416,13 +518,28 @@ export OUTBOXD_TEST_KAFKA=127.0.0.1:$KAFKA_PORT
 # only path to the broker for clients bootstrapping at PROXY.
 export OUTBOXD_TEST_KAFKA_PROXIED=127.0.0.1:$proxied_port
 export OUTBOXD_TEST_KAFKA_PROXY=127.0.0.1:$proxy_port
+# TLS tests: a Postgres that takes TLS connections only (server certificate
+# for 127.0.0.1 and localhost, signed by TLS_CA; WRONG_CA signed nothing of
+# the stack's); a client certificate that logs in as CLIENT_USER where that
+# role is in cert_auth; and the broker's SASL_SSL listener (SCRAM-SHA-512).
+export OUTBOXD_TEST_PG_TLS_URL='postgres://postgres@127.0.0.1:$TLS_PORT/postgres?sslmode=verify-full&sslrootcert=$tls/ca.crt'
+export OUTBOXD_TEST_TLS_CA=$tls/ca.crt
+export OUTBOXD_TEST_TLS_WRONG_CA=$tls/wrong-ca.crt
+export OUTBOXD_TEST_TLS_CLIENT_CERT=$tls/client.crt
+export OUTBOXD_TEST_TLS_CLIENT_KEY=$tls/client.key
+export OUTBOXD_TEST_TLS_CLIENT_USER=$CERT_USER
+export OUTBOXD_TEST_KAFKA_SASL_SSL=127.0.0.1:$sasl_port
+export OUTBOXD_TEST_KAFKA_SASL_USER=$SASL_USER
+export OUTBOXD_TEST_KAFKA_SASL_PASSWORD=$SASL_PASSWORD
 export OUTBOXD_STACK_DIR=$dir
 EOF
     trap - EXIT
     say "up in ${SECONDS}s:"
     echo "  postgres  postgres://postgres@127.0.0.1:$PG_PORT/postgres  pid $(cat "$dir/pg.pid")  log $dir/pg/postgres.log"
     echo "  postgres  postgres://postgres@127.0.0.1:$NOLOGICAL_PORT/postgres  (wal_level=replica)  pid $(cat "$dir/pg-nological.pid")"
+    echo "  postgres  postgres://postgres@127.0.0.1:$TLS_PORT/postgres?sslmode=verify-full&sslrootcert=$tls/ca.crt  (TLS only)  pid $(cat "$dir/pg-tls.pid")"
     echo "  kafka     127.0.0.1:$KAFKA_PORT ($KAFKA_VERSION)  pid $(cat "$dir/kafka.pid")  log $dir/kafka/kafka.log"
+    echo "  kafka     127.0.0.1:$sasl_port (SASL_SSL, SCRAM-SHA-512 user $SASL_USER, CA $tls/ca.crt)"
     echo "  env       source $dir/env"
 }
 
@@ -433,6 +550,7 @@ cmd_down() {
     stop_kafka "$dir"
     stop_pg "$dir" pg
     stop_pg "$dir" pg-nological
+    stop_pg "$dir" pg-tls
 }
 
 cmd_kafka_kill() {
@@ -507,4 +625,7 @@ main() {
     esac
 }
 
-main "$@"
+# Sourced by cluster.sh for the helpers above; run only when executed.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    main "$@"
+fi

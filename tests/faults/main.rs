@@ -13,6 +13,7 @@ mod support;
 
 mod backlog;
 mod checker;
+mod cluster;
 mod kill_points;
 mod network;
 mod poison;

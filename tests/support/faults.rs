@@ -170,7 +170,10 @@ impl RelayProcess {
         loop {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             // The state follows the parenthesised command name.
-            let state = stat.rsplit(") ").next().and_then(|rest| rest.chars().next());
+            let state = stat
+                .rsplit(") ")
+                .next()
+                .and_then(|rest| rest.chars().next());
             if state == Some('T') {
                 return;
             }
@@ -309,8 +312,22 @@ impl Campaign {
     /// `kafka.max_message_bytes: 100000`, so the workload's oversized poison
     /// rows are too large) and starts three writers of `workload`.
     pub async fn start(fault: &'static str, mode: Mode, workload: &Workload) -> Campaign {
+        Campaign::start_on(fault, mode, workload, None).await
+    }
+
+    /// Like `start`, with the relay (and the checker) on the Kafka cluster
+    /// at `kafka` instead of the stack's broker.
+    pub async fn start_on(
+        fault: &'static str,
+        mode: Mode,
+        workload: &Workload,
+        kafka: Option<&str>,
+    ) -> Campaign {
         let servers = exclusive().await;
-        let env = TestEnv::new(fault, mode).await;
+        let mut env = TestEnv::new(fault, mode).await;
+        if let Some(kafka) = kafka {
+            env.kafka = kafka.to_string();
+        }
         env.write_config("", "  max_message_bytes: 100000\n");
         let pool = writer_pool(&env.database_url, 4).await;
         let writers = LiveWriter::start_many(&pool, workload, 0..3, 10);

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod checker;
+pub mod cluster;
 pub mod faults;
 pub mod http;
 pub mod kafka;
