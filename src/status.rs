@@ -88,20 +88,22 @@ pub async fn read(config: &Config) -> Result<Status> {
         });
     let source = schema::database_source(&mut connection).await;
     let identity = TableIdentity::new(source.as_deref(), &table.display_name(), &config.relay.name);
-    let last_checkpoint =
-        match tokio::time::timeout(CHECKPOINT_TIMEOUT, checkpoint::read_latest(config, &identity))
-            .await
-        {
-            Err(_) => Err(format!(
-                "Kafka did not answer within {CHECKPOINT_TIMEOUT:?}"
-            )),
-            Ok(Err(error)) => Err(error.message),
-            Ok(Ok(latest)) => Ok(latest.map(|c| CheckpointStatus {
-                published_rows: c.published.len(),
-                dead_lettered_rows: c.dead_lettered.len(),
-                position: c.position.map(|p| p.to_string()),
-            })),
-        };
+    let last_checkpoint = match tokio::time::timeout(
+        CHECKPOINT_TIMEOUT,
+        checkpoint::read_latest(config, &identity),
+    )
+    .await
+    {
+        Err(_) => Err(format!(
+            "Kafka did not answer within {CHECKPOINT_TIMEOUT:?}"
+        )),
+        Ok(Err(error)) => Err(error.message),
+        Ok(Ok(latest)) => Ok(latest.map(|c| CheckpointStatus {
+            published_rows: c.published.len(),
+            dead_lettered_rows: c.dead_lettered.len(),
+            position: c.position.map(|p| p.to_string()),
+        })),
+    };
     let (last_checkpoint, last_checkpoint_error) = match last_checkpoint {
         Ok(checkpoint) => (checkpoint, None),
         Err(why) => (None, Some(why)),

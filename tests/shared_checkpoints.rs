@@ -12,7 +12,10 @@ use crate::support::{Mode, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-in_both_modes!(another_relays_open_transaction_does_not_hide_the_latest_checkpoint, worker_threads = 2);
+in_both_modes!(
+    another_relays_open_transaction_does_not_hide_the_latest_checkpoint,
+    worker_threads = 2
+);
 /// Another relay's transaction open on the shared checkpoint topic (a relay
 /// killed mid-batch stays open until its timeout) holds the topic's last
 /// stable offset below this relay's latest checkpoint. A relay killed right
@@ -34,7 +37,10 @@ async fn another_relays_open_transaction_does_not_hide_the_latest_checkpoint(mod
     assert_exactly_once(&env, &Written::combined([before, during])).await;
 }
 
-in_both_modes!(a_predecessor_with_another_name_is_fenced_in_its_first_transaction, worker_threads = 2);
+in_both_modes!(
+    a_predecessor_with_another_name_is_fenced_in_its_first_transaction,
+    worker_threads = 2
+);
 /// A relay loses its Postgres sessions (and so the table's lock) while it
 /// is frozen inside its very first Kafka transaction, before any checkpoint
 /// names it. A relay with another name takes the table over and publishes
@@ -124,19 +130,29 @@ async fn the_relay_creates_a_short_compacted_checkpoint_topic() {
         "max.compaction.lag.ms",
         "min.insync.replicas",
     ];
-    let values = outboxd::kafka::topics::topic_configs(&env.config(), &env.checkpoint_topic(), &keys)
-        .await
-        .expect("describe the checkpoint topic");
+    let values =
+        outboxd::kafka::topics::topic_configs(&env.config(), &env.checkpoint_topic(), &keys)
+            .await
+            .expect("describe the checkpoint topic");
     let values: Vec<Option<&str>> = values.iter().map(Option::as_deref).collect();
     // One broker in the test stack: one replica, min.insync.replicas 1.
     assert_eq!(
         values,
-        [Some("compact"), Some("600000"), Some("0.1"), Some("3600000"), Some("1")]
+        [
+            Some("compact"),
+            Some("600000"),
+            Some("0.1"),
+            Some("3600000"),
+            Some("1")
+        ]
     );
     assert_exactly_once(&env, &written).await;
 }
 
-in_both_modes!(a_checkpoint_topic_with_several_partitions_keeps_exactly_once, worker_threads = 2);
+in_both_modes!(
+    a_checkpoint_topic_with_several_partitions_keeps_exactly_once,
+    worker_threads = 2
+);
 /// A user-created checkpoint topic with several partitions: checkpoints go
 /// to partition 0 and are found there after an after-commit kill.
 async fn a_checkpoint_topic_with_several_partitions_keeps_exactly_once(mode: Mode) {
@@ -164,7 +180,10 @@ async fn create_compacted_topic(env: &TestEnv, topic: &str, partitions: i32) {
     }
 }
 
-in_both_modes!(a_checkpoint_left_by_outboxd_0_1_is_adopted, worker_threads = 2);
+in_both_modes!(
+    a_checkpoint_left_by_outboxd_0_1_is_adopted,
+    worker_threads = 2
+);
 /// Upgrading: outboxd 0.1 keyed checkpoints by relay name and used
 /// `outboxd-<relay.name>` as its transactional id. A batch it committed to
 /// Kafka but did not mark is marked by the new version, never re-sent.
@@ -183,7 +202,9 @@ async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
 
     // What 0.1 left behind: the first rows and its checkpoint, committed.
     let table = OutboxTable::from_config(&config.postgres).expect("table");
-    let mut connection = sqlx::PgConnection::connect(&env.database_url).await.expect("connect");
+    let mut connection = sqlx::PgConnection::connect(&env.database_url)
+        .await
+        .expect("connect");
     let mut transaction = connection.begin().await.expect("BEGIN");
     let events = outboxd::capture::polling::claim_batch(
         &mut transaction,
@@ -198,8 +219,7 @@ async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
     drop(connection);
     let router = outboxd::routing::Router::new(&config.routing, config.kafka.max_message_bytes)
         .expect("router");
-    let producer =
-        begin_transaction_as(&env.kafka, &format!("outboxd-{}", env.relay_name())).await;
+    let producer = begin_transaction_as(&env.kafka, &format!("outboxd-{}", env.relay_name())).await;
     for event in &events {
         let record = router.route(event).expect("routable");
         let mut future_record = FutureRecord::to(&record.topic)
@@ -207,10 +227,16 @@ async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
             .key(record.key.as_deref().unwrap_or_default());
         let mut headers = rdkafka::message::OwnedHeaders::new();
         for (name, value) in &record.headers {
-            headers = headers.insert(rdkafka::message::Header { key: name, value: Some(value) });
+            headers = headers.insert(rdkafka::message::Header {
+                key: name,
+                value: Some(value),
+            });
         }
         future_record = future_record.headers(headers);
-        producer.send(future_record, Duration::from_secs(30)).await.expect("event delivered");
+        producer
+            .send(future_record, Duration::from_secs(30))
+            .await
+            .expect("event delivered");
     }
     let mut source_connection = env.pool.acquire().await.expect("connection");
     let source = outboxd::schema::database_source(&mut source_connection).await;
@@ -231,7 +257,11 @@ async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
         .await
         .expect("task")
         .expect("commit");
-    assert_eq!(env.unsent().await as usize, written.committed, "0.1 marked nothing");
+    assert_eq!(
+        env.unsent().await as usize,
+        written.committed,
+        "0.1 marked nothing"
+    );
 
     env.relay_until_all_sent(LIMIT).await;
     // The next start reads the adopted checkpoint directly.
@@ -239,7 +269,10 @@ async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
     assert_exactly_once(&env, &written).await;
 }
 
-in_both_modes!(an_expired_checkpoint_group_is_found_by_scanning, worker_threads = 2);
+in_both_modes!(
+    an_expired_checkpoint_group_is_found_by_scanning,
+    worker_threads = 2
+);
 /// The broker expires an empty group's offsets after
 /// `offsets.retention.minutes` (7 days by default): a relay killed right
 /// after its Kafka commit and restarted after that still finds its latest

@@ -225,8 +225,7 @@ fn read_latest_blocking(config: &Config, identity: &TableIdentity) -> Result<Opt
             }
             Some(Ok(message)) => message,
         };
-        if message.offset() != offset || message.key() != Some(identity.checkpoint_key.as_bytes())
-        {
+        if message.offset() != offset || message.key() != Some(identity.checkpoint_key.as_bytes()) {
             return Err(Error::stop(format!(
                 "the checkpoint group `{}` points at `{topic}` offset {offset}, but the record \
                  there is not this table's checkpoint (found offset {} with another key); \

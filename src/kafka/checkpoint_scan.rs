@@ -54,8 +54,7 @@ pub async fn read(
     table_key: &str,
     origin: Option<(&str, &str)>,
 ) -> Result<Latest> {
-    Publisher::fence_transactional_id(config, &legacy_transactional_id(&config.relay.name))
-        .await?;
+    Publisher::fence_transactional_id(config, &legacy_transactional_id(&config.relay.name)).await?;
     let mut latest = scan(config, table_key, origin).await?;
     if !latest.predecessors.is_empty() {
         for (previous_relay, _) in &latest.predecessors {
@@ -195,7 +194,10 @@ fn scan_blocking(
 
 /// One of our checkpoints. A null value would be a tombstone: the
 /// checkpoint was deleted on purpose.
-fn readable(topic: &str, message: &rdkafka::message::BorrowedMessage<'_>) -> Result<Option<Checkpoint>> {
+fn readable(
+    topic: &str,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) -> Result<Option<Checkpoint>> {
     match message.payload() {
         None => Ok(None),
         Some(bytes) => Checkpoint::from_bytes(bytes).map(Some).map_err(|e| {

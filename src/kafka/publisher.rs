@@ -102,7 +102,9 @@ impl Publisher {
         publisher
             .transaction_call(timeout, move |producer| producer.init_transactions(timeout))
             .await
-            .map_err(|e| e.classified("initialising Kafka transactions (is the broker reachable?)"))?;
+            .map_err(|e| {
+                e.classified("initialising Kafka transactions (is the broker reachable?)")
+            })?;
         Ok(publisher)
     }
 
@@ -138,9 +140,11 @@ impl Publisher {
         records: &[RoutedRecord],
         checkpoint: &Checkpoint,
     ) -> Result<(), PublishError> {
-        self.transaction_call(self.transaction_timeout, |producer| producer.begin_transaction())
-            .await
-            .map_err(|e| e.classified("beginning a Kafka transaction"))?;
+        self.transaction_call(self.transaction_timeout, |producer| {
+            producer.begin_transaction()
+        })
+        .await
+        .map_err(|e| e.classified("beginning a Kafka transaction"))?;
         failpoint::kill_point("after-begin");
         let outcome = self.produce_and_commit(records, checkpoint).await;
         let needs_abort = match &outcome {
@@ -303,7 +307,9 @@ impl Publisher {
         failpoint::kill_point_after("inside-commit", Duration::from_millis(2));
         loop {
             match self
-                .transaction_call(timeout, move |producer| producer.commit_transaction(timeout))
+                .transaction_call(timeout, move |producer| {
+                    producer.commit_transaction(timeout)
+                })
                 .await
             {
                 Ok(()) => return Ok(()),
@@ -400,7 +406,10 @@ fn transactional_client(config: &Config, transactional_id: &str) -> rdkafka::Cli
 /// The checkpoint group as `send_offsets_to_transaction` names it. The group
 /// never has members (nothing subscribes), so its offsets are committed as
 /// a simple group's: generation -1, no member id.
-fn group_metadata(config: &Config, identity: &TableIdentity) -> Result<ConsumerGroupMetadata, Error> {
+fn group_metadata(
+    config: &Config,
+    identity: &TableIdentity,
+) -> Result<ConsumerGroupMetadata, Error> {
     let consumer: BaseConsumer<RelayContext> = super::base_client_config(config)
         .set("group.id", &identity.checkpoint_group)
         .set("enable.auto.commit", "false")

@@ -13,8 +13,8 @@ use sqlx::PgConnection;
 use super::Context;
 use crate::error::Result;
 use crate::kafka::checkpoint::{self, Checkpoint};
-use crate::kafka::identity::TableIdentity;
 use crate::kafka::checkpoint_scan;
+use crate::kafka::identity::TableIdentity;
 use crate::kafka::publisher::{PublishError, Publisher};
 
 /// What the session publishes with, after the takeover.
@@ -83,7 +83,10 @@ async fn find_by_scanning(
     for (previous_relay, checkpoint) in &found.predecessors {
         // Marking is idempotent: rows of a checkpoint that were marked long
         // ago are simply marked again.
-        let done = context.acknowledger.reconcile(connection, checkpoint).await?;
+        let done = context
+            .acknowledger
+            .reconcile(connection, checkpoint)
+            .await?;
         if done.published + done.dead_lettered > 0 {
             tracing::warn!(
                 previous_relay = %previous_relay,

@@ -30,7 +30,12 @@ async fn relays_sharing_one_checkpoint_topic(mode: Mode) {
         let env = env.with_checkpoint_topic(&topic);
         env.write_config("", "  max_message_bytes: 100000\n");
         let pool = writer_pool(&env.database_url, 2).await;
-        writers.push(LiveWriter::start_many(&pool, &Workload::realistic(), 0..1, 10));
+        writers.push(LiveWriter::start_many(
+            &pool,
+            &Workload::realistic(),
+            0..1,
+            10,
+        ));
         envs.push(env);
     }
 
@@ -42,7 +47,8 @@ async fn relays_sharing_one_checkpoint_topic(mode: Mode) {
             .iter()
             .map(|env| {
                 let after_commit = rand::rng().random_ratio(1, 3);
-                let kill_at = after_commit.then(|| format!("after-commit:{}", rand::rng().random_range(1..=5)));
+                let kill_at = after_commit
+                    .then(|| format!("after-commit:{}", rand::rng().random_range(1..=5)));
                 (RelayProcess::start(env, kill_at.as_deref()), after_commit)
             })
             .collect();
