@@ -3,7 +3,7 @@
 //! next, whatever its name. Each scenario fails with outboxd 0.1's
 //! checkpoint protocol.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::faults::{config_with_relay_name, log_path, RelayProcess};
 use crate::support::kafka::{begin_transaction_as, OpenTransaction};
@@ -59,7 +59,7 @@ async fn a_predecessor_with_another_name_is_fenced_in_its_first_transaction(mode
     env.wait_all_sent(LIMIT).await;
 
     zombie.resume();
-    wait_for_line(&zombie_log, "relay session failed", LIMIT).await;
+    zombie.wait_for_log("relay session failed", LIMIT).await;
     zombie.stop().await;
     successor.stop().await;
     let _ = std::fs::remove_file(&successor_config);
@@ -100,22 +100,6 @@ async fn terminate_sessions_of(env: &TestEnv, application_name: &str) {
     .await
     .expect("terminate the relay's sessions");
     assert!(ended > 0, "no session of {application_name} to end");
-}
-
-async fn wait_for_line(log: &std::path::Path, needle: &str, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.contains(needle) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "`{needle}` did not appear in {} within {limit:?}",
-            log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
 
+use crate::support::faults::RelayProcess;
 use crate::support::workload::{assert_exactly_once, write_orders, Written};
 use crate::support::{servers, InProcessRelay, Mode, TestEnv};
 
@@ -383,4 +384,10 @@ async fn a_wrong_sasl_password_fails_clearly() {
         text.contains("[FAIL] kafka") && text.contains("SASL authentication"),
         "check must fail on the credentials: {text}"
     );
+    // The relay retries (a password may be rotated under it) and says why.
+    let log = std::env::temp_dir().join(format!("outboxd-sasl-wrong-{}.log", env.id));
+    let relay = RelayProcess::spawn(&env.config_path, &log, None);
+    relay
+        .wait_for_log("SASL authentication", Duration::from_secs(90))
+        .await;
 }

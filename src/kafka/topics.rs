@@ -62,10 +62,24 @@ pub async fn ensure_checkpoint_topic(config: &Config) -> Result<()> {
     let options = AdminOptions::new()
         .operation_timeout(Some(ADMIN_TIMEOUT))
         .request_timeout(Some(ADMIN_TIMEOUT));
-    let results = admin
-        .create_topics([&new_topic], &options)
-        .await
-        .map_err(|e| Error::retry(format!("creating checkpoint topic `{topic}`: {e}")))?;
+    let results = match admin.create_topics([&new_topic], &options).await {
+        Ok(results) => results,
+        Err(e) => {
+            let causes = super::probe::connection_errors(config).await;
+            let causes = if causes.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; librdkafka says: {}. Check kafka.bootstrap_servers and, for TLS and \
+                     SASL, kafka.properties",
+                    causes.join("; ")
+                )
+            };
+            return Err(Error::retry(format!(
+                "creating checkpoint topic `{topic}`: {e}{causes}"
+            )));
+        }
+    };
     for result in results {
         match result {
             Ok(_) => tracing::info!(

@@ -11,7 +11,7 @@ use std::time::Duration;
 use outboxd::kafka::identity::TableIdentity;
 
 use crate::support::cluster::{KafkaCluster, Target};
-use crate::support::faults::{random_between, size, Campaign, RelayProcess};
+use crate::support::faults::{exclusive, random_between, size, Campaign, RelayProcess};
 use crate::support::workload::Workload;
 use crate::support::Mode;
 
@@ -24,8 +24,12 @@ const TARGETS: [Target; 4] = [
 
 in_both_modes!(brokers_killed_in_a_three_node_cluster, worker_threads = 2);
 async fn brokers_killed_in_a_three_node_cluster(mode: Mode) {
+    // The cluster is started only once this test holds the servers: fault
+    // tests run one at a time, and two clusters would share one folder.
+    let servers = exclusive().await;
     let cluster = KafkaCluster::start().await;
     let mut campaign = Campaign::start_on(
+        servers,
         "three-broker-kills",
         mode,
         &Workload::realistic(),

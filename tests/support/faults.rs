@@ -191,6 +191,23 @@ impl RelayProcess {
         }
     }
 
+    /// Waits until the relay's log holds `needle`.
+    pub async fn wait_for_log(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains(needle) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`{needle}` did not appear in {} within {limit:?}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGCONT: a frozen relay goes on where it stopped.
     pub fn resume(&self) {
         super::signal(self.child.as_ref().expect("relay was started"), "CONT");
@@ -312,18 +329,19 @@ impl Campaign {
     /// `kafka.max_message_bytes: 100000`, so the workload's oversized poison
     /// rows are too large) and starts three writers of `workload`.
     pub async fn start(fault: &'static str, mode: Mode, workload: &Workload) -> Campaign {
-        Campaign::start_on(fault, mode, workload, None).await
+        Campaign::start_on(exclusive().await, fault, mode, workload, None).await
     }
 
-    /// Like `start`, with the relay (and the checker) on the Kafka cluster
-    /// at `kafka` instead of the stack's broker.
+    /// Like `start`, holding the servers already (`exclusive`), with the
+    /// relay (and the checker) on the Kafka cluster at `kafka` instead of
+    /// the stack's broker.
     pub async fn start_on(
+        servers: tokio::sync::MutexGuard<'static, ()>,
         fault: &'static str,
         mode: Mode,
         workload: &Workload,
         kafka: Option<&str>,
     ) -> Campaign {
-        let servers = exclusive().await;
         let mut env = TestEnv::new(fault, mode).await;
         if let Some(kafka) = kafka {
             env.kafka = kafka.to_string();
