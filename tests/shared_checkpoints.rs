@@ -260,12 +260,17 @@ in_both_modes!(
 /// The broker expires an empty group's offsets after
 /// `offsets.retention.minutes` (7 days by default): a relay killed right
 /// after its Kafka commit and restarted after that still finds its latest
-/// checkpoint, by scanning the topic once.
+/// checkpoint, by scanning the shared topic once, and the scan reads past
+/// another relay's transaction held open on the topic instead of stopping
+/// at the last stable offset below our checkpoint.
 async fn an_expired_checkpoint_group_is_found_by_scanning(mode: Mode) {
     use rdkafka::admin::AdminOptions;
 
     let env = TestEnv::new("expired-group", mode).await;
+    let shared = format!("{}-shared.checkpoints", env.topic_prefix());
+    let env = env.with_checkpoint_topic(&shared);
     let before = relayed(&env).await;
+    let other = OpenTransaction::begin(&env.kafka, &shared, &format!("{}-other", env.id)).await;
     let during = killed_after_commit(&env).await;
 
     // What the broker's offset expiry does: the group and its offset are gone.
@@ -279,7 +284,18 @@ async fn an_expired_checkpoint_group_is_found_by_scanning(mode: Mode) {
         result.expect("checkpoint group deleted");
     }
 
+    // The scan waits for the other relay's transaction, as it would for one
+    // killed mid-batch until its timeout.
     let mut relay = RelayProcess::start(&env, None);
+    relay
+        .wait_for_log("scanning the checkpoint topic once", LIMIT)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        env.unsent().await > 0,
+        "the scan must not finish while another relay's transaction hides the end of the topic"
+    );
+    other.abort().await;
     env.wait_all_sent(LIMIT).await;
     relay.stop().await;
     assert_exactly_once(&env, &Written::combined([before, during])).await;

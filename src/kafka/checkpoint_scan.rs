@@ -116,10 +116,17 @@ fn scan_blocking(
         )));
     }
     // Taken after fencing: every checkpoint of the fenced relays is below it.
+    // Asked by a read_uncommitted client: librdkafka asks for the end with
+    // the client's isolation level, and a read_committed client's end is
+    // the last stable offset, the very bound that can hide our checkpoint.
+    let end_reader: BaseConsumer<super::RelayContext> = super::base_client_config(config)
+        .set("isolation.level", "read_uncommitted")
+        .create_with_context(super::RelayContext)
+        .map_err(|e| Error::stop(format!("cannot create the checkpoint reader: {e}")))?;
     let mut bounds: BTreeMap<i32, i64> = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
     for &partition in &partitions {
-        let (_, high) = consumer
+        let (_, high) = end_reader
             .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
             .map_err(|e| {
                 Error::retry(format!(

@@ -321,6 +321,10 @@ pub struct Campaign {
     writers: LiveWriter,
     /// Written outside the live writers (a backlog).
     extra: Vec<Written>,
+    /// A cluster the campaign's relay uses instead of the stack's broker.
+    /// Declared before `_servers`: it stops before the next fault test
+    /// may start one in the same folder.
+    pub cluster: Option<super::cluster::KafkaCluster>,
     _servers: tokio::sync::MutexGuard<'static, ()>,
 }
 
@@ -329,32 +333,35 @@ impl Campaign {
     /// `kafka.max_message_bytes: 100000`, so the workload's oversized poison
     /// rows are too large) and starts three writers of `workload`.
     pub async fn start(fault: &'static str, mode: Mode, workload: &Workload) -> Campaign {
-        Campaign::start_on(exclusive().await, fault, mode, workload, None).await
+        Campaign::start_on(exclusive().await, fault, mode, workload, 3, None).await
     }
 
-    /// Like `start`, holding the servers already (`exclusive`), with the
-    /// relay (and the checker) on the Kafka cluster at `kafka` instead of
-    /// the stack's broker.
+    /// Like `start`, holding the servers already (`exclusive`), with
+    /// `writers` writers and the relay (and the checker) on `cluster`
+    /// instead of the stack's broker; the campaign stops the cluster when
+    /// it ends.
     pub async fn start_on(
         servers: tokio::sync::MutexGuard<'static, ()>,
         fault: &'static str,
         mode: Mode,
         workload: &Workload,
-        kafka: Option<&str>,
+        writers: usize,
+        cluster: Option<super::cluster::KafkaCluster>,
     ) -> Campaign {
         let mut env = TestEnv::new(fault, mode).await;
-        if let Some(kafka) = kafka {
-            env.kafka = kafka.to_string();
+        if let Some(cluster) = &cluster {
+            env.kafka = cluster.bootstrap.clone();
         }
         env.write_config("", "  max_message_bytes: 100000\n");
         let pool = writer_pool(&env.database_url, 4).await;
-        let writers = LiveWriter::start_many(&pool, workload, 0..3, 10);
+        let writers = LiveWriter::start_many(&pool, workload, 0..writers, 10);
         Campaign {
             env,
             fault,
             runs: 0,
             writers,
             extra: Vec::new(),
+            cluster,
             _servers: servers,
         }
     }

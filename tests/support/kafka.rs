@@ -69,13 +69,21 @@ fn read_all_blocking(bootstrap: &str, prefix: &str, keep: impl Fn(&str) -> bool)
     // end-of-partition event: a read_committed reader's end is the last
     // stable offset, which an open transaction holds back.
     let mut bounds: Vec<(String, i32, i64)> = Vec::new();
+    // The high watermark, asked by a read_uncommitted client: librdkafka
+    // asks with the client's isolation level, and read_committed would
+    // answer the last stable offset.
+    let end_reader: BaseConsumer<outboxd::kafka::RelayContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("isolation.level", "read_uncommitted")
+        .create_with_context(outboxd::kafka::RelayContext)
+        .expect("create consumer");
     for topic in metadata
         .topics()
         .iter()
         .filter(|t| t.name().starts_with(prefix) && keep(t.name()))
     {
         for partition in topic.partitions() {
-            let (_, high) = consumer
+            let (_, high) = end_reader
                 .fetch_watermarks(topic.name(), partition.id(), Duration::from_secs(10))
                 .expect("watermarks");
             bounds.push((topic.name().to_string(), partition.id(), high));
