@@ -84,15 +84,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         match cli.command {
             Command::Run { .. } => run(config).await,
             Command::Migrate { print, .. } => migrate_command(config, print).await,
             Command::Check { .. } => check(config).await,
             Command::Status { json, .. } => status_command(config, json).await,
         }
-    })
+    });
+    // A librdkafka call the relay gave up on (kafka::publisher) may still
+    // hold a blocking thread; its session already ended and settled, so the
+    // exit must not wait for it.
+    runtime.shutdown_timeout(EXIT_WAIT);
+    code
 }
+
+/// How long the exit waits for blocking tasks still running.
+const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn run(config: Config) -> ExitCode {
     if let Err(error) = outboxd::failpoint::announce() {
