@@ -51,7 +51,10 @@ const CHECKPOINT_TOPIC_CONFIGS: [(&str, &str); 5] = [
 pub async fn ensure_checkpoint_topic(config: &Config) -> Result<()> {
     let admin = Arc::new(admin_client(config)?);
     let topic = &config.kafka.checkpoint_topic;
-    let brokers = broker_count_with(Arc::clone(&admin)).await?;
+    let brokers = match broker_count_with(Arc::clone(&admin)).await {
+        Ok(brokers) => brokers,
+        Err(error) => return Err(with_librdkafka_causes(config, error).await),
+    };
     let replication_factor = brokers.clamp(1, 3) as i32;
     let min_insync = if replication_factor >= 3 { "2" } else { "1" };
     let mut new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(replication_factor))
@@ -65,19 +68,8 @@ pub async fn ensure_checkpoint_topic(config: &Config) -> Result<()> {
     let results = match admin.create_topics([&new_topic], &options).await {
         Ok(results) => results,
         Err(e) => {
-            let causes = super::probe::connection_errors(config).await;
-            let causes = if causes.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; librdkafka says: {}. Check kafka.bootstrap_servers and, for TLS and \
-                     SASL, kafka.properties",
-                    causes.join("; ")
-                )
-            };
-            return Err(Error::retry(format!(
-                "creating checkpoint topic `{topic}`: {e}{causes}"
-            )));
+            let error = Error::retry(format!("creating checkpoint topic `{topic}`: {e}"));
+            return Err(with_librdkafka_causes(config, error).await);
         }
     };
     for result in results {
@@ -104,6 +96,24 @@ pub async fn ensure_checkpoint_topic(config: &Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `error` with librdkafka's own words on why the cluster cannot be reached
+/// (a SASL authentication error, a TLS failure), where it has any.
+async fn with_librdkafka_causes(config: &Config, error: Error) -> Error {
+    let causes = super::probe::connection_errors(config).await;
+    if causes.is_empty() {
+        return error;
+    }
+    Error {
+        message: format!(
+            "{}; librdkafka says: {}. Check kafka.bootstrap_servers and, for TLS and SASL, \
+             kafka.properties",
+            error.message,
+            causes.join("; ")
+        ),
+        ..error
+    }
 }
 
 /// How many brokers the cluster has.
