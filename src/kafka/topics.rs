@@ -51,10 +51,15 @@ const CHECKPOINT_TOPIC_CONFIGS: [(&str, &str); 5] = [
 pub async fn ensure_checkpoint_topic(config: &Config) -> Result<()> {
     let admin = Arc::new(admin_client(config)?);
     let topic = &config.kafka.checkpoint_topic;
-    let brokers = match broker_count_with(Arc::clone(&admin)).await {
-        Ok(brokers) => brokers,
+    // One metadata request says both whether the topic is there (then
+    // nothing is asked of the controller) and how many brokers can hold it.
+    let (brokers, exists) = match cluster_shape(Arc::clone(&admin), topic).await {
+        Ok(shape) => shape,
         Err(error) => return Err(with_librdkafka_causes(config, error).await),
     };
+    if exists {
+        return Ok(());
+    }
     let replication_factor = brokers.clamp(1, 3) as i32;
     let min_insync = if replication_factor >= 3 { "2" } else { "1" };
     let mut new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(replication_factor))
@@ -118,14 +123,26 @@ async fn with_librdkafka_causes(config: &Config, error: Error) -> Error {
 
 /// How many brokers the cluster has.
 pub async fn broker_count(config: &Config) -> Result<usize> {
-    broker_count_with(Arc::new(admin_client(config)?)).await
+    let (brokers, _) = cluster_shape(Arc::new(admin_client(config)?), "").await?;
+    Ok(brokers)
 }
 
-async fn broker_count_with(admin: Arc<AdminClient<RelayContext>>) -> Result<usize> {
+/// How many brokers the cluster has, and whether `topic` exists.
+async fn cluster_shape(
+    admin: Arc<AdminClient<RelayContext>>,
+    topic: &str,
+) -> Result<(usize, bool)> {
+    let topic = topic.to_string();
     tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, ADMIN_TIMEOUT))
         .await
         .map_err(|e| Error::stop(format!("metadata task failed: {e}")))?
-        .map(|metadata| metadata.brokers().len())
+        .map(|metadata| {
+            let exists = metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none());
+            (metadata.brokers().len(), exists)
+        })
         .map_err(|e| Error::retry(format!("cannot reach Kafka at the bootstrap servers: {e}")))
 }
 
