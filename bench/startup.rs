@@ -22,17 +22,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::drain::failure;
 use crate::process::Running;
 use crate::support::workload::Written;
-use crate::systems::{BenchEnv, System, PARTITIONS};
+use crate::systems::{BenchEnv, System};
 
 /// Samples per case.
 pub const RUNS: usize = 5;
@@ -192,23 +189,11 @@ struct Arrivals {
 
 impl Arrivals {
     fn start(bootstrap: &str, topic: &str) -> Arrivals {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", format!("bench-arrivals-{topic}"))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            // Answer as soon as anything is readable; the wait only bounds
-            // an idle fetch.
-            .set("fetch.wait.max.ms", "10")
-            .create()
-            .expect("arrivals consumer");
-        let mut partitions = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            partitions
-                .add_partition_offset(topic, p, Offset::Beginning)
-                .expect("partition");
-        }
-        consumer.assign(&partitions).expect("assign");
+        let consumer = crate::systems::visibility_consumer(
+            bootstrap,
+            topic,
+            &format!("bench-arrivals-{topic}"),
+        );
         let seen = Arc::new(Mutex::new(HashMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {

@@ -13,16 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::drain::failure;
 use crate::process::Running;
 use crate::support::workload::writer_pool;
-use crate::systems::{BenchEnv, System, PARTITIONS};
+use crate::systems::{BenchEnv, System};
 
 /// Writer connections; each owns its aggregates, so per-aggregate order is
 /// the order of its own commits.
@@ -209,23 +206,11 @@ struct LatencyConsumer {
 
 impl LatencyConsumer {
     fn start(bootstrap: &str, topic: &str) -> LatencyConsumer {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", format!("bench-latency-{topic}"))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            // Answer as soon as anything is readable; the wait only bounds
-            // an idle fetch.
-            .set("fetch.wait.max.ms", "10")
-            .create()
-            .expect("latency consumer");
-        let mut partitions = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            partitions
-                .add_partition_offset(topic, p, Offset::Beginning)
-                .expect("partition");
-        }
-        consumer.assign(&partitions).expect("assign");
+        let consumer = crate::systems::visibility_consumer(
+            bootstrap,
+            topic,
+            &format!("bench-latency-{topic}"),
+        );
         let seen = Arc::new(Mutex::new(Vec::new()));
         let count = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));

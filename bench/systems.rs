@@ -333,3 +333,25 @@ async fn scrape_published(port: u16) -> Option<u64> {
         .sum::<f64>();
     Some(total as u64)
 }
+
+/// A `read_committed` consumer of every partition of `topic` from the
+/// beginning that answers as soon as anything is readable (the fetch wait
+/// only bounds an idle fetch): what the bench's visibility watchers read with.
+pub fn visibility_consumer(bootstrap: &str, topic: &str, group: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .expect("visibility consumer");
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        partitions
+            .add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&partitions).expect("assign");
+    consumer
+}
