@@ -260,20 +260,32 @@ fn committed_checkpoint_offset(config: &Config, identity: &TableIdentity) -> Res
         .map_err(|e| Error::stop(format!("cannot create the checkpoint reader: {e}")))?;
     let mut partitions = TopicPartitionList::new();
     partitions.add_partition(topic, CHECKPOINT_PARTITION);
-    let committed = consumer
-        .committed_offsets(partitions, READ_TIMEOUT)
-        .map_err(|e| {
-            let group = &identity.checkpoint_group;
-            match e.rdkafka_error_code() {
-                Some(RDKafkaErrorCode::GroupAuthorizationFailed) => Error::stop(format!(
-                    "fetching the committed offset of checkpoint group `{group}`: {e}. Grant the \
-                     relay's Kafka principal READ and DESCRIBE on consumer groups prefixed `outboxd-`"
-                )),
-                _ => Error::retry(format!(
-                    "fetching the committed offset of checkpoint group `{group}`: {e}"
-                )),
+    let group = &identity.checkpoint_group;
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let committed = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match consumer.committed_offsets(partitions.clone(), remaining) {
+            Ok(committed) => break committed,
+            // The group's coordinator is moving or still loading (a broker
+            // restarted, or a new broker is creating `__consumer_offsets`):
+            // the answer is a moment away, not a reason to end the session.
+            Err(e) if coordinator_in_flux(&e) && Instant::now() < deadline => {
+                tracing::debug!(error = %e, group, "checkpoint group's coordinator not ready; asking again");
+                std::thread::sleep(COORDINATOR_RETRY);
             }
-        })?;
+            Err(e) => {
+                return Err(match e.rdkafka_error_code() {
+                    Some(RDKafkaErrorCode::GroupAuthorizationFailed) => Error::stop(format!(
+                        "fetching the committed offset of checkpoint group `{group}`: {e}. Grant the \
+                         relay's Kafka principal READ and DESCRIBE on consumer groups prefixed `outboxd-`"
+                    )),
+                    _ => Error::retry(format!(
+                        "fetching the committed offset of checkpoint group `{group}`: {e}"
+                    )),
+                })
+            }
+        }
+    };
     let offset = committed
         .find_partition(topic, CHECKPOINT_PARTITION)
         .map(|partition| partition.offset());
@@ -281,6 +293,22 @@ fn committed_checkpoint_offset(config: &Config, identity: &TableIdentity) -> Res
         Some(Offset::Offset(offset)) => Ok(Some(offset)),
         _ => Ok(None),
     }
+}
+
+/// Pause before asking a coordinator that was not ready again.
+const COORDINATOR_RETRY: Duration = Duration::from_millis(100);
+
+/// Errors that mean the group coordinator is not ready yet, not that the
+/// request can never succeed.
+fn coordinator_in_flux(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+        )
+    )
 }
 
 #[cfg(test)]
