@@ -67,6 +67,13 @@ pub struct RelayConfig {
         deserialize_with = "duration::deserialize"
     )]
     pub shutdown_grace: Duration,
+    /// How many Kafka transactions may be committed while their rows are
+    /// not yet marked sent. Marking runs behind publishing, so the next
+    /// transaction does not wait for the previous one's marks; every
+    /// checkpoint names the rows of all of them, and start-up marks them.
+    /// `1` publishes, marks, then publishes the next. 1 to 16.
+    #[serde(default = "defaults::unacknowledged_batches")]
+    pub unacknowledged_batches: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -390,6 +397,9 @@ mod defaults {
     pub fn max_message_bytes() -> usize {
         1_000_000
     }
+    pub fn unacknowledged_batches() -> usize {
+        3
+    }
 }
 
 /// A config that could not be loaded: which file, and what is wrong with it.
@@ -464,6 +474,9 @@ impl Config {
         }
         if self.capture.batch_size == 0 || self.capture.batch_size > 50_000 {
             return Err("capture.batch_size: must be between 1 and 50000".into());
+        }
+        if !(1..=16).contains(&self.relay.unacknowledged_batches) {
+            return Err("relay.unacknowledged_batches: must be between 1 and 16".into());
         }
         if self.capture.batch_bytes < 1024 {
             return Err("capture.batch_bytes: must be at least 1024".into());

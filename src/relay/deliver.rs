@@ -20,6 +20,8 @@ use crate::kafka::publisher::{PublishError, Publisher};
 use crate::metrics::{Metrics, RelayState};
 use crate::routing::Router;
 
+use super::window::Window;
+
 /// How often the relay logs what it has done.
 const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 
@@ -77,16 +79,18 @@ impl<'a> Deliverer<'a> {
         }
     }
 
-    /// Publishes `events` and a checkpoint naming them (and `position`, the
-    /// stream position of the last event the batch accounts for) in one
-    /// Kafka transaction. A record the broker refuses makes its row poison
-    /// and the batch is sent again without it; an abortable error re-sends
+    /// Publishes `events` and a checkpoint naming them and every batch in
+    /// `window` (and `position`, the stream position of the last event the
+    /// batch accounts for) in one Kafka transaction. A record the broker
+    /// refuses makes its row poison and the batch is sent again without
+    /// it; an abortable error re-sends
     /// the batch after a backoff. Returns `None` if shutdown was requested
     /// before the batch committed.
-    pub async fn deliver(
+    pub(super) async fn deliver(
         &mut self,
         events: &[OutboxEvent],
         position: Option<SourcePosition>,
+        window: &Window,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Option<Delivered>> {
         let mut resend_backoff = super::new_backoff();
@@ -97,11 +101,15 @@ impl<'a> Deliverer<'a> {
                 &self.rejected_by_broker,
                 self.on_poison,
             )?;
+            // The batch's rows and those of every committed batch not yet
+            // marked: a crash before their marks leaves them all repairable.
+            let (published, dead_lettered) =
+                window.checkpoint_rows(&batch.published, &batch.dead_lettered);
             let checkpoint = Checkpoint::new(
                 self.table_name,
                 self.source.as_deref(),
-                &batch.published,
-                &batch.dead_lettered,
+                &published,
+                &dead_lettered,
                 position,
             );
             let started = Instant::now();

@@ -14,9 +14,11 @@
 //! `replication`; `deliver` publishes one batch for both.
 
 mod deliver;
+mod pipeline;
 mod polling;
 mod replication;
 mod takeover;
+mod window;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -297,7 +299,7 @@ struct Session<'a> {
 /// the latest checkpoint's rows are reconciled). Services may keep `off` for
 /// their own transactions; this only changes the relay's session, and only
 /// when it is `off` (a stronger setting such as `remote_apply` is kept).
-async fn durable_acknowledgements(connection: &mut PgConnection) -> Result<()> {
+pub(super) async fn durable_acknowledgements(connection: &mut PgConnection) -> Result<()> {
     let setting: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
         .fetch_one(&mut *connection)
         .await

@@ -1,28 +1,32 @@
-//! The polling loop: claim unsent rows, deliver them, mark them, commit.
+//! The polling capture stage: claim unsent rows, each claim in a
+//! transaction of its own, and hand them to the pipeline.
 //!
 //! ```text
-//!  BEGIN; claim ≤ batch_size rows FOR UPDATE SKIP LOCKED
-//!        ▼
-//!  Kafka: begin · events + checkpoint · commit
-//!        ▼
-//!  mark rows sent; COMMIT            (then the next claim)
+//!  claim connection 1: BEGIN; claim ≤ batch_size FOR UPDATE SKIP LOCKED ─▶ pipeline ─▶ mark; COMMIT
+//!  claim connection 2:        BEGIN; claim the next rows (skips 1's) ───▶ pipeline ─▶ mark; COMMIT
+//!  …
 //! ```
 //!
-//! Invariant: a row is acknowledged only after the Kafka transaction holding
-//! it committed, and the next claim starts only after that acknowledgement
-//! committed (see `kafka::checkpoint` for why this makes restarts
-//! exactly-once). The claimed rows stay locked until then, so no other
-//! relay can claim them meanwhile.
+//! Invariant: a claimed row stays locked by its claim's transaction until
+//! the marks of its committed Kafka transaction commit in that same
+//! transaction, so the next claim, which runs while earlier batches are
+//! still being published, never takes a row already claimed (`SKIP
+//! LOCKED`), and a row is acknowledged only after its Kafka transaction
+//! committed (`pipeline`). A row that commits late (a lower seq) is claimed
+//! by a later round: claims filter on `sent_at IS NULL`, not on a cursor.
 
-use sqlx::Connection;
+use std::time::Duration;
 
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Executor;
+
+use super::pipeline::{self, AcknowledgeWith, CaptureEnds, CapturedBatch};
 use super::Session;
 use crate::capture::polling;
 use crate::capture::wakeup::Wakeup;
 use crate::error::{Error, Result};
-use crate::failpoint;
 
-/// How long the loop runs.
+/// How long the polling loop runs.
 pub enum Until {
     /// Until shutdown, waiting on the wakeup whenever nothing is unsent.
     Shutdown(Wakeup),
@@ -32,61 +36,119 @@ pub enum Until {
     DrainedUpTo(i64),
 }
 
-pub async fn run(session: &mut Session<'_>, mut until: Until) -> Result<()> {
-    let table = &session.context.table;
+pub async fn run(session: &mut Session<'_>, until: Until) -> Result<()> {
+    let context = session.context;
+    let config = &context.config;
+    let table = &context.table;
     let (claim_sql, up_to) = match &until {
         Until::Shutdown(_) => (table.claim_sql(session.payload_encoding), None),
         Until::DrainedUpTo(seq) => (table.claim_up_to_sql(session.payload_encoding), Some(*seq)),
     };
-    let batch_size = session.context.config.capture.batch_size;
-    loop {
-        if *session.stop.borrow() {
-            return Ok(());
-        }
-        let mut transaction = session
-            .connection
-            .begin()
-            .await
-            .map_err(|e| Error::from_postgres("starting the claim transaction", e))?;
-        let events = polling::claim_batch(&mut transaction, &claim_sql, batch_size, up_to).await?;
-        if events.is_empty() {
-            release(transaction).await?;
-            match &mut until {
-                Until::Shutdown(wakeup) => wakeup.wait(&mut session.stop).await,
-                Until::DrainedUpTo(_) => return Ok(()),
+    let unacknowledged_batches = config.relay.unacknowledged_batches;
+    // One claim waits for the publisher, one is published, the rest are in
+    // the window waiting for their marks, and one is being claimed.
+    let claims = claim_pool(&context.connect_options, unacknowledged_batches + 2);
+    let claim = Claim {
+        claims: claims.clone(),
+        claim_sql,
+        batch_size: config.capture.batch_size,
+        up_to,
+    };
+    let stop = session.stop.clone();
+    let outcome = pipeline::run(
+        &mut session.deliverer,
+        &context.acknowledger,
+        None,
+        unacknowledged_batches,
+        &session.stop,
+        |ends| claim.run(until, stop, ends),
+    )
+    .await;
+    claims.close().await;
+    outcome
+}
+
+/// Connections that each hold one claim's transaction open until its
+/// marks commit. Opened on first use; waiting for a free one is the
+/// pipeline's back-pressure, not an error, so the wait has no short limit.
+fn claim_pool(connect_options: &PgConnectOptions, size: usize) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(u32::try_from(size).unwrap_or(u32::MAX))
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(3600))
+        .test_before_acquire(false)
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                // See `durable_acknowledgements`: the marks commit on these
+                // connections, and must survive a Postgres crash.
+                let setting: String =
+                    sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+                        .fetch_one(&mut *connection)
+                        .await?;
+                if setting == "off" {
+                    connection.execute("SET synchronous_commit = on").await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_lazy_with(connect_options.clone())
+}
+
+struct Claim {
+    claims: PgPool,
+    claim_sql: String,
+    batch_size: usize,
+    up_to: Option<i64>,
+}
+
+impl Claim {
+    async fn run(
+        self,
+        mut until: Until,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        ends: CaptureEnds,
+    ) -> Result<()> {
+        loop {
+            if *stop.borrow() {
+                return Ok(());
             }
-            continue;
-        }
-        let Some(delivered) = session
-            .deliverer
-            .deliver(&events, None, &mut session.stop)
-            .await?
-        else {
-            release(transaction).await?;
-            return Ok(());
-        };
-        session
-            .context
-            .acknowledger
-            .acknowledge(
+            let mut transaction = tokio::select! {
+                begun = self.claims.begin() => begun
+                    .map_err(|e| Error::from_postgres("starting a claim transaction", e))?,
+                _ = stop.changed() => return Ok(()),
+            };
+            let events = polling::claim_batch(
                 &mut transaction,
-                &delivered.published,
-                &delivered.dead_lettered,
+                &self.claim_sql,
+                self.batch_size,
+                self.up_to,
             )
             .await?;
-        failpoint::kill_point("after-mark");
-        transaction.commit().await.map_err(|e| {
-            Error::from_postgres(
-                "committing the acknowledgement (the checkpoint will repair it)",
-                e,
-            )
-        })?;
+            if events.is_empty() {
+                release(transaction).await?;
+                match &mut until {
+                    Until::Shutdown(wakeup) => wakeup.wait(&mut stop).await,
+                    Until::DrainedUpTo(_) => return Ok(()),
+                }
+                continue;
+            }
+            let batch = CapturedBatch {
+                events,
+                position: None,
+                acknowledge_with: AcknowledgeWith::Claim(transaction),
+            };
+            if ends.batches.send(batch).await.is_err() {
+                // The publisher ended (shutdown or failure); the claim is
+                // rolled back as it is dropped.
+                return Ok(());
+            }
+        }
     }
 }
 
 /// Releases the claimed rows; a failure here means the connection is gone,
 /// and Postgres releases them itself.
-async fn release(transaction: sqlx::Transaction<'_, sqlx::Postgres>) -> Result<()> {
+async fn release(transaction: sqlx::Transaction<'static, sqlx::Postgres>) -> Result<()> {
     transaction
         .rollback()
         .await

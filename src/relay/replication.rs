@@ -39,8 +39,10 @@
 //!   it is (`Acknowledger::acknowledge_streamed`).
 
 use futures_util::FutureExt;
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::watch;
 
+use super::pipeline::{self, AcknowledgeWith, Acknowledged, CaptureEnds, CapturedBatch};
 use super::Session;
 use crate::capture::lsn::Lsn;
 use crate::capture::slot::{self, SlotInfo};
@@ -49,13 +51,13 @@ use crate::capture::wire::{ReplicationStream, StreamTarget, WireClient};
 use crate::config::SlotLostPolicy;
 use crate::error::{Error, Result};
 use crate::event::{OutboxEvent, SourcePosition};
-use crate::failpoint;
 use crate::kafka::checkpoint::Checkpoint;
 
 /// Runs until shutdown or the first failure.
 pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Result<()> {
-    let config = &session.context.config;
-    let table = &session.context.table;
+    let context = session.context;
+    let config = &context.config;
+    let table = &context.table;
     slot::ensure_publication(&mut session.connection, &config.postgres.publication, table).await?;
     let slot_name = config.slot_name();
     // A checkpoint with a position means this relay streamed from its slot
@@ -109,16 +111,40 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         batch_size = config.capture.batch_size,
         "relay started"
     );
+    // Marks run on a connection of their own, behind the Kafka transactions.
+    let mut acknowledgements = PgConnection::connect_with(&context.connect_options)
+        .await
+        .map_err(|e| Error::from_postgres("connecting for acknowledgements", e))?;
+    super::durable_acknowledgements(&mut acknowledgements).await?;
     let mut streamer = Streamer {
         assembler: Assembler::new(table, config.capture.other_changes, resume_after),
         batch: Vec::new(),
         batch_bytes: 0,
         batch_position: None,
         confirm_after_batch: None,
+        in_flight: 0,
+        confirm_when_idle: None,
         filter_before,
         unsent_among_sql: table.unsent_among_sql(),
+        batch_size: config.capture.batch_size,
+        max_batch_bytes: config.capture.batch_bytes,
     };
-    let outcome = streamer.stream(session, &mut stream).await;
+    let Session {
+        connection,
+        deliverer,
+        stop,
+        ..
+    } = session;
+    let capture_stop = stop.clone();
+    let outcome = pipeline::run(
+        deliverer,
+        &context.acknowledger,
+        Some(&mut acknowledgements),
+        config.relay.unacknowledged_batches,
+        stop,
+        |ends| streamer.stream(connection, &mut stream, capture_stop, ends),
+    )
+    .await;
     if streamer.assembler.skipped > 0 {
         tracing::info!(
             skipped = streamer.assembler.skipped,
@@ -194,7 +220,7 @@ async fn usable_slot(
     Ok((info, true))
 }
 
-/// The state of one streaming session.
+/// The state of one streaming session: the capture stage of the pipeline.
 struct Streamer {
     assembler: Assembler,
     batch: Vec<OutboxEvent>,
@@ -203,43 +229,60 @@ struct Streamer {
     /// Position of the last event taken into the batch.
     batch_position: Option<SourcePosition>,
     /// End of the last transaction whose events are all in the batch (or
-    /// were in earlier ones): what to confirm once the batch is committed.
+    /// were in earlier ones): what to confirm once the batch is acknowledged.
     confirm_after_batch: Option<Lsn>,
+    /// Batches handed to the pipeline whose acknowledgement has not come
+    /// back yet. While there are any, nothing past them may be confirmed.
+    in_flight: usize,
+    /// A position reached with nothing batched while batches were in
+    /// flight (the end of a transaction without outbox rows, a keepalive):
+    /// confirmed once every batch before it is acknowledged.
+    confirm_when_idle: Option<Lsn>,
     /// After a catch-up drain: transactions committed before this may have
     /// been published by the drain, so their rows are checked in the table.
     filter_before: Option<Lsn>,
     unsent_among_sql: String,
+    batch_size: usize,
+    max_batch_bytes: usize,
 }
 
 impl Streamer {
     async fn stream(
         &mut self,
-        session: &mut Session<'_>,
+        connection: &mut PgConnection,
         stream: &mut impl ReplicationStream,
+        mut stop: watch::Receiver<bool>,
+        mut ends: CaptureEnds,
     ) -> Result<()> {
-        let batch_size = session.context.config.capture.batch_size;
-        let batch_bytes = session.context.config.capture.batch_bytes;
         loop {
-            if *session.stop.borrow() {
+            if *stop.borrow() {
                 // Whatever is batched is not in Kafka and nothing of it was
                 // confirmed: it is streamed again after restart.
                 return Ok(());
             }
-            // Batch whatever is already here; deliver as soon as the stream
-            // has nothing more to give right now, or the batch is full. In
-            // the middle of a source transaction the rest of it is on its
-            // way (pgoutput sends committed transactions whole), so wait for
-            // it rather than cut a small batch that cannot be confirmed yet.
+            while let Ok(acknowledged) = ends.acknowledged.try_recv() {
+                self.acknowledged(acknowledged, stream);
+            }
+            // Batch whatever is already here; hand the batch over as soon
+            // as the stream has nothing more to give right now, or the
+            // batch is full. In the middle of a source transaction the rest
+            // of it is on its way (pgoutput sends committed transactions
+            // whole), so wait for it rather than cut a small batch that
+            // cannot be confirmed yet.
             let next = if self.batch.is_empty() || self.assembler.in_transaction() {
                 tokio::select! {
                     next = stream.next() => next?,
-                    _ = session.stop.changed() => return Ok(()),
+                    Some(acknowledged) = ends.acknowledged.recv() => {
+                        self.acknowledged(acknowledged, stream);
+                        continue;
+                    }
+                    _ = stop.changed() => return Ok(()),
                 }
             } else {
                 match next_if_ready(stream).await {
                     Some(next) => next?,
                     None => {
-                        self.flush(session, stream).await?;
+                        self.hand_over(connection, &ends).await?;
                         continue;
                     }
                 }
@@ -255,34 +298,57 @@ impl Streamer {
                     self.batch_position = event.position;
                     self.batch_bytes += event.payload.as_ref().map_or(0, Vec::len);
                     self.batch.push(event);
-                    if self.batch.len() >= batch_size || self.batch_bytes >= batch_bytes {
-                        self.flush(session, stream).await?;
+                    if self.batch.len() >= self.batch_size
+                        || self.batch_bytes >= self.max_batch_bytes
+                    {
+                        self.hand_over(connection, &ends).await?;
                     }
                 }
                 Some(Captured::TransactionEnd { end_lsn }) => {
                     if self.batch.is_empty() {
-                        stream.acknowledge(end_lsn);
+                        self.confirm_when_settled(end_lsn, stream);
                     } else {
                         self.confirm_after_batch = Some(end_lsn);
                     }
                 }
-                // Nothing in flight: everything the server sent is settled.
+                // Nothing batched or half-read: everything the server sent
+                // is settled once what is in flight is.
                 Some(Captured::Idle { wal_end })
                     if self.batch.is_empty() && !self.assembler.in_transaction() =>
                 {
-                    stream.acknowledge(wal_end);
+                    self.confirm_when_settled(wal_end, stream);
                 }
                 Some(Captured::Idle { .. }) => {}
             }
         }
     }
 
-    /// Delivers the batch, marks its rows, then confirms the slot.
-    async fn flush(
-        &mut self,
-        session: &mut Session<'_>,
-        stream: &mut impl ReplicationStream,
-    ) -> Result<()> {
+    /// Confirms `lsn` now if no batch is in flight, else once they all are
+    /// acknowledged.
+    fn confirm_when_settled(&mut self, lsn: Lsn, stream: &mut impl ReplicationStream) {
+        if self.in_flight == 0 {
+            stream.acknowledge(lsn);
+        } else {
+            self.confirm_when_idle = self.confirm_when_idle.max(Some(lsn));
+        }
+    }
+
+    /// A batch's rows are marked: the slot may pass it.
+    fn acknowledged(&mut self, acknowledged: Acknowledged, stream: &mut impl ReplicationStream) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(lsn) = acknowledged.confirm {
+            stream.acknowledge(lsn);
+        }
+        if self.in_flight == 0 {
+            if let Some(lsn) = self.confirm_when_idle.take() {
+                stream.acknowledge(lsn);
+            }
+        }
+    }
+
+    /// Hands the batch to the pipeline, which publishes it, marks its rows
+    /// and then sends back the position the slot may be confirmed to.
+    async fn hand_over(&mut self, connection: &mut PgConnection, ends: &CaptureEnds) -> Result<()> {
         let mut events = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         if let Some(before) = self.filter_before {
@@ -290,37 +356,21 @@ impl Streamer {
                 // The stream has passed everything committed before it began.
                 self.filter_before = None;
             }
-            keep_unsent_before(
-                &mut session.connection,
-                &self.unsent_among_sql,
-                &mut events,
-                before,
-            )
-            .await?;
+            keep_unsent_before(connection, &self.unsent_among_sql, &mut events, before).await?;
         }
-        let position = self.batch_position;
-        if !events.is_empty() {
-            let Some(delivered) = session
-                .deliverer
-                .deliver(&events, position, &mut session.stop)
-                .await?
-            else {
-                return Ok(());
-            };
-            session
-                .context
-                .acknowledger
-                .acknowledge_streamed(
-                    &mut session.connection,
-                    &delivered.published,
-                    &delivered.dead_lettered,
-                )
-                .await?;
-            failpoint::kill_point("after-mark");
+        let confirm = self.confirm_after_batch.take();
+        if events.is_empty() && confirm.is_none() {
+            return Ok(());
         }
-        if let Some(end_lsn) = self.confirm_after_batch.take() {
-            stream.acknowledge(end_lsn);
-        }
+        let batch = CapturedBatch {
+            events,
+            position: self.batch_position,
+            acknowledge_with: AcknowledgeWith::Stream { confirm },
+        };
+        self.in_flight += 1;
+        // A closed pipeline (shutdown or a failed stage) ends the session;
+        // the batch is streamed again after restart.
+        let _ = ends.batches.send(batch).await;
         Ok(())
     }
 }

@@ -1,0 +1,220 @@
+//! The pipeline both capture modes feed: capturing the next batch, the
+//! Kafka transaction of the current one and the acknowledgement of earlier
+//! ones run at the same time, joined by bounded channels.
+//!
+//! ```text
+//!  capture ──▶ [1 batch waiting] ──▶ publish ──▶ [window] ──▶ acknowledge
+//!   (claim or stream)           (one Kafka transaction    (mark rows sent;
+//!      ▲                         after another)            then the slot
+//!      │                               ▲                   may be confirmed)
+//!      └──── slot positions safe to confirm ◀──────────────┤
+//!                                      └── acknowledged ◀──┘
+//! ```
+//!
+//! Invariants:
+//! - Batches are published in the order they were captured, and
+//!   acknowledged in the order they were published: per aggregate, Kafka
+//!   order is capture order, and the slot is confirmed monotonically.
+//! - A batch is acknowledged only after its Kafka transaction committed; a
+//!   stage that fails ends the session, and what was committed but not yet
+//!   acknowledged is named by the latest checkpoint (`window`), which the
+//!   next session reconciles before it publishes anything.
+//! - Memory is bounded: one batch waits for the publisher, at most
+//!   `relay.unacknowledged_batches` wait for their marks, and each batch is
+//!   bounded by `capture.batch_size` (and `capture.batch_bytes`).
+
+use std::future::Future;
+
+use sqlx::{PgConnection, Postgres, Transaction};
+use tokio::sync::{mpsc, watch};
+
+use super::deliver::{Delivered, Deliverer};
+use super::window::Window;
+use crate::acknowledge::Acknowledger;
+use crate::capture::lsn::Lsn;
+use crate::error::{Error, Result};
+use crate::event::{OutboxEvent, SourcePosition};
+use crate::failpoint;
+
+/// One batch from capture, with what acknowledging it takes.
+pub(super) struct CapturedBatch {
+    pub events: Vec<OutboxEvent>,
+    /// Replication: the stream position of the batch's last event.
+    pub position: Option<SourcePosition>,
+    pub acknowledge_with: AcknowledgeWith,
+}
+
+/// How a batch's rows are acknowledged once its Kafka transaction committed.
+pub(super) enum AcknowledgeWith {
+    /// Polling: the transaction that claimed the rows and holds their
+    /// locks; the marks commit in it, so no other claim can take them.
+    Claim(Transaction<'static, Postgres>),
+    /// Replication: marks on the acknowledgement connection, then the slot
+    /// may be confirmed up to `confirm` (the end of the last source
+    /// transaction the batch completes), if any.
+    Stream { confirm: Option<Lsn> },
+}
+
+/// Replication: a batch was acknowledged; the slot may be confirmed up to
+/// the position it carried.
+pub(super) struct Acknowledged {
+    pub confirm: Option<Lsn>,
+}
+
+/// What the capture stage sends batches into and hears acknowledgements
+/// from. The capture stage ends by returning; the pipeline then publishes
+/// and acknowledges what it already handed over, and returns.
+pub(super) struct CaptureEnds {
+    pub batches: mpsc::Sender<CapturedBatch>,
+    pub acknowledged: mpsc::UnboundedReceiver<Acknowledged>,
+}
+
+/// A committed batch on its way to acknowledgement.
+struct Committed {
+    id: u64,
+    delivered: Delivered,
+    acknowledge_with: AcknowledgeWith,
+}
+
+/// Runs `capture` and the publish and acknowledge stages together until
+/// capture ends and everything it handed over is acknowledged (or, on
+/// shutdown, until what was committed is acknowledged), or until the first
+/// stage fails. `stream_acks` is the replication stage's own connection
+/// for marks (polling marks inside each claim's transaction).
+pub(super) async fn run<F>(
+    deliverer: &mut Deliverer<'_>,
+    acknowledger: &Acknowledger,
+    stream_acks: Option<&mut PgConnection>,
+    unacknowledged_batches: usize,
+    stop: &watch::Receiver<bool>,
+    capture: impl FnOnce(CaptureEnds) -> F,
+) -> Result<()>
+where
+    F: Future<Output = Result<()>>,
+{
+    let (batches, captured) = mpsc::channel(1);
+    let (committed_sender, committed) = mpsc::channel(unacknowledged_batches.max(1));
+    let (acknowledged_sender, acknowledged) = mpsc::unbounded_channel();
+    let (done_sender, done) = mpsc::unbounded_channel();
+    let capture = capture(CaptureEnds {
+        batches,
+        acknowledged,
+    });
+    let publish = publish(
+        deliverer,
+        captured,
+        committed_sender,
+        done,
+        Window::new(unacknowledged_batches),
+        stop.clone(),
+    );
+    let acknowledge = acknowledge(
+        acknowledger,
+        stream_acks,
+        committed,
+        done_sender,
+        acknowledged_sender,
+    );
+    tokio::try_join!(capture, publish, acknowledge).map(|_| ())
+}
+
+/// Publishes captured batches one Kafka transaction after another, each
+/// checkpoint naming the window of batches not yet acknowledged.
+async fn publish(
+    deliverer: &mut Deliverer<'_>,
+    mut captured: mpsc::Receiver<CapturedBatch>,
+    committed: mpsc::Sender<Committed>,
+    mut done: mpsc::UnboundedReceiver<u64>,
+    mut window: Window,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut next_id: u64 = 0;
+    while let Some(batch) = captured.recv().await {
+        if *stop.borrow() {
+            // Not published: its claim is rolled back (polling) or it is
+            // streamed again (replication; nothing of it was confirmed).
+            return Ok(());
+        }
+        next_id += 1;
+        let id = next_id;
+        let delivered = if batch.events.is_empty() {
+            // Every event was found published already (replication's
+            // catch-up filter); the batch still carries a slot position.
+            Delivered::default()
+        } else {
+            while let Ok(acknowledged) = done.try_recv() {
+                window.acknowledged(acknowledged);
+            }
+            while !window.has_room() {
+                match done.recv().await {
+                    Some(acknowledged) => window.acknowledged(acknowledged),
+                    // The acknowledge stage ended: it failed, and says why.
+                    None => return Ok(()),
+                }
+            }
+            let Some(delivered) = deliverer
+                .deliver(&batch.events, batch.position, &window, &mut stop)
+                .await?
+            else {
+                return Ok(());
+            };
+            window.committed(id, &delivered.published, &delivered.dead_lettered);
+            delivered
+        };
+        let committed_batch = Committed {
+            id,
+            delivered,
+            acknowledge_with: batch.acknowledge_with,
+        };
+        if committed.send(committed_batch).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Acknowledges committed batches in the order they were published.
+async fn acknowledge(
+    acknowledger: &Acknowledger,
+    mut stream_acks: Option<&mut PgConnection>,
+    mut committed: mpsc::Receiver<Committed>,
+    done: mpsc::UnboundedSender<u64>,
+    acknowledged: mpsc::UnboundedSender<Acknowledged>,
+) -> Result<()> {
+    while let Some(batch) = committed.recv().await {
+        let Delivered {
+            published,
+            dead_lettered,
+        } = &batch.delivered;
+        match batch.acknowledge_with {
+            AcknowledgeWith::Claim(mut transaction) => {
+                acknowledger
+                    .acknowledge(&mut transaction, published, dead_lettered)
+                    .await?;
+                failpoint::kill_point("after-mark");
+                transaction.commit().await.map_err(|e| {
+                    Error::from_postgres(
+                        "committing the acknowledgement (the checkpoint will repair it)",
+                        e,
+                    )
+                })?;
+            }
+            AcknowledgeWith::Stream { confirm } => {
+                if !published.is_empty() || !dead_lettered.is_empty() {
+                    let connection = stream_acks.as_deref_mut().ok_or_else(|| {
+                        Error::stop("internal: a streamed batch reached a pipeline without an acknowledgement connection")
+                    })?;
+                    acknowledger
+                        .acknowledge_streamed(connection, published, dead_lettered)
+                        .await?;
+                    failpoint::kill_point("after-mark");
+                }
+                // The capture stage confirms the slot; if it ended, the
+                // position is confirmed by the next session instead.
+                let _ = acknowledged.send(Acknowledged { confirm });
+            }
+        }
+        let _ = done.send(batch.id);
+    }
+    Ok(())
+}
