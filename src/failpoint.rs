@@ -30,6 +30,21 @@ pub const ENV: &str = "OUTBOXD_KILL_AT";
 /// `KILL` (the default) or `STOP`: what the armed point does.
 pub const SIGNAL_ENV: &str = "OUTBOXD_KILL_SIGNAL";
 
+/// `OUTBOXD_SLOW_MARKS_MS=N`: every acknowledgement waits N ms before it
+/// marks its rows, so committed but unmarked batches pile up in the window
+/// (`relay::window`) for a kill to find.
+pub const SLOW_MARKS_ENV: &str = "OUTBOXD_SLOW_MARKS_MS";
+
+/// How long each acknowledgement waits first, when `OUTBOXD_SLOW_MARKS_MS`
+/// is set.
+pub fn mark_delay() -> Option<Duration> {
+    static DELAY: OnceLock<Option<Duration>> = OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let millis: u64 = std::env::var(SLOW_MARKS_ENV).ok()?.parse().ok()?;
+        Some(Duration::from_millis(millis))
+    })
+}
+
 /// Every point's name, for validation and documentation.
 pub const POINTS: [&str; 6] = [
     "after-begin",
@@ -70,6 +85,13 @@ fn armed() -> Option<&'static Armed> {
 /// Logs loudly at start-up when a kill point is armed, and refuses names
 /// that match no point (a typo would silently test nothing).
 pub fn announce() -> Result<(), String> {
+    if let Some(delay) = mark_delay() {
+        tracing::warn!(
+            ?delay,
+            "{SLOW_MARKS_ENV} is set: every acknowledgement waits this long before marking its rows \
+             (fault-injection testing only)"
+        );
+    }
     let Some(armed) = armed() else {
         return Ok(());
     };

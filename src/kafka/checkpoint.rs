@@ -16,11 +16,24 @@
 //! transaction as the events, so "these rows are in Kafka" is true exactly
 //! when the checkpoint is committed.
 //!
-//! Invariant: rows are marked sent only after their transaction committed,
-//! and the next batch is claimed only after that marking committed. So at any
-//! moment the only rows that can be in Kafka but not marked are those of the
-//! *latest* checkpoint of the table; start-up reads it and marks them, and
-//! never produces them again.
+//! Invariant (the window). Rows are marked sent only after their Kafka
+//! transaction committed, but marking runs behind publishing: while batch
+//! k's marks run, batch k+1 is already in its Kafka transaction. So more
+//! than one batch can be in Kafka and not marked. Each checkpoint therefore
+//! names the rows of its own batch *and* of every earlier batch whose marks
+//! have not committed yet (`relay::window`, at most
+//! `relay.unacknowledged_batches` batches in all; a batch waits while the
+//! window is full). Which rows can be in Kafka but unmarked at an instant?
+//! Only rows of batches committed since the last batch whose marks
+//! committed, and transactions commit one after another, so all of them
+//! were committed when the latest committed checkpoint was built, and each
+//! was either marked by then (so it left the window) or is named by it. A
+//! crash at any point therefore leaves them repairable: start-up reads the
+//! latest checkpoint and marks every row it names (marking is idempotent,
+//! so rows marked twice cost nothing), and such rows are never produced
+//! again: polling claims only unmarked rows, and replication skips every
+//! event up to the checkpoint's position, the last event of the latest
+//! batch, which is at or after every event of the window.
 //!
 //! Finding the latest, exactly. Every relay of every order database writes
 //! its checkpoints into one shared topic, so reading that topic to its end
@@ -83,9 +96,10 @@ pub struct Checkpoint {
     /// Absent when the relay could not read it, and in older checkpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
-    /// Rows published to their routed topics.
+    /// Rows published to their routed topics: by this transaction and by
+    /// every earlier one whose rows were not yet marked sent.
     pub published: SeqRanges,
-    /// Poison rows published to the dead-letter topic.
+    /// Poison rows published to the dead-letter topic, likewise.
     pub dead_lettered: SeqRanges,
     /// Replication capture: the stream position of the batch's last event.
     /// A restarted stream skips every event at or before it. Absent from
@@ -151,8 +165,9 @@ impl SeqRanges {
         SeqRanges(ranges)
     }
 
-    /// Every seq, for `= ANY($1)`. A checkpoint covers one batch, so this is
-    /// at most `capture.batch_size` values.
+    /// Every seq, for `= ANY($1)`. A checkpoint covers the batches of the
+    /// window, so this is at most `relay.unacknowledged_batches` ×
+    /// `capture.batch_size` values.
     pub fn to_seqs(&self) -> Vec<i64> {
         self.0
             .iter()

@@ -10,8 +10,10 @@
 //!
 //! Invariant: transient failures restart the whole session with backoff, so
 //! every restart re-fences, re-reads the checkpoint and reconciles before
-//! anything new is published. The loops themselves live in `polling` and
-//! `replication`; `deliver` publishes one batch for both.
+//! anything new is published. `polling` and `replication` are the capture
+//! stages; both feed one `pipeline` (capture, publish and acknowledge at
+//! once), whose `window` of committed but unmarked batches every
+//! checkpoint names; `deliver` publishes one batch.
 
 mod deliver;
 mod pipeline;

@@ -182,6 +182,9 @@ async fn acknowledge(
     acknowledged: mpsc::UnboundedSender<Acknowledged>,
 ) -> Result<()> {
     while let Some(batch) = committed.recv().await {
+        if let Some(delay) = failpoint::mark_delay() {
+            tokio::time::sleep(delay).await;
+        }
         let Delivered {
             published,
             dead_lettered,

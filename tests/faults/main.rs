@@ -22,3 +22,4 @@ mod random_kills;
 mod second_relay;
 mod server_restarts;
 mod shared_topic;
+mod window;

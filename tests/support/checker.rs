@@ -95,18 +95,23 @@ pub async fn check(env: &TestEnv, written: &Written) -> Report {
         .filter(|record| record.topic != env.dead_letter_topic())
         .collect::<Vec<_>>();
     let dead_lettered = read_topic(&env.kafka, &env.dead_letter_topic()).await;
-    let checkpoints = read_topic(&env.kafka, &env.checkpoint_topic()).await;
-    let key = env.checkpoint_key().await;
-    let checkpoints: Vec<Checkpoint> = checkpoints
-        .iter()
-        .filter(|r| r.key.as_deref() == Some(key.as_bytes()))
-        .filter_map(|r| r.payload.as_deref())
-        .map(|bytes| Checkpoint::from_bytes(bytes).expect("checkpoint record is readable"))
-        .collect();
+    let checkpoints = table_checkpoints(env).await;
     let books = Books::Outboxd {
         checkpoints: &checkpoints,
     };
     compare(&rows, &routed, &dead_lettered, books, written)
+}
+
+/// The committed checkpoints of the env's table, oldest first.
+pub async fn table_checkpoints(env: &TestEnv) -> Vec<Checkpoint> {
+    let records = read_topic(&env.kafka, &env.checkpoint_topic()).await;
+    let key = env.checkpoint_key().await;
+    records
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(key.as_bytes()))
+        .filter_map(|r| r.payload.as_deref())
+        .map(|bytes| Checkpoint::from_bytes(bytes).expect("checkpoint record is readable"))
+        .collect()
 }
 
 /// For a relay other than outboxd (the benchmarks' Debezium): every

@@ -124,6 +124,15 @@ impl RelayProcess {
         RelayProcess::spawn_with(config, log, kill_at, &[])
     }
 
+    /// Like `start`, with extra environment variables for the relay.
+    pub fn start_with(
+        env: &TestEnv,
+        kill_at: Option<&str>,
+        environment: &[(&str, &str)],
+    ) -> RelayProcess {
+        RelayProcess::spawn_with(&env.config_path, &log_path(env), kill_at, environment)
+    }
+
     fn spawn_with(
         config: &Path,
         log: &Path,
