@@ -19,7 +19,10 @@
 //! has less TLS than the SQL one; what it cannot honour is refused by name.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use pgwire_replication::{
     Lsn as WireLsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, SslMode,
@@ -32,10 +35,15 @@ use crate::error::{Error, Result};
 
 /// How often an advanced flush position is reported to the server.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
-/// Decoded messages buffered between the socket and the relay; it bounds
-/// memory, and when it is full the client stops reading (TCP backpressure)
-/// while still answering keepalives.
-const BUFFERED_MESSAGES: usize = 4096;
+/// Messages the client's own worker buffers before it stops reading the
+/// socket (TCP backpressure; it still answers keepalives). Few, because a
+/// message can be as large as a row: the real buffer is the one below.
+const WORKER_MESSAGES: usize = 16;
+/// Bytes of row data buffered between the socket and the relay. Bounded in
+/// bytes, not messages, so memory stays flat whether rows are 100 bytes or
+/// a megabyte; thousands of small rows fit, which keeps the stream flowing
+/// while the relay publishes.
+const BUFFERED_BYTES: usize = 4 * 1024 * 1024;
 
 /// What the stream yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,9 +74,21 @@ pub struct StreamTarget {
     pub application_name: String,
 }
 
-/// The `pgwire-replication` client.
+/// The `pgwire-replication` client, read by a task of its own into a
+/// buffer bounded in bytes.
 pub struct WireClient {
-    client: ReplicationClient,
+    events: mpsc::UnboundedReceiver<Buffered>,
+    /// Positions to report as flushed; the reader task passes them on.
+    /// Dropping it ends the task, which ends the session with the server.
+    acknowledgements: Option<mpsc::UnboundedSender<WireLsn>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// One event from the server, holding its share of `BUFFERED_BYTES` until
+/// the relay has taken it.
+struct Buffered {
+    event: std::result::Result<Option<ReplicationEvent>, PgWireError>,
+    _bytes: OwnedSemaphorePermit,
 }
 
 impl WireClient {
@@ -84,17 +104,105 @@ impl WireClient {
             .wait_started()
             .await
             .map_err(|e| wire_error("starting replication", e))?;
-        Ok(WireClient { client })
+        let (events_sender, events) = mpsc::unbounded_channel();
+        let (acknowledgements, acknowledged) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_into_buffer(client, events_sender, acknowledged));
+        Ok(WireClient {
+            events,
+            acknowledgements: Some(acknowledgements),
+            reader: Some(reader),
+        })
+    }
+
+    /// Ends the replication session and waits (a few seconds at most) until
+    /// the server has released the slot, so whoever takes over next, or an
+    /// operator dropping the slot, finds it inactive. Dropping the client
+    /// ends the session too, without waiting.
+    pub async fn close(mut self) {
+        self.acknowledgements = None;
+        if let Some(reader) = self.reader.take() {
+            if tokio::time::timeout(CLOSE_LIMIT, reader).await.is_err() {
+                tracing::debug!("the replication session did not end within {CLOSE_LIMIT:?}; leaving it to the server");
+            }
+        }
+    }
+}
+
+/// Longest wait for the server to end the replication session on close.
+const CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Moves events from the client into the relay's buffer while their bytes
+/// fit in `BUFFERED_BYTES`, and passes acknowledged positions to the client.
+/// Ends (and stops the client, so the server releases the slot) when the
+/// relay drops its `WireClient` or the stream ends.
+async fn read_into_buffer(
+    mut client: ReplicationClient,
+    events: mpsc::UnboundedSender<Buffered>,
+    mut acknowledged: mpsc::UnboundedReceiver<WireLsn>,
+) {
+    let budget = Arc::new(Semaphore::new(BUFFERED_BYTES));
+    loop {
+        let event = tokio::select! {
+            biased;
+            lsn = acknowledged.recv() => match lsn {
+                Some(lsn) => {
+                    client.update_applied_lsn(lsn);
+                    continue;
+                }
+                None => break,
+            },
+            event = client.recv() => event,
+        };
+        let ended = !matches!(event, Ok(Some(_)));
+        // A message larger than the whole budget takes all of it.
+        let bytes = buffered_bytes(&event).clamp(1, BUFFERED_BYTES) as u32;
+        let permit = loop {
+            tokio::select! {
+                biased;
+                lsn = acknowledged.recv() => match lsn {
+                    Some(lsn) => client.update_applied_lsn(lsn),
+                    None => break None,
+                },
+                permit = Arc::clone(&budget).acquire_many_owned(bytes) => match permit {
+                    Ok(permit) => break Some(permit),
+                    Err(_closed) => break None,
+                },
+            }
+        };
+        let Some(permit) = permit else { break };
+        let buffered = Buffered {
+            event,
+            _bytes: permit,
+        };
+        if events.send(buffered).is_err() || ended {
+            break;
+        }
+    }
+    // CopyDone, then wait for the server to end the session: it releases
+    // the slot then. Positions acknowledged after this are not reported;
+    // the next session starts from the slot's confirmed position.
+    let _ = tokio::time::timeout(CLOSE_LIMIT, client.shutdown()).await;
+}
+
+/// Bytes an event holds while buffered: its row data, plus a little for
+/// the messages without any.
+fn buffered_bytes(event: &std::result::Result<Option<ReplicationEvent>, PgWireError>) -> usize {
+    const SMALL_MESSAGE: usize = 64;
+    match event {
+        Ok(Some(ReplicationEvent::XLogData { data, .. })) => data.len() + SMALL_MESSAGE,
+        _ => SMALL_MESSAGE,
     }
 }
 
 impl ReplicationStream for WireClient {
     async fn next(&mut self) -> Result<Option<StreamItem>> {
         loop {
-            let event = self
-                .client
-                .recv()
-                .await
+            let Some(buffered) = self.events.recv().await else {
+                // The reader task ended after passing on the stream's end.
+                return Ok(None);
+            };
+            let event = buffered
+                .event
                 .map_err(|e| wire_error("reading the replication stream", e))?;
             let item = match event {
                 None => return Ok(None),
@@ -143,14 +251,9 @@ impl ReplicationStream for WireClient {
     }
 
     fn acknowledge(&mut self, lsn: Lsn) {
-        self.client.update_applied_lsn(WireLsn::from_u64(lsn.0));
-    }
-}
-
-impl Drop for WireClient {
-    fn drop(&mut self) {
-        // CopyDone: the server ends the session and releases the slot at once.
-        self.client.stop();
+        if let Some(acknowledgements) = &self.acknowledgements {
+            let _ = acknowledgements.send(WireLsn::from_u64(lsn.0));
+        }
     }
 }
 
@@ -198,7 +301,7 @@ fn replication_config(postgres_url: &str, target: &StreamTarget) -> Result<Repli
     .with_ack_lsn(WireLsn::from_u64(target.confirmed_flush.0))
     .with_status_interval(STATUS_INTERVAL)
     .with_wakeup_interval(STATUS_INTERVAL * 5)
-    .with_buffer_size(BUFFERED_MESSAGES)
+    .with_buffer_size(WORKER_MESSAGES)
     .with_application_name(target.application_name.clone());
     Ok(config)
 }

@@ -145,6 +145,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         |ends| streamer.stream(connection, &mut stream, capture_stop, ends),
     )
     .await;
+    stream.close().await;
     if streamer.assembler.skipped > 0 {
         tracing::info!(
             skipped = streamer.assembler.skipped,
