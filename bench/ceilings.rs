@@ -52,6 +52,70 @@ impl Ceiling {
 pub const DECODE: &str = "pg_recvlogical (decode)";
 pub const CLAIM_MARK: &str = "claim/mark SQL (no Kafka)";
 pub const KAFKA: &str = "librdkafka transactions (no database)";
+pub const BROKER: &str = "Kafka ProducerPerformance, transactional (Java client)";
+
+/// How long each of `ProducerPerformance`'s transactions stays open: about
+/// as long as one of outboxd's transactions of `batch_size` records.
+const BROKER_TRANSACTION_MS: u32 = 50;
+
+/// The broker's own ceiling, measured by Apache Kafka's `ProducerPerformance`
+/// (the Java client, not ours): as many records of the same size, in
+/// transactions of `BROKER_TRANSACTION_MS`, to a topic shaped like the
+/// relay's (same partitions), `acks=all`, idempotent, `linger.ms` 0 as the
+/// relay sets it. It limits nothing of ours, so it shows what our producer
+/// path leaves on the table.
+pub async fn broker(rows: usize, payload_bytes: usize) -> Ceiling {
+    let bench = BenchEnv::new(&format!("ceiling-broker-{rows}"), System::OutboxdPolling).await;
+    let stack =
+        std::env::var("OUTBOXD_STACK_DIR").expect("OUTBOXD_STACK_DIR: run inside with-stack.sh");
+    let topic = bench.routed_topic();
+    let transactional_id = format!("bench-producer-perf-{rows}-{}", std::process::id());
+    let log = log_dir().join(format!("producer-perf-{rows}.log"));
+    let out = std::fs::File::create(&log).expect("producer-perf log");
+    let started = Instant::now();
+    let status = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/local/stack.sh"
+        ))
+        .args(["kafka-cli", &stack, "producer-perf"])
+        .args(["--topic", &topic])
+        .args(["--num-records", &rows.to_string()])
+        .args(["--record-size", &payload_bytes.to_string()])
+        .args(["--throughput", "-1"])
+        .args(["--transactional-id", &transactional_id])
+        .args([
+            "--transaction-duration-ms",
+            &BROKER_TRANSACTION_MS.to_string(),
+        ])
+        .arg("--producer-props")
+        .arg(format!("bootstrap.servers={}", bench.env.kafka))
+        .args(["acks=all", "enable.idempotence=true", "linger.ms=0"])
+        .stdout(out.try_clone().expect("log handle"))
+        .stderr(out)
+        .status()
+        .expect("run ProducerPerformance");
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(
+        status.success(),
+        "ProducerPerformance failed; see {}",
+        log.display()
+    );
+    // Its own figure excludes the JVM's start; ours includes it, so prefer
+    // its summary line ("N records sent, X records/sec …") when present.
+    let summary = std::fs::read_to_string(&log).unwrap_or_default();
+    let own_rate = summary
+        .lines()
+        .rev()
+        .find(|line| line.contains("records sent,"))
+        .and_then(|line| line.split(',').nth(1))
+        .and_then(|part| part.split_whitespace().next())
+        .and_then(|rate| rate.parse::<f64>().ok());
+    match own_rate {
+        Some(rate) if rate > 0.0 => Ceiling::new(BROKER, rows, rows as f64 / rate),
+        _ => Ceiling::new(BROKER, rows, seconds),
+    }
+}
 
 /// `pg_recvlogical` streaming the backlog from a pgoutput slot created
 /// before it was written, to /dev/null, until the WAL position after it.

@@ -52,7 +52,12 @@ fn main() {
 async fn run() -> bool {
     let sizes = list("BENCH_SIZES", &[100_000, 1_000_000]);
     let rates = list("BENCH_RATES", &[1_000, 5_000]);
-    let ladder = list("BENCH_LADDER", &[7_500, 10_000, 15_000, 20_000, 30_000]);
+    let ladder = list(
+        "BENCH_LADDER",
+        &[
+            10_000, 15_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000,
+        ],
+    );
     let seconds = list("BENCH_STEADY_SECONDS", &[20])[0] as u64;
     let skip = std::env::var("BENCH_SKIP").unwrap_or_default();
     let wanted = |section: &str| !skip.split(',').any(|s| s.trim() == section);
@@ -71,6 +76,7 @@ async fn run() -> bool {
             results.ceilings.push(ceilings::decode(rows, 256).await);
             results.ceilings.push(ceilings::claim_mark(rows, 256).await);
             results.ceilings.push(ceilings::kafka(rows, 256).await);
+            results.ceilings.push(ceilings::broker(rows, 256).await);
             save(&results);
         }
     }

@@ -601,6 +601,7 @@ cmd_kafka_cli() {
         topics) tool=org.apache.kafka.tools.TopicCommand ;;
         produce) tool=org.apache.kafka.tools.ConsoleProducer ;;
         consume) tool=org.apache.kafka.tools.consumer.ConsoleConsumer ;;
+        producer-perf) tool=org.apache.kafka.tools.ProducerPerformance ;;
     esac
     [[ -f "$dir/kafka/libs/.complete" ]] || die "no kafka jars for $dir (run: $0 up $dir)"
     kafka_java "$dir" "$tool" "$@"
