@@ -13,23 +13,23 @@ use crate::event::OutboxEvent;
 use crate::routing::{RoutedRecord, Router};
 
 #[derive(Debug, Default)]
-pub struct Batch {
-    pub records: Vec<RoutedRecord>,
+pub struct Batch<'a> {
+    pub records: Vec<RoutedRecord<'a>>,
     /// The seq of each record, index for index.
     pub record_seqs: Vec<i64>,
     pub published: Vec<i64>,
     pub dead_lettered: Vec<i64>,
 }
 
-impl Batch {
+impl<'a> Batch<'a> {
     /// Routes `events`. `known_rejections` holds rows the broker refused on
     /// an earlier attempt (say, over a topic's own size limit), by seq.
     pub fn route(
-        router: &Router,
-        events: &[OutboxEvent],
+        router: &'a Router,
+        events: &'a [OutboxEvent],
         known_rejections: &HashMap<i64, String>,
         policy: PoisonPolicy,
-    ) -> Result<Batch> {
+    ) -> Result<Batch<'a>> {
         let mut batch = Batch::default();
         for event in events {
             let routed = match known_rejections.get(&event.seq) {
@@ -98,13 +98,9 @@ mod tests {
             event(2, "not a topic!"),
             event(3, "Order"),
         ];
-        let batch = Batch::route(
-            &router(),
-            &events,
-            &HashMap::new(),
-            PoisonPolicy::DeadLetter,
-        )
-        .unwrap();
+        let router = router();
+        let batch =
+            Batch::route(&router, &events, &HashMap::new(), PoisonPolicy::DeadLetter).unwrap();
         assert_eq!(batch.published, vec![1, 3]);
         assert_eq!(batch.dead_lettered, vec![2]);
         assert_eq!(batch.record_seqs, vec![1, 2, 3]);
@@ -114,25 +110,18 @@ mod tests {
     #[test]
     fn rows_the_broker_rejected_before_go_to_the_dead_letter_topic() {
         let rejections = HashMap::from([(1, "rejected by Kafka: message too large".to_string())]);
-        let batch = Batch::route(
-            &router(),
-            &[event(1, "Order")],
-            &rejections,
-            PoisonPolicy::DeadLetter,
-        )
-        .unwrap();
+        let router = router();
+        let events = [event(1, "Order")];
+        let batch = Batch::route(&router, &events, &rejections, PoisonPolicy::DeadLetter).unwrap();
         assert_eq!(batch.dead_lettered, vec![1]);
     }
 
     #[test]
     fn halt_policy_stops_with_the_row_named() {
-        let error = Batch::route(
-            &router(),
-            &[event(9, "bad topic")],
-            &HashMap::new(),
-            PoisonPolicy::Halt,
-        )
-        .unwrap_err();
+        let router = router();
+        let events = [event(9, "bad topic")];
+        let error =
+            Batch::route(&router, &events, &HashMap::new(), PoisonPolicy::Halt).unwrap_err();
         assert_eq!(error.kind, crate::error::ErrorKind::Stop);
         assert!(error.message.contains("seq 9"), "{}", error.message);
     }

@@ -5,6 +5,8 @@
 //! row always yields the same record, so a batch that is aborted and re-sent
 //! is byte-for-byte the batch it replaces.
 
+use std::borrow::Cow;
+
 use crate::config::{KeyColumn, RoutingConfig};
 use crate::event::OutboxEvent;
 
@@ -27,14 +29,14 @@ pub mod header {
 
 /// A record ready for Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoutedRecord {
-    pub topic: String,
-    pub key: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub payload: Option<Vec<u8>>,
+pub struct RoutedRecord<'a> {
+    pub topic: Cow<'a, str>,
+    pub key: Option<Cow<'a, [u8]>>,
+    pub headers: Vec<(Cow<'a, str>, Cow<'a, [u8]>)>,
+    pub payload: Option<Cow<'a, [u8]>>,
 }
 
-impl RoutedRecord {
+impl RoutedRecord<'_> {
     /// Bytes this record occupies on the wire, near enough to compare with
     /// the broker's `max.message.bytes`.
     pub fn approximate_size(&self) -> usize {
@@ -47,8 +49,8 @@ impl RoutedRecord {
             .map(|(name, value)| name.len() + value.len() + 8)
             .sum();
         FRAMING
-            + self.key.as_ref().map_or(0, Vec::len)
-            + self.payload.as_ref().map_or(0, Vec::len)
+            + self.key.as_ref().map_or(0, |key| key.len())
+            + self.payload.as_ref().map_or(0, |payload| payload.len())
             + headers
     }
 }
@@ -105,15 +107,17 @@ impl TopicTemplate {
             .all(|part| matches!(part, TemplatePart::Literal(_)))
     }
 
-    fn render(&self, aggregate_type: &str, event_type: &str) -> String {
-        self.parts
-            .iter()
-            .map(|part| match part {
-                TemplatePart::Literal(text) => text.as_str(),
-                TemplatePart::AggregateType => aggregate_type,
-                TemplatePart::EventType => event_type,
-            })
-            .collect()
+    fn render<'a>(&'a self, aggregate_type: &'a str, event_type: &'a str) -> Cow<'a, str> {
+        let text = |part: &'a TemplatePart| match part {
+            TemplatePart::Literal(text) => text.as_str(),
+            TemplatePart::AggregateType => aggregate_type,
+            TemplatePart::EventType => event_type,
+        };
+        match self.parts.as_slice() {
+            // One part (a literal topic, or `${aggregatetype}` alone): no copy.
+            [only] => Cow::Borrowed(text(only)),
+            parts => Cow::Owned(parts.iter().map(text).collect()),
+        }
     }
 }
 
@@ -188,7 +192,7 @@ impl Router {
     }
 
     /// The record for `event`, or the reason it is poison.
-    pub fn route(&self, event: &OutboxEvent) -> Result<RoutedRecord, String> {
+    pub fn route<'a>(&'a self, event: &'a OutboxEvent) -> Result<RoutedRecord<'a>, String> {
         let template = self
             .rules
             .iter()
@@ -200,7 +204,7 @@ impl Router {
             topic,
             key: self.key_of(event),
             headers: headers_of(event)?,
-            payload: event.payload.clone(),
+            payload: event.payload.as_deref().map(Cow::Borrowed),
         };
         let size = record.approximate_size();
         if size > self.max_message_bytes {
@@ -214,67 +218,67 @@ impl Router {
 
     /// The dead-letter record for a poison `event`: its payload when that
     /// fits, the reason and the row's seq as headers, so nothing vanishes.
-    pub fn dead_letter(&self, event: &OutboxEvent, reason: &str) -> RoutedRecord {
+    pub fn dead_letter<'a>(&'a self, event: &'a OutboxEvent, reason: &str) -> RoutedRecord<'a> {
         let mut headers = vec![
             (
-                header::DEAD_LETTER_REASON.to_string(),
-                reason.as_bytes().to_vec(),
+                Cow::Borrowed(header::DEAD_LETTER_REASON),
+                Cow::Owned(reason.as_bytes().to_vec()),
             ),
             (
-                header::SOURCE_SEQ.to_string(),
-                event.seq.to_string().into_bytes(),
+                Cow::Borrowed(header::SOURCE_SEQ),
+                Cow::Owned(event.seq.to_string().into_bytes()),
             ),
         ];
         headers.extend(base_headers(event));
         let mut record = RoutedRecord {
-            topic: self.dead_letter_topic.clone(),
+            topic: Cow::Borrowed(&self.dead_letter_topic),
             key: self.key_of(event),
             headers,
-            payload: event.payload.clone(),
+            payload: event.payload.as_deref().map(Cow::Borrowed),
         };
         if record.approximate_size() > self.max_message_bytes {
             record.payload = None;
-            record
-                .headers
-                .push((header::PAYLOAD_OMITTED.to_string(), b"true".to_vec()));
+            record.headers.push((
+                Cow::Borrowed(header::PAYLOAD_OMITTED),
+                Cow::Borrowed(b"true"),
+            ));
         }
         record
     }
 
-    fn key_of(&self, event: &OutboxEvent) -> Option<Vec<u8>> {
-        match self.key {
-            KeyColumn::AggregateId => Some(event.aggregate_id.as_bytes().to_vec()),
-            KeyColumn::AggregateType => Some(event.aggregate_type.as_bytes().to_vec()),
-            KeyColumn::Id => Some(event.id.as_bytes().to_vec()),
-            KeyColumn::None => None,
-        }
+    fn key_of<'a>(&self, event: &'a OutboxEvent) -> Option<Cow<'a, [u8]>> {
+        let key = match self.key {
+            KeyColumn::AggregateId => &event.aggregate_id,
+            KeyColumn::AggregateType => &event.aggregate_type,
+            KeyColumn::Id => &event.id,
+            KeyColumn::None => return None,
+        };
+        Some(Cow::Borrowed(key.as_bytes()))
     }
 }
 
-fn base_headers(event: &OutboxEvent) -> Vec<(String, Vec<u8>)> {
-    let mut headers = vec![
-        (header::ID.to_string(), event.id.as_bytes().to_vec()),
-        (
-            header::TYPE.to_string(),
-            event.event_type.as_bytes().to_vec(),
-        ),
-        (
-            header::AGGREGATE_TYPE.to_string(),
-            event.aggregate_type.as_bytes().to_vec(),
-        ),
-    ];
+fn base_headers(event: &OutboxEvent) -> Vec<(Cow<'_, str>, Cow<'_, [u8]>)> {
+    let mut headers = Vec::with_capacity(4);
+    headers.push(borrowed_header(header::ID, &event.id));
+    headers.push(borrowed_header(header::TYPE, &event.event_type));
+    headers.push(borrowed_header(
+        header::AGGREGATE_TYPE,
+        &event.aggregate_type,
+    ));
     if let Some(trace_parent) = &event.trace_parent {
-        headers.push((
-            header::TRACEPARENT.to_string(),
-            trace_parent.as_bytes().to_vec(),
-        ));
+        headers.push(borrowed_header(header::TRACEPARENT, trace_parent));
     }
     headers
 }
 
+/// A header whose name and value are borrowed, not copied.
+fn borrowed_header<'a>(name: &'static str, value: &'a str) -> (Cow<'a, str>, Cow<'a, [u8]>) {
+    (Cow::Borrowed(name), Cow::Borrowed(value.as_bytes()))
+}
+
 /// The relay's headers, then the row's `headers` JSON object: strings as
 /// they are, other JSON values as their JSON text.
-fn headers_of(event: &OutboxEvent) -> Result<Vec<(String, Vec<u8>)>, String> {
+fn headers_of(event: &OutboxEvent) -> Result<Vec<(Cow<'_, str>, Cow<'_, [u8]>)>, String> {
     let mut headers = base_headers(event);
     let Some(json) = &event.headers_json else {
         return Ok(headers);
@@ -290,7 +294,7 @@ fn headers_of(event: &OutboxEvent) -> Result<Vec<(String, Vec<u8>)>, String> {
                     serde_json::Value::Null => Vec::new(),
                     other => other.to_string().into_bytes(),
                 };
-                headers.push((name, bytes));
+                headers.push((Cow::Owned(name), Cow::Owned(bytes)));
             }
         }
         _ => return Err("unroutable: the headers column must hold a JSON object".into()),

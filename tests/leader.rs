@@ -83,10 +83,10 @@ async fn a_zombie_producer_is_fenced_and_ends_its_session() {
         .expect("second producer fences the first");
 
     let record = RoutedRecord {
-        topic: format!("{}.Order", env.topic_prefix()),
-        key: Some(b"order-1".to_vec()),
-        headers: vec![("id".into(), b"zombie-event".to_vec())],
-        payload: Some(b"{}".to_vec()),
+        topic: format!("{}.Order", env.topic_prefix()).into(),
+        key: Some(b"order-1"[..].into()),
+        headers: vec![("id".into(), b"zombie-event"[..].into())],
+        payload: Some(b"{}"[..].into()),
     };
     let outcome = zombie
         .publish(

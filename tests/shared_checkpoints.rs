@@ -212,8 +212,8 @@ async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
         let mut headers = rdkafka::message::OwnedHeaders::new();
         for (name, value) in &record.headers {
             headers = headers.insert(rdkafka::message::Header {
-                key: name,
-                value: Some(value),
+                key: name.as_ref(),
+                value: Some(value.as_ref()),
             });
         }
         future_record = future_record.headers(headers);

@@ -7,6 +7,7 @@
 //! none of them ever is. Any other outcome leaves no committed trace of the
 //! batch in Kafka.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -136,7 +137,7 @@ impl Publisher {
     /// Publishes `records` and `checkpoint` in one Kafka transaction.
     pub async fn publish(
         &self,
-        records: &[RoutedRecord],
+        records: &[RoutedRecord<'_>],
         checkpoint: &Checkpoint,
     ) -> Result<(), PublishError> {
         self.transaction_call(self.transaction_timeout, |producer| {
@@ -159,7 +160,7 @@ impl Publisher {
 
     async fn produce_and_commit(
         &self,
-        records: &[RoutedRecord],
+        records: &[RoutedRecord<'_>],
         checkpoint: &Checkpoint,
     ) -> Result<(), PublishError> {
         let mut deliveries = Vec::with_capacity(records.len() + 1);
@@ -174,10 +175,10 @@ impl Publisher {
             );
         }
         let checkpoint_record = RoutedRecord {
-            topic: self.checkpoint_topic.clone(),
-            key: Some(self.checkpoint_key.clone()),
+            topic: Cow::Borrowed(&self.checkpoint_topic),
+            key: Some(Cow::Borrowed(&self.checkpoint_key)),
             headers: Vec::new(),
-            payload: Some(checkpoint.to_bytes()),
+            payload: Some(Cow::Owned(checkpoint.to_bytes())),
         };
         deliveries.push(
             self.send_to(&checkpoint_record, Some(CHECKPOINT_PARTITION))
@@ -258,7 +259,7 @@ impl Publisher {
     }
 
     /// Queues one event record, waiting while librdkafka's local queue is full.
-    async fn send(&self, record: &RoutedRecord) -> Result<DeliveryFuture, KafkaError> {
+    async fn send(&self, record: &RoutedRecord<'_>) -> Result<DeliveryFuture, KafkaError> {
         self.send_to(record, None).await
     }
 
@@ -266,7 +267,7 @@ impl Publisher {
     /// `None`), waiting while librdkafka's local queue is full.
     async fn send_to(
         &self,
-        record: &RoutedRecord,
+        record: &RoutedRecord<'_>,
         partition: Option<i32>,
     ) -> Result<DeliveryFuture, KafkaError> {
         loop {
@@ -274,19 +275,19 @@ impl Publisher {
             for (name, value) in &record.headers {
                 headers = headers.insert(Header {
                     key: name,
-                    value: Some(value.as_slice()),
+                    value: Some(value.as_ref()),
                 });
             }
             let mut future_record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&record.topic).headers(headers);
             if let Some(key) = &record.key {
-                future_record = future_record.key(key.as_slice());
+                future_record = future_record.key(key.as_ref());
             }
             if let Some(partition) = partition {
                 future_record = future_record.partition(partition);
             }
             if let Some(payload) = &record.payload {
-                future_record = future_record.payload(payload.as_slice());
+                future_record = future_record.payload(payload.as_ref());
             }
             match self.producer.send_result(future_record) {
                 Ok(delivery) => return Ok(delivery),

@@ -120,7 +120,7 @@ impl<'a> Deliverer<'a> {
                         .iter()
                         .zip(&batch.record_seqs)
                         .filter(|(_, seq)| !batch.dead_lettered.contains(seq))
-                        .map(|(record, _)| record.topic.as_str())
+                        .map(|(record, _)| record.topic.as_ref())
                         .collect();
                     let committed_at: Vec<_> = events.iter().map(|e| e.committed_at).collect();
                     self.metrics.committed(
