@@ -32,9 +32,12 @@ pub mod header {
 pub struct RoutedRecord<'a> {
     pub topic: Cow<'a, str>,
     pub key: Option<Cow<'a, [u8]>>,
-    pub headers: Vec<(Cow<'a, str>, Cow<'a, [u8]>)>,
+    pub headers: Vec<RecordHeader<'a>>,
     pub payload: Option<Cow<'a, [u8]>>,
 }
+
+/// A Kafka header: name and value, borrowed from the row where they can be.
+pub type RecordHeader<'a> = (Cow<'a, str>, Cow<'a, [u8]>);
 
 impl RoutedRecord<'_> {
     /// Bytes this record occupies on the wire, near enough to compare with
@@ -257,7 +260,7 @@ impl Router {
     }
 }
 
-fn base_headers(event: &OutboxEvent) -> Vec<(Cow<'_, str>, Cow<'_, [u8]>)> {
+fn base_headers(event: &OutboxEvent) -> Vec<RecordHeader<'_>> {
     let mut headers = Vec::with_capacity(4);
     headers.push(borrowed_header(header::ID, &event.id));
     headers.push(borrowed_header(header::TYPE, &event.event_type));
@@ -272,13 +275,13 @@ fn base_headers(event: &OutboxEvent) -> Vec<(Cow<'_, str>, Cow<'_, [u8]>)> {
 }
 
 /// A header whose name and value are borrowed, not copied.
-fn borrowed_header<'a>(name: &'static str, value: &'a str) -> (Cow<'a, str>, Cow<'a, [u8]>) {
+fn borrowed_header<'a>(name: &'static str, value: &'a str) -> RecordHeader<'a> {
     (Cow::Borrowed(name), Cow::Borrowed(value.as_bytes()))
 }
 
 /// The relay's headers, then the row's `headers` JSON object: strings as
 /// they are, other JSON values as their JSON text.
-fn headers_of(event: &OutboxEvent) -> Result<Vec<(Cow<'_, str>, Cow<'_, [u8]>)>, String> {
+fn headers_of(event: &OutboxEvent) -> Result<Vec<RecordHeader<'_>>, String> {
     let mut headers = base_headers(event);
     let Some(json) = &event.headers_json else {
         return Ok(headers);
