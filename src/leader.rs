@@ -1,11 +1,20 @@
 //! Leader election: a session-level Postgres advisory lock per outbox table.
 //!
-//! Invariant: only the session holding the table's lock claims rows, and it
-//! claims them on the same connection that holds the lock. If that
-//! connection dies, Postgres releases the lock and rolls back the claim
-//! together, so a standby can never take over while the old leader still
-//! holds rows. (A leader cut off from Postgres but not from Kafka is stopped
-//! by Kafka's fencing when the new leader calls `init_transactions`.)
+//! Invariant: only the session holding the table's lock claims rows, and a
+//! new leader claims nothing while any claim connection of an earlier
+//! leader is still open. Claims run on connections of their own (several
+//! batches are in flight at once), so the leader's lock and its claims'
+//! row locks can end separately: the leader's connection may die while a
+//! claim still holds rows, and a successor that claimed around those rows
+//! (`SKIP LOCKED`) would publish an aggregate's later event before its
+//! earlier one. So every claim connection holds a second advisory lock of
+//! the table, the claims lock, in shared mode; a new leader, after it has
+//! fenced every earlier leader in Kafka (`init_transactions`: their
+//! transactions can no longer commit and their sessions end), takes the
+//! claims lock exclusively for a moment, which waits until every earlier
+//! claim connection is closed. A leader also watches its own lock's
+//! connection and ends its session when it fails (`still_leading`), so its
+//! claim connections do not outlive its leadership by more than that.
 //!
 //! The lock is per table, not per relay name: two relays with different
 //! names on one table would otherwise both publish, each row twice in
@@ -59,6 +68,92 @@ pub async fn acquire(
             _ = shutdown.changed() => return Ok(false),
         }
     }
+}
+
+/// The claims lock's key: one per table, next to the leader lock's.
+const CLAIMS_KEY: &str = "hashtextextended('outboxd:claims:' || $1, 0)";
+
+/// How often a new leader looks again for claim connections of an earlier one.
+const CLAIMS_RETRY: Duration = Duration::from_millis(200);
+/// How long a new leader waits for earlier claims before it says so.
+const CLAIMS_WARN_AFTER: Duration = Duration::from_secs(5);
+
+/// Run on every claim connection when it opens: holds the claims lock of
+/// `table` in shared mode for the connection's life.
+pub async fn join_claims(connection: &mut PgConnection, table: &str) -> sqlx::Result<()> {
+    sqlx::query(&format!("SELECT pg_advisory_lock_shared({CLAIMS_KEY})"))
+        .bind(table)
+        .execute(&mut *connection)
+        .await
+        .map(|_| ())
+}
+
+/// Waits until no claim connection of an earlier leader of `table` is
+/// open: takes the claims lock exclusively and releases it at once. Call it
+/// after fencing and before claiming. Returns `false` if shutdown was
+/// requested first.
+pub async fn wait_for_earlier_claims(
+    connection: &mut PgConnection,
+    table: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<bool> {
+    let started = std::time::Instant::now();
+    let mut warned = false;
+    loop {
+        let free: bool = sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock({CLAIMS_KEY})"))
+            .bind(table)
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(|e| Error::from_postgres("checking for an earlier leader's claims", e))?;
+        if free {
+            sqlx::query(&format!("SELECT pg_advisory_unlock({CLAIMS_KEY})"))
+                .bind(table)
+                .execute(&mut *connection)
+                .await
+                .map_err(|e| Error::from_postgres("releasing the claims lock", e))?;
+            return Ok(true);
+        }
+        if !warned && started.elapsed() > CLAIMS_WARN_AFTER {
+            warned = true;
+            let pids: Vec<i32> = sqlx::query_scalar(&format!(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND ((classid::bigint << 32) | objid::bigint) = {CLAIMS_KEY}"
+            ))
+            .bind(table)
+            .fetch_all(&mut *connection)
+            .await
+            .unwrap_or_default();
+            tracing::warn!(
+                table,
+                claim_backend_pids = ?pids,
+                "an earlier leader of this table still has claim connections open although it \
+                 lost the leader lock; waiting for them to close before claiming, so no \
+                 aggregate's events are published out of order. If that relay is frozen, \
+                 terminate those backends (pg_terminate_backend)"
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CLAIMS_RETRY) => {}
+            _ = shutdown.changed() => return Ok(false),
+        }
+    }
+}
+
+/// Whether the connection holding the leader lock still answers. An error
+/// means the lock is gone with it (Postgres releases it with the session).
+pub async fn still_leading(connection: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT 1")
+        .execute(&mut *connection)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            Error::from_postgres(
+                "checking the connection that holds the leader lock (the lock is lost with it; \
+                 ending the session so its claims end too, then competing for the lock again)",
+                e,
+            )
+        })
 }
 
 /// Says who leads: a standby of the same relay is normal, a relay with

@@ -235,8 +235,11 @@ impl Context {
 
         topics::ensure_checkpoint_topic(config).await?;
         let source = schema::database_source(&mut connection).await;
-        let takeover::TakenOver { publisher, latest } =
-            takeover::take_over(self, &mut connection, source.as_deref()).await?;
+        let Some(takeover::TakenOver { publisher, latest }) =
+            takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
+        else {
+            return Ok(());
+        };
         // Ends with the session: only the leader deletes old rows.
         let _retention = config.relay.retention.map(|period| {
             AbortOnDrop(retention::spawn(

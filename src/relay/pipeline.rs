@@ -24,6 +24,7 @@
 //!   bounded by `capture.batch_size` (and `capture.batch_bytes`).
 
 use std::future::Future;
+use std::time::Duration;
 
 use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::{mpsc, watch};
@@ -35,6 +36,7 @@ use crate::capture::lsn::Lsn;
 use crate::error::{Error, Result};
 use crate::event::{OutboxEvent, SourcePosition};
 use crate::failpoint;
+use crate::leader;
 
 /// One batch from capture, with what acknowledging it takes.
 pub(super) struct CapturedBatch {
@@ -79,9 +81,10 @@ struct Committed {
 /// Runs `capture` and the publish and acknowledge stages together until
 /// capture ends and everything it handed over is acknowledged (or, on
 /// shutdown, until what was committed is acknowledged), or until the first
-/// stage fails. `stream_acks` is the replication stage's own connection
+/// stage fails or the `leader` connection (holding the leader lock) does. `stream_acks` is the replication stage's own connection
 /// for marks (polling marks inside each claim's transaction).
 pub(super) async fn run<F>(
+    leader: &mut PgConnection,
     deliverer: &mut Deliverer<'_>,
     acknowledger: &Acknowledger,
     stream_acks: Option<&mut PgConnection>,
@@ -115,7 +118,32 @@ where
         done_sender,
         acknowledged_sender,
     );
-    tokio::try_join!(capture, publish, acknowledge).map(|_| ())
+    tokio::select! {
+        outcome = async { tokio::try_join!(capture, publish, acknowledge) } => outcome.map(|_| ()),
+        lost = watch_leader(leader) => Err(lost),
+    }
+}
+
+/// How often the connection holding the leader lock is checked.
+const LEADER_CHECK: Duration = Duration::from_secs(2);
+
+/// Resolves when the connection holding the leader lock fails: the lock is
+/// gone, so the session must end and its claim connections with it (see
+/// `leader`). Nothing else runs on that connection while the pipeline does.
+async fn watch_leader(leader: &mut PgConnection) -> Error {
+    loop {
+        tokio::time::sleep(LEADER_CHECK).await;
+        match tokio::time::timeout(LEADER_CHECK * 5, leader::still_leading(leader)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return error,
+            Err(_elapsed) => {
+                return Error::retry(
+                    "the connection holding the leader lock did not answer within 10 s; ending \
+                     the session (its claims end with it) and competing for the lock again",
+                )
+            }
+        }
+    }
 }
 
 /// Publishes captured batches one Kafka transaction after another, each

@@ -25,6 +25,7 @@ use super::Session;
 use crate::capture::polling;
 use crate::capture::wakeup::Wakeup;
 use crate::error::{Error, Result};
+use crate::leader;
 
 /// How long the polling loop runs.
 pub enum Until {
@@ -47,7 +48,11 @@ pub async fn run(session: &mut Session<'_>, until: Until) -> Result<()> {
     let unacknowledged_batches = config.relay.unacknowledged_batches;
     // One claim waits for the publisher, one is published, the rest are in
     // the window waiting for their marks, and one is being claimed.
-    let claims = claim_pool(&context.connect_options, unacknowledged_batches + 2);
+    let claims = claim_pool(
+        &context.connect_options,
+        &context.table_name,
+        unacknowledged_batches + 2,
+    );
     let claim = Claim {
         claims: claims.clone(),
         claim_sql,
@@ -56,6 +61,7 @@ pub async fn run(session: &mut Session<'_>, until: Until) -> Result<()> {
     };
     let stop = session.stop.clone();
     let outcome = pipeline::run(
+        &mut session.connection,
         &mut session.deliverer,
         &context.acknowledger,
         None,
@@ -68,17 +74,29 @@ pub async fn run(session: &mut Session<'_>, until: Until) -> Result<()> {
     outcome
 }
 
+/// Longest wait for a free claim connection; the stages ahead of the claim
+/// have limits of their own well below it.
+const CLAIM_WAIT: Duration = Duration::from_secs(3600);
+
 /// Connections that each hold one claim's transaction open until its
 /// marks commit. Opened on first use; waiting for a free one is the
 /// pipeline's back-pressure, not an error, so the wait has no short limit.
-fn claim_pool(connect_options: &PgConnectOptions, size: usize) -> PgPool {
+fn claim_pool(connect_options: &PgConnectOptions, table_name: &str, size: usize) -> PgPool {
+    let table_name = table_name.to_string();
     PgPoolOptions::new()
         .max_connections(u32::try_from(size).unwrap_or(u32::MAX))
         .min_connections(0)
-        .acquire_timeout(Duration::from_secs(3600))
+        .acquire_timeout(CLAIM_WAIT)
+        // Waiting here is back-pressure (earlier batches still publishing or
+        // marking), not a slow pool worth sqlx's warning on every claim.
+        .acquire_slow_threshold(CLAIM_WAIT)
         .test_before_acquire(false)
-        .after_connect(|connection, _| {
+        .after_connect(move |connection, _| {
+            let table_name = table_name.clone();
             Box::pin(async move {
+                // One of this leader's claim connections, until it closes:
+                // a successor waits for it before claiming (see `leader`).
+                leader::join_claims(connection, &table_name).await?;
                 // See `durable_acknowledgements`: the marks commit on these
                 // connections, and must survive a Postgres crash.
                 let setting: String =

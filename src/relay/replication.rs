@@ -129,6 +129,11 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         batch_size: config.capture.batch_size,
         max_batch_bytes: config.capture.batch_bytes,
     };
+    // The catch-up filter's queries run beside the marks and the leader's
+    // watchdog, on a connection of their own.
+    let mut filter_connection = PgConnection::connect_with(&context.connect_options)
+        .await
+        .map_err(|e| Error::from_postgres("connecting for the catch-up filter", e))?;
     let Session {
         connection,
         deliverer,
@@ -137,12 +142,13 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
     } = session;
     let capture_stop = stop.clone();
     let outcome = pipeline::run(
+        connection,
         deliverer,
         &context.acknowledger,
         Some(&mut acknowledgements),
         config.relay.unacknowledged_batches,
         stop,
-        |ends| streamer.stream(connection, &mut stream, capture_stop, ends),
+        |ends| streamer.stream(&mut filter_connection, &mut stream, capture_stop, ends),
     )
     .await;
     stream.close().await;

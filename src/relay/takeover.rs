@@ -2,13 +2,14 @@
 //! checkpoint, and mark its rows before anything new is published.
 //!
 //! Invariant: when `take_over` returns, no earlier leader of the table (any
-//! `relay.name`, any version) can still commit a Kafka transaction, and
-//! every row that any of them committed to Kafka is acknowledged in
-//! Postgres. So what the session then captures and publishes was never
-//! published before (replication also skips replayed events up to the
+//! `relay.name`, any version) can still commit a Kafka transaction or holds
+//! a claim, and every row that any of them committed to Kafka is
+//! acknowledged in Postgres. So what the session then captures and
+//! publishes was never published before (replication also skips replayed events up to the
 //! returned checkpoint's position).
 
 use sqlx::PgConnection;
+use tokio::sync::watch;
 
 use super::Context;
 use crate::error::Result;
@@ -16,6 +17,7 @@ use crate::kafka::checkpoint::{self, Checkpoint};
 use crate::kafka::checkpoint_scan;
 use crate::kafka::identity::TableIdentity;
 use crate::kafka::publisher::{PublishError, Publisher};
+use crate::leader;
 
 /// What the session publishes with, after the takeover.
 pub(super) struct TakenOver {
@@ -25,11 +27,13 @@ pub(super) struct TakenOver {
     pub latest: Checkpoint,
 }
 
+/// Returns `None` if shutdown was requested while it waited.
 pub(super) async fn take_over(
     context: &Context,
     connection: &mut PgConnection,
     source: Option<&str>,
-) -> Result<TakenOver> {
+    stop: &watch::Receiver<bool>,
+) -> Result<Option<TakenOver>> {
     let config = &context.config;
     let identity = TableIdentity::new(source, &context.table_name, &config.relay.name);
     if !identity.names_the_database {
@@ -41,6 +45,12 @@ pub(super) async fn take_over(
         );
     }
     let publisher = Publisher::connect(config, &identity).await?;
+    // Fenced: an earlier leader's open claims end with its session; claim
+    // nothing around them (see `leader`).
+    let mut stop = stop.clone();
+    if !leader::wait_for_earlier_claims(connection, &context.table_name, &mut stop).await? {
+        return Ok(None);
+    }
     let latest = match checkpoint::read_latest(config, &identity).await? {
         Some(latest) => latest,
         None => find_by_scanning(context, connection, source, &identity, &publisher).await?,
@@ -54,7 +64,7 @@ pub(super) async fn take_over(
         newly_acknowledged = done.published + done.dead_lettered,
         "reconciled the outbox with the table's latest committed checkpoint"
     );
-    Ok(TakenOver { publisher, latest })
+    Ok(Some(TakenOver { publisher, latest }))
 }
 
 /// The table's checkpoint group has no offset: this version has not written

@@ -59,3 +59,39 @@ async fn second_relay_with_another_name(mode: Mode) {
     campaign.finish(vec![leader]).await;
     let _ = std::fs::remove_file(&configs[1]);
 }
+
+in_both_modes!(leader_lock_lost_while_claims_are_open, worker_threads = 2);
+async fn leader_lock_lost_while_claims_are_open(mode: Mode) {
+    // Two relays of one name; only the leader's lock connection is
+    // terminated, again and again, while its marks are slowed so its claims
+    // (and their row locks) are still open. The standby then holds the lock
+    // at once, and must not claim around the old leader's claimed rows, or
+    // an aggregate's later event would be published before its earlier one.
+    let mut campaign = Campaign::start("leader-lock-lost", mode, &Workload::realistic()).await;
+    let slow_marks = [(outboxd::failpoint::SLOW_MARKS_ENV, "1000")];
+    let relays = vec![
+        RelayProcess::start_with(&campaign.env, None, &slow_marks),
+        RelayProcess::start_with(&campaign.env, None, &slow_marks),
+    ];
+    campaign.env.wait_leader(Duration::from_secs(30)).await;
+    for _ in 0..size(3, 20) {
+        tokio::time::sleep(random_between(
+            Duration::from_millis(1500)..=Duration::from_millis(3000),
+        ))
+        .await;
+        let mut connection = campaign.env.pool.acquire().await.expect("connection");
+        let Some(pid) = outboxd::leader::holder_pid(&mut connection, "public.outbox")
+            .await
+            .expect("look up the leader")
+        else {
+            continue;
+        };
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&mut *connection)
+            .await
+            .expect("terminate the leader lock's backend");
+        campaign.runs += 1;
+    }
+    campaign.finish(relays).await;
+}
