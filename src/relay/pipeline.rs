@@ -65,7 +65,10 @@ pub(super) struct Acknowledged {
 
 /// What the capture stage sends batches into and hears acknowledgements
 /// from. The capture stage ends by returning; the pipeline then publishes
-/// and acknowledges what it already handed over, and returns.
+/// and acknowledges what it already handed over, and returns. `batches`
+/// has room for one batch, and only while the publisher can take it: a
+/// capture stage reserves room before it claims, or keeps gathering while
+/// there is none.
 pub(super) struct CaptureEnds {
     pub batches: mpsc::Sender<CapturedBatch>,
     pub acknowledged: mpsc::UnboundedReceiver<Acknowledged>,
@@ -157,7 +160,24 @@ async fn publish(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut next_id: u64 = 0;
-    while let Some(batch) = captured.recv().await {
+    loop {
+        // Room in the window first, then take the next batch: capture hands
+        // a batch over (and polling claims the next) only when it can be
+        // published at once, so while marks lag, capture keeps gathering
+        // rows into one larger batch instead of queueing small stale ones.
+        while let Ok(acknowledged) = done.try_recv() {
+            window.acknowledged(acknowledged);
+        }
+        while !window.has_room() {
+            match done.recv().await {
+                Some(acknowledged) => window.acknowledged(acknowledged),
+                // The acknowledge stage ended: it failed, and says why.
+                None => return Ok(()),
+            }
+        }
+        let Some(batch) = captured.recv().await else {
+            return Ok(());
+        };
         if *stop.borrow() {
             // Not published: its claim is rolled back (polling) or it is
             // streamed again (replication; nothing of it was confirmed).
@@ -170,16 +190,6 @@ async fn publish(
             // catch-up filter); the batch still carries a slot position.
             Delivered::default()
         } else {
-            while let Ok(acknowledged) = done.try_recv() {
-                window.acknowledged(acknowledged);
-            }
-            while !window.has_room() {
-                match done.recv().await {
-                    Some(acknowledged) => window.acknowledged(acknowledged),
-                    // The acknowledge stage ended: it failed, and says why.
-                    None => return Ok(()),
-                }
-            }
             let Some(delivered) = deliverer
                 .deliver(&batch.events, batch.position, &window, &mut stop)
                 .await?
@@ -198,7 +208,6 @@ async fn publish(
             return Ok(());
         }
     }
-    Ok(())
 }
 
 /// Acknowledges committed batches in the order they were published.

@@ -130,6 +130,16 @@ impl Claim {
             if *stop.borrow() {
                 return Ok(());
             }
+            // Claim only once the publisher can take the batch: rows claimed
+            // early would wait, locked, while later ones pile up unclaimed.
+            let room = tokio::select! {
+                room = ends.batches.reserve() => match room {
+                    Ok(room) => room,
+                    // The publisher ended (shutdown or failure).
+                    Err(_closed) => return Ok(()),
+                },
+                _ = stop.changed() => return Ok(()),
+            };
             let mut transaction = tokio::select! {
                 begun = self.claims.begin() => begun
                     .map_err(|e| Error::from_postgres("starting a claim transaction", e))?,
@@ -155,11 +165,7 @@ impl Claim {
                 position: None,
                 acknowledge_with: AcknowledgeWith::Claim(transaction),
             };
-            if ends.batches.send(batch).await.is_err() {
-                // The publisher ended (shutdown or failure); the claim is
-                // rolled back as it is dropped.
-                return Ok(());
-            }
+            room.send(batch);
         }
     }
 }

@@ -40,7 +40,7 @@
 
 use futures_util::FutureExt;
 use sqlx::{Connection, PgConnection};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::pipeline::{self, AcknowledgeWith, Acknowledged, CaptureEnds, CapturedBatch};
 use super::Session;
@@ -270,12 +270,12 @@ impl Streamer {
             while let Ok(acknowledged) = ends.acknowledged.try_recv() {
                 self.acknowledged(acknowledged, stream);
             }
-            // Batch whatever is already here; hand the batch over as soon
-            // as the stream has nothing more to give right now, or the
-            // batch is full. In the middle of a source transaction the rest
-            // of it is on its way (pgoutput sends committed transactions
-            // whole), so wait for it rather than cut a small batch that
-            // cannot be confirmed yet.
+            // Batch whatever is already here; hand the batch over once the
+            // stream has nothing more to give right now and the publisher
+            // can take it, gathering more events while it cannot. In the
+            // middle of a source transaction the rest of it is on its way
+            // (pgoutput sends committed transactions whole), so wait for it
+            // rather than cut a small batch that cannot be confirmed yet.
             let next = if self.batch.is_empty() || self.assembler.in_transaction() {
                 tokio::select! {
                     next = stream.next() => next?,
@@ -288,10 +288,22 @@ impl Streamer {
             } else {
                 match next_if_ready(stream).await {
                     Some(next) => next?,
-                    None => {
-                        self.hand_over(connection, &ends).await?;
-                        continue;
-                    }
+                    None => tokio::select! {
+                        room = ends.batches.reserve() => {
+                            match room {
+                                Ok(room) => self.hand_over(connection, room).await?,
+                                // The publisher ended (shutdown or failure).
+                                Err(_closed) => return Ok(()),
+                            }
+                            continue;
+                        }
+                        next = stream.next() => next?,
+                        Some(acknowledged) = ends.acknowledged.recv() => {
+                            self.acknowledged(acknowledged, stream);
+                            continue;
+                        }
+                        _ = stop.changed() => return Ok(()),
+                    },
                 }
             };
             let Some(item) = next else {
@@ -308,7 +320,10 @@ impl Streamer {
                     if self.batch.len() >= self.batch_size
                         || self.batch_bytes >= self.max_batch_bytes
                     {
-                        self.hand_over(connection, &ends).await?;
+                        let Ok(room) = ends.batches.reserve().await else {
+                            return Ok(());
+                        };
+                        self.hand_over(connection, room).await?;
                     }
                 }
                 Some(Captured::TransactionEnd { end_lsn }) => {
@@ -355,7 +370,11 @@ impl Streamer {
 
     /// Hands the batch to the pipeline, which publishes it, marks its rows
     /// and then sends back the position the slot may be confirmed to.
-    async fn hand_over(&mut self, connection: &mut PgConnection, ends: &CaptureEnds) -> Result<()> {
+    async fn hand_over(
+        &mut self,
+        connection: &mut PgConnection,
+        room: mpsc::Permit<'_, CapturedBatch>,
+    ) -> Result<()> {
         let mut events = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         if let Some(before) = self.filter_before {
@@ -375,9 +394,7 @@ impl Streamer {
             acknowledge_with: AcknowledgeWith::Stream { confirm },
         };
         self.in_flight += 1;
-        // A closed pipeline (shutdown or a failed stage) ends the session;
-        // the batch is streamed again after restart.
-        let _ = ends.batches.send(batch).await;
+        room.send(batch);
         Ok(())
     }
 }
