@@ -24,11 +24,14 @@ async fn leader_count(env: &TestEnv) -> usize {
     usize::from(holder.is_some())
 }
 
-/// Backend pids of sessions named after this relay that hold the lock.
+/// Sessions named after this relay that hold the table's leader lock (its
+/// claim connections hold the claims lock, a different key).
 async fn lock_holders(env: &TestEnv) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-         WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = $1",
+         WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = $1 \
+         AND ((l.classid::bigint << 32) | l.objid::bigint) \
+             = hashtextextended('outboxd:table:public.outbox', 0)",
     )
     .bind(format!("outboxd-{}", env.relay_name()))
     .fetch_one(&env.pool)

@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -374,24 +374,30 @@ impl Publisher {
     }
 }
 
-/// Waits, briefly, until librdkafka has released every delivery report
-/// this transaction's records produced.
+/// Waits, briefly, until librdkafka has released every message this
+/// transaction produced.
 ///
 /// Why: the caller has awaited every delivery, but librdkafka counts a
 /// message as outstanding until the report event holding it is freed, a
 /// moment after our delivery futures resolve. rust-rdkafka's
 /// `commit_transaction` flushes first, and its flush, finding any message
 /// outstanding, polls for a fixed 100 ms before it looks again: that was
-/// the p99 of small transactions. Once the count is zero that flush returns
-/// at once. Bounded, so a stuck count only costs what it cost before.
+/// the p99 of small transactions. librdkafka's own flush, with our producer
+/// serving its events on another thread, waits on a condition variable for
+/// the count to reach zero and returns the moment it does; after it the
+/// crate's flush finds nothing outstanding and returns at once. Bounded, so
+/// a stuck count only costs what it cost before.
 fn settle_delivery_reports(producer: &FutureProducer<RelayContext>) {
-    let deadline = Instant::now() + SETTLE_DELIVERY_REPORTS;
-    while producer.in_flight_count() > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_micros(100));
+    let limit_ms = SETTLE_DELIVERY_REPORTS.as_millis() as i32;
+    // SAFETY: the pointer is the live handle of `producer`, borrowed for the
+    // call; rd_kafka_flush is thread-safe and only waits on the producer's
+    // message count (event mode: it never serves the event queue itself).
+    unsafe {
+        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), limit_ms);
     }
 }
 
-/// Longest wait for librdkafka to free delivery reports before committing.
+/// Longest wait for librdkafka to release delivered messages before committing.
 const SETTLE_DELIVERY_REPORTS: Duration = Duration::from_millis(200);
 
 /// How long past a transaction call's own timeout we wait for librdkafka.

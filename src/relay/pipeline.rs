@@ -24,10 +24,13 @@
 //!   bounded by `capture.batch_size` (and `capture.batch_bytes`).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
+
 use sqlx::{PgConnection, Postgres, Transaction};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use super::deliver::{Delivered, Deliverer};
 use super::window::Window;
@@ -68,10 +71,24 @@ pub(super) struct Acknowledged {
 /// and acknowledges what it already handed over, and returns. `batches`
 /// has room for one batch, and only while the publisher can take it: a
 /// capture stage reserves room before it claims, or keeps gathering while
-/// there is none.
+/// there is none; with rows waiting but no backlog it waits for `demand`.
 pub(super) struct CaptureEnds {
     pub batches: mpsc::Sender<CapturedBatch>,
     pub acknowledged: mpsc::UnboundedReceiver<Acknowledged>,
+    /// Notified each time the publisher is free for the next batch. A
+    /// capture stage with rows waiting hands over (polling: claims) on it,
+    /// not before: what arrives while the current transaction runs then
+    /// joins the next batch instead of waiting one transaction longer.
+    /// Under a backlog (a full batch) it claims or hands over ahead.
+    pub demand: Arc<Notify>,
+}
+
+impl CaptureEnds {
+    /// Forgets a demand signal already given: the batch just handed over
+    /// answers it.
+    pub fn demand_answered(&self) {
+        let _ = self.demand.notified().now_or_never();
+    }
 }
 
 /// A committed batch on its way to acknowledgement.
@@ -102,13 +119,16 @@ where
     let (committed_sender, committed) = mpsc::channel(unacknowledged_batches.max(1));
     let (acknowledged_sender, acknowledged) = mpsc::unbounded_channel();
     let (done_sender, done) = mpsc::unbounded_channel();
+    let demand = Arc::new(Notify::new());
     let capture = capture(CaptureEnds {
         batches,
         acknowledged,
+        demand: Arc::clone(&demand),
     });
     let publish = publish(
         deliverer,
         captured,
+        demand,
         committed_sender,
         done,
         Window::new(unacknowledged_batches),
@@ -154,6 +174,7 @@ async fn watch_leader(leader: &mut PgConnection) -> Error {
 async fn publish(
     deliverer: &mut Deliverer<'_>,
     mut captured: mpsc::Receiver<CapturedBatch>,
+    demand: Arc<Notify>,
     committed: mpsc::Sender<Committed>,
     mut done: mpsc::UnboundedReceiver<u64>,
     mut window: Window,
@@ -175,6 +196,7 @@ async fn publish(
                 None => return Ok(()),
             }
         }
+        demand.notify_one();
         let Some(batch) = captured.recv().await else {
             return Ok(());
         };

@@ -126,10 +126,25 @@ impl Claim {
         mut stop: tokio::sync::watch::Receiver<bool>,
         ends: CaptureEnds,
     ) -> Result<()> {
+        // Whether the last claim was full: rows are waiting, so the next
+        // claim runs ahead, while the publisher is still busy.
+        let mut backlog = false;
+        // Whether the publisher asked for a batch that has not come yet.
+        let mut demanded = false;
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
+            // Without a backlog, claim when the publisher is free: a claim
+            // made while it is busy would miss what arrives meanwhile, and
+            // those rows would wait a whole transaction longer.
+            if !backlog && !demanded {
+                tokio::select! {
+                    _ = ends.demand.notified() => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
+            demanded = true;
             // Claim only once the publisher can take the batch: rows claimed
             // early would wait, locked, while later ones pile up unclaimed.
             let room = tokio::select! {
@@ -152,6 +167,7 @@ impl Claim {
                 self.up_to,
             )
             .await?;
+            backlog = events.len() >= self.batch_size;
             if events.is_empty() {
                 release(transaction).await?;
                 match &mut until {
@@ -166,6 +182,8 @@ impl Claim {
                 acknowledge_with: AcknowledgeWith::Claim(transaction),
             };
             room.send(batch);
+            ends.demand_answered();
+            demanded = false;
         }
     }
 }

@@ -288,13 +288,15 @@ impl Streamer {
             } else {
                 match next_if_ready(stream).await {
                     Some(next) => next?,
+                    // Hand over when the publisher is free (what arrives
+                    // until then joins this batch); keep reading meanwhile.
                     None => tokio::select! {
-                        room = ends.batches.reserve() => {
-                            match room {
-                                Ok(room) => self.hand_over(connection, room).await?,
+                        _ = ends.demand.notified() => {
+                            let Ok(room) = ends.batches.reserve().await else {
                                 // The publisher ended (shutdown or failure).
-                                Err(_closed) => return Ok(()),
-                            }
+                                return Ok(());
+                            };
+                            self.hand_over(connection, room).await?;
                             continue;
                         }
                         next = stream.next() => next?,
@@ -324,6 +326,7 @@ impl Streamer {
                             return Ok(());
                         };
                         self.hand_over(connection, room).await?;
+                        ends.demand_answered();
                     }
                 }
                 Some(Captured::TransactionEnd { end_lsn }) => {
