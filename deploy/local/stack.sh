@@ -15,8 +15,9 @@
 #                               produce, consume) with the stack's jars
 #
 # Environment: OUTBOXD_KAFKA_VERSION (default 4.3.1), XDG_CACHE_HOME (jar cache),
-# OUTBOXD_STACK_PROFILE (`test`, the default, or `bench`: Postgres keeps its
-# default logical_decoding_work_mem, as a user's server would).
+# OUTBOXD_STACK_PROFILE (`test`, the default, or `bench`: Postgres is durable,
+# fsync, synchronous_commit and full_page_writes on, and keeps its default
+# logical_decoding_work_mem, as a user's server would).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,9 +26,17 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 KAFKA_VERSION=${OUTBOXD_KAFKA_VERSION:-4.3.1}
 KAFKA_LIBS=${XDG_CACHE_HOME:-$HOME/.cache}/outboxd/kafka-$KAFKA_VERSION/libs
 STACK_PROFILE=${OUTBOXD_STACK_PROFILE:-test}
+# The test profile trades durability for speed (throwaway data); the bench
+# profile runs Postgres as users do: durable, with the server's defaults.
 case $STACK_PROFILE in
-    test) DECODING_WORK_MEM=64kB ;;
-    bench) DECODING_WORK_MEM=64MB ;;
+    test) DECODING_WORK_MEM=64kB
+          DURABILITY='fsync = off
+synchronous_commit = off
+full_page_writes = off' ;;
+    bench) DECODING_WORK_MEM=64MB
+           DURABILITY='fsync = on
+synchronous_commit = on
+full_page_writes = on' ;;
     *) echo "stack: ERROR: OUTBOXD_STACK_PROFILE is \`$STACK_PROFILE\`; use test or bench" >&2; exit 2 ;;
 esac
 STOP_TIMEOUT=20     # seconds to wait after SIGTERM before SIGKILL
@@ -165,14 +174,13 @@ max_connections = 300
 # to disk, the case where other CDC tools lost events on resume. Benchmarks
 # use the server default.
 logical_decoding_work_mem = $DECODING_WORK_MEM
-# Throwaway data: durability is not needed, speed is.
-fsync = off
-synchronous_commit = off
+# Durability per profile: off for throwaway test data, on (as users run
+# it) for benchmarks.
+$DURABILITY
 # Logical decoding only reads WAL that is flushed; with asynchronous commit
 # the WAL writer flushes every wal_writer_delay (200ms by default), which
 # would show up as replication latency.
 wal_writer_delay = 10ms
-full_page_writes = off
 EOF
     # Members of scram_auth must log in with a SCRAM-SHA-256 password, so
     # tests can check both the SQL and the replication connection's auth;
