@@ -115,15 +115,11 @@ pub async fn wait_for_earlier_claims(
         }
         if !warned && started.elapsed() > CLAIMS_WARN_AFTER {
             warned = true;
-            let pids: Vec<i32> = sqlx::query_scalar(&format!(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                 AND ((classid::bigint << 32) | objid::bigint) = {CLAIMS_KEY}"
-            ))
-            .bind(table)
-            .fetch_all(&mut *connection)
-            .await
-            .unwrap_or_default();
+            let pids: Vec<i32> = sqlx::query_scalar(&holders_sql(CLAIMS_KEY))
+                .bind(table)
+                .fetch_all(&mut *connection)
+                .await
+                .unwrap_or_default();
             tracing::warn!(
                 table,
                 claim_backend_pids = ?pids,
@@ -192,14 +188,20 @@ async fn announce_standby(connection: &mut PgConnection, table: &str, relay_name
 /// The Postgres backend pid of the session holding the lock of `table`
 /// (`schema.table`), if any.
 pub async fn holder_pid(connection: &mut PgConnection, table: &str) -> Result<Option<i32>> {
+    sqlx::query_scalar(&format!("{} LIMIT 1", holders_sql(LOCK_KEY)))
+        .bind(table)
+        .fetch_optional(&mut *connection)
+        .await
+        .map_err(|e| Error::from_postgres("looking up the leader", e))
+}
+
+/// The backend pids holding the advisory lock `key` (an SQL expression of
+/// `$1`, the table) in this database.
+fn holders_sql(key: &str) -> String {
     // An advisory lock on a bigint key shows up as classid = high 32 bits, objid = low 32 bits.
-    sqlx::query_scalar(&format!(
+    format!(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
          AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND ((classid::bigint << 32) | objid::bigint) = {LOCK_KEY} LIMIT 1"
-    ))
-    .bind(table)
-    .fetch_optional(&mut *connection)
-    .await
-    .map_err(|e| Error::from_postgres("looking up the leader", e))
+         AND ((classid::bigint << 32) | objid::bigint) = {key}"
+    )
 }

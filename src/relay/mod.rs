@@ -196,13 +196,20 @@ impl Context {
         })
     }
 
+    /// A new connection whose commits are durable (`durable_acknowledgements`);
+    /// `doing` names it in the error.
+    async fn connect(&self, doing: &str) -> Result<PgConnection> {
+        let mut connection = PgConnection::connect_with(&self.connect_options)
+            .await
+            .map_err(|e| Error::from_postgres(doing, e))?;
+        durable_acknowledgements(&mut connection).await?;
+        Ok(connection)
+    }
+
     /// One leadership term: from connecting to the first failure or shutdown.
     async fn session(&self, mut stop: watch::Receiver<bool>) -> Result<()> {
         let config = &self.config;
-        let mut connection = PgConnection::connect_with(&self.connect_options)
-            .await
-            .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
-        durable_acknowledgements(&mut connection).await?;
+        let mut connection = self.connect("connecting to Postgres").await?;
         let report =
             schema::inspect(&mut connection, &self.table, config.relay.after_publish).await?;
         if let Some(problem) = report.problems(&self.table).into_iter().next() {
@@ -304,24 +311,33 @@ struct Session<'a> {
 /// the latest checkpoint's rows are reconciled). Services may keep `off` for
 /// their own transactions; this only changes the relay's session, and only
 /// when it is `off` (a stronger setting such as `remote_apply` is kept).
-pub(super) async fn durable_acknowledgements(connection: &mut PgConnection) -> Result<()> {
-    let setting: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
-        .fetch_one(&mut *connection)
+async fn durable_acknowledgements(connection: &mut PgConnection) -> Result<()> {
+    let changed = make_commits_durable(connection)
         .await
-        .map_err(|e| Error::from_postgres("reading synchronous_commit", e))?;
-    if setting == "off" {
-        sqlx::query("SET synchronous_commit = on")
-            .execute(&mut *connection)
-            .await
-            .map_err(|e| {
-                Error::from_postgres("setting synchronous_commit for the relay session", e)
-            })?;
+        .map_err(|e| Error::from_postgres("setting synchronous_commit for the relay session", e))?;
+    if changed {
         tracing::debug!(
             "synchronous_commit is off for this role or server; the relay's own session uses on, \
              so a Postgres crash cannot forget which rows were marked sent"
         );
     }
     Ok(())
+}
+
+/// Sets `synchronous_commit = on` for this connection if it is `off`
+/// (see `durable_acknowledgements`); says whether it changed it. At the
+/// level of sqlx errors, so a pool's `after_connect` can run it too.
+pub(super) async fn make_commits_durable(connection: &mut PgConnection) -> sqlx::Result<bool> {
+    let setting: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&mut *connection)
+        .await?;
+    if setting != "off" {
+        return Ok(false);
+    }
+    sqlx::query("SET synchronous_commit = on")
+        .execute(&mut *connection)
+        .await?;
+    Ok(true)
 }
 
 /// Polling never reads this relay's replication slot; if one is left from

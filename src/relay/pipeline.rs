@@ -101,8 +101,9 @@ struct Committed {
 /// Runs `capture` and the publish and acknowledge stages together until
 /// capture ends and everything it handed over is acknowledged (or, on
 /// shutdown, until what was committed is acknowledged), or until the first
-/// stage fails or the `leader` connection (holding the leader lock) does. `stream_acks` is the replication stage's own connection
-/// for marks (polling marks inside each claim's transaction).
+/// stage fails or the `leader` connection (holding the leader lock) does.
+/// `stream_acks` is the replication stage's own connection for marks
+/// (polling marks inside each claim's transaction).
 pub(super) async fn run<F>(
     leader: &mut PgConnection,
     deliverer: &mut Deliverer<'_>,

@@ -18,7 +18,6 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::Executor;
 
 use super::pipeline::{self, AcknowledgeWith, CaptureEnds, CapturedBatch};
 use super::Session;
@@ -99,13 +98,7 @@ fn claim_pool(connect_options: &PgConnectOptions, table_name: &str, size: usize)
                 leader::join_claims(connection, &table_name).await?;
                 // See `durable_acknowledgements`: the marks commit on these
                 // connections, and must survive a Postgres crash.
-                let setting: String =
-                    sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
-                        .fetch_one(&mut *connection)
-                        .await?;
-                if setting == "off" {
-                    connection.execute("SET synchronous_commit = on").await?;
-                }
+                super::make_commits_durable(connection).await?;
                 Ok(())
             })
         })

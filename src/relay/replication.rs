@@ -39,7 +39,7 @@
 //!   it is (`Acknowledger::acknowledge_streamed`).
 
 use futures_util::FutureExt;
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 use tokio::sync::{mpsc, watch};
 
 use super::pipeline::{self, AcknowledgeWith, Acknowledged, CaptureEnds, CapturedBatch};
@@ -112,10 +112,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         "relay started"
     );
     // Marks run on a connection of their own, behind the Kafka transactions.
-    let mut acknowledgements = PgConnection::connect_with(&context.connect_options)
-        .await
-        .map_err(|e| Error::from_postgres("connecting for acknowledgements", e))?;
-    super::durable_acknowledgements(&mut acknowledgements).await?;
+    let mut acknowledgements = context.connect("connecting for acknowledgements").await?;
     let mut streamer = Streamer {
         assembler: Assembler::new(table, config.capture.other_changes, resume_after),
         batch: Vec::new(),
@@ -131,9 +128,9 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
     };
     // The catch-up filter's queries run beside the marks and the leader's
     // watchdog, on a connection of their own.
-    let mut filter_connection = PgConnection::connect_with(&context.connect_options)
-        .await
-        .map_err(|e| Error::from_postgres("connecting for the catch-up filter", e))?;
+    let mut filter_connection = context
+        .connect("connecting for the catch-up filter")
+        .await?;
     let Session {
         connection,
         deliverer,

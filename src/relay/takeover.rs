@@ -5,8 +5,8 @@
 //! `relay.name`, any version) can still commit a Kafka transaction or holds
 //! a claim, and every row that any of them committed to Kafka is
 //! acknowledged in Postgres. So what the session then captures and
-//! publishes was never published before (replication also skips replayed events up to the
-//! returned checkpoint's position).
+//! publishes was never published before (replication also skips replayed
+//! events up to the returned checkpoint's position).
 
 use sqlx::PgConnection;
 use tokio::sync::watch;
