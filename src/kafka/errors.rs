@@ -32,6 +32,22 @@ pub fn classify(context: &str, error: &KafkaError) -> Error {
     }
 }
 
+/// The class of `error`, seen on a producer that has hit the fatal error
+/// `cause`. Once librdkafka raised a fatal error, every later call and
+/// delivery fails with a generic "fatal" or "purged" code; the reason that
+/// says what to do (fenced by a successor, not authorised) is the cause.
+pub fn classify_after_fatal(
+    context: &str,
+    error: &KafkaError,
+    cause: RDKafkaErrorCode,
+    cause_reason: &str,
+) -> Error {
+    fatal(
+        format!("{context}: {error}; the producer's fatal error: {cause_reason}"),
+        cause,
+    )
+}
+
 /// Whether a delivery failed because the broker will never take this record,
 /// however often it is re-sent: such a row is poison.
 pub fn is_record_rejected(code: RDKafkaErrorCode) -> bool {
@@ -110,6 +126,29 @@ mod tests {
             &KafkaError::MessageProduction(RDKafkaErrorCode::Fatal),
         );
         assert_eq!(error.kind, ErrorKind::Retry);
+    }
+
+    #[test]
+    fn a_generic_fatal_error_is_judged_by_its_cause() {
+        let fenced = classify_after_fatal(
+            "delivering a record",
+            &KafkaError::MessageProduction(RDKafkaErrorCode::Fatal),
+            RDKafkaErrorCode::Fenced,
+            "producer fenced by newer instance",
+        );
+        assert_eq!(fenced.kind, ErrorKind::Retry);
+        assert!(
+            fenced.message.contains("fenced") && fenced.message.contains("leader lock"),
+            "{}",
+            fenced.message
+        );
+        let unauthorised = classify_after_fatal(
+            "beginning a Kafka transaction",
+            &KafkaError::MessageProduction(RDKafkaErrorCode::Fatal),
+            RDKafkaErrorCode::TransactionalIdAuthorizationFailed,
+            "not authorised",
+        );
+        assert_eq!(unauthorised.kind, ErrorKind::Stop);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::checkpoint::{Checkpoint, CHECKPOINT_PARTITION};
-use super::errors::{classify, is_record_rejected};
+use super::errors::{classify, classify_after_fatal, is_record_rejected};
 use super::identity::TableIdentity;
 use super::RelayContext;
 use crate::config::Config;
@@ -103,7 +103,10 @@ impl Publisher {
             .transaction_call(timeout, move |producer| producer.init_transactions(timeout))
             .await
             .map_err(|e| {
-                e.classified("initialising Kafka transactions (is the broker reachable?)")
+                e.classified(
+                    &publisher,
+                    "initialising Kafka transactions (is the broker reachable?)",
+                )
             })?;
         Ok(publisher)
     }
@@ -144,7 +147,7 @@ impl Publisher {
             producer.begin_transaction()
         })
         .await
-        .map_err(|e| e.classified("beginning a Kafka transaction"))?;
+        .map_err(|e| e.classified(self, "beginning a Kafka transaction"))?;
         failpoint::kill_point("after-begin");
         let outcome = self.produce_and_commit(records, checkpoint).await;
         let needs_abort = match &outcome {
@@ -171,7 +174,7 @@ impl Publisher {
             deliveries.push(
                 self.send(record)
                     .await
-                    .map_err(|e| delivery_failure(index, records.len(), e))?,
+                    .map_err(|e| self.delivery_failure(index, records.len(), e))?,
             );
         }
         let checkpoint_record = RoutedRecord {
@@ -183,7 +186,7 @@ impl Publisher {
         deliveries.push(
             self.send_to(&checkpoint_record, Some(CHECKPOINT_PARTITION))
                 .await
-                .map_err(|e| delivery_failure(records.len(), records.len(), e))?,
+                .map_err(|e| self.delivery_failure(records.len(), records.len(), e))?,
         );
 
         // Await every delivery before judging: the broker refuses a whole
@@ -203,7 +206,7 @@ impl Publisher {
                 Ok(Err((error, _))) => error,
                 Err(_canceled) => KafkaError::Canceled,
             };
-            match delivery_failure(index, records.len(), error) {
+            match self.delivery_failure(index, records.len(), error) {
                 PublishError::RecordRejected { index, reason } => rejected.push((index, reason)),
                 PublishError::Failed(error) => {
                     other_failure.get_or_insert(error);
@@ -252,9 +255,10 @@ impl Publisher {
         })
         .await
         .map_err(|e| {
-            PublishError::Failed(
-                e.classified("adding the checkpoint group's offset to the Kafka transaction"),
-            )
+            PublishError::Failed(e.classified(
+                self,
+                "adding the checkpoint group's offset to the Kafka transaction",
+            ))
         })
     }
 
@@ -317,7 +321,7 @@ impl Publisher {
                 // Another commit call would only conflict with the stuck one.
                 Err(CallError::Stuck(error)) => return Err(PublishError::Failed(error)),
                 Err(CallError::Returned(error)) => {
-                    let error = classify("committing the Kafka transaction", &error);
+                    let error = self.classify("committing the Kafka transaction", &error);
                     if error.kind == ErrorKind::Retry && attempt < COMMIT_ATTEMPTS {
                         tracing::warn!(attempt, error = %error, "Kafka commit failed with a retriable error; retrying the commit");
                         attempt += 1;
@@ -335,7 +339,7 @@ impl Publisher {
         self.transaction_call(timeout, move |producer| producer.abort_transaction(timeout))
             .await
             .map_err(|e| {
-                let error = e.classified("aborting the Kafka transaction");
+                let error = e.classified(self, "aborting the Kafka transaction");
                 match error.kind {
                     ErrorKind::Stop => error,
                     // A producer that cannot abort is re-initialised with the session.
@@ -413,9 +417,9 @@ enum CallError {
 }
 
 impl CallError {
-    fn classified(self, doing: &str) -> Error {
+    fn classified(self, publisher: &Publisher, doing: &str) -> Error {
         match self {
-            CallError::Returned(error) => classify(doing, &error),
+            CallError::Returned(error) => publisher.classify(doing, &error),
             CallError::Stuck(error) => Error::retry(format!("{doing}: {error}")),
         }
     }
@@ -459,9 +463,35 @@ fn init_timeout(config: &Config) -> Duration {
         .max(Duration::from_secs(30))
 }
 
-/// Sorts the failure of delivery `index`. Indexes below `record_count` are
-/// event records; the one after them is the checkpoint record, whose
-/// rejection is not a poison row but a broken setup.
+impl Publisher {
+    /// Sorts a librdkafka error by what to do, judging it by the producer's
+    /// fatal error when it has one: after that error every call fails with
+    /// a generic code, and which of them the relay observes first is a race.
+    fn classify(&self, doing: &str, error: &KafkaError) -> Error {
+        match self.producer.client().fatal_error() {
+            Some((cause, reason)) => classify_after_fatal(doing, error, cause, &reason),
+            None => classify(doing, error),
+        }
+    }
+
+    /// Sorts the failure of delivery `index`. Indexes below `record_count`
+    /// are event records; the one after them is the checkpoint record, whose
+    /// rejection is not a poison row but a broken setup. A producer with a
+    /// fatal error rejects nothing for good: the session ends.
+    fn delivery_failure(
+        &self,
+        index: usize,
+        record_count: usize,
+        error: KafkaError,
+    ) -> PublishError {
+        if self.producer.client().fatal_error().is_some() {
+            return PublishError::Failed(self.classify("delivering a record", &error));
+        }
+        delivery_failure(index, record_count, error)
+    }
+}
+
+/// Sorts the failure of delivery `index` on a producer without a fatal error.
 fn delivery_failure(index: usize, record_count: usize, error: KafkaError) -> PublishError {
     match error.rdkafka_error_code() {
         Some(code) if is_record_rejected(code) && index < record_count => PublishError::RecordRejected {
