@@ -9,7 +9,7 @@ use std::fmt;
 use sqlx::{Connection, PgConnection};
 
 use crate::capture::slot;
-use crate::config::{secret, CaptureMode, Config, SlotLostPolicy};
+use crate::config::{secret, CaptureMode, Config, Partitioner, SlotLostPolicy};
 use crate::kafka::topics::{self, TopicState};
 use crate::schema;
 use crate::table::OutboxTable;
@@ -339,6 +339,29 @@ async fn check_kafka(config: &Config, findings: &mut Findings) {
             "routing",
             format!("topics from the template `{}` depend on the rows; create them ahead of time or let the broker auto-create them", config.routing.topic),
         );
+    }
+    findings.push(
+        Status::Ok,
+        "partitioner",
+        partitioner_note(config.routing.partitioner),
+    );
+}
+
+/// What `routing.partitioner` means for a team that also runs Java
+/// producers or moves off Debezium.
+fn partitioner_note(partitioner: Partitioner) -> String {
+    let name = partitioner.librdkafka_name();
+    match partitioner {
+        Partitioner::Murmur2Random | Partitioner::Murmur2 => {
+            format!("{name}: a key goes to the partition Java producers and Debezium choose for it")
+        }
+        Partitioner::Random => {
+            format!("{name}: records of one key spread over partitions, with no order between them")
+        }
+        _ => format!(
+            "{name}: keys land on other partitions than a Java producer's; changing the \
+             partitioner of a topic in use moves aggregates to other partitions"
+        ),
     }
 }
 

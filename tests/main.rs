@@ -10,6 +10,7 @@ mod crash;
 mod exactly_once;
 mod leader;
 mod operations;
+mod partitioning;
 mod poison;
 mod replication;
 mod retention;

@@ -296,6 +296,9 @@ pub struct RoutingConfig {
     pub key: KeyColumn,
     /// Where poison rows go, with the reason in a header.
     pub dead_letter_topic: String,
+    /// How a key picks its partition. `murmur2_random`, the default, places
+    /// every key where Java producers (and so Debezium) place it.
+    pub partitioner: Partitioner,
 }
 
 impl Default for RoutingConfig {
@@ -305,6 +308,40 @@ impl Default for RoutingConfig {
             rules: Vec::new(),
             key: KeyColumn::AggregateId,
             dead_letter_topic: "outboxd.dead-letter".into(),
+            partitioner: Partitioner::Murmur2Random,
+        }
+    }
+}
+
+/// librdkafka's partitioners. The `_random` ones spread records without a
+/// key at random; the others send them all to one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Partitioner {
+    /// Java's default partitioner (murmur2 of the key): the partitions
+    /// Debezium and every Java producer choose for the same key.
+    Murmur2Random,
+    Murmur2,
+    /// librdkafka's own default (CRC32 of the key), which outboxd 0.1 used.
+    ConsistentRandom,
+    Consistent,
+    Fnv1aRandom,
+    Fnv1a,
+    /// Every record to a random partition, keyed or not: no order per key.
+    Random,
+}
+
+impl Partitioner {
+    /// The value of librdkafka's `partitioner` property.
+    pub fn librdkafka_name(self) -> &'static str {
+        match self {
+            Partitioner::Murmur2Random => "murmur2_random",
+            Partitioner::Murmur2 => "murmur2",
+            Partitioner::ConsistentRandom => "consistent_random",
+            Partitioner::Consistent => "consistent",
+            Partitioner::Fnv1aRandom => "fnv1a_random",
+            Partitioner::Fnv1a => "fnv1a",
+            Partitioner::Random => "random",
         }
     }
 }
@@ -466,6 +503,12 @@ impl Config {
             return Err("kafka.max_message_bytes: must be between 1024 and 104857600".into());
         }
         for key in self.kafka.properties.keys() {
+            if key == "partitioner" {
+                return Err(format!(
+                    "kafka.properties.{key}: set routing.partitioner instead (murmur2_random, \
+                     the default, places keys as Java producers do)"
+                ));
+            }
             if crate::kafka::is_managed_property(key) {
                 return Err(format!(
                     "kafka.properties.{key}: outboxd sets this itself to keep exactly-once; remove it"

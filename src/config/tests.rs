@@ -203,3 +203,30 @@ fn missing_file_is_a_clear_error() {
         "{error}"
     );
 }
+
+#[test]
+fn keys_are_partitioned_as_java_producers_do_unless_told_otherwise() {
+    assert_eq!(
+        load(MINIMAL).routing.partitioner,
+        Partitioner::Murmur2Random
+    );
+    let config = load(&format!(
+        "{MINIMAL}routing:\n  partitioner: consistent_random\n"
+    ));
+    assert_eq!(
+        config.routing.partitioner.librdkafka_name(),
+        "consistent_random"
+    );
+    let error = load_error(&format!("{MINIMAL}routing:\n  partitioner: crc32\n"));
+    assert!(
+        error.contains("partitioner") && error.contains("crc32"),
+        "{error}"
+    );
+    let error = load_error(&format!(
+        "{MINIMAL}  properties:\n    partitioner: murmur2\n"
+    ));
+    assert!(
+        error.contains("kafka.properties.partitioner") && error.contains("routing.partitioner"),
+        "{error}"
+    );
+}

@@ -78,6 +78,7 @@ impl Publisher {
                 "transaction.timeout.ms",
                 config.kafka.transaction_timeout.as_millis().to_string(),
             )
+            .set("partitioner", config.routing.partitioner.librdkafka_name())
             // Batches no larger than one allowed record, so a topic whose
             // max.message.bytes is kafka.max_message_bytes accepts every batch.
             .set("batch.size", config.kafka.max_message_bytes.to_string())
