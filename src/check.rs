@@ -9,7 +9,9 @@ use std::fmt;
 use sqlx::{Connection, PgConnection};
 
 use crate::capture::slot;
-use crate::config::{secret, CaptureMode, Config, Partitioner, SlotLostPolicy};
+use crate::config::{
+    secret, CaptureMode, Config, MissingTopics, Partitioner, PoisonPolicy, SlotLostPolicy,
+};
 use crate::kafka::topics::{self, TopicState};
 use crate::schema;
 use crate::table::OutboxTable;
@@ -326,10 +328,17 @@ async fn check_kafka(config: &Config, findings: &mut Findings) {
                 "topic",
                 format!("{topic} is missing; the broker will auto-create it with its defaults"),
             ),
+            TopicState::Missing if config.routing.missing_topics == MissingTopics::Create => {
+                findings.push(
+                    Status::Ok,
+                    "topic",
+                    format!("{topic} is missing; the relay creates it before its first record (routing.missing_topics: create)"),
+                )
+            }
             TopicState::Missing => findings.push(
                 Status::Failed,
                 "topic",
-                format!("{topic} is missing and the broker does not auto-create topics; create it"),
+                format!("{topic} is missing and the broker does not auto-create topics; create it, or set routing.missing_topics: create"),
             ),
         }
     }
@@ -337,7 +346,7 @@ async fn check_kafka(config: &Config, findings: &mut Findings) {
         findings.push(
             Status::Ok,
             "routing",
-            format!("topics from the template `{}` depend on the rows; create them ahead of time or let the broker auto-create them", config.routing.topic),
+            format!("topics from the template `{}` depend on the rows; create them ahead of time, let the broker auto-create them, or set routing.missing_topics", config.routing.topic),
         );
     }
     findings.push(
@@ -345,6 +354,48 @@ async fn check_kafka(config: &Config, findings: &mut Findings) {
         "partitioner",
         partitioner_note(config.routing.partitioner),
     );
+    findings.push(
+        Status::Ok,
+        "missing topics",
+        missing_topics_note(config, auto_create),
+    );
+}
+
+/// What happens to a row routed to a topic that does not exist.
+fn missing_topics_note(config: &Config, broker_auto_creates: Option<bool>) -> String {
+    if broker_auto_creates == Some(true) {
+        return "the broker creates topics on first use (auto.create.topics.enable), with its defaults".into();
+    }
+    let broker = match broker_auto_creates {
+        Some(_) => "the broker does not create topics on first use",
+        None => "whether the broker creates topics on first use is unknown (no DescribeConfigs)",
+    };
+    match config.routing.missing_topics {
+        MissingTopics::Wait => format!(
+            "{broker}; rows for a missing topic wait, and the rows behind them, until it exists \
+             (routing.missing_topics: wait; /readyz and outboxd_rows_waiting_for_topic show it)"
+        ),
+        MissingTopics::Create => {
+            let settings = &config.routing.create_topics;
+            let shown = |value: Option<i32>| value.map_or("broker default".to_string(), |n| n.to_string());
+            format!(
+                "{broker}; the relay creates missing topics (partitions {}, replication factor {}, \
+                 {} topic config(s)); its principal needs CREATE",
+                shown(settings.partitions),
+                shown(settings.replication_factor),
+                settings.configs.len()
+            )
+        }
+        MissingTopics::Poison => match config.relay.on_poison {
+            PoisonPolicy::DeadLetter => format!(
+                "{broker}; rows for a missing topic go to {} (routing.missing_topics: poison, relay.on_poison: dead_letter)",
+                config.routing.dead_letter_topic
+            ),
+            PoisonPolicy::Halt => format!(
+                "{broker}; a row for a missing topic stops the relay (routing.missing_topics: poison, relay.on_poison: halt)"
+            ),
+        },
+    }
 }
 
 /// What `routing.partitioner` means for a team that also runs Java

@@ -7,7 +7,7 @@
 //! one background task on its own connection (`lag`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -98,6 +98,9 @@ pub struct Metrics {
     slot_confirmed_flush: Family<SlotLabel, Gauge>,
     leader: Gauge,
     capture_mode: Family<ModeLabel, Gauge>,
+    rows_waiting_for_topic: Family<TopicLabel, Gauge>,
+    /// Why a leader is stalled on missing topics, for `/readyz`.
+    waiting_for_topics: Mutex<Option<String>>,
     state: AtomicU8,
     postgres_reachable: AtomicBool,
     kafka_reachable: AtomicBool,
@@ -125,6 +128,8 @@ impl Metrics {
             slot_confirmed_flush: Family::default(),
             leader: Gauge::default(),
             capture_mode: Family::default(),
+            rows_waiting_for_topic: Family::default(),
+            waiting_for_topics: Mutex::new(None),
             state: AtomicU8::new(RelayState::Starting as u8),
             postgres_reachable: AtomicBool::new(false),
             kafka_reachable: AtomicBool::new(false),
@@ -184,6 +189,11 @@ impl Metrics {
             "replication_slot_confirmed_flush_lsn",
             "The slot's confirmed_flush_lsn as a number (sampled)",
             metrics.slot_confirmed_flush.clone(),
+        );
+        registry.register(
+            "rows_waiting_for_topic",
+            "Rows held back because their topic does not exist (routing.missing_topics: wait)",
+            metrics.rows_waiting_for_topic.clone(),
         );
         registry.register(
             "leader",
@@ -292,11 +302,48 @@ impl Metrics {
         self.kafka_reachable.store(kafka, Ordering::SeqCst);
     }
 
-    /// Ready: leading, or a standby whose last probe reached Postgres and
-    /// Kafka, so it can take over.
+    /// Rows held back per missing topic; empty when nothing waits.
+    pub fn set_waiting_for_topics(&self, waiting: &[(String, usize)]) {
+        self.rows_waiting_for_topic.clear();
+        for (topic, rows) in waiting {
+            self.rows_waiting_for_topic
+                .get_or_create(&TopicLabel {
+                    topic: topic.clone(),
+                })
+                .set(*rows as i64);
+        }
+        let reason = (!waiting.is_empty()).then(|| {
+            let topics: Vec<String> = waiting
+                .iter()
+                .map(|(topic, rows)| format!("{topic} ({rows} rows)"))
+                .collect();
+            format!(
+                "leading, but stalled: rows wait for topics that do not exist: {}; create them, \
+                 or set routing.missing_topics",
+                topics.join(", ")
+            )
+        });
+        *self
+            .waiting_for_topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    /// Ready: leading and not stalled on a missing topic, or a standby whose
+    /// last probe reached Postgres and Kafka, so it can take over.
     pub fn ready(&self) -> Result<(), String> {
         match self.state() {
-            RelayState::Leading => Ok(()),
+            RelayState::Leading => {
+                match self
+                    .waiting_for_topics
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                {
+                    Some(reason) => Err(reason),
+                    None => Ok(()),
+                }
+            }
             RelayState::Standby => {
                 if !self.postgres_reachable.load(Ordering::SeqCst) {
                     Err("standby, but Postgres was not reachable at the last probe".into())
@@ -364,5 +411,20 @@ mod tests {
         assert!(metrics.ready().unwrap_err().contains("retrying"));
         metrics.set_state(RelayState::Leading);
         assert!(metrics.ready().is_ok());
+    }
+
+    #[test]
+    fn a_leader_stalled_on_a_missing_topic_is_not_ready_and_says_which() {
+        let metrics = Metrics::new("orders");
+        metrics.set_state(RelayState::Leading);
+        metrics.set_waiting_for_topics(&[("outbox.Order".into(), 12)]);
+        let reason = metrics.ready().unwrap_err();
+        assert!(reason.contains("outbox.Order (12 rows)"), "{reason}");
+        assert!(metrics.encode().contains(
+            "outboxd_rows_waiting_for_topic{relay=\"orders\",topic=\"outbox.Order\"} 12"
+        ));
+        metrics.set_waiting_for_topics(&[]);
+        assert!(metrics.ready().is_ok());
+        assert!(!metrics.encode().contains("outbox.Order"));
     }
 }

@@ -9,6 +9,7 @@ mod cli;
 mod crash;
 mod exactly_once;
 mod leader;
+mod missing_topics;
 mod operations;
 mod partitioning;
 mod poison;

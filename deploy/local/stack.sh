@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Throwaway local PostgreSQL + single-node Kafka (KRaft) as plain processes,
-# for tests, `make demo` and `make test`. No Docker needed.
+# for tests, `make demo` and `make test`, plus a second broker that does not
+# create topics on first use. No Docker needed.
 #
 #   stack.sh up DIR             install deps, start them all, write DIR/env
 #   stack.sh down DIR           stop them all (idempotent)
@@ -375,6 +376,41 @@ EOF
     write_log4j "$kdir/tools-log4j2.properties" WARN err
 }
 
+# A second single-node broker shaped like a production one in the one way
+# the relay must handle: it does not create topics on first use
+# (auto.create.topics.enable=false). Lives in DIR/strict like a node of
+# cluster.sh, so launch_kafka and stop_kafka serve it unchanged.
+write_strict_kafka_config() {
+    local kdir=$1 port=$2 cport=$3
+    mkdir -p "$kdir/data"
+    ln -sfn "$KAFKA_LIBS" "$kdir/libs"
+    cat >"$kdir/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$kdir/data
+num.partitions=3
+default.replication.factor=1
+min.insync.replicas=1
+auto.create.topics.enable=false
+group.initial.rebalance.delay.ms=0
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+offsets.topic.num.partitions=3
+transaction.state.log.num.partitions=3
+EOF
+    write_log4j "$kdir/log4j2.properties" INFO out
+    write_log4j "$kdir/tools-log4j2.properties" WARN err
+}
+
 write_log4j() {
     local target=SYSTEM_OUT
     [[ $3 == err ]] && target=SYSTEM_ERR
@@ -478,14 +514,15 @@ cmd_up() {
     if is_ours "$(read_pid "$dir/kafka.pid")" "$(kafka_marker "$dir")" \
         || is_ours "$(read_pid "$dir/pg.pid")" "$dir/pg/data" \
         || is_ours "$(read_pid "$dir/pg-nological.pid")" "$dir/pg-nological/data" \
-        || is_ours "$(read_pid "$dir/pg-tls.pid")" "$dir/pg-tls/data"; then
+        || is_ours "$(read_pid "$dir/pg-tls.pid")" "$dir/pg-tls/data" \
+        || is_ours "$(read_pid "$dir/strict/kafka.pid")" "$(kafka_marker "$dir/strict")"; then
         die "a stack is already running in $dir (run: $0 down $dir)"
     fi
     bash "$HERE/install-deps.sh"
     command -v java >/dev/null || die "java not found after install-deps.sh"
 
     # Fresh state every time: this is a throwaway stack.
-    rm -rf "$dir/pg" "$dir/pg-nological" "$dir/pg-tls" "$dir/tls" "$dir/kafka" "$dir/env" "$dir"/*.pid "$dir"/*.port
+    rm -rf "$dir/pg" "$dir/pg-nological" "$dir/pg-tls" "$dir/tls" "$dir/kafka" "$dir/strict" "$dir/env" "$dir"/*.pid "$dir"/*.port
     # mktemp -d makes 0700 dirs; the postgres user must be able to enter DIR.
     [[ $EUID -eq 0 ]] && chmod o+x "$dir"
 
@@ -507,10 +544,17 @@ cmd_up() {
     # (the JVM starts are the longest part of `up`); launch_kafka waits.
     (format_kafka "$dir"; launch_kafka "$dir") &
     local kafka_waiter=$!
+    local strict_port strict_cport
+    free_port strict_port
+    free_port strict_cport
+    write_strict_kafka_config "$dir/strict/kafka" "$strict_port" "$strict_cport"
+    (format_kafka "$dir/strict"; launch_kafka "$dir/strict") &
+    local strict_waiter=$!
     start_pg "$dir" pg logical
     start_pg "$dir" pg-nological replica
     start_pg "$dir" pg-tls logical tls
     wait "$kafka_waiter" || exit 1
+    wait "$strict_waiter" || exit 1
     KAFKA_PORT=$kport
     local PG_PORT NOLOGICAL_PORT TLS_PORT tls=$dir/tls
     PG_PORT=$(cat "$dir/pg.port")
@@ -539,6 +583,8 @@ export OUTBOXD_TEST_TLS_CLIENT_USER=$CERT_USER
 export OUTBOXD_TEST_KAFKA_SASL_SSL=127.0.0.1:$sasl_port
 export OUTBOXD_TEST_KAFKA_SASL_USER=$SASL_USER
 export OUTBOXD_TEST_KAFKA_SASL_PASSWORD=$SASL_PASSWORD
+# A broker that does not create topics on first use, as production ones.
+export OUTBOXD_TEST_KAFKA_NO_AUTO_CREATE=127.0.0.1:$strict_port
 export OUTBOXD_STACK_DIR=$dir
 EOF
     trap - EXIT
@@ -548,6 +594,7 @@ EOF
     echo "  postgres  postgres://postgres@127.0.0.1:$TLS_PORT/postgres?sslmode=verify-full&sslrootcert=$tls/ca.crt  (TLS only)  pid $(cat "$dir/pg-tls.pid")"
     echo "  kafka     127.0.0.1:$KAFKA_PORT ($KAFKA_VERSION)  pid $(cat "$dir/kafka.pid")  log $dir/kafka/kafka.log"
     echo "  kafka     127.0.0.1:$sasl_port (SASL_SSL, SCRAM-SHA-512 user $SASL_USER, CA $tls/ca.crt)"
+    echo "  kafka     127.0.0.1:$strict_port (auto.create.topics.enable=false)  pid $(cat "$dir/strict/kafka.pid")"
     echo "  env       source $dir/env"
 }
 
@@ -556,6 +603,7 @@ cmd_down() {
     [[ -d "$dir" ]] || return 0
     dir=$(cd "$dir" && pwd -P)
     stop_kafka "$dir"
+    [[ ! -d "$dir/strict" ]] || stop_kafka "$dir/strict"
     stop_pg "$dir" pg
     stop_pg "$dir" pg-nological
     stop_pg "$dir" pg-tls

@@ -299,6 +299,11 @@ pub struct RoutingConfig {
     /// How a key picks its partition. `murmur2_random`, the default, places
     /// every key where Java producers (and so Debezium) place it.
     pub partitioner: Partitioner,
+    /// What happens to rows routed to a topic that does not exist on a
+    /// broker that does not create topics on first use.
+    pub missing_topics: MissingTopics,
+    /// How `missing_topics: create` creates a topic.
+    pub create_topics: CreateTopics,
 }
 
 impl Default for RoutingConfig {
@@ -309,8 +314,35 @@ impl Default for RoutingConfig {
             key: KeyColumn::AggregateId,
             dead_letter_topic: "outboxd.dead-letter".into(),
             partitioner: Partitioner::Murmur2Random,
+            missing_topics: MissingTopics::Wait,
+            create_topics: CreateTopics::default(),
         }
     }
+}
+
+/// Rows routed to a topic that does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingTopics {
+    /// Hold the rows (and every row behind them) until someone creates the
+    /// topic, saying so every minute in the log, in a metric and in `/readyz`.
+    Wait,
+    /// Create the topic with `routing.create_topics` before producing to it.
+    Create,
+    /// Treat the rows as poison: `relay.on_poison` decides.
+    Poison,
+}
+
+/// Settings of topics the relay creates (`routing.missing_topics: create`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CreateTopics {
+    /// Partitions; the broker's `num.partitions` when absent.
+    pub partitions: Option<i32>,
+    /// Replicas; the broker's `default.replication.factor` when absent.
+    pub replication_factor: Option<i32>,
+    /// Topic configs such as `min.insync.replicas: "2"`.
+    pub configs: BTreeMap<String, String>,
 }
 
 /// librdkafka's partitioners. The `_random` ones spread records without a
@@ -553,6 +585,17 @@ impl Config {
         }
         crate::routing::validate_topic_name(&self.routing.dead_letter_topic)
             .map_err(|e| format!("routing.dead_letter_topic: {e}"))?;
+        if self.routing.create_topics.partitions.is_some_and(|n| n < 1) {
+            return Err("routing.create_topics.partitions: must be at least 1".into());
+        }
+        if self
+            .routing
+            .create_topics
+            .replication_factor
+            .is_some_and(|n| n < 1)
+        {
+            return Err("routing.create_topics.replication_factor: must be at least 1".into());
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(format!(
                 "log.level: `{}` is not a valid filter such as `info`",

@@ -230,3 +230,34 @@ fn keys_are_partitioned_as_java_producers_do_unless_told_otherwise() {
         "{error}"
     );
 }
+
+#[test]
+fn missing_topics_wait_unless_told_to_create_them_or_treat_them_as_poison() {
+    assert_eq!(load(MINIMAL).routing.missing_topics, MissingTopics::Wait);
+    let config = load(&format!(
+        "{MINIMAL}routing:\n  missing_topics: create\n  create_topics:\n    partitions: 6\n    \
+         replication_factor: 3\n    configs:\n      min.insync.replicas: \"2\"\n"
+    ));
+    assert_eq!(config.routing.missing_topics, MissingTopics::Create);
+    assert_eq!(config.routing.create_topics.partitions, Some(6));
+    assert_eq!(
+        config
+            .routing
+            .create_topics
+            .configs
+            .get("min.insync.replicas"),
+        Some(&"2".to_string())
+    );
+    let error = load_error(&format!(
+        "{MINIMAL}routing:\n  create_topics:\n    partitions: 0\n"
+    ));
+    assert!(
+        error.contains("routing.create_topics.partitions"),
+        "{error}"
+    );
+    let error = load_error(&format!("{MINIMAL}routing:\n  missing_topics: ignore\n"));
+    assert!(
+        error.contains("missing_topics") && error.contains("ignore"),
+        "{error}"
+    );
+}

@@ -13,7 +13,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::error::RDKafkaErrorCode;
 
 use super::RelayContext;
-use crate::config::Config;
+use crate::config::{Config, CreateTopics};
 use crate::error::{Error, Result};
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -144,6 +144,70 @@ async fn cluster_shape(
             (metadata.brokers().len(), exists)
         })
         .map_err(|e| Error::retry(format!("cannot reach Kafka at the bootstrap servers: {e}")))
+}
+
+/// Which of `topics` do not exist. Asks for each topic by name, so a
+/// broker with `auto.create.topics.enable` creates it on the spot, as it
+/// would on the first produce; one being created (no leader yet) counts as
+/// existing, since the produce waits for its leader.
+pub async fn missing_among(
+    admin: Arc<AdminClient<RelayContext>>,
+    topics: Vec<String>,
+) -> Result<Vec<String>> {
+    tokio::task::spawn_blocking(move || {
+        let mut missing = Vec::new();
+        for topic in topics {
+            let metadata = admin
+                .inner()
+                .fetch_metadata(Some(&topic), ADMIN_TIMEOUT)
+                .map_err(|e| {
+                    Error::retry(format!("asking Kafka whether topic `{topic}` exists: {e}"))
+                })?;
+            let unknown = metadata.topics().iter().any(|t| {
+                t.name() == topic
+                    && t.error().is_some_and(|code| {
+                        RDKafkaErrorCode::from(code) == RDKafkaErrorCode::UnknownTopicOrPartition
+                    })
+            });
+            if unknown {
+                missing.push(topic);
+            }
+        }
+        Ok(missing)
+    })
+    .await
+    .map_err(|e| Error::stop(format!("metadata task failed: {e}")))?
+}
+
+/// Creates the event topic `topic` as `routing.create_topics` says. Another
+/// relay or an operator creating it first is success.
+pub async fn create_event_topic(
+    admin: &AdminClient<RelayContext>,
+    settings: &CreateTopics,
+    topic: &str,
+) -> std::result::Result<(), String> {
+    // -1: the broker's default (KIP-464).
+    let replication = TopicReplication::Fixed(settings.replication_factor.unwrap_or(-1));
+    let mut new_topic = NewTopic::new(topic, settings.partitions.unwrap_or(-1), replication);
+    for (key, value) in &settings.configs {
+        new_topic = new_topic.set(key, value);
+    }
+    let options = AdminOptions::new()
+        .operation_timeout(Some(ADMIN_TIMEOUT))
+        .request_timeout(Some(ADMIN_TIMEOUT));
+    let results = admin
+        .create_topics([&new_topic], &options)
+        .await
+        .map_err(|e| e.to_string())?;
+    match results.into_iter().next() {
+        Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(()),
+        Some(Err((_, code @ RDKafkaErrorCode::TopicAuthorizationFailed)))
+        | Some(Err((_, code @ RDKafkaErrorCode::ClusterAuthorizationFailed))) => Err(format!(
+            "{code}: grant the relay's principal CREATE on the topic or the cluster, or create it yourself"
+        )),
+        Some(Err((_, code))) => Err(code.to_string()),
+        None => Err("the broker gave no result".into()),
+    }
 }
 
 /// What the broker says about a topic, for `outboxd check`.

@@ -20,6 +20,7 @@ use crate::kafka::publisher::{PublishError, Publisher};
 use crate::metrics::{Metrics, RelayState};
 use crate::routing::Router;
 
+use super::topic_gate::{TopicGate, Verdict};
 use super::window::Window;
 
 /// How often the relay logs what it has done.
@@ -48,8 +49,11 @@ pub struct Deliverer<'a> {
     table_name: &'a str,
     source: Option<String>,
     on_poison: PoisonPolicy,
-    /// Rows the broker refused on an earlier attempt, by seq, with why.
-    rejected_by_broker: HashMap<i64, String>,
+    /// Rows found poison on an earlier attempt (the broker refused them, or
+    /// their topic is missing and `routing.missing_topics` is `poison`), by
+    /// seq, with why.
+    poisoned: HashMap<i64, String>,
+    topics: TopicGate<'a>,
     progress: Progress,
     last_progress_log: Instant,
     metrics: &'a Metrics,
@@ -62,6 +66,7 @@ impl<'a> Deliverer<'a> {
         table_name: &'a str,
         source: Option<String>,
         on_poison: PoisonPolicy,
+        topics: TopicGate<'a>,
         metrics: &'a Metrics,
     ) -> Deliverer<'a> {
         // The publisher is connected and fenced: from here this instance relays.
@@ -72,7 +77,8 @@ impl<'a> Deliverer<'a> {
             table_name,
             source,
             on_poison,
-            rejected_by_broker: HashMap::new(),
+            poisoned: HashMap::new(),
+            topics,
             progress: Progress::default(),
             last_progress_log: Instant::now(),
             metrics,
@@ -94,13 +100,46 @@ impl<'a> Deliverer<'a> {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Option<Delivered>> {
         let mut resend_backoff = super::new_backoff();
+        let mut missing_topic_backoff = super::new_backoff();
         loop {
-            let batch = Batch::route(
-                self.router,
-                events,
-                &self.rejected_by_broker,
-                self.on_poison,
-            )?;
+            let batch = Batch::route(self.router, events, &self.poisoned, self.on_poison)?;
+            let batch_topics: Vec<&str> = batch.records.iter().map(|r| r.topic.as_ref()).collect();
+            let missing = match self.topics.check(&batch_topics).await? {
+                Verdict::Open => {
+                    self.topics.clear_waiting();
+                    None
+                }
+                Verdict::Poison(missing) => {
+                    if self.poison_rows_for(&batch, &missing) {
+                        continue; // route again, with those rows poison
+                    }
+                    // Only the dead-letter topic is missing: its rows have
+                    // nowhere else to go.
+                    Some(missing)
+                }
+                Verdict::Wait(missing) => Some(missing),
+            };
+            if let Some(missing) = missing {
+                let waiting: Vec<(String, usize)> = missing
+                    .into_iter()
+                    .map(|topic| {
+                        let rows = batch_topics.iter().filter(|t| **t == topic).count();
+                        (topic, rows)
+                    })
+                    .collect();
+                let delay = missing_topic_backoff
+                    .next()
+                    .unwrap_or(Duration::from_secs(30));
+                self.topics.report_waiting(&waiting, delay);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => {}
+                }
+                if *stop.borrow() {
+                    return Ok(None);
+                }
+                continue;
+            }
             // The batch's rows and those of every committed batch not yet
             // marked: a crash before their marks leaves them all repairable.
             let (published, dead_lettered) =
@@ -129,7 +168,7 @@ impl<'a> Deliverer<'a> {
                         &committed_at,
                     );
                     for seq in &batch.dead_lettered {
-                        self.rejected_by_broker.remove(seq);
+                        self.poisoned.remove(seq);
                     }
                     self.progress.events += batch.published.len() as u64;
                     self.progress.dead_lettered += batch.dead_lettered.len() as u64;
@@ -155,11 +194,13 @@ impl<'a> Deliverer<'a> {
                         %reason,
                         "Kafka refused a record; the transaction was aborted and the row will be dead-lettered"
                     );
-                    self.rejected_by_broker.insert(seq, reason);
+                    self.poisoned.insert(seq, reason);
                     self.progress.aborted += 1;
                     self.metrics.aborted();
                 }
                 Err(PublishError::Failed(error)) if error.kind == ErrorKind::AbortAndResend => {
+                    // A topic deleted since it was looked up fails this way.
+                    self.topics.forget_known();
                     self.progress.aborted += 1;
                     self.metrics.aborted();
                     self.metrics.error(error.kind);
@@ -180,6 +221,27 @@ impl<'a> Deliverer<'a> {
                 Err(PublishError::Failed(error)) => return Err(error),
             }
         }
+    }
+
+    /// Makes the batch's rows routed to `missing` topics poison; whether
+    /// there were any (rows already bound for the dead-letter topic are not).
+    fn poison_rows_for(&mut self, batch: &Batch<'_>, missing: &[String]) -> bool {
+        let mut any = false;
+        for (record, seq) in batch.records.iter().zip(&batch.record_seqs) {
+            let topic = record.topic.as_ref();
+            if batch.dead_lettered.contains(seq) || !missing.iter().any(|m| m == topic) {
+                continue;
+            }
+            self.poisoned.insert(
+                *seq,
+                format!(
+                    "topic `{topic}` does not exist and the broker does not create topics \
+                     (routing.missing_topics: poison)"
+                ),
+            );
+            any = true;
+        }
+        any
     }
 
     fn log_progress_now_and_then(&mut self) {

@@ -20,6 +20,7 @@ mod pipeline;
 mod polling;
 mod replication;
 mod takeover;
+mod topic_gate;
 mod window;
 
 use std::future::Future;
@@ -266,6 +267,7 @@ impl Context {
                 &self.table_name,
                 source,
                 config.relay.on_poison,
+                topic_gate::TopicGate::new(config, &self.metrics)?,
                 &self.metrics,
             ),
             payload_encoding: report.payload_encoding,

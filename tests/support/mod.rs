@@ -26,6 +26,8 @@ use sqlx::{Connection, PgConnection, PgPool};
 pub struct Servers {
     pub postgres_url: String,
     pub kafka: String,
+    /// A broker with `auto.create.topics.enable=false`.
+    pub kafka_no_auto_create: String,
 }
 
 pub fn servers() -> Servers {
@@ -40,6 +42,7 @@ pub fn servers() -> Servers {
     Servers {
         postgres_url: read("OUTBOXD_TEST_PG_URL"),
         kafka: read("OUTBOXD_TEST_KAFKA"),
+        kafka_no_auto_create: read("OUTBOXD_TEST_KAFKA_NO_AUTO_CREATE"),
     }
 }
 
