@@ -232,6 +232,7 @@ pub async fn kafka(rows: usize, payload_bytes: usize) -> Ceiling {
                 trace_parent: None,
                 position: None,
                 committed_at: None,
+                created_at: None,
             }
         })
         .collect();

@@ -84,6 +84,7 @@ mod tests {
             trace_parent: None,
             position: None,
             committed_at: None,
+            created_at: None,
         }
     }
 

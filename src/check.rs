@@ -359,6 +359,19 @@ async fn check_kafka(config: &Config, findings: &mut Findings) {
         "missing topics",
         missing_topics_note(config, auto_create),
     );
+    let cloudevents = &config.routing.cloudevents;
+    findings.push(
+        Status::Ok,
+        "cloudevents",
+        if cloudevents.enabled {
+            format!(
+                "on: binary content mode, ce_source `{}`, content-type `{}`",
+                cloudevents.source, cloudevents.content_type
+            )
+        } else {
+            "off (routing.cloudevents.enabled)".to_string()
+        },
+    );
 }
 
 /// What happens to a row routed to a topic that does not exist.

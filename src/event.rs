@@ -26,6 +26,10 @@ pub struct OutboxEvent {
     pub trace_parent: Option<String>,
     /// Where replication capture found the row; `None` from polling.
     pub position: Option<SourcePosition>,
+    /// The row's `created_at` in RFC 3339, UTC (`capture::timestamp`): the
+    /// CloudEvents `time`. `None` where the table has no such column or
+    /// its value has no RFC 3339 form.
+    pub created_at: Option<String>,
     /// When the row's transaction committed (replication) or its
     /// `created_at` (polling): where the latency metric starts.
     pub committed_at: Option<std::time::SystemTime>,

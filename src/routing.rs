@@ -25,6 +25,14 @@ pub mod header {
     pub const SOURCE_SEQ: &str = "outboxd.source.seq";
     /// On dead-lettered records: present when the payload was too large to carry.
     pub const PAYLOAD_OMITTED: &str = "outboxd.payload_omitted";
+    /// CloudEvents attributes, Kafka protocol binding, binary content mode.
+    pub const CE_SPECVERSION: &str = "ce_specversion";
+    pub const CE_ID: &str = "ce_id";
+    pub const CE_SOURCE: &str = "ce_source";
+    pub const CE_TYPE: &str = "ce_type";
+    pub const CE_TIME: &str = "ce_time";
+    pub const CE_SUBJECT: &str = "ce_subject";
+    pub const CONTENT_TYPE: &str = "content-type";
 }
 
 /// A record ready for Kafka.
@@ -58,9 +66,10 @@ impl RoutedRecord<'_> {
     }
 }
 
-/// A topic template: literal text with `${aggregatetype}` and `${type}`.
+/// A template: literal text with `${aggregatetype}` and `${type}`, for
+/// topics and for the CloudEvents `source`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicTemplate {
+pub struct Template {
     parts: Vec<TemplatePart>,
 }
 
@@ -71,8 +80,18 @@ enum TemplatePart {
     EventType,
 }
 
-impl TopicTemplate {
-    pub fn parse(template: &str) -> Result<TopicTemplate, String> {
+impl Template {
+    /// A topic template; a literal one must be a legal topic name.
+    pub fn topic(template: &str) -> Result<Template, String> {
+        let template = Template::text(template)?;
+        if template.is_literal() {
+            validate_topic_name(&template.render("", ""))?;
+        }
+        Ok(template)
+    }
+
+    /// A template of any text.
+    pub fn text(template: &str) -> Result<Template, String> {
         let mut parts = Vec::new();
         let mut rest = template;
         while let Some(start) = rest.find("${") {
@@ -97,11 +116,11 @@ impl TopicTemplate {
         if !rest.is_empty() {
             parts.push(TemplatePart::Literal(rest.to_string()));
         }
-        let template = TopicTemplate { parts };
-        if template.is_literal() {
-            validate_topic_name(&template.render("", ""))?;
-        }
-        Ok(template)
+        Ok(Template { parts })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
     }
 
     fn is_literal(&self) -> bool {
@@ -148,7 +167,7 @@ pub fn validate_topic_name(topic: &str) -> Result<(), String> {
 struct Rule {
     aggregate_type: Option<String>,
     event_type: Option<String>,
-    topic: TopicTemplate,
+    topic: Template,
 }
 
 impl Rule {
@@ -165,11 +184,18 @@ impl Rule {
 
 /// Turns events into records. Built once from validated config.
 pub struct Router {
-    default_topic: TopicTemplate,
+    default_topic: Template,
     rules: Vec<Rule>,
     key: KeyColumn,
     dead_letter_topic: String,
     max_message_bytes: usize,
+    cloudevents: Option<CloudEvents>,
+}
+
+/// What the CloudEvents headers need beyond the row.
+struct CloudEvents {
+    source: Template,
+    content_type: String,
 }
 
 impl Router {
@@ -181,16 +207,23 @@ impl Router {
                 Ok(Rule {
                     aggregate_type: rule.aggregate_type.clone(),
                     event_type: rule.event_type.clone(),
-                    topic: TopicTemplate::parse(&rule.topic)?,
+                    topic: Template::topic(&rule.topic)?,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Router {
-            default_topic: TopicTemplate::parse(&config.topic)?,
+            default_topic: Template::topic(&config.topic)?,
             rules,
             key: config.key,
             dead_letter_topic: config.dead_letter_topic.clone(),
             max_message_bytes,
+            cloudevents: match config.cloudevents.enabled {
+                true => Some(CloudEvents {
+                    source: Template::text(&config.cloudevents.source)?,
+                    content_type: config.cloudevents.content_type.clone(),
+                }),
+                false => None,
+            },
         })
     }
 
@@ -203,10 +236,14 @@ impl Router {
             .map_or(&self.default_topic, |rule| &rule.topic);
         let topic = template.render(&event.aggregate_type, &event.event_type);
         validate_topic_name(&topic).map_err(|e| format!("unroutable: {e}"))?;
+        let mut headers = headers_of(event)?;
+        if let Some(cloudevents) = &self.cloudevents {
+            cloudevents.add_headers(event, &mut headers);
+        }
         let record = RoutedRecord {
             topic,
             key: self.key_of(event),
-            headers: headers_of(event)?,
+            headers,
             payload: event.payload.as_deref().map(Cow::Borrowed),
         };
         let size = record.approximate_size();
@@ -257,6 +294,34 @@ impl Router {
             KeyColumn::None => return None,
         };
         Some(Cow::Borrowed(key.as_bytes()))
+    }
+}
+
+impl CloudEvents {
+    /// The required attributes, `time` and `subject` where the row has
+    /// them, and `content-type` unless the row's own headers set it.
+    fn add_headers<'a>(&'a self, event: &'a OutboxEvent, headers: &mut Vec<RecordHeader<'a>>) {
+        let has_content_type = headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case(header::CONTENT_TYPE));
+        headers.push((Cow::Borrowed(header::CE_SPECVERSION), Cow::Borrowed(b"1.0")));
+        headers.push(borrowed_header(header::CE_ID, &event.id));
+        let source = self.source.render(&event.aggregate_type, &event.event_type);
+        headers.push((
+            Cow::Borrowed(header::CE_SOURCE),
+            match source {
+                Cow::Borrowed(text) => Cow::Borrowed(text.as_bytes()),
+                Cow::Owned(text) => Cow::Owned(text.into_bytes()),
+            },
+        ));
+        headers.push(borrowed_header(header::CE_TYPE, &event.event_type));
+        if let Some(time) = &event.created_at {
+            headers.push(borrowed_header(header::CE_TIME, time));
+        }
+        headers.push(borrowed_header(header::CE_SUBJECT, &event.aggregate_id));
+        if !has_content_type {
+            headers.push(borrowed_header(header::CONTENT_TYPE, &self.content_type));
+        }
     }
 }
 

@@ -128,7 +128,9 @@ impl OutboxTable {
         };
         format!(
             "SELECT {seq}::bigint, {id}::text, {aggregate_type}::text, {aggregate_id}::text, {event_type}::text, \
-             {payload_expr}, {headers}, {trace}, EXTRACT(EPOCH FROM {created_at})::float8 \
+             {payload_expr}, {headers}, {trace}, EXTRACT(EPOCH FROM {created_at})::float8, \
+             CASE WHEN EXTRACT(YEAR FROM {created_at} AT TIME ZONE 'UTC') BETWEEN 1 AND 9999 \
+             THEN to_char({created_at} AT TIME ZONE 'UTC', {created_at_format}) END \
              FROM {table} WHERE {sent_at} IS NULL{extra_condition} ORDER BY {seq} LIMIT $1 FOR UPDATE SKIP LOCKED",
             seq = quote_ident(&c.seq),
             id = quote_ident(&c.id),
@@ -138,6 +140,7 @@ impl OutboxTable {
             headers = optional_text(&c.headers),
             trace = optional_text(&c.tracing_span_context),
             created_at = quote_ident(&c.created_at),
+            created_at_format = crate::capture::timestamp::POLLING_FORMAT_SQL,
             table = self.qualified(),
             sent_at = quote_ident(&c.sent_at),
         )

@@ -6,6 +6,7 @@
 mod support;
 
 mod cli;
+mod cloudevents;
 mod crash;
 mod exactly_once;
 mod leader;

@@ -2,9 +2,10 @@
 # Installs, via apt-get, whatever the local test stack and the Rust build need
 # and is not there yet: PostgreSQL server, a C/C++ toolchain for rdkafka's
 # bundled librdkafka (features cmake-build + ssl + curl), a Java 17 runtime and Maven
-# (Kafka's jars come from Maven Central), and openssl for the stack's test
-# certificates. Idempotent: does nothing, and never
-# touches the network, when everything is present.
+# (Kafka's jars come from Maven Central), openssl for the stack's test
+# certificates, and a Python virtualenv with the CloudEvents SDK (from PyPI),
+# which a test reads outboxd's records with. Idempotent: does nothing, and
+# never touches the network, when everything is present.
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -21,6 +22,25 @@ has_java17() {
     local major
     major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)
     [[ -n "$major" && "$major" -ge 17 ]]
+}
+
+# The tests' Python: a virtualenv of its own (Debian's Python refuses pip
+# installs into the system), with the CloudEvents SDK pinned.
+PYTHON_ENV=${XDG_CACHE_HOME:-$HOME/.cache}/outboxd/python
+CLOUDEVENTS_VERSION=2.2.0
+has_python_env() {
+    [[ -x "$PYTHON_ENV/bin/python" ]] && "$PYTHON_ENV/bin/python" -c \
+        "import importlib.metadata as m; assert m.version('cloudevents') == '$CLOUDEVENTS_VERSION'" 2>/dev/null
+}
+
+make_python_env() {
+    has_python_env && return 0
+    say "creating $PYTHON_ENV with cloudevents $CLOUDEVENTS_VERSION"
+    rm -rf "$PYTHON_ENV"
+    python3 -m venv "$PYTHON_ENV" || die "python3 -m venv failed"
+    "$PYTHON_ENV/bin/pip" install -q --disable-pip-version-check "cloudevents==$CLOUDEVENTS_VERSION" \
+        || die "pip could not install cloudevents $CLOUDEVENTS_VERSION from PyPI"
+    has_python_env || die "cloudevents $CLOUDEVENTS_VERSION is not importable from $PYTHON_ENV"
 }
 
 # Debian puts the server binaries in /usr/lib/postgresql/<ver>/bin, not on PATH.
@@ -40,6 +60,9 @@ missing_packages() {
     # The stack's throwaway CA and certificates (TLS Postgres, SASL_SSL broker).
     command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)
     command -v mvn >/dev/null 2>&1 || pkgs+=(maven)
+    command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
+    # venv needs ensurepip, which Debian ships separately.
+    python3 -c 'import ensurepip' >/dev/null 2>&1 || pkgs+=(python3-venv)
     echo "${pkgs[@]:-}"
 }
 
@@ -48,6 +71,7 @@ main() {
     local missing
     missing=$(missing_packages)
     if [[ -z "$missing" ]]; then
+        make_python_env
         say "all dependencies present"
         return 0
     fi
@@ -66,6 +90,7 @@ main() {
     missing=$(missing_packages)
     [[ -z "$missing" ]] || die "still missing after install: $missing (log: $log)"
     rm -f "$log"
+    make_python_env
     say "done"
 }
 

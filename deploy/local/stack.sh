@@ -583,6 +583,8 @@ export OUTBOXD_TEST_TLS_CLIENT_USER=$CERT_USER
 export OUTBOXD_TEST_KAFKA_SASL_SSL=127.0.0.1:$sasl_port
 export OUTBOXD_TEST_KAFKA_SASL_USER=$SASL_USER
 export OUTBOXD_TEST_KAFKA_SASL_PASSWORD=$SASL_PASSWORD
+# Python with the CloudEvents SDK (made by install-deps.sh).
+export OUTBOXD_TEST_PYTHON=${XDG_CACHE_HOME:-$HOME/.cache}/outboxd/python/bin/python
 # A broker that does not create topics on first use, as production ones.
 export OUTBOXD_TEST_KAFKA_NO_AUTO_CREATE=127.0.0.1:$strict_port
 export OUTBOXD_STACK_DIR=$dir

@@ -13,5 +13,6 @@ pub mod pgoutput;
 pub mod polling;
 pub mod slot;
 pub mod stream;
+pub mod timestamp;
 pub mod wakeup;
 pub mod wire;

@@ -45,6 +45,7 @@ fn event_from_row(row: &PgRow) -> Result<OutboxEvent> {
         headers_json: row.try_get(6).map_err(decode)?,
         trace_parent: row.try_get(7).map_err(decode)?,
         position: None,
+        created_at: row.try_get(9).map_err(decode)?,
         committed_at: row
             .try_get::<Option<f64>, _>(8)
             .map_err(decode)?

@@ -58,6 +58,7 @@ struct RowLayout {
     payload_is_bytea: bool,
     headers: Option<usize>,
     trace_parent: Option<usize>,
+    created_at: Option<usize>,
 }
 
 impl RowLayout {
@@ -86,6 +87,8 @@ impl RowLayout {
             payload_is_bytea: relation.columns[payload].type_oid == BYTEA_OID,
             headers: optional(&columns.headers, "headers")?,
             trace_parent: optional(&columns.tracing_span_context, "tracing_span_context")?,
+            // Optional here: only CloudEvents' `time` needs it.
+            created_at: relation.column_index(&columns.created_at),
         })
     }
 }
@@ -341,6 +344,12 @@ fn event_from_tuple(
         Some(index) => text(take(index, "headers")?, "headers")?,
         None => None,
     };
+    let created_at = match layout.created_at {
+        Some(index) => text(take(index, "created_at")?, "created_at")?
+            .as_deref()
+            .and_then(crate::capture::timestamp::iso_to_rfc3339_utc),
+        None => None,
+    };
     let trace_parent = match layout.trace_parent {
         Some(index) => text(take(index, "tracingspancontext")?, "tracingspancontext")?,
         None => None,
@@ -355,6 +364,7 @@ fn event_from_tuple(
         headers_json,
         trace_parent,
         position: Some(position),
+        created_at,
         committed_at: None,
     })
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::routing::TopicTemplate;
+use crate::routing::Template;
 use crate::table::OutboxTable;
 
 /// Environment variables starting with this (then `__`) override file keys.
@@ -304,6 +304,8 @@ pub struct RoutingConfig {
     pub missing_topics: MissingTopics,
     /// How `missing_topics: create` creates a topic.
     pub create_topics: CreateTopics,
+    /// CloudEvents attributes as Kafka headers (binary content mode).
+    pub cloudevents: CloudEventsConfig,
 }
 
 impl Default for RoutingConfig {
@@ -316,6 +318,30 @@ impl Default for RoutingConfig {
             partitioner: Partitioner::Murmur2Random,
             missing_topics: MissingTopics::Wait,
             create_topics: CreateTopics::default(),
+            cloudevents: CloudEventsConfig::default(),
+        }
+    }
+}
+
+/// CloudEvents' Kafka protocol binding, binary content mode: the payload
+/// stays the record's value, the attributes become `ce_` headers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudEventsConfig {
+    pub enabled: bool,
+    /// The `source` attribute, a template like `routing.topic`.
+    pub source: String,
+    /// The `content-type` header (CloudEvents' `datacontenttype`), unless the
+    /// row's own headers set one.
+    pub content_type: String,
+}
+
+impl Default for CloudEventsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            source: "/outboxd/${aggregatetype}".into(),
+            content_type: "application/json".into(),
         }
     }
 }
@@ -572,9 +598,9 @@ impl Config {
                 return Err("relay.retention: must be at least 1m".into());
             }
         }
-        TopicTemplate::parse(&self.routing.topic).map_err(|e| format!("routing.topic: {e}"))?;
+        Template::topic(&self.routing.topic).map_err(|e| format!("routing.topic: {e}"))?;
         for (index, rule) in self.routing.rules.iter().enumerate() {
-            TopicTemplate::parse(&rule.topic)
+            Template::topic(&rule.topic)
                 .map_err(|e| format!("routing.rules[{index}].topic: {e}"))?;
             if rule.aggregate_type.is_none() && rule.event_type.is_none() {
                 return Err(format!(
@@ -585,6 +611,17 @@ impl Config {
         }
         crate::routing::validate_topic_name(&self.routing.dead_letter_topic)
             .map_err(|e| format!("routing.dead_letter_topic: {e}"))?;
+        let source = Template::text(&self.routing.cloudevents.source)
+            .map_err(|e| format!("routing.cloudevents.source: {e}"))?;
+        if source.is_empty() {
+            return Err(
+                "routing.cloudevents.source: must not be empty (CloudEvents requires a source)"
+                    .into(),
+            );
+        }
+        if self.routing.cloudevents.content_type.trim().is_empty() {
+            return Err("routing.cloudevents.content_type: must not be empty".into());
+        }
         if self.routing.create_topics.partitions.is_some_and(|n| n < 1) {
             return Err("routing.create_topics.partitions: must be at least 1".into());
         }

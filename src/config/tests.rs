@@ -261,3 +261,20 @@ fn missing_topics_wait_unless_told_to_create_them_or_treat_them_as_poison() {
         "{error}"
     );
 }
+
+#[test]
+fn cloudevents_are_off_by_default_and_need_a_source() {
+    assert!(!load(MINIMAL).routing.cloudevents.enabled);
+    let config = load(&format!(
+        "{MINIMAL}routing:\n  cloudevents:\n    enabled: true\n    source: \"/orders/${{aggregatetype}}\"\n"
+    ));
+    assert!(config.routing.cloudevents.enabled);
+    let error = load_error(&format!(
+        "{MINIMAL}routing:\n  cloudevents:\n    enabled: true\n    source: \"\"\n"
+    ));
+    assert!(error.contains("routing.cloudevents.source"), "{error}");
+    let error = load_error(&format!(
+        "{MINIMAL}routing:\n  cloudevents:\n    source: \"/x/${{aggregateid}}\"\n"
+    ));
+    assert!(error.contains("routing.cloudevents.source"), "{error}");
+}

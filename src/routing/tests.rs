@@ -13,6 +13,7 @@ fn event(aggregate_type: &str, event_type: &str) -> OutboxEvent {
         trace_parent: None,
         position: None,
         committed_at: None,
+        created_at: None,
     }
 }
 
@@ -155,16 +156,92 @@ fn key_column_is_configurable() {
 
 #[test]
 fn templates_reject_unknown_placeholders_and_illegal_literals() {
-    assert!(TopicTemplate::parse("outbox.${aggregateid}")
+    assert!(Template::topic("outbox.${aggregateid}")
         .unwrap_err()
         .contains("unknown placeholder"));
-    assert!(TopicTemplate::parse("outbox.${type")
+    assert!(Template::topic("outbox.${type")
         .unwrap_err()
         .contains("unclosed"));
-    assert!(TopicTemplate::parse("has space")
+    assert!(Template::topic("has space")
         .unwrap_err()
         .contains("contains ` `"));
-    assert!(TopicTemplate::parse("plain.topic").is_ok());
+    assert!(Template::topic("plain.topic").is_ok());
     assert!(validate_topic_name(&"a".repeat(250)).is_err());
     assert!(validate_topic_name("..").is_err());
+}
+
+fn cloudevents_router(source: &str) -> Router {
+    let config = RoutingConfig {
+        cloudevents: crate::config::CloudEventsConfig {
+            enabled: true,
+            source: source.into(),
+            ..Default::default()
+        },
+        ..RoutingConfig::default()
+    };
+    Router::new(&config, 1_000_000).unwrap()
+}
+
+#[test]
+fn cloudevents_attributes_become_ce_headers_and_the_payload_stays() {
+    let router = cloudevents_router("/orders-service/${aggregatetype}");
+    let mut event = event("Order", "OrderCreated");
+    event.created_at = Some("2026-12-02T17:10:15.123456Z".into());
+    let record = router.route(&event).unwrap();
+    assert_eq!(header(&record, "ce_specversion"), Some(&b"1.0"[..]));
+    assert_eq!(
+        header(&record, "ce_id"),
+        Some(&b"5f0c6a4e-0000-4000-8000-000000000007"[..])
+    );
+    assert_eq!(
+        header(&record, "ce_source"),
+        Some(&b"/orders-service/Order"[..])
+    );
+    assert_eq!(header(&record, "ce_type"), Some(&b"OrderCreated"[..]));
+    assert_eq!(
+        header(&record, "ce_time"),
+        Some(&b"2026-12-02T17:10:15.123456Z"[..])
+    );
+    assert_eq!(header(&record, "ce_subject"), Some(&b"order-42"[..]));
+    assert_eq!(
+        header(&record, "content-type"),
+        Some(&b"application/json"[..])
+    );
+    assert_eq!(record.payload.as_deref(), Some(&br#"{"total":12.5}"#[..]));
+    // The outbox headers Debezium's consumers read stay.
+    assert_eq!(header(&record, "type"), Some(&b"OrderCreated"[..]));
+}
+
+#[test]
+fn a_row_without_created_at_has_no_time_and_its_own_content_type_wins() {
+    let router = cloudevents_router("/orders");
+    let mut event = event("Order", "OrderCreated");
+    event.headers_json = Some(r#"{"content-type":"application/avro"}"#.into());
+    let record = router.route(&event).unwrap();
+    assert_eq!(header(&record, "ce_time"), None);
+    let content_types: Vec<_> = record
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "content-type")
+        .collect();
+    assert_eq!(content_types.len(), 1, "{:?}", record.headers);
+    assert_eq!(
+        header(&record, "content-type"),
+        Some(&b"application/avro"[..])
+    );
+}
+
+#[test]
+fn without_cloudevents_no_ce_headers_are_added() {
+    let router = router(vec![]);
+    let event = event("Order", "OrderCreated");
+    let record = router.route(&event).unwrap();
+    assert!(
+        record
+            .headers
+            .iter()
+            .all(|(name, _)| !name.starts_with("ce_")),
+        "{:?}",
+        record.headers
+    );
 }
