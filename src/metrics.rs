@@ -135,6 +135,16 @@ impl Metrics {
             kafka_reachable: AtomicBool::new(false),
             registry,
         };
+        // Counters a rule takes rate() of exist from the start at 0, so
+        // the first increment is a rise, not a new series.
+        for outcome in ["committed", "aborted"] {
+            let _ = metrics
+                .kafka_transactions
+                .get_or_create(&OutcomeLabel { outcome });
+        }
+        for kind in ["retry", "abort_and_resend", "stop"] {
+            let _ = metrics.errors.get_or_create(&KindLabel { kind });
+        }
         let registry = &mut metrics.registry;
         registry.register(
             "build",

@@ -14,6 +14,7 @@ mod missing_topics;
 mod operations;
 mod partitioning;
 mod poison;
+mod prometheus;
 mod replication;
 mod retention;
 mod shared_checkpoints;

@@ -17,7 +17,11 @@ const ROWS: i64 = 30;
 
 /// An env whose relay talks to the broker that does not auto-create topics,
 /// with `routing_lines` added under `routing:`.
-async fn env_on_strict_broker(name: &str, mode: Mode, routing_lines: &str) -> (TestEnv, String) {
+pub async fn env_on_strict_broker(
+    name: &str,
+    mode: Mode,
+    routing_lines: &str,
+) -> (TestEnv, String) {
     let env = TestEnv::new(name, mode).await;
     let strict = servers().kafka_no_auto_create;
     env.replace_in_config(
@@ -28,7 +32,7 @@ async fn env_on_strict_broker(name: &str, mode: Mode, routing_lines: &str) -> (T
     (env, strict)
 }
 
-async fn insert_orders(env: &TestEnv) {
+pub async fn insert_orders(env: &TestEnv) {
     sqlx::query(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
          SELECT 'Order', 'order-' || g, 'OrderCreated', jsonb_build_object('n', g) \
@@ -47,7 +51,7 @@ fn admin(bootstrap: &str) -> AdminClient<DefaultClientContext> {
         .expect("admin client")
 }
 
-async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
     admin(bootstrap)
         .create_topics(
             [&NewTopic::new(

@@ -3,7 +3,7 @@
 # and is not there yet: PostgreSQL server, a C/C++ toolchain for rdkafka's
 # bundled librdkafka (features cmake-build + ssl + curl), a Java 17 runtime and Maven
 # (Kafka's jars come from Maven Central), openssl for the stack's test
-# certificates, and a Python virtualenv with the CloudEvents SDK (from PyPI),
+# certificates, Prometheus and promtool (the alert rules' tests), and a Python virtualenv with the CloudEvents SDK (from PyPI),
 # which a test reads outboxd's records with. Idempotent: does nothing, and
 # never touches the network, when everything is present.
 set -euo pipefail
@@ -61,6 +61,8 @@ missing_packages() {
     command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)
     command -v mvn >/dev/null 2>&1 || pkgs+=(maven)
     command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
+    # A real Prometheus (and promtool) for the tests of the alert rules.
+    command -v promtool >/dev/null 2>&1 || pkgs+=(prometheus)
     # venv needs ensurepip, which Debian ships separately.
     python3 -c 'import ensurepip' >/dev/null 2>&1 || pkgs+=(python3-venv)
     echo "${pkgs[@]:-}"
