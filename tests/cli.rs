@@ -147,11 +147,29 @@ async fn an_unreachable_broker_is_retried_until_shutdown() {
         .unwrap();
 
     let relay = crate::support::InProcessRelay::start(env.config());
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    assert!(
-        !relay.is_finished(),
-        "the relay keeps retrying instead of exiting"
-    );
+    // The relay counts each failed session it retries; wait for a second
+    // one, so a retry after the backoff really happened.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let exposition = relay.metrics.encode();
+        let retries: u64 = exposition
+            .lines()
+            .find(|line| {
+                line.starts_with("outboxd_errors_total{") && line.contains("kind=\"retry\"")
+            })
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0);
+        if retries >= 2 {
+            break;
+        }
+        assert!(!relay.is_finished(), "the relay exited instead of retrying");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no second retry within 60 s:\n{exposition}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     relay
         .stop()
         .await

@@ -189,23 +189,25 @@ in_both_modes!(
 );
 async fn sigterm_mid_batch_loses_and_duplicates_nothing(mode: Mode) {
     let env = TestEnv::new("sigterm", mode).await;
-    let mut relay = env.spawn_relay_process();
+    // Marks slowed to 100 ms each, so the backlog takes seconds to drain
+    // and the signal surely lands while batches are in flight.
+    let mut relay = env.spawn_relay_process_with(&[("OUTBOXD_SLOW_MARKS_MS", "100")]);
     env.wait_streaming(Duration::from_secs(60)).await;
     let backlog = write_orders(&env.pool, 0, 1500, 30).await;
-    let total = env.rows().await.len();
+    let total = env.rows().await.len() as i64;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while (total as i64) - env.unsent().await == 0 {
+    while total - env.unsent().await == 0 {
         assert!(Instant::now() < deadline, "nothing was published");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     signal(&relay, "TERM");
-    let stopped = Instant::now();
+    let unsent_at_signal = env.unsent().await;
+    assert!(
+        unsent_at_signal > 0,
+        "SIGTERM must arrive mid-backlog; all {total} rows were already sent"
+    );
     let status = relay.wait().expect("relay exits");
     assert!(status.success(), "SIGTERM exits 0, got {status}");
-    assert!(
-        stopped.elapsed() < Duration::from_secs(40),
-        "within the grace period"
-    );
     let holders: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
          WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database()",
@@ -215,7 +217,7 @@ async fn sigterm_mid_batch_loses_and_duplicates_nothing(mode: Mode) {
     .unwrap();
     assert_eq!(holders, 0, "the leader lock is released");
     eprintln!(
-        "sigterm: stopped with {} of {total} rows unsent",
+        "sigterm: {unsent_at_signal} of {total} rows unsent at the signal, {} after the stop",
         env.unsent().await
     );
 

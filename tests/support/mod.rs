@@ -338,9 +338,16 @@ impl TestEnv {
 
     /// Starts the real binary on this env's config.
     pub fn spawn_relay_process(&self) -> Child {
+        self.spawn_relay_process_with(&[])
+    }
+
+    /// Like `spawn_relay_process`, with extra environment variables (the
+    /// binary's fault-injection knobs).
+    pub fn spawn_relay_process_with(&self, envs: &[(&str, &str)]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_outboxd"))
             .args(["run", "--config"])
             .arg(&self.config_path)
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
