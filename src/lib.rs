@@ -35,6 +35,7 @@ pub mod batch;
 pub mod capture;
 pub mod check;
 pub mod config;
+pub mod dead_letters;
 pub mod error;
 pub mod event;
 pub mod failpoint;

@@ -56,6 +56,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the rows the relay dead-lettered, or put them back in the outbox.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Reason, seq, id, type, aggregate and age of each dead-lettered row.
+    List {
+        #[arg(long, short, env = "OUTBOXD_CONFIG")]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Insert dead-lettered rows again as new unsent rows (same event id),
+    /// so the relay publishes them once the cause is fixed.
+    Replay {
+        #[arg(long, short, env = "OUTBOXD_CONFIG")]
+        config: PathBuf,
+        /// One row, by its seq.
+        #[arg(long, conflicts_with_all = ["from", "all"])]
+        seq: Option<i64>,
+        /// The first seq of a range (with --to).
+        #[arg(long, requires = "to", conflicts_with = "all")]
+        from: Option<i64>,
+        /// The last seq of a range (with --from).
+        #[arg(long, requires = "from")]
+        to: Option<i64>,
+        /// Every dead-lettered row of the table.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,7 +99,10 @@ fn main() -> ExitCode {
         Command::Run { config }
         | Command::Migrate { config, .. }
         | Command::Check { config }
-        | Command::Status { config, .. } => config.clone(),
+        | Command::Status { config, .. }
+        | Command::DeadLetters {
+            action: DeadLetterAction::List { config, .. } | DeadLetterAction::Replay { config, .. },
+        } => config.clone(),
     };
     let config = match Config::load(&config_path) {
         Ok(config) => config,
@@ -90,6 +128,7 @@ fn main() -> ExitCode {
             Command::Migrate { print, .. } => migrate_command(config, print).await,
             Command::Check { .. } => check(config).await,
             Command::Status { json, .. } => status_command(config, json).await,
+            Command::DeadLetters { action } => dead_letters_command(config, action).await,
         }
     });
     // A librdkafka call the relay gave up on (kafka::publisher) may still
@@ -210,6 +249,89 @@ async fn status_command(config: Config, json: bool) -> ExitCode {
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dead_letters_command(config: Config, action: DeadLetterAction) -> ExitCode {
+    use outboxd::dead_letters::{self, Selection};
+    match action {
+        DeadLetterAction::List { json, .. } => match dead_letters::list(&config).await {
+            Ok(listing) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&listing).unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(listing) => {
+                println!(
+                    "{} dead-lettered row(s) of this table in {}",
+                    listing.dead_letters.len(),
+                    listing.topic
+                );
+                for d in &listing.dead_letters {
+                    println!(
+                        "seq {}  id {}  {} {}  aggregate {}  {}s ago\n    reason: {}",
+                        d.seq,
+                        d.id,
+                        d.aggregate_type,
+                        d.event_type,
+                        d.key.as_deref().unwrap_or("-"),
+                        d.age_seconds,
+                        d.reason
+                    );
+                }
+                if listing.left_out > 0 {
+                    println!(
+                        "({} record(s) left out: other tables' dead letters, or rows no longer in this table)",
+                        listing.left_out
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        DeadLetterAction::Replay {
+            seq, from, to, all, ..
+        } => {
+            let selection = match (seq, from, to, all) {
+                (Some(seq), _, _, _) => Selection::One(seq),
+                (_, Some(from), Some(to), _) => Selection::Range { from, to },
+                (_, _, _, true) => Selection::All,
+                _ => {
+                    eprintln!("error: say which rows: --seq N, --from A --to B, or --all");
+                    return ExitCode::from(2);
+                }
+            };
+            match dead_letters::replay(&config, selection).await {
+                Ok(replayed) if replayed.is_empty() => {
+                    println!("no dead-lettered row of this table matches; see `outboxd dead-letters list`");
+                    ExitCode::FAILURE
+                }
+                Ok(replayed) => {
+                    for r in &replayed {
+                        match r.new_seq {
+                            Some(new_seq) => println!(
+                                "seq {} (id {}) re-inserted as seq {new_seq}; the relay publishes it",
+                                r.seq, r.id
+                            ),
+                            None => println!(
+                                "seq {} (id {}) was replayed before; not inserted again",
+                                r.seq, r.id
+                            ),
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

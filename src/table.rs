@@ -146,6 +146,45 @@ impl OutboxTable {
         )
     }
 
+    /// Which of the seqs in `$1` (a `bigint[]`) have the ids in `$2`
+    /// (`text[]`, index for index): dead letters of this table.
+    pub fn rows_with_ids_sql(&self) -> String {
+        let c = &self.columns;
+        format!(
+            "SELECT t.{seq}::bigint FROM {table} t \
+             JOIN unnest($1::bigint[], $2::text[]) AS d(dead_seq, dead_id) \
+             ON t.{seq} = d.dead_seq AND t.{id}::text = d.dead_id",
+            seq = quote_ident(&c.seq),
+            id = quote_ident(&c.id),
+            table = self.qualified(),
+        )
+    }
+
+    /// Inserts row `$1` again as a new, unsent row with the same event id,
+    /// type, aggregate, payload and headers, unless a later row already has
+    /// its id (it was replayed before); returns the new row's seq.
+    pub fn replay_sql(&self) -> String {
+        let c = &self.columns;
+        let mut columns = vec![
+            quote_ident(&c.id),
+            quote_ident(&c.aggregate_type),
+            quote_ident(&c.aggregate_id),
+            quote_ident(&c.event_type),
+            quote_ident(&c.payload),
+        ];
+        columns.extend(c.headers.iter().map(|name| quote_ident(name)));
+        columns.extend(c.tracing_span_context.iter().map(|name| quote_ident(name)));
+        let columns = columns.join(", ");
+        format!(
+            "INSERT INTO {table} ({columns}) SELECT {columns} FROM {table} o WHERE o.{seq} = $1 \
+             AND NOT EXISTS (SELECT 1 FROM {table} r WHERE r.{id} = o.{id} AND r.{seq} > o.{seq}) \
+             RETURNING {seq}::bigint",
+            table = self.qualified(),
+            seq = quote_ident(&c.seq),
+            id = quote_ident(&c.id),
+        )
+    }
+
     /// Marks the rows in `$1` (a `bigint[]` of seq) sent; rows already
     /// marked keep their first time, so replays are harmless.
     pub fn mark_sent_sql(&self) -> String {

@@ -8,6 +8,7 @@ mod support;
 mod cli;
 mod cloudevents;
 mod crash;
+mod dead_letters;
 mod exactly_once;
 mod leader;
 mod missing_topics;
