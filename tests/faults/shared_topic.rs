@@ -9,7 +9,9 @@ use std::time::Duration;
 use rand::Rng;
 
 use crate::support::checker;
-use crate::support::faults::{exclusive, random_between, record, size, RelayProcess};
+use crate::support::faults::{
+    create_checkpoint_topic_keeping_history, exclusive, random_between, record, size, RelayProcess,
+};
 use crate::support::workload::{writer_pool, LiveWriter, Workload, Written};
 use crate::support::{Mode, TestEnv};
 
@@ -29,6 +31,7 @@ async fn relays_sharing_one_checkpoint_topic(mode: Mode) {
             .clone();
         let env = env.with_checkpoint_topic(&topic);
         env.write_config("", "  max_message_bytes: 100000\n");
+        create_checkpoint_topic_keeping_history(&env, 1).await;
         let pool = writer_pool(&env.database_url, 2).await;
         writers.push(LiveWriter::start_many(
             &pool,
