@@ -23,7 +23,8 @@
 //! - [`retention`]: deletes rows published longer ago than `relay.retention`.
 //! - [`metrics`], [`lag`], [`http`]: the figures an operator watches, the
 //!   task that samples the lag, and `/metrics`, `/healthz`, `/readyz`.
-//! - [`migrate`], [`check`], [`status`]: the CLI's set-up, preflight and lag commands.
+//! - [`migrate`], [`check`], [`status`], [`dead_letters`]: the CLI's set-up,
+//!   preflight, lag and dead-letter commands.
 //! - [`logging`]: human or JSON logs through `tracing`.
 //! - [`error`]: one error type, sorted by what to do about it.
 //! - [`failpoint`]: named kill points for the fault-injection suite.
