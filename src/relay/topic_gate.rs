@@ -22,6 +22,10 @@ use crate::metrics::Metrics;
 
 /// How often a stall on missing topics is logged again.
 const REPORT_EVERY: Duration = Duration::from_secs(60);
+/// Lookups of a topic found missing, `FIRST_USE_PAUSE` apart, before it
+/// counts as missing: time for a broker that creates topics on first use.
+const FIRST_USE_LOOKUPS: u32 = 8;
+const FIRST_USE_PAUSE: Duration = Duration::from_millis(250);
 
 pub struct TopicGate<'a> {
     admin: Arc<AdminClient<RelayContext>>,
@@ -70,6 +74,15 @@ impl<'a> TopicGate<'a> {
             return Ok(Verdict::Open);
         }
         let mut missing = topics::missing_among(Arc::clone(&self.admin), unknown.clone()).await?;
+        // A broker that creates topics on first use does so on that
+        // lookup and answers "unknown" until it is done: look again.
+        for _ in 0..FIRST_USE_LOOKUPS {
+            if missing.is_empty() {
+                break;
+            }
+            tokio::time::sleep(FIRST_USE_PAUSE).await;
+            missing = topics::missing_among(Arc::clone(&self.admin), missing).await?;
+        }
         if self.policy == MissingTopics::Create {
             missing = self.create(missing).await;
         }
@@ -133,7 +146,8 @@ impl<'a> TopicGate<'a> {
                 rows,
                 ?retry_in,
                 "rows wait for a topic that does not exist, and every row behind them waits too; \
-                 the broker does not create topics on first use. Create the topic, or set \
+                 the broker did not create it on first use (auto.create.topics.enable is off, or \
+                 the relay may not create topics). Create the topic, or set \
                  routing.missing_topics to `create` (with routing.create_topics) or `poison`"
             );
         }
