@@ -53,9 +53,9 @@ pub async fn server_support(connection: &mut PgConnection) -> Result<ServerSuppo
     .await
     .map_err(|e| Error::from_postgres("reading wal_level and the role's privileges", e))?;
     Ok(ServerSupport {
-        wal_level: row.get(0),
-        can_replicate: row.get::<Option<bool>, _>(1).unwrap_or(false),
-        max_replication_slots: row.get(2),
+        wal_level: column(&row, 0, "wal_level")?,
+        can_replicate: column::<Option<bool>>(&row, 1, "rolreplication")?.unwrap_or(false),
+        max_replication_slots: column(&row, 2, "max_replication_slots")?,
     })
 }
 
@@ -126,17 +126,26 @@ pub async fn inspect(connection: &mut PgConnection, slot: &str) -> Result<Option
     .await
     .map_err(|e| Error::from_postgres("reading the replication slot", e))?;
     let Some(row) = row else { return Ok(None) };
-    let confirmed_flush: Option<String> = row.get(6);
+    let confirmed_flush: Option<String> = column(&row, 6, "confirmed_flush_lsn")?;
+    let confirmed_flush = match confirmed_flush {
+        None => None,
+        Some(text) => Some(text.parse().map_err(|_| {
+            Error::stop(format!(
+                "pg_replication_slots shows confirmed_flush_lsn `{text}` for slot `{slot}`, \
+                 which is not an LSN; the relay will not guess where the slot stands"
+            ))
+        })?),
+    };
     Ok(Some(SlotInfo {
-        name: row.get(0),
-        plugin: row.get(1),
-        slot_type: row.get(2),
-        database: row.get(3),
-        active_pid: row.get(4),
-        wal_status: row.get(5),
-        confirmed_flush: confirmed_flush.and_then(|text| text.parse().ok()),
-        retained_bytes: row.get(7),
-        current_database: row.get(8),
+        name: column(&row, 0, "slot_name")?,
+        plugin: column(&row, 1, "plugin")?,
+        slot_type: column(&row, 2, "slot_type")?,
+        database: column(&row, 3, "database")?,
+        active_pid: column(&row, 4, "active_pid")?,
+        wal_status: column(&row, 5, "wal_status")?,
+        confirmed_flush,
+        retained_bytes: column(&row, 7, "retained bytes")?,
+        current_database: column(&row, 8, "current_database")?,
     }))
 }
 
@@ -244,12 +253,15 @@ pub async fn inspect_publication(
     .fetch_optional(connection)
     .await
     .map_err(|e| Error::from_postgres("reading the publication", e))?;
-    Ok(row.map(|row| PublicationInfo {
-        includes_table: row.get(0),
-        publishes_inserts: row.get(1),
-        publishes_other_changes: row.get(2),
-        other_tables: row.get(3),
-    }))
+    row.map(|row| {
+        Ok(PublicationInfo {
+            includes_table: column(&row, 0, "includes the table")?,
+            publishes_inserts: column(&row, 1, "pubinsert")?,
+            publishes_other_changes: column(&row, 2, "pubupdate/pubdelete/pubtruncate")?,
+            other_tables: column(&row, 3, "other tables")?,
+        })
+    })
+    .transpose()
 }
 
 /// Creates the publication (inserts on the outbox table only) when missing;
@@ -301,4 +313,18 @@ pub async fn ensure_publication(
         );
     }
     Ok(())
+}
+
+/// Column `index` of a catalog row, or an error naming `name`: a server
+/// that answers with another type (a fork, a future version) must not panic
+/// the relay.
+fn column<'r, T>(row: &'r sqlx::postgres::PgRow, index: usize, name: &str) -> Result<T>
+where
+    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    row.try_get(index).map_err(|e| {
+        Error::stop(format!(
+            "the server's catalog answered `{name}` in a form outboxd does not read: {e}"
+        ))
+    })
 }
