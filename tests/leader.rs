@@ -50,7 +50,16 @@ async fn same_name_relays_one_leads_the_other_takes_over(mode: Mode) {
     env.wait_all_sent(Duration::from_secs(60)).await;
 
     let second = InProcessRelay::start(env.config());
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Wait for the second instance to find the lock taken, not for a time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while second.metrics.state() != outboxd::metrics::RelayState::Standby {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second instance never became a standby: {:?}",
+            second.metrics.state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         lock_holders(&env).await,
         1,
