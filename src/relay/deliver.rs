@@ -235,8 +235,8 @@ impl<'a> Deliverer<'a> {
             self.poisoned.insert(
                 *seq,
                 format!(
-                    "topic `{topic}` does not exist and the broker does not create topics \
-                     (routing.missing_topics: poison)"
+                    "topic `{topic}` does not exist and the broker did not create it on first \
+                     use (routing.missing_topics: poison)"
                 ),
             );
             any = true;

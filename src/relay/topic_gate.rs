@@ -153,12 +153,13 @@ impl<'a> TopicGate<'a> {
         }
     }
 
-    /// Nothing waits any more.
+    /// Nothing waits any more. Called for every batch, so it touches the
+    /// metrics only when a wait was reported (which always sets `last_report`).
     pub fn clear_waiting(&mut self) {
         if self.last_report.take().is_some() {
             tracing::info!("the missing topics exist now; relaying the rows that waited for them");
+            self.metrics.set_waiting_for_topics(&[]);
         }
-        self.metrics.set_waiting_for_topics(&[]);
     }
 }
 
