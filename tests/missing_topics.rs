@@ -4,13 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::support::http::get;
-use crate::support::kafka::read_topic;
+use crate::support::kafka::{create_topic, read_topic};
 use crate::support::{servers, InProcessRelay, Mode, TestEnv};
 
 const ROWS: i64 = 30;
@@ -42,29 +40,6 @@ pub async fn insert_orders(env: &TestEnv) {
     .execute(&env.pool)
     .await
     .expect("insert events");
-}
-
-fn admin(bootstrap: &str) -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client")
-}
-
-pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
-    admin(bootstrap)
-        .create_topics(
-            [&NewTopic::new(
-                topic,
-                partitions,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create topic")
-        .remove(0)
-        .expect("create topic");
 }
 
 fn partitions_of(bootstrap: &str, topic: &str) -> usize {

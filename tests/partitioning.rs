@@ -8,11 +8,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-
-use crate::support::kafka::read_all;
+use crate::support::kafka::{create_topic, read_all};
 use crate::support::{Mode, TestEnv};
 
 const PARTITIONS: i32 = 12;
@@ -62,23 +58,7 @@ async fn another_partitioner_is_not_taken_for_javas() {
 /// and returns where each key landed.
 async fn relay_keys(env: &TestEnv) -> BTreeMap<String, i32> {
     let topic = format!("{}.Order", env.topic_prefix());
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &env.kafka)
-        .create()
-        .expect("admin client");
-    admin
-        .create_topics(
-            [&NewTopic::new(
-                &topic,
-                PARTITIONS,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create topic")
-        .remove(0)
-        .expect("create topic");
+    create_topic(&env.kafka, &topic, PARTITIONS).await;
     // Keys of several shapes: prefixed ids, UUIDs, non-ASCII.
     sqlx::query(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \

@@ -5,8 +5,9 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::missing_topics::{create_topic, env_on_strict_broker, insert_orders};
+use crate::missing_topics::{env_on_strict_broker, insert_orders};
 use crate::support::http::{get, try_get};
+use crate::support::kafka::create_topic;
 use crate::support::{InProcessRelay, Mode};
 
 const RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yaml");
