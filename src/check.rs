@@ -110,6 +110,7 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
             for problem in problems {
                 findings.push(Status::Failed, "outbox table", problem);
             }
+            check_partitioning(&mut connection, &table, &report, findings).await;
             if report.has_notify_trigger {
                 findings.push(
                     Status::Ok,
@@ -129,6 +130,49 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
         }
     }
     check_capture(config, &mut connection, &table, findings).await;
+}
+
+/// Whether the table's partitioning matches the config, and whether the
+/// partitions inserts will need soon exist.
+async fn check_partitioning(
+    connection: &mut PgConnection,
+    table: &OutboxTable,
+    report: &schema::TableReport,
+    findings: &mut Findings,
+) {
+    if let Some(mismatch) = report.partitioning_mismatch(table) {
+        return findings.push(Status::Warning, "partitioning", mismatch);
+    }
+    let Some(partitioning) = &table.partitioning else {
+        return;
+    };
+    match crate::partitions::readiness(connection, table, partitioning.interval).await {
+        Err(e) => findings.push(
+            Status::Failed,
+            "partitioning",
+            format!("cannot list the table's partitions: {e}"),
+        ),
+        Ok((count, ahead)) => {
+            let ahead = ahead.unwrap_or(-1);
+            let facts = format!(
+                "{count} partition(s) of {:?} each; the newest reaches {ahead} interval(s) past now",
+                partitioning.interval
+            );
+            if ahead >= i64::from(partitioning.ahead) {
+                findings.push(Status::Ok, "partitioning", facts)
+            } else {
+                findings.push(
+                    Status::Warning,
+                    "partitioning",
+                    format!(
+                        "{facts}, fewer than postgres.partitioning.ahead ({}); the relay creates them when its \
+                         role owns the table, else run `outboxd migrate` as the owner",
+                        partitioning.ahead
+                    ),
+                )
+            }
+        }
+    }
 }
 
 /// Which capture mode the relay will use and, for replication, the state
@@ -179,10 +223,10 @@ async fn check_capture(
             "publication",
             format!("`{publication}` is missing; the relay creates it at start (it must own the table), or run `outboxd migrate`"),
         ),
-        Ok(Some(info)) if !info.includes_table || !info.publishes_inserts => findings.push(
+        Ok(Some(info)) if info.unusable_because(publication, table).is_some() => findings.push(
             Status::Failed,
             "publication",
-            format!("`{publication}` does not publish inserts into {}; add the table or choose another postgres.publication", table.qualified()),
+            info.unusable_because(publication, table).unwrap_or_default(),
         ),
         Ok(Some(info)) => findings.push(
             if info.other_tables > 0 || info.publishes_other_changes { Status::Warning } else { Status::Ok },

@@ -20,7 +20,8 @@
 //! - [`table`]: the outbox table contract and the SQL built from it.
 //! - [`schema`]: what the live database says about that table.
 //! - [`leader`]: the advisory lock that makes one instance per outbox table publish.
-//! - [`retention`]: deletes rows published longer ago than `relay.retention`.
+//! - [`retention`]: deletes rows published longer ago than `relay.retention`,
+//!   and for a [`partitions`]ed table creates partitions ahead and drops old ones.
 //! - [`metrics`], [`lag`], [`http`]: the figures an operator watches, the
 //!   task that samples the lag, and `/metrics`, `/healthz`, `/readyz`.
 //! - [`migrate`], [`check`], [`status`], [`dead_letters`]: the CLI's set-up,
@@ -47,6 +48,7 @@ pub mod leader;
 pub mod logging;
 pub mod metrics;
 pub mod migrate;
+pub mod partitions;
 pub mod relay;
 pub mod retention;
 pub mod routing;

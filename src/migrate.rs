@@ -2,9 +2,10 @@
 //! trigger and the publication, rendered for the configured names.
 //!
 //! Invariant: rendered with the default config, the SQL is byte for byte
-//! `migrations/0001_outbox.sql` (a test keeps them equal), so the file a
-//! service copies and what `outboxd migrate` applies never drift apart.
-//! Every statement is idempotent, so migrating twice changes nothing.
+//! `migrations/0001_outbox.sql` (with `postgres.partitioning`,
+//! `migrations/partitioned/0001_outbox.sql`; tests keep them equal), so the
+//! file a service copies and what `outboxd migrate` applies never drift
+//! apart. Every statement is idempotent, so migrating twice changes nothing.
 
 use sqlx::{Connection, PgConnection};
 
@@ -14,15 +15,20 @@ use crate::table::{quote_ident, quote_literal, OutboxTable};
 
 /// The file shipped for services to copy.
 pub const MIGRATION_FILE: &str = "migrations/0001_outbox.sql";
+/// The same for a table partitioned by `created_at`.
+pub const PARTITIONED_MIGRATION_FILE: &str = "migrations/partitioned/0001_outbox.sql";
 
 /// The migration SQL for `table`.
 pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> String {
     let c = &table.columns;
+    let partitioned = table.partitioning.is_some();
     let column = |name: &str| format!("{:<20}", quote_ident(name));
     let mut columns = vec![
         format!(
-            "    {} bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-            column(&c.seq)
+            "    {} bigint GENERATED ALWAYS AS IDENTITY{}",
+            column(&c.seq),
+            // A partitioned table's unique keys must hold the partition key.
+            if partitioned { "" } else { " PRIMARY KEY" }
         ),
         format!(
             "    {} uuid NOT NULL DEFAULT gen_random_uuid()",
@@ -44,6 +50,29 @@ pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> S
         column(&c.created_at)
     ));
     columns.push(format!("    {} timestamptz", column(&c.sent_at)));
+    let mut partitions = String::new();
+    let mut publication_options = "publish = 'insert'";
+    if partitioned {
+        columns.push(format!(
+            "    PRIMARY KEY ({}, {})",
+            quote_ident(&c.seq),
+            quote_ident(&c.created_at)
+        ));
+        partitions = format!(
+            " PARTITION BY RANGE ({created_at});\n\
+             \n\
+             -- Catches rows no range partition covers, so an insert never fails. The\n\
+             -- relay (or `outboxd migrate`, run by the table's owner) creates the range\n\
+             -- partitions ahead of time: {name}_pYYYYMMDD, one per postgres.partitioning.interval.\n\
+             CREATE TABLE IF NOT EXISTS {default} PARTITION OF {qualified} DEFAULT",
+            created_at = quote_ident(&c.created_at),
+            name = table.name,
+            default = crate::partitions::default_partition(table).qualified(),
+            qualified = table.qualified(),
+        );
+        // Changes then carry the outbox table's name, not a partition's.
+        publication_options = "publish = 'insert', publish_via_partition_root = true";
+    }
 
     let qualified = table.qualified();
     let index = quote_ident(&format!("{}_unsent_idx", table.name));
@@ -58,7 +87,7 @@ pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> S
          -- Copy this file into your service's migrations, or run `outboxd migrate`.\n\
          -- Every statement is idempotent.\n\
          \n\
-         CREATE TABLE IF NOT EXISTS {qualified} (\n{columns}\n);\n\
+         CREATE TABLE IF NOT EXISTS {qualified} (\n{columns}\n){partitions};\n\
          \n\
          -- The relay claims unsent rows in seq order; this index keeps that cheap\n\
          -- however many sent rows the table holds.\n\
@@ -74,7 +103,7 @@ pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> S
          \n\
          -- For capture.mode replication: inserts on the outbox table only.\n\
          DO $$\nBEGIN\n    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {publication_literal}) THEN\n        \
-         CREATE PUBLICATION {publication} FOR TABLE {qualified} WITH (publish = 'insert');\n    END IF;\nEND\n$$;\n\
+         CREATE PUBLICATION {publication} FOR TABLE {qualified} WITH ({publication_options});\n    END IF;\nEND\n$$;\n\
          \n\
          -- A least-privilege role for the relay (run as an administrator, with a real password):\n\
          -- CREATE ROLE outboxd LOGIN PASSWORD 'change-me';\n\
@@ -93,7 +122,9 @@ pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> S
 }
 
 /// Applies the migration in one transaction, serialised by an advisory lock
-/// so two relays starting together do not race on `IF NOT EXISTS`.
+/// so two relays starting together do not race on `IF NOT EXISTS`. A
+/// partitioned table then gets its current and next partitions; running
+/// it again (from a scheduled job, as the owner) keeps them ahead.
 pub async fn apply(config: &Config) -> Result<OutboxTable> {
     let table = OutboxTable::from_config(&config.postgres)
         .map_err(|e| Error::stop(format!("postgres.{e}")))?;
@@ -105,6 +136,17 @@ pub async fn apply(config: &Config) -> Result<OutboxTable> {
     let mut connection = PgConnection::connect(&config.postgres.url)
         .await
         .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
+    let partitioned = crate::partitions::is_partitioned(&mut connection, &table)
+        .await
+        .map_err(|e| Error::from_postgres("looking up the outbox table", e))?;
+    if partitioned == Some(false) && table.partitioning.is_some() {
+        return Err(Error::stop(format!(
+            "postgres.partitioning is set but {} already exists as a plain table; migrate does \
+             not convert a table (README: Partitioned outbox, moving an existing table). Remove \
+             postgres.partitioning to keep it plain",
+            table.display_name()
+        )));
+    }
     let mut transaction = connection
         .begin()
         .await
@@ -126,6 +168,19 @@ pub async fn apply(config: &Config) -> Result<OutboxTable> {
         .commit()
         .await
         .map_err(|e| Error::from_postgres("committing the migration", e))?;
+    if let Some(partitioning) = &table.partitioning {
+        let created = crate::partitions::create_ahead(&mut connection, &table, partitioning)
+            .await
+            .map_err(|e| {
+                Error::from_postgres(
+                    &format!("creating the partitions of {}", table.display_name()),
+                    e,
+                )
+            })?;
+        if !created.is_empty() {
+            tracing::info!(?created, "created outbox partitions");
+        }
+    }
     Ok(table)
 }
 
@@ -149,6 +204,25 @@ mod tests {
             rendered, shipped,
             "regenerate the file: cargo run -- migrate --print > {MIGRATION_FILE}"
         );
+    }
+
+    #[test]
+    fn partitioned_rendering_is_the_shipped_partitioned_file() {
+        let shipped = include_str!("../migrations/partitioned/0001_outbox.sql");
+        let mut table = default_table();
+        table.partitioning = Some(crate::config::Partitioning {
+            interval: std::time::Duration::from_secs(86_400),
+            ahead: 3,
+        });
+        let rendered = render(&table, "outbox_inserted", "outbox_publication");
+        assert_eq!(
+            rendered, shipped,
+            "regenerate the file: cargo run -- migrate --print (with postgres.partitioning) > {PARTITIONED_MIGRATION_FILE}"
+        );
+        assert!(rendered.contains(
+            "PRIMARY KEY (\"seq\", \"created_at\")\n) PARTITION BY RANGE (\"created_at\");"
+        ));
+        assert!(rendered.contains("publish_via_partition_root = true"));
     }
 
     #[test]

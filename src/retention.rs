@@ -1,9 +1,12 @@
-//! Retention: deleting rows that were published long ago.
+//! Retention: removing rows that were published long ago, and for a
+//! partitioned table, keeping partitions ready ahead of the clock.
 //!
 //! Invariant: only rows marked sent before the retention period are
-//! deleted, never an unsent one, and in small batches, each its own short
-//! transaction, so the services writing to the table never wait on a long
-//! lock.
+//! removed, never an unsent one. A plain table loses them in small
+//! batches, each its own short transaction, so the services writing to the
+//! table never wait on a long lock; a partitioned table loses whole
+//! partitions (`partitions` keeps that safe) and only the default
+//! partition is deleted from row by row.
 
 use std::time::Duration;
 
@@ -12,6 +15,8 @@ use sqlx::{ConnectOptions, PgConnection};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::config::{AfterPublish, Partitioning};
+use crate::partitions;
 use crate::table::OutboxTable;
 
 /// Rows deleted per statement.
@@ -19,23 +24,55 @@ const ROWS_PER_DELETE: i64 = 2_000;
 /// How often old rows are looked for.
 const EVERY: Duration = Duration::from_secs(60);
 
-/// Runs until `stop` turns true, deleting rows sent longer ago than
-/// `period`. Failures are logged and retried at the next round: retention
-/// is housekeeping and never stops the relay.
+/// What the housekeeping task looks after.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub table: OutboxTable,
+    /// `relay.retention`: rows sent longer ago than this go.
+    pub retention: Option<Duration>,
+    /// Set when the live table is partitioned and `postgres.partitioning` says how.
+    pub partitioning: Option<Partitioning>,
+    pub after_publish: AfterPublish,
+}
+
+impl Plan {
+    /// Whether there is anything to do at all.
+    pub fn is_needed(&self) -> bool {
+        self.retention.is_some() || self.partitioning.is_some()
+    }
+
+    /// How old a partition's upper bound must be before it is dropped:
+    /// the retention period, or with `after_publish: delete` (its rows
+    /// leave as they are published) one interval. `None`: kept forever.
+    fn partitions_expire_after(&self, partitioning: &Partitioning) -> Option<Duration> {
+        match self.after_publish {
+            AfterPublish::Delete => Some(partitioning.interval),
+            AfterPublish::Mark => self.retention,
+        }
+    }
+}
+
+/// Runs until `stop` turns true. A partitioned table gets its partitions
+/// at once, then every round; old rows are looked for each round.
+/// Failures are logged and retried at the next round: housekeeping never
+/// stops the relay (an insert that finds no partition lands in the
+/// default one).
 pub fn spawn(
     connect_options: PgConnectOptions,
-    table: OutboxTable,
-    period: Duration,
+    plan: Plan,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let sql = table.delete_sent_before_sql();
     tokio::spawn(async move {
         let mut connection: Option<PgConnection> = None;
+        let mut first_round = true;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(EVERY) => {}
-                _ = stop.changed() => {}
+            if !(first_round && plan.partitioning.is_some()) {
+                tokio::select! {
+                    _ = tokio::time::sleep(EVERY) => {}
+                    _ = stop.changed() => {}
+                }
             }
+            first_round = false;
             if *stop.borrow() {
                 return;
             }
@@ -43,27 +80,90 @@ pub fn spawn(
                 match connect_options.connect().await {
                     Ok(c) => connection = Some(c),
                     Err(error) => {
-                        tracing::warn!(%error, "retention: cannot connect to Postgres; trying again in a minute");
+                        tracing::warn!(%error, "housekeeping: cannot connect to Postgres; trying again in a minute");
                         continue;
                     }
                 }
             }
             if let Some(c) = connection.as_mut() {
-                match delete_old_rows(c, &sql, period, &stop).await {
-                    Ok(0) => {}
-                    Ok(deleted) => tracing::info!(
-                        deleted,
-                        older_than = ?period,
-                        "retention: deleted rows published longer ago than relay.retention"
-                    ),
-                    Err(error) => {
-                        tracing::warn!(%error, "retention: deleting old rows failed; trying again in a minute");
-                        connection = None;
-                    }
+                if let Err(error) = round(c, &plan, &stop).await {
+                    tracing::warn!(
+                        %error,
+                        table = %plan.table.display_name(),
+                        "housekeeping failed (creating partitions ahead or removing old rows); \
+                         trying again in a minute"
+                    );
+                    connection = None;
                 }
             }
         }
     })
+}
+
+/// One round: partitions ahead, expired partitions, old rows.
+async fn round(
+    connection: &mut PgConnection,
+    plan: &Plan,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), sqlx::Error> {
+    let Some(partitioning) = &plan.partitioning else {
+        if let Some(period) = plan.retention {
+            let sql = plan.table.delete_sent_before_sql();
+            report_deleted(
+                delete_old_rows(connection, &sql, period, stop).await?,
+                period,
+            );
+        }
+        return Ok(());
+    };
+    match partitions::create_ahead(connection, &plan.table, partitioning).await {
+        Ok(created) if !created.is_empty() => {
+            tracing::info!(?created, "created outbox partitions ahead of time")
+        }
+        Ok(_) => {}
+        Err(error) => tracing::error!(
+            %error,
+            table = %plan.table.display_name(),
+            "cannot create the outbox's next partitions; inserts beyond the last partition land in \
+             the default partition, which then grows row by row. The relay's role must own the \
+             table, or run `outboxd migrate` (it creates them too) as the owner more often than \
+             postgres.partitioning.ahead intervals"
+        ),
+    }
+    if let Some(older_than) = plan.partitions_expire_after(partitioning) {
+        let mut upkeep = partitions::Upkeep::default();
+        let result =
+            partitions::drop_expired(connection, &plan.table, older_than, &mut upkeep).await;
+        if !upkeep.dropped.is_empty() {
+            tracing::info!(dropped = ?upkeep.dropped, ?older_than, "dropped old outbox partitions, all rows sent");
+        }
+        if !upkeep.kept_unsent.is_empty() {
+            tracing::warn!(
+                kept = ?upkeep.kept_unsent,
+                "old outbox partitions still hold unsent rows, so they are kept; they go once the \
+                 relay has published them (see `outboxd status`)"
+            );
+        }
+        result?;
+    }
+    if let (Some(period), AfterPublish::Mark) = (plan.retention, plan.after_publish) {
+        let sql = partitions::default_partition(&plan.table).delete_sent_before_sql();
+        report_deleted(
+            delete_old_rows(connection, &sql, period, stop).await?,
+            period,
+        );
+    }
+    Ok(())
+}
+
+fn report_deleted(deleted: u64, period: Duration) {
+    if deleted > 0 {
+        tracing::info!(
+            deleted,
+            older_than = ?period,
+            "retention: deleted rows published longer ago than relay.retention"
+        );
+    }
 }
 
 /// Deletes in batches until a batch comes back short.

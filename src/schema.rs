@@ -20,6 +20,8 @@ pub struct TableReport {
     pub missing_privileges: Vec<String>,
     /// Whether an insert trigger on the table calls `pg_notify`.
     pub has_notify_trigger: bool,
+    /// Whether the table is partitioned (whatever `postgres.partitioning` says).
+    pub partitioned: bool,
 }
 
 impl TableReport {
@@ -41,6 +43,24 @@ impl TableReport {
             ));
         }
         problems
+    }
+
+    /// When the table's shape and `postgres.partitioning` disagree: what
+    /// the relay does instead, and how to make them agree. `None` when they do.
+    pub fn partitioning_mismatch(&self, table: &OutboxTable) -> Option<String> {
+        match (self.partitioned, table.partitioning.is_some()) {
+            (true, false) => Some(format!(
+                "table {} is partitioned but postgres.partitioning is not set, so outboxd creates no \
+                 partitions and relay.retention deletes rows one by one; set postgres.partitioning",
+                table.display_name()
+            )),
+            (false, true) => Some(format!(
+                "postgres.partitioning is set but table {} is not partitioned, so outboxd treats it as \
+                 a plain table; `outboxd migrate` partitions only a new table (README: Partitioned outbox)",
+                table.display_name()
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -139,11 +159,17 @@ pub async fn inspect(
     .await
     .map_err(|e| Error::from_postgres("looking for the notify trigger", e))?;
 
+    let partitioned = crate::partitions::is_partitioned(connection, table)
+        .await
+        .map_err(|e| Error::from_postgres("reading the outbox table's kind", e))?
+        .unwrap_or(false);
+
     Ok(TableReport {
         payload_encoding,
         missing_columns,
         missing_privileges,
         has_notify_trigger,
+        partitioned,
     })
 }
 

@@ -4,13 +4,16 @@
 //! Invariant: every identifier that reaches SQL comes from here, quoted, so a
 //! user's schema, table or column name can never change a statement's meaning.
 
-use crate::config::{validate_identifier, ColumnNames, PostgresConfig};
+use crate::config::{validate_identifier, ColumnNames, Partitioning, PostgresConfig};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxTable {
     pub schema: String,
     pub name: String,
     pub columns: ColumnNames,
+    /// How the table is partitioned by `created_at`, as configured; the
+    /// live table may differ (`schema::TableReport::partitioned` says).
+    pub partitioning: Option<Partitioning>,
 }
 
 /// How the payload column is read: JSON kinds as UTF-8 text, bytea as raw
@@ -80,10 +83,26 @@ impl OutboxTable {
         for column in config.columns.all() {
             validate_identifier(column).map_err(|e| format!("columns: {e}"))?;
         }
+        if let Some(partitioning) = &config.partitioning {
+            if let Some(problem) = crate::partitions::interval_problem(partitioning.interval) {
+                return Err(format!("partitioning.interval: {problem}"));
+            }
+            if partitioning.ahead == 0 {
+                return Err("partitioning.ahead: must be at least 1, so the next partition exists before it is needed".into());
+            }
+            let longest = 63 - crate::partitions::NAME_SUFFIX_LEN;
+            if name.len() > longest {
+                return Err(format!(
+                    "partitioning: the table name `{name}` is longer than {longest} bytes, so its \
+                     partitions' names (`{name}_p20261202_1530`) would exceed Postgres' 63"
+                ));
+            }
+        }
         Ok(OutboxTable {
             schema: schema.to_string(),
             name: name.to_string(),
             columns: config.columns.clone(),
+            partitioning: config.partitioning.clone(),
         })
     }
 

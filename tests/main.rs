@@ -13,6 +13,7 @@ mod exactly_once;
 mod leader;
 mod missing_topics;
 mod operations;
+mod partitioned_table;
 mod partitioning;
 mod poison;
 mod prometheus;

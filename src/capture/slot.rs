@@ -232,6 +232,34 @@ pub struct PublicationInfo {
     /// Updates, deletes or truncates are published too.
     pub publishes_other_changes: bool,
     pub other_tables: i64,
+    /// The table is partitioned and the publication names each partition's
+    /// changes by the partition (`publish_via_partition_root` off), so no
+    /// change would carry the outbox table's name.
+    pub partitions_not_via_root: bool,
+}
+
+impl PublicationInfo {
+    /// Why the relay cannot stream the outbox through this publication, with
+    /// what to run; `None` when it can.
+    pub fn unusable_because(&self, publication: &str, table: &OutboxTable) -> Option<String> {
+        let quoted = quote_ident(publication);
+        if self.partitions_not_via_root {
+            return Some(format!(
+                "publication `{publication}` publishes {table}'s partitions under their own names; \
+                 run ALTER PUBLICATION {quoted} SET (publish_via_partition_root = true)",
+                table = table.qualified(),
+            ));
+        }
+        if !self.includes_table || !self.publishes_inserts {
+            return Some(format!(
+                "publication `{publication}` does not publish inserts into {table}; run \
+                 ALTER PUBLICATION {quoted} ADD TABLE {table} (and publish = 'insert'), \
+                 or set postgres.publication to another name and outboxd creates it",
+                table = table.qualified(),
+            ));
+        }
+        None
+    }
 }
 
 pub async fn inspect_publication(
@@ -244,12 +272,15 @@ pub async fn inspect_publication(
                         WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3), \
                 p.pubinsert, p.pubupdate OR p.pubdelete OR p.pubtruncate, \
                 (SELECT count(*) FROM pg_publication_tables t \
-                 WHERE t.pubname = p.pubname AND NOT (t.schemaname = $2 AND t.tablename = $3)) \
+                 WHERE t.pubname = p.pubname AND NOT (t.schemaname = $2 AND t.tablename = $3)), \
+                NOT p.pubviaroot AND EXISTS (SELECT 1 FROM pg_class c \
+                                             WHERE c.oid = to_regclass($4) AND c.relkind = 'p') \
          FROM pg_publication p WHERE p.pubname = $1",
     )
     .bind(publication)
     .bind(&table.schema)
     .bind(&table.name)
+    .bind(table.qualified())
     .fetch_optional(connection)
     .await
     .map_err(|e| Error::from_postgres("reading the publication", e))?;
@@ -259,6 +290,7 @@ pub async fn inspect_publication(
             publishes_inserts: column(&row, 1, "pubinsert")?,
             publishes_other_changes: column(&row, 2, "pubupdate/pubdelete/pubtruncate")?,
             other_tables: column(&row, 3, "other tables")?,
+            partitions_not_via_root: column(&row, 4, "pubviaroot")?,
         })
     })
     .transpose()
@@ -274,10 +306,19 @@ pub async fn ensure_publication(
     let info = match inspect_publication(connection, publication, table).await? {
         Some(info) => info,
         None => {
+            let partitioned = crate::partitions::is_partitioned(connection, table)
+                .await
+                .map_err(|e| Error::from_postgres("reading the outbox table's kind", e))?
+                .unwrap_or(false);
             sqlx::query(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert'{})",
                 quote_ident(publication),
-                table.qualified()
+                table.qualified(),
+                if partitioned {
+                    ", publish_via_partition_root = true"
+                } else {
+                    ""
+                },
             ))
             .execute(connection)
             .await
@@ -295,14 +336,8 @@ pub async fn ensure_publication(
             return Ok(());
         }
     };
-    if !info.includes_table || !info.publishes_inserts {
-        return Err(Error::stop(format!(
-            "publication `{publication}` does not publish inserts into {table}; run \
-             ALTER PUBLICATION {quoted} ADD TABLE {table} (and publish = 'insert'), \
-             or set postgres.publication to another name and outboxd creates it",
-            table = table.qualified(),
-            quoted = quote_ident(publication),
-        )));
+    if let Some(reason) = info.unusable_because(publication, table) {
+        return Err(Error::stop(reason));
     }
     if info.other_tables > 0 {
         tracing::warn!(

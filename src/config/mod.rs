@@ -110,6 +110,28 @@ pub struct PostgresConfig {
     /// `a-z 0-9 _` only: the replication protocol names it unquoted.
     #[serde(default = "defaults::publication")]
     pub publication: String,
+    /// A partitioned outbox: one range partition of `created_at` per
+    /// `interval`. `outboxd migrate` creates the table so; the relay creates
+    /// partitions ahead of time and drops whole old ones instead of deleting
+    /// rows one by one. Unset: a plain table.
+    #[serde(default)]
+    pub partitioning: Option<Partitioning>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partitioning {
+    /// Width of one partition, aligned to UTC midnight: `1d` (the default),
+    /// a whole number of days, or whole minutes that divide a day (`1h`, `15m`).
+    #[serde(
+        default = "defaults::partition_interval",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub interval: Duration,
+    /// Partitions kept ready beyond the current one, so an insert never
+    /// falls through to the default partition while the relay is down.
+    #[serde(default = "defaults::partitions_ahead")]
+    pub ahead: u32,
 }
 
 impl fmt::Debug for PostgresConfig {
@@ -120,6 +142,7 @@ impl fmt::Debug for PostgresConfig {
             .field("columns", &self.columns)
             .field("notify_channel", &self.notify_channel)
             .field("publication", &self.publication)
+            .field("partitioning", &self.partitioning)
             .finish()
     }
 }
@@ -493,6 +516,12 @@ mod defaults {
         1_000_000
     }
     pub fn unacknowledged_batches() -> usize {
+        3
+    }
+    pub fn partition_interval() -> Duration {
+        Duration::from_secs(86_400)
+    }
+    pub fn partitions_ahead() -> u32 {
         3
     }
 }

@@ -216,6 +216,9 @@ impl Context {
         if let Some(problem) = report.problems(&self.table).into_iter().next() {
             return Err(Error::stop(problem));
         }
+        if let Some(mismatch) = report.partitioning_mismatch(&self.table) {
+            tracing::warn!("{mismatch}");
+        }
         self.metrics.set_state(RelayState::Standby);
         if !leader::acquire(
             &mut connection,
@@ -248,12 +251,22 @@ impl Context {
         else {
             return Ok(());
         };
-        // Ends with the session: only the leader deletes old rows.
-        let _retention = config.relay.retention.map(|period| {
+        // Ends with the session: only the leader deletes old rows and
+        // manages partitions.
+        let housekeeping = retention::Plan {
+            table: self.table.clone(),
+            retention: config.relay.retention,
+            partitioning: self
+                .table
+                .partitioning
+                .clone()
+                .filter(|_| report.partitioned),
+            after_publish: config.relay.after_publish,
+        };
+        let _housekeeping = housekeeping.is_needed().then(|| {
             AbortOnDrop(retention::spawn(
                 self.connect_options.clone(),
-                self.table.clone(),
-                period,
+                housekeeping,
                 stop.clone(),
             ))
         });

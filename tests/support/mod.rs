@@ -96,6 +96,8 @@ pub struct TestEnv {
     /// The test's own `{prefix}.checkpoints`, or a topic shared with other
     /// envs' relays (`with_checkpoint_topic`), as in production.
     checkpoint_topic: String,
+    /// Extra YAML lines under `postgres:`, such as the partitioning section.
+    postgres_extra: String,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -109,6 +111,16 @@ impl TestEnv {
 
     /// Like `new`, on the Postgres server at `server_url`.
     pub async fn new_on(server_url: &str, name: &str, mode: Mode) -> TestEnv {
+        TestEnv::new_with(server_url, name, mode, "").await
+    }
+
+    /// Like `new`, with the outbox partitioned as the YAML lines
+    /// `partitioning` (under `postgres:`) say, migrated so.
+    pub async fn new_partitioned(name: &str, mode: Mode, partitioning: &str) -> TestEnv {
+        TestEnv::new_with(&servers().postgres_url, name, mode, partitioning).await
+    }
+
+    async fn new_with(server_url: &str, name: &str, mode: Mode, postgres_extra: &str) -> TestEnv {
         let servers = servers();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
@@ -156,6 +168,7 @@ impl TestEnv {
             kafka: servers.kafka,
             pool,
             config_path,
+            postgres_extra: postgres_extra.to_string(),
         };
         env.write_config("", "");
         outboxd::migrate::apply(&env.config())
@@ -206,7 +219,7 @@ impl TestEnv {
     pub fn write_config(&self, relay_overrides: &str, kafka_overrides: &str) {
         let yaml = format!(
             "relay:\n  name: {name}\n{relay_overrides}\
-             postgres:\n  url: {url}\n\
+             postgres:\n  url: {url}\n{postgres_extra}\
              kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {checkpoint_topic}\n  transaction_timeout: 20s\n{kafka_overrides}\
              capture:\n  mode: {mode}\n  batch_size: 100\n  poll_interval: 200ms\n\
              routing:\n  topic: \"{prefix}.${{aggregatetype}}\"\n  dead_letter_topic: {prefix}.dlq\n\
@@ -218,6 +231,7 @@ impl TestEnv {
             prefix = self.topic_prefix(),
             checkpoint_topic = self.checkpoint_topic,
             mode = self.mode.config_value(),
+            postgres_extra = self.postgres_extra,
         );
         std::fs::write(&self.config_path, yaml).expect("write test config");
     }

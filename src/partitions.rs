@@ -1,0 +1,332 @@
+//! The partitioned outbox: one range partition of `created_at` per
+//! interval, created ahead of time, dropped whole once it is old.
+//!
+//! Invariant: a partition is dropped only after it was detached under a
+//! lock that waits out every transaction still inserting into it, and only
+//! if it then holds no unsent row; otherwise it is put back untouched. So
+//! dropping partitions can never lose an event, whatever the clocks say.
+//! Every lock is taken with a short `lock_timeout`, so the services writing
+//! to the table wait at most that long behind housekeeping.
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+
+use crate::config::Partitioning;
+use crate::table::{quote_ident, OutboxTable};
+
+/// Longest wait for a lock on the outbox table: the services' inserts queue
+/// behind a waiting DDL statement, so it gives up early and tries later.
+const LOCK_TIMEOUT: &str = "500ms";
+
+const DAY: u64 = 86_400;
+
+/// One partition's range, in whole seconds since the epoch, UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub start: i64,
+    pub end: i64,
+}
+
+/// Why an interval cannot partition the table; `None` when it can.
+pub fn interval_problem(interval: Duration) -> Option<&'static str> {
+    let seconds = interval.as_secs();
+    if interval.subsec_nanos() != 0 || seconds < 60 || seconds % 60 != 0 {
+        return Some("must be whole minutes, at least 1m");
+    }
+    if DAY % seconds != 0 && seconds % DAY != 0 {
+        return Some("must divide a day (1h, 15m, …) or be whole days (1d, 7d)");
+    }
+    None
+}
+
+/// The partition holding `at` and the `ahead` after it. Ranges are aligned
+/// to the epoch, so a whole-day interval starts at UTC midnight.
+pub fn ranges_from(at: i64, partitioning: &Partitioning) -> Vec<Range> {
+    let width = partitioning.interval.as_secs() as i64;
+    let first = at.div_euclid(width) * width;
+    (0..=i64::from(partitioning.ahead))
+        .map(|k| Range {
+            start: first + k * width,
+            end: first + (k + 1) * width,
+        })
+        .collect()
+}
+
+/// `outbox_p20261202` for whole-day intervals, `outbox_p20261202_1530` for
+/// shorter ones: sorted by name is sorted by time.
+pub fn partition_name(table: &OutboxTable, range: Range, interval: Duration) -> String {
+    let (date, hour, minute) = utc_parts(range.start);
+    if interval.as_secs() % DAY == 0 {
+        format!("{}_p{date}", table.name)
+    } else {
+        format!("{}_p{date}_{hour:02}{minute:02}", table.name)
+    }
+}
+
+/// Characters a partition name adds to the table's name (`_p20261202_1530`).
+pub const NAME_SUFFIX_LEN: usize = 15;
+
+/// The partition that catches rows no range covers, so an insert never
+/// fails for a missing partition.
+pub fn default_partition(table: &OutboxTable) -> OutboxTable {
+    OutboxTable {
+        name: format!("{}_default", table.name),
+        ..table.clone()
+    }
+}
+
+/// A bound as a timestamptz literal: `'2026-12-02 00:00:00+00'`.
+fn bound_literal(epoch: i64) -> String {
+    let (date, hour, minute) = utc_parts(epoch);
+    let second = epoch.rem_euclid(60);
+    format!(
+        "'{}-{}-{} {hour:02}:{minute:02}:{second:02}+00'",
+        &date[0..4],
+        &date[4..6],
+        &date[6..8]
+    )
+}
+
+/// (`YYYYMMDD`, hour, minute) of an epoch second, UTC.
+fn utc_parts(epoch: i64) -> (String, i64, i64) {
+    let (year, month, day) =
+        crate::capture::timestamp::civil_from_days(epoch.div_euclid(DAY as i64));
+    let second_of_day = epoch.rem_euclid(DAY as i64);
+    (
+        format!("{year:04}{month:02}{day:02}"),
+        second_of_day / 3600,
+        second_of_day % 3600 / 60,
+    )
+}
+
+/// What one round of partition upkeep did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Upkeep {
+    pub created: Vec<String>,
+    pub dropped: Vec<String>,
+    /// Old partitions kept because they still hold unsent rows.
+    pub kept_unsent: Vec<String>,
+}
+
+/// Whether the table is partitioned (`relkind = 'p'`); `None` if it does not exist.
+pub async fn is_partitioned(
+    connection: &mut PgConnection,
+    table: &OutboxTable,
+) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar("SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)")
+        .bind(table.qualified())
+        .fetch_optional(connection)
+        .await
+}
+
+/// The partitions that exist: how many (the default one not counted), and
+/// how many whole intervals from now the newest one reaches.
+pub async fn readiness(
+    connection: &mut PgConnection,
+    table: &OutboxTable,
+    interval: Duration,
+) -> Result<(i64, Option<i64>), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(b.upper), floor(extract(epoch FROM max(b.upper) - now()) / $2)::bigint \
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid, \
+         LATERAL (SELECT (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz AS upper) b \
+         WHERE i.inhparent = to_regclass($1)",
+    )
+    .bind(table.qualified())
+    .bind(interval.as_secs_f64())
+    .fetch_one(connection)
+    .await
+}
+
+/// Creates the current partition and the `ahead` after it where missing,
+/// by the database's clock. A range some other partition already covers
+/// (made by hand, or with another interval) is left to it. Fails on the
+/// first partition that cannot be made for another reason (the role does
+/// not own the table, rows for the range sit in the default partition).
+pub async fn create_ahead(
+    connection: &mut PgConnection,
+    table: &OutboxTable,
+    partitioning: &Partitioning,
+) -> Result<Vec<String>, sqlx::Error> {
+    let now: f64 = sqlx::query_scalar("SELECT extract(epoch FROM now())::float8")
+        .fetch_one(&mut *connection)
+        .await?;
+    let mut created = Vec::new();
+    for range in ranges_from(now.floor() as i64, partitioning) {
+        let name = partition_name(table, range, partitioning.interval);
+        let partition = OutboxTable {
+            name: name.clone(),
+            ..table.clone()
+        };
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(partition.qualified())
+            .fetch_one(&mut *connection)
+            .await?;
+        if exists.is_some() {
+            continue;
+        }
+        let mut transaction = connection.begin().await?;
+        sqlx::query(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+            .execute(&mut *transaction)
+            .await?;
+        let create = sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})",
+            partition.qualified(),
+            table.qualified(),
+            bound_literal(range.start),
+            bound_literal(range.end),
+        ))
+        .execute(&mut *transaction)
+        .await;
+        match create {
+            Ok(_) => {
+                transaction.commit().await?;
+                created.push(name);
+            }
+            // 42P17: the range overlaps an existing partition.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P17") => {
+                tracing::debug!(partition = %name, "an existing partition already covers this range");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(created)
+}
+
+/// Drops every partition whose upper bound is more than `older_than` ago
+/// and that holds no unsent row. A partition whose lock is not free within
+/// the lock timeout is left for the next round.
+pub async fn drop_expired(
+    connection: &mut PgConnection,
+    table: &OutboxTable,
+    older_than: Duration,
+    upkeep: &mut Upkeep,
+) -> Result<(), sqlx::Error> {
+    // The upper bound is read back from the partition's own bound
+    // expression; the cast honours the offset written in it, whatever the
+    // session's time zone. DEFAULT and MAXVALUE bounds give NULL: never dropped.
+    let expired: Vec<String> = sqlx::query_scalar(
+        "SELECT c.oid::regclass::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = to_regclass($1) \
+         AND (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz \
+             < now() - make_interval(secs => $2) \
+         ORDER BY 1",
+    )
+    .bind(table.qualified())
+    .bind(older_than.as_secs_f64())
+    .fetch_all(&mut *connection)
+    .await?;
+    for partition in expired {
+        let mut transaction = connection.begin().await?;
+        sqlx::query(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+            .execute(&mut *transaction)
+            .await?;
+        // Detaching locks the parent against every insert, and waits for
+        // those in flight, so the check below sees every row the partition
+        // will ever hold.
+        let detached = sqlx::query(&format!(
+            "ALTER TABLE {} DETACH PARTITION {partition}",
+            table.qualified()
+        ))
+        .execute(&mut *transaction)
+        .await;
+        match detached {
+            Ok(_) => {}
+            // 55P03: lock_not_available. Busy now; the next round tries again.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                tracing::debug!(%partition, "partition busy; dropping it next round");
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let holds_unsent: bool = sqlx::query_scalar(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {partition} WHERE {} IS NULL)",
+            quote_ident(&table.columns.sent_at)
+        ))
+        .fetch_one(&mut *transaction)
+        .await?;
+        if holds_unsent {
+            transaction.rollback().await?;
+            upkeep.kept_unsent.push(partition);
+            continue;
+        }
+        sqlx::query(&format!("DROP TABLE {partition}"))
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        upkeep.dropped.push(partition);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> OutboxTable {
+        let config: crate::config::PostgresConfig =
+            serde_json::from_value(serde_json::json!({ "url": "postgres://localhost/db" }))
+                .unwrap();
+        OutboxTable::from_config(&config).unwrap()
+    }
+
+    fn every(seconds: u64, ahead: u32) -> Partitioning {
+        Partitioning {
+            interval: Duration::from_secs(seconds),
+            ahead,
+        }
+    }
+
+    #[test]
+    fn intervals_must_tile_the_day() {
+        assert_eq!(interval_problem(Duration::from_secs(DAY)), None);
+        assert_eq!(interval_problem(Duration::from_secs(7 * DAY)), None);
+        assert_eq!(interval_problem(Duration::from_secs(3600)), None);
+        assert_eq!(interval_problem(Duration::from_secs(900)), None);
+        assert!(interval_problem(Duration::from_secs(30)).is_some());
+        assert!(interval_problem(Duration::from_secs(7 * 60)).is_some());
+        assert!(interval_problem(Duration::from_secs(DAY + 3600)).is_some());
+        assert!(interval_problem(Duration::from_millis(60_500)).is_some());
+    }
+
+    #[test]
+    fn daily_partitions_start_at_utc_midnight_and_run_ahead() {
+        // 2026-12-02 19:58:23 UTC
+        let at = 1_796_241_503;
+        let ranges = ranges_from(at, &every(DAY, 2));
+        assert_eq!(ranges.len(), 3);
+        assert_eq!(bound_literal(ranges[0].start), "'2026-12-02 00:00:00+00'");
+        assert_eq!(bound_literal(ranges[0].end), "'2026-12-03 00:00:00+00'");
+        assert_eq!(ranges[1].start, ranges[0].end);
+        assert_eq!(bound_literal(ranges[2].end), "'2026-12-05 00:00:00+00'");
+        assert_eq!(
+            partition_name(&table(), ranges[0], Duration::from_secs(DAY)),
+            "outbox_p20261202"
+        );
+    }
+
+    #[test]
+    fn shorter_intervals_name_the_hour_and_minute() {
+        let at = 1_796_241_503;
+        let ranges = ranges_from(at, &every(900, 1));
+        assert_eq!(bound_literal(ranges[0].start), "'2026-12-02 19:45:00+00'");
+        assert_eq!(bound_literal(ranges[1].end), "'2026-12-02 20:15:00+00'");
+        let name = partition_name(&table(), ranges[1], Duration::from_secs(900));
+        assert_eq!(name, "outbox_p20261202_2000");
+        assert!(name.len() <= "outbox".len() + NAME_SUFFIX_LEN);
+    }
+
+    #[test]
+    fn ranges_across_a_year_end_are_contiguous() {
+        // 2026-12-31 23:30:00 UTC
+        let at = 1_798_759_800;
+        let ranges = ranges_from(at, &every(3600, 2));
+        assert_eq!(bound_literal(ranges[0].start), "'2026-12-31 23:00:00+00'");
+        assert_eq!(bound_literal(ranges[1].start), "'2027-01-01 00:00:00+00'");
+        assert_eq!(
+            partition_name(&table(), ranges[2], Duration::from_secs(3600)),
+            "outbox_p20270101_0100"
+        );
+    }
+}
