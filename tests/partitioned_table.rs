@@ -67,6 +67,22 @@ async fn a_partitioned_outbox_publishes_every_row_once_and_keeps_partitions_ahea
         );
     }
 
+    let findings = outboxd::check::run(&env.config()).await;
+    let partitioning_finding = findings
+        .iter()
+        .find(|f| f.subject == "partitioning")
+        .unwrap_or_else(|| panic!("check reports the partitioning: {findings:?}"));
+    // Ok, or a warning if the hour turned since migrate ran.
+    assert_ne!(
+        partitioning_finding.status,
+        outboxd::check::Status::Failed,
+        "{partitioning_finding}"
+    );
+    assert!(
+        partitioning_finding.detail.contains("3 partition(s)"),
+        "{partitioning_finding}"
+    );
+
     // The relay must make the newest ahead partition again.
     let newest = expected.last().unwrap().clone();
     sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {newest}"))
@@ -240,6 +256,13 @@ async fn migrate_does_not_pretend_to_partition_an_existing_plain_table() {
         interval: Duration::from_secs(86_400),
         ahead: 3,
     });
+    let findings = outboxd::check::run(&config).await;
+    assert!(
+        findings.iter().any(|f| f.subject == "partitioning"
+            && f.status == outboxd::check::Status::Warning
+            && f.detail.contains("not partitioned")),
+        "check warns that the table is plain: {findings:?}"
+    );
     let error = outboxd::migrate::apply(&config)
         .await
         .expect_err("a plain table cannot become partitioned in place");

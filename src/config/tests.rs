@@ -278,3 +278,33 @@ fn cloudevents_are_off_by_default_and_need_a_source() {
     ));
     assert!(error.contains("routing.cloudevents.source"), "{error}");
 }
+
+#[test]
+fn partitioning_defaults_to_daily_three_ahead_and_rejects_what_cannot_tile_a_day() {
+    let with = |lines: &str| MINIMAL.replace("postgres:\n", &format!("postgres:\n{lines}"));
+    let file = write_config(&with("  partitioning: {}\n"));
+    let config = Config::load(&file.0).expect("valid");
+    assert_eq!(
+        config.postgres.partitioning,
+        Some(Partitioning {
+            interval: Duration::from_secs(86_400),
+            ahead: 3
+        })
+    );
+    assert!(Config::load(&write_config(MINIMAL).0)
+        .unwrap()
+        .postgres
+        .partitioning
+        .is_none());
+
+    let error = load_error(&with("  partitioning:\n    interval: 7m\n"));
+    assert!(error.contains("postgres.partitioning.interval"), "{error}");
+    let error = load_error(&with("  partitioning:\n    ahead: 0\n"));
+    assert!(error.contains("postgres.partitioning.ahead"), "{error}");
+    let long = "t".repeat(50);
+    let error = load_error(&with(&format!(
+        "  table: {long}\n  partitioning:\n    interval: 1h\n"
+    )));
+    assert!(error.contains("postgres.partitioning"), "{error}");
+    assert!(error.contains("63"), "{error}");
+}
