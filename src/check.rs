@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use sqlx::{Connection, PgConnection};
+use sqlx::{ConnectOptions, PgConnection};
 
 use crate::capture::slot;
 use crate::config::{
@@ -14,6 +14,7 @@ use crate::config::{
 };
 use crate::kafka::topics::{self, TopicState};
 use crate::schema;
+use crate::setup::Setup;
 use crate::table::OutboxTable;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,21 +56,23 @@ impl Findings {
 }
 
 /// Runs every check; the caller prints them and exits non-zero on any `Failed`.
-pub async fn run(config: &Config) -> Vec<Finding> {
+pub async fn run(setup: &Setup) -> Vec<Finding> {
+    let config = &setup.config;
     let mut findings = Findings::default();
     findings.push(
         Status::Ok,
         "config",
         format!("valid (relay.name = {})", config.relay.name),
     );
-    check_postgres(config, &mut findings).await;
+    check_postgres(setup, &mut findings).await;
     check_kafka(config, &mut findings).await;
     findings.0
 }
 
-async fn check_postgres(config: &Config, findings: &mut Findings) {
+async fn check_postgres(setup: &Setup, findings: &mut Findings) {
+    let config = &setup.config;
     let target = secret::redact_url(&config.postgres.url);
-    let mut connection = match PgConnection::connect(&config.postgres.url).await {
+    let mut connection = match setup.connect_options.connect().await {
         Ok(connection) => connection,
         Err(e) => {
             // With the relay's advice where it has some (a certificate that
@@ -90,13 +93,11 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
         format!("connected to {target} (server {version})"),
     );
 
-    let Ok(table) = OutboxTable::from_config(&config.postgres) else {
-        return; // validated at load time
-    };
-    match schema::inspect(&mut connection, &table, config.relay.after_publish).await {
+    let table = &setup.table;
+    match schema::inspect(&mut connection, table, config.relay.after_publish).await {
         Err(e) => findings.push(Status::Failed, "outbox table", e.message),
         Ok(report) => {
-            let problems = report.problems(&table);
+            let problems = report.problems(table);
             if problems.is_empty() {
                 findings.push(
                     Status::Ok,
@@ -110,7 +111,7 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
             for problem in problems {
                 findings.push(Status::Failed, "outbox table", problem);
             }
-            check_partitioning(&mut connection, &table, &report, findings).await;
+            check_partitioning(&mut connection, table, &report, findings).await;
             if report.has_notify_trigger {
                 findings.push(
                     Status::Ok,
@@ -129,7 +130,7 @@ async fn check_postgres(config: &Config, findings: &mut Findings) {
             }
         }
     }
-    check_capture(config, &mut connection, &table, findings).await;
+    check_capture(config, &mut connection, table, findings).await;
 }
 
 /// Whether the table's partitioning matches the config, and whether the

@@ -15,13 +15,13 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
-use sqlx::{Connection, PgConnection};
+use sqlx::ConnectOptions;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::RelayContext;
 use crate::routing::header;
-use crate::table::OutboxTable;
+use crate::setup::Setup;
 
 /// How long reading the dead-letter topic may take.
 const READ_LIMIT: Duration = Duration::from_secs(30);
@@ -78,8 +78,9 @@ pub struct Replayed {
 }
 
 /// The dead letters of this table, oldest first.
-pub async fn list(config: &Config) -> Result<Listing> {
-    let table = OutboxTable::from_config(&config.postgres).map_err(Error::stop)?;
+pub async fn list(setup: &Setup) -> Result<Listing> {
+    let config = &setup.config;
+    let table = &setup.table;
     let topic = config.routing.dead_letter_topic.clone();
     let records = {
         let config = config.clone();
@@ -88,7 +89,9 @@ pub async fn list(config: &Config) -> Result<Listing> {
             .await
             .map_err(|e| Error::stop(format!("dead-letter reader failed: {e}")))??
     };
-    let mut connection = PgConnection::connect(&config.postgres.url)
+    let mut connection = setup
+        .connect_options
+        .connect()
         .await
         .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
     let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
@@ -115,10 +118,12 @@ pub async fn list(config: &Config) -> Result<Listing> {
 }
 
 /// Inserts the selected dead-lettered rows again, as new unsent rows.
-pub async fn replay(config: &Config, selection: Selection) -> Result<Vec<Replayed>> {
-    let table = OutboxTable::from_config(&config.postgres).map_err(Error::stop)?;
-    let listing = list(config).await?;
-    let mut connection = PgConnection::connect(&config.postgres.url)
+pub async fn replay(setup: &Setup, selection: Selection) -> Result<Vec<Replayed>> {
+    let table = &setup.table;
+    let listing = list(setup).await?;
+    let mut connection = setup
+        .connect_options
+        .connect()
         .await
         .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
     let sql = table.replay_sql();

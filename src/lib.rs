@@ -53,6 +53,7 @@ pub mod relay;
 pub mod retention;
 pub mod routing;
 pub mod schema;
+pub mod setup;
 pub mod status;
 pub mod table;
 

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use outboxd::check::Status;
-use outboxd::config::Config;
 use outboxd::metrics::Metrics;
-use outboxd::{http, logging, migrate, relay, status, table::OutboxTable};
+use outboxd::setup::Setup;
+use outboxd::{http, logging, migrate, relay, status};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -104,14 +104,14 @@ fn main() -> ExitCode {
             action: DeadLetterAction::List { config, .. } | DeadLetterAction::Replay { config, .. },
         } => config.clone(),
     };
-    let config = match Config::load(&config_path) {
-        Ok(config) => config,
+    let setup = match Setup::load(&config_path) {
+        Ok(setup) => setup,
         Err(error) => {
             eprintln!("error: {error}");
             return ExitCode::from(2);
         }
     };
-    logging::init(&config.log);
+    logging::init(&setup.config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -124,11 +124,11 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Run { .. } => run(config).await,
-            Command::Migrate { print, .. } => migrate_command(config, print).await,
-            Command::Check { .. } => check(config).await,
-            Command::Status { json, .. } => status_command(config, json).await,
-            Command::DeadLetters { action } => dead_letters_command(config, action).await,
+            Command::Run { .. } => run(setup).await,
+            Command::Migrate { print, .. } => migrate_command(setup, print).await,
+            Command::Check { .. } => check(setup).await,
+            Command::Status { json, .. } => status_command(setup, json).await,
+            Command::DeadLetters { action } => dead_letters_command(setup, action).await,
         }
     });
     // A librdkafka call the relay gave up on (kafka::publisher) may still
@@ -141,7 +141,8 @@ fn main() -> ExitCode {
 /// How long the exit waits for blocking tasks still running.
 const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn run(config: Config) -> ExitCode {
+async fn run(setup: Setup) -> ExitCode {
+    let config = &setup.config;
     if let Err(error) = outboxd::failpoint::announce() {
         eprintln!("error: {error}");
         return ExitCode::from(2);
@@ -173,7 +174,7 @@ async fn run(config: Config) -> ExitCode {
         std::sync::Arc::clone(&metrics),
         std::future::pending(),
     ));
-    match relay::run(config, metrics, shutdown).await {
+    match relay::run(setup, metrics, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(kind = ?error.kind, "relay stopped: {error}");
@@ -183,27 +184,20 @@ async fn run(config: Config) -> ExitCode {
     }
 }
 
-async fn migrate_command(config: Config, print: bool) -> ExitCode {
+async fn migrate_command(setup: Setup, print: bool) -> ExitCode {
     if print {
-        match OutboxTable::from_config(&config.postgres) {
-            Ok(table) => {
-                print!(
-                    "{}",
-                    migrate::render(
-                        &table,
-                        &config.postgres.notify_channel,
-                        &config.postgres.publication
-                    )
-                );
-                return ExitCode::SUCCESS;
-            }
-            Err(error) => {
-                eprintln!("error: postgres.{error}");
-                return ExitCode::from(2);
-            }
-        }
+        let postgres = &setup.config.postgres;
+        print!(
+            "{}",
+            migrate::render(
+                &setup.table,
+                &postgres.notify_channel,
+                &postgres.publication
+            )
+        );
+        return ExitCode::SUCCESS;
     }
-    match migrate::apply(&config).await {
+    match migrate::apply(&setup).await {
         Ok(table) => {
             println!("migrated: outbox table {} is ready", table.display_name());
             ExitCode::SUCCESS
@@ -215,8 +209,8 @@ async fn migrate_command(config: Config, print: bool) -> ExitCode {
     }
 }
 
-async fn check(config: Config) -> ExitCode {
-    let findings = outboxd::check::run(&config).await;
+async fn check(setup: Setup) -> ExitCode {
+    let findings = outboxd::check::run(&setup).await;
     for finding in &findings {
         println!("{finding}");
     }
@@ -233,8 +227,8 @@ async fn check(config: Config) -> ExitCode {
     }
 }
 
-async fn status_command(config: Config, json: bool) -> ExitCode {
-    match status::read(&config).await {
+async fn status_command(setup: Setup, json: bool) -> ExitCode {
+    match status::read(&setup).await {
         Ok(status) if json => {
             println!(
                 "{}",
@@ -253,10 +247,10 @@ async fn status_command(config: Config, json: bool) -> ExitCode {
     }
 }
 
-async fn dead_letters_command(config: Config, action: DeadLetterAction) -> ExitCode {
+async fn dead_letters_command(setup: Setup, action: DeadLetterAction) -> ExitCode {
     use outboxd::dead_letters::{self, Selection};
     match action {
-        DeadLetterAction::List { json, .. } => match dead_letters::list(&config).await {
+        DeadLetterAction::List { json, .. } => match dead_letters::list(&setup).await {
             Ok(listing) if json => {
                 println!(
                     "{}",
@@ -307,7 +301,7 @@ async fn dead_letters_command(config: Config, action: DeadLetterAction) -> ExitC
                     return ExitCode::from(2);
                 }
             };
-            match dead_letters::replay(&config, selection).await {
+            match dead_letters::replay(&setup, selection).await {
                 Ok(replayed) if replayed.is_empty() => {
                     println!("no dead-lettered row of this table matches; see `outboxd dead-letters list`");
                     ExitCode::FAILURE

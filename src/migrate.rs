@@ -7,10 +7,10 @@
 //! file a service copies and what `outboxd migrate` applies never drift
 //! apart. Every statement is idempotent, so migrating twice changes nothing.
 
-use sqlx::{Connection, PgConnection};
+use sqlx::{ConnectOptions, Connection};
 
-use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::setup::Setup;
 use crate::table::{quote_ident, quote_literal, OutboxTable};
 
 /// The file shipped for services to copy.
@@ -125,18 +125,20 @@ pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> S
 /// so two relays starting together do not race on `IF NOT EXISTS`. A
 /// partitioned table then gets its current and next partitions; running
 /// it again (from a scheduled job, as the owner) keeps them ahead.
-pub async fn apply(config: &Config) -> Result<OutboxTable> {
-    let table = OutboxTable::from_config(&config.postgres)
-        .map_err(|e| Error::stop(format!("postgres.{e}")))?;
+pub async fn apply(setup: &Setup) -> Result<OutboxTable> {
+    let config = &setup.config;
+    let table = &setup.table;
     let sql = render(
-        &table,
+        table,
         &config.postgres.notify_channel,
         &config.postgres.publication,
     );
-    let mut connection = PgConnection::connect(&config.postgres.url)
+    let mut connection = setup
+        .connect_options
+        .connect()
         .await
         .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
-    let partitioned = crate::partitions::is_partitioned(&mut connection, &table)
+    let partitioned = crate::partitions::is_partitioned(&mut connection, table)
         .await
         .map_err(|e| Error::from_postgres("looking up the outbox table", e))?;
     if partitioned == Some(false) && table.partitioning.is_some() {
@@ -169,7 +171,7 @@ pub async fn apply(config: &Config) -> Result<OutboxTable> {
         .await
         .map_err(|e| Error::from_postgres("committing the migration", e))?;
     if let Some(partitioning) = &table.partitioning {
-        let created = crate::partitions::create_ahead(&mut connection, &table, partitioning)
+        let created = crate::partitions::create_ahead(&mut connection, table, partitioning)
             .await
             .map_err(|e| {
                 Error::from_postgres(
@@ -181,7 +183,7 @@ pub async fn apply(config: &Config) -> Result<OutboxTable> {
             tracing::info!(?created, "created outbox partitions");
         }
     }
-    Ok(table)
+    Ok(table.clone())
 }
 
 #[cfg(test)]

@@ -40,6 +40,29 @@ pub fn interval_problem(interval: Duration) -> Option<&'static str> {
     None
 }
 
+/// Why `partitioning` cannot partition `table`, as `postgres.partitioning…: why`.
+pub fn validate(partitioning: &Partitioning, table: &OutboxTable) -> Result<(), String> {
+    if let Some(problem) = interval_problem(partitioning.interval) {
+        return Err(format!("postgres.partitioning.interval: {problem}"));
+    }
+    if partitioning.ahead == 0 {
+        return Err(
+            "postgres.partitioning.ahead: must be at least 1, so the next partition \
+                    exists before it is needed"
+                .into(),
+        );
+    }
+    let longest = 63 - NAME_SUFFIX_LEN;
+    if table.name.len() > longest {
+        return Err(format!(
+            "postgres.partitioning: the table name `{name}` is longer than {longest} bytes, so \
+             its partitions' names (`{name}_p20261202_1530`) would exceed Postgres' 63",
+            name = table.name
+        ));
+    }
+    Ok(())
+}
+
 /// The partition holding `at` and the `ahead` after it. Ranges are aligned
 /// to the epoch, so a whole-day interval starts at UTC midnight.
 pub fn ranges_from(at: i64, partitioning: &Partitioning) -> Vec<Range> {

@@ -199,31 +199,55 @@ struct CloudEvents {
 }
 
 impl Router {
+    /// The router for `config`; an error starts with the offending key
+    /// under `routing.`.
     pub fn new(config: &RoutingConfig, max_message_bytes: usize) -> Result<Router, String> {
+        let default_topic =
+            Template::topic(&config.topic).map_err(|e| format!("routing.topic: {e}"))?;
         let rules = config
             .rules
             .iter()
-            .map(|rule| {
+            .enumerate()
+            .map(|(index, rule)| {
+                if rule.aggregate_type.is_none() && rule.event_type.is_none() {
+                    return Err(format!(
+                        "routing.rules[{index}]: needs `aggregate_type` or `type` to match on; \
+                         to route everything, set routing.topic"
+                    ));
+                }
                 Ok(Rule {
                     aggregate_type: rule.aggregate_type.clone(),
                     event_type: rule.event_type.clone(),
-                    topic: Template::topic(&rule.topic)?,
+                    topic: Template::topic(&rule.topic)
+                        .map_err(|e| format!("routing.rules[{index}].topic: {e}"))?,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
+        validate_topic_name(&config.dead_letter_topic)
+            .map_err(|e| format!("routing.dead_letter_topic: {e}"))?;
+        // Checked even while disabled, so turning CloudEvents on later
+        // cannot meet a config error at start-up.
+        let source = Template::text(&config.cloudevents.source)
+            .map_err(|e| format!("routing.cloudevents.source: {e}"))?;
+        if source.is_empty() {
+            return Err(
+                "routing.cloudevents.source: must not be empty (CloudEvents requires a source)"
+                    .into(),
+            );
+        }
+        if config.cloudevents.content_type.trim().is_empty() {
+            return Err("routing.cloudevents.content_type: must not be empty".into());
+        }
         Ok(Router {
-            default_topic: Template::topic(&config.topic)?,
+            default_topic,
             rules,
             key: config.key,
             dead_letter_topic: config.dead_letter_topic.clone(),
             max_message_bytes,
-            cloudevents: match config.cloudevents.enabled {
-                true => Some(CloudEvents {
-                    source: Template::text(&config.cloudevents.source)?,
-                    content_type: config.cloudevents.content_type.clone(),
-                }),
-                false => None,
-            },
+            cloudevents: config.cloudevents.enabled.then(|| CloudEvents {
+                source,
+                content_type: config.cloudevents.content_type.clone(),
+            }),
         })
     }
 

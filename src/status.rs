@@ -9,17 +9,16 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{ConnectOptions, PgConnection, Row};
 
 use crate::capture::slot;
-use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::checkpoint;
 use crate::kafka::identity::TableIdentity;
 use crate::lag;
 use crate::leader;
 use crate::schema;
-use crate::table::OutboxTable;
+use crate::setup::Setup;
 
 /// How long `status` waits for Kafka before reporting it unreachable.
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -64,10 +63,12 @@ pub struct CheckpointStatus {
     pub position: Option<String>,
 }
 
-pub async fn read(config: &Config) -> Result<Status> {
-    let table = OutboxTable::from_config(&config.postgres)
-        .map_err(|e| Error::stop(format!("postgres.{e}")))?;
-    let mut connection = PgConnection::connect(&config.postgres.url)
+pub async fn read(setup: &Setup) -> Result<Status> {
+    let config = &setup.config;
+    let table = &setup.table;
+    let mut connection = setup
+        .connect_options
+        .connect()
         .await
         .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
     let lag = lag::sample(&mut connection, &table.lag_sql())

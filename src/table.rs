@@ -83,21 +83,6 @@ impl OutboxTable {
         for column in config.columns.all() {
             validate_identifier(column).map_err(|e| format!("columns: {e}"))?;
         }
-        if let Some(partitioning) = &config.partitioning {
-            if let Some(problem) = crate::partitions::interval_problem(partitioning.interval) {
-                return Err(format!("partitioning.interval: {problem}"));
-            }
-            if partitioning.ahead == 0 {
-                return Err("partitioning.ahead: must be at least 1, so the next partition exists before it is needed".into());
-            }
-            let longest = 63 - crate::partitions::NAME_SUFFIX_LEN;
-            if name.len() > longest {
-                return Err(format!(
-                    "partitioning: the table name `{name}` is longer than {longest} bytes, so its \
-                     partitions' names (`{name}_p20261202_1530`) would exceed Postgres' 63"
-                ));
-            }
-        }
         Ok(OutboxTable {
             schema: schema.to_string(),
             name: name.to_string(),

@@ -25,7 +25,7 @@ async fn partition_names(env: &TestEnv) -> Vec<String> {
 }
 
 fn table(env: &TestEnv) -> OutboxTable {
-    OutboxTable::from_config(&env.config().postgres).expect("table")
+    env.setup().table
 }
 
 in_both_modes!(
@@ -67,7 +67,7 @@ async fn a_partitioned_outbox_publishes_every_row_once_and_keeps_partitions_ahea
         );
     }
 
-    let findings = outboxd::check::run(&env.config()).await;
+    let findings = outboxd::check::run(&env.setup()).await;
     let partitioning_finding = findings
         .iter()
         .find(|f| f.subject == "partitioning")
@@ -256,14 +256,15 @@ async fn migrate_does_not_pretend_to_partition_an_existing_plain_table() {
         interval: Duration::from_secs(86_400),
         ahead: 3,
     });
-    let findings = outboxd::check::run(&config).await;
+    let setup = outboxd::setup::Setup::new(config).expect("valid");
+    let findings = outboxd::check::run(&setup).await;
     assert!(
         findings.iter().any(|f| f.subject == "partitioning"
             && f.status == outboxd::check::Status::Warning
             && f.detail.contains("not partitioned")),
         "check warns that the table is plain: {findings:?}"
     );
-    let error = outboxd::migrate::apply(&config)
+    let error = outboxd::migrate::apply(&setup)
         .await
         .expect_err("a plain table cannot become partitioned in place");
     assert!(

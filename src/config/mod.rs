@@ -1,9 +1,13 @@
 //! The relay's configuration: one YAML file plus `OUTBOXD__SECTION__KEY`
 //! environment overrides.
 //!
-//! Invariant: a [`Config`] that exists has been fully validated. Unknown keys,
-//! bad values and impossible combinations are rejected at load time with the
-//! file and the key in the message, so the relay never starts half-configured.
+//! Invariant: a [`Config`] that exists is well-formed: unknown keys, bad
+//! values and impossible combinations of its own keys are rejected at load
+//! time with the file and the key in the message. What needs the rest of
+//! the relay to judge (table and column names, topic templates, properties
+//! outboxd manages) is checked by the `setup` module, which every command
+//! starts from, so the relay never starts half-configured. This module
+//! imports no other part of outboxd.
 //! The doc comments on the fields are the user documentation; the annotated
 //! example lives in `examples/outboxd.yaml`.
 
@@ -16,9 +20,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-
-use crate::routing::Template;
-use crate::table::OutboxTable;
 
 /// Environment variables starting with this (then `__`) override file keys.
 pub const ENV_PREFIX: &str = "OUTBOXD";
@@ -562,8 +563,8 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what serde cannot: names, ranges and templates. The message
-    /// starts with the offending key.
+    /// Checks what serde cannot: names, ranges and combinations. The
+    /// message starts with the offending key.
     pub fn validate(&self) -> Result<(), String> {
         validate_relay_name(&self.relay.name).map_err(|e| format!("relay.name: {e}"))?;
         if self.postgres.url.trim().is_empty() {
@@ -573,7 +574,6 @@ impl Config {
             .url
             .parse::<sqlx::postgres::PgConnectOptions>()
             .map_err(|e| format!("postgres.url: not a valid Postgres URL ({e})"))?;
-        OutboxTable::from_config(&self.postgres).map_err(|e| format!("postgres.{e}"))?;
         validate_identifier(&self.postgres.notify_channel)
             .map_err(|e| format!("postgres.notify_channel: {e}"))?;
         validate_publication_name(&self.postgres.publication)
@@ -581,8 +581,6 @@ impl Config {
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return Err("kafka.bootstrap_servers: must not be empty".into());
         }
-        crate::routing::validate_topic_name(&self.kafka.checkpoint_topic)
-            .map_err(|e| format!("kafka.checkpoint_topic: {e}"))?;
         if self.kafka.transaction_timeout < Duration::from_secs(1) {
             return Err("kafka.transaction_timeout: must be at least 1s".into());
         }
@@ -594,11 +592,6 @@ impl Config {
                 return Err(format!(
                     "kafka.properties.{key}: set routing.partitioner instead (murmur2_random, \
                      the default, places keys as Java producers do)"
-                ));
-            }
-            if crate::kafka::is_managed_property(key) {
-                return Err(format!(
-                    "kafka.properties.{key}: outboxd sets this itself to keep exactly-once; remove it"
                 ));
             }
         }
@@ -626,30 +619,6 @@ impl Config {
             if retention < Duration::from_secs(60) {
                 return Err("relay.retention: must be at least 1m".into());
             }
-        }
-        Template::topic(&self.routing.topic).map_err(|e| format!("routing.topic: {e}"))?;
-        for (index, rule) in self.routing.rules.iter().enumerate() {
-            Template::topic(&rule.topic)
-                .map_err(|e| format!("routing.rules[{index}].topic: {e}"))?;
-            if rule.aggregate_type.is_none() && rule.event_type.is_none() {
-                return Err(format!(
-                    "routing.rules[{index}]: needs `aggregate_type` or `type` to match on; \
-                     to route everything, set routing.topic"
-                ));
-            }
-        }
-        crate::routing::validate_topic_name(&self.routing.dead_letter_topic)
-            .map_err(|e| format!("routing.dead_letter_topic: {e}"))?;
-        let source = Template::text(&self.routing.cloudevents.source)
-            .map_err(|e| format!("routing.cloudevents.source: {e}"))?;
-        if source.is_empty() {
-            return Err(
-                "routing.cloudevents.source: must not be empty (CloudEvents requires a source)"
-                    .into(),
-            );
-        }
-        if self.routing.cloudevents.content_type.trim().is_empty() {
-            return Err("routing.cloudevents.content_type: must not be empty".into());
         }
         if self.routing.create_topics.partitions.is_some_and(|n| n < 1) {
             return Err("routing.create_topics.partitions: must be at least 1".into());

@@ -42,9 +42,14 @@ mod tempfile_path {
     }
 }
 
+/// The error a user sees for `text`: from the file's own checks or from
+/// the set-up's (tests only reach past `config` to judge the whole load).
 fn load_error(text: &str) -> String {
     let file = write_config(text);
-    let error = Config::load(&file.0).unwrap_err().to_string();
+    let error = match crate::setup::Setup::load(&file.0) {
+        Ok(_) => panic!("expected an invalid config:\n{text}"),
+        Err(error) => error.to_string(),
+    };
     assert!(
         error.contains(&file.0.display().to_string()),
         "error does not name the file: {error}"

@@ -44,6 +44,7 @@ use crate::metrics::{Metrics, RelayState};
 use crate::retention;
 use crate::routing::Router;
 use crate::schema;
+use crate::setup::Setup;
 use crate::table::{OutboxTable, PayloadEncoding};
 use deliver::Deliverer;
 
@@ -55,7 +56,7 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 /// are retried here with exponential backoff. Everything it does shows in
 /// `metrics`.
 pub async fn run(
-    config: Config,
+    setup: Setup,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -64,7 +65,7 @@ pub async fn run(
         shutdown.await;
         let _ = stop_sender.send(true);
     });
-    let context = Context::new(config, Arc::clone(&metrics))?;
+    let context = Context::new(setup, Arc::clone(&metrics));
     let _sampler = AbortOnDrop(lag::spawn(
         &context.config,
         context.connect_options.clone(),
@@ -174,19 +175,14 @@ struct Context {
 }
 
 impl Context {
-    fn new(config: Config, metrics: Arc<Metrics>) -> Result<Context> {
-        let table = OutboxTable::from_config(&config.postgres)
-            .map_err(|e| Error::stop(format!("postgres.{e}")))?;
-        let router =
-            Router::new(&config.routing, config.kafka.max_message_bytes).map_err(Error::stop)?;
-        let connect_options: PgConnectOptions = config
-            .postgres
-            .url
-            .parse()
-            .map_err(|e| Error::stop(format!("postgres.url: {e}")))?;
-        let connect_options =
-            connect_options.application_name(&format!("outboxd-{}", config.relay.name));
-        Ok(Context {
+    fn new(setup: Setup, metrics: Arc<Metrics>) -> Context {
+        let Setup {
+            config,
+            table,
+            router,
+            connect_options,
+        } = setup;
+        Context {
             table_name: table.display_name(),
             acknowledger: Acknowledger::new(&table, config.relay.after_publish),
             config,
@@ -194,7 +190,7 @@ impl Context {
             router,
             connect_options,
             metrics,
-        })
+        }
     }
 
     /// A new connection whose commits are durable (`durable_acknowledgements`);

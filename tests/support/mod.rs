@@ -171,7 +171,7 @@ impl TestEnv {
             postgres_extra: postgres_extra.to_string(),
         };
         env.write_config("", "");
-        outboxd::migrate::apply(&env.config())
+        outboxd::migrate::apply(&env.setup())
             .await
             .expect("migrate");
         env
@@ -251,6 +251,11 @@ impl TestEnv {
 
     pub fn config(&self) -> Config {
         Config::load(&self.config_path).expect("test config is valid")
+    }
+
+    /// The config as every command takes it, checked as a whole.
+    pub fn setup(&self) -> outboxd::setup::Setup {
+        outboxd::setup::Setup::load(&self.config_path).expect("test config is valid")
     }
 
     /// In replication mode, waits until the relay streams from its slot:
@@ -404,8 +409,9 @@ impl InProcessRelay {
         outboxd::logging::init(&config.log);
         let metrics = outboxd::metrics::Metrics::new(&config.relay.name);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let setup = outboxd::setup::Setup::new(config).expect("test config is valid");
         let handle = tokio::spawn(outboxd::relay::run(
-            config,
+            setup,
             std::sync::Arc::clone(&metrics),
             async move {
                 let _ = stopped.await;
