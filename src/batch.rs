@@ -47,7 +47,8 @@ impl<'a> Batch<'a> {
                             "outbox row seq {} (id {}, {} {}) cannot be published: {reason}. \
                              relay.on_poison is `halt`; fix or remove the row, or set on_poison: dead_letter",
                             event.seq, event.id, event.aggregate_type, event.event_type
-                        )));
+                        ))
+                        .because(crate::error::Cause::Poison));
                     }
                     tracing::warn!(
                         seq = event.seq,

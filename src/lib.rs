@@ -58,4 +58,4 @@ pub mod status;
 pub mod table;
 
 pub use config::Config;
-pub use error::{Error, ErrorKind};
+pub use error::{Cause, Error, ErrorKind};

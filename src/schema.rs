@@ -81,7 +81,8 @@ pub async fn inspect(
             "the outbox table {} does not exist; create it with `outboxd migrate --config FILE` \
              or add migrations/0001_outbox.sql to your service's migrations",
             table.display_name()
-        )));
+        ))
+        .because(crate::error::Cause::OutboxTable));
     }
 
     let columns = sqlx::query(

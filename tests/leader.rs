@@ -113,7 +113,7 @@ async fn a_zombie_producer_is_fenced_and_ends_its_session() {
                 ErrorKind::Retry,
                 "a fenced producer ends the session; the next must win the lock first: {error}"
             );
-            assert!(error.message.contains("fenced"), "{error}");
+            assert_eq!(error.cause, outboxd::Cause::Fenced, "{error}");
         }
         other => panic!("the zombie published or failed softly: {other:?}"),
     }

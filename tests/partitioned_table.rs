@@ -240,6 +240,7 @@ async fn a_publication_naming_partitions_stops_replication_with_the_fix() {
         .finished(Duration::from_secs(60))
         .await
         .expect_err("the relay must stop: no change would carry the outbox's name");
+    assert_eq!(error.cause, outboxd::Cause::OutboxTable, "{error}");
     assert!(
         error
             .to_string()

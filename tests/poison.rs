@@ -83,6 +83,7 @@ async fn halt_policy_stops_the_relay_and_publishes_nothing_of_the_batch(mode: Mo
     let relay = InProcessRelay::start(env.config());
     let error = relay.finished(Duration::from_secs(60)).await.unwrap_err();
     assert_eq!(error.kind, ErrorKind::Stop);
+    assert_eq!(error.cause, outboxd::Cause::Poison);
     assert!(
         error.message.contains("seq 2") && error.message.contains("halt"),
         "{error}"

@@ -172,6 +172,7 @@ async fn a_dropped_slot_is_recovered_from_the_table_without_duplicates() {
         .finished(Duration::from_secs(60))
         .await
         .expect_err("on_slot_lost: halt stops the relay");
+    assert_eq!(halted.cause, outboxd::Cause::SlotLost, "{halted}");
     assert!(
         halted.message.contains("is gone") && halted.message.contains("on_slot_lost"),
         "{halted}"

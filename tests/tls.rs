@@ -153,6 +153,7 @@ async fn a_wrong_ca_fails_both_connections_naming_the_certificate() {
         .finished(Duration::from_secs(60))
         .await
         .expect_err("a wrong CA stops the relay");
+    assert_eq!(error.cause, outboxd::Cause::PostgresCertificate, "{error}");
     assert!(
         error.message.contains("certificate") && error.message.contains("sslrootcert"),
         "{error}"

@@ -337,7 +337,7 @@ pub async fn ensure_publication(
         }
     };
     if let Some(reason) = info.unusable_because(publication, table) {
-        return Err(Error::stop(reason));
+        return Err(Error::stop(reason).because(crate::error::Cause::OutboxTable));
     }
     if info.other_tables > 0 {
         tracing::warn!(

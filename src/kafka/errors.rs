@@ -9,13 +9,13 @@
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use crate::error::Error;
+use crate::error::{Cause, Error};
 
 /// The class of a transactional-producer error, following librdkafka's
 /// transaction API contract.
 pub fn classify(context: &str, error: &KafkaError) -> Error {
     let message = format!("{context}: {error}");
-    match error {
+    let sorted = match error {
         KafkaError::Transaction(rd) if rd.is_fatal() => fatal(message, rd.code()),
         KafkaError::Transaction(rd) if rd.txn_requires_abort() => Error::abort_and_resend(message),
         KafkaError::Transaction(rd) if rd.is_retriable() => Error::retry(message),
@@ -29,6 +29,15 @@ pub fn classify(context: &str, error: &KafkaError) -> Error {
             // Inside a transaction any failed delivery poisons the transaction.
             _ => Error::abort_and_resend(message),
         },
+    };
+    kafka_cause(sorted).caused_by(error.clone())
+}
+
+/// A Kafka error's cause, unless `fatal` already named a finer one.
+fn kafka_cause(error: Error) -> Error {
+    match error.cause {
+        Cause::Unspecified => error.because(Cause::Kafka),
+        _ => error,
     }
 }
 
@@ -42,10 +51,11 @@ pub fn classify_after_fatal(
     cause: RDKafkaErrorCode,
     cause_reason: &str,
 ) -> Error {
-    fatal(
+    kafka_cause(fatal(
         format!("{context}: {error}; the producer's fatal error: {cause_reason}"),
         cause,
-    )
+    ))
+    .caused_by(error.clone())
 }
 
 /// Whether a delivery failed because the broker will never take this record,
@@ -84,12 +94,14 @@ fn fatal(message: String, code: RDKafkaErrorCode) -> Error {
              over, or the broker aborted a transaction that outlived kafka.transaction_timeout. \
              Nothing of the open transaction is visible. Starting a new session: it publishes \
              again only if it wins the leader lock"
-        )),
+        ))
+        .because(Cause::Fenced),
         RDKafkaErrorCode::TransactionalIdAuthorizationFailed
         | RDKafkaErrorCode::ClusterAuthorizationFailed
         | RDKafkaErrorCode::TopicAuthorizationFailed => Error::stop(format!(
             "{message}. Grant the relay's Kafka principal WRITE and DESCRIBE on its transactional.id and topics"
-        )),
+        ))
+        .because(Cause::KafkaAuthorization),
         RDKafkaErrorCode::UnsupportedVersion => Error::stop(format!(
             "{message}. The broker does not support transactions as this relay needs them (Kafka 2.5 or newer)"
         )),
@@ -112,6 +124,11 @@ mod tests {
             &KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced),
         );
         assert_eq!(error.kind, ErrorKind::Retry);
+        assert_eq!(error.cause, crate::error::Cause::Fenced);
+        assert!(
+            std::error::Error::source(&error).is_some(),
+            "the librdkafka error is kept"
+        );
         assert!(
             error.message.contains("same outbox table") && error.message.contains("leader lock"),
             "{}",
@@ -137,6 +154,7 @@ mod tests {
             "producer fenced by newer instance",
         );
         assert_eq!(fenced.kind, ErrorKind::Retry);
+        assert_eq!(fenced.cause, crate::error::Cause::Fenced);
         assert!(
             fenced.message.contains("fenced") && fenced.message.contains("leader lock"),
             "{}",
@@ -149,6 +167,7 @@ mod tests {
             "not authorised",
         );
         assert_eq!(unauthorised.kind, ErrorKind::Stop);
+        assert_eq!(unauthorised.cause, crate::error::Cause::KafkaAuthorization);
     }
 
     #[test]

@@ -210,7 +210,7 @@ impl Context {
         let report =
             schema::inspect(&mut connection, &self.table, config.relay.after_publish).await?;
         if let Some(problem) = report.problems(&self.table).into_iter().next() {
-            return Err(Error::stop(problem));
+            return Err(Error::stop(problem).because(crate::error::Cause::OutboxTable));
         }
         if let Some(mismatch) = report.partitioning_mismatch(&self.table) {
             tracing::warn!("{mismatch}");

@@ -185,7 +185,8 @@ async fn usable_slot(
                 "replication slot `{slot_name}` {why}. Changes it held are not in the stream, but their \
                  rows are still unsent in the table. capture.on_slot_lost is `halt`: set it to `recover` \
                  (publishes the unsent rows, then streams from a new slot) or switch to capture.mode: polling"
-            )));
+            ))
+            .because(crate::error::Cause::SlotLost));
         }
         tracing::error!(
             slot = slot_name,
