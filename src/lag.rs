@@ -51,7 +51,7 @@ pub fn spawn(
     let probe = base_client_config(config)
         .create_with_context::<_, BaseConsumer<RelayContext>>(RelayContext)
         .ok()
-        .map(Arc::new);
+        .map(|probe| Arc::new(crate::kafka::off_runtime::DropOffRuntime::new(probe)));
     let probe_topic = config.kafka.checkpoint_topic.clone();
     tokio::spawn(async move {
         let mut connection: Option<PgConnection> = None;

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod checkpoint_scan;
 pub mod errors;
 pub mod identity;
+pub mod off_runtime;
 pub mod probe;
 pub mod publisher;
 pub mod topics;

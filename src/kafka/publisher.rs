@@ -20,6 +20,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::checkpoint::{Checkpoint, CHECKPOINT_PARTITION};
 use super::errors::{classify, classify_after_fatal, is_record_rejected};
 use super::identity::TableIdentity;
+use super::off_runtime::DropOffRuntime;
 use super::RelayContext;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind};
@@ -50,7 +51,7 @@ impl From<Error> for PublishError {
 }
 
 pub struct Publisher {
-    producer: FutureProducer<RelayContext>,
+    producer: DropOffRuntime<FutureProducer<RelayContext>>,
     /// Names the table's checkpoint group in `send_offsets_to_transaction`.
     checkpoint_group: Arc<ConsumerGroupMetadata>,
     /// Key of every checkpoint record: the table's identity.
@@ -93,7 +94,7 @@ impl Publisher {
                 ))
             })?;
         let publisher = Publisher {
-            producer,
+            producer: DropOffRuntime::new(producer),
             checkpoint_group: Arc::new(group_metadata(config, identity)?),
             checkpoint_key: identity.checkpoint_key.as_bytes().to_vec(),
             checkpoint_topic: config.kafka.checkpoint_topic.clone(),
@@ -361,7 +362,7 @@ impl Publisher {
         timeout: Duration,
         call: impl FnOnce(&FutureProducer<RelayContext>) -> Result<T, KafkaError> + Send + 'static,
     ) -> Result<T, CallError> {
-        let producer = self.producer.clone();
+        let producer = FutureProducer::clone(&self.producer);
         let limit = timeout + CALL_MARGIN;
         match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || call(&producer)))
             .await

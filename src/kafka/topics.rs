@@ -12,15 +12,21 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::error::RDKafkaErrorCode;
 
+use super::off_runtime::DropOffRuntime;
 use super::RelayContext;
 use crate::config::{Config, CreateTopics};
 use crate::error::{Error, Result};
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 
-pub fn admin_client(config: &Config) -> Result<AdminClient<RelayContext>> {
+/// An admin client, shared with the blocking tasks that fetch metadata and
+/// destroyed off the async workers (`off_runtime`).
+pub type Admin = Arc<DropOffRuntime<AdminClient<RelayContext>>>;
+
+pub fn admin_client(config: &Config) -> Result<Admin> {
     super::base_client_config(config)
         .create_with_context(RelayContext)
+        .map(|client| Arc::new(DropOffRuntime::new(client)))
         .map_err(|e| {
             Error::stop(format!(
                 "cannot create a Kafka admin client from the config: {e}"
@@ -49,7 +55,7 @@ const CHECKPOINT_TOPIC_CONFIGS: [(&str, &str); 5] = [
 /// with `min.insync.replicas` 2 where the cluster has three brokers or more
 /// (a smaller cluster gets one replica per broker and `min.insync.replicas` 1).
 pub async fn ensure_checkpoint_topic(config: &Config) -> Result<()> {
-    let admin = Arc::new(admin_client(config)?);
+    let admin = admin_client(config)?;
     let topic = &config.kafka.checkpoint_topic;
     // One metadata request says both whether the topic is there (then
     // nothing is asked of the controller) and how many brokers can hold it.
@@ -123,15 +129,12 @@ async fn with_librdkafka_causes(config: &Config, error: Error) -> Error {
 
 /// How many brokers the cluster has.
 pub async fn broker_count(config: &Config) -> Result<usize> {
-    let (brokers, _) = cluster_shape(Arc::new(admin_client(config)?), "").await?;
+    let (brokers, _) = cluster_shape(admin_client(config)?, "").await?;
     Ok(brokers)
 }
 
 /// How many brokers the cluster has, and whether `topic` exists.
-async fn cluster_shape(
-    admin: Arc<AdminClient<RelayContext>>,
-    topic: &str,
-) -> Result<(usize, bool)> {
+async fn cluster_shape(admin: Admin, topic: &str) -> Result<(usize, bool)> {
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, ADMIN_TIMEOUT))
         .await
@@ -150,10 +153,7 @@ async fn cluster_shape(
 /// broker with `auto.create.topics.enable` creates it on the spot, as it
 /// would on the first produce; one being created (no leader yet) counts as
 /// existing, since the produce waits for its leader.
-pub async fn missing_among(
-    admin: Arc<AdminClient<RelayContext>>,
-    topics: Vec<String>,
-) -> Result<Vec<String>> {
+pub async fn missing_among(admin: Admin, topics: Vec<String>) -> Result<Vec<String>> {
     tokio::task::spawn_blocking(move || {
         let mut missing = Vec::new();
         for topic in topics {
@@ -283,7 +283,7 @@ pub async fn topic_configs(
 
 /// Whether the broker creates topics on first use (`auto.create.topics.enable`).
 pub async fn broker_auto_creates_topics(config: &Config) -> Result<Option<bool>> {
-    let admin = Arc::new(admin_client(config)?);
+    let admin = admin_client(config)?;
     let metadata_admin = Arc::clone(&admin);
     let broker_id = tokio::task::spawn_blocking(move || {
         metadata_admin

@@ -12,12 +12,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::AdminClient;
-
 use crate::config::{Config, CreateTopics, MissingTopics};
 use crate::error::Result;
 use crate::kafka::topics;
-use crate::kafka::RelayContext;
 use crate::metrics::Metrics;
 
 /// How often a stall on missing topics is logged again.
@@ -28,7 +25,7 @@ const FIRST_USE_LOOKUPS: u32 = 8;
 const FIRST_USE_PAUSE: Duration = Duration::from_millis(250);
 
 pub struct TopicGate<'a> {
-    admin: Arc<AdminClient<RelayContext>>,
+    admin: topics::Admin,
     policy: MissingTopics,
     settings: CreateTopics,
     /// Topics seen to exist in this session.
@@ -51,7 +48,7 @@ pub enum Verdict {
 impl<'a> TopicGate<'a> {
     pub fn new(config: &Config, metrics: &'a Metrics) -> Result<TopicGate<'a>> {
         Ok(TopicGate {
-            admin: Arc::new(topics::admin_client(config)?),
+            admin: topics::admin_client(config)?,
             policy: config.routing.missing_topics,
             settings: config.routing.create_topics.clone(),
             known: HashSet::new(),
