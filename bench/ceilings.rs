@@ -169,7 +169,7 @@ pub async fn claim_mark(rows: usize, payload_bytes: usize) -> Ceiling {
     crate::drain::analyze(&bench).await;
     let config = bench.env.config();
     let table = OutboxTable::from_config(&config.postgres).expect("outbox table");
-    let claim_sql = table.claim_sql(PayloadEncoding::Text);
+    let claim_sql = table.claim_sql(PayloadEncoding::Text, false);
     let acknowledger = Acknowledger::new(&table, AfterPublish::Mark);
     let batch_size = config.capture.batch_size;
     let mut connection = PgConnection::connect(&bench.env.database_url)

@@ -105,20 +105,28 @@ impl OutboxTable {
     /// claimed by another transaction out of this batch; `sent_at IS NULL`
     /// (not a seq cursor) means a row whose transaction commits late, with a
     /// seq below rows already sent, is still found. `$1` is the batch size.
-    pub fn claim_sql(&self, payload: PayloadEncoding) -> String {
-        self.claim_sql_where(payload, "")
+    /// `created_at_text`: also format `created_at` as RFC 3339 (column 9),
+    /// which only CloudEvents' `time` needs; else column 9 is NULL.
+    pub fn claim_sql(&self, payload: PayloadEncoding, created_at_text: bool) -> String {
+        self.claim_sql_where(payload, created_at_text, "")
     }
 
     /// Like [`claim_sql`](Self::claim_sql), only rows with seq ≤ `$2`: a
     /// drain that ends even while services keep writing.
-    pub fn claim_up_to_sql(&self, payload: PayloadEncoding) -> String {
+    pub fn claim_up_to_sql(&self, payload: PayloadEncoding, created_at_text: bool) -> String {
         self.claim_sql_where(
             payload,
+            created_at_text,
             &format!(" AND {} <= $2", quote_ident(&self.columns.seq)),
         )
     }
 
-    fn claim_sql_where(&self, payload: PayloadEncoding, extra_condition: &str) -> String {
+    fn claim_sql_where(
+        &self,
+        payload: PayloadEncoding,
+        created_at_text: bool,
+        extra_condition: &str,
+    ) -> String {
         let c = &self.columns;
         let payload_expr = match payload {
             PayloadEncoding::Bytes => quote_ident(&c.payload),
@@ -130,11 +138,18 @@ impl OutboxTable {
             Some(name) => format!("{}::text", quote_ident(name)),
             None => "NULL::text".to_string(),
         };
+        let created_at_text = match created_at_text {
+            true => format!(
+                "CASE WHEN EXTRACT(YEAR FROM {created_at} AT TIME ZONE 'UTC') BETWEEN 1 AND 9999 \
+                 THEN to_char({created_at} AT TIME ZONE 'UTC', {created_at_format}) END",
+                created_at = quote_ident(&c.created_at),
+                created_at_format = crate::capture::timestamp::POLLING_FORMAT_SQL,
+            ),
+            false => "NULL::text".to_string(),
+        };
         format!(
             "SELECT {seq}::bigint, {id}::text, {aggregate_type}::text, {aggregate_id}::text, {event_type}::text, \
-             {payload_expr}, {headers}, {trace}, EXTRACT(EPOCH FROM {created_at})::float8, \
-             CASE WHEN EXTRACT(YEAR FROM {created_at} AT TIME ZONE 'UTC') BETWEEN 1 AND 9999 \
-             THEN to_char({created_at} AT TIME ZONE 'UTC', {created_at_format}) END \
+             {payload_expr}, {headers}, {trace}, EXTRACT(EPOCH FROM {created_at})::float8, {created_at_text} \
              FROM {table} WHERE {sent_at} IS NULL{extra_condition} ORDER BY {seq} LIMIT $1 FOR UPDATE SKIP LOCKED",
             seq = quote_ident(&c.seq),
             id = quote_ident(&c.id),
@@ -144,7 +159,6 @@ impl OutboxTable {
             headers = optional_text(&c.headers),
             trace = optional_text(&c.tracing_span_context),
             created_at = quote_ident(&c.created_at),
-            created_at_format = crate::capture::timestamp::POLLING_FORMAT_SQL,
             table = self.qualified(),
             sent_at = quote_ident(&c.sent_at),
         )
@@ -291,13 +305,25 @@ mod tests {
 
     #[test]
     fn claim_reads_unsent_rows_in_seq_order_past_rows_locked_elsewhere() {
-        let sql = table("outbox").unwrap().claim_sql(PayloadEncoding::Text);
+        let sql = table("outbox")
+            .unwrap()
+            .claim_sql(PayloadEncoding::Text, false);
         assert!(sql.contains(
             "WHERE \"sent_at\" IS NULL ORDER BY \"seq\" LIMIT $1 FOR UPDATE SKIP LOCKED"
         ));
         assert!(sql.contains("convert_to(\"payload\"::text, 'UTF8')"));
-        let sql = table("outbox").unwrap().claim_sql(PayloadEncoding::Bytes);
+        assert!(
+            sql.contains("::float8, NULL::text FROM"),
+            "no created_at text: {sql}"
+        );
+        let sql = table("outbox")
+            .unwrap()
+            .claim_sql(PayloadEncoding::Bytes, true);
         assert!(sql.contains(", \"payload\", "));
+        assert!(
+            sql.contains("to_char(\"created_at\" AT TIME ZONE 'UTC'"),
+            "{sql}"
+        );
     }
 
     #[test]

@@ -195,7 +195,7 @@ async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
     let mut transaction = connection.begin().await.expect("BEGIN");
     let events = outboxd::capture::polling::claim_batch(
         &mut transaction,
-        &table.claim_sql(PayloadEncoding::Text),
+        &table.claim_sql(PayloadEncoding::Text, false),
         5,
         None,
     )

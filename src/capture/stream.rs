@@ -62,7 +62,11 @@ struct RowLayout {
 }
 
 impl RowLayout {
-    fn from_relation(relation: &Relation, columns: &ColumnNames) -> Result<RowLayout> {
+    fn from_relation(
+        relation: &Relation,
+        columns: &ColumnNames,
+        created_at_text: bool,
+    ) -> Result<RowLayout> {
         let find = |name: &str, key: &str| {
             relation.column_index(name).ok_or_else(|| {
                 Error::stop(format!(
@@ -87,8 +91,11 @@ impl RowLayout {
             payload_is_bytea: relation.columns[payload].type_oid == BYTEA_OID,
             headers: optional(&columns.headers, "headers")?,
             trace_parent: optional(&columns.tracing_span_context, "tracing_span_context")?,
-            // Optional here: only CloudEvents' `time` needs it.
-            created_at: relation.column_index(&columns.created_at),
+            // Optional here: only CloudEvents' `time` needs it, and only
+            // then is it converted, a string parse and format per event.
+            created_at: relation
+                .column_index(&columns.created_at)
+                .filter(|_| created_at_text),
         })
     }
 }
@@ -116,6 +123,8 @@ pub struct Assembler {
     schema: String,
     table: String,
     columns: ColumnNames,
+    /// Events carry `created_at` as RFC 3339 text (for CloudEvents' `time`).
+    created_at_text: bool,
     other_changes: OtherChangesPolicy,
     /// Relation oid → layout, `None` for relations that are not the outbox.
     relations: HashMap<u32, Option<RowLayout>>,
@@ -137,6 +146,7 @@ impl Assembler {
             schema: table.schema.clone(),
             table: table.name.clone(),
             columns: table.columns.clone(),
+            created_at_text: false,
             other_changes,
             relations: HashMap::new(),
             transaction: None,
@@ -144,6 +154,13 @@ impl Assembler {
             warned_other_changes: false,
             skipped: 0,
         }
+    }
+
+    /// Events carry `created_at` as RFC 3339 text, which only CloudEvents'
+    /// `time` needs; without this it is not converted.
+    pub fn with_created_at_text(mut self, wanted: bool) -> Assembler {
+        self.created_at_text = wanted;
+        self
     }
 
     /// Between a Begin and its Commit.
@@ -192,7 +209,11 @@ impl Assembler {
             }
             Message::Relation(relation) => {
                 let layout = if relation.namespace == self.schema && relation.name == self.table {
-                    Some(RowLayout::from_relation(&relation, &self.columns)?)
+                    Some(RowLayout::from_relation(
+                        &relation,
+                        &self.columns,
+                        self.created_at_text,
+                    )?)
                 } else {
                     None
                 };

@@ -40,9 +40,17 @@ pub async fn run(session: &mut Session<'_>, until: Until) -> Result<()> {
     let context = session.context;
     let config = &context.config;
     let table = &context.table;
+    // Only CloudEvents' `time` needs created_at as text: not formatted per row otherwise.
+    let created_at_text = config.routing.cloudevents.enabled;
     let (claim_sql, up_to) = match &until {
-        Until::Shutdown(_) => (table.claim_sql(session.payload_encoding), None),
-        Until::DrainedUpTo(seq) => (table.claim_up_to_sql(session.payload_encoding), Some(*seq)),
+        Until::Shutdown(_) => (
+            table.claim_sql(session.payload_encoding, created_at_text),
+            None,
+        ),
+        Until::DrainedUpTo(seq) => (
+            table.claim_up_to_sql(session.payload_encoding, created_at_text),
+            Some(*seq),
+        ),
     };
     let unacknowledged_batches = config.relay.unacknowledged_batches;
     // One claim waits for the publisher, one is published, the rest are in

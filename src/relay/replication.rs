@@ -114,7 +114,8 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
     // Marks run on a connection of their own, behind the Kafka transactions.
     let mut acknowledgements = context.connect("connecting for acknowledgements").await?;
     let mut streamer = Streamer {
-        assembler: Assembler::new(table, config.capture.other_changes, resume_after),
+        assembler: Assembler::new(table, config.capture.other_changes, resume_after)
+            .with_created_at_text(config.routing.cloudevents.enabled),
         batch: Vec::new(),
         batch_bytes: 0,
         batch_position: None,

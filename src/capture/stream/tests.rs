@@ -263,3 +263,27 @@ fn keepalives_become_idle_marks() {
         Some(Captured::Idle { wal_end: Lsn(77) })
     );
 }
+
+#[test]
+fn created_at_is_converted_only_when_cloudevents_need_it() {
+    let items = || {
+        vec![
+            message(Message::Relation(shuffled_relation(16384, 3802))),
+            begin(100),
+            insert(16384, row(42, text("{}"))),
+            commit(100, 120),
+        ]
+    };
+    let created_at = |assembler: &mut Assembler| match &run(assembler, items())[0] {
+        Captured::Event(event) => event.created_at.clone(),
+        other => panic!("expected an event, got {other:?}"),
+    };
+    let mut plain = Assembler::new(&outbox(), OtherChangesPolicy::Warn, None);
+    assert_eq!(created_at(&mut plain), None);
+    let mut for_cloudevents =
+        Assembler::new(&outbox(), OtherChangesPolicy::Warn, None).with_created_at_text(true);
+    assert_eq!(
+        created_at(&mut for_cloudevents).as_deref(),
+        Some("2026-11-21T10:00:00.000000Z")
+    );
+}
