@@ -11,12 +11,12 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection, Row};
-use tokio::sync::watch;
 
 use crate::capture::slot;
 use crate::config::Config;
 use crate::kafka::{base_client_config, RelayContext};
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use crate::table::OutboxTable;
 
 const EVERY: Duration = Duration::from_secs(5);
@@ -44,7 +44,7 @@ pub fn spawn(
     connect_options: PgConnectOptions,
     table: &OutboxTable,
     metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) -> tokio::task::JoinHandle<()> {
     let lag_sql = table.lag_sql();
     let slot_name = config.slot_name();
@@ -94,11 +94,7 @@ pub fn spawn(
                 None => false,
             };
             metrics.set_reachable(postgres_ok, kafka_ok);
-            tokio::select! {
-                _ = tokio::time::sleep(EVERY) => {}
-                _ = stop.changed() => {}
-            }
-            if *stop.borrow() {
+            if stop.requested_within(EVERY).await {
                 return;
             }
         }

@@ -24,9 +24,9 @@
 use std::time::Duration;
 
 use sqlx::PgConnection;
-use tokio::sync::watch;
 
 use crate::error::{Error, Result};
+use crate::shutdown::Shutdown;
 
 /// How often a standby asks for the lock.
 const STANDBY_RETRY: Duration = Duration::from_millis(500);
@@ -41,7 +41,7 @@ pub async fn acquire(
     connection: &mut PgConnection,
     table: &str,
     relay_name: &str,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &mut Shutdown,
 ) -> Result<bool> {
     let mut announced_standby = false;
     loop {
@@ -65,7 +65,7 @@ pub async fn acquire(
         }
         tokio::select! {
             _ = tokio::time::sleep(STANDBY_RETRY) => {}
-            _ = shutdown.changed() => return Ok(false),
+            _ = shutdown.wait() => return Ok(false),
         }
     }
 }
@@ -95,7 +95,7 @@ pub async fn join_claims(connection: &mut PgConnection, table: &str) -> sqlx::Re
 pub async fn wait_for_earlier_claims(
     connection: &mut PgConnection,
     table: &str,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &mut Shutdown,
 ) -> Result<bool> {
     let started = std::time::Instant::now();
     let mut warned = false;
@@ -131,7 +131,7 @@ pub async fn wait_for_earlier_claims(
         }
         tokio::select! {
             _ = tokio::time::sleep(CLAIMS_RETRY) => {}
-            _ = shutdown.changed() => return Ok(false),
+            _ = shutdown.wait() => return Ok(false),
         }
     }
 }

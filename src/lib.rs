@@ -54,6 +54,7 @@ pub mod retention;
 pub mod routing;
 pub mod schema;
 pub mod setup;
+pub mod shutdown;
 pub mod status;
 pub mod table;
 

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{AfterPublish, Partitioning};
 use crate::partitions;
+use crate::shutdown::Shutdown;
 use crate::table::OutboxTable;
 
 /// Rows deleted per statement.
@@ -57,23 +57,17 @@ impl Plan {
 /// Failures are logged and retried at the next round: housekeeping never
 /// stops the relay (an insert that finds no partition lands in the
 /// default one).
-pub fn spawn(
-    connect_options: PgConnectOptions,
-    plan: Plan,
-    mut stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
+pub fn spawn(connect_options: PgConnectOptions, plan: Plan, mut stop: Shutdown) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut connection: Option<PgConnection> = None;
         let mut first_round = true;
         loop {
-            if !(first_round && plan.partitioning.is_some()) {
-                tokio::select! {
-                    _ = tokio::time::sleep(EVERY) => {}
-                    _ = stop.changed() => {}
-                }
-            }
+            let pause = match first_round && plan.partitioning.is_some() {
+                true => Duration::ZERO,
+                false => EVERY,
+            };
             first_round = false;
-            if *stop.borrow() {
+            if stop.requested_within(pause).await {
                 return;
             }
             if connection.is_none() {
@@ -104,7 +98,7 @@ pub fn spawn(
 async fn round(
     connection: &mut PgConnection,
     plan: &Plan,
-    stop: &watch::Receiver<bool>,
+    stop: &Shutdown,
 ) -> Result<(), sqlx::Error> {
     let Some(partitioning) = &plan.partitioning else {
         if let Some(period) = plan.retention {
@@ -171,7 +165,7 @@ pub async fn delete_old_rows(
     connection: &mut PgConnection,
     sql: &str,
     period: Duration,
-    stop: &watch::Receiver<bool>,
+    stop: &Shutdown,
 ) -> Result<u64, sqlx::Error> {
     let seconds = period.as_secs_f64();
     let mut total = 0;
@@ -183,7 +177,7 @@ pub async fn delete_old_rows(
             .await?
             .rows_affected();
         total += deleted;
-        if deleted < ROWS_PER_DELETE as u64 || *stop.borrow() {
+        if deleted < ROWS_PER_DELETE as u64 || stop.is_requested() {
             return Ok(total);
         }
     }

@@ -27,7 +27,7 @@ async fn retention_deletes_only_rows_sent_before_the_period() {
     let config = env.config();
     let table = outboxd::table::OutboxTable::from_config(&config.postgres).unwrap();
     let mut connection = env.pool.acquire().await.unwrap();
-    let (_keep_running, running) = tokio::sync::watch::channel(false);
+    let (_keep_running, running) = outboxd::shutdown::channel();
     let deleted = outboxd::retention::delete_old_rows(
         &mut connection,
         &table.delete_sent_before_sql(),

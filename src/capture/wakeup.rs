@@ -8,9 +8,9 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use tokio::sync::watch;
 
 use crate::error::{Error, Result};
+use crate::shutdown::Shutdown;
 
 pub struct Wakeup {
     listener: PgListener,
@@ -41,7 +41,7 @@ impl Wakeup {
 
     /// Returns when a notification arrives, the poll interval passes, or
     /// shutdown is requested.
-    pub async fn wait(&mut self, shutdown: &mut watch::Receiver<bool>) {
+    pub async fn wait(&mut self, shutdown: &mut Shutdown) {
         tokio::select! {
             received = self.listener.try_recv() => {
                 if let Err(error) = received {
@@ -52,7 +52,7 @@ impl Wakeup {
                 }
             }
             _ = tokio::time::sleep(self.poll_interval) => {}
-            _ = shutdown.changed() => {}
+            _ = shutdown.wait() => {}
         }
     }
 }

@@ -9,8 +9,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-
 use crate::batch::Batch;
 use crate::config::PoisonPolicy;
 use crate::error::{ErrorKind, Result};
@@ -19,6 +17,7 @@ use crate::kafka::checkpoint::Checkpoint;
 use crate::kafka::publisher::{PublishError, Publisher};
 use crate::metrics::{Metrics, RelayState};
 use crate::routing::Router;
+use crate::shutdown::Shutdown;
 
 use super::topic_gate::{TopicGate, Verdict};
 use super::window::Window;
@@ -97,7 +96,7 @@ impl<'a> Deliverer<'a> {
         events: &[OutboxEvent],
         position: Option<SourcePosition>,
         window: &Window,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Shutdown,
     ) -> Result<Option<Delivered>> {
         let mut resend_backoff = super::new_backoff();
         let mut missing_topic_backoff = super::new_backoff();
@@ -131,11 +130,7 @@ impl<'a> Deliverer<'a> {
                     .next()
                     .unwrap_or(Duration::from_secs(30));
                 self.topics.report_waiting(&waiting, delay);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.changed() => {}
-                }
-                if *stop.borrow() {
+                if stop.requested_within(delay).await {
                     return Ok(None);
                 }
                 continue;
@@ -210,11 +205,7 @@ impl<'a> Deliverer<'a> {
                         retry_in = ?delay,
                         "Kafka transaction aborted; nothing from it is visible. Re-sending the batch"
                     );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.changed() => {}
-                    }
-                    if *stop.borrow() {
+                    if stop.requested_within(delay).await {
                         return Ok(None);
                     }
                 }

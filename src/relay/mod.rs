@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
-use tokio::sync::watch;
 
 use crate::acknowledge::Acknowledger;
 use crate::capture::slot;
@@ -45,6 +44,7 @@ use crate::retention;
 use crate::routing::Router;
 use crate::schema;
 use crate::setup::Setup;
+use crate::shutdown::Shutdown;
 use crate::table::{OutboxTable, PayloadEncoding};
 use deliver::Deliverer;
 
@@ -60,10 +60,10 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let (stop_sender, stop) = watch::channel(false);
+    let (trigger, stop) = crate::shutdown::channel();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_sender.send(true);
+        trigger.request();
     });
     let context = Context::new(setup, Arc::clone(&metrics));
     let _sampler = AbortOnDrop(lag::spawn(
@@ -119,13 +119,8 @@ pub async fn run(
                     retry_in = ?delay,
                     "relay session failed; nothing unpublished was acknowledged. Reconnecting and resuming from the last checkpoint"
                 );
-                let mut stop = stop.clone();
-                if *stop.borrow() {
+                if stop.clone().requested_within(delay).await {
                     return Ok(());
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.changed() => return Ok(()),
                 }
             }
         }
@@ -133,13 +128,8 @@ pub async fn run(
 }
 
 /// Resolves `grace` after shutdown was requested.
-async fn grace_after_stop(mut stop: watch::Receiver<bool>, grace: Duration) {
-    while !*stop.borrow() {
-        if stop.changed().await.is_err() {
-            // The sender lives as long as the shutdown future; if it is gone, never fire.
-            std::future::pending::<()>().await;
-        }
-    }
+async fn grace_after_stop(mut stop: Shutdown, grace: Duration) {
+    stop.wait().await;
     tokio::time::sleep(grace).await;
 }
 
@@ -204,7 +194,7 @@ impl Context {
     }
 
     /// One leadership term: from connecting to the first failure or shutdown.
-    async fn session(&self, mut stop: watch::Receiver<bool>) -> Result<()> {
+    async fn session(&self, mut stop: Shutdown) -> Result<()> {
         let config = &self.config;
         let mut connection = self.connect("connecting to Postgres").await?;
         let report =
@@ -311,7 +301,7 @@ struct Session<'a> {
     connection: PgConnection,
     deliverer: Deliverer<'a>,
     payload_encoding: PayloadEncoding,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 }
 
 /// Makes the session's commits wait for their WAL to be flushed.

@@ -30,7 +30,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 
 use sqlx::{PgConnection, Postgres, Transaction};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, Notify};
 
 use super::deliver::{Delivered, Deliverer};
 use super::window::Window;
@@ -40,6 +40,7 @@ use crate::error::{Error, Result};
 use crate::event::{OutboxEvent, SourcePosition};
 use crate::failpoint;
 use crate::leader;
+use crate::shutdown::Shutdown;
 
 /// One batch from capture, with what acknowledging it takes.
 pub(super) struct CapturedBatch {
@@ -110,7 +111,7 @@ pub(super) async fn run<F>(
     acknowledger: &Acknowledger,
     stream_acks: Option<&mut PgConnection>,
     unacknowledged_batches: usize,
-    stop: &watch::Receiver<bool>,
+    stop: &Shutdown,
     capture: impl FnOnce(CaptureEnds) -> F,
 ) -> Result<()>
 where
@@ -179,7 +180,7 @@ async fn publish(
     committed: mpsc::Sender<Committed>,
     mut done: mpsc::UnboundedReceiver<u64>,
     mut window: Window,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) -> Result<()> {
     let mut next_id: u64 = 0;
     loop {
@@ -201,7 +202,7 @@ async fn publish(
         let Some(batch) = captured.recv().await else {
             return Ok(());
         };
-        if *stop.borrow() {
+        if stop.is_requested() {
             // Not published: its claim is rolled back (polling) or it is
             // streamed again (replication; nothing of it was confirmed).
             return Ok(());

@@ -25,6 +25,7 @@ use crate::capture::polling;
 use crate::capture::wakeup::Wakeup;
 use crate::error::{Error, Result};
 use crate::leader;
+use crate::shutdown::Shutdown;
 
 /// How long the polling loop runs.
 pub enum Until {
@@ -121,19 +122,14 @@ struct Claim {
 }
 
 impl Claim {
-    async fn run(
-        self,
-        mut until: Until,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-        ends: CaptureEnds,
-    ) -> Result<()> {
+    async fn run(self, mut until: Until, mut stop: Shutdown, ends: CaptureEnds) -> Result<()> {
         // Whether the last claim was full: rows are waiting, so the next
         // claim runs ahead, while the publisher is still busy.
         let mut backlog = false;
         // Whether the publisher asked for a batch that has not come yet.
         let mut demanded = false;
         loop {
-            if *stop.borrow() {
+            if stop.is_requested() {
                 return Ok(());
             }
             // Without a backlog, claim when the publisher is free: a claim
@@ -142,7 +138,7 @@ impl Claim {
             if !backlog && !demanded {
                 tokio::select! {
                     _ = ends.demand.notified() => {}
-                    _ = stop.changed() => return Ok(()),
+                    _ = stop.wait() => return Ok(()),
                 }
             }
             demanded = true;
@@ -154,12 +150,12 @@ impl Claim {
                     // The publisher ended (shutdown or failure).
                     Err(_closed) => return Ok(()),
                 },
-                _ = stop.changed() => return Ok(()),
+                _ = stop.wait() => return Ok(()),
             };
             let mut transaction = tokio::select! {
                 begun = self.claims.begin() => begun
                     .map_err(|e| Error::from_postgres("starting a claim transaction", e))?,
-                _ = stop.changed() => return Ok(()),
+                _ = stop.wait() => return Ok(()),
             };
             let events = polling::claim_batch(
                 &mut transaction,

@@ -40,7 +40,7 @@
 
 use futures_util::FutureExt;
 use sqlx::PgConnection;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::pipeline::{self, AcknowledgeWith, Acknowledged, CaptureEnds, CapturedBatch};
 use super::Session;
@@ -52,6 +52,7 @@ use crate::config::SlotLostPolicy;
 use crate::error::{Error, Result};
 use crate::event::{OutboxEvent, SourcePosition};
 use crate::kafka::checkpoint::Checkpoint;
+use crate::shutdown::Shutdown;
 
 /// Runs until shutdown or the first failure.
 pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Result<()> {
@@ -86,7 +87,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
                  starts at its creation and cannot hold them"
             );
             super::polling::run(session, super::polling::Until::DrainedUpTo(up_to)).await?;
-            if *session.stop.borrow() {
+            if session.stop.is_requested() {
                 return Ok(());
             }
         }
@@ -257,11 +258,11 @@ impl Streamer {
         &mut self,
         connection: &mut PgConnection,
         stream: &mut impl ReplicationStream,
-        mut stop: watch::Receiver<bool>,
+        mut stop: Shutdown,
         mut ends: CaptureEnds,
     ) -> Result<()> {
         loop {
-            if *stop.borrow() {
+            if stop.is_requested() {
                 // Whatever is batched is not in Kafka and nothing of it was
                 // confirmed: it is streamed again after restart.
                 return Ok(());
@@ -282,7 +283,7 @@ impl Streamer {
                         self.acknowledged(acknowledged, stream);
                         continue;
                     }
-                    _ = stop.changed() => return Ok(()),
+                    _ = stop.wait() => return Ok(()),
                 }
             } else {
                 match next_if_ready(stream).await {
@@ -303,7 +304,7 @@ impl Streamer {
                             self.acknowledged(acknowledged, stream);
                             continue;
                         }
-                        _ = stop.changed() => return Ok(()),
+                        _ = stop.wait() => return Ok(()),
                     },
                 }
             };

@@ -9,7 +9,6 @@
 //! events up to the returned checkpoint's position).
 
 use sqlx::PgConnection;
-use tokio::sync::watch;
 
 use super::Context;
 use crate::error::Result;
@@ -18,6 +17,7 @@ use crate::kafka::checkpoint_scan;
 use crate::kafka::identity::TableIdentity;
 use crate::kafka::publisher::{PublishError, Publisher};
 use crate::leader;
+use crate::shutdown::Shutdown;
 
 /// What the session publishes with, after the takeover.
 pub(super) struct TakenOver {
@@ -32,7 +32,7 @@ pub(super) async fn take_over(
     context: &Context,
     connection: &mut PgConnection,
     source: Option<&str>,
-    stop: &watch::Receiver<bool>,
+    stop: &Shutdown,
 ) -> Result<Option<TakenOver>> {
     let config = &context.config;
     let identity = TableIdentity::new(source, &context.table_name, &config.relay.name);
