@@ -12,11 +12,14 @@
 //! - [`kafka`]: the transactional publisher, the checkpoint record, error classes.
 //! - [`acknowledge`]: marks published rows sent (or deletes them); the
 //!   replication slot is confirmed after that.
-//! - [`relay`]: the loop tying them together: `relay::run(config, shutdown)`.
+//! - [`relay`]: the loop tying them together: `relay::run(setup, metrics, shutdown)`.
 //!
 //! Around it:
 //!
-//! - [`config`]: the YAML file plus `OUTBOXD__…` overrides, validated up front.
+//! - [`config`]: the YAML file plus `OUTBOXD__…` overrides, its own keys checked.
+//! - [`setup`]: the config checked as a whole, and the table, router and
+//!   connection options every command takes.
+//! - [`shutdown`]: the request to stop, as every task waits on it.
 //! - [`table`]: the outbox table contract and the SQL built from it.
 //! - [`schema`]: what the live database says about that table.
 //! - [`leader`]: the advisory lock that makes one instance per outbox table publish.
@@ -27,7 +30,7 @@
 //! - [`migrate`], [`check`], [`status`], [`dead_letters`]: the CLI's set-up,
 //!   preflight, lag and dead-letter commands.
 //! - [`logging`]: human or JSON logs through `tracing`.
-//! - [`error`]: one error type, sorted by what to do about it.
+//! - [`error`]: one error type, sorted by what to do about it, with its cause.
 //! - [`failpoint`]: named kill points for the fault-injection suite.
 //!
 //! The exactly-once argument lives in [`kafka::checkpoint`].

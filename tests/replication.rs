@@ -156,6 +156,9 @@ async fn a_dropped_slot_is_recovered_from_the_table_without_duplicates() {
     env.wait_all_sent(Duration::from_secs(60)).await;
     relay.stop().await.expect("relay stops cleanly");
 
+    // The server ends the stopped relay's walsender once it sees the
+    // connection close, which may be a moment after the relay returned.
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
     sqlx::query("SELECT pg_drop_replication_slot($1)")
         .bind(env.slot_name())
         .execute(&env.pool)

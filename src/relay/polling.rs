@@ -20,7 +20,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::pipeline::{self, AcknowledgeWith, CaptureEnds, CapturedBatch};
-use super::Session;
+use super::session::Session;
 use crate::capture::polling;
 use crate::capture::wakeup::Wakeup;
 use crate::error::{Error, Result};
@@ -107,7 +107,7 @@ fn claim_pool(connect_options: &PgConnectOptions, table_name: &str, size: usize)
                 leader::join_claims(connection, &table_name).await?;
                 // See `durable_acknowledgements`: the marks commit on these
                 // connections, and must survive a Postgres crash.
-                super::make_commits_durable(connection).await?;
+                super::durable::make_commits_durable(connection).await?;
                 Ok(())
             })
         })

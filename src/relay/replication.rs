@@ -43,7 +43,7 @@ use sqlx::PgConnection;
 use tokio::sync::mpsc;
 
 use super::pipeline::{self, AcknowledgeWith, Acknowledged, CaptureEnds, CapturedBatch};
-use super::Session;
+use super::session::Session;
 use crate::capture::lsn::Lsn;
 use crate::capture::slot::{self, SlotInfo};
 use crate::capture::stream::{Assembler, Captured};

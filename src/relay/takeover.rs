@@ -10,7 +10,7 @@
 
 use sqlx::PgConnection;
 
-use super::Context;
+use super::session::Context;
 use crate::error::Result;
 use crate::kafka::checkpoint::{self, Checkpoint};
 use crate::kafka::checkpoint_scan;

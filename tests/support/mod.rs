@@ -311,6 +311,28 @@ impl TestEnv {
 
     /// The slot's `confirmed_flush_lsn` and the server's current WAL
     /// position, as numbers.
+    /// Waits until no walsender holds this env's slot.
+    pub async fn wait_slot_inactive(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let active: Option<bool> =
+                sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+                    .bind(self.slot_name())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .expect("read pg_replication_slots");
+            if active != Some(true) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "slot {} still active {limit:?} after the relay stopped",
+                self.slot_name()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn slot_positions(&self) -> (Option<i64>, i64) {
         sqlx::query_as(
             "SELECT (SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint \

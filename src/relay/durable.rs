@@ -1,0 +1,46 @@
+//! The relay's own Postgres sessions commit durably.
+//!
+//! Invariant: every connection the relay acknowledges on waits for its
+//! commits' WAL to be flushed, whatever `synchronous_commit` the role or
+//! server sets, so a Postgres crash never forgets a row marked sent.
+
+use sqlx::PgConnection;
+
+use crate::error::{Error, Result};
+
+/// Makes the session's commits wait for their WAL to be flushed.
+///
+/// With `synchronous_commit = off`, a Postgres crash forgets the last
+/// commits even though they returned: for the relay, rows it marked sent
+/// would be unsent again after recovery and published a second time (only
+/// the latest checkpoint's rows are reconciled). Services may keep `off` for
+/// their own transactions; this only changes the relay's session, and only
+/// when it is `off` (a stronger setting such as `remote_apply` is kept).
+pub(super) async fn durable_acknowledgements(connection: &mut PgConnection) -> Result<()> {
+    let changed = make_commits_durable(connection)
+        .await
+        .map_err(|e| Error::from_postgres("setting synchronous_commit for the relay session", e))?;
+    if changed {
+        tracing::debug!(
+            "synchronous_commit is off for this role or server; the relay's own session uses on, \
+             so a Postgres crash cannot forget which rows were marked sent"
+        );
+    }
+    Ok(())
+}
+
+/// Sets `synchronous_commit = on` for this connection if it is `off`
+/// (see `durable_acknowledgements`); says whether it changed it. At the
+/// level of sqlx errors, so a pool's `after_connect` can run it too.
+pub(super) async fn make_commits_durable(connection: &mut PgConnection) -> sqlx::Result<bool> {
+    let setting: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&mut *connection)
+        .await?;
+    if setting != "off" {
+        return Ok(false);
+    }
+    sqlx::query("SET synchronous_commit = on")
+        .execute(&mut *connection)
+        .await?;
+    Ok(true)
+}
