@@ -15,13 +15,14 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
-use sqlx::ConnectOptions;
+use sqlx::{ConnectOptions, Connection};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::RelayContext;
 use crate::routing::header;
 use crate::setup::Setup;
+use crate::table::OutboxTable;
 
 /// How long reading the dead-letter topic may take.
 const READ_LIMIT: Duration = Duration::from_secs(30);
@@ -133,13 +134,28 @@ pub async fn replay(setup: &Setup, selection: Selection) -> Result<Vec<Replayed>
         .into_iter()
         .filter(|d| selection.contains(d.seq))
     {
+        let doing = format!("re-inserting row seq {}", dead_letter.seq);
+        let mut transaction = connection
+            .begin()
+            .await
+            .map_err(|e| Error::from_postgres(&doing, e))?;
+        // Two replays of one row at once would both find no earlier copy
+        // and both insert it: the lock makes the second wait, then see the
+        // first's row and insert nothing.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(replay_lock_key(table))
+            .execute(&mut *transaction)
+            .await
+            .map_err(|e| Error::from_postgres(&doing, e))?;
         let new_seq: Option<i64> = sqlx::query_scalar(&sql)
             .bind(dead_letter.seq)
-            .fetch_optional(&mut connection)
+            .fetch_optional(&mut *transaction)
             .await
-            .map_err(|e| {
-                Error::from_postgres(&format!("re-inserting row seq {}", dead_letter.seq), e)
-            })?;
+            .map_err(|e| Error::from_postgres(&doing, e))?;
+        transaction
+            .commit()
+            .await
+            .map_err(|e| Error::from_postgres(&doing, e))?;
         replayed.push(Replayed {
             seq: dead_letter.seq,
             id: dead_letter.id,
@@ -147,6 +163,11 @@ pub async fn replay(setup: &Setup, selection: Selection) -> Result<Vec<Replayed>
         });
     }
     Ok(replayed)
+}
+
+/// The advisory lock replays of `table`'s rows take, one at a time.
+pub fn replay_lock_key(table: &OutboxTable) -> String {
+    format!("outboxd:replay:{}", table.display_name())
 }
 
 /// Every committed record of `topic` that carries a source seq, read from

@@ -65,7 +65,42 @@ async fn a_dead_letter_is_listed_and_replayed_once_after_the_fix() {
             "routing:\n  rules:\n    - aggregate_type: Bad Type\n      topic: {fixed_topic}\n"
         ),
     );
-    let replayed = outboxd(&env, &["dead-letters", "replay", "--seq", "2"]);
+    // A replay of the same rows running at the same time holds the
+    // replay lock: this one waits for it rather than insert a second copy.
+    let mut other_replay = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(outboxd::dead_letters::replay_lock_key(&env.setup().table))
+        .execute(&mut *other_replay)
+        .await
+        .unwrap();
+    let config_path = env.config_path.clone();
+    let replaying = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .args(["dead-letters", "replay", "--seq", "2", "--config"])
+            .arg(&config_path)
+            .output()
+            .expect("run outboxd")
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replay never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(env.rows().await.len(), 3, "nothing inserted while it waits");
+    other_replay.rollback().await.unwrap();
+    let replayed = replaying.await.unwrap();
     assert!(replayed.status.success(), "{replayed:?}");
     assert!(
         stdout(&replayed).contains("re-inserted as seq 4"),
