@@ -17,6 +17,8 @@
 //! Around it:
 //!
 //! - [`config`]: the YAML file plus `OUTBOXD__…` overrides, validated up front.
+//! - [`postgres`]: Postgres facts every stage shares, below them all: WAL
+//!   positions, the settled WAL position, `created_at` text.
 //! - [`table`]: the outbox table contract and the SQL built from it.
 //! - [`schema`]: what the live database says about that table.
 //! - [`leader`]: the advisory lock that makes one instance per outbox table publish.
@@ -49,6 +51,7 @@ pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod partitions;
+pub mod postgres;
 pub mod relay;
 pub mod retention;
 pub mod routing;

@@ -144,7 +144,7 @@ impl OutboxTable {
             headers = optional_text(&c.headers),
             trace = optional_text(&c.tracing_span_context),
             created_at = quote_ident(&c.created_at),
-            created_at_format = crate::capture::timestamp::POLLING_FORMAT_SQL,
+            created_at_format = crate::postgres::timestamp::POLLING_FORMAT_SQL,
             table = self.qualified(),
             sent_at = quote_ident(&c.sent_at),
         )

@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use super::lsn::Lsn;
+use crate::postgres::lsn::Lsn;
 
 /// One decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq, Eq)]
