@@ -9,6 +9,13 @@
 //! PostgreSQL's "Logical Replication Message Formats" page describes. Only
 //! protocol version 1 is understood: no streamed or two-phase transactions,
 //! so no message carries a leading transaction id.
+//!
+//! Begin ('B') and Commit ('C') are not decoded here: `pgwire-replication`
+//! reads every body with those tags itself and hands over its own Begin and
+//! Commit events instead, which `wire` turns into [`Message::Begin`] and
+//! [`Message::Commit`]. So `decode` never sees them; if one reached it
+//! anyway, it is an unknown tag, and `wire` stops the relay on that error
+//! rather than lose a transaction boundary.
 
 use std::fmt;
 
@@ -17,7 +24,7 @@ use crate::postgres::lsn::Lsn;
 /// One decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// Start of a transaction ('B').
+    /// Start of a transaction ('B'), built by `wire` from the client's event.
     Begin {
         /// LSN of the transaction's commit record.
         final_lsn: Lsn,
@@ -25,9 +32,10 @@ pub enum Message {
         commit_time_micros: i64,
         xid: u32,
     },
-    /// End of a transaction ('C').
+    /// End of a transaction ('C'), built by `wire` from the client's event.
     Commit {
-        /// Unused by PostgreSQL so far; kept so nothing is silently dropped.
+        /// Always 0: the client does not pass the flags on, and PostgreSQL
+        /// sets none so far.
         flags: u8,
         commit_lsn: Lsn,
         /// LSN just past the commit record: the position to confirm as flushed.
@@ -223,9 +231,8 @@ pub fn decode(body: &[u8]) -> Result<Message, DecodeError> {
         });
     };
     // One table from tag to name and body decoder, so the two cannot drift.
+    // No 'B' or 'C': the wire client consumes them (see the module comment).
     let (kind, decode_rest): (&'static str, DecodeRest) = match tag {
-        b'B' => ("Begin", |cursor| cursor.begin()),
-        b'C' => ("Commit", |cursor| cursor.commit()),
         b'O' => ("Origin", |cursor| cursor.origin()),
         b'R' => ("Relation", |cursor| cursor.relation()),
         b'Y' => ("Type", |cursor| cursor.type_message()),
@@ -344,11 +351,6 @@ impl<'a> Cursor<'a> {
     }
 
     #[inline]
-    fn i64(&mut self, reading: &'static str) -> Result<i64, DecodeError> {
-        Ok(i64::from_be_bytes(self.array(reading)?))
-    }
-
-    #[inline]
     fn lsn(&mut self, reading: &'static str) -> Result<Lsn, DecodeError> {
         Ok(Lsn(u64::from_be_bytes(self.array(reading)?)))
     }
@@ -433,30 +435,6 @@ impl<'a> Cursor<'a> {
 
     fn unexpected_marker(&self, start: usize, found: u8, expected: &'static str) -> DecodeError {
         self.error_at(start, Problem::UnexpectedMarker { found, expected })
-    }
-
-    fn begin(&mut self) -> Result<Message, DecodeError> {
-        let final_lsn = self.lsn("the final LSN")?;
-        let commit_time_micros = self.i64("the commit timestamp")?;
-        let xid = self.u32("the transaction id")?;
-        Ok(Message::Begin {
-            final_lsn,
-            commit_time_micros,
-            xid,
-        })
-    }
-
-    fn commit(&mut self) -> Result<Message, DecodeError> {
-        let flags = self.u8("the flags")?;
-        let commit_lsn = self.lsn("the commit LSN")?;
-        let end_lsn = self.lsn("the end LSN")?;
-        let commit_time_micros = self.i64("the commit timestamp")?;
-        Ok(Message::Commit {
-            flags,
-            commit_lsn,
-            end_lsn,
-            commit_time_micros,
-        })
     }
 
     fn origin(&mut self) -> Result<Message, DecodeError> {
