@@ -89,7 +89,7 @@ impl Acknowledger {
         if first.published + first.dead_lettered >= (published.len() + dead_lettered.len()) as u64 {
             return Ok(first);
         }
-        crate::capture::slot::settled_wal_position(connection).await?;
+        crate::postgres::settled_wal_position(connection).await?;
         let again = self
             .acknowledge(connection, published, dead_lettered)
             .await?;

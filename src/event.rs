@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::capture::lsn::Lsn;
+use crate::postgres::lsn::Lsn;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEvent {
@@ -26,7 +26,7 @@ pub struct OutboxEvent {
     pub trace_parent: Option<String>,
     /// Where replication capture found the row; `None` from polling.
     pub position: Option<SourcePosition>,
-    /// The row's `created_at` in RFC 3339, UTC (`capture::timestamp`): the
+    /// The row's `created_at` in RFC 3339, UTC (`postgres::timestamp`): the
     /// CloudEvents `time`. `None` where the table has no such column or
     /// its value has no RFC 3339 form.
     pub created_at: Option<String>,

@@ -20,6 +20,8 @@
 //! - [`setup`]: the config checked as a whole, and the table, router and
 //!   connection options every command takes.
 //! - [`shutdown`]: the request to stop, as every task waits on it.
+//! - [`postgres`]: Postgres facts every stage shares, below them all: WAL
+//!   positions, the settled WAL position, `created_at` text.
 //! - [`table`]: the outbox table contract and the SQL built from it.
 //! - [`schema`]: what the live database says about that table.
 //! - [`leader`]: the advisory lock that makes one instance per outbox table publish.
@@ -52,6 +54,7 @@ pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod partitions;
+pub mod postgres;
 pub mod relay;
 pub mod retention;
 pub mod routing;

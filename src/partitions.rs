@@ -114,7 +114,7 @@ fn bound_literal(epoch: i64) -> String {
 /// (`YYYYMMDD`, hour, minute) of an epoch second, UTC.
 fn utc_parts(epoch: i64) -> (String, i64, i64) {
     let (year, month, day) =
-        crate::capture::timestamp::civil_from_days(epoch.div_euclid(DAY as i64));
+        crate::postgres::timestamp::civil_from_days(epoch.div_euclid(DAY as i64));
     let second_of_day = epoch.rem_euclid(DAY as i64);
     (
         format!("{year:04}{month:02}{day:02}"),

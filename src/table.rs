@@ -143,7 +143,7 @@ impl OutboxTable {
                 "CASE WHEN EXTRACT(YEAR FROM {created_at} AT TIME ZONE 'UTC') BETWEEN 1 AND 9999 \
                  THEN to_char({created_at} AT TIME ZONE 'UTC', {created_at_format}) END",
                 created_at = quote_ident(&c.created_at),
-                created_at_format = crate::capture::timestamp::POLLING_FORMAT_SQL,
+                created_at_format = crate::postgres::timestamp::POLLING_FORMAT_SQL,
             ),
             false => "NULL::text".to_string(),
         };

@@ -295,9 +295,7 @@ async fn the_filter_position_waits_for_running_transactions() {
 
     let mut connection = PgConnection::connect(&env.database_url).await.unwrap();
     let settled =
-        tokio::spawn(
-            async move { outboxd::capture::slot::settled_wal_position(&mut connection).await },
-        );
+        tokio::spawn(async move { outboxd::postgres::settled_wal_position(&mut connection).await });
     waits_for_commit(
         open,
         settled,

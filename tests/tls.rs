@@ -170,7 +170,7 @@ async fn a_wrong_ca_fails_both_connections_naming_the_certificate() {
     let target = outboxd::capture::wire::StreamTarget {
         slot: slot.clone(),
         publication: "outbox_publication".into(),
-        confirmed_flush: outboxd::capture::lsn::Lsn(0),
+        confirmed_flush: outboxd::postgres::lsn::Lsn(0),
         application_name: format!("outboxd-{}", env.relay_name()),
     };
     let stream = outboxd::capture::wire::WireClient::start(&right_url, &target)
@@ -211,7 +211,7 @@ async fn sslmode_allow_streams_over_tls_from_a_tls_only_server() {
     let target = outboxd::capture::wire::StreamTarget {
         slot: slot.clone(),
         publication: "outbox_publication".into(),
-        confirmed_flush: outboxd::capture::lsn::Lsn(0),
+        confirmed_flush: outboxd::postgres::lsn::Lsn(0),
         application_name: application_name.clone(),
     };
     let stream = outboxd::capture::wire::WireClient::start(&url, &target)

@@ -8,11 +8,9 @@
 //! (`wire` → `pgoutput` → `stream`), with `slot` managing the slot and
 //! the publication.
 
-pub mod lsn;
 pub mod pgoutput;
 pub mod polling;
 pub mod slot;
 pub mod stream;
-pub mod timestamp;
 pub mod wakeup;
 pub mod wire;

@@ -16,12 +16,12 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use super::lsn::Lsn;
 use super::pgoutput::{Message, Relation, Tuple, Value};
 use super::wire::StreamItem;
 use crate::config::{ColumnNames, OtherChangesPolicy};
 use crate::error::{Error, Result};
 use crate::event::{OutboxEvent, SourcePosition};
+use crate::postgres::lsn::Lsn;
 use crate::table::OutboxTable;
 
 /// Postgres' type oid for `bytea`: its text form is hex, which we decode.
@@ -368,7 +368,7 @@ fn event_from_tuple(
     let created_at = match layout.created_at {
         Some(index) => text(take(index, "created_at")?, "created_at")?
             .as_deref()
-            .and_then(crate::capture::timestamp::iso_to_rfc3339_utc),
+            .and_then(crate::postgres::timestamp::iso_to_rfc3339_utc),
         None => None,
     };
     let trace_parent = match layout.trace_parent {

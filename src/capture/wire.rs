@@ -29,9 +29,9 @@ use pgwire_replication::{
     TlsConfig,
 };
 
-use super::lsn::Lsn;
 use super::pgoutput::{self, Message};
 use crate::error::{Error, Result};
+use crate::postgres::lsn::Lsn;
 
 /// How often an advanced flush position is reported to the server.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);

@@ -359,7 +359,7 @@ mod tests {
     #[test]
     fn a_replication_checkpoint_carries_its_source_position() {
         let position = SourcePosition {
-            commit_lsn: crate::capture::lsn::Lsn(0x16_B374_D848),
+            commit_lsn: crate::postgres::lsn::Lsn(0x16_B374_D848),
             index: 7,
         };
         let checkpoint = Checkpoint::new("public.outbox", None, &[10, 11], &[], Some(position));

@@ -35,11 +35,11 @@ use tokio::sync::{mpsc, Notify};
 use super::deliver::{Delivered, Deliverer};
 use super::window::Window;
 use crate::acknowledge::Acknowledger;
-use crate::capture::lsn::Lsn;
 use crate::error::{Error, Result};
 use crate::event::{OutboxEvent, SourcePosition};
 use crate::failpoint;
 use crate::leader;
+use crate::postgres::lsn::Lsn;
 use crate::shutdown::Shutdown;
 
 /// One batch from capture, with what acknowledging it takes.

@@ -32,8 +32,8 @@
 //!   another name. Marking follows the Kafka commit, so "sent" means
 //!   "published"; rows committed after that position only this leader sees.
 //! - Positions are read only once every transaction committed before them
-//!   is visible (`slot::settled_wal_position`): a commit is streamed as soon
-//!   as its WAL is flushed, a moment before other sessions can see it, and
+//!   is visible (`postgres::settled_wal_position`): a commit is streamed as
+//!   soon as its WAL is flushed, a moment before other sessions can see it, and
 //!   "not visible yet" must never pass for "sent" or be missed by a drain,
 //!   and a mark that found a streamed row not yet visible is repeated once
 //!   it is (`Acknowledger::acknowledge_streamed`).
@@ -44,7 +44,6 @@ use tokio::sync::mpsc;
 
 use super::pipeline::{self, AcknowledgeWith, Acknowledged, CaptureEnds, CapturedBatch};
 use super::session::Session;
-use crate::capture::lsn::Lsn;
 use crate::capture::slot::{self, SlotInfo};
 use crate::capture::stream::{Assembler, Captured};
 use crate::capture::wire::{ReplicationStream, StreamTarget, WireClient};
@@ -52,6 +51,8 @@ use crate::config::SlotLostPolicy;
 use crate::error::{Error, Result};
 use crate::event::{OutboxEvent, SourcePosition};
 use crate::kafka::checkpoint::Checkpoint;
+use crate::postgres::lsn::Lsn;
+use crate::postgres::settled_wal_position;
 use crate::shutdown::Shutdown;
 
 /// Runs until shutdown or the first failure.
@@ -74,7 +75,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         // visible, with a seq at most this; rows committed later are in the
         // stream. (Unsettled, a row whose commit was just before the slot
         // but not yet visible was in neither: lost.)
-        slot::settled_wal_position(&mut session.connection).await?;
+        settled_wal_position(&mut session.connection).await?;
         let up_to: Option<i64> = sqlx::query_scalar(&table.max_unsent_seq_sql())
             .fetch_one(&mut session.connection)
             .await
@@ -93,7 +94,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         }
         resume_after = None;
     }
-    let filter_before = Some(slot::settled_wal_position(&mut session.connection).await?);
+    let filter_before = Some(settled_wal_position(&mut session.connection).await?);
 
     let target = StreamTarget {
         slot: slot_name.clone(),
