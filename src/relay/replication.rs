@@ -475,3 +475,6 @@ async fn keep_unsent_before(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
