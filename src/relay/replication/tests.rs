@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use super::*;
 use crate::capture::pgoutput::{Message, Relation, RelationColumn, Tuple, Value};
 use crate::capture::wire::StreamItem;
-use crate::config::{OtherChangesPolicy, PostgresConfig};
+use crate::config::OtherChangesPolicy;
 use crate::table::OutboxTable;
 
 /// Every row's payload: 11 bytes, for the `batch_bytes` test.
@@ -160,12 +160,7 @@ impl Relay {
 }
 
 fn outbox() -> OutboxTable {
-    let config: PostgresConfig = serde_json::from_value(serde_json::json!({
-        "url": "postgres://localhost/db",
-        "table": "public.outbox",
-    }))
-    .expect("test config");
-    OutboxTable::from_config(&config).expect("table")
+    OutboxTable::named("public.outbox").expect("table")
 }
 
 fn outbox_relation() -> Relation {
@@ -372,32 +367,29 @@ async fn with_nothing_in_flight_a_transaction_without_outbox_rows_is_confirmed_a
 
 #[tokio::test(start_paused = true)]
 async fn a_keepalive_is_confirmed_only_after_the_batch_in_flight() {
-    let mut relay = Relay::start(100, 1 << 20);
-    relay.publisher_free().await;
-    relay.stream(transaction(100, 110, &[1])).await;
-    let in_flight = relay.expect_batch();
-    relay.stream(vec![keepalive(500)]).await;
-    assert_eq!(
-        relay.confirmed(),
-        None,
-        "confirming the keepalive would pass the unacknowledged transaction"
-    );
-
-    relay.acknowledge(&in_flight).await;
-    assert_eq!(relay.confirmed(), Some(Lsn(500)));
+    confirmed_only_after_the_batch_in_flight(vec![keepalive(500)], Lsn(500)).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_transaction_without_outbox_rows_is_confirmed_only_after_the_batch_in_flight() {
+    confirmed_only_after_the_batch_in_flight(transaction(200, 210, &[]), Lsn(210)).await;
+}
+
+/// `idle` (nothing to batch) reaches `position` while a batch is in flight.
+async fn confirmed_only_after_the_batch_in_flight(idle: Vec<StreamItem>, position: Lsn) {
     let mut relay = Relay::start(100, 1 << 20);
     relay.publisher_free().await;
     relay.stream(transaction(100, 110, &[1])).await;
     let in_flight = relay.expect_batch();
-    relay.stream(transaction(200, 210, &[])).await;
-    assert_eq!(relay.confirmed(), None);
+    relay.stream(idle).await;
+    assert_eq!(
+        relay.confirmed(),
+        None,
+        "confirming {position} would pass the unacknowledged transaction"
+    );
 
     relay.acknowledge(&in_flight).await;
-    assert_eq!(relay.confirmed(), Some(Lsn(210)));
+    assert_eq!(relay.confirmed(), Some(position));
 }
 
 #[tokio::test(start_paused = true)]
