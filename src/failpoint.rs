@@ -1,10 +1,11 @@
 //! Named kill points for the fault-injection suite.
 //!
 //! Invariant: unless `OUTBOXD_KILL_AT` is set, `kill_point` does nothing but
-//! read a value cached at first use. When it is set to `NAME` or `NAME:N`,
-//! the process SIGKILLs itself the Nth time (default the first) it reaches
-//! the point `NAME`: no destructor, no flush, no log after it — exactly what
-//! a crash or an OOM kill leaves behind. With `OUTBOXD_KILL_SIGNAL=STOP` it
+//! read a value cached at first use, and `librdkafka_logged` nothing but
+//! read a flag. When it is set to `NAME` or `NAME:N`, the process SIGKILLs
+//! itself the Nth time (default the first) it reaches the point `NAME`: no
+//! destructor, no flush, no log after it — exactly what a crash or an OOM
+//! kill leaves behind. With `OUTBOXD_KILL_SIGNAL=STOP` it
 //! freezes there instead (SIGSTOP: a stalled VM, a long pause) and goes on
 //! where it stopped once the harness sends SIGCONT: a zombie that wakes up
 //! after others took over.
@@ -15,13 +16,14 @@
 //!  after-begin       Kafka transaction begun, nothing produced
 //!  mid-produce       half the batch handed to librdkafka
 //!  after-checkpoint  every record and the checkpoint acknowledged by the broker, not committed
-//!  inside-commit     a few milliseconds into commit_transaction
+//!  inside-commit     the commit request (EndTxn) sent to the transaction
+//!                    coordinator, its answer not yet read
 //!  after-commit      Kafka committed, rows not yet marked sent
 //!  after-mark        rows marked (polling: not yet committed; replication:
 //!                    slot not yet confirmed)
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -118,14 +120,43 @@ pub fn kill_point(point: &str) {
     }
 }
 
-/// Kills the process `after` from now, from another thread, if this is the
-/// armed point's Nth hit: for a crash in the middle of a blocking call.
-pub fn kill_point_after(point: &str, after: Duration) {
-    if should_fire(point) {
-        std::thread::spawn(move || {
-            std::thread::sleep(after);
-            kill_now();
-        });
+/// What librdkafka logs (with its `protocol` debug context on) once it has
+/// written the request that ends a transaction to the coordinator's
+/// connection. Once the coordinator reads it, it commits whatever the relay
+/// does next.
+const COMMIT_REQUEST_SENT: &str = "Sent EndTxnRequest";
+
+/// Set on the armed commit: the kill waits for `COMMIT_REQUEST_SENT`.
+static KILL_WHEN_COMMIT_REQUEST_SENT: AtomicBool = AtomicBool::new(false);
+
+/// The librdkafka `debug` contexts the producer needs for the armed point:
+/// `inside-commit` waits for a line only `protocol` logs.
+pub fn librdkafka_debug() -> Option<&'static str> {
+    armed()
+        .filter(|armed| armed.point == "inside-commit")
+        .map(|_| "protocol")
+}
+
+/// A commit begins. On the `inside-commit` point's Nth hit, the process is
+/// killed once librdkafka reports the commit request sent
+/// (`librdkafka_logged`): the coordinator may then commit, and the relay
+/// never learns whether it did. A timer cannot aim at that moment: the
+/// request leaves only after librdkafka has flushed the batch, however long
+/// that takes, and its answer comes a round trip later.
+pub fn kill_when_commit_request_sent() {
+    if should_fire("inside-commit") {
+        KILL_WHEN_COMMIT_REQUEST_SENT.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Sees every librdkafka log line (`kafka::RelayContext`).
+pub fn librdkafka_logged(message: &str) {
+    if KILL_WHEN_COMMIT_REQUEST_SENT.load(Ordering::Relaxed)
+        && message.contains(COMMIT_REQUEST_SENT)
+        // Once: a frozen relay that wakes up goes on.
+        && KILL_WHEN_COMMIT_REQUEST_SENT.swap(false, Ordering::SeqCst)
+    {
+        kill_now();
     }
 }
 

@@ -273,10 +273,10 @@ impl OutboxTable {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn table(name: &str) -> Result<OutboxTable, String> {
+impl OutboxTable {
+    /// The table `name` with the default columns, as a config that names
+    /// only the table gives it: for tests that need no database.
+    pub(crate) fn named(name: &str) -> Result<OutboxTable, String> {
         let config: PostgresConfig = serde_json::from_value(serde_json::json!({
             "url": "postgres://localhost/db",
             "table": name,
@@ -284,28 +284,37 @@ mod tests {
         .expect("test config");
         OutboxTable::from_config(&config)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn schema_defaults_to_public() {
-        let outbox = table("outbox").unwrap();
+        let outbox = OutboxTable::named("outbox").unwrap();
         assert_eq!(outbox.qualified(), "\"public\".\"outbox\"");
-        let outbox = table("orders.events").unwrap();
+        let outbox = OutboxTable::named("orders.events").unwrap();
         assert_eq!(outbox.qualified(), "\"orders\".\"events\"");
-        assert!(table("a.b.c").unwrap_err().contains("more than one dot"));
-        assert!(table(".x").unwrap_err().starts_with("table: schema"));
+        assert!(OutboxTable::named("a.b.c")
+            .unwrap_err()
+            .contains("more than one dot"));
+        assert!(OutboxTable::named(".x")
+            .unwrap_err()
+            .starts_with("table: schema"));
     }
 
     #[test]
     fn identifiers_are_quoted_so_they_cannot_inject() {
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
-        let outbox = table("public.\"; DROP TABLE x; --").unwrap();
+        let outbox = OutboxTable::named("public.\"; DROP TABLE x; --").unwrap();
         assert!(outbox.qualified().starts_with("\"public\".\"\"\"; DROP"));
     }
 
     #[test]
     fn claim_reads_unsent_rows_in_seq_order_past_rows_locked_elsewhere() {
-        let sql = table("outbox")
+        let sql = OutboxTable::named("outbox")
             .unwrap()
             .claim_sql(PayloadEncoding::Text, false);
         assert!(sql.contains(
@@ -316,7 +325,7 @@ mod tests {
             sql.contains("::float8, NULL::text FROM"),
             "no created_at text: {sql}"
         );
-        let sql = table("outbox")
+        let sql = OutboxTable::named("outbox")
             .unwrap()
             .claim_sql(PayloadEncoding::Bytes, true);
         assert!(sql.contains(", \"payload\", "));

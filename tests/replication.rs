@@ -188,7 +188,30 @@ async fn a_dropped_slot_is_recovered_from_the_table_without_duplicates() {
     let live_writer = LiveWriter::start(&env.pool, 2, 10, 8);
     let relay = InProcessRelay::start(env.config());
     env.wait_streaming(Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The writers go on until rows they commit from now on, which only the
+    // new slot's stream can carry, are published.
+    let streaming_from: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM outbox")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let streamed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE seq > $1 AND sent_at IS NOT NULL",
+        )
+        .bind(streaming_from)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        if streamed > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing written after streaming began was published within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let live = live_writer.finish().await;
     let after = write_orders(&env.pool, 3, 10, 8).await;
     env.wait_all_sent(Duration::from_secs(60)).await;
@@ -294,10 +317,13 @@ async fn the_filter_position_waits_for_running_transactions() {
         .expect("a transaction with an id");
 
     let mut connection = PgConnection::connect(&env.database_url).await.unwrap();
+    let pid = backend_pid(&mut connection).await;
     let settled =
         tokio::spawn(async move { outboxd::postgres::settled_wal_position(&mut connection).await });
     waits_for_commit(
+        &env,
         open,
+        pid,
         settled,
         "the position was settled while a transaction that held an id was still running",
     )
@@ -329,13 +355,16 @@ async fn a_streamed_row_not_yet_visible_is_marked_once_visible() {
     let acknowledger =
         outboxd::acknowledge::Acknowledger::new(&table, outboxd::config::AfterPublish::Mark);
     let mut connection = PgConnection::connect(&env.database_url).await.unwrap();
+    let pid = backend_pid(&mut connection).await;
     let marking = tokio::spawn(async move {
         acknowledger
             .acknowledge_streamed(&mut connection, &[seq], &[])
             .await
     });
     let acknowledged = waits_for_commit(
+        &env,
         open,
+        pid,
         marking,
         "the mark gave up on a row whose transaction was not visible yet",
     )
@@ -345,17 +374,53 @@ async fn a_streamed_row_not_yet_visible_is_marked_once_visible() {
     assert_eq!(env.unsent().await, 0, "the row is marked sent");
 }
 
-/// Asserts that `task` is still waiting half a second after it started,
-/// while `open` is uncommitted, and that it finishes once `open` commits;
-/// returns what it returned.
+async fn backend_pid(connection: &mut PgConnection) -> i32 {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(connection)
+        .await
+        .expect("backend pid")
+}
+
+/// Asserts that `task`, running on backend `pid`, waits for `open` while it
+/// is uncommitted, and that it finishes once `open` commits; returns what
+/// it returned.
+///
+/// Waiting is `slot::settled_wal_position` finding a transaction that held
+/// an id still running, and checking again 20 ms later: there is no lock to
+/// see in `pg_locks`, but `pg_stat_activity` shows its check
+/// (`pg_snapshot_xmin(…)`) starting a second time, which it does only after
+/// the first found `open` running.
 async fn waits_for_commit<T: std::fmt::Debug>(
+    env: &TestEnv,
     open: sqlx::Transaction<'static, sqlx::Postgres>,
+    pid: i32,
     task: tokio::task::JoinHandle<T>,
     finished_too_early: &str,
 ) -> T {
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    if task.is_finished() {
-        panic!("{finished_too_early}: {:?}", task.await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut first_check_started: Option<String> = None;
+    loop {
+        if task.is_finished() {
+            panic!("{finished_too_early}: {:?}", task.await);
+        }
+        let check_started: Option<String> = sqlx::query_scalar(
+            "SELECT query_start::text FROM pg_stat_activity \
+             WHERE pid = $1 AND query LIKE '%pg_snapshot_xmin(%'",
+        )
+        .bind(pid)
+        .fetch_optional(&env.pool)
+        .await
+        .expect("read pg_stat_activity");
+        match (&first_check_started, check_started) {
+            (None, Some(started)) => first_check_started = Some(started),
+            (Some(first), Some(started)) if *first != started => break,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend {pid} did not check twice for running transactions within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     open.commit().await.expect("commit");
     tokio::time::timeout(Duration::from_secs(10), task)

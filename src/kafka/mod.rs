@@ -15,7 +15,7 @@ pub mod publisher;
 pub mod topics;
 
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
@@ -55,6 +55,29 @@ pub fn base_client_config(config: &Config) -> ClientConfig {
 pub struct RelayContext;
 
 impl ClientContext for RelayContext {
+    /// What rdkafka does by default (each line to `tracing`, target
+    /// `librdkafka`), after the `inside-commit` kill point has seen it.
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        crate::failpoint::librdkafka_logged(message);
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}")
+            }
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if matches!(
             error,

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -73,6 +74,15 @@ impl Publisher {
             // adds to every transaction: it was most of a small one's time.
             // Records still share requests while earlier ones are in flight.
             client.set("linger.ms", "0");
+        }
+        if let Some(debug) = failpoint::librdkafka_debug() {
+            // The `inside-commit` kill point waits for a debug line.
+            let debug = match client.get("debug") {
+                Some(configured) => format!("{configured},{debug}"),
+                None => debug.to_string(),
+            };
+            client.set("debug", debug);
+            client.set_log_level(RDKafkaLogLevel::Debug);
         }
         let producer: FutureProducer<RelayContext> = client
             .set(
@@ -308,9 +318,7 @@ impl Publisher {
     async fn commit(&self) -> Result<(), PublishError> {
         let timeout = self.transaction_timeout;
         let mut attempt = 1;
-        // Commit on a local broker takes a few milliseconds: EndTxn, then
-        // the coordinator writes the markers.
-        failpoint::kill_point_after("inside-commit", Duration::from_millis(2));
+        failpoint::kill_when_commit_request_sent();
         loop {
             match self
                 .transaction_call(timeout, move |producer| {

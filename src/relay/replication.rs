@@ -94,7 +94,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         }
         resume_after = None;
     }
-    let filter_before = Some(settled_wal_position(&mut session.connection).await?);
+    let filter_before = settled_wal_position(&mut session.connection).await?;
 
     let target = StreamTarget {
         slot: slot_name.clone(),
@@ -115,25 +115,22 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
     );
     // Marks run on a connection of their own, behind the Kafka transactions.
     let mut acknowledgements = context.connect("connecting for acknowledgements").await?;
-    let mut streamer = Streamer {
-        assembler: Assembler::new(table, config.capture.other_changes, resume_after)
-            .with_created_at_text(config.routing.cloudevents.enabled),
-        batch: Vec::new(),
-        batch_bytes: 0,
-        batch_position: None,
-        confirm_after_batch: None,
-        in_flight: 0,
-        confirm_when_idle: None,
-        filter_before,
-        unsent_among_sql: table.unsent_among_sql(),
-        batch_size: config.capture.batch_size,
-        max_batch_bytes: config.capture.batch_bytes,
-    };
     // The catch-up filter's queries run beside the marks and the leader's
     // watchdog, on a connection of their own.
     let mut filter_connection = context
         .connect("connecting for the catch-up filter")
         .await?;
+    let mut streamer = Streamer::new(
+        Assembler::new(table, config.capture.other_changes, resume_after)
+            .with_created_at_text(config.routing.cloudevents.enabled),
+        Some(CatchUpFilter {
+            before: filter_before,
+            connection: &mut filter_connection,
+            unsent_among_sql: table.unsent_among_sql(),
+        }),
+        config.capture.batch_size,
+        config.capture.batch_bytes,
+    );
     let Session {
         connection,
         deliverer,
@@ -148,7 +145,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         Some(&mut acknowledgements),
         config.relay.unacknowledged_batches,
         stop,
-        |ends| streamer.stream(&mut filter_connection, &mut stream, capture_stop, ends),
+        |ends| streamer.stream(&mut stream, capture_stop, ends),
     )
     .await;
     stream.close().await;
@@ -229,7 +226,7 @@ async fn usable_slot(
 }
 
 /// The state of one streaming session: the capture stage of the pipeline.
-struct Streamer {
+struct Streamer<'c> {
     assembler: Assembler,
     batch: Vec<OutboxEvent>,
     /// Payload bytes in `batch`.
@@ -246,18 +243,45 @@ struct Streamer {
     /// flight (the end of a transaction without outbox rows, a keepalive):
     /// confirmed once every batch before it is acknowledged.
     confirm_when_idle: Option<Lsn>,
-    /// After a catch-up drain: transactions committed before this may have
-    /// been published by the drain, so their rows are checked in the table.
-    filter_before: Option<Lsn>,
-    unsent_among_sql: String,
+    /// The catch-up filter, until the stream passes the WAL position read
+    /// when streaming started; `None` after.
+    catch_up: Option<CatchUpFilter<'c>>,
     batch_size: usize,
     max_batch_bytes: usize,
 }
 
-impl Streamer {
+/// Transactions committed before `before` may have been published already
+/// (by a catch-up drain, a predecessor killed inside its window, or a relay
+/// with another name), so their streamed rows are checked in the table.
+struct CatchUpFilter<'c> {
+    before: Lsn,
+    connection: &'c mut PgConnection,
+    unsent_among_sql: String,
+}
+
+impl<'c> Streamer<'c> {
+    fn new(
+        assembler: Assembler,
+        catch_up: Option<CatchUpFilter<'c>>,
+        batch_size: usize,
+        max_batch_bytes: usize,
+    ) -> Streamer<'c> {
+        Streamer {
+            assembler,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            batch_position: None,
+            confirm_after_batch: None,
+            in_flight: 0,
+            confirm_when_idle: None,
+            catch_up,
+            batch_size,
+            max_batch_bytes,
+        }
+    }
+
     async fn stream(
         &mut self,
-        connection: &mut PgConnection,
         stream: &mut impl ReplicationStream,
         mut stop: Shutdown,
         mut ends: CaptureEnds,
@@ -297,7 +321,7 @@ impl Streamer {
                                 // The publisher ended (shutdown or failure).
                                 return Ok(());
                             };
-                            self.hand_over(connection, room).await?;
+                            self.hand_over(room).await?;
                             continue;
                         }
                         next = stream.next() => next?,
@@ -326,7 +350,7 @@ impl Streamer {
                         let Ok(room) = ends.batches.reserve().await else {
                             return Ok(());
                         };
-                        self.hand_over(connection, room).await?;
+                        self.hand_over(room).await?;
                         ends.demand_answered();
                     }
                 }
@@ -374,19 +398,24 @@ impl Streamer {
 
     /// Hands the batch to the pipeline, which publishes it, marks its rows
     /// and then sends back the position the slot may be confirmed to.
-    async fn hand_over(
-        &mut self,
-        connection: &mut PgConnection,
-        room: mpsc::Permit<'_, CapturedBatch>,
-    ) -> Result<()> {
+    async fn hand_over(&mut self, room: mpsc::Permit<'_, CapturedBatch>) -> Result<()> {
         let mut events = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        if let Some(before) = self.filter_before {
-            if self.batch_position.is_some_and(|p| p.commit_lsn >= before) {
-                // The stream has passed everything committed before it began.
-                self.filter_before = None;
+        if let Some(filter) = self.catch_up.as_mut() {
+            let before = filter.before;
+            // The stream has passed everything committed before it began:
+            // this batch is the last one to check.
+            let passed = self.batch_position.is_some_and(|p| p.commit_lsn >= before);
+            keep_unsent_before(
+                filter.connection,
+                &filter.unsent_among_sql,
+                &mut events,
+                before,
+            )
+            .await?;
+            if passed {
+                self.catch_up = None;
             }
-            keep_unsent_before(connection, &self.unsent_among_sql, &mut events, before).await?;
         }
         let confirm = self.confirm_after_batch.take();
         if events.is_empty() && confirm.is_none() {
@@ -450,3 +479,6 @@ async fn keep_unsent_before(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

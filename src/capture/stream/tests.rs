@@ -1,14 +1,8 @@
 use super::*;
 use crate::capture::pgoutput::RelationColumn;
-use crate::config::PostgresConfig;
 
 fn outbox() -> OutboxTable {
-    let config: PostgresConfig = serde_json::from_value(serde_json::json!({
-        "url": "postgres://localhost/db",
-        "table": "public.outbox",
-    }))
-    .expect("test config");
-    OutboxTable::from_config(&config).expect("table")
+    OutboxTable::named("public.outbox").expect("table")
 }
 
 fn column(name: &str, type_oid: u32) -> RelationColumn {
