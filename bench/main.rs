@@ -2,11 +2,16 @@
 //! Server on the same PostgreSQL and Kafka, in one run.
 //!
 //! Runs, in order: the ceilings, backlog drains, payload sizes, steady
-//! state at fixed rates, the highest rate outboxd sustains, and start-up
-//! (cold start and standby takeover) with other relays' checkpoints in the
-//! checkpoint topic. Results
+//! state at fixed rates, the outbox's table and index size over a long
+//! steady run with and without partitions, the highest rate outboxd
+//! sustains, and start-up (cold start and standby takeover) with other
+//! relays' checkpoints in the checkpoint topic. Results
 //! go to `bench/results.json` after every section (so a failure keeps what
-//! was measured) and to `bench/results.md` at the end, which is printed.
+//! was measured) and to `bench/results.md` at the end, which is printed;
+//! a run that leaves out all of those sections leaves both files alone.
+//! The table sizes go to files of their own, `bench/table-size.json` and
+//! `bench/table-size.md`, so running that section alone replaces no other
+//! section's figures.
 //!
 //! Knobs, all optional (environment):
 //! - `BENCH_SIZES`: backlog sizes, default `100000,1000000` (add 10000000
@@ -14,8 +19,10 @@
 //! - `BENCH_RATES`: steady-state rates, default `1000,5000`;
 //! - `BENCH_LADDER`: rates tried for the highest sustained one;
 //! - `BENCH_STEADY_SECONDS`: length of each steady run, default 20;
+//! - `BENCH_TABLE_SECONDS`: length of each table-size run, default 360;
+//! - `BENCH_TABLE_RATE`: the table-size runs' rate, default 2000 events/s;
 //! - `BENCH_SKIP`: sections to leave out, of `ceilings,drain,payloads,
-//!   steady,highest,startup,debezium`.
+//!   steady,table,highest,startup,debezium`.
 //!
 //! Benchmarks measure; they assert nothing about time. A run the invariant
 //! checker fails is reported as FAILED, and the bench exits non-zero.
@@ -33,6 +40,7 @@ mod report;
 mod startup;
 mod steady;
 mod systems;
+mod table_size;
 
 use std::path::PathBuf;
 
@@ -59,8 +67,17 @@ async fn run() -> bool {
         ],
     );
     let seconds = list("BENCH_STEADY_SECONDS", &[20])[0] as u64;
+    let table_seconds = list("BENCH_TABLE_SECONDS", &[360])[0] as u64;
+    let table_rate = list("BENCH_TABLE_RATE", &[2_000])[0] as u32;
     let skip = std::env::var("BENCH_SKIP").unwrap_or_default();
     let wanted = |section: &str| !skip.split(',').any(|s| s.trim() == section);
+    // The sections whose figures go to results.json and results.md; a run
+    // of none of them keeps the files an earlier full run wrote.
+    let writes_results = [
+        "ceilings", "drain", "payloads", "steady", "highest", "startup",
+    ]
+    .iter()
+    .any(|section| wanted(section));
     let mut systems = vec![System::OutboxdReplication, System::OutboxdPolling];
     if wanted("debezium") {
         systems.push(System::Debezium);
@@ -111,6 +128,24 @@ async fn run() -> bool {
             }
         }
     }
+    let mut table_failed = 0;
+    if wanted("table") {
+        let table = table_size::run(
+            table_rate,
+            table_seconds,
+            &results.machine,
+            &results.versions,
+        )
+        .await;
+        let json = serde_json::to_string_pretty(&table).expect("table sizes as JSON");
+        std::fs::write(out_dir().join("table-size.json"), json)
+            .expect("write bench/table-size.json");
+        let markdown = table.markdown();
+        std::fs::write(out_dir().join("table-size.md"), &markdown)
+            .expect("write bench/table-size.md");
+        println!("{markdown}");
+        table_failed = table.failed();
+    }
     if wanted("highest") {
         for system in [System::OutboxdReplication, System::OutboxdPolling] {
             let ladder: Vec<u32> = ladder.iter().map(|&r| r as u32).collect();
@@ -145,10 +180,12 @@ async fn run() -> bool {
             }
         }
     }
-    save(&results);
-    let markdown = results.markdown();
-    std::fs::write(out_dir().join("results.md"), &markdown).expect("write bench/results.md");
-    println!("{markdown}");
+    if writes_results {
+        save(&results);
+        let markdown = results.markdown();
+        std::fs::write(out_dir().join("results.md"), &markdown).expect("write bench/results.md");
+        println!("{markdown}");
+    }
     let failed = results
         .drains
         .iter()
@@ -162,7 +199,8 @@ async fn run() -> bool {
                 .filter_map(|s| s.failed.as_ref()),
         )
         .chain(results.startup.iter().filter_map(|s| s.failed.as_ref()))
-        .count();
+        .count()
+        + table_failed;
     if failed > 0 {
         eprintln!("bench: {failed} run(s) failed the invariant check; see FAILED above");
     }

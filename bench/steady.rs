@@ -23,9 +23,9 @@ use crate::systems::{BenchEnv, System};
 
 /// Writer connections; each owns its aggregates, so per-aggregate order is
 /// the order of its own commits.
-const WRITERS: usize = 16;
+pub const WRITERS: usize = 16;
 const AGGREGATES_PER_WRITER: u64 = 50;
-const PAYLOAD_BYTES: usize = 256;
+pub const PAYLOAD_BYTES: usize = 256;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Steady {
@@ -68,25 +68,15 @@ pub async fn run(system: System, rate: u32, seconds: u64) -> Steady {
 
     let before = running.usage();
     let total = rate as u64 * seconds;
-    let pool = writer_pool(&bench.env.database_url, WRITERS as u32).await;
-    let start = Instant::now();
-    let writers: Vec<_> = (0..WRITERS as u64)
-        .map(|writer| {
-            let pool = pool.clone();
-            tokio::spawn(write_schedule(pool, writer, total, rate, start))
-        })
-        .collect();
-    let mut commits = Vec::with_capacity(total as usize);
-    for handle in writers {
-        let (ids, times) = handle.await.expect("writer task");
-        written.committed += ids.len();
-        written.committed_ids.extend(ids);
-        commits.extend(times);
-    }
-    let writing_seconds = commits
-        .iter()
-        .map(|(_, at)| at.duration_since(start).as_secs_f64())
-        .fold(0.0, f64::max);
+    let OpenLoop {
+        rows,
+        commits,
+        writing_seconds,
+    } = write_open_loop(&bench.env.database_url, total, rate).await;
+    written.committed += rows.len();
+    written
+        .committed_ids
+        .extend(rows.into_iter().map(|(_, id)| id));
     consumer
         .wait_seen(total + 1, Duration::from_secs(10), &mut running)
         .await;
@@ -156,18 +146,57 @@ pub async fn highest_sustained(system: System, ladder: &[u32], seconds: u64) -> 
     best
 }
 
+/// What the open-loop writer committed.
+pub struct OpenLoop {
+    /// (seq, event id) of every committed event.
+    pub rows: Vec<(i64, String)>,
+    /// Per event number k, when its COMMIT returned.
+    pub commits: Vec<(u64, Instant)>,
+    /// From the first event's due time to the last COMMIT returning.
+    pub writing_seconds: f64,
+}
+
+/// `total` one-event transactions over `WRITERS` connections, event k due
+/// at k / `rate` seconds from the start whatever happened before.
+pub async fn write_open_loop(database_url: &str, total: u64, rate: u32) -> OpenLoop {
+    let pool = writer_pool(database_url, WRITERS as u32).await;
+    let start = Instant::now();
+    let writers: Vec<_> = (0..WRITERS as u64)
+        .map(|writer| {
+            let pool = pool.clone();
+            tokio::spawn(write_schedule(pool, writer, total, rate, start))
+        })
+        .collect();
+    let mut rows = Vec::with_capacity(total as usize);
+    let mut commits = Vec::with_capacity(total as usize);
+    for handle in writers {
+        let (own_rows, times) = handle.await.expect("writer task");
+        rows.extend(own_rows);
+        commits.extend(times);
+    }
+    let writing_seconds = commits
+        .iter()
+        .map(|(_, at)| at.duration_since(start).as_secs_f64())
+        .fold(0.0, f64::max);
+    OpenLoop {
+        rows,
+        commits,
+        writing_seconds,
+    }
+}
+
 /// Writer `writer`'s share of the schedule: events k ≡ writer (mod
-/// WRITERS), event k due at `start + k / rate`. Returns the ids it
-/// committed and, per event, when its COMMIT returned.
+/// WRITERS), event k due at `start + k / rate`. Returns the (seq, id) of
+/// each row it committed and, per event, when its COMMIT returned.
 async fn write_schedule(
     pool: sqlx::PgPool,
     writer: u64,
     total: u64,
     rate: u32,
     start: Instant,
-) -> (Vec<String>, Vec<(u64, Instant)>) {
+) -> (Vec<(i64, String)>, Vec<(u64, Instant)>) {
     let pad = "b".repeat(PAYLOAD_BYTES - 64);
-    let mut ids = Vec::new();
+    let mut rows = Vec::new();
     let mut times = Vec::new();
     let mut k = writer;
     let mut own = 0u64;
@@ -178,9 +207,10 @@ async fn write_schedule(
         let n = own / AGGREGATES_PER_WRITER + 1;
         let payload =
             format!(r#"{{"aggregate": "{aggregate}", "n": {n}, "k": {k}, "pad": "{pad}"}}"#);
-        let id: String = sqlx::query_scalar(
+        // The seq too: a run with retention checks rows the table no longer holds.
+        let row: (i64, String) = sqlx::query_as(
             "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
-             VALUES ('Order', $1, 'OrderCreated', $2::jsonb) RETURNING id::text",
+             VALUES ('Order', $1, 'OrderCreated', $2::jsonb) RETURNING seq, id::text",
         )
         .bind(&aggregate)
         .bind(&payload)
@@ -188,11 +218,11 @@ async fn write_schedule(
         .await
         .expect("steady-state insert");
         times.push((k, Instant::now()));
-        ids.push(id);
+        rows.push(row);
         own += 1;
         k += WRITERS as u64;
     }
-    (ids, times)
+    (rows, times)
 }
 
 /// A `read_committed` consumer on its own thread noting, per event number

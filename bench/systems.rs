@@ -7,6 +7,7 @@
 //! to the same topic, `<prefix>.Order`, pre-created with the same
 //! partitions; so one checker judges them all and the figures compare.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use sqlx::PgPool;
 
 use crate::process::Running;
 use crate::support::checker::{self, Report};
+use crate::support::kafka::{read_all, read_topic};
 use crate::support::workload::Written;
 use crate::support::{Mode, TestEnv};
 
@@ -64,6 +66,9 @@ pub struct BenchEnv {
     http_port: u16,
     /// Reads the routed topic's watermarks (Debezium's progress).
     watermarks: BaseConsumer,
+    /// Extra YAML lines of outboxd's config under `postgres:` and `relay:`.
+    postgres_lines: String,
+    relay_lines: String,
 }
 
 impl BenchEnv {
@@ -74,7 +79,35 @@ impl BenchEnv {
     /// Like `new`, but with outboxd's checkpoints in `checkpoint_topic`,
     /// shared with other relays, when given (else a topic of its own).
     pub async fn sharing(name: &str, system: System, checkpoint_topic: Option<&str>) -> BenchEnv {
-        let mut env = TestEnv::new(&format!("bench-{name}"), system.mode()).await;
+        BenchEnv::build(name, system, checkpoint_topic, "", "").await
+    }
+
+    /// Like `new`, with extra YAML lines in outboxd's config under
+    /// `postgres:` (such as the partitioning section, which the table is
+    /// then migrated with) and under `relay:` (such as `  retention: 1m\n`).
+    pub async fn configured(
+        name: &str,
+        system: System,
+        postgres_lines: &str,
+        relay_lines: &str,
+    ) -> BenchEnv {
+        BenchEnv::build(name, system, None, postgres_lines, relay_lines).await
+    }
+
+    async fn build(
+        name: &str,
+        system: System,
+        checkpoint_topic: Option<&str>,
+        postgres_lines: &str,
+        relay_lines: &str,
+    ) -> BenchEnv {
+        let name = format!("bench-{name}");
+        let mut env = if postgres_lines.is_empty() {
+            TestEnv::new(&name, system.mode()).await
+        } else {
+            // The one constructor that migrates with lines under `postgres:`.
+            TestEnv::new_partitioned(&name, system.mode(), postgres_lines).await
+        };
         if let Some(topic) = checkpoint_topic {
             env = env.with_checkpoint_topic(topic);
         }
@@ -89,6 +122,8 @@ impl BenchEnv {
             system,
             http_port,
             watermarks,
+            postgres_lines: postgres_lines.to_string(),
+            relay_lines: relay_lines.to_string(),
         };
         bench.write_outboxd_config();
         create_topic(&bench.env.kafka, &bench.routed_topic()).await;
@@ -107,8 +142,8 @@ impl BenchEnv {
     /// (batch size, linger, transaction timeout).
     fn write_outboxd_config(&self) {
         let yaml = format!(
-            "relay:\n  name: {name}\n\
-             postgres:\n  url: {url}\n\
+            "relay:\n  name: {name}\n{relay_lines}\
+             postgres:\n  url: {url}\n{postgres_lines}\
              kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {checkpoints}\n\
              capture:\n  mode: {mode}\n\
              routing:\n  topic: \"{prefix}.${{aggregatetype}}\"\n  dead_letter_topic: {prefix}.dlq\n\
@@ -121,6 +156,8 @@ impl BenchEnv {
             prefix = self.env.topic_prefix(),
             mode = self.system.mode().config_value(),
             port = self.http_port,
+            relay_lines = self.relay_lines,
+            postgres_lines = self.postgres_lines,
         );
         std::fs::write(&self.env.config_path, yaml).expect("write bench config");
     }
@@ -248,6 +285,52 @@ impl BenchEnv {
             System::Debezium => checker::check_events_only(&self.env, written).await,
             _ => checker::check(&self.env, written).await,
         }
+    }
+
+    /// The checker's verdict when housekeeping deleted rows during the run:
+    /// the table's rows plus those of `every_row` (seq, id) it no longer
+    /// holds. Those count as marked sent, since housekeeping removes only
+    /// sent rows; Kafka and the checkpoints are checked against all of
+    /// them in full, so a row removed before it was published shows as lost.
+    pub async fn check_with_removed_rows(
+        &self,
+        written: &Written,
+        every_row: &[(i64, String)],
+    ) -> Report {
+        let mut rows: Vec<checker::Row> = self
+            .env
+            .rows()
+            .await
+            .into_iter()
+            .map(|(seq, id, sent)| checker::Row { seq, id, sent })
+            .collect();
+        let left: HashSet<i64> = rows.iter().map(|row| row.seq).collect();
+        rows.extend(
+            every_row
+                .iter()
+                .filter(|(seq, _)| !left.contains(seq))
+                .map(|(seq, id)| checker::Row {
+                    seq: *seq,
+                    id: id.clone(),
+                    sent: true,
+                }),
+        );
+        let routed: Vec<_> = read_all(&self.env.kafka, &self.env.topic_prefix())
+            .await
+            .into_iter()
+            .filter(|record| record.topic != self.env.dead_letter_topic())
+            .collect();
+        let dead_lettered = read_topic(&self.env.kafka, &self.env.dead_letter_topic()).await;
+        let checkpoints = checker::table_checkpoints(&self.env).await;
+        checker::compare(
+            &rows,
+            &routed,
+            &dead_lettered,
+            checker::Books::Outboxd {
+                checkpoints: &checkpoints,
+            },
+            written,
+        )
     }
 
     fn debezium_env(&self) -> Vec<(&'static str, String)> {
