@@ -164,9 +164,11 @@ pub async fn readiness(
 
 /// Creates the current partition and the `ahead` after it where missing,
 /// by the database's clock. A range some other partition already covers
-/// (made by hand, or with another interval) is left to it. Fails on the
-/// first partition that cannot be made for another reason (the role does
-/// not own the table, rows for the range sit in the default partition).
+/// (made by hand, or with another interval) is left to it. A range that
+/// cannot be made now (rows for it already sit in the default partition,
+/// or the table is busy) is skipped with a warning and the later ones are
+/// still made, so one late round never keeps the table behind for good.
+/// Fails on anything else (the role does not own the table).
 pub async fn create_ahead(
     connection: &mut PgConnection,
     table: &OutboxTable,
@@ -210,6 +212,20 @@ pub async fn create_ahead(
             // 42P17: the range overlaps an existing partition.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P17") => {
                 tracing::debug!(partition = %name, "an existing partition already covers this range");
+            }
+            // 23514: the default partition holds rows of this range.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23514") => {
+                tracing::warn!(
+                    partition = %name,
+                    "rows for this partition's range were written before it existed and sit in the \
+                     default partition, so it cannot be created; its rows keep going there and leave \
+                     row by row with relay.retention. The later partitions are created. Keep a relay \
+                     (or `outboxd migrate`) running more often than postgres.partitioning.ahead intervals"
+                );
+            }
+            // 55P03: lock_not_available. Busy now; the next round tries again.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                tracing::debug!(partition = %name, "outbox table busy; creating the partition next round");
             }
             Err(e) => return Err(e),
         }
