@@ -83,9 +83,7 @@ fn read_all_blocking(bootstrap: &str, prefix: &str, keep: impl Fn(&str) -> bool)
         .filter(|t| t.name().starts_with(prefix) && keep(t.name()))
     {
         for partition in topic.partitions() {
-            let (_, high) = end_reader
-                .fetch_watermarks(topic.name(), partition.id(), Duration::from_secs(10))
-                .expect("watermarks");
+            let high = watermark_high(&end_reader, topic.name(), partition.id());
             bounds.push((topic.name().to_string(), partition.id(), high));
             assignment
                 .add_partition_offset(topic.name(), partition.id(), Offset::Beginning)
@@ -225,4 +223,26 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
         .expect("create topic")
         .remove(0)
         .expect("create topic");
+}
+
+/// A partition's high watermark. A topic the broker created a moment ago
+/// (auto-created by a produce) may have no leader yet: asked again until it has.
+fn watermark_high(
+    reader: &BaseConsumer<outboxd::kafka::RelayContext>,
+    topic: &str,
+    partition: i32,
+) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match reader.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok((_, high)) => return high,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!(
+                    "watermarks of {topic}/{partition} not available yet ({error}); asking again"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(error) => panic!("watermarks of {topic}/{partition}: {error}"),
+        }
+    }
 }
