@@ -21,6 +21,12 @@ const LOCK_TIMEOUT: &str = "500ms";
 
 const DAY: u64 = 86_400;
 
+/// A partition's upper bound (`c` is its `pg_class` row), read back from its
+/// own bound expression; the cast honours the offset written in it, whatever
+/// the session's time zone. DEFAULT and MAXVALUE bounds give NULL.
+const UPPER_BOUND_SQL: &str = "(regexp_match(pg_get_expr(c.relpartbound, c.oid), \
+     'TO \\(''([^'']+)''\\)'))[1]::timestamptz";
+
 /// One partition's range, in whole seconds since the epoch, UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Range {
@@ -132,6 +138,17 @@ pub struct Upkeep {
     pub kept_unsent: Vec<String>,
 }
 
+/// A transaction whose lock waits give up after `LOCK_TIMEOUT`.
+async fn begin_with_lock_timeout(
+    connection: &mut PgConnection,
+) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
+    let mut transaction = connection.begin().await?;
+    sqlx::query(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        .execute(&mut *transaction)
+        .await?;
+    Ok(transaction)
+}
+
 /// Whether the table is partitioned (`relkind = 'p'`); `None` if it does not exist.
 pub async fn is_partitioned(
     connection: &mut PgConnection,
@@ -150,12 +167,12 @@ pub async fn readiness(
     table: &OutboxTable,
     interval: Duration,
 ) -> Result<(i64, Option<i64>), sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as(&format!(
         "SELECT count(b.upper), floor(extract(epoch FROM max(b.upper) - now()) / $2)::bigint \
          FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid, \
-         LATERAL (SELECT (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz AS upper) b \
-         WHERE i.inhparent = to_regclass($1)",
-    )
+         LATERAL (SELECT {UPPER_BOUND_SQL} AS upper) b \
+         WHERE i.inhparent = to_regclass($1)"
+    ))
     .bind(table.qualified())
     .bind(interval.as_secs_f64())
     .fetch_one(connection)
@@ -191,10 +208,7 @@ pub async fn create_ahead(
         if exists.is_some() {
             continue;
         }
-        let mut transaction = connection.begin().await?;
-        sqlx::query(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-            .execute(&mut *transaction)
-            .await?;
+        let mut transaction = begin_with_lock_timeout(connection).await?;
         let create = sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})",
             partition.qualified(),
@@ -242,25 +256,19 @@ pub async fn drop_expired(
     older_than: Duration,
     upkeep: &mut Upkeep,
 ) -> Result<(), sqlx::Error> {
-    // The upper bound is read back from the partition's own bound
-    // expression; the cast honours the offset written in it, whatever the
-    // session's time zone. DEFAULT and MAXVALUE bounds give NULL: never dropped.
-    let expired: Vec<String> = sqlx::query_scalar(
+    // A NULL upper bound (DEFAULT, MAXVALUE) is never dropped.
+    let expired: Vec<String> = sqlx::query_scalar(&format!(
         "SELECT c.oid::regclass::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
          WHERE i.inhparent = to_regclass($1) \
-         AND (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz \
-             < now() - make_interval(secs => $2) \
-         ORDER BY 1",
-    )
+         AND {UPPER_BOUND_SQL} < now() - make_interval(secs => $2) \
+         ORDER BY 1"
+    ))
     .bind(table.qualified())
     .bind(older_than.as_secs_f64())
     .fetch_all(&mut *connection)
     .await?;
     for partition in expired {
-        let mut transaction = connection.begin().await?;
-        sqlx::query(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-            .execute(&mut *transaction)
-            .await?;
+        let mut transaction = begin_with_lock_timeout(connection).await?;
         // Detaching locks the parent against every insert, and waits for
         // those in flight, so the check below sees every row the partition
         // will ever hold.
