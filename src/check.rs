@@ -224,21 +224,19 @@ async fn check_capture(
             "publication",
             format!("`{publication}` is missing; the relay creates it at start (it must own the table), or run `outboxd migrate`"),
         ),
-        Ok(Some(info)) if info.unusable_because(publication, table).is_some() => findings.push(
-            Status::Failed,
-            "publication",
-            info.unusable_because(publication, table).unwrap_or_default(),
-        ),
-        Ok(Some(info)) => findings.push(
-            if info.other_tables > 0 || info.publishes_other_changes { Status::Warning } else { Status::Ok },
-            "publication",
-            format!(
-                "`{publication}` publishes inserts into {}{}{}",
-                table.display_name(),
-                if info.other_tables > 0 { format!(", and {} other tables (decoded, then ignored)", info.other_tables) } else { String::new() },
-                if info.publishes_other_changes { "; also updates/deletes/truncates (see capture.other_changes)" } else { "" },
+        Ok(Some(info)) => match info.unusable_because(publication, table) {
+            Some(reason) => findings.push(Status::Failed, "publication", reason),
+            None => findings.push(
+                if info.other_tables > 0 || info.publishes_other_changes { Status::Warning } else { Status::Ok },
+                "publication",
+                format!(
+                    "`{publication}` publishes inserts into {}{}{}",
+                    table.display_name(),
+                    if info.other_tables > 0 { format!(", and {} other tables (decoded, then ignored)", info.other_tables) } else { String::new() },
+                    if info.publishes_other_changes { "; also updates/deletes/truncates (see capture.other_changes)" } else { "" },
+                ),
             ),
-        ),
+        },
     }
 
     let slot_name = config.slot_name();
