@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::support::kafka::read_all;
-use crate::support::workload::{assert_exactly_once, write_orders, Written};
+use crate::support::workload::{assert_exactly_once, write_orders_concurrently, Written};
 use crate::support::{InProcessRelay, Mode, TestEnv};
 
 in_both_modes!(
@@ -15,17 +15,7 @@ async fn concurrent_writers_every_committed_row_once_and_in_order(mode: Mode) {
     let env = TestEnv::new("concurrent", mode).await;
     let relay = InProcessRelay::start(env.config());
 
-    let writers: Vec<_> = (0..4)
-        .map(|writer| {
-            let pool = env.pool.clone();
-            tokio::spawn(async move { write_orders(&pool, writer, 150, 12).await })
-        })
-        .collect();
-    let mut parts = Vec::new();
-    for writer in writers {
-        parts.push(writer.await.expect("writer"));
-    }
-    let written = Written::combined(parts);
+    let written = write_orders_concurrently(&env.pool, 4, 150, 12).await;
     assert!(
         written.committed > 500,
         "workload too small: {}",

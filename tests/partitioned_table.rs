@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use outboxd::partitions::{self, Upkeep};
 use outboxd::table::OutboxTable;
 
-use crate::support::workload::{assert_exactly_once, write_orders, Written};
+use crate::support::workload::{assert_exactly_once, write_orders_concurrently};
 use crate::support::{InProcessRelay, Mode, TestEnv};
 
 const HOURLY: &str = "  partitioning:\n    interval: 1h\n    ahead: 2\n";
@@ -106,17 +106,7 @@ async fn a_partitioned_outbox_publishes_every_row_once_and_keeps_partitions_ahea
     assert_eq!(in_default, 20);
 
     let relay = InProcessRelay::start(env.config());
-    let writers: Vec<_> = (0..3)
-        .map(|writer| {
-            let pool = env.pool.clone();
-            tokio::spawn(async move { write_orders(&pool, writer, 120, 10).await })
-        })
-        .collect();
-    let mut parts = Vec::new();
-    for writer in writers {
-        parts.push(writer.await.expect("writer"));
-    }
-    let mut written = Written::combined(parts);
+    let mut written = write_orders_concurrently(&env.pool, 3, 120, 10).await;
     written.committed += outliers.len();
     written.committed_ids.append(&mut outliers);
 

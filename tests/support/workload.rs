@@ -378,6 +378,27 @@ pub async fn write_orders(
         .await
 }
 
+/// `writers` writers of the simple workload at once, each on its own
+/// aggregates, until each has committed `transactions`.
+pub async fn write_orders_concurrently(
+    pool: &PgPool,
+    writers: usize,
+    transactions: usize,
+    aggregates: usize,
+) -> Written {
+    let handles: Vec<_> = (0..writers)
+        .map(|writer| {
+            let pool = pool.clone();
+            tokio::spawn(async move { write_orders(&pool, writer, transactions, aggregates).await })
+        })
+        .collect();
+    let mut parts = Vec::new();
+    for handle in handles {
+        parts.push(handle.await.expect("writer"));
+    }
+    Written::combined(parts)
+}
+
 /// Writers that keep committing in the background until `finish`, so
 /// faults land while rows keep arriving.
 pub struct LiveWriter {
