@@ -178,22 +178,33 @@ pub async fn inspect(
 /// lives in, for the relay's Kafka identity (`kafka::identity`). A physical
 /// replica promoted in a failover keeps the system identifier. `None` if
 /// the role may not read it; the identity then falls back to `relay.name`.
-pub async fn database_source(connection: &mut PgConnection) -> Option<String> {
+pub async fn database_source(
+    connection: &mut PgConnection,
+) -> crate::error::Result<Option<String>> {
     let source: std::result::Result<String, sqlx::Error> = sqlx::query_scalar(
         "SELECT system_identifier::text || '/' || current_database() FROM pg_control_system()",
     )
     .fetch_one(&mut *connection)
     .await;
     match source {
-        Ok(source) => Some(source),
-        Err(error) => {
+        Ok(source) => Ok(Some(source)),
+        // Only a missing grant means the relay.name stand-in; anything else
+        // (a dropped connection, a failover in progress) would change the
+        // relay's identity by accident, so the session is retried instead.
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42501") => {
             tracing::warn!(
                 %error,
                 "cannot read pg_control_system(), so the relay's Kafka identity (transactional.id, \
                  checkpoint key) names relay.name instead of the database; grant EXECUTE on \
-                 pg_control_system() to the relay's role so a renamed relay still fences the old one"
+                 pg_control_system() to the relay's role so a renamed relay still fences the old \
+                 one. Granting it later is safe (the relay adopts its earlier identity); taking \
+                 it away again is not"
             );
-            None
+            Ok(None)
         }
+        Err(error) => Err(crate::error::Error::from_postgres(
+            "reading the database's system identifier (pg_control_system())",
+            error,
+        )),
     }
 }

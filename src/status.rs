@@ -87,7 +87,7 @@ pub async fn read(setup: &Setup) -> Result<Status> {
             retained_wal_bytes: info.retained_bytes,
             confirmed_flush_lsn: info.confirmed_flush.map(|lsn| lsn.to_string()),
         });
-    let source = schema::database_source(&mut connection).await;
+    let source = schema::database_source(&mut connection).await?;
     let identity = TableIdentity::new(source.as_deref(), &table.display_name(), &config.relay.name);
     let last_checkpoint = match tokio::time::timeout(
         CHECKPOINT_TIMEOUT,
@@ -99,7 +99,7 @@ pub async fn read(setup: &Setup) -> Result<Status> {
             "Kafka did not answer within {CHECKPOINT_TIMEOUT:?}"
         )),
         Ok(Err(error)) => Err(error.message),
-        Ok(Ok(latest)) => Ok(latest.map(|c| CheckpointStatus {
+        Ok(Ok(latest)) => Ok(latest.map(|l| l.checkpoint).map(|c| CheckpointStatus {
             published_rows: c.published.len(),
             dead_lettered_rows: c.dead_lettered.len(),
             position: c.position.map(|p| p.to_string()),

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::support::faults::{config_with_relay_name, log_path, RelayProcess};
-use crate::support::kafka::{begin_transaction_as, OpenTransaction};
+use crate::support::kafka::OpenTransaction;
 use crate::support::workload::{assert_exactly_once, write_orders, Written};
 use crate::support::{Mode, TestEnv};
 
@@ -162,98 +162,6 @@ async fn create_compacted_topic(env: &TestEnv, topic: &str, partitions: i32) {
     for result in results {
         result.expect("topic created");
     }
-}
-
-in_both_modes!(
-    a_checkpoint_left_by_outboxd_0_1_is_adopted,
-    worker_threads = 2
-);
-/// Upgrading: outboxd 0.1 keyed checkpoints by relay name and used
-/// `outboxd-<relay.name>` as its transactional id. A batch it committed to
-/// Kafka but did not mark is marked by the new version, never re-sent.
-async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
-    use outboxd::kafka::checkpoint::Checkpoint;
-    use outboxd::table::{OutboxTable, PayloadEncoding};
-    use rdkafka::producer::{FutureRecord, Producer};
-    use sqlx::Connection;
-
-    let env = TestEnv::new("legacy-checkpoint", mode).await;
-    // 0.1 set no partitioner, so librdkafka's default placed its keys; the
-    // upgraded relay keeps that placement as the README's upgrade note says.
-    env.replace_in_config("routing:\n", "routing:\n  partitioner: consistent_random\n");
-    let written = write_orders(&env.pool, 0, 10, 5).await;
-    let config = env.config();
-    outboxd::kafka::topics::ensure_checkpoint_topic(&config)
-        .await
-        .expect("checkpoint topic");
-
-    // What 0.1 left behind: the first rows and its checkpoint, committed.
-    let table = OutboxTable::from_config(&config.postgres).expect("table");
-    let mut connection = sqlx::PgConnection::connect(&env.database_url)
-        .await
-        .expect("connect");
-    let mut transaction = connection.begin().await.expect("BEGIN");
-    let events = outboxd::capture::polling::claim_batch(
-        &mut transaction,
-        &table.claim_sql(PayloadEncoding::Text, false),
-        5,
-        None,
-    )
-    .await
-    .expect("read the first rows");
-    // The claim locked the rows: release them now, not when the connection goes.
-    transaction.rollback().await.expect("ROLLBACK");
-    drop(connection);
-    let router = outboxd::routing::Router::new(&config.routing, config.kafka.max_message_bytes)
-        .expect("router");
-    let producer = begin_transaction_as(&env.kafka, &format!("outboxd-{}", env.relay_name())).await;
-    for event in &events {
-        let record = router.route(event).expect("routable");
-        let mut future_record = FutureRecord::to(&record.topic)
-            .payload(record.payload.as_deref().unwrap_or_default())
-            .key(record.key.as_deref().unwrap_or_default());
-        let mut headers = rdkafka::message::OwnedHeaders::new();
-        for (name, value) in &record.headers {
-            headers = headers.insert(rdkafka::message::Header {
-                key: name.as_ref(),
-                value: Some(value.as_ref()),
-            });
-        }
-        future_record = future_record.headers(headers);
-        producer
-            .send(future_record, Duration::from_secs(30))
-            .await
-            .expect("event delivered");
-    }
-    let mut source_connection = env.pool.acquire().await.expect("connection");
-    let source = outboxd::schema::database_source(&mut source_connection).await;
-    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-    let checkpoint = Checkpoint::new("public.outbox", source.as_deref(), &seqs, &[], None);
-    let checkpoint_bytes = checkpoint.to_bytes();
-    let relay_name = env.relay_name();
-    producer
-        .send(
-            FutureRecord::to(&env.checkpoint_topic())
-                .key(relay_name.as_str())
-                .payload(&checkpoint_bytes),
-            Duration::from_secs(30),
-        )
-        .await
-        .expect("checkpoint delivered");
-    tokio::task::spawn_blocking(move || producer.commit_transaction(Duration::from_secs(30)))
-        .await
-        .expect("task")
-        .expect("commit");
-    assert_eq!(
-        env.unsent().await as usize,
-        written.committed,
-        "0.1 marked nothing"
-    );
-
-    env.relay_until_all_sent(LIMIT).await;
-    // The next start reads the adopted checkpoint directly.
-    env.relay_until_all_sent(LIMIT).await;
-    assert_exactly_once(&env, &written).await;
 }
 
 in_both_modes!(

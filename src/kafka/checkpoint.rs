@@ -81,8 +81,24 @@ pub const CHECKPOINT_PARTITION: i32 = 0;
 /// is retried.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Current checkpoint format; older relays refuse newer ones rather than guess.
+/// The checkpoint format (the compatibility contract, also in the README).
+///
+/// Every record on the checkpoint topic is a JSON object whose `version`
+/// says what it is, and every outboxd refuses a record under a key it
+/// reads whose `version` it does not know, rather than guess:
+///
+/// - `1`: a checkpoint (`Checkpoint`). Fields are only ever added to it as
+///   optional ones, which older readers ignore, so every version of outboxd
+///   reads every version-1 checkpoint the same way.
+/// - `2`: a hand-over marker (`HandedOver`), written under the key of a
+///   relay from before table-keyed checkpoints (its `relay.name`). Those
+///   releases read only version 1, so they stop there instead of leading a
+///   table a newer outboxd has led (see `kafka::checkpoint_scan`).
+///
+/// A change a version-1 reader would misread takes the next number.
 const FORMAT_VERSION: u32 = 1;
+/// The hand-over marker's format number.
+const HANDED_OVER_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -133,14 +149,92 @@ impl Checkpoint {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint, String> {
-        let checkpoint: Checkpoint = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if checkpoint.version != FORMAT_VERSION {
-            return Err(format!(
-                "checkpoint format {} is not {FORMAT_VERSION}; a newer outboxd wrote it",
-                checkpoint.version
-            ));
+        match Record::from_bytes(bytes)? {
+            Record::Checkpoint(checkpoint) => Ok(checkpoint),
+            Record::HandedOver(marker) => Err(format!(
+                "found a hand-over marker (format {HANDED_OVER_VERSION}) written by {} where a \
+                 checkpoint was expected",
+                marker.written_by
+            )),
         }
-        Ok(checkpoint)
+    }
+
+    /// The later of two checkpoints of one table: the one whose replication
+    /// position is further on (positions only grow along the stream), else
+    /// `later_written` (the one written after the other, by offset).
+    pub fn later(self, other: Checkpoint, later_written: bool) -> Checkpoint {
+        match (self.position, other.position) {
+            (Some(mine), Some(theirs)) if mine != theirs => {
+                if mine > theirs {
+                    self
+                } else {
+                    other
+                }
+            }
+            (Some(_), None) => self,
+            (None, Some(_)) => other,
+            _ if later_written => other,
+            _ => self,
+        }
+    }
+}
+
+/// Written under a pre-table-key relay's key (its `relay.name`) by every
+/// takeover: the table is led by this outboxd now. Releases from before
+/// table-keyed checkpoints read the latest record under their own key, find
+/// this format they do not know, and refuse to start ("a newer outboxd wrote
+/// it") instead of leading beside or after us.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedOver {
+    pub version: u32,
+    /// The checkpoint key the table's checkpoints are now written under.
+    pub handed_over_to: String,
+    /// `outboxd <version>`, for the operator who reads the topic.
+    pub written_by: String,
+}
+
+impl HandedOver {
+    pub fn new(handed_over_to: &str) -> HandedOver {
+        HandedOver {
+            version: HANDED_OVER_VERSION,
+            handed_over_to: handed_over_to.to_string(),
+            written_by: format!("outboxd {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// One record of the checkpoint topic, by its format number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Checkpoint(Checkpoint),
+    HandedOver(HandedOver),
+}
+
+impl Record {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Record, String> {
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: u32,
+        }
+        let versioned: Versioned = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        match versioned.version {
+            FORMAT_VERSION => serde_json::from_slice(bytes)
+                .map(Record::Checkpoint)
+                .map_err(|e| e.to_string()),
+            HANDED_OVER_VERSION => serde_json::from_slice(bytes)
+                .map(Record::HandedOver)
+                .map_err(|e| e.to_string()),
+            other => Err(format!(
+                "checkpoint format {other} is not one this outboxd ({}) knows \
+                 ({FORMAT_VERSION} and {HANDED_OVER_VERSION}); a newer outboxd wrote it. Run that \
+                 version or a newer one",
+                env!("CARGO_PKG_VERSION")
+            )),
+        }
     }
 }
 
@@ -187,11 +281,18 @@ impl SeqRanges {
     }
 }
 
+/// A checkpoint and where it was read: its offset in `CHECKPOINT_PARTITION`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub offset: i64,
+    pub checkpoint: Checkpoint,
+}
+
 /// Reads the table's latest committed checkpoint: `Ok(None)` when the
 /// table's checkpoint group has no committed offset (no checkpoint written
 /// by this version yet). Call it after `init_transactions` with the table's
 /// `transactional.id`, so no transaction of an earlier leader is pending.
-pub async fn read_latest(config: &Config, identity: &TableIdentity) -> Result<Option<Checkpoint>> {
+pub async fn read_latest(config: &Config, identity: &TableIdentity) -> Result<Option<Located>> {
     let config = config.clone();
     let identity = identity.clone();
     tokio::task::spawn_blocking(move || read_latest_blocking(&config, &identity))
@@ -199,9 +300,22 @@ pub async fn read_latest(config: &Config, identity: &TableIdentity) -> Result<Op
         .map_err(|e| Error::stop(format!("checkpoint reader task failed: {e}")))?
 }
 
-fn read_latest_blocking(config: &Config, identity: &TableIdentity) -> Result<Option<Checkpoint>> {
+/// Whether `identity`'s checkpoint group has a committed offset, asked
+/// without waiting for an open transaction of that identity: to learn
+/// whether it is worth fencing at all.
+pub async fn has_checkpoint(config: &Config, identity: &TableIdentity) -> Result<bool> {
+    let config = config.clone();
+    let identity = identity.clone();
+    tokio::task::spawn_blocking(move || {
+        committed_checkpoint_offset(&config, &identity, "read_uncommitted").map(|o| o.is_some())
+    })
+    .await
+    .map_err(|e| Error::stop(format!("checkpoint reader task failed: {e}")))?
+}
+
+fn read_latest_blocking(config: &Config, identity: &TableIdentity) -> Result<Option<Located>> {
     let topic = &config.kafka.checkpoint_topic;
-    let Some(offset) = committed_checkpoint_offset(config, identity)? else {
+    let Some(offset) = committed_checkpoint_offset(config, identity, "read_committed")? else {
         return Ok(None);
     };
     let reader: BaseConsumer<super::RelayContext> = super::base_client_config(config)
@@ -252,25 +366,32 @@ fn read_latest_blocking(config: &Config, identity: &TableIdentity) -> Result<Opt
             )));
         }
         let bytes = message.payload().unwrap_or_default();
-        return Checkpoint::from_bytes(bytes).map(Some).map_err(|e| {
-            Error::stop(format!(
-                "the checkpoint at `{topic}` offset {offset} is unreadable ({e}); \
+        return Checkpoint::from_bytes(bytes)
+            .map(|checkpoint| Some(Located { offset, checkpoint }))
+            .map_err(|e| {
+                Error::stop(format!(
+                    "the checkpoint at `{topic}` offset {offset} is unreadable ({e}); \
                  refusing to guess which rows were published"
-            ))
-        });
+                ))
+            });
     }
 }
 
 /// The offset of the table's latest committed checkpoint record, from its
 /// checkpoint group. `read_committed` makes librdkafka ask with
 /// `require_stable`, so an offset commit still pending in an unfinished
-/// transaction of this table is waited for, never read around.
-fn committed_checkpoint_offset(config: &Config, identity: &TableIdentity) -> Result<Option<i64>> {
+/// transaction of this table is waited for, never read around;
+/// `read_uncommitted` answers at once.
+fn committed_checkpoint_offset(
+    config: &Config,
+    identity: &TableIdentity,
+    isolation: &str,
+) -> Result<Option<i64>> {
     let topic = &config.kafka.checkpoint_topic;
     let consumer: BaseConsumer<super::RelayContext> = super::base_client_config(config)
         .set("group.id", &identity.checkpoint_group)
         .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
+        .set("isolation.level", isolation)
         .create_with_context(super::RelayContext)
         .map_err(|e| Error::stop(format!("cannot create the checkpoint reader: {e}")))?;
     let mut partitions = TopicPartitionList::new();
@@ -375,10 +496,48 @@ mod tests {
 
     #[test]
     fn unknown_versions_and_garbage_are_refused() {
-        let newer = br#"{"version":2,"table":"t","published":[],"dead_lettered":[]}"#;
+        let newer = br#"{"version":3,"table":"t","published":[],"dead_lettered":[]}"#;
         assert!(Checkpoint::from_bytes(newer)
             .unwrap_err()
             .contains("newer outboxd"));
         assert!(Checkpoint::from_bytes(b"not json").is_err());
+    }
+
+    /// What a release from before table-keyed checkpoints does with the
+    /// marker: it reads `version` and refuses anything but 1 (the same check
+    /// as its `Checkpoint::from_bytes`), so it stops instead of leading.
+    #[test]
+    fn a_hand_over_marker_is_refused_by_a_version_1_only_reader() {
+        let marker = HandedOver::new("77/orders/public.outbox");
+        let bytes = marker.to_bytes();
+        let version: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(version["version"], 2);
+        assert_eq!(
+            Record::from_bytes(&bytes).unwrap(),
+            Record::HandedOver(marker)
+        );
+        assert!(Checkpoint::from_bytes(&bytes)
+            .unwrap_err()
+            .contains("hand-over marker"));
+    }
+
+    #[test]
+    fn the_later_checkpoint_is_the_one_further_along_the_stream() {
+        let at = |lsn: u64| {
+            Some(SourcePosition {
+                commit_lsn: crate::postgres::lsn::Lsn(lsn),
+                index: 0,
+            })
+        };
+        let early = Checkpoint::new("t", None, &[1], &[], at(10));
+        let late = Checkpoint::new("t", None, &[2], &[], at(20));
+        // Written later, but behind in the stream: position wins.
+        assert_eq!(late.clone().later(early.clone(), true), late);
+        assert_eq!(early.clone().later(late.clone(), false), late);
+        // Polling checkpoints have no position: the later written wins.
+        let a = Checkpoint::new("t", None, &[1], &[], None);
+        let b = Checkpoint::new("t", None, &[2], &[], None);
+        assert_eq!(a.clone().later(b.clone(), true), b);
+        assert_eq!(a.clone().later(b, false), a);
     }
 }

@@ -1,21 +1,39 @@
-//! Finding checkpoints by reading the whole checkpoint topic, for when the
-//! table's checkpoint group has no offset: the first start after upgrading
-//! from outboxd 0.1 (which keyed checkpoints by `relay.name` and used
-//! `outboxd-<relay.name>` as its transactional id), the very first start of
-//! a relay, or a group whose offset the broker expired after
-//! `offsets.retention.minutes` without a transaction.
+//! Finding the checkpoints of the table's predecessors from before
+//! table-keyed checkpoints, by reading the checkpoint topic.
 //!
-//! Invariant: the result holds the latest committed checkpoint under the
-//! table's own key and, from 0.1, of this relay and of every other relay
-//! name that led the same table, never an older one. The reader first
-//! fences those 0.1 transactional ids (the table's own id is fenced
-//! already), then reads up to the high watermark taken after fencing, which
-//! none of their checkpoints can be above, waiting while other relays' open
-//! transactions hold the last stable offset below it. (0.1 read "to the
-//! end", which for a `read_committed` reader is the last stable offset, and
-//! so could take a stale checkpoint for the latest.) The caller then writes
-//! the latest as the table's checkpoint, so the scan, whose cost grows with
-//! the shared topic, is not repeated.
+//! Releases from before table-keyed checkpoints (0.1 and the builds up to
+//! `0ac26db`) keyed each checkpoint by `relay.name`, used
+//! `outboxd-<relay.name>` as their transactional id and wrote no group
+//! offset. They can lead the table before this release (an upgrade), and
+//! after it: a rollback, or an old pod restarting while a new one is down.
+//! So every takeover looks for them, not only the first:
+//!
+//! - **Tail** (the table's checkpoint group has an offset): read from just
+//!   after the table's latest checkpoint to the end. Anything a legacy relay
+//!   committed since we last led lies there, and nothing that matters lies
+//!   before. It is read first uncommitted, which never waits: in the usual
+//!   case it finds no legacy record and the takeover goes on. Only when it
+//!   finds one are those relays fenced and the tail read again committed,
+//!   which waits while other relays' open transactions hold the last stable
+//!   offset back. Its cost is what the topic took since our last
+//!   checkpoint, never the topic's history.
+//! - **Whole topic** (no group offset: a first start, the first after
+//!   upgrading, or an offset the broker expired after
+//!   `offsets.retention.minutes`): read everything, committed, once; the
+//!   caller then writes the table's checkpoint so it is not repeated.
+//!
+//! Invariant: the result holds, for each legacy key that led the table,
+//! its latest committed checkpoint written after the start, never an older
+//! one. Before the committed read, this relay's own legacy id and every
+//! legacy id found are fenced, and the read goes to the high watermark
+//! taken after fencing, which none of their checkpoints can be above. (0.1
+//! read "to the end", which for a `read_committed` reader is the last
+//! stable offset, and so could take a stale checkpoint for the latest.)
+//!
+//! A legacy relay stops leading for good once the caller writes a hand-over
+//! marker under its key (`checkpoint::HandedOver`): it reads the latest
+//! record under its own key, does not know the format, and refuses to start.
+//! A marker or a tombstone under a key ends what that key said before.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -25,75 +43,138 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, Record, CHECKPOINT_PARTITION};
 use super::publisher::Publisher;
 use crate::config::Config;
 use crate::error::{Error, Result};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The latest checkpoints that concern this relay's table.
+/// Where a scan starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The whole topic.
+    Beginning,
+    /// Just after this offset of `CHECKPOINT_PARTITION` (the table's latest
+    /// checkpoint); other partitions, which only legacy relays wrote to, from
+    /// their beginning.
+    After(i64),
+}
+
+/// What the table is and where it lives, to tell its checkpoints apart.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The table's checkpoint key (this release's records).
+    pub table_key: String,
+    /// `schema.table`, as checkpoints name it.
+    pub table: String,
+    /// `<system identifier>/<database>`, when the relay may read it: legacy
+    /// relays under other names count only when their checkpoints name it.
+    pub source: Option<String>,
+}
+
+/// A legacy relay's latest checkpoint for the table.
+#[derive(Debug, Clone)]
+pub struct LegacyCheckpoint {
+    /// Its key: the legacy relay's `relay.name`.
+    pub key: String,
+    /// Where it was read; offsets of `CHECKPOINT_PARTITION` compare with the
+    /// table's own checkpoints.
+    pub partition: i32,
+    pub offset: i64,
+    pub checkpoint: Checkpoint,
+}
+
+/// The checkpoints a scan found that concern this relay's table.
 #[derive(Debug, Default)]
-pub struct Latest {
-    /// The table's, under its identity key: written by this version, its
-    /// group offset gone.
-    pub table: Option<Checkpoint>,
-    /// This relay's from 0.1 (its key is `relay.name`).
-    pub own: Option<Checkpoint>,
-    /// The latest of each relay with another name whose checkpoint names
-    /// the same table and source: relays that led this table before.
-    pub predecessors: Vec<(String, Checkpoint)>,
+pub struct Found {
+    /// The latest under the table's own key, with its offset (whole-topic
+    /// scans only: a tail starts after it).
+    pub table: Option<(i64, Checkpoint)>,
+    /// The latest of each legacy relay that led the table since the start.
+    pub legacy: Vec<LegacyCheckpoint>,
 }
 
-/// Fences this relay's legacy transactional id, reads, fences every legacy
-/// predecessor found, and reads again to see how their open transactions
-/// ended. Predecessors are looked for only when `origin` gives the table
-/// and its source.
-pub async fn read(
-    config: &Config,
-    table_key: &str,
-    origin: Option<(&str, &str)>,
-) -> Result<Latest> {
+/// Fences this relay's legacy transactional id, then reads from `start` as
+/// the module explains, fencing every other legacy relay it finds.
+pub async fn read(config: &Config, origin: &Origin, start: Start) -> Result<Found> {
     Publisher::fence_transactional_id(config, &legacy_transactional_id(&config.relay.name)).await?;
-    let mut latest = scan(config, table_key, origin).await?;
-    if !latest.predecessors.is_empty() {
-        for (previous_relay, _) in &latest.predecessors {
-            Publisher::fence_transactional_id(config, &legacy_transactional_id(previous_relay))
-                .await?;
+    if let Start::After(_) = start {
+        let peek = scan(config, origin, start, Isolation::Uncommitted).await?;
+        if peek.legacy.is_empty() {
+            return Ok(Found::default());
         }
-        latest = scan(config, table_key, origin).await?;
+        tracing::warn!(
+            legacy_relays = ?peek.legacy.iter().map(|l| l.key.as_str()).collect::<Vec<_>>(),
+            "a relay from before table-keyed checkpoints (outboxd 0.1 up to 0ac26db) wrote \
+             checkpoints for this table after this release last led it (a rollback, or an old pod \
+             that restarted): fencing it and adopting what it published"
+        );
     }
-    Ok(latest)
+    let mut found = scan(config, origin, start, Isolation::Committed).await?;
+    let others: Vec<String> = found
+        .legacy
+        .iter()
+        .map(|l| l.key.clone())
+        .filter(|key| key != &config.relay.name)
+        .collect();
+    if !others.is_empty() {
+        for key in &others {
+            Publisher::fence_transactional_id(config, &legacy_transactional_id(key)).await?;
+        }
+        // Read again to see how their open transactions ended.
+        found = scan(config, origin, start, Isolation::Committed).await?;
+    }
+    Ok(found)
 }
 
-/// The transactional id outboxd 0.1 gave the relay named `relay_name`.
+/// The transactional id a legacy relay named `relay_name` used.
 fn legacy_transactional_id(relay_name: &str) -> String {
     format!("outboxd-{relay_name}")
 }
 
-async fn scan(config: &Config, table_key: &str, origin: Option<(&str, &str)>) -> Result<Latest> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    /// Everything written, aborted and open transactions included: never
+    /// waits, only tells whether a committed read is needed.
+    Uncommitted,
+    /// Committed records only; waits for the last stable offset.
+    Committed,
+}
+
+async fn scan(
+    config: &Config,
+    origin: &Origin,
+    start: Start,
+    isolation: Isolation,
+) -> Result<Found> {
     let config = config.clone();
-    let table_key = table_key.to_string();
-    let origin = origin.map(|(table, source)| (table.to_string(), source.to_string()));
-    tokio::task::spawn_blocking(move || scan_blocking(&config, &table_key, origin))
+    let origin = origin.clone();
+    tokio::task::spawn_blocking(move || scan_blocking(&config, &origin, start, isolation))
         .await
         .map_err(|e| Error::stop(format!("checkpoint scan task failed: {e}")))?
 }
 
 fn scan_blocking(
     config: &Config,
-    table_key: &str,
-    origin: Option<(String, String)>,
-) -> Result<Latest> {
+    origin: &Origin,
+    start: Start,
+    isolation: Isolation,
+) -> Result<Found> {
     let topic = &config.kafka.checkpoint_topic;
-    let relay_key = config.relay.name.as_bytes();
     let consumer: BaseConsumer<super::RelayContext> = super::base_client_config(config)
         .set(
             "group.id",
             format!("outboxd-{}-checkpoint-reader", config.relay.name),
         )
         .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
+        .set(
+            "isolation.level",
+            match isolation {
+                Isolation::Uncommitted => "read_uncommitted",
+                Isolation::Committed => "read_committed",
+            },
+        )
         .create_with_context(super::RelayContext)
         .map_err(|e| Error::stop(format!("cannot create the checkpoint reader: {e}")))?;
 
@@ -133,10 +214,23 @@ fn scan_blocking(
                     "reading the end of checkpoint partition {partition}: {e}"
                 ))
             })?;
+        let from = match start {
+            Start::After(offset) if partition == CHECKPOINT_PARTITION => Offset::Offset(offset + 1),
+            _ => Offset::Beginning,
+        };
+        if let (Start::After(offset), true) = (start, partition == CHECKPOINT_PARTITION) {
+            if offset + 1 >= high {
+                // Nothing after the table's checkpoint: nothing to read here.
+                continue;
+            }
+        }
         bounds.insert(partition, high);
         assignment
-            .add_partition_offset(topic, partition, Offset::Beginning)
+            .add_partition_offset(topic, partition, from)
             .map_err(|e| Error::stop(format!("assigning checkpoint partition {partition}: {e}")))?;
+    }
+    if bounds.is_empty() {
+        return Ok(Found::default());
     }
     consumer
         .assign(&assignment)
@@ -146,9 +240,7 @@ fn scan_blocking(
     // but never longer than its transaction timeout (and the broker's abort
     // sweep): wait for it rather than stop early.
     let deadline = Instant::now() + config.kafka.transaction_timeout + Duration::from_secs(30);
-    let mut table_latest = None;
-    let mut latest = None;
-    let mut predecessors: BTreeMap<String, Checkpoint> = BTreeMap::new();
+    let mut books = Books::new(config, origin);
     while !reached(&consumer, topic, &bounds)? {
         if Instant::now() > deadline {
             return Err(Error::retry(format!(
@@ -165,55 +257,115 @@ fn scan_blocking(
             }
             Some(Ok(message)) => message,
         };
-        if message.key() == Some(table_key.as_bytes()) {
-            table_latest = readable(topic, &message)?;
-            continue;
-        }
-        if message.key() != Some(relay_key) {
-            if let (Some((table, source)), Some(key)) = (&origin, message.key()) {
-                let key = String::from_utf8_lossy(key).into_owned();
-                // Another relay's record: only the same table in the same
-                // database counts, and an unreadable one is that relay's
-                // business.
-                match message.payload().map(Checkpoint::from_bytes) {
-                    Some(Ok(checkpoint))
-                        if &checkpoint.table == table
-                            && checkpoint.source.as_ref() == Some(source) =>
-                    {
-                        predecessors.insert(key, checkpoint);
-                    }
-                    None => {
-                        predecessors.remove(&key);
-                    }
-                    Some(_) => {}
-                }
-            }
-            continue;
-        }
-        latest = readable(topic, &message)?;
+        books.read(&message, start, isolation)?;
     }
-    Ok(Latest {
-        table: table_latest,
-        own: latest,
-        predecessors: predecessors.into_iter().collect(),
-    })
+    Ok(books.found())
 }
 
-/// One of our checkpoints. A null value would be a tombstone: the
-/// checkpoint was deleted on purpose.
-fn readable(
-    topic: &str,
-    message: &rdkafka::message::BorrowedMessage<'_>,
-) -> Result<Option<Checkpoint>> {
-    match message.payload() {
-        None => Ok(None),
-        Some(bytes) => Checkpoint::from_bytes(bytes).map(Some).map_err(|e| {
-            Error::stop(format!(
-                "the checkpoint at `{topic}` offset {} is unreadable ({e}); \
-                 refusing to guess which rows were published",
-                message.offset()
-            ))
-        }),
+/// What the scan has seen so far, key by key.
+struct Books<'a> {
+    origin: &'a Origin,
+    relay_name: &'a str,
+    topic: &'a str,
+    table: Option<(i64, Checkpoint)>,
+    legacy: BTreeMap<String, LegacyCheckpoint>,
+}
+
+impl<'a> Books<'a> {
+    fn new(config: &'a Config, origin: &'a Origin) -> Books<'a> {
+        Books {
+            origin,
+            relay_name: &config.relay.name,
+            topic: &config.kafka.checkpoint_topic,
+            table: None,
+            legacy: BTreeMap::new(),
+        }
+    }
+
+    fn read(
+        &mut self,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+        start: Start,
+        isolation: Isolation,
+    ) -> Result<()> {
+        let Some(key) = message.key() else {
+            return Ok(());
+        };
+        let key = String::from_utf8_lossy(key).into_owned();
+        let record = message.payload().map(Record::from_bytes);
+        if key == self.origin.table_key {
+            // A tail starts after the table's latest committed checkpoint:
+            // what follows under its key was aborted, or is still open in
+            // the transaction of an earlier leader fenced before this read.
+            if start == Start::Beginning && isolation == Isolation::Committed {
+                self.table = match record {
+                    None => None,
+                    Some(Ok(Record::Checkpoint(checkpoint))) => {
+                        Some((message.offset(), checkpoint))
+                    }
+                    Some(Ok(Record::HandedOver(_))) => self.table.take(),
+                    Some(Err(e)) => return Err(self.unreadable(message.offset(), &e)),
+                };
+            }
+            return Ok(());
+        }
+        let own = key == self.relay_name;
+        match record {
+            // A tombstone or our hand-over marker: what the key said before
+            // was adopted (or deleted on purpose). Not in an uncommitted read
+            // of the tail of our own partition: a committed marker there lies
+            // before the table's latest checkpoint, so one in the tail was
+            // aborted and ends nothing.
+            None | Some(Ok(Record::HandedOver(_))) => {
+                if isolation == Isolation::Committed || message.partition() != CHECKPOINT_PARTITION
+                {
+                    self.legacy.remove(&key);
+                }
+            }
+            Some(Ok(Record::Checkpoint(checkpoint)))
+                if self.concerns_the_table(own, &checkpoint) =>
+            {
+                self.legacy.insert(
+                    key.clone(),
+                    LegacyCheckpoint {
+                        key,
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        checkpoint,
+                    },
+                );
+            }
+            Some(Ok(Record::Checkpoint(_))) => {}
+            // Under our own key an unreadable record is ours to understand;
+            // another relay's is that relay's business.
+            Some(Err(e)) if own => return Err(self.unreadable(message.offset(), &e)),
+            Some(Err(_)) => {}
+        }
+        Ok(())
+    }
+
+    /// Our own legacy key counts when it names the table; another relay's
+    /// when it names the table in the same database.
+    fn concerns_the_table(&self, own: bool, checkpoint: &Checkpoint) -> bool {
+        if checkpoint.table != self.origin.table {
+            return false;
+        }
+        own || (self.origin.source.is_some() && checkpoint.source == self.origin.source)
+    }
+
+    fn unreadable(&self, offset: i64, why: &str) -> Error {
+        Error::stop(format!(
+            "the checkpoint at `{}` offset {offset} is unreadable ({why}); refusing to guess \
+             which rows were published",
+            self.topic
+        ))
+    }
+
+    fn found(self) -> Found {
+        Found {
+            table: self.table,
+            legacy: self.legacy.into_values().collect(),
+        }
     }
 }
 

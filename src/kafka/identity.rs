@@ -9,6 +9,12 @@
 //! Kafka transaction, before anything else is read or published; and the
 //! latest checkpoint of the table is found in one place, whoever wrote it.
 //! `relay.name` only names the process (client id, slot, logs, metrics).
+//!
+//! The identity can still change under a table: a role that could not read
+//! the system identifier (and fell back to `relay.name`) is granted it, or
+//! the table was led by a release from before table-keyed checkpoints. So a
+//! takeover also reads and fences the identities a predecessor can have had
+//! (`alternates`, and the legacy keys in `kafka::checkpoint_scan`).
 
 /// The Kafka identity of one outbox table's relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +49,19 @@ impl TableIdentity {
             names_the_database,
         }
     }
+
+    /// The other identity this relay's table may have had: the `relay.name`
+    /// stand-in, used before the role was granted EXECUTE on
+    /// `pg_control_system()`. (The reverse, a grant taken away, cannot be
+    /// found without the system identifier: the README asks never to take
+    /// it away from a running relay's role.)
+    pub fn alternates(&self, table: &str, relay_name: &str) -> Vec<TableIdentity> {
+        if self.names_the_database {
+            vec![TableIdentity::new(None, table, relay_name)]
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -75,5 +94,15 @@ mod tests {
         let identity = TableIdentity::new(None, "public.outbox", "orders");
         assert_eq!(identity.checkpoint_key, "relay:orders/public.outbox");
         assert!(!identity.names_the_database);
+    }
+
+    #[test]
+    fn a_relay_that_names_the_database_also_looks_under_its_old_stand_in() {
+        let identity = TableIdentity::new(Some("77/orders"), "public.outbox", "orders");
+        let alternates = identity.alternates("public.outbox", "orders");
+        assert_eq!(alternates.len(), 1);
+        assert_eq!(alternates[0].checkpoint_key, "relay:orders/public.outbox");
+        let stand_in = TableIdentity::new(None, "public.outbox", "orders");
+        assert!(stand_in.alternates("public.outbox", "orders").is_empty());
     }
 }

@@ -18,7 +18,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::checkpoint::{Checkpoint, CHECKPOINT_PARTITION};
+use super::checkpoint::{Checkpoint, HandedOver, CHECKPOINT_PARTITION};
 use super::errors::{classify, classify_after_fatal, is_record_rejected};
 use super::identity::TableIdentity;
 use super::off_runtime::DropOffRuntime;
@@ -48,6 +48,23 @@ pub enum PublishError {
 impl From<Error> for PublishError {
     fn from(error: Error) -> Self {
         PublishError::Failed(error)
+    }
+}
+
+/// What a transaction is for. The fault suite's kill points sit in the
+/// transactions of batches; a takeover's hand-over transaction, which every
+/// leadership term starts with, is not where they are meant to fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Batch,
+    HandOver,
+}
+
+impl Purpose {
+    fn kill_point(self, point: &str) {
+        if self == Purpose::Batch {
+            failpoint::kill_point(point);
+        }
     }
 }
 
@@ -149,19 +166,61 @@ impl Publisher {
             })
     }
 
+    /// Makes `checkpoint` the table's latest, in a transaction of its own,
+    /// and writes a hand-over marker under each legacy key (a `relay.name`
+    /// from before table-keyed checkpoints) to its partition, so a relay of
+    /// such a release refuses to lead the table from now on (see
+    /// `kafka::checkpoint_scan`).
+    pub async fn hand_over(
+        &self,
+        checkpoint: &Checkpoint,
+        legacy_keys: &[(String, i32)],
+    ) -> Result<(), PublishError> {
+        let marker = HandedOver::new(&String::from_utf8_lossy(&self.checkpoint_key)).to_bytes();
+        let markers: Vec<(RoutedRecord<'_>, i32)> = legacy_keys
+            .iter()
+            .map(|(key, partition)| {
+                let record = RoutedRecord {
+                    topic: Cow::Borrowed(self.checkpoint_topic.as_str()),
+                    key: Some(Cow::Owned(key.as_bytes().to_vec())),
+                    headers: Vec::new(),
+                    payload: Some(Cow::Borrowed(marker.as_slice())),
+                };
+                (record, *partition)
+            })
+            .collect();
+        self.transact(&markers, &[], checkpoint, Purpose::HandOver)
+            .await
+    }
+
     /// Publishes `records` and `checkpoint` in one Kafka transaction.
     pub async fn publish(
         &self,
         records: &[RoutedRecord<'_>],
         checkpoint: &Checkpoint,
     ) -> Result<(), PublishError> {
+        self.transact(&[], records, checkpoint, Purpose::Batch)
+            .await
+    }
+
+    /// One Kafka transaction: `markers` (records to the checkpoint topic,
+    /// each to its partition), `records`, then `checkpoint`.
+    async fn transact(
+        &self,
+        markers: &[(RoutedRecord<'_>, i32)],
+        records: &[RoutedRecord<'_>],
+        checkpoint: &Checkpoint,
+        purpose: Purpose,
+    ) -> Result<(), PublishError> {
         self.transaction_call(self.transaction_timeout, |producer| {
             producer.begin_transaction()
         })
         .await
         .map_err(|e| e.classified(self, "beginning a Kafka transaction"))?;
-        failpoint::kill_point("after-begin");
-        let outcome = self.produce_and_commit(records, checkpoint).await;
+        purpose.kill_point("after-begin");
+        let outcome = self
+            .produce_and_commit(markers, records, checkpoint, purpose)
+            .await;
         let needs_abort = match &outcome {
             Ok(()) => false,
             Err(PublishError::RecordRejected { .. }) => true,
@@ -175,13 +234,36 @@ impl Publisher {
 
     async fn produce_and_commit(
         &self,
+        markers: &[(RoutedRecord<'_>, i32)],
         records: &[RoutedRecord<'_>],
         checkpoint: &Checkpoint,
+        purpose: Purpose,
     ) -> Result<(), PublishError> {
+        let mut marker_deliveries = Vec::with_capacity(markers.len());
+        for (marker, partition) in markers {
+            marker_deliveries.push(
+                self.send_to(marker, Some(*partition))
+                    .await
+                    .map_err(|e| self.classify("writing a hand-over marker", &e))?,
+            );
+        }
+        for delivery in marker_deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => {
+                    return Err(self.classify("writing a hand-over marker", &error).into())
+                }
+                Err(_canceled) => {
+                    return Err(self
+                        .classify("writing a hand-over marker", &KafkaError::Canceled)
+                        .into())
+                }
+            }
+        }
         let mut deliveries = Vec::with_capacity(records.len() + 1);
         for (index, record) in records.iter().enumerate() {
             if index == records.len() / 2 {
-                failpoint::kill_point("mid-produce");
+                purpose.kill_point("mid-produce");
             }
             deliveries.push(
                 self.send(record)
@@ -242,9 +324,9 @@ impl Publisher {
             )));
         };
         self.point_group_at_checkpoint(checkpoint_offset).await?;
-        failpoint::kill_point("after-checkpoint");
-        self.commit().await?;
-        failpoint::kill_point("after-commit");
+        purpose.kill_point("after-checkpoint");
+        self.commit(purpose).await?;
+        purpose.kill_point("after-commit");
         Ok(())
     }
 
@@ -315,10 +397,12 @@ impl Publisher {
         }
     }
 
-    async fn commit(&self) -> Result<(), PublishError> {
+    async fn commit(&self, purpose: Purpose) -> Result<(), PublishError> {
         let timeout = self.transaction_timeout;
         let mut attempt = 1;
-        failpoint::kill_when_commit_request_sent();
+        if purpose == Purpose::Batch {
+            failpoint::kill_when_commit_request_sent();
+        }
         loop {
             match self
                 .transaction_call(timeout, move |producer| {

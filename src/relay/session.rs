@@ -108,7 +108,7 @@ impl Context {
         }
 
         topics::ensure_checkpoint_topic(config).await?;
-        let source = schema::database_source(&mut connection).await;
+        let source = schema::database_source(&mut connection).await?;
         let Some(takeover::TakenOver { publisher, latest }) =
             takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
         else {

@@ -12,7 +12,7 @@ use sqlx::PgConnection;
 
 use super::session::Context;
 use crate::error::Result;
-use crate::kafka::checkpoint::{self, Checkpoint};
+use crate::kafka::checkpoint::{self, Checkpoint, CHECKPOINT_PARTITION};
 use crate::kafka::checkpoint_scan;
 use crate::kafka::identity::TableIdentity;
 use crate::kafka::publisher::{PublishError, Publisher};
@@ -51,78 +51,165 @@ pub(super) async fn take_over(
     if !leader::wait_for_earlier_claims(connection, &context.table_name, &mut stop).await? {
         return Ok(None);
     }
-    let latest = match checkpoint::read_latest(config, &identity).await? {
-        Some(latest) => latest,
-        None => find_by_scanning(context, connection, source, &identity, &publisher).await?,
-    };
-    let done = context.acknowledger.reconcile(connection, &latest).await?;
-    tracing::info!(
-        checkpoint_key = %identity.checkpoint_key,
-        checkpoint_published = latest.published.len(),
-        checkpoint_dead_lettered = latest.dead_lettered.len(),
-        checkpoint_position = latest.position.map(|p| p.to_string()),
-        newly_acknowledged = done.published + done.dead_lettered,
-        "reconciled the outbox with the table's latest committed checkpoint"
-    );
-    Ok(Some(TakenOver { publisher, latest }))
-}
-
-/// The table's checkpoint group has no offset: this version has not written
-/// a checkpoint for the table yet (a first start, or the first after
-/// upgrading from 0.1), or the broker expired the group's offset after
-/// `offsets.retention.minutes` without a transaction. Scans the topic (once:
-/// see `kafka::checkpoint_scan`), acknowledges what the checkpoints found
-/// name, and writes the latest as the table's checkpoint, so the next start
-/// reads it directly.
-async fn find_by_scanning(
-    context: &Context,
-    connection: &mut PgConnection,
-    source: Option<&str>,
-    identity: &TableIdentity,
-    publisher: &Publisher,
-) -> Result<Checkpoint> {
-    tracing::info!(
-        topic = %context.config.kafka.checkpoint_topic,
-        checkpoint_group = %identity.checkpoint_group,
-        "the table's checkpoint group has no offset (first start, first start after upgrading \
-         from 0.1, or offsets expired by the broker's offsets.retention.minutes): scanning the \
-         checkpoint topic once; this waits for other relays' open transactions on it"
-    );
-    let origin = source.map(|source| (context.table_name.as_str(), source));
-    let found = checkpoint_scan::read(&context.config, &identity.checkpoint_key, origin).await?;
-    for (previous_relay, checkpoint) in &found.predecessors {
+    let found = find_checkpoints(context, source, &identity).await?;
+    let mut latest: Option<(Option<i64>, Checkpoint)> = None;
+    for candidate in &found.candidates {
         // Marking is idempotent: rows of a checkpoint that were marked long
         // ago are simply marked again.
         let done = context
             .acknowledger
-            .reconcile(connection, checkpoint)
+            .reconcile(connection, &candidate.checkpoint)
             .await?;
-        if done.published + done.dead_lettered > 0 {
-            tracing::warn!(
-                previous_relay = %previous_relay,
-                newly_acknowledged = done.published + done.dead_lettered,
-                "acknowledged rows another relay published to Kafka but did not mark: this \
-                 table was relayed under another relay.name before"
-            );
+        tracing::info!(
+            written_by = %candidate.written_by,
+            checkpoint_published = candidate.checkpoint.published.len(),
+            checkpoint_dead_lettered = candidate.checkpoint.dead_lettered.len(),
+            checkpoint_position = candidate.checkpoint.position.map(|p| p.to_string()),
+            newly_acknowledged = done.published + done.dead_lettered,
+            "reconciled the outbox with a committed checkpoint"
+        );
+        latest = Some(match latest.take() {
+            None => (candidate.offset, candidate.checkpoint.clone()),
+            Some((offset, earlier)) => {
+                let later_written = match (offset, candidate.offset) {
+                    (Some(earlier), Some(this)) => this > earlier,
+                    (None, Some(_)) => true,
+                    _ => false,
+                };
+                let offset = if later_written {
+                    candidate.offset
+                } else {
+                    offset
+                };
+                (
+                    offset,
+                    earlier.later(candidate.checkpoint.clone(), later_written),
+                )
+            }
+        });
+    }
+    let latest = latest
+        .map(|(_, checkpoint)| checkpoint)
+        .unwrap_or_else(|| Checkpoint::new(&context.table_name, source, &[], &[], None));
+    // Every row it names is acknowledged before it becomes the table's
+    // checkpoint, so a crash in between only repeats this takeover.
+    match publisher.hand_over(&latest, &found.legacy_keys).await {
+        Ok(()) => {}
+        Err(PublishError::Failed(error)) => return Err(error),
+        Err(PublishError::RecordRejected { reason, .. }) => {
+            return Err(crate::error::Error::stop(format!(
+                "the takeover's checkpoint was rejected by Kafka: {reason}"
+            )))
         }
     }
-    if let Some(own) = &found.own {
-        // 0.1's own: when the table's checkpoint exists too, this one is
-        // older, but its rows were never marked if the upgrade followed a crash.
-        context.acknowledger.reconcile(connection, own).await?;
+    tracing::info!(
+        checkpoint_key = %identity.checkpoint_key,
+        checkpoint_published = latest.published.len(),
+        checkpoint_position = latest.position.map(|p| p.to_string()),
+        "took the table over from its latest committed checkpoint"
+    );
+    Ok(Some(TakenOver { publisher, latest }))
+}
+
+/// A committed checkpoint of the table, whoever wrote it.
+struct Candidate {
+    /// Who wrote it, for the log.
+    written_by: String,
+    /// Its offset in the checkpoint partition, when it is there.
+    offset: Option<i64>,
+    checkpoint: Checkpoint,
+}
+
+/// What a takeover reconciles and whom it hands over from.
+struct Found {
+    candidates: Vec<Candidate>,
+    /// Keys (and partitions) to write a hand-over marker under: this relay's
+    /// `relay.name` and every legacy relay found.
+    legacy_keys: Vec<(String, i32)>,
+}
+
+/// Every identity a predecessor of this table can have had, fenced and
+/// read, every takeover: the table's (already fenced by the publisher), its
+/// `relay.name` stand-in (`TableIdentity::alternates`), and the keys of
+/// releases from before table-keyed checkpoints (`kafka::checkpoint_scan`).
+async fn find_checkpoints(
+    context: &Context,
+    source: Option<&str>,
+    identity: &TableIdentity,
+) -> Result<Found> {
+    let config = &context.config;
+    let mut candidates = Vec::new();
+    if let Some(own) = checkpoint::read_latest(config, identity).await? {
+        candidates.push(Candidate {
+            written_by: format!("this table's identity `{}`", identity.checkpoint_key),
+            offset: Some(own.offset),
+            checkpoint: own.checkpoint,
+        });
     }
-    let first = found
-        .table
-        .or(found.own)
-        .unwrap_or_else(|| Checkpoint::new(&context.table_name, source, &[], &[], None));
-    // Its rows are acknowledged before it becomes the table's checkpoint, so
-    // a crash in between only repeats this scan.
-    context.acknowledger.reconcile(connection, &first).await?;
-    match publisher.publish(&[], &first).await {
-        Ok(()) => Ok(first),
-        Err(PublishError::Failed(error)) => Err(error),
-        Err(PublishError::RecordRejected { reason, .. }) => Err(crate::error::Error::stop(
-            format!("the first checkpoint of this table was rejected by Kafka: {reason}"),
-        )),
+    for alternate in identity.alternates(&context.table_name, &config.relay.name) {
+        if !checkpoint::has_checkpoint(config, &alternate).await? {
+            continue;
+        }
+        Publisher::fence_transactional_id(config, &alternate.transactional_id).await?;
+        if let Some(found) = checkpoint::read_latest(config, &alternate).await? {
+            tracing::warn!(
+                previous_identity = %alternate.checkpoint_key,
+                identity = %identity.checkpoint_key,
+                "this table was relayed under another identity before (the role could not read \
+                 pg_control_system() then): fenced it and adopting its latest checkpoint"
+            );
+            candidates.push(Candidate {
+                written_by: format!("the earlier identity `{}`", alternate.checkpoint_key),
+                offset: Some(found.offset),
+                checkpoint: found.checkpoint,
+            });
+        }
     }
+    let start = match candidates.iter().filter_map(|c| c.offset).max() {
+        Some(offset) => checkpoint_scan::Start::After(offset),
+        None => {
+            tracing::info!(
+                topic = %config.kafka.checkpoint_topic,
+                checkpoint_group = %identity.checkpoint_group,
+                "the table's checkpoint group has no offset (first start, first start after \
+                 upgrading from 0.1, or offsets expired by the broker's offsets.retention.minutes): \
+                 scanning the checkpoint topic once; this waits for other relays' open transactions on it"
+            );
+            checkpoint_scan::Start::Beginning
+        }
+    };
+    let origin = checkpoint_scan::Origin {
+        table_key: identity.checkpoint_key.clone(),
+        table: context.table_name.clone(),
+        source: source.map(str::to_string),
+    };
+    let scanned = checkpoint_scan::read(config, &origin, start).await?;
+    if let Some((offset, checkpoint)) = scanned.table {
+        candidates.push(Candidate {
+            written_by: format!("this table's identity `{}`", identity.checkpoint_key),
+            offset: Some(offset),
+            checkpoint,
+        });
+    }
+    let mut legacy_keys = vec![(config.relay.name.clone(), CHECKPOINT_PARTITION)];
+    for legacy in scanned.legacy {
+        if legacy.key == config.relay.name {
+            legacy_keys[0].1 = legacy.partition;
+        } else {
+            legacy_keys.push((legacy.key.clone(), legacy.partition));
+        }
+        tracing::warn!(
+            legacy_relay = %legacy.key,
+            "adopting the checkpoint of a relay from before table-keyed checkpoints (outboxd 0.1              up to 0ac26db); from now on that release refuses to lead this table"
+        );
+        candidates.push(Candidate {
+            written_by: format!("the pre-table-key relay `{}`", legacy.key),
+            offset: (legacy.partition == CHECKPOINT_PARTITION).then_some(legacy.offset),
+            checkpoint: legacy.checkpoint,
+        });
+    }
+    Ok(Found {
+        candidates,
+        legacy_keys,
+    })
 }

@@ -41,7 +41,9 @@ async fn brokers_killed_in_a_three_node_cluster(mode: Mode) {
     .await;
     let env = &campaign.env;
     let mut connection = env.pool.acquire().await.expect("connection");
-    let source = outboxd::schema::database_source(&mut connection).await;
+    let source = outboxd::schema::database_source(&mut connection)
+        .await
+        .expect("source");
     drop(connection);
     let identity = TableIdentity::new(source.as_deref(), "public.outbox", &env.relay_name());
     let mut relay = RelayProcess::start(env, None);

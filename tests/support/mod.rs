@@ -202,7 +202,9 @@ impl TestEnv {
     /// its database, whatever the relay is called.
     pub async fn checkpoint_key(&self) -> String {
         let mut connection = self.pool.acquire().await.expect("connection");
-        let source = outboxd::schema::database_source(&mut connection).await;
+        let source = outboxd::schema::database_source(&mut connection)
+            .await
+            .expect("source");
         outboxd::kafka::identity::TableIdentity::new(
             source.as_deref(),
             "public.outbox",

@@ -1,0 +1,209 @@
+//! Leadership handed between releases and identities of one table: an
+//! upgrade from a release that keyed checkpoints by `relay.name`, a
+//! rollback to it and a roll forward again, and a relay whose identity
+//! changes because its role was granted `pg_control_system()`. Every
+//! hand-off reconciles what the predecessor committed to Kafka, so nothing
+//! is published twice. The legacy relay's transactions are written here the
+//! way those releases wrote them (its transactional id, its key, no group
+//! offset); `make chaos` hands off between real binaries.
+
+use std::time::Duration;
+
+use outboxd::kafka::checkpoint::{Checkpoint, Record};
+use rdkafka::producer::{FutureRecord, Producer};
+use sqlx::Connection;
+
+use crate::support::faults::{log_path, RelayProcess};
+use crate::support::kafka::{begin_transaction_as, read_topic};
+use crate::support::workload::{assert_exactly_once, write_orders, Written};
+use crate::support::{Mode, TestEnv};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+in_both_modes!(
+    a_checkpoint_left_by_outboxd_0_1_is_adopted,
+    worker_threads = 2
+);
+/// Upgrading: a batch the legacy release committed to Kafka but did not
+/// mark is marked by this release, never re-sent.
+async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
+    let env = TestEnv::new("legacy-checkpoint", mode).await;
+    // 0.1 set no partitioner, so librdkafka's default placed its keys; the
+    // upgraded relay keeps that placement as the README's upgrade note says.
+    env.replace_in_config("routing:\n", "routing:\n  partitioner: consistent_random\n");
+    let written = write_orders(&env.pool, 0, 10, 5).await;
+    outboxd::kafka::topics::ensure_checkpoint_topic(&env.config())
+        .await
+        .expect("checkpoint topic");
+    let left = commit_as_legacy_relay(&env, 5).await;
+    assert_eq!(left, 5);
+    assert_eq!(
+        env.unsent().await as usize,
+        written.committed,
+        "0.1 marked nothing"
+    );
+
+    env.relay_until_all_sent(LIMIT).await;
+    // The next start reads the adopted checkpoint directly.
+    env.relay_until_all_sent(LIMIT).await;
+    assert_exactly_once(&env, &written).await;
+}
+
+in_both_modes!(
+    a_rollback_between_two_leaderships_repeats_nothing,
+    worker_threads = 2
+);
+/// New → old → new: this release leads (its table checkpoint and group
+/// offset exist), then a legacy relay leads again (a rollback, or an old pod
+/// restarting) and dies after its Kafka commit, before marking. This release
+/// must find that batch on its next start although its own group already
+/// has an offset, and afterwards the legacy key holds a hand-over marker
+/// that a legacy relay refuses to start from.
+async fn a_rollback_between_two_leaderships_repeats_nothing(mode: Mode) {
+    let env = TestEnv::new("rollback", mode).await;
+    env.replace_in_config("routing:\n", "routing:\n  partitioner: consistent_random\n");
+    let first = write_orders(&env.pool, 0, 10, 5).await;
+    env.relay_until_all_sent(LIMIT).await;
+
+    let second = write_orders(&env.pool, 1, 10, 5).await;
+    let left = commit_as_legacy_relay(&env, 7).await;
+    assert_eq!(left, 7, "the legacy relay published part of the new rows");
+    assert!(env.unsent().await as usize == second.committed);
+
+    env.relay_until_all_sent(LIMIT).await;
+    assert_exactly_once(&env, &Written::combined([first, second])).await;
+
+    // What a legacy relay with this name would read as its latest record.
+    let records = read_topic(&env.kafka, &env.checkpoint_topic()).await;
+    let latest_under_legacy_key = records
+        .iter()
+        .rfind(|r| r.key.as_deref() == Some(env.relay_name().as_bytes()))
+        .and_then(|r| r.payload.clone())
+        .expect("a record under the legacy key");
+    assert!(matches!(
+        Record::from_bytes(&latest_under_legacy_key),
+        Ok(Record::HandedOver(_))
+    ));
+    assert!(
+        Checkpoint::from_bytes(&latest_under_legacy_key).is_err(),
+        "a version-1 reader must refuse the hand-over marker"
+    );
+}
+
+/// Granting the relay's role EXECUTE on `pg_control_system()`, as its own
+/// warning asks, changes its identity from the `relay.name` stand-in to the
+/// database's system identifier. A batch committed to Kafka under the old
+/// identity but not marked must be adopted, not published again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granting_pg_control_system_keeps_what_the_old_identity_published() {
+    let env = TestEnv::new("grant-identity", Mode::Polling).await;
+    let role = format!("relay_{}", env.id.replace('-', "_"));
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("GRANT SELECT, UPDATE (sent_at) ON public.outbox TO {role}"),
+        "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC".to_string(),
+    ] {
+        sqlx::raw_sql(&statement)
+            .execute(&env.pool)
+            .await
+            .expect("set up the relay's role");
+    }
+    env.replace_in_config(
+        &format!("url: {}", env.database_url),
+        &format!(
+            "url: {}",
+            env.database_url
+                .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1)
+        ),
+    );
+    let first = write_orders(&env.pool, 0, 10, 5).await;
+    let mut relay = RelayProcess::start(&env, Some("after-commit"));
+    relay.killed_at_point("after-commit", LIMIT).await;
+    assert!(
+        env.unsent().await > 0,
+        "the relay died between its Kafka commit and marking the rows"
+    );
+
+    sqlx::raw_sql(&format!(
+        "GRANT EXECUTE ON FUNCTION pg_control_system() TO {role}"
+    ))
+    .execute(&env.pool)
+    .await
+    .expect("grant");
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    assert_exactly_once(&env, &first).await;
+    let log = std::fs::read_to_string(log_path(&env)).expect("relay log");
+    assert!(log.contains("this table was relayed under another identity before"));
+}
+
+/// Does what a relay from before table-keyed checkpoints did: claims the
+/// first `count` unsent rows, publishes them and a checkpoint keyed by
+/// `relay.name` in a transaction of `outboxd-<relay.name>`, commits, and
+/// dies before marking them. Returns how many rows it published.
+async fn commit_as_legacy_relay(env: &TestEnv, count: usize) -> usize {
+    use outboxd::table::{OutboxTable, PayloadEncoding};
+
+    let config = env.config();
+    let table = OutboxTable::from_config(&config.postgres).expect("table");
+    let mut connection = sqlx::PgConnection::connect(&env.database_url)
+        .await
+        .expect("connect");
+    let mut transaction = connection.begin().await.expect("BEGIN");
+    let events = outboxd::capture::polling::claim_batch(
+        &mut transaction,
+        &table.claim_sql(PayloadEncoding::Text, false),
+        count,
+        None,
+    )
+    .await
+    .expect("read the first rows");
+    // The claim locked the rows: release them now, not when the connection goes.
+    transaction.rollback().await.expect("ROLLBACK");
+    drop(connection);
+    let router = outboxd::routing::Router::new(&config.routing, config.kafka.max_message_bytes)
+        .expect("router");
+    let producer = begin_transaction_as(&env.kafka, &format!("outboxd-{}", env.relay_name())).await;
+    for event in &events {
+        let record = router.route(event).expect("routable");
+        let mut headers = rdkafka::message::OwnedHeaders::new();
+        for (name, value) in &record.headers {
+            headers = headers.insert(rdkafka::message::Header {
+                key: name.as_ref(),
+                value: Some(value.as_ref()),
+            });
+        }
+        let future_record = FutureRecord::to(&record.topic)
+            .payload(record.payload.as_deref().unwrap_or_default())
+            .key(record.key.as_deref().unwrap_or_default())
+            .headers(headers);
+        producer
+            .send(future_record, Duration::from_secs(30))
+            .await
+            .expect("event delivered");
+    }
+    let mut source_connection = env.pool.acquire().await.expect("connection");
+    let source = outboxd::schema::database_source(&mut source_connection)
+        .await
+        .expect("source");
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    let checkpoint = Checkpoint::new("public.outbox", source.as_deref(), &seqs, &[], None);
+    let checkpoint_bytes = checkpoint.to_bytes();
+    let relay_name = env.relay_name();
+    producer
+        .send(
+            FutureRecord::to(&env.checkpoint_topic())
+                .key(relay_name.as_str())
+                .payload(&checkpoint_bytes),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("checkpoint delivered");
+    tokio::task::spawn_blocking(move || producer.commit_transaction(Duration::from_secs(30)))
+        .await
+        .expect("task")
+        .expect("commit");
+    events.len()
+}
