@@ -10,7 +10,9 @@ use sqlx::PgConnection;
 
 use crate::config::AfterPublish;
 use crate::error::{Error, Result};
-use crate::kafka::checkpoint::Checkpoint;
+use std::collections::HashMap;
+
+use crate::kafka::checkpoint::{Checkpoint, RowDigest};
 use crate::table::OutboxTable;
 
 /// Rows acknowledged by one call.
@@ -29,6 +31,9 @@ pub struct Acknowledger {
     published_sql: String,
     /// Always `UPDATE … SET sent_at`: poison rows are never deleted.
     dead_lettered_sql: String,
+    /// Reads the event id of rows by seq, to tell a checkpoint's rows from
+    /// rows that reuse their seqs.
+    row_ids_sql: String,
 }
 
 impl Acknowledger {
@@ -40,6 +45,7 @@ impl Acknowledger {
                 AfterPublish::Delete => table.delete_sql(),
             },
             dead_lettered_sql: table.mark_sent_sql(),
+            row_ids_sql: table.row_ids_sql(),
         }
     }
 
@@ -118,12 +124,47 @@ impl Acknowledger {
                 checkpoint.table, self.table_name
             )));
         }
-        self.acknowledge(
-            connection,
-            &checkpoint.published.to_seqs(),
-            &checkpoint.dead_lettered.to_seqs(),
-        )
-        .await
+        let mut published = checkpoint.published.to_seqs();
+        let mut dead_lettered = checkpoint.dead_lettered.to_seqs();
+        if let Some(row_ids) = checkpoint.row_ids() {
+            let others = self
+                .rows_that_are_not(connection, &row_ids, &[&published, &dead_lettered])
+                .await?;
+            if !others.is_empty() {
+                tracing::warn!(
+                    seqs = ?others,
+                    "rows with these seqs are not the rows the checkpoint published under them \
+                     (their event ids differ): the database was restored or failed over to a \
+                     server that lacked the published rows, and handed their seqs to new rows. \
+                     Those new rows are not marked and will be published; the events the \
+                     checkpoint names stay in Kafka for rows this database no longer has"
+                );
+                published.retain(|seq| !others.contains(seq));
+                dead_lettered.retain(|seq| !others.contains(seq));
+            }
+        }
+        self.acknowledge(connection, &published, &dead_lettered)
+            .await
+    }
+
+    /// The seqs among `seqs` whose row is not the one `row_ids` names.
+    async fn rows_that_are_not(
+        &self,
+        connection: &mut PgConnection,
+        row_ids: &HashMap<i64, RowDigest>,
+        seqs: &[&Vec<i64>],
+    ) -> Result<Vec<i64>> {
+        let all: Vec<i64> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        let rows: Vec<(i64, String)> = sqlx::query_as(&self.row_ids_sql)
+            .bind(&all)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(|e| Error::from_postgres("reading the event ids of checkpointed rows", e))?;
+        Ok(rows
+            .into_iter()
+            .filter(|(seq, id)| row_ids.get(seq) != Some(&RowDigest::of(id)))
+            .map(|(seq, _)| seq)
+            .collect())
     }
 }
 

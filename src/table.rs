@@ -215,6 +215,17 @@ impl OutboxTable {
         )
     }
 
+    /// The event id (as text) of each row in `$1` (a `bigint[]` of seq).
+    pub fn row_ids_sql(&self) -> String {
+        let c = &self.columns;
+        format!(
+            "SELECT {seq}::bigint, {id}::text FROM {table} WHERE {seq} = ANY($1)",
+            table = self.qualified(),
+            id = quote_ident(&c.id),
+            seq = quote_ident(&c.seq),
+        )
+    }
+
     /// The highest seq among unsent rows this snapshot sees (NULL if none).
     pub fn max_unsent_seq_sql(&self) -> String {
         let c = &self.columns;

@@ -20,5 +20,6 @@ mod poison;
 mod prometheus;
 mod replication;
 mod retention;
+mod reused_seqs;
 mod shared_checkpoints;
 mod tls;

@@ -13,7 +13,7 @@ use crate::batch::Batch;
 use crate::config::PoisonPolicy;
 use crate::error::{ErrorKind, Result};
 use crate::event::{OutboxEvent, SourcePosition};
-use crate::kafka::checkpoint::Checkpoint;
+use crate::kafka::checkpoint::{Checkpoint, RowDigest};
 use crate::kafka::publisher::{PublishError, Publisher};
 use crate::metrics::{Metrics, RelayState};
 use crate::routing::Router;
@@ -30,6 +30,9 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 pub struct Delivered {
     pub published: Vec<i64>,
     pub dead_lettered: Vec<i64>,
+    /// Which row each of those seqs is, for the checkpoints that name them
+    /// until they are marked.
+    pub row_ids: HashMap<i64, RowDigest>,
 }
 
 /// Counters for the periodic progress line.
@@ -98,6 +101,10 @@ impl<'a> Deliverer<'a> {
         window: &Window,
         stop: &mut Shutdown,
     ) -> Result<Option<Delivered>> {
+        let row_ids: HashMap<i64, RowDigest> = events
+            .iter()
+            .map(|event| (event.seq, RowDigest::of(&event.id)))
+            .collect();
         let mut resend_backoff = super::new_backoff();
         let mut missing_topic_backoff = super::new_backoff();
         loop {
@@ -145,7 +152,8 @@ impl<'a> Deliverer<'a> {
                 &published,
                 &dead_lettered,
                 position,
-            );
+            )
+            .with_row_ids(|seq| row_ids.get(&seq).copied().or_else(|| window.row_id(seq)));
             let started = Instant::now();
             match self.publisher.publish(&batch.records, &checkpoint).await {
                 Ok(()) => {
@@ -180,6 +188,7 @@ impl<'a> Deliverer<'a> {
                     return Ok(Some(Delivered {
                         published: batch.published,
                         dead_lettered: batch.dead_lettered,
+                        row_ids,
                     }));
                 }
                 Err(PublishError::RecordRejected { index, reason }) => {

@@ -214,13 +214,18 @@ async fn publish(
             // catch-up filter); the batch still carries a slot position.
             Delivered::default()
         } else {
-            let Some(delivered) = deliverer
+            let Some(mut delivered) = deliverer
                 .deliver(&batch.events, batch.position, &window, &mut stop)
                 .await?
             else {
                 return Ok(());
             };
-            window.committed(id, &delivered.published, &delivered.dead_lettered);
+            window.committed(
+                id,
+                &delivered.published,
+                &delivered.dead_lettered,
+                std::mem::take(&mut delivered.row_ids),
+            );
             delivered
         };
         let committed_batch = Committed {
@@ -249,6 +254,7 @@ async fn acknowledge(
         let Delivered {
             published,
             dead_lettered,
+            ..
         } = &batch.delivered;
         match batch.acknowledge_with {
             AcknowledgeWith::Claim(mut transaction) => {

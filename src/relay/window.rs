@@ -10,7 +10,9 @@
 //! is published only while fewer than `limit` batches are in the window, so
 //! a checkpoint names at most `limit` batches and its size stays bounded.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+
+use crate::kafka::checkpoint::RowDigest;
 
 /// One committed, unacknowledged batch.
 #[derive(Debug)]
@@ -18,6 +20,8 @@ struct Unacknowledged {
     id: u64,
     published: Vec<i64>,
     dead_lettered: Vec<i64>,
+    /// Which row each of those seqs is.
+    ids: HashMap<i64, RowDigest>,
 }
 
 #[derive(Debug)]
@@ -57,12 +61,26 @@ impl Window {
         (all_published, all_dead_lettered)
     }
 
+    /// Which row `seq` is, if a batch of the window has it.
+    pub(super) fn row_id(&self, seq: i64) -> Option<RowDigest> {
+        self.batches
+            .iter()
+            .find_map(|batch| batch.ids.get(&seq).copied())
+    }
+
     /// Batch `id` committed in Kafka; its rows are not marked yet.
-    pub(super) fn committed(&mut self, id: u64, published: &[i64], dead_lettered: &[i64]) {
+    pub(super) fn committed(
+        &mut self,
+        id: u64,
+        published: &[i64],
+        dead_lettered: &[i64],
+        ids: HashMap<i64, RowDigest>,
+    ) {
         self.batches.push_back(Unacknowledged {
             id,
             published: published.to_vec(),
             dead_lettered: dead_lettered.to_vec(),
+            ids,
         });
     }
 
@@ -79,8 +97,8 @@ mod tests {
     #[test]
     fn a_checkpoint_names_every_unacknowledged_batch_and_its_own() {
         let mut window = Window::new(3);
-        window.committed(1, &[1, 2], &[]);
-        window.committed(2, &[3], &[4]);
+        window.committed(1, &[1, 2], &[], HashMap::new());
+        window.committed(2, &[3], &[4], HashMap::new());
         let (published, dead_lettered) = window.checkpoint_rows(&[5, 6], &[]);
         assert_eq!(published, vec![5, 6, 1, 2, 3]);
         assert_eq!(dead_lettered, vec![4]);
@@ -93,16 +111,16 @@ mod tests {
     fn the_window_bounds_how_many_batches_a_checkpoint_names() {
         let mut window = Window::new(2);
         assert!(window.has_room());
-        window.committed(1, &[1], &[]);
+        window.committed(1, &[1], &[], HashMap::new());
         assert!(window.has_room(), "one in the window plus the next: 2");
-        window.committed(2, &[2], &[]);
+        window.committed(2, &[2], &[], HashMap::new());
         assert!(!window.has_room());
         window.acknowledged(1);
         assert!(window.has_room());
 
         let mut serial = Window::new(1);
         assert!(serial.has_room());
-        serial.committed(1, &[1], &[]);
+        serial.committed(1, &[1], &[], HashMap::new());
         assert!(
             !serial.has_room(),
             "with 1, a batch waits for the previous marks"
