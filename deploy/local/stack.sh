@@ -15,7 +15,10 @@
 #                               run a Kafka CLI class (aliases: topics,
 #                               produce, consume) with the stack's jars
 #
-# Environment: OUTBOXD_KAFKA_VERSION (default 4.3.1), XDG_CACHE_HOME (jar cache),
+# Environment: OUTBOXD_PG_VERSION (a PostgreSQL major version, 14 to 18:
+# Debian's server when that one is installed, else the npm registry's build
+# that fetch-postgres.sh caches; unset, Debian's), OUTBOXD_KAFKA_VERSION
+# (default 4.3.1), XDG_CACHE_HOME (jar and server cache),
 # OUTBOXD_STACK_PROFILE (`test`, the default, or `bench`: Postgres is durable,
 # fsync, synchronous_commit and full_page_writes on, and keeps its default
 # logical_decoding_work_mem, as a user's server would).
@@ -121,12 +124,64 @@ read_pid() { if [[ -f "$1" ]]; then cat "$1"; fi; }
 # ---------------------------------------------------------------- postgres
 
 # Debian keeps server binaries in /usr/lib/postgresql/<ver>/bin (not on PATH).
-pg_bin() {
+debian_pg_bin() {
     local d
     d=$(printf '%s\n' /usr/lib/postgresql/*/bin | grep -v '\*' | sort -V | tail -n 1)
     if [[ -z "$d" ]] && command -v initdb >/dev/null; then d=$(dirname "$(command -v initdb)"); fi
     [[ -n "$d" && -x "$d/initdb" ]] || die "PostgreSQL server binaries not found (run install-deps.sh)"
     echo "$d"
+}
+
+# The server binaries `up` starts: OUTBOXD_PG_VERSION's major (Debian's
+# when that one is installed, else the npm build fetch-postgres.sh caches),
+# Debian's newest when unset.
+resolve_pg_bin() {
+    local v=${OUTBOXD_PG_VERSION:-}
+    if [[ -z "$v" ]]; then
+        debian_pg_bin
+    elif [[ -x "/usr/lib/postgresql/$v/bin/initdb" ]]; then
+        echo "/usr/lib/postgresql/$v/bin"
+    else
+        bash "$HERE/fetch-postgres.sh" "$v" \
+            || die "no PostgreSQL $v server (OUTBOXD_PG_VERSION=$v); run: OUTBOXD_PG_VERSION=$v bash $HERE/install-deps.sh, or unset OUTBOXD_PG_VERSION"
+    fi
+}
+
+# pg_bin DIR: the server binaries the stack in DIR was started with (`up`
+# writes them to DIR/pg.bin, so restarts and `down` use the same ones).
+pg_bin() {
+    if [[ -s "$1/pg.bin" ]]; then cat "$1/pg.bin"; else debian_pg_bin; fi
+}
+
+# pg_isready is a client tool: the npm builds have none, Debian's works
+# against every server version.
+pg_isready_cmd() {
+    local bin=$1 d
+    if [[ -x "$bin/pg_isready" ]]; then echo "$bin/pg_isready"; return 0; fi
+    d=$(printf '%s\n' /usr/lib/postgresql/*/bin/pg_isready | grep -v '\*' | sort -V | tail -n 1)
+    if [[ -z "$d" ]]; then d=$(command -v pg_isready) || die "pg_isready not found (run install-deps.sh)"; fi
+    echo "$d"
+}
+
+# use_pg_bin DIR: pick the server for the stack in DIR and record it. Run as
+# root, the server runs as the `postgres` user, which cannot enter a cache
+# under /root: then the install is copied (hard links where possible) into
+# DIR, which must be reachable anyway. The server finds its lib and share
+# dirs relative to its binary, so a copy runs as well as the original.
+use_pg_bin() {
+    local dir=$1 bin
+    bin=$(resolve_pg_bin)
+    if [[ $EUID -eq 0 ]] && ! as_pg test -x "$bin/postgres"; then
+        local install
+        install=$(dirname "$bin")
+        rm -rf "$dir/pg-server"
+        cp -al "$install" "$dir/pg-server" 2>/dev/null || cp -a "$install" "$dir/pg-server" \
+            || die "cannot copy $install to $dir/pg-server for the postgres user"
+        bin=$dir/pg-server/bin
+        as_pg test -x "$bin/postgres" || die "user postgres cannot run $bin/postgres: make every parent of $dir traversable (chmod o+x)"
+    fi
+    "$bin/postgres" --version >/dev/null 2>&1 || die "$bin/postgres does not run (try: $bin/postgres --version)"
+    echo "$bin" >"$dir/pg.bin"
 }
 
 # initdb and postgres refuse to run as root: run them as the `postgres`
@@ -142,8 +197,9 @@ as_pg() {
 # polling on servers without logical decoding; a third ("pg-tls", with
 # `tls`) accepts TLS connections only, with the certificates of make_tls.
 start_pg() {
-    local dir=$1 name=$2 wal_level=$3 tls=${4:-} bin port
-    bin=$(pg_bin)
+    local dir=$1 name=$2 wal_level=$3 tls=${4:-} bin port isready
+    bin=$(pg_bin "$dir")
+    isready=$(pg_isready_cmd "$bin")
     free_port port
     local pg=$dir/$name data=$dir/$name/data log=$dir/$name/postgres.log
     mkdir -p "$pg"
@@ -211,10 +267,10 @@ EOF
 
     local i
     for ((i = 0; i < 120; i++)); do
-        "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres && break
+        "$isready" -q -h 127.0.0.1 -p "$port" -U postgres && break
         sleep 0.25
     done
-    "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres || die_with_log "$log" "postgres does not answer pg_isready"
+    "$isready" -q -h 127.0.0.1 -p "$port" -U postgres || die_with_log "$log" "postgres does not answer pg_isready"
     echo "$port" >"$dir/$name.port"
 }
 
@@ -223,7 +279,7 @@ stop_pg() {
     local dir=$1 name=$2 data=$1/$2/data pid
     pid=$(read_pid "$dir/$name.pid")
     if is_ours "$pid" "$data" && [[ -f "$data/postmaster.pid" ]]; then
-        as_pg "$(pg_bin)/pg_ctl" -D "$data" -m fast -w -t "$STOP_TIMEOUT" stop >/dev/null 2>&1 \
+        as_pg "$(pg_bin "$dir")/pg_ctl" -D "$data" -m fast -w -t "$STOP_TIMEOUT" stop >/dev/null 2>&1 \
             && wait_gone "$pid" && say "postgres ($name) stopped"
     fi
     stop_pid "$pid" "$data" "postgres ($name)"   # no-op unless pg_ctl failed
@@ -522,7 +578,7 @@ cmd_up() {
     command -v java >/dev/null || die "java not found after install-deps.sh"
 
     # Fresh state every time: this is a throwaway stack.
-    rm -rf "$dir/pg" "$dir/pg-nological" "$dir/pg-tls" "$dir/tls" "$dir/kafka" "$dir/strict" "$dir/env" "$dir"/*.pid "$dir"/*.port
+    rm -rf "$dir/pg" "$dir/pg-nological" "$dir/pg-tls" "$dir/pg-server" "$dir/tls" "$dir/kafka" "$dir/strict" "$dir/env" "$dir"/*.pid "$dir"/*.port "$dir/pg.bin"
     # mktemp -d makes 0700 dirs; the postgres user must be able to enter DIR.
     [[ $EUID -eq 0 ]] && chmod o+x "$dir"
 
@@ -531,6 +587,10 @@ cmd_up() {
     trap on_up_exit EXIT
 
     fetch_kafka
+    use_pg_bin "$dir"
+    local pg_server
+    pg_server=$("$(pg_bin "$dir")/postgres" --version | sed 's/^postgres (PostgreSQL) //')
+    say "postgres: server $pg_server ($(pg_bin "$dir"))"
     make_tls "$dir"
     local kport cport proxied_port proxy_port sasl_port
     free_port kport
@@ -587,10 +647,14 @@ export OUTBOXD_TEST_KAFKA_SASL_PASSWORD=$SASL_PASSWORD
 export OUTBOXD_TEST_PYTHON=${XDG_CACHE_HOME:-$HOME/.cache}/outboxd/python/bin/python
 # A broker that does not create topics on first use, as production ones.
 export OUTBOXD_TEST_KAFKA_NO_AUTO_CREATE=127.0.0.1:$strict_port
+# The servers' PostgreSQL version and binaries (OUTBOXD_PG_VERSION picks them).
+export OUTBOXD_TEST_PG_SERVER_VERSION='$pg_server'
+export OUTBOXD_TEST_PG_BIN=$(pg_bin "$dir")
 export OUTBOXD_STACK_DIR=$dir
 EOF
     trap - EXIT
     say "up in ${SECONDS}s:"
+    echo "  postgres  PostgreSQL $pg_server from $(pg_bin "$dir")"
     echo "  postgres  postgres://postgres@127.0.0.1:$PG_PORT/postgres  pid $(cat "$dir/pg.pid")  log $dir/pg/postgres.log"
     echo "  postgres  postgres://postgres@127.0.0.1:$NOLOGICAL_PORT/postgres  (wal_level=replica)  pid $(cat "$dir/pg-nological.pid")"
     echo "  postgres  postgres://postgres@127.0.0.1:$TLS_PORT/postgres?sslmode=verify-full&sslrootcert=$tls/ca.crt  (TLS only)  pid $(cat "$dir/pg-tls.pid")"
@@ -638,7 +702,7 @@ cmd_pg_restart() {
     dir=$(cd "$1" && pwd -P)
     data=$dir/pg/data
     [[ -f "$data/postgresql.conf" ]] || die "no postgres in $dir (run: $0 up $dir)"
-    bin=$(pg_bin)
+    bin=$(pg_bin "$dir")
     pid=$(read_pid "$dir/pg.pid")
     if is_ours "$pid" "$data"; then
         as_pg "$bin/pg_ctl" -D "$data" -m immediate -w -t "$STOP_TIMEOUT" stop >/dev/null 2>&1 \

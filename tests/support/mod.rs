@@ -311,8 +311,6 @@ impl TestEnv {
         }
     }
 
-    /// The slot's `confirmed_flush_lsn` and the server's current WAL
-    /// position, as numbers.
     /// Waits until no walsender holds this env's slot.
     pub async fn wait_slot_inactive(&self, limit: Duration) {
         let deadline = std::time::Instant::now() + limit;
@@ -335,6 +333,8 @@ impl TestEnv {
         }
     }
 
+    /// The slot's `confirmed_flush_lsn` and the server's current WAL
+    /// position, as numbers.
     pub async fn slot_positions(&self) -> (Option<i64>, i64) {
         sqlx::query_as(
             "SELECT (SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint \
