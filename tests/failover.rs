@@ -183,3 +183,77 @@ async fn a_commit_the_standby_lacks_is_not_published_and_the_promoted_server_is_
     // row it has is there exactly once, in order per aggregate.
     checker::check(&env, &written).await.assert_clean();
 }
+
+/// `outboxd check` on `env`'s config: its exit status and what it printed.
+fn check(env: &TestEnv) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["check", "--config"])
+        .arg(&env.config_path)
+        .output()
+        .expect("run outboxd check");
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_cannot_see_the_standbys_is_refused_by_check_and_by_the_relay() {
+    let pair = PgPair::start("privileges").await;
+    let env = TestEnv::new_on(
+        &pair.primary_url,
+        "sync-standby-privileges",
+        Mode::Replication,
+    )
+    .await;
+    let (passed, all) = check(&env);
+    assert!(passed, "{all}");
+    assert!(
+        all.contains("[ok  ] standbys: synchronous_standby_names = 'standby1' (1 synchronous of 1 streaming)"),
+        "{all}"
+    );
+    // PostgreSQL 15: no failover slots, and check says what that means.
+    assert!(
+        all.contains("[warn] failover slot: PostgreSQL before 17 has no failover slots"),
+        "{all}"
+    );
+
+    // A least-privilege role as the migration's comments grant it, with
+    // replication but without pg_read_all_stats.
+    sqlx::raw_sql(
+        "CREATE ROLE relay_nostats LOGIN REPLICATION; \
+         GRANT USAGE ON SCHEMA public TO relay_nostats; \
+         GRANT SELECT, UPDATE (sent_at) ON outbox TO relay_nostats",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("create the relay's role");
+    env.replace_in_config("postgres://postgres@", "postgres://relay_nostats@");
+    let (passed, all) = check(&env);
+    assert!(!passed, "{all}");
+    assert!(
+        all.contains("[FAIL] standbys:") && all.contains("GRANT pg_read_all_stats"),
+        "{all}"
+    );
+    let relay = InProcessRelay::start(env.config());
+    let error = relay
+        .finished(Duration::from_secs(60))
+        .await
+        .expect_err("the relay stops rather than publish what a failover can take back");
+    assert!(
+        error.message.contains("pg_read_all_stats"),
+        "{}",
+        error.message
+    );
+
+    sqlx::raw_sql("GRANT pg_read_all_stats TO relay_nostats")
+        .execute(&env.pool)
+        .await
+        .expect("grant pg_read_all_stats");
+    let (passed, all) = check(&env);
+    assert!(passed, "{all}");
+}
