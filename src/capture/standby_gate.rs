@@ -20,7 +20,9 @@
 //! standbys that `synchronous_standby_names` requires (the `FIRST n` marked
 //! `sync`, or `n` of the `ANY n` quorum) have flushed WAL past the end of
 //! its last transaction. Polling needs no gate: a transaction becomes
-//! visible to other sessions only after its SyncRep wait ended.
+//! visible to other sessions only after its SyncRep wait ended (unless the
+//! writer cancels that wait, which Postgres warns it about; a claim then
+//! sees the row early, and only this gate, in replication mode, holds it).
 //!
 //! Cost: one query covers every transaction up to a WAL position, and the
 //! flushed position seen last lets later batches behind it pass without a
