@@ -46,3 +46,4 @@ $$;
 -- GRANT SELECT, UPDATE ("sent_at") ON "public"."outbox" TO outboxd;
 -- GRANT DELETE ON "public"."outbox" TO outboxd;      -- only for relay.after_publish: delete
 -- ALTER ROLE outboxd REPLICATION;              -- only for capture.mode: replication
+-- GRANT pg_read_all_stats TO outboxd;          -- only with synchronous standbys (capture.wait_for_sync_standbys)

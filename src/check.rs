@@ -277,6 +277,136 @@ async fn check_capture(
             ),
         },
     }
+    check_failover(config, connection, findings).await;
+}
+
+/// What the server's standbys mean for a failover: whether the relay
+/// waits for the synchronous ones (and may see their positions), and
+/// whether the slot survives a promotion.
+async fn check_failover(config: &Config, connection: &mut PgConnection, findings: &mut Findings) {
+    let row: Result<(String, bool, bool, i64, i64), sqlx::Error> = sqlx::query_as(
+        "SELECT current_setting('synchronous_standby_names'), pg_is_in_recovery(), \
+                pg_has_role('pg_read_all_stats', 'USAGE'), \
+                (SELECT count(*) FROM pg_stat_replication), \
+                (SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum'))",
+    )
+    .fetch_one(&mut *connection)
+    .await;
+    let (names, in_recovery, may_read, standbys, synchronous) = match row {
+        Ok(row) => row,
+        Err(e) => {
+            let error = crate::error::Error::from_postgres("reading the server's standbys", e);
+            return findings.push(Status::Failed, "standbys", error.message);
+        }
+    };
+    let names = names.trim();
+    if in_recovery {
+        return findings.push(
+            Status::Warning,
+            "standbys",
+            "the server is itself a standby (in recovery); point postgres.url at the primary",
+        );
+    }
+    if names.is_empty() && standbys == 0 {
+        return findings.push(
+            Status::Ok,
+            "standbys",
+            "none stream from this server and synchronous_standby_names is empty: nothing a failover could take back",
+        );
+    }
+    if names.is_empty() {
+        findings.push(
+            Status::Ok,
+            "standbys",
+            format!(
+                "{standbys} asynchronous standby(s); with no synchronous standby a failover can lose \
+                 commits the writers were told about, and their events with them"
+            ),
+        );
+    } else if !config.capture.wait_for_sync_standbys {
+        findings.push(
+            Status::Warning,
+            "standbys",
+            format!(
+                "synchronous_standby_names = '{names}' but capture.wait_for_sync_standbys is false: \
+                 a transaction is published as soon as the primary has it, so a failover while a \
+                 standby is behind leaves events in Kafka whose rows the new primary lacks"
+            ),
+        );
+    } else if !may_read {
+        findings.push(
+            Status::Failed,
+            "standbys",
+            format!(
+                "synchronous_standby_names = '{names}', but the role cannot see the standbys' positions \
+                 in pg_stat_replication, so the relay would stop rather than publish what a failover \
+                 can take back. GRANT pg_read_all_stats (or pg_monitor) to the role, or set \
+                 capture.wait_for_sync_standbys: false"
+            ),
+        );
+    } else {
+        findings.push(
+            Status::Ok,
+            "standbys",
+            format!(
+                "synchronous_standby_names = '{names}' ({synchronous} synchronous of {standbys} \
+                 streaming): a transaction is published once the synchronous standbys flushed its commit"
+            ),
+        );
+    }
+
+    let slot_name = config.slot_name();
+    let version = match slot::server_version_num(connection).await {
+        Ok(version) => version,
+        Err(e) => return findings.push(Status::Failed, "failover slot", e.message),
+    };
+    let standby_settings = "on each standby that may be promoted: sync_replication_slots = on, \
+        hot_standby_feedback = on, primary_slot_name set and dbname in primary_conninfo; on the \
+        primary: synchronized_standby_slots naming those standbys' physical slots";
+    if version < slot::FAILOVER_SLOTS_SINCE {
+        return findings.push(
+            Status::Warning,
+            "failover slot",
+            format!(
+                "PostgreSQL before 17 has no failover slots: a promoted standby has no `{slot_name}`, \
+                 and the relay then publishes the unsent rows from the table and streams from a new \
+                 slot (capture.on_slot_lost: recover). On 17 or later the relay creates it as a \
+                 failover slot; {standby_settings}"
+            ),
+        );
+    }
+    match slot::failover_protection(connection, &slot_name).await {
+        Err(e) => findings.push(Status::Failed, "failover slot", e.message),
+        Ok(None) => {}
+        Ok(Some(protection)) if protection.server_holds_back() => findings.push(
+            Status::Ok,
+            "failover slot",
+            format!(
+                "`{slot_name}` is a failover slot and synchronized_standby_slots = '{}': the server \
+                 decodes only what those standbys have, and they keep the slot across a promotion",
+                protection.synchronized_standby_slots.trim()
+            ),
+        ),
+        Ok(Some(protection)) if protection.slot_failover == Some(false) => findings.push(
+            Status::Warning,
+            "failover slot",
+            format!(
+                "`{slot_name}` is not a failover slot, so a promoted standby will not have it; the \
+                 relay makes it one at its next start (or run ALTER_REPLICATION_SLOT {slot_name} \
+                 ( FAILOVER true ) on a replication connection while the relay is stopped). Then \
+                 {standby_settings}"
+            ),
+        ),
+        Ok(Some(_)) => findings.push(
+            Status::Warning,
+            "failover slot",
+            format!(
+                "`{slot_name}` is (or will be created as) a failover slot, but synchronized_standby_slots \
+                 is empty: standbys may lag behind what the slot streamed, and the slot synced to them \
+                 may not be usable after a promotion. Set {standby_settings}"
+            ),
+        ),
+    }
 }
 
 fn human_bytes(bytes: i64) -> String {

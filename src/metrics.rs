@@ -99,6 +99,9 @@ pub struct Metrics {
     leader: Gauge,
     capture_mode: Family<ModeLabel, Gauge>,
     rows_waiting_for_topic: Family<TopicLabel, Gauge>,
+    sync_standbys_required: Gauge,
+    sync_standby_holding: Gauge,
+    sync_standby_lag: Gauge,
     /// Why a leader is stalled on missing topics, for `/readyz`.
     waiting_for_topics: Mutex<Option<String>>,
     state: AtomicU8,
@@ -129,6 +132,9 @@ impl Metrics {
             leader: Gauge::default(),
             capture_mode: Family::default(),
             rows_waiting_for_topic: Family::default(),
+            sync_standbys_required: Gauge::default(),
+            sync_standby_holding: Gauge::default(),
+            sync_standby_lag: Gauge::default(),
             waiting_for_topics: Mutex::new(None),
             state: AtomicU8::new(RelayState::Starting as u8),
             postgres_reachable: AtomicBool::new(false),
@@ -204,6 +210,25 @@ impl Metrics {
             "rows_waiting_for_topic",
             "Rows held back because their topic does not exist (routing.missing_topics: wait)",
             metrics.rows_waiting_for_topic.clone(),
+        );
+        registry.register(
+            "sync_standbys_required",
+            "Synchronous standbys that must flush a commit before the relay publishes it \
+             (capture.wait_for_sync_standbys); 0 when none are configured or the server holds \
+             decoding back itself",
+            metrics.sync_standbys_required.clone(),
+        );
+        registry.register(
+            "sync_standby_holding",
+            "1 while a batch waits for the synchronous standbys to flush its commit, else 0",
+            metrics.sync_standby_holding.clone(),
+        );
+        registry.register_with_unit(
+            "sync_standby_lag",
+            "While a batch is held: WAL between its last commit and what the synchronous \
+             standbys flushed; else 0",
+            Unit::Bytes,
+            metrics.sync_standby_lag.clone(),
         );
         registry.register(
             "leader",
@@ -307,6 +332,21 @@ impl Metrics {
             .set(i64::try_from(confirmed_flush).unwrap_or(i64::MAX));
     }
 
+    /// How many synchronous standbys the relay waits for (0: it does not).
+    pub fn set_sync_standbys_required(&self, standbys: usize) {
+        self.sync_standbys_required
+            .set(i64::try_from(standbys).unwrap_or(i64::MAX));
+    }
+
+    /// A batch is held for the synchronous standbys, `lag_bytes` behind
+    /// its last commit (`Some`), or nothing is held (`None`).
+    pub fn set_sync_standby_hold(&self, lag_bytes: Option<u64>) {
+        self.sync_standby_holding
+            .set(i64::from(lag_bytes.is_some()));
+        self.sync_standby_lag
+            .set(lag_bytes.map_or(0, |lag| i64::try_from(lag).unwrap_or(i64::MAX)));
+    }
+
     pub fn set_reachable(&self, postgres: bool, kafka: bool) {
         self.postgres_reachable.store(postgres, Ordering::SeqCst);
         self.kafka_reachable.store(kafka, Ordering::SeqCst);
@@ -386,6 +426,8 @@ mod tests {
         metrics.set_capture_mode("replication");
         metrics.set_lag(3, 1.5);
         metrics.set_slot("outboxd_orders", 4096, 0x1_0000_0000);
+        metrics.set_sync_standbys_required(1);
+        metrics.set_sync_standby_hold(Some(512));
         let text = metrics.encode();
         for line in [
             "outboxd_build_info{relay=\"orders\",version=\"",
@@ -400,6 +442,9 @@ mod tests {
             "outboxd_replication_slot_retained_wal_bytes{relay=\"orders\",slot=\"outboxd_orders\"} 4096",
             "outboxd_replication_slot_confirmed_flush_lsn{relay=\"orders\",slot=\"outboxd_orders\"} 4294967296",
             "outboxd_leader{relay=\"orders\"} 1",
+            "outboxd_sync_standbys_required{relay=\"orders\"} 1",
+            "outboxd_sync_standby_holding{relay=\"orders\"} 1",
+            "outboxd_sync_standby_lag_bytes{relay=\"orders\"} 512",
             "outboxd_capture_mode{relay=\"orders\",mode=\"replication\"} 1",
         ] {
             assert!(text.contains(line), "missing `{line}` in:\n{text}");

@@ -110,7 +110,8 @@ pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> S
          -- GRANT USAGE ON SCHEMA {schema} TO outboxd;\n\
          -- GRANT SELECT, UPDATE ({sent_at}) ON {qualified} TO outboxd;\n\
          -- GRANT DELETE ON {qualified} TO outboxd;      -- only for relay.after_publish: delete\n\
-         -- ALTER ROLE outboxd REPLICATION;              -- only for capture.mode: replication\n",
+         -- ALTER ROLE outboxd REPLICATION;              -- only for capture.mode: replication\n\
+         -- GRANT pg_read_all_stats TO outboxd;          -- only with synchronous standbys (capture.wait_for_sync_standbys)\n",
         columns = columns.join(",\n"),
         seq = quote_ident(&c.seq),
         sent_at = quote_ident(&c.sent_at),

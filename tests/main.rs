@@ -10,6 +10,7 @@ mod cloudevents;
 mod crash;
 mod dead_letters;
 mod exactly_once;
+mod failover;
 mod handoffs;
 mod leader;
 mod missing_topics;

@@ -6,11 +6,13 @@
 //! Two modes: `polling` claims unsent rows from the table; `replication`
 //! tails the table's inserts through a logical replication slot
 //! (`wire` → `pgoutput` → `stream`), with `slot` managing the slot and
-//! the publication.
+//! the publication, and `standby_gate` holding streamed transactions back
+//! until the synchronous standbys have them.
 
 pub mod pgoutput;
 pub mod polling;
 pub mod slot;
+pub mod standby_gate;
 pub mod stream;
 pub mod wakeup;
 pub mod wire;

@@ -150,17 +150,91 @@ pub async fn inspect(connection: &mut PgConnection, slot: &str) -> Result<Option
     }))
 }
 
+/// `server_version_num` of the first release with failover slots
+/// (PostgreSQL 17): a standby with `sync_replication_slots = on` keeps a
+/// copy of such a slot, so the slot survives the standby's promotion.
+pub const FAILOVER_SLOTS_SINCE: i32 = 170_000;
+
+/// The server's `server_version_num` (e.g. 150004).
+pub async fn server_version_num(connection: &mut PgConnection) -> Result<i32> {
+    let text: String = sqlx::query_scalar("SELECT current_setting('server_version_num')")
+        .fetch_one(connection)
+        .await
+        .map_err(|e| Error::from_postgres("reading the server version", e))?;
+    text.trim().parse().map_err(|_| {
+        Error::stop(format!(
+            "the server reports server_version_num `{text}`, which is not a number; \
+             outboxd cannot tell which replication features it has"
+        ))
+    })
+}
+
 /// Creates the slot; returns its consistent point. Changes committed after
 /// that point are streamed from it; earlier ones are only in the table.
+/// On PostgreSQL 17 and later it is a failover slot, so a standby that
+/// synchronises slots keeps it across a promotion.
 pub async fn create(connection: &mut PgConnection, slot: &str) -> Result<Lsn> {
-    let lsn: String = sqlx::query_scalar(
-        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+    let failover = server_version_num(connection).await? >= FAILOVER_SLOTS_SINCE;
+    // Arguments after the plugin: temporary, two-phase, failover (17+).
+    let sql = if failover {
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
+    let lsn: String = sqlx::query_scalar(sql)
+        .bind(slot)
+        .fetch_one(connection)
+        .await
+        .map_err(|e| Error::from_postgres(&format!("creating replication slot `{slot}`"), e))?;
+    parse_lsn(&lsn)
+}
+
+/// How far the server itself keeps a failover from taking back what the
+/// slot streamed (PostgreSQL 17+).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverProtection {
+    /// The slot's `failover` flag; `None` when the slot does not exist.
+    pub slot_failover: Option<bool>,
+    /// `synchronized_standby_slots`: the physical slots whose standbys must
+    /// have flushed WAL before a failover slot's walsender decodes it.
+    pub synchronized_standby_slots: String,
+}
+
+impl FailoverProtection {
+    /// The server decodes for this slot only WAL the standbys named in
+    /// `synchronized_standby_slots` have flushed, so nothing it streams can
+    /// be taken back by promoting one of them.
+    pub fn server_holds_back(&self) -> bool {
+        self.slot_failover == Some(true) && !self.synchronized_standby_slots.trim().is_empty()
+    }
+}
+
+/// The slot's failover flag and `synchronized_standby_slots`; `None` on
+/// servers before PostgreSQL 17, which have neither.
+pub async fn failover_protection(
+    connection: &mut PgConnection,
+    slot: &str,
+) -> Result<Option<FailoverProtection>> {
+    if server_version_num(connection).await? < FAILOVER_SLOTS_SINCE {
+        return Ok(None);
+    }
+    let row = sqlx::query(
+        "SELECT (SELECT failover FROM pg_replication_slots WHERE slot_name = $1), \
+                current_setting('synchronized_standby_slots', true)",
     )
     .bind(slot)
     .fetch_one(connection)
     .await
-    .map_err(|e| Error::from_postgres(&format!("creating replication slot `{slot}`"), e))?;
-    parse_lsn(&lsn)
+    .map_err(|e| Error::from_postgres("reading the slot's failover setting", e))?;
+    Ok(Some(FailoverProtection {
+        slot_failover: column(&row, 0, "failover")?,
+        synchronized_standby_slots: column::<Option<String>>(
+            &row,
+            1,
+            "synchronized_standby_slots",
+        )?
+        .unwrap_or_default(),
+    }))
 }
 
 /// Drops a slot that can never stream again.

@@ -131,6 +131,30 @@ impl WireClient {
 /// Longest wait for the server to end the replication session on close.
 const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
+/// Makes an existing slot a failover slot (PostgreSQL 17+), so a standby
+/// with `sync_replication_slots = on` keeps it across a promotion. Only
+/// the replication protocol has `ALTER_REPLICATION_SLOT`, so this opens a
+/// replication session of its own, runs the command before any
+/// START_REPLICATION, and ends the session. The slot must be inactive.
+pub async fn enable_failover(postgres_url: &str, target: &StreamTarget) -> Result<()> {
+    let config = replication_config(postgres_url, target)?;
+    let mut client = ReplicationClient::connect_gated(config)
+        .await
+        .map_err(|e| wire_error("opening a replication connection to alter the slot", e))?;
+    // Slot names are `[a-z0-9_]` (checked at load), so naming it unquoted is safe.
+    let outcome = client
+        .simple_query(&format!(
+            "ALTER_REPLICATION_SLOT {} ( FAILOVER true )",
+            target.slot
+        ))
+        .await
+        .map(|_| ())
+        .map_err(|e| wire_error(&format!("making slot `{}` a failover slot", target.slot), e));
+    // Dropping a gated client before it started ends the session.
+    drop(client);
+    outcome
+}
+
 /// Moves events from the client into the relay's buffer while their bytes
 /// fit in `BUFFERED_BYTES`, and passes acknowledged positions to the client.
 /// Ends (and stops the client, so the server releases the slot) when the

@@ -258,6 +258,22 @@ pub struct CaptureConfig {
     /// publication (only if it publishes more than inserts): `warn` logs
     /// them, `ignore` drops them silently. They are never published.
     pub other_changes: OtherChangesPolicy,
+    /// Replication: where the server has synchronous standbys
+    /// (`synchronous_standby_names` is set), publish a transaction only once
+    /// they have flushed its commit (`flush_lsn` in `pg_stat_replication`;
+    /// `FIRST n` and `ANY n` as the server counts them). Logical decoding
+    /// streams a commit as soon as the primary has it, while the writer's
+    /// COMMIT still waits for the standbys; without this, a failover right
+    /// then leaves an event in Kafka whose row the new primary never had.
+    /// One query covers every transaction up to a WAL position, so this
+    /// costs a round trip per batch, not per event; a held batch is logged
+    /// after 10 s with the standby and its lag, and shown by
+    /// `outboxd_sync_standby_holding`. The role needs `pg_read_all_stats`
+    /// (or `pg_monitor`) to see the standbys' positions. Skipped where the
+    /// server itself holds decoding back (PostgreSQL 17+: a failover slot
+    /// and `synchronized_standby_slots`). `false` publishes on the primary's
+    /// commit alone.
+    pub wait_for_sync_standbys: bool,
 }
 
 impl Default for CaptureConfig {
@@ -270,6 +286,7 @@ impl Default for CaptureConfig {
             slot: None,
             on_slot_lost: SlotLostPolicy::Recover,
             other_changes: OtherChangesPolicy::Warn,
+            wait_for_sync_standbys: true,
         }
     }
 }

@@ -15,10 +15,12 @@
 //! once), whose `window` of committed but unmarked batches every
 //! checkpoint names; `deliver` publishes one batch. This file is the retry
 //! loop; `session` is one term's set-up, `takeover` its fence and
-//! reconcile, `durable` the Postgres settings its connections need.
+//! reconcile, `durable` the Postgres settings its connections need,
+//! `failover` what a replication session sets up against a failover.
 
 mod deliver;
 mod durable;
+mod failover;
 mod pipeline;
 mod polling;
 mod replication;

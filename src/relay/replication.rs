@@ -45,6 +45,7 @@ use tokio::sync::mpsc;
 use super::pipeline::{self, AcknowledgeWith, Acknowledged, CaptureEnds, CapturedBatch};
 use super::session::Session;
 use crate::capture::slot::{self, SlotInfo};
+use crate::capture::standby_gate::{StandbyGate, Through};
 use crate::capture::stream::{Assembler, Captured};
 use crate::capture::wire::{ReplicationStream, StreamTarget, WireClient};
 use crate::config::SlotLostPolicy;
@@ -102,6 +103,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         confirmed_flush: slot.confirmed_flush.unwrap_or_default(),
         application_name: format!("outboxd-{}", config.relay.name),
     };
+    let gate = super::failover::prepare(session, &target).await?;
     let mut stream = WireClient::start(&config.postgres.url, &target).await?;
     tracing::info!(
         table = %session.context.table_name,
@@ -130,7 +132,8 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         }),
         config.capture.batch_size,
         config.capture.batch_bytes,
-    );
+    )
+    .with_gate(gate);
     let Session {
         connection,
         deliverer,
@@ -248,6 +251,9 @@ struct Streamer<'c> {
     catch_up: Option<CatchUpFilter<'c>>,
     batch_size: usize,
     max_batch_bytes: usize,
+    /// Holds each batch until the synchronous standbys have its commits;
+    /// `None` where nothing needs holding (see `relay::failover`).
+    gate: Option<StandbyGate>,
 }
 
 /// Transactions committed before `before` may have been published already
@@ -277,6 +283,24 @@ impl<'c> Streamer<'c> {
             catch_up,
             batch_size,
             max_batch_bytes,
+            gate: None,
+        }
+    }
+
+    fn with_gate(mut self, gate: Option<StandbyGate>) -> Streamer<'c> {
+        self.gate = gate;
+        self
+    }
+
+    /// Up to where the synchronous standbys must have the WAL before the
+    /// batch may be published: the end of its last transaction, or, when
+    /// it ends inside a transaction whose end has not arrived, unknown.
+    fn batch_through(&self, confirm: Option<Lsn>) -> Through {
+        let open = self.assembler.transaction_commit_lsn();
+        let ends_inside_open = open.is_some() && self.batch_position.map(|p| p.commit_lsn) == open;
+        match confirm {
+            Some(end) if !ends_inside_open => Through::Commit(end),
+            _ => Through::Unfinished,
         }
     }
 
@@ -420,6 +444,17 @@ impl<'c> Streamer<'c> {
         let confirm = self.confirm_after_batch.take();
         if events.is_empty() && confirm.is_none() {
             return Ok(());
+        }
+        if !events.is_empty() {
+            let through = self.batch_through(confirm);
+            if let Some(gate) = self.gate.as_mut() {
+                // Nothing a failover can take back goes to Kafka. On
+                // shutdown the batch is dropped unpublished and unconfirmed:
+                // it is streamed again after restart.
+                if !gate.wait(through, events.len()).await? {
+                    return Ok(());
+                }
+            }
         }
         let batch = CapturedBatch {
             events,

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod faults;
 pub mod http;
 pub mod kafka;
+pub mod pg_pair;
 pub mod proxy;
 pub mod workload;
 
@@ -175,6 +176,24 @@ impl TestEnv {
             .await
             .expect("migrate");
         env
+    }
+
+    /// Points the env at the same database on another server (a promoted
+    /// standby): its pool, and the config of relays started from now on.
+    pub async fn move_to(&mut self, server_url: &str) {
+        self.database_url = replace_database(server_url, &self.database_url_name());
+        self.pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect(&self.database_url)
+            .await
+            .expect("connect to the test database on the new server");
+        self.write_config("", "");
+    }
+
+    /// The database's name, from its URL.
+    fn database_url_name(&self) -> String {
+        let base = self.database_url.split('?').next().unwrap_or_default();
+        base.rsplit('/').next().unwrap_or_default().to_string()
     }
 
     pub fn topic_prefix(&self) -> String {
