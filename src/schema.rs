@@ -191,7 +191,11 @@ pub async fn database_source(
         // Only a missing grant means the relay.name stand-in; anything else
         // (a dropped connection, a failover in progress) would change the
         // relay's identity by accident, so the session is retried instead.
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42501") => {
+        // 42501: no EXECUTE grant; 42883 / 0A000: a platform that lacks or
+        // disables the function.
+        Err(sqlx::Error::Database(error))
+            if matches!(error.code().as_deref(), Some("42501" | "42883" | "0A000")) =>
+        {
             tracing::warn!(
                 %error,
                 "cannot read pg_control_system(), so the relay's Kafka identity (transactional.id, \
@@ -202,9 +206,11 @@ pub async fn database_source(
             );
             Ok(None)
         }
-        Err(error) => Err(crate::error::Error::from_postgres(
-            "reading the database's system identifier (pg_control_system())",
-            error,
-        )),
+        Err(error) => Err(crate::error::Error::retry(format!(
+            "reading the database's system identifier (pg_control_system()): {error}; the \
+             relay's Kafka identity depends on it, so the session is retried rather than run \
+             under another identity"
+        ))
+        .because(crate::error::Cause::Postgres)),
     }
 }

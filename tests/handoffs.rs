@@ -13,7 +13,7 @@ use outboxd::kafka::checkpoint::{Checkpoint, Record};
 use rdkafka::producer::{FutureRecord, Producer};
 use sqlx::Connection;
 
-use crate::support::faults::{log_path, RelayProcess};
+use crate::support::faults::{config_with_relay_name, log_path, RelayProcess};
 use crate::support::kafka::{begin_transaction_as, read_topic};
 use crate::support::workload::{assert_exactly_once, write_orders, Written};
 use crate::support::{Mode, TestEnv};
@@ -53,27 +53,37 @@ in_both_modes!(
     a_rollback_between_two_leaderships_repeats_nothing,
     worker_threads = 2
 );
-/// New → old → new: this release leads (its table checkpoint and group
-/// offset exist), then a legacy relay leads again (a rollback, or an old pod
-/// restarting) and dies after its Kafka commit, before marking. This release
-/// must find that batch on its next start although its own group already
-/// has an offset, and afterwards the legacy key holds a hand-over marker
-/// that a legacy relay refuses to start from.
+/// Old → new → old → new. A legacy relay leads, this release takes over
+/// (and writes a hand-over marker under the legacy key), the operator
+/// deletes the marker to roll back (a tombstone, as the README says), the
+/// legacy relay leads again and dies after its Kafka commit, before
+/// marking. This release must find that batch on its next start although
+/// its own group already has an offset, and hand over again.
 async fn a_rollback_between_two_leaderships_repeats_nothing(mode: Mode) {
     let env = TestEnv::new("rollback", mode).await;
     env.replace_in_config("routing:\n", "routing:\n  partitioner: consistent_random\n");
+    outboxd::kafka::topics::ensure_checkpoint_topic(&env.config())
+        .await
+        .expect("checkpoint topic");
     let first = write_orders(&env.pool, 0, 10, 5).await;
+    assert_eq!(commit_as_legacy_relay(&env, 3).await, 3);
     env.relay_until_all_sent(LIMIT).await;
+    assert_handed_over(&env).await;
 
+    delete_record_under(&env, &env.relay_name()).await;
     let second = write_orders(&env.pool, 1, 10, 5).await;
     let left = commit_as_legacy_relay(&env, 7).await;
     assert_eq!(left, 7, "the legacy relay published part of the new rows");
-    assert!(env.unsent().await as usize == second.committed);
+    assert_eq!(env.unsent().await as usize, second.committed);
 
     env.relay_until_all_sent(LIMIT).await;
     assert_exactly_once(&env, &Written::combined([first, second])).await;
+    assert_handed_over(&env).await;
+}
 
-    // What a legacy relay with this name would read as its latest record.
+/// The latest record under the legacy key is a hand-over marker, which a
+/// version-1 reader (every release before table-keyed checkpoints) refuses.
+async fn assert_handed_over(env: &TestEnv) {
     let records = read_topic(&env.kafka, &env.checkpoint_topic()).await;
     let latest_under_legacy_key = records
         .iter()
@@ -90,6 +100,24 @@ async fn a_rollback_between_two_leaderships_repeats_nothing(mode: Mode) {
     );
 }
 
+/// What the README tells an operator to do to roll back on purpose: a
+/// tombstone under the legacy key, on the checkpoint partition.
+async fn delete_record_under(env: &TestEnv, key: &str) {
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(&env.checkpoint_topic())
+                .key(key)
+                .partition(0),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("tombstone delivered");
+}
+
 /// Granting the relay's role EXECUTE on `pg_control_system()`, as its own
 /// warning asks, changes its identity from the `relay.name` stand-in to the
 /// database's system identifier. A batch committed to Kafka under the old
@@ -97,26 +125,7 @@ async fn a_rollback_between_two_leaderships_repeats_nothing(mode: Mode) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn granting_pg_control_system_keeps_what_the_old_identity_published() {
     let env = TestEnv::new("grant-identity", Mode::Polling).await;
-    let role = format!("relay_{}", env.id.replace('-', "_"));
-    for statement in [
-        format!("CREATE ROLE {role} LOGIN"),
-        format!("GRANT USAGE ON SCHEMA public TO {role}"),
-        format!("GRANT SELECT, UPDATE (sent_at) ON public.outbox TO {role}"),
-        "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC".to_string(),
-    ] {
-        sqlx::raw_sql(&statement)
-            .execute(&env.pool)
-            .await
-            .expect("set up the relay's role");
-    }
-    env.replace_in_config(
-        &format!("url: {}", env.database_url),
-        &format!(
-            "url: {}",
-            env.database_url
-                .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1)
-        ),
-    );
+    let role = relay_without_pg_control_system(&env).await;
     let first = write_orders(&env.pool, 0, 10, 5).await;
     let mut relay = RelayProcess::start(&env, Some("after-commit"));
     relay.killed_at_point("after-commit", LIMIT).await;
@@ -137,6 +146,70 @@ async fn granting_pg_control_system_keeps_what_the_old_identity_published() {
     assert_exactly_once(&env, &first).await;
     let log = std::fs::read_to_string(log_path(&env)).expect("relay log");
     assert!(log.contains("this table was relayed under another identity before"));
+}
+
+/// Two databases, relays of the same `relay.name`, one checkpoint topic. In
+/// one, the role may not read `pg_control_system()`, so its relay writes
+/// under the `relay:<name>` stand-in identity; the other's relay looks
+/// there for its own earlier identity. It must not take the other
+/// database's checkpoint for its own: none of its rows is marked by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_named_relay_of_another_database_is_not_adopted() {
+    let ours = TestEnv::new("same-name-ours", Mode::Polling).await;
+    let shared = format!("{}-shared.checkpoints", ours.topic_prefix());
+    let ours = ours.with_checkpoint_topic(&shared);
+    let theirs = TestEnv::new("same-name-theirs", Mode::Polling)
+        .await
+        .with_checkpoint_topic(&shared);
+    relay_without_pg_control_system(&theirs).await;
+    // Our relay takes their name (the checker of each env knows its own).
+    let our_config = config_with_relay_name(&ours, &theirs.relay_name());
+
+    let their_rows = write_orders(&theirs.pool, 0, 10, 5).await;
+    let mut their_relay = RelayProcess::start(&theirs, Some("after-commit"));
+    their_relay.killed_at_point("after-commit", LIMIT).await;
+    assert!(
+        theirs.unsent().await > 0,
+        "their batch is in Kafka, unmarked"
+    );
+
+    let our_rows = write_orders(&ours.pool, 0, 10, 5).await;
+    let mut our_relay = RelayProcess::spawn(&our_config, &log_path(&ours), None);
+    ours.wait_all_sent(LIMIT).await;
+    our_relay.stop().await;
+    let _ = std::fs::remove_file(&our_config);
+    assert_exactly_once(&ours, &our_rows).await;
+
+    let mut their_relay = RelayProcess::start(&theirs, None);
+    theirs.wait_all_sent(LIMIT).await;
+    their_relay.stop().await;
+    assert_exactly_once(&theirs, &their_rows).await;
+}
+
+/// Points the env's relay at a new least-privilege role that may not
+/// execute `pg_control_system()`; returns the role.
+async fn relay_without_pg_control_system(env: &TestEnv) -> String {
+    let role = format!("relay_{}", env.id.replace('-', "_"));
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("GRANT SELECT, UPDATE (sent_at) ON public.outbox TO {role}"),
+        "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC".to_string(),
+    ] {
+        sqlx::raw_sql(&statement)
+            .execute(&env.pool)
+            .await
+            .expect("set up the relay's role");
+    }
+    env.replace_in_config(
+        &format!("url: {}", env.database_url),
+        &format!(
+            "url: {}",
+            env.database_url
+                .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1)
+        ),
+    );
+    role
 }
 
 /// Does what a relay from before table-keyed checkpoints did: claims the

@@ -231,25 +231,6 @@ impl Checkpoint {
             )),
         }
     }
-
-    /// The later of two checkpoints of one table: the one whose replication
-    /// position is further on (positions only grow along the stream), else
-    /// `later_written` (the one written after the other, by offset).
-    pub fn later(self, other: Checkpoint, later_written: bool) -> Checkpoint {
-        match (self.position, other.position) {
-            (Some(mine), Some(theirs)) if mine != theirs => {
-                if mine > theirs {
-                    self
-                } else {
-                    other
-                }
-            }
-            (Some(_), None) => self,
-            (None, Some(_)) => other,
-            _ if later_written => other,
-            _ => self,
-        }
-    }
 }
 
 /// Written under a pre-table-key relay's key (its `relay.name`) by every
@@ -619,25 +600,5 @@ mod tests {
         // An earlier release's checkpoint (no ids) still reads.
         let old = br#"{"version":1,"table":"t","published":[[1,2]],"dead_lettered":[]}"#;
         assert_eq!(Checkpoint::from_bytes(old).unwrap().row_ids(), None);
-    }
-
-    #[test]
-    fn the_later_checkpoint_is_the_one_further_along_the_stream() {
-        let at = |lsn: u64| {
-            Some(SourcePosition {
-                commit_lsn: crate::postgres::lsn::Lsn(lsn),
-                index: 0,
-            })
-        };
-        let early = Checkpoint::new("t", None, &[1], &[], at(10));
-        let late = Checkpoint::new("t", None, &[2], &[], at(20));
-        // Written later, but behind in the stream: position wins.
-        assert_eq!(late.clone().later(early.clone(), true), late);
-        assert_eq!(early.clone().later(late.clone(), false), late);
-        // Polling checkpoints have no position: the later written wins.
-        let a = Checkpoint::new("t", None, &[1], &[], None);
-        let b = Checkpoint::new("t", None, &[2], &[], None);
-        assert_eq!(a.clone().later(b.clone(), true), b);
-        assert_eq!(a.clone().later(b, false), a);
     }
 }

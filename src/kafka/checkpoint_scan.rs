@@ -35,7 +35,7 @@
 //! record under its own key, does not know the format, and refuses to start.
 //! A marker or a tombstone under a key ends what that key said before.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -71,13 +71,19 @@ pub struct Origin {
     /// `<system identifier>/<database>`, when the relay may read it: legacy
     /// relays under other names count only when their checkpoints name it.
     pub source: Option<String>,
+    /// Keys of this release's `relay.name` stand-in identity
+    /// (`TableIdentity::alternates`): read like our own legacy key, never
+    /// given a hand-over marker.
+    pub stand_in_keys: Vec<String>,
 }
 
 /// A legacy relay's latest checkpoint for the table.
 #[derive(Debug, Clone)]
 pub struct LegacyCheckpoint {
-    /// Its key: the legacy relay's `relay.name`.
+    /// Its key: the legacy relay's `relay.name`, or a stand-in key.
     pub key: String,
+    /// Written under a stand-in key of this release, not by a legacy relay.
+    pub stand_in: bool,
     /// Where it was read; offsets of `CHECKPOINT_PARTITION` compare with the
     /// table's own checkpoints.
     pub partition: i32,
@@ -98,6 +104,7 @@ pub struct Found {
 /// Fences this relay's legacy transactional id, then reads from `start` as
 /// the module explains, fencing every other legacy relay it finds.
 pub async fn read(config: &Config, origin: &Origin, start: Start) -> Result<Found> {
+    let mut fenced = BTreeSet::from([config.relay.name.clone()]);
     Publisher::fence_transactional_id(config, &legacy_transactional_id(&config.relay.name)).await?;
     if let Start::After(_) = start {
         let peek = scan(config, origin, start, Isolation::Uncommitted).await?;
@@ -106,26 +113,36 @@ pub async fn read(config: &Config, origin: &Origin, start: Start) -> Result<Foun
         }
         tracing::warn!(
             legacy_relays = ?peek.legacy.iter().map(|l| l.key.as_str()).collect::<Vec<_>>(),
-            "a relay from before table-keyed checkpoints (outboxd 0.1 up to 0ac26db) wrote \
-             checkpoints for this table after this release last led it (a rollback, or an old pod \
-             that restarted): fencing it and adopting what it published"
+            "a relay from before table-keyed checkpoints (outboxd 0.1 up to 0ac26db) may have \
+             written checkpoints for this table after this release last led it (a rollback, or an \
+             old pod that restarted): fencing it and adopting what it committed"
         );
+        // Fenced before the committed read, which would otherwise wait for
+        // their open transactions.
+        fence_new(config, &peek, &mut fenced).await?;
     }
-    let mut found = scan(config, origin, start, Isolation::Committed).await?;
-    let others: Vec<String> = found
-        .legacy
-        .iter()
-        .map(|l| l.key.clone())
-        .filter(|key| key != &config.relay.name)
-        .collect();
-    if !others.is_empty() {
-        for key in &others {
-            Publisher::fence_transactional_id(config, &legacy_transactional_id(key)).await?;
+    // Read, fence every legacy relay found, and read again until a read
+    // finds none that was not fenced before it began: then no checkpoint of
+    // theirs can commit above what the read saw.
+    loop {
+        let found = scan(config, origin, start, Isolation::Committed).await?;
+        if !fence_new(config, &found, &mut fenced).await? {
+            return Ok(found);
         }
-        // Read again to see how their open transactions ended.
-        found = scan(config, origin, start, Isolation::Committed).await?;
     }
-    Ok(found)
+}
+
+/// Fences the legacy relays in `found` not fenced yet; whether there were any.
+async fn fence_new(config: &Config, found: &Found, fenced: &mut BTreeSet<String>) -> Result<bool> {
+    let mut any = false;
+    for legacy in &found.legacy {
+        if fenced.insert(legacy.key.clone()) {
+            Publisher::fence_transactional_id(config, &legacy_transactional_id(&legacy.key))
+                .await?;
+            any = true;
+        }
+    }
+    Ok(any)
 }
 
 /// The transactional id a legacy relay named `relay_name` used.
@@ -309,16 +326,15 @@ impl<'a> Books<'a> {
             }
             return Ok(());
         }
-        let own = key == self.relay_name;
+        let stand_in = self.origin.stand_in_keys.contains(&key);
+        let own = stand_in || key == self.relay_name;
         match record {
             // A tombstone or our hand-over marker: what the key said before
-            // was adopted (or deleted on purpose). Not in an uncommitted read
-            // of the tail of our own partition: a committed marker there lies
-            // before the table's latest checkpoint, so one in the tail was
-            // aborted and ends nothing.
+            // was adopted (or deleted on purpose). Not in an uncommitted
+            // read: the marker may belong to an aborted hand-over, and the
+            // peek must err towards the committed read.
             None | Some(Ok(Record::HandedOver(_))) => {
-                if isolation == Isolation::Committed || message.partition() != CHECKPOINT_PARTITION
-                {
+                if isolation == Isolation::Committed {
                     self.legacy.remove(&key);
                 }
             }
@@ -329,6 +345,7 @@ impl<'a> Books<'a> {
                     key.clone(),
                     LegacyCheckpoint {
                         key,
+                        stand_in,
                         partition: message.partition(),
                         offset: message.offset(),
                         checkpoint,
@@ -344,13 +361,20 @@ impl<'a> Books<'a> {
         Ok(())
     }
 
-    /// Our own legacy key counts when it names the table; another relay's
-    /// when it names the table in the same database.
+    /// A legacy checkpoint counts when it names the table in the same
+    /// database. Under our own key, one that names no database (0.1, or a
+    /// role without the grant) counts too: one `relay.name` per table was
+    /// that release's rule. A same-named relay of another database never
+    /// counts, whatever its key.
     fn concerns_the_table(&self, own: bool, checkpoint: &Checkpoint) -> bool {
         if checkpoint.table != self.origin.table {
             return false;
         }
-        own || (self.origin.source.is_some() && checkpoint.source == self.origin.source)
+        match (&checkpoint.source, &self.origin.source) {
+            (Some(theirs), Some(ours)) => theirs == ours,
+            (Some(_), None) => false,
+            (None, _) => own,
+        }
     }
 
     fn unreadable(&self, offset: i64, why: &str) -> Error {

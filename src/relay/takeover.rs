@@ -12,7 +12,7 @@ use sqlx::PgConnection;
 
 use super::session::Context;
 use crate::error::Result;
-use crate::kafka::checkpoint::{self, Checkpoint, CHECKPOINT_PARTITION};
+use crate::kafka::checkpoint::{self, Checkpoint};
 use crate::kafka::checkpoint_scan;
 use crate::kafka::identity::TableIdentity;
 use crate::kafka::publisher::{PublishError, Publisher};
@@ -52,10 +52,12 @@ pub(super) async fn take_over(
         return Ok(None);
     }
     let found = find_checkpoints(context, source, &identity).await?;
-    let mut latest: Option<(Option<i64>, Checkpoint)> = None;
-    for candidate in &found.candidates {
+    let mut latest = None;
+    for candidate in found.candidates {
         // Marking is idempotent: rows of a checkpoint that were marked long
-        // ago are simply marked again.
+        // ago are simply marked again. Rows are matched by event id where
+        // the checkpoint names them so, which keeps a checkpoint of another
+        // database (a same-named relay) from marking anything here.
         let done = context
             .acknowledger
             .reconcile(connection, &candidate.checkpoint)
@@ -68,29 +70,18 @@ pub(super) async fn take_over(
             newly_acknowledged = done.published + done.dead_lettered,
             "reconciled the outbox with a committed checkpoint"
         );
-        latest = Some(match latest.take() {
-            None => (candidate.offset, candidate.checkpoint.clone()),
-            Some((offset, earlier)) => {
-                let later_written = match (offset, candidate.offset) {
-                    (Some(earlier), Some(this)) => this > earlier,
-                    (None, Some(_)) => true,
-                    _ => false,
-                };
-                let offset = if later_written {
-                    candidate.offset
-                } else {
-                    offset
-                };
-                (
-                    offset,
-                    earlier.later(candidate.checkpoint.clone(), later_written),
-                )
-            }
-        });
+        // Only the table's own checkpoint says where this relay's stream
+        // stands. Another identity's position is never taken over: what
+        // that relay published is marked now, and replication publishes a
+        // replayed row only while the table shows it unsent.
+        if candidate.ours {
+            latest = Some(candidate.checkpoint);
+        }
     }
-    let latest = latest
-        .map(|(_, checkpoint)| checkpoint)
-        .unwrap_or_else(|| Checkpoint::new(&context.table_name, source, &[], &[], None));
+    let mut latest =
+        latest.unwrap_or_else(|| Checkpoint::new(&context.table_name, source, &[], &[], None));
+    latest.table = context.table_name.clone();
+    latest.source = source.map(str::to_string);
     // Every row it names is acknowledged before it becomes the table's
     // checkpoint, so a crash in between only repeats this takeover.
     match publisher.hand_over(&latest, &found.legacy_keys).await {
@@ -115,16 +106,17 @@ pub(super) async fn take_over(
 struct Candidate {
     /// Who wrote it, for the log.
     written_by: String,
-    /// Its offset in the checkpoint partition, when it is there.
-    offset: Option<i64>,
+    /// Written under the table's own identity: its position is where this
+    /// relay's stream stands.
+    ours: bool,
     checkpoint: Checkpoint,
 }
 
 /// What a takeover reconciles and whom it hands over from.
 struct Found {
     candidates: Vec<Candidate>,
-    /// Keys (and partitions) to write a hand-over marker under: this relay's
-    /// `relay.name` and every legacy relay found.
+    /// Keys (and partitions) to write a hand-over marker under: every
+    /// legacy relay found.
     legacy_keys: Vec<(String, i32)>,
 }
 
@@ -139,14 +131,33 @@ async fn find_checkpoints(
 ) -> Result<Found> {
     let config = &context.config;
     let mut candidates = Vec::new();
-    if let Some(own) = checkpoint::read_latest(config, identity).await? {
+    let own = checkpoint::read_latest(config, identity).await?;
+    // Whatever any predecessor committed after the table's own latest
+    // checkpoint lies after it on the topic; without one, anywhere.
+    let start = match &own {
+        Some(own) => checkpoint_scan::Start::After(own.offset),
+        None => {
+            tracing::info!(
+                topic = %config.kafka.checkpoint_topic,
+                checkpoint_group = %identity.checkpoint_group,
+                "the table's checkpoint group has no offset (first start, first start after \
+                 upgrading, a new identity, or offsets expired by the broker's \
+                 offsets.retention.minutes): scanning the checkpoint topic once; this waits for \
+                 other relays' open transactions on it"
+            );
+            checkpoint_scan::Start::Beginning
+        }
+    };
+    if let Some(own) = own {
         candidates.push(Candidate {
             written_by: format!("this table's identity `{}`", identity.checkpoint_key),
-            offset: Some(own.offset),
+            ours: true,
             checkpoint: own.checkpoint,
         });
     }
+    let mut stand_in_keys = Vec::new();
     for alternate in identity.alternates(&context.table_name, &config.relay.name) {
+        stand_in_keys.push(alternate.checkpoint_key.clone());
         if !checkpoint::has_checkpoint(config, &alternate).await? {
             continue;
         }
@@ -156,55 +167,43 @@ async fn find_checkpoints(
                 previous_identity = %alternate.checkpoint_key,
                 identity = %identity.checkpoint_key,
                 "this table was relayed under another identity before (the role could not read \
-                 pg_control_system() then): fenced it and adopting its latest checkpoint"
+                 pg_control_system() then): fenced it and adopting what it published"
             );
             candidates.push(Candidate {
                 written_by: format!("the earlier identity `{}`", alternate.checkpoint_key),
-                offset: Some(found.offset),
+                ours: false,
                 checkpoint: found.checkpoint,
             });
         }
     }
-    let start = match candidates.iter().filter_map(|c| c.offset).max() {
-        Some(offset) => checkpoint_scan::Start::After(offset),
-        None => {
-            tracing::info!(
-                topic = %config.kafka.checkpoint_topic,
-                checkpoint_group = %identity.checkpoint_group,
-                "the table's checkpoint group has no offset (first start, first start after \
-                 upgrading from 0.1, or offsets expired by the broker's offsets.retention.minutes): \
-                 scanning the checkpoint topic once; this waits for other relays' open transactions on it"
-            );
-            checkpoint_scan::Start::Beginning
-        }
-    };
     let origin = checkpoint_scan::Origin {
         table_key: identity.checkpoint_key.clone(),
         table: context.table_name.clone(),
         source: source.map(str::to_string),
+        stand_in_keys,
     };
     let scanned = checkpoint_scan::read(config, &origin, start).await?;
-    if let Some((offset, checkpoint)) = scanned.table {
+    if let Some((_, checkpoint)) = scanned.table {
         candidates.push(Candidate {
             written_by: format!("this table's identity `{}`", identity.checkpoint_key),
-            offset: Some(offset),
+            ours: true,
             checkpoint,
         });
     }
-    let mut legacy_keys = vec![(config.relay.name.clone(), CHECKPOINT_PARTITION)];
+    let mut legacy_keys = Vec::new();
     for legacy in scanned.legacy {
-        if legacy.key == config.relay.name {
-            legacy_keys[0].1 = legacy.partition;
-        } else {
+        if !legacy.stand_in {
+            tracing::warn!(
+                legacy_relay = %legacy.key,
+                "adopting what a relay from before table-keyed checkpoints (outboxd 0.1 up to \
+                 0ac26db) published; a hand-over marker under its key makes that release refuse \
+                 to lead this table from now on"
+            );
             legacy_keys.push((legacy.key.clone(), legacy.partition));
         }
-        tracing::warn!(
-            legacy_relay = %legacy.key,
-            "adopting the checkpoint of a relay from before table-keyed checkpoints (outboxd 0.1              up to 0ac26db); from now on that release refuses to lead this table"
-        );
         candidates.push(Candidate {
-            written_by: format!("the pre-table-key relay `{}`", legacy.key),
-            offset: (legacy.partition == CHECKPOINT_PARTITION).then_some(legacy.offset),
+            written_by: format!("the relay that wrote under `{}`", legacy.key),
+            ours: false,
             checkpoint: legacy.checkpoint,
         });
     }

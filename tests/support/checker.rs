@@ -102,16 +102,34 @@ pub async fn check(env: &TestEnv, written: &Written) -> Report {
     compare(&rows, &routed, &dead_lettered, books, written)
 }
 
-/// The committed checkpoints of the env's table, oldest first.
+/// The committed checkpoints of the env's table, oldest first: under its
+/// identity, under its `relay.name` stand-in identity (a role without
+/// `pg_control_system()`), and under its relay name as releases from before
+/// table-keyed checkpoints wrote them (hand-over markers are not checkpoints).
 pub async fn table_checkpoints(env: &TestEnv) -> Vec<Checkpoint> {
+    use outboxd::kafka::checkpoint::Record;
     let records = read_topic(&env.kafka, &env.checkpoint_topic()).await;
     let key = env.checkpoint_key().await;
-    records
-        .iter()
-        .filter(|r| r.key.as_deref() == Some(key.as_bytes()))
-        .filter_map(|r| r.payload.as_deref())
-        .map(|bytes| Checkpoint::from_bytes(bytes).expect("checkpoint record is readable"))
-        .collect()
+    let legacy_key = env.relay_name();
+    let stand_in_key =
+        outboxd::kafka::identity::TableIdentity::new(None, "public.outbox", &legacy_key)
+            .checkpoint_key;
+    let mut checkpoints = Vec::new();
+    for record in &records {
+        let Some(bytes) = record.payload.as_deref() else {
+            continue;
+        };
+        if record.key.as_deref() == Some(key.as_bytes())
+            || record.key.as_deref() == Some(stand_in_key.as_bytes())
+        {
+            checkpoints.push(Checkpoint::from_bytes(bytes).expect("checkpoint record is readable"));
+        } else if record.key.as_deref() == Some(legacy_key.as_bytes()) {
+            if let Ok(Record::Checkpoint(checkpoint)) = Record::from_bytes(bytes) {
+                checkpoints.push(checkpoint);
+            }
+        }
+    }
+    checkpoints
 }
 
 /// For a relay other than outboxd (the benchmarks' Debezium): every
