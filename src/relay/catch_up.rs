@@ -224,19 +224,7 @@ async fn drain(session: &mut Session<'_>, up_to: i64) -> Result<()> {
             return Ok(());
         }
         if patience.should_warn() {
-            let holders = row_lock_holders(session).await;
-            tracing::warn!(
-                unsent_seqs = ?left,
-                lock_holder_pids = ?holders,
-                waited_s = patience.waited().as_secs(),
-                "the catch-up drain cannot claim unsent rows [{}]: another session holds a lock \
-                 on them (SELECT … FOR UPDATE or FOR SHARE, or a foreign-key check's FOR KEY SHARE; \
-                 backends {holders:?} hold row locks on the table). They committed before the \
-                 replication slot's start, so its stream will never carry them: the relay claims \
-                 them again as soon as the lock is released, and streams only after that (new rows \
-                 wait meanwhile). If this lasts, end that transaction (pg_stat_activity shows it)",
-                seq_list(&left),
-            );
+            warn_rows_held(session, &left, up_to, patience.waited()).await;
         } else {
             tracing::debug!(unsent_seqs = ?left, "unsent rows left after the drain's claims; claiming again");
         }
@@ -246,6 +234,24 @@ async fn drain(session: &mut Session<'_>, up_to: i64) -> Result<()> {
             _ = stop.wait() => return Ok(()),
         }
     }
+}
+
+/// Says which rows the drain waits for, who may hold them, and what to do.
+async fn warn_rows_held(session: &mut Session<'_>, left: &[i64], up_to: i64, waited: Duration) {
+    let holders = row_lock_holders(session).await;
+    tracing::warn!(
+        unsent_seqs = ?left,
+        lock_holder_pids = ?holders,
+        waited_s = waited.as_secs(),
+        "the catch-up drain cannot claim unsent rows [{}]: another session holds a lock on them \
+         (SELECT … FOR UPDATE or FOR SHARE, or a foreign-key check's FOR KEY SHARE; backends \
+         {holders:?} hold row locks on the table). Rows up to seq {up_to} may have committed \
+         before the replication slot's position, where its stream cannot carry them, so the relay \
+         claims them again as soon as the lock is released and streams only after that (new \
+         rows wait meanwhile). If this lasts, end that transaction (pg_stat_activity shows it, \
+         or pg_prepared_xacts for a prepared one)",
+        seq_list(left),
+    );
 }
 
 /// A few unsent rows with seq ≤ `up_to`, read without locking them (a
