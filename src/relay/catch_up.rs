@@ -59,16 +59,19 @@ pub(super) enum Reason {
 /// Kafka. Past it, what the relay can read does not tell its own confirms
 /// from an operator's: it confirms the WAL of its own marks and, while the
 /// outbox is idle, keepalive WAL ends, and records those confirms nowhere
-/// but in the slot. So a stopped relay's slot is nearly always a little
-/// past the checkpoint, and the rule sends nearly every start to the drain.
+/// but in the slot. So a stopped relay's slot is often past the checkpoint
+/// (always after an idle spell), and the rule then sends the start to the
+/// drain.
 ///
 /// Why that is cheap. The drain first reads whether any unsent row is left
-/// (one query on the unsent-rows index): on a restart with nothing written
-/// meanwhile there is none, and streaming starts at once. Rows written
-/// while the relay was down are published by the drain's claims (as fast
-/// as streaming them, bench/results.md) and the stream then replays them
-/// past its catch-up filter, one query per batch. Only when rows are
-/// provably behind the slot does the relay warn (`behind_slot`).
+/// (one query on the unsent-rows index, once the transactions running at
+/// that moment have ended, as the start of streaming waits anyway): on a
+/// restart with nothing written meanwhile there is none, and streaming
+/// starts at once. Rows written while the relay was down are published by
+/// the drain's claims (as fast as streaming them, bench/results.md), and
+/// the stream then replays them past its catch-up filter, one query per
+/// batch. Only when rows are provably behind the slot does the relay warn
+/// (`behind_slot`); otherwise it says what it does at info.
 pub(super) fn needed(
     slot_is_new: bool,
     last_published: Option<Lsn>,
@@ -109,16 +112,17 @@ pub(super) async fn run(session: &mut Session<'_>, slot_name: &str, reason: Reas
 /// The drain's bound: the highest seq among unsent rows once every
 /// transaction committed before now is visible, `None` when none is unsent.
 ///
-/// Why it covers every row the stream cannot carry: such a row committed
-/// before the slot's start (its creation, or the position it was moved to),
-/// which lies before this read. Once the position is settled
-/// (`settled_wal_position`), every transaction committed before it is
-/// visible, so the row is sent already or unsent with a seq at most this.
-/// A row with a seq at most this that is not visible yet (seqs are handed
-/// out before commit) belongs to a transaction that got its id after the
-/// settled position was read, so it commits after the slot's start and the
-/// stream carries it; the drain need not wait for it, and its plain read
-/// does not see it.
+/// Why it covers every row the stream cannot carry: such a row's commit
+/// record lies before the slot's start (its creation, or the position it
+/// was moved to), which lies before the WAL position settled here. Once
+/// settled (`settled_wal_position`), every transaction whose commit record
+/// lies before that position is visible, so the row is sent already or
+/// unsent with a seq at most this. A row this read does not see (seqs are
+/// handed out before commit, so its seq may well be lower) has its commit
+/// record after the settled position, so after the slot's start: the
+/// stream carries it, the drain need not wait for it, and the drain's plain
+/// read does not see it either. Without settling, a row committed just
+/// before the slot's start but not yet visible would be in neither.
 async fn bound(session: &mut Session<'_>) -> Result<Option<i64>> {
     settled_wal_position(&mut session.connection).await?;
     sqlx::query_scalar(&session.context.table.max_unsent_seq_sql())
