@@ -248,6 +248,37 @@ impl OutboxTable {
         )
     }
 
+    /// Up to `$2` unsent rows with seq ≤ `$1`, lowest first, read without
+    /// locking them: a row another session holds locked is seen, not skipped
+    /// (as a claim's `SKIP LOCKED` does) and not waited for.
+    pub fn unsent_up_to_sql(&self) -> String {
+        let c = &self.columns;
+        format!(
+            "SELECT {seq}::bigint FROM {table} WHERE {sent_at} IS NULL AND {seq} <= $1 \
+             ORDER BY {seq} LIMIT $2",
+            table = self.qualified(),
+            sent_at = quote_ident(&c.sent_at),
+            seq = quote_ident(&c.seq),
+        )
+    }
+
+    /// Like [`unsent_up_to_sql`](Self::unsent_up_to_sql), only rows whose
+    /// inserting transaction is older than the `catalog_xmin` of the slot
+    /// named `$2` (`$3` is the limit): rows that committed before a WAL
+    /// position the slot has passed (`relay::catch_up::behind_slot`).
+    pub fn unsent_behind_slot_sql(&self) -> String {
+        let c = &self.columns;
+        format!(
+            "SELECT o.{seq}::bigint FROM {table} o, pg_replication_slots s \
+             WHERE s.slot_name = $2 AND o.{sent_at} IS NULL AND o.{seq} <= $1 \
+               AND age(o.xmin) > age(s.catalog_xmin) \
+             ORDER BY o.{seq} LIMIT $3",
+            table = self.qualified(),
+            sent_at = quote_ident(&c.sent_at),
+            seq = quote_ident(&c.seq),
+        )
+    }
+
     /// Deletes up to `$2` rows marked sent more than `$1` seconds ago, oldest
     /// seq first (old rows sit at the start of the primary key).
     pub fn delete_sent_before_sql(&self) -> String {

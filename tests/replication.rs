@@ -6,7 +6,10 @@
 use sqlx::{Connection, PgConnection};
 use std::time::{Duration, Instant};
 
-use crate::support::workload::{assert_exactly_once, write_orders, LiveWriter, Written};
+use crate::support::faults::RelayProcess;
+use crate::support::workload::{
+    assert_exactly_once, write_backlog, write_orders, LiveWriter, Written,
+};
 use crate::support::{servers, signal, InProcessRelay, Mode, TestEnv};
 
 /// Rows per aggregate and aggregates in the big transaction.
@@ -432,4 +435,184 @@ async fn waits_for_commit<T: std::fmt::Debug>(
         .await
         .expect("finishes once the transaction committed")
         .expect("task")
+}
+
+/// Issue 26, item 2: a new slot streams only what commits after it exists,
+/// so the rows already in the table are published by its catch-up drain,
+/// whose claims skip locked rows. Rows another session holds locked while
+/// the drain runs (`FOR UPDATE`, `FOR SHARE`, a foreign-key check's `FOR KEY
+/// SHARE`) must be published once the lock is released, never left behind
+/// when streaming begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_locked_during_a_new_slots_catch_up_are_published_once_released() {
+    let env = TestEnv::new("locked-drain", Mode::Replication).await;
+    sqlx::raw_sql("CREATE TABLE receipts (outbox_seq bigint NOT NULL REFERENCES outbox (seq))")
+        .execute(&env.pool)
+        .await
+        .expect("a table referencing the outbox");
+    // Written before the relay ever ran: only the new slot's drain can
+    // publish them.
+    let backlog = write_backlog(&env.pool, 2000, 10).await;
+    // Marks slowed to 200 ms a batch: the drain of 20 batches takes
+    // seconds, time to lock rows at its far end while it runs.
+    let mut relay =
+        RelayProcess::start_with(&env, None, &[(outboxd::failpoint::SLOW_MARKS_ENV, "200")]);
+    wait_until_sent_at_least(&env, 1, Duration::from_secs(60)).await;
+
+    // The drain has begun (its slot exists, its bound is read). Lock its
+    // last six rows three ways, as other sessions of a service would.
+    let last: Vec<i64> = sqlx::query_scalar("SELECT seq FROM outbox ORDER BY seq DESC LIMIT 6")
+        .fetch_all(&env.pool)
+        .await
+        .expect("the last rows");
+    let for_update = hold_locked(
+        &env,
+        "SELECT 1 FROM outbox WHERE seq = ANY($1) FOR UPDATE",
+        &last[0..2],
+    )
+    .await;
+    let for_share = hold_locked(
+        &env,
+        "SELECT 1 FROM outbox WHERE seq = ANY($1) FOR SHARE",
+        &last[2..4],
+    )
+    .await;
+    let key_share = hold_locked(
+        &env,
+        "INSERT INTO receipts (outbox_seq) SELECT unnest($1::bigint[])",
+        &last[4..6],
+    )
+    .await;
+
+    // Everything else is published; the drain waits for the locked rows
+    // and says so, naming them.
+    wait_until_unsent_at_most(&env, 6, Duration::from_secs(60)).await;
+    relay
+        .wait_for_log(
+            &format!("the catch-up drain cannot claim unsent rows [{}, ", last[5]),
+            Duration::from_secs(60),
+        )
+        .await;
+    for transaction in [for_update, for_share, key_share] {
+        transaction.commit().await.expect("release the lock");
+    }
+    env.wait_all_sent(Duration::from_secs(60)).await;
+
+    // And it streams afterwards.
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let after = write_orders(&env.pool, 1, 10, 4).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await;
+    assert_exactly_once(&env, &Written::combined([backlog, after])).await;
+}
+
+/// Issue 26, item 5: with the relay stopped, an operator advances its slot
+/// past rows written meanwhile. The slot is neither missing nor lost and the
+/// checkpoint has a position, yet its stream can never carry those rows:
+/// they must be published from the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_behind_a_slot_advanced_while_the_relay_was_down_are_published() {
+    rows_behind_a_moved_slot_are_published(
+        "slot-advanced",
+        &["SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())"],
+    )
+    .await;
+}
+
+/// Issue 26, item 5: as above, the slot dropped and re-created by tooling
+/// (same name, same plugin) while the relay was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_behind_a_slot_recreated_while_the_relay_was_down_are_published() {
+    rows_behind_a_moved_slot_are_published(
+        "slot-recreated",
+        &[
+            "SELECT pg_drop_replication_slot($1)",
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        ],
+    )
+    .await;
+}
+
+/// A relay streams and stops; rows are written; `move_slot` (statements
+/// taking the slot name as `$1`) moves the slot past them; a restarted
+/// relay must publish them, then stream what comes next, exactly once.
+async fn rows_behind_a_moved_slot_are_published(name: &str, move_slot: &[&str]) {
+    let env = TestEnv::new(name, Mode::Replication).await;
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let streamed = write_orders(&env.pool, 0, 30, 5).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+
+    let while_down = write_orders(&env.pool, 1, 30, 5).await;
+    for statement in move_slot {
+        sqlx::query(statement)
+            .bind(env.slot_name())
+            .execute(&env.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    let (confirmed, wal) = env.slot_positions().await;
+    assert!(
+        confirmed.expect("the slot exists") >= wal - 1024 * 1024,
+        "the slot should now be past the rows written while the relay was down"
+    );
+
+    let relay = InProcessRelay::start(env.config());
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let after = write_orders(&env.pool, 2, 10, 5).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    assert_exactly_once(&env, &Written::combined([streamed, while_down, after])).await;
+}
+
+/// Opens a transaction that runs `sql` with `seqs` as `$1` (taking row
+/// locks on them) and keeps it open. Gives up after 5 s rather than queue
+/// behind the relay's own claim.
+async fn hold_locked(
+    env: &TestEnv,
+    sql: &str,
+    seqs: &[i64],
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut transaction = env.pool.begin().await.expect("begin");
+    sqlx::raw_sql("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *transaction)
+        .await
+        .expect("lock_timeout");
+    sqlx::query(sql)
+        .bind(seqs)
+        .execute(&mut *transaction)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("locking rows {seqs:?} ({e}): did the drain claim them before the test could?")
+        });
+    transaction
+}
+
+async fn wait_until_sent_at_least(env: &TestEnv, rows: i64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while sent_count(env).await < rows {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {rows} rows sent after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn wait_until_unsent_at_most(env: &TestEnv, rows: i64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let unsent = env.unsent().await;
+        if unsent <= rows {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{unsent} rows still unsent after {limit:?}, expected at most {rows}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

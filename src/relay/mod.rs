@@ -13,11 +13,13 @@
 //! anything new is published. `polling` and `replication` are the capture
 //! stages; both feed one `pipeline` (capture, publish and acknowledge at
 //! once), whose `window` of committed but unmarked batches every
-//! checkpoint names; `deliver` publishes one batch. This file is the retry
-//! loop; `session` is one term's set-up, `takeover` its fence and
-//! reconcile, `durable` the Postgres settings its connections need,
+//! checkpoint names; `deliver` publishes one batch; `catch_up` publishes
+//! from the table the rows a replication slot's stream cannot carry. This
+//! file is the retry loop; `session` is one term's set-up, `takeover` its
+//! fence and reconcile, `durable` the Postgres settings its connections need,
 //! `failover` what a replication session sets up against a failover.
 
+mod catch_up;
 mod deliver;
 mod durable;
 mod failover;

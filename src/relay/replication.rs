@@ -2,9 +2,9 @@
 //! deliver them in batches, mark the rows sent, then confirm the slot.
 //!
 //! ```text
-//!  slot ok? ──no──▶ create slot · drain unsent rows from the table (polling)
-//!     │                                       │
-//!     ▼                                       ▼
+//!  slot new, or past the last published commit? ──yes──▶ drain unsent rows from
+//!     │ no                                            the table (catch_up) until
+//!     ▼ ◀─────────────────────────────────────────────── none is left
 //!  START_REPLICATION ─▶ events (commit LSN, index) ─▶ batch ≤ batch_size, batch_bytes
 //!                                                       ▼
 //!        Kafka: begin · events + checkpoint(position) · commit
@@ -21,10 +21,12 @@
 //! - When nothing is in flight (no open transaction, empty batch), a
 //!   keepalive's WAL end is confirmed, so WAL written by other tables or
 //!   databases never piles up behind an idle outbox.
-//! - A new slot only streams what commits after it was created, so every
-//!   new slot (first start, or after a lost one) starts with a drain of the
-//!   rows still unsent in the table, read once every transaction committed
-//!   before the slot is visible.
+//! - A slot only streams what commits after its position, so every new
+//!   slot (first start, or after a lost one), and every slot found past the
+//!   last published commit (moved while the relay was down, or only
+//!   confirmed idle WAL), starts with a drain of the rows still unsent in
+//!   the table, which ends only once none is left up to its bound, locked
+//!   rows included (`catch_up`).
 //! - Until the stream passes the WAL position read when streaming starts,
 //!   streamed rows are published only if the table still shows them unsent:
 //!   what a session replays may have been published by a drain (its own, or
@@ -42,6 +44,7 @@ use futures_util::FutureExt;
 use sqlx::PgConnection;
 use tokio::sync::mpsc;
 
+use super::catch_up;
 use super::pipeline::{self, AcknowledgeWith, Acknowledged, CaptureEnds, CapturedBatch};
 use super::session::Session;
 use crate::capture::slot::{self, SlotInfo};
@@ -66,33 +69,22 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
     // A checkpoint with a position means this relay streamed from its slot
     // before; without one (first start, or polling until now) the slot's
     // stream cannot be trusted to hold every unsent row.
-    let streamed_before = latest.and_then(|c| c.position).is_some();
-    let (slot, created) = usable_slot(session, &slot_name, streamed_before).await?;
-    let needs_catch_up = created || !streamed_before;
+    let last_published = latest.and_then(|c| c.position);
+    let (slot, created) = usable_slot(session, &slot_name, last_published.is_some()).await?;
 
-    let mut resume_after = latest.and_then(|c| c.position);
-    if needs_catch_up {
-        // Once settled, every row committed before the slot existed is
-        // visible, with a seq at most this; rows committed later are in the
-        // stream. (Unsettled, a row whose commit was just before the slot
-        // but not yet visible was in neither: lost.)
-        settled_wal_position(&mut session.connection).await?;
-        let up_to: Option<i64> = sqlx::query_scalar(&table.max_unsent_seq_sql())
-            .fetch_one(&mut session.connection)
-            .await
-            .map_err(|e| Error::from_postgres("finding the unsent rows to catch up on", e))?;
-        if let Some(up_to) = up_to {
-            tracing::info!(
-                slot = %slot_name,
-                up_to_seq = up_to,
-                "publishing the rows still unsent in the table before streaming: the slot's stream \
-                 starts at its creation and cannot hold them"
-            );
-            super::polling::run(session, super::polling::Until::DrainedUpTo(up_to)).await?;
-            if session.stop.is_requested() {
-                return Ok(());
-            }
+    let mut resume_after = last_published;
+    let catch_up_reason = catch_up::needed(
+        created,
+        last_published.map(|p| p.commit_lsn),
+        slot.confirmed_flush,
+    );
+    if let Some(reason) = catch_up_reason {
+        catch_up::run(session, &slot_name, reason).await?;
+        if session.stop.is_requested() {
+            return Ok(());
         }
+        // The catch-up filter, not the checkpoint, tells what the stream
+        // replays that is already in Kafka.
         resume_after = None;
     }
     let filter_before = settled_wal_position(&mut session.connection).await?;
