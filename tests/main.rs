@@ -11,6 +11,7 @@ mod crash;
 mod dead_letters;
 mod exactly_once;
 mod handoffs;
+mod insert_only;
 mod leader;
 mod missing_topics;
 mod operations;
