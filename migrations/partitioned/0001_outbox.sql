@@ -49,9 +49,9 @@ BEGIN
         USING HINT = 'Write the event''s final content in its INSERT: the relay publishes the row as inserted, and an UPDATE or DELETE before COMMIT would never reach Kafka (see the outboxd README, The outbox table).';
 END
 $$;
-CREATE OR REPLACE TRIGGER "outbox_insert_only_update" BEFORE UPDATE OF "seq", "id", "aggregatetype", "aggregateid", "type", "payload", "headers", "tracingspancontext", "created_at" ON "public"."outbox"
+CREATE OR REPLACE TRIGGER "outbox_insert_only_update" AFTER UPDATE OF "seq", "id", "aggregatetype", "aggregateid", "type", "payload", "headers", "tracingspancontext", "created_at" ON "public"."outbox"
     FOR EACH ROW WHEN (OLD."sent_at" IS NULL) EXECUTE FUNCTION "public"."outbox_insert_only"();
-CREATE OR REPLACE TRIGGER "outbox_insert_only_delete" BEFORE DELETE ON "public"."outbox"
+CREATE OR REPLACE TRIGGER "outbox_insert_only_delete" AFTER DELETE ON "public"."outbox"
     FOR EACH ROW WHEN (OLD."sent_at" IS NULL AND OLD.xmin = pg_current_xact_id_if_assigned()::xid)
     EXECUTE FUNCTION "public"."outbox_insert_only"();
 
