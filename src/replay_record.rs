@@ -93,12 +93,20 @@ pub async fn inspect(connection: &mut PgConnection, table: &OutboxTable) -> Resu
     if !exists {
         return Ok(State::Missing);
     }
+    // A missing outbox table is reported on its own (check, the relay);
+    // asking for privileges on it would only fail here too.
+    let outbox_exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table.qualified())
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| Error::from_postgres("looking up the outbox table", e))?;
     let mut missing_privileges = Vec::new();
-    for (relation, privilege, shown) in [
+    let wanted = [
         (table.qualified(), "INSERT", table.display_name()),
         (record.clone(), "SELECT", display_name(table)),
         (record.clone(), "INSERT", display_name(table)),
-    ] {
+    ];
+    for (relation, privilege, shown) in wanted.into_iter().skip(usize::from(!outbox_exists)) {
         let granted: bool = sqlx::query_scalar("SELECT has_table_privilege($1, $2)")
             .bind(&relation)
             .bind(privilege)
