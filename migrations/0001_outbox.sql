@@ -31,6 +31,35 @@ $$;
 CREATE OR REPLACE TRIGGER "outbox_notify" AFTER INSERT ON "public"."outbox"
     FOR EACH STATEMENT EXECUTE FUNCTION "public"."outbox_notify"();
 
+-- Outbox rows are insert-only: the row as inserted is the event. Replication
+-- publishes what the INSERT wrote, so a change before COMMIT would never reach
+-- Kafka (polling would publish the committed row). This guard refuses changing
+-- an unsent row's event columns, and deleting a row in the transaction that
+-- inserted it. The relay's marks (sent_at only) and deletes never trip it.
+CREATE OR REPLACE FUNCTION "public"."outbox_insert_only"() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'outbox rows are insert-only: % of unsent row % (event id %) of %.% refused',
+        TG_OP, OLD."seq", OLD."id", TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING HINT = 'Write the event''s final content in its INSERT: the relay publishes the row as inserted, and an UPDATE or DELETE before COMMIT would never reach Kafka (see the outboxd README, The outbox table).';
+END
+$$;
+CREATE OR REPLACE TRIGGER "outbox_insert_only_update" AFTER UPDATE OF "seq", "id", "aggregatetype", "aggregateid", "type", "payload", "headers", "tracingspancontext", "created_at" ON "public"."outbox"
+    FOR EACH ROW WHEN (OLD."sent_at" IS NULL) EXECUTE FUNCTION "public"."outbox_insert_only"();
+CREATE OR REPLACE TRIGGER "outbox_insert_only_delete" AFTER DELETE ON "public"."outbox"
+    FOR EACH ROW WHEN (OLD."sent_at" IS NULL AND OLD.xmin = pg_current_xact_id_if_assigned()::xid)
+    EXECUTE FUNCTION "public"."outbox_insert_only"();
+
+-- `outboxd dead-letters replay` records each dead-lettered row it put back, so
+-- none is inserted (and published) twice, also once the copy was published
+-- and deleted (relay.after_publish: delete, relay.retention).
+CREATE TABLE IF NOT EXISTS "public"."outbox_replayed" (
+    "event_id"        text NOT NULL,
+    "dead_letter_seq" bigint NOT NULL,
+    "replayed_as_seq" bigint,
+    "replayed_at"     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY ("event_id", "dead_letter_seq")
+);
+
 -- For capture.mode replication: inserts on the outbox table only.
 DO $$
 BEGIN
@@ -47,3 +76,6 @@ $$;
 -- GRANT DELETE ON "public"."outbox" TO outboxd;      -- only for relay.after_publish: delete
 -- ALTER ROLE outboxd REPLICATION;              -- only for capture.mode: replication
 -- GRANT pg_read_all_stats TO outboxd;          -- only with synchronous standbys (capture.wait_for_sync_standbys)
+-- Only for running `outboxd dead-letters replay` as this role:
+-- GRANT INSERT ON "public"."outbox" TO outboxd;
+-- GRANT SELECT, INSERT ON "public"."outbox_replayed" TO outboxd;

@@ -131,6 +131,69 @@ async fn check_postgres(setup: &Setup, findings: &mut Findings) {
         }
     }
     check_capture(config, &mut connection, table, findings).await;
+    check_insert_only(&mut connection, table, findings).await;
+    check_replay_record(&mut connection, table, findings).await;
+}
+
+/// Whether the insert-only guard is in place: without it, a transaction
+/// that changes an outbox row after inserting it is published differently
+/// by the two capture modes, and nothing else would say so.
+async fn check_insert_only(
+    connection: &mut PgConnection,
+    table: &OutboxTable,
+    findings: &mut Findings,
+) {
+    match crate::insert_only::is_guarded(connection, table).await {
+        Err(e) => findings.push(Status::Failed, "insert-only", e.message),
+        Ok(true) => findings.push(
+            Status::Ok,
+            "insert-only",
+            "guarded: an UPDATE of an unsent row's event columns, or a DELETE by the inserting \
+             transaction, fails in the writer's transaction",
+        ),
+        Ok(false) => findings.push(
+            Status::Warning,
+            "insert-only",
+            crate::insert_only::unguarded_warning(table),
+        ),
+    }
+}
+
+/// Whether `outboxd dead-letters replay` can keep its once-only promise
+/// (the record table exists) and may run as this role.
+async fn check_replay_record(
+    connection: &mut PgConnection,
+    table: &OutboxTable,
+    findings: &mut Findings,
+) {
+    use crate::replay_record::{self, State};
+    let record = replay_record::display_name(table);
+    match replay_record::inspect(connection, table).await {
+        Err(e) => findings.push(Status::Failed, "replay record", e.message),
+        Ok(State::Missing) => findings.push(
+            Status::Warning,
+            "replay record",
+            format!(
+                "{record} is missing, so `outboxd dead-letters replay` refuses to run (the relay \
+                 is not affected); run `outboxd migrate`"
+            ),
+        ),
+        Ok(State::Present { missing_privileges }) if missing_privileges.is_empty() => findings
+            .push(
+                Status::Ok,
+                "replay record",
+                format!("{record} present; this role may replay dead letters"),
+            ),
+        Ok(State::Present { missing_privileges }) => findings.push(
+            Status::Ok,
+            "replay record",
+            format!(
+                "{record} present; this role lacks {} for `outboxd dead-letters replay` (the \
+                 relay needs none of it): replay as a role that has them",
+                missing_privileges.join(", ")
+            ),
+        ),
+    }
 }
 
 /// Whether the table's partitioning matches the config, and whether the

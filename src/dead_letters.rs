@@ -5,7 +5,9 @@
 //! again (the table keeps a dead-lettered row, marked sent) as a new unsent
 //! row with the same event id, so the relay publishes it exactly once
 //! through its normal path; a row that was replayed before is not replayed
-//! again, and only rows this table dead-lettered can be replayed.
+//! again, in every `relay.after_publish` mode (the [`replay_record`] says
+//! so, not the copy, which delete mode removes), and only rows this table
+//! dead-lettered can be replayed.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,6 +22,7 @@ use sqlx::{ConnectOptions, Connection};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kafka::RelayContext;
+use crate::replay_record;
 use crate::routing::header;
 use crate::setup::Setup;
 use crate::table::OutboxTable;
@@ -121,13 +124,21 @@ pub async fn list(setup: &Setup) -> Result<Listing> {
 /// Inserts the selected dead-lettered rows again, as new unsent rows.
 pub async fn replay(setup: &Setup, selection: Selection) -> Result<Vec<Replayed>> {
     let table = &setup.table;
-    let listing = list(setup).await?;
     let mut connection = setup
         .connect_options
         .connect()
         .await
         .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
-    let sql = table.replay_sql();
+    // Without the record, a row whose copy was published and deleted
+    // would be inserted again: refuse before touching anything.
+    let record = replay_record::inspect(&mut connection, table).await?;
+    if let Some(refusal) = replay_record::refusal(&record, table) {
+        return Err(Error::stop(refusal));
+    }
+    let listing = list(setup).await?;
+    let copy_sql = table.replay_sql();
+    let recorded_sql = replay_record::exists_sql(table);
+    let record_sql = replay_record::insert_sql(table);
     let mut replayed = Vec::new();
     for dead_letter in listing
         .dead_letters
@@ -147,15 +158,49 @@ pub async fn replay(setup: &Setup, selection: Selection) -> Result<Vec<Replayed>
             .execute(&mut *transaction)
             .await
             .map_err(|e| Error::from_postgres(&doing, e))?;
-        let new_seq: Option<i64> = sqlx::query_scalar(&sql)
+        let recorded: bool = sqlx::query_scalar(&recorded_sql)
+            .bind(&dead_letter.id)
             .bind(dead_letter.seq)
-            .fetch_optional(&mut *transaction)
+            .fetch_one(&mut *transaction)
             .await
             .map_err(|e| Error::from_postgres(&doing, e))?;
-        transaction
-            .commit()
-            .await
-            .map_err(|e| Error::from_postgres(&doing, e))?;
+        // The copy's own check (a later row with the same id) still finds
+        // the copies that releases before the record made, while they last.
+        let new_seq: Option<i64> = if recorded {
+            None
+        } else {
+            sqlx::query_scalar(&copy_sql)
+                .bind(dead_letter.seq)
+                .fetch_optional(&mut *transaction)
+                .await
+                .map_err(|e| Error::from_postgres(&doing, e))?
+        };
+        // Recorded in the copy's transaction: neither commits without the
+        // other. A copy found from an older release is recorded too, so it
+        // stays replayed once that copy is deleted.
+        let newly_recorded = !recorded
+            && sqlx::query_scalar::<_, bool>(&record_sql)
+                .bind(&dead_letter.id)
+                .bind(dead_letter.seq)
+                .bind(new_seq)
+                .fetch_optional(&mut *transaction)
+                .await
+                .map_err(|e| Error::from_postgres(&doing, e))?
+                .is_some();
+        if newly_recorded {
+            transaction
+                .commit()
+                .await
+                .map_err(|e| Error::from_postgres(&doing, e))?;
+        } else {
+            // Recorded meanwhile by a replay that skipped the lock: its
+            // copy is the one, so this one must not commit.
+            transaction
+                .rollback()
+                .await
+                .map_err(|e| Error::from_postgres(&doing, e))?;
+        }
+        let new_seq = new_seq.filter(|_| newly_recorded);
         replayed.push(Replayed {
             seq: dead_letter.seq,
             id: dead_letter.id,

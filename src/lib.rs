@@ -23,6 +23,8 @@
 //! - [`postgres`]: Postgres facts every stage shares, below them all: WAL
 //!   positions, the settled WAL position, `created_at` text.
 //! - [`table`]: the outbox table contract and the SQL built from it.
+//! - [`insert_only`]: why outbox rows are insert-only, and the guard
+//!   triggers that refuse changing one before the relay publishes it.
 //! - [`schema`]: what the live database says about that table.
 //! - [`leader`]: the advisory lock that makes one instance per outbox table publish.
 //! - [`retention`]: deletes rows published longer ago than `relay.retention`,
@@ -30,7 +32,8 @@
 //! - [`metrics`], [`lag`], [`http`]: the figures an operator watches, the
 //!   task that samples the lag, and `/metrics`, `/healthz`, `/readyz`.
 //! - [`migrate`], [`check`], [`status`], [`dead_letters`]: the CLI's set-up,
-//!   preflight, lag and dead-letter commands.
+//!   preflight, lag and dead-letter commands; [`replay_record`], the table
+//!   that makes a dead letter's replay happen once.
 //! - [`logging`]: human or JSON logs through `tracing`.
 //! - [`error`]: one error type, sorted by what to do about it, with its cause.
 //! - [`failpoint`]: named kill points for the fault-injection suite.
@@ -47,6 +50,7 @@ pub mod error;
 pub mod event;
 pub mod failpoint;
 pub mod http;
+pub mod insert_only;
 pub mod kafka;
 pub mod lag;
 pub mod leader;
@@ -56,6 +60,7 @@ pub mod migrate;
 pub mod partitions;
 pub mod postgres;
 pub mod relay;
+pub mod replay_record;
 pub mod retention;
 pub mod routing;
 pub mod schema;

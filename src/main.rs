@@ -35,7 +35,7 @@ enum Command {
         #[arg(long, short, env = "OUTBOXD_CONFIG")]
         config: PathBuf,
     },
-    /// Create the outbox table, index, notify trigger and publication (idempotent).
+    /// Create the outbox table, index, notify trigger, insert-only guard, replay record and publication (idempotent).
     Migrate {
         #[arg(long, short, env = "OUTBOXD_CONFIG")]
         config: PathBuf,

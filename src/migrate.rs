@@ -1,5 +1,6 @@
 //! The outbox migration: the table, its unsent-rows index, the NOTIFY
-//! trigger and the publication, rendered for the configured names.
+//! trigger, the insert-only guard, the replay record and the publication,
+//! rendered for the configured names.
 //!
 //! Invariant: rendered with the default config, the SQL is byte for byte
 //! `migrations/0001_outbox.sql` (with `postgres.partitioning`,
@@ -101,6 +102,18 @@ pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> S
          CREATE OR REPLACE TRIGGER {trigger} AFTER INSERT ON {qualified}\n    \
          FOR EACH STATEMENT EXECUTE FUNCTION {function}();\n\
          \n\
+         -- Outbox rows are insert-only: the row as inserted is the event. Replication\n\
+         -- publishes what the INSERT wrote, so a change before COMMIT would never reach\n\
+         -- Kafka (polling would publish the committed row). This guard refuses changing\n\
+         -- an unsent row's event columns, and deleting a row in the transaction that\n\
+         -- inserted it. The relay's marks (sent_at only) and deletes never trip it.\n\
+         {insert_only}\
+         \n\
+         -- `outboxd dead-letters replay` records each dead-lettered row it put back, so\n\
+         -- none is inserted (and published) twice, also once the copy was published\n\
+         -- and deleted (relay.after_publish: delete, relay.retention).\n\
+         {replay_record}\
+         \n\
          -- For capture.mode replication: inserts on the outbox table only.\n\
          DO $$\nBEGIN\n    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {publication_literal}) THEN\n        \
          CREATE PUBLICATION {publication} FOR TABLE {qualified} WITH ({publication_options});\n    END IF;\nEND\n$$;\n\
@@ -111,7 +124,13 @@ pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> S
          -- GRANT SELECT, UPDATE ({sent_at}) ON {qualified} TO outboxd;\n\
          -- GRANT DELETE ON {qualified} TO outboxd;      -- only for relay.after_publish: delete\n\
          -- ALTER ROLE outboxd REPLICATION;              -- only for capture.mode: replication\n\
-         -- GRANT pg_read_all_stats TO outboxd;          -- only with synchronous standbys (capture.wait_for_sync_standbys)\n",
+         -- GRANT pg_read_all_stats TO outboxd;          -- only with synchronous standbys (capture.wait_for_sync_standbys)\n\
+         -- Only for running `outboxd dead-letters replay` as this role:\n\
+         -- GRANT INSERT ON {qualified} TO outboxd;\n\
+         -- GRANT SELECT, INSERT ON {replay_record_table} TO outboxd;\n",
+        insert_only = crate::insert_only::create_sql(table),
+        replay_record = crate::replay_record::create_sql(table),
+        replay_record_table = crate::replay_record::qualified(table),
         columns = columns.join(",\n"),
         seq = quote_ident(&c.seq),
         sent_at = quote_ident(&c.sent_at),

@@ -12,6 +12,7 @@ mod dead_letters;
 mod exactly_once;
 mod failover;
 mod handoffs;
+mod insert_only;
 mod leader;
 mod missing_topics;
 mod operations;

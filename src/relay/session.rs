@@ -98,6 +98,21 @@ impl Context {
             CaptureMode::Replication => "replication",
             _ => "polling",
         });
+        // Replication publishes rows as inserted; without the guard, a
+        // writer that changes them before COMMIT is never told. Only a
+        // warning: a failed look-up does not stop the relay.
+        if mode == CaptureMode::Replication
+            && matches!(
+                crate::insert_only::is_guarded(&mut connection, &self.table).await,
+                Ok(false)
+            )
+        {
+            tracing::warn!(
+                table = %self.table_name,
+                "{}",
+                crate::insert_only::unguarded_warning(&self.table)
+            );
+        }
         if mode == CaptureMode::Polling && !report.has_notify_trigger {
             tracing::warn!(
                 table = %self.table_name,
