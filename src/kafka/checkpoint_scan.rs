@@ -15,8 +15,10 @@
 //!   case it finds no legacy record and the takeover goes on. Only when it
 //!   finds one are those relays fenced and the tail read again committed,
 //!   which waits while other relays' open transactions hold the last stable
-//!   offset back. Its cost is what the topic took since our last
-//!   checkpoint, never the topic's history.
+//!   offset back. On partition 0 (the default topic's only one) its cost is
+//!   what the topic took since our last checkpoint, never the topic's
+//!   history; other partitions, where only legacy relays wrote, are read
+//!   whole (compaction keeps them to about one record per key).
 //! - **Whole topic** (no group offset: a first start, the first after
 //!   upgrading, or an offset the broker expired after
 //!   `offsets.retention.minutes`): read everything, committed, once; the
@@ -34,6 +36,11 @@
 //! marker under its key (`checkpoint::HandedOver`): it reads the latest
 //! record under its own key, does not know the format, and refuses to start.
 //! A marker or a tombstone under a key ends what that key said before.
+//!
+//! The key of this release's `relay.name` stand-in identity is read the same
+//! way (it may have no group offset left) but never given a marker. A
+//! legacy checkpoint of another database never counts, whatever its key:
+//! relays of several databases may share a `relay.name`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
