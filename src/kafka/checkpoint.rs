@@ -239,6 +239,11 @@ impl Checkpoint {
 /// table-keyed checkpoints read the latest record under their own key, find
 /// this format they do not know, and refuse to start ("a newer outboxd wrote
 /// it") instead of leading beside or after us.
+///
+/// It also carries a version-1 checkpoint's required fields, empty: those
+/// releases parse the whole record before they look at `version`, and only
+/// with them present do they reach the check that says "a newer outboxd
+/// wrote it" (without, they stop all the same, on a missing field).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandedOver {
     pub version: u32,
@@ -246,14 +251,23 @@ pub struct HandedOver {
     pub handed_over_to: String,
     /// `outboxd <version>`, for the operator who reads the topic.
     pub written_by: String,
+    /// The table, as in a checkpoint.
+    pub table: String,
+    /// Always empty: the marker publishes nothing.
+    pub published: SeqRanges,
+    /// Always empty.
+    pub dead_lettered: SeqRanges,
 }
 
 impl HandedOver {
-    pub fn new(handed_over_to: &str) -> HandedOver {
+    pub fn new(handed_over_to: &str, table: &str) -> HandedOver {
         HandedOver {
             version: HANDED_OVER_VERSION,
             handed_over_to: handed_over_to.to_string(),
             written_by: format!("outboxd {}", env!("CARGO_PKG_VERSION")),
+            table: table.to_string(),
+            published: SeqRanges::default(),
+            dead_lettered: SeqRanges::default(),
         }
     }
 
@@ -563,10 +577,23 @@ mod tests {
     /// as its `Checkpoint::from_bytes`), so it stops instead of leading.
     #[test]
     fn a_hand_over_marker_is_refused_by_a_version_1_only_reader() {
-        let marker = HandedOver::new("77/orders/public.outbox");
+        let marker = HandedOver::new("77/orders/public.outbox", "public.outbox");
         let bytes = marker.to_bytes();
-        let version: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(version["version"], 2);
+        // What releases up to 0ac26db do: parse a version-1 checkpoint
+        // whole (these fields are required), then refuse another version.
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct VersionOne {
+            version: u32,
+            table: String,
+            published: SeqRanges,
+            dead_lettered: SeqRanges,
+        }
+        let as_read: VersionOne = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            as_read.version, 2,
+            "refused as a newer format, not as garbage"
+        );
         assert_eq!(
             Record::from_bytes(&bytes).unwrap(),
             Record::HandedOver(marker)

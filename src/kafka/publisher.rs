@@ -176,7 +176,11 @@ impl Publisher {
         checkpoint: &Checkpoint,
         legacy_keys: &[(String, i32)],
     ) -> Result<(), PublishError> {
-        let marker = HandedOver::new(&String::from_utf8_lossy(&self.checkpoint_key)).to_bytes();
+        let marker = HandedOver::new(
+            &String::from_utf8_lossy(&self.checkpoint_key),
+            &checkpoint.table,
+        )
+        .to_bytes();
         let markers: Vec<(RoutedRecord<'_>, i32)> = legacy_keys
             .iter()
             .map(|(key, partition)| {
