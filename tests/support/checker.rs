@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use outboxd::kafka::checkpoint::Checkpoint;
+use outboxd::kafka::checkpoint::{Checkpoint, Record};
 
 use super::kafka::{read_all, read_topic, Consumed};
 use super::workload::Written;
@@ -88,6 +88,18 @@ pub enum Books<'a> {
 /// checkpoints that count are those of the env's table, whichever relay
 /// name wrote them, in the env's (possibly shared) checkpoint topic.
 pub async fn check(env: &TestEnv, written: &Written) -> Report {
+    check_including(env, written, &[]).await
+}
+
+/// The committed checkpoints of the env's table, oldest first.
+pub async fn table_checkpoints(env: &TestEnv) -> Vec<Checkpoint> {
+    table_checkpoints_including(env, &[]).await
+}
+
+/// Like `check`, also counting the checkpoints that releases from before
+/// table-keyed checkpoints wrote for the env's table under `legacy_keys`
+/// (their `relay.name`s), as the mixed-version tests need.
+pub async fn check_including(env: &TestEnv, written: &Written, legacy_keys: &[String]) -> Report {
     let rows = table_rows(env).await;
     let routed = read_all(&env.kafka, &env.topic_prefix())
         .await
@@ -95,23 +107,37 @@ pub async fn check(env: &TestEnv, written: &Written) -> Report {
         .filter(|record| record.topic != env.dead_letter_topic())
         .collect::<Vec<_>>();
     let dead_lettered = read_topic(&env.kafka, &env.dead_letter_topic()).await;
-    let checkpoints = table_checkpoints(env).await;
+    let checkpoints = table_checkpoints_including(env, legacy_keys).await;
     let books = Books::Outboxd {
         checkpoints: &checkpoints,
     };
     compare(&rows, &routed, &dead_lettered, books, written)
 }
 
-/// The committed checkpoints of the env's table, oldest first.
-pub async fn table_checkpoints(env: &TestEnv) -> Vec<Checkpoint> {
+/// The committed checkpoints of the env's table, oldest first: under the
+/// table's key, and the version-1 checkpoints of the env's table under
+/// `legacy_keys` (where hand-over markers and tombstones are skipped).
+pub async fn table_checkpoints_including(env: &TestEnv, legacy_keys: &[String]) -> Vec<Checkpoint> {
     let records = read_topic(&env.kafka, &env.checkpoint_topic()).await;
     let key = env.checkpoint_key().await;
-    records
-        .iter()
-        .filter(|r| r.key.as_deref() == Some(key.as_bytes()))
-        .filter_map(|r| r.payload.as_deref())
-        .map(|bytes| Checkpoint::from_bytes(bytes).expect("checkpoint record is readable"))
-        .collect()
+    let mut checkpoints = Vec::new();
+    for record in &records {
+        let (Some(record_key), Some(bytes)) = (record.key.as_deref(), record.payload.as_deref())
+        else {
+            continue;
+        };
+        if record_key == key.as_bytes() {
+            checkpoints.push(Checkpoint::from_bytes(bytes).expect("checkpoint record is readable"));
+        } else if legacy_keys.iter().any(|k| k.as_bytes() == record_key) {
+            match Record::from_bytes(bytes).expect("legacy-key record is readable") {
+                Record::Checkpoint(checkpoint) if checkpoint.table == "public.outbox" => {
+                    checkpoints.push(checkpoint)
+                }
+                _ => {}
+            }
+        }
+    }
+    checkpoints
 }
 
 /// For a relay other than outboxd (the benchmarks' Debezium): every
