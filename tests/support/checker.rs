@@ -88,18 +88,26 @@ pub enum Books<'a> {
 /// checkpoints that count are those of the env's table, whichever relay
 /// name wrote them, in the env's (possibly shared) checkpoint topic.
 pub async fn check(env: &TestEnv, written: &Written) -> Report {
-    check_including(env, written, &[]).await
+    check_including(env, written, &[], &[]).await
 }
 
 /// The committed checkpoints of the env's table, oldest first.
 pub async fn table_checkpoints(env: &TestEnv) -> Vec<Checkpoint> {
-    table_checkpoints_including(env, &[]).await
+    table_checkpoints_including(env, &[], &[]).await
 }
 
 /// Like `check`, also counting the checkpoints that releases from before
 /// table-keyed checkpoints wrote for the env's table under `legacy_keys`
 /// (their `relay.name`s), as the mixed-version tests need.
-pub async fn check_including(env: &TestEnv, written: &Written, legacy_keys: &[String]) -> Report {
+///
+/// `earlier` holds checkpoint records read before a test had the topic
+/// compacted (a compacted topic keeps one record per key); they count too.
+pub async fn check_including(
+    env: &TestEnv,
+    written: &Written,
+    legacy_keys: &[String],
+    earlier: &[Consumed],
+) -> Report {
     let rows = table_rows(env).await;
     let routed = read_all(&env.kafka, &env.topic_prefix())
         .await
@@ -107,7 +115,7 @@ pub async fn check_including(env: &TestEnv, written: &Written, legacy_keys: &[St
         .filter(|record| record.topic != env.dead_letter_topic())
         .collect::<Vec<_>>();
     let dead_lettered = read_topic(&env.kafka, &env.dead_letter_topic()).await;
-    let checkpoints = table_checkpoints_including(env, legacy_keys).await;
+    let checkpoints = table_checkpoints_including(env, legacy_keys, earlier).await;
     let books = Books::Outboxd {
         checkpoints: &checkpoints,
     };
@@ -116,12 +124,23 @@ pub async fn check_including(env: &TestEnv, written: &Written, legacy_keys: &[St
 
 /// The committed checkpoints of the env's table, oldest first: under the
 /// table's key, and the version-1 checkpoints of the env's table under
-/// `legacy_keys` (where hand-over markers and tombstones are skipped).
-pub async fn table_checkpoints_including(env: &TestEnv, legacy_keys: &[String]) -> Vec<Checkpoint> {
-    let records = read_topic(&env.kafka, &env.checkpoint_topic()).await;
+/// `legacy_keys` (where hand-over markers and tombstones are skipped), and
+/// those among `earlier` records that compaction removed since.
+pub async fn table_checkpoints_including(
+    env: &TestEnv,
+    legacy_keys: &[String],
+    earlier: &[Consumed],
+) -> Vec<Checkpoint> {
+    let mut records: BTreeMap<(i32, i64), Consumed> = earlier
+        .iter()
+        .map(|r| ((r.partition, r.offset), r.clone()))
+        .collect();
+    for record in read_topic(&env.kafka, &env.checkpoint_topic()).await {
+        records.insert((record.partition, record.offset), record);
+    }
     let key = env.checkpoint_key().await;
     let mut checkpoints = Vec::new();
-    for record in &records {
+    for record in records.values() {
         let (Some(record_key), Some(bytes)) = (record.key.as_deref(), record.payload.as_deref())
         else {
             continue;

@@ -365,6 +365,9 @@ pub struct Campaign {
     /// this table's checkpoints (their `relay.name`s), which the checker
     /// counts too.
     pub legacy_checkpoint_keys: Vec<String>,
+    /// Checkpoint records read before the test had the topic compacted,
+    /// which the checker counts too.
+    pub earlier_checkpoint_records: Vec<super::kafka::Consumed>,
     _servers: tokio::sync::MutexGuard<'static, ()>,
 }
 
@@ -404,6 +407,7 @@ impl Campaign {
             extra: Vec::new(),
             cluster,
             legacy_checkpoint_keys: Vec::new(),
+            earlier_checkpoint_records: Vec::new(),
             _servers: servers,
         }
     }
@@ -440,8 +444,13 @@ impl Campaign {
         for relay in &mut running {
             relay.stop().await;
         }
-        let report =
-            checker::check_including(&self.env, &written, &self.legacy_checkpoint_keys).await;
+        let report = checker::check_including(
+            &self.env,
+            &written,
+            &self.legacy_checkpoint_keys,
+            &self.earlier_checkpoint_records,
+        )
+        .await;
         record(self.fault, self.env.mode, self.runs, &report);
         eprintln!(
             "{} ({}): {} faults, {} events, {} violations; relay log {}",
