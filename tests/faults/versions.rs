@@ -508,3 +508,99 @@ async fn an_old_relay_under_another_name_after_the_new_one(mode: Mode) {
     tokio::time::sleep(a_moment()).await;
     mixed.finish(vec![new]).await;
 }
+
+in_both_modes!(
+    an_old_zombie_under_another_name_wakes_after_the_new_one_took_over,
+    worker_threads = 2,
+    ignore = "needs the old release: make test-versions"
+);
+/// An old relay under a name no relay has seen yet takes over from the new
+/// one, and freezes (SIGSTOP) inside its very first Kafka transaction, with
+/// rows claimed, while its Postgres sessions end (a pause, a partition).
+/// The new relay takes the lock back; then the old one wakes up and tries
+/// to commit. The new relay must have fenced it, or its batch is published
+/// twice: its rows were claimed again and published by the new relay. The
+/// README promises nothing is repeated with an old relay under another
+/// name.
+async fn an_old_zombie_under_another_name_wakes_after_the_new_one_took_over(mode: Mode) {
+    let mut mixed = Mixed::start("versions-old-zombie", mode).await;
+    for round in 0..size(3, 10) {
+        let new = mixed.new_relay(Some(&after_commit()));
+        mixed.killed_after_commit(new).await;
+        let name = format!("{}-z{round}", mixed.env().relay_name());
+        let config = mixed.old_config_named(&name);
+        let mut zombie = mixed.old_relay_with(&config, None);
+        // Its first claim: a transaction holding rows while it publishes.
+        let backend = claim_in_progress(mixed.env(), &mut zombie).await;
+        zombie.freeze_now();
+        zombie_loses_postgres(mixed.env(), backend).await;
+        let mut new = mixed.new_relay(None);
+        mixed.env().wait_leader(LIMIT).await;
+        // Long enough to publish the rows the zombie had claimed, well
+        // inside the zombie's transaction timeout (20 s).
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        new.assert_running("the new relay should lead");
+        zombie.resume();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        zombie.kill();
+        new.kill();
+        mixed.campaign.runs += 1;
+        eprintln!(
+            "zombie round {round}: the zombie committed {} checkpoint(s) under `{name}` (log {})",
+            committed_under(mixed.env(), &name).await,
+            zombie.log.display()
+        );
+    }
+    mixed.finish(Vec::new()).await;
+}
+
+/// Waits until `relay` (an old release) holds the leader lock and is inside
+/// a claim transaction (rows locked, publishing); returns that backend.
+async fn claim_in_progress(env: &TestEnv, relay: &mut RelayProcess) -> i32 {
+    let mut connection = env.pool.acquire().await.expect("connection");
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        relay.assert_running("the old relay should lead");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old relay claimed nothing within {LIMIT:?}; log: {}",
+            relay.log.display()
+        );
+        let holder = outboxd::leader::holder_pid(&mut connection, "public.outbox")
+            .await
+            .expect("look up the leader");
+        if let Some(pid) = holder {
+            let claiming: Option<bool> = sqlx::query_scalar(
+                "SELECT state = 'idle in transaction' AND query LIKE '%SKIP LOCKED%' \
+                 FROM pg_stat_activity WHERE pid = $1",
+            )
+            .bind(pid)
+            .fetch_optional(&mut *connection)
+            .await
+            .expect("read pg_stat_activity");
+            if claiming == Some(true) {
+                return pid;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Ends the frozen relay's Postgres session that holds the lock and its
+/// claim: the claim rolls back and the lock is free.
+async fn zombie_loses_postgres(env: &TestEnv, backend: i32) {
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(backend)
+        .execute(&env.pool)
+        .await
+        .expect("terminate the zombie's session");
+}
+
+/// Committed checkpoints under `key`.
+async fn committed_under(env: &TestEnv, key: &str) -> usize {
+    read_topic(&env.kafka, &env.checkpoint_topic())
+        .await
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(key.as_bytes()) && r.payload.is_some())
+        .count()
+}

@@ -244,6 +244,15 @@ impl RelayProcess {
         }
     }
 
+    /// SIGSTOP now, without waiting for a kill point: the relay freezes
+    /// wherever it is (for binaries without `OUTBOXD_KILL_SIGNAL`).
+    pub fn freeze_now(&self) {
+        let pid = self.child.as_ref().expect("relay was started").id();
+        // SAFETY: a plain kill(2) of our own child.
+        let sent = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+        assert_eq!(sent, 0, "SIGSTOP {pid}");
+    }
+
     /// SIGCONT: a frozen relay goes on where it stopped.
     pub fn resume(&self) {
         super::signal(self.child.as_ref().expect("relay was started"), "CONT");
