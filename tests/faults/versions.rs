@@ -308,7 +308,7 @@ async fn books(env: &TestEnv) -> (usize, i64, String) {
         .await
         .into_iter()
         .filter(|r| r.key.as_deref() == Some(name.as_bytes()))
-        .last()
+        .next_back()
         .map(|r| match r.payload {
             Some(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
             None => "<tombstone>".to_string(),
