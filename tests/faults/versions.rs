@@ -307,8 +307,7 @@ async fn books(env: &TestEnv) -> (usize, i64, String) {
     let latest = read_topic(&env.kafka, &env.checkpoint_topic())
         .await
         .into_iter()
-        .filter(|r| r.key.as_deref() == Some(name.as_bytes()))
-        .next_back()
+        .rfind(|r| r.key.as_deref() == Some(name.as_bytes()))
         .map(|r| match r.payload {
             Some(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
             None => "<tombstone>".to_string(),
