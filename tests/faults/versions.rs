@@ -14,7 +14,14 @@
 //! - new → old → new after the documented escape hatch (a tombstone under
 //!   `relay.name`): nothing repeated;
 //! - an old relay under a name the new one never saw fences it and marks
-//!   its rows; the new one adopts what the old one published.
+//!   its rows; the new one adopts what the old one published; also when
+//!   that old relay stalls (SIGSTOP) in its first Kafka transaction and
+//!   wakes after the new one took over.
+//!
+//! Where a release keeps exactly-once but not the README's word (what the
+//! old release says when it refuses, whether a tombstone lets it lead), the
+//! campaign still runs to the checker and the test fails afterwards,
+//! listing what differed.
 //!
 //! The old binary comes from `OUTBOXD_OLD_BINARY` (`make test-versions`
 //! builds and caches it with `scripts/old-release.sh`). These tests are
