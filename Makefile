@@ -2,6 +2,8 @@
 #   make demo   the relay end to end on a local PostgreSQL and Kafka
 #   make test   the whole suite: unit tests and integration tests on real servers
 #   make chaos  long fault-injection campaigns, then a table (chaos/results.md)
+#   make test-versions  today's relay and the release before table-keyed
+#               checkpoints hand one table back and forth (not in `make test`)
 #   make bench  throughput, latency and footprint against Debezium and the
 #               machine's ceilings (bench/results.md, bench/results.png)
 #   make test-pg PG=17
@@ -31,7 +33,7 @@ endif
 # partitioned outbox with its publication via the root.
 PG_TESTS = exactly_once:: replication:: partitioned_table:: cli::check_ operations::status_
 
-.PHONY: demo test test-pg chaos bench deps build lint stack-up stack-down
+.PHONY: demo test test-pg test-versions old-release chaos bench deps build lint stack-up stack-down
 
 deps:
 	bash deploy/local/install-deps.sh
@@ -55,10 +57,25 @@ test-pg:
 	$(MAKE) --no-print-directory build
 	bash scripts/with-stack.sh $(STACK_DIR)/test-pg$(OUTBOXD_PG_VERSION) $(CARGO) test --locked --test integration -- --test-threads=4 $(PG_TESTS)
 
+# The release from before table-keyed checkpoints (0ac26db), built once into
+# ${XDG_CACHE_HOME:-~/.cache}/outboxd/old-0ac26db; prints the binary's path.
+old-release: deps
+	bash scripts/old-release.sh
+
+# Mixed releases on one table (tests/faults/versions.rs), both capture modes.
+# They are #[ignore]d, so `make test` and CI need no old build; here they
+# run with --ignored and fail (never skip) without OUTBOXD_OLD_BINARY.
+test-versions: build
+	old="$$(bash scripts/old-release.sh)" && \
+	OUTBOXD_OLD_BINARY="$$old" bash scripts/with-stack.sh $(STACK_DIR)/versions \
+	  $(CARGO) test --locked --test faults versions:: -- --ignored --test-threads=1
+
 # The fault suite at campaign size: hundreds of relay kills and tens of
-# broker and Postgres restarts per capture mode (about an hour on 2 cores).
+# broker and Postgres restarts per capture mode (about an hour on 2 cores),
+# and the mixed-release campaigns.
 chaos: build
-	bash scripts/with-stack.sh $(STACK_DIR)/chaos bash scripts/chaos.sh
+	old="$$(bash scripts/old-release.sh)" && \
+	OUTBOXD_OLD_BINARY="$$old" bash scripts/with-stack.sh $(STACK_DIR)/chaos bash scripts/chaos.sh
 
 # Benchmarks on a stack of their own with Postgres' default
 # logical_decoding_work_mem; they measure and assert nothing about time.

@@ -22,4 +22,5 @@ mod random_kills;
 mod second_relay;
 mod server_restarts;
 mod shared_topic;
+mod versions;
 mod window;

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use outboxd::kafka::checkpoint::Checkpoint;
+use outboxd::kafka::checkpoint::{Checkpoint, Record};
 
 use super::kafka::{read_all, read_topic, Consumed};
 use super::workload::Written;
@@ -88,6 +88,26 @@ pub enum Books<'a> {
 /// checkpoints that count are those of the env's table, whichever relay
 /// name wrote them, in the env's (possibly shared) checkpoint topic.
 pub async fn check(env: &TestEnv, written: &Written) -> Report {
+    check_including(env, written, &[], &[]).await
+}
+
+/// The committed checkpoints of the env's table, oldest first.
+pub async fn table_checkpoints(env: &TestEnv) -> Vec<Checkpoint> {
+    table_checkpoints_including(env, &[], &[]).await
+}
+
+/// Like `check`, also counting the checkpoints that releases from before
+/// table-keyed checkpoints wrote for the env's table under `legacy_keys`
+/// (their `relay.name`s), as the mixed-version tests need.
+///
+/// `earlier` holds checkpoint records read before a test had the topic
+/// compacted (a compacted topic keeps one record per key); they count too.
+pub async fn check_including(
+    env: &TestEnv,
+    written: &Written,
+    legacy_keys: &[String],
+    earlier: &[Consumed],
+) -> Report {
     let rows = table_rows(env).await;
     let routed = read_all(&env.kafka, &env.topic_prefix())
         .await
@@ -95,37 +115,56 @@ pub async fn check(env: &TestEnv, written: &Written) -> Report {
         .filter(|record| record.topic != env.dead_letter_topic())
         .collect::<Vec<_>>();
     let dead_lettered = read_topic(&env.kafka, &env.dead_letter_topic()).await;
-    let checkpoints = table_checkpoints(env).await;
+    let checkpoints = table_checkpoints_including(env, legacy_keys, earlier).await;
     let books = Books::Outboxd {
         checkpoints: &checkpoints,
     };
     compare(&rows, &routed, &dead_lettered, books, written)
 }
 
-/// The committed checkpoints of the env's table, oldest first: under its
-/// identity, under its `relay.name` stand-in identity (a role without
-/// `pg_control_system()`), and under its relay name as releases from before
-/// table-keyed checkpoints wrote them (hand-over markers are not checkpoints).
-pub async fn table_checkpoints(env: &TestEnv) -> Vec<Checkpoint> {
-    use outboxd::kafka::checkpoint::Record;
-    let records = read_topic(&env.kafka, &env.checkpoint_topic()).await;
+/// The committed checkpoints of the env's table, oldest first: under the
+/// table's key, and the version-1 checkpoints of the env's table under
+/// `legacy_keys` (where hand-over markers and tombstones are skipped), and
+/// those among `earlier` records that compaction removed since.
+pub async fn table_checkpoints_including(
+    env: &TestEnv,
+    legacy_keys: &[String],
+    earlier: &[Consumed],
+) -> Vec<Checkpoint> {
+    let mut records: BTreeMap<(i32, i64), Consumed> = earlier
+        .iter()
+        .map(|r| ((r.partition, r.offset), r.clone()))
+        .collect();
+    for record in read_topic(&env.kafka, &env.checkpoint_topic()).await {
+        records.insert((record.partition, record.offset), record);
+    }
     let key = env.checkpoint_key().await;
-    let legacy_key = env.relay_name();
-    let stand_in_key =
-        outboxd::kafka::identity::TableIdentity::new(None, "public.outbox", &legacy_key)
+    // Always also the env's relay name, as releases from before table-keyed
+    // checkpoints keyed theirs, and its `relay.name` stand-in identity (a
+    // role without `pg_control_system()`).
+    let relay_name = env.relay_name();
+    let stand_in =
+        outboxd::kafka::identity::TableIdentity::new(None, "public.outbox", &relay_name)
             .checkpoint_key;
+    let legacy_keys: Vec<&str> = legacy_keys
+        .iter()
+        .map(String::as_str)
+        .chain([relay_name.as_str(), stand_in.as_str()])
+        .collect();
     let mut checkpoints = Vec::new();
-    for record in &records {
-        let Some(bytes) = record.payload.as_deref() else {
+    for record in records.values() {
+        let (Some(record_key), Some(bytes)) = (record.key.as_deref(), record.payload.as_deref())
+        else {
             continue;
         };
-        if record.key.as_deref() == Some(key.as_bytes())
-            || record.key.as_deref() == Some(stand_in_key.as_bytes())
-        {
+        if record_key == key.as_bytes() {
             checkpoints.push(Checkpoint::from_bytes(bytes).expect("checkpoint record is readable"));
-        } else if record.key.as_deref() == Some(legacy_key.as_bytes()) {
-            if let Ok(Record::Checkpoint(checkpoint)) = Record::from_bytes(bytes) {
-                checkpoints.push(checkpoint);
+        } else if legacy_keys.iter().any(|k| k.as_bytes() == record_key) {
+            match Record::from_bytes(bytes).expect("legacy-key record is readable") {
+                Record::Checkpoint(checkpoint) if checkpoint.table == "public.outbox" => {
+                    checkpoints.push(checkpoint)
+                }
+                _ => {}
             }
         }
     }

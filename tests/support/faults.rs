@@ -124,6 +124,18 @@ impl RelayProcess {
         RelayProcess::spawn_with(config, log, kill_at, &[])
     }
 
+    /// Like `spawn`, running `binary` instead of this build's `outboxd`:
+    /// another release (`tests/faults/versions.rs`), which must take the
+    /// same `run --config` command line and `OUTBOXD_KILL_AT`.
+    pub fn spawn_binary(
+        binary: &Path,
+        config: &Path,
+        log: &Path,
+        kill_at: Option<&str>,
+    ) -> RelayProcess {
+        RelayProcess::spawn_command(binary, config, log, kill_at, &[])
+    }
+
     /// Like `start`, with extra environment variables for the relay.
     pub fn start_with(
         env: &TestEnv,
@@ -139,12 +151,23 @@ impl RelayProcess {
         kill_at: Option<&str>,
         environment: &[(&str, &str)],
     ) -> RelayProcess {
+        let binary = Path::new(env!("CARGO_BIN_EXE_outboxd"));
+        RelayProcess::spawn_command(binary, config, log, kill_at, environment)
+    }
+
+    fn spawn_command(
+        binary: &Path,
+        config: &Path,
+        log: &Path,
+        kill_at: Option<&str>,
+        environment: &[(&str, &str)],
+    ) -> RelayProcess {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("open relay log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+        let mut command = Command::new(binary);
         command
             .args(["run", "--config"])
             .arg(config)
@@ -155,7 +178,11 @@ impl RelayProcess {
         }
         command.envs(environment.iter().copied());
         RelayProcess {
-            child: Some(command.spawn().expect("start outboxd")),
+            child: Some(
+                command
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("start {}: {e}", binary.display())),
+            ),
             log: log.to_path_buf(),
         }
     }
@@ -215,6 +242,15 @@ impl RelayProcess {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// SIGSTOP now, without waiting for a kill point: the relay freezes
+    /// wherever it is (for binaries without `OUTBOXD_KILL_SIGNAL`).
+    pub fn freeze_now(&self) {
+        let pid = self.child.as_ref().expect("relay was started").id();
+        // SAFETY: a plain kill(2) of our own child.
+        let sent = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+        assert_eq!(sent, 0, "SIGSTOP {pid}");
     }
 
     /// SIGCONT: a frozen relay goes on where it stopped.
@@ -334,6 +370,13 @@ pub struct Campaign {
     /// Declared before `_servers`: it stops before the next fault test
     /// may start one in the same folder.
     pub cluster: Option<super::cluster::KafkaCluster>,
+    /// Keys under which releases from before table-keyed checkpoints wrote
+    /// this table's checkpoints (their `relay.name`s), which the checker
+    /// counts too.
+    pub legacy_checkpoint_keys: Vec<String>,
+    /// Checkpoint records read before the test had the topic compacted,
+    /// which the checker counts too.
+    pub earlier_checkpoint_records: Vec<super::kafka::Consumed>,
     _servers: tokio::sync::MutexGuard<'static, ()>,
 }
 
@@ -372,6 +415,8 @@ impl Campaign {
             writers,
             extra: Vec::new(),
             cluster,
+            legacy_checkpoint_keys: Vec::new(),
+            earlier_checkpoint_records: Vec::new(),
             _servers: servers,
         }
     }
@@ -408,7 +453,13 @@ impl Campaign {
         for relay in &mut running {
             relay.stop().await;
         }
-        let report = checker::check(&self.env, &written).await;
+        let report = checker::check_including(
+            &self.env,
+            &written,
+            &self.legacy_checkpoint_keys,
+            &self.earlier_checkpoint_records,
+        )
+        .await;
         record(self.fault, self.env.mode, self.runs, &report);
         eprintln!(
             "{} ({}): {} faults, {} events, {} violations; relay log {}",

@@ -82,6 +82,22 @@ macro_rules! in_both_modes {
             }
         }
     };
+    // The same, run only when asked for by name with `--ignored` (a target
+    // of their own, such as `make test-versions`), never by `make test`.
+    ($scenario:ident, worker_threads = $threads:expr, ignore = $why:literal) => {
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            #[ignore = $why]
+            async fn polling() {
+                super::$scenario($crate::support::Mode::Polling).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            #[ignore = $why]
+            async fn replication() {
+                super::$scenario($crate::support::Mode::Replication).await
+            }
+        }
+    };
 }
 
 /// One test's world: its own database, relay name, replication slot,
