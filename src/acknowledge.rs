@@ -10,7 +10,7 @@ use sqlx::PgConnection;
 
 use crate::config::AfterPublish;
 use crate::error::{Error, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::kafka::checkpoint::{Checkpoint, RowDigest};
 use crate::table::OutboxTable;
@@ -127,8 +127,14 @@ impl Acknowledger {
         let mut published = checkpoint.published.to_seqs();
         let mut dead_lettered = checkpoint.dead_lettered.to_seqs();
         if let Some(row_ids) = checkpoint.row_ids() {
-            let others = self
-                .rows_that_are_not(connection, &row_ids, &[&published, &dead_lettered])
+            // Only rows present now with the checkpoint's event id are
+            // acknowledged. A seq whose row is absent needs nothing (it was
+            // marked and deleted, or lost in a failover), and must not be
+            // acknowledged by seq: a new row may take it before the mark
+            // runs. A row that matched keeps its seq and content (seq is the
+            // key, and rows are insert-only).
+            let (ours, others) = self
+                .sort_by_identity(connection, &row_ids, &published, &dead_lettered)
                 .await?;
             if !others.is_empty() {
                 tracing::warn!(
@@ -139,35 +145,41 @@ impl Acknowledger {
                      Those new rows are not marked and will be published; the events the \
                      checkpoint names stay in Kafka for rows this database no longer has"
                 );
-                published.retain(|seq| !others.contains(seq));
-                dead_lettered.retain(|seq| !others.contains(seq));
             }
+            published.retain(|seq| ours.contains(seq));
+            dead_lettered.retain(|seq| ours.contains(seq));
         }
         self.acknowledge(connection, &published, &dead_lettered)
             .await
     }
 
-    /// The seqs among `seqs` whose row is not the one `row_ids` names.
-    async fn rows_that_are_not(
+    /// Splits the rows present under `published` and `dead_lettered` into
+    /// those whose event id is the one `row_ids` names and those whose is not.
+    async fn sort_by_identity(
         &self,
         connection: &mut PgConnection,
         row_ids: &HashMap<i64, RowDigest>,
-        seqs: &[&Vec<i64>],
-    ) -> Result<Vec<i64>> {
-        let all: Vec<i64> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        published: &[i64],
+        dead_lettered: &[i64],
+    ) -> Result<(HashSet<i64>, Vec<i64>)> {
+        let all: Vec<i64> = published.iter().chain(dead_lettered).copied().collect();
         let rows: Vec<(i64, String)> = sqlx::query_as(&self.row_ids_sql)
             .bind(&all)
             .fetch_all(&mut *connection)
             .await
             .map_err(|e| Error::from_postgres("reading the event ids of checkpointed rows", e))?;
-        Ok(rows
-            .into_iter()
-            .filter(|(seq, id)| row_ids.get(seq) != Some(&RowDigest::of(id)))
-            .map(|(seq, _)| seq)
-            .collect())
+        let mut ours = HashSet::new();
+        let mut others = Vec::new();
+        for (seq, id) in rows {
+            if row_ids.get(&seq) == Some(&RowDigest::of(&id)) {
+                ours.insert(seq);
+            } else {
+                others.push(seq);
+            }
+        }
+        Ok((ours, others))
     }
 }
-
 /// Runs `sql` with `seqs` as `$1`; with no seqs there is nothing to send.
 async fn execute_for_seqs(
     connection: &mut PgConnection,

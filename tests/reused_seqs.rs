@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::support::faults::RelayProcess;
+use crate::support::faults::{log_path, RelayProcess};
 use crate::support::kafka::read_all;
 use crate::support::workload::write_orders;
 use crate::support::{Mode, TestEnv};
@@ -69,4 +69,103 @@ async fn a_seq_reused_after_the_published_row_was_lost_is_published(mode: Mode) 
     }
     // The lost rows' events stay in Kafka: nothing can take them back.
     assert_eq!(records.len(), 2 * written.committed);
+}
+
+in_both_modes!(
+    a_reused_seq_committed_while_reconciling_is_published,
+    worker_threads = 2
+);
+/// The same, with the new rows committing between reconciliation's read of
+/// the event ids and its mark: the promoted server's writers and the relay
+/// reconnect together. A seq whose row was absent at the read must not be
+/// marked by seq.
+async fn a_reused_seq_committed_while_reconciling_is_published(mode: Mode) {
+    use sqlx::Connection;
+
+    let env = TestEnv::new("reused-seqs-race", mode).await;
+    let written = write_orders(&env.pool, 0, 4, 2).await;
+    let mut relay = RelayProcess::start(&env, Some("after-commit"));
+    relay.killed_at_point("after-commit", LIMIT).await;
+    sqlx::raw_sql(
+        "CREATE TABLE lost AS SELECT * FROM outbox WHERE sent_at IS NULL; \
+         DELETE FROM outbox WHERE sent_at IS NULL",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("the promoted server lacks the published rows");
+
+    // A writer that holds back every write to the table, the relay's mark
+    // included, but not its read of the ids.
+    let mut writer = sqlx::PgConnection::connect(&env.database_url)
+        .await
+        .expect("connect");
+    sqlx::raw_sql("BEGIN; LOCK TABLE outbox IN SHARE MODE")
+        .execute(&mut writer)
+        .await
+        .expect("lock");
+    let took_over_before = took_over(&log_path(&env));
+    let mut relay = RelayProcess::start(&env, None);
+    reconciled_or_blocked(&env, &relay, took_over_before).await;
+    sqlx::raw_sql(
+        "INSERT INTO outbox (seq, id, aggregatetype, aggregateid, type, payload) \
+           OVERRIDING SYSTEM VALUE \
+           SELECT seq, gen_random_uuid(), aggregatetype, aggregateid, 'Reborn', payload FROM lost; \
+         COMMIT",
+    )
+    .execute(&mut writer)
+    .await
+    .expect("new rows under the lost rows' seqs");
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+
+    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT seq, id::text FROM outbox ORDER BY seq")
+        .fetch_all(&env.pool)
+        .await
+        .expect("rows");
+    let records = read_all(&env.kafka, &env.topic_prefix()).await;
+    let mut published: HashMap<String, usize> = HashMap::new();
+    for record in &records {
+        let id = record.header("id").expect("every record has an id header");
+        *published.entry(id.to_string()).or_default() += 1;
+    }
+    assert_eq!(rows.len(), written.committed);
+    for (seq, id) in &rows {
+        assert_eq!(
+            published.get(id).copied().unwrap_or(0),
+            1,
+            "the row with seq {seq} (id {id}) must be published exactly once"
+        );
+    }
+}
+
+/// Waits until the relay has reconciled (it took the table over) or its
+/// reconciliation waits to write the outbox: either way, it has read the
+/// rows' event ids.
+async fn reconciled_or_blocked(env: &TestEnv, relay: &RelayProcess, took_over_before: usize) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND datname = current_database() AND query ILIKE '%outbox%'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .expect("pg_stat_activity");
+        if blocked > 0 || took_over(&relay.log) > took_over_before {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay neither took the table over nor waited to write it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How many takeovers the relay log at `log` shows (relays append to it).
+fn took_over(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("took the table over from its latest committed checkpoint")
+        .count()
 }

@@ -43,9 +43,12 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
-    /// The relay's identity. It names the Kafka `transactional.id`, the
-    /// checkpoint key and the leader lock, so two processes with the same name
-    /// are one relay: one publishes, the other waits as a standby.
+    /// The relay process's name: its Kafka client id, its replication slot
+    /// (`outboxd_<name>`), its logs and metrics. The Kafka `transactional.id`,
+    /// the checkpoint key and the leader lock belong to the outbox table
+    /// (`kafka::identity`), so relays of one table fence each other whatever
+    /// their names, and one publishes while the others wait. Keep it unchanged
+    /// for a table: a renamed relay leaves its old slot behind, holding WAL.
     pub name: String,
     /// What happens to a row once Kafka committed it: `mark` sets `sent_at`
     /// (the table shows what is pending), `delete` removes it.

@@ -233,9 +233,9 @@ impl Checkpoint {
     }
 }
 
-/// Written under a pre-table-key relay's key (its `relay.name`) by the
-/// takeover that adopts that relay's checkpoints: the table is led by this
-/// outboxd now. Releases from before
+/// Written by every takeover under this relay's `relay.name` and under the
+/// key of every pre-table-key relay whose checkpoints it adopted: the table
+/// is led by this outboxd now. Releases from before
 /// table-keyed checkpoints read the latest record under their own key, find
 /// this format they do not know, and refuse to start ("a newer outboxd wrote
 /// it") instead of leading beside or after us.

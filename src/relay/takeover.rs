@@ -12,7 +12,7 @@ use sqlx::PgConnection;
 
 use super::session::Context;
 use crate::error::Result;
-use crate::kafka::checkpoint::{self, Checkpoint};
+use crate::kafka::checkpoint::{self, Checkpoint, CHECKPOINT_PARTITION};
 use crate::kafka::checkpoint_scan;
 use crate::kafka::identity::TableIdentity;
 use crate::kafka::publisher::{PublishError, Publisher};
@@ -115,8 +115,8 @@ struct Candidate {
 /// What a takeover reconciles and whom it hands over from.
 struct Found {
     candidates: Vec<Candidate>,
-    /// Keys (and partitions) to write a hand-over marker under: every
-    /// legacy relay found.
+    /// Keys (and partitions) to write a hand-over marker under: this relay's
+    /// `relay.name` and every legacy relay found.
     legacy_keys: Vec<(String, i32)>,
 }
 
@@ -148,6 +148,7 @@ async fn find_checkpoints(
             checkpoint_scan::Start::Beginning
         }
     };
+    let own_offset = own.as_ref().map(|own| own.offset);
     if let Some(own) = own {
         candidates.push(Candidate {
             written_by: format!("this table's identity `{}`", identity.checkpoint_key),
@@ -163,6 +164,12 @@ async fn find_checkpoints(
         }
         Publisher::fence_transactional_id(config, &alternate.transactional_id).await?;
         if let Some(found) = checkpoint::read_latest(config, &alternate).await? {
+            if own_offset.is_some_and(|own| found.offset < own) {
+                // A takeover under this identity came later, and reconciled
+                // it then; marking by its seqs again could only hit rows
+                // that reuse them.
+                continue;
+            }
             tracing::warn!(
                 previous_identity = %alternate.checkpoint_key,
                 identity = %identity.checkpoint_key,
@@ -190,9 +197,14 @@ async fn find_checkpoints(
             checkpoint,
         });
     }
-    let mut legacy_keys = Vec::new();
+    // This relay's own name always gets a marker: an old pod of this
+    // deployment restarting (a rollback, a stale replica) must refuse
+    // rather than lead beside this release.
+    let mut legacy_keys = vec![(config.relay.name.clone(), CHECKPOINT_PARTITION)];
     for legacy in scanned.legacy {
-        if !legacy.stand_in {
+        if legacy.key == config.relay.name {
+            legacy_keys[0].1 = legacy.partition;
+        } else if !legacy.stand_in {
             tracing::warn!(
                 legacy_relay = %legacy.key,
                 "adopting what a relay from before table-keyed checkpoints (outboxd 0.1 up to \

@@ -143,9 +143,8 @@ pub async fn table_checkpoints_including(
     // checkpoints keyed theirs, and its `relay.name` stand-in identity (a
     // role without `pg_control_system()`).
     let relay_name = env.relay_name();
-    let stand_in =
-        outboxd::kafka::identity::TableIdentity::new(None, "public.outbox", &relay_name)
-            .checkpoint_key;
+    let stand_in = outboxd::kafka::identity::TableIdentity::new(None, "public.outbox", &relay_name)
+        .checkpoint_key;
     let legacy_keys: Vec<&str> = legacy_keys
         .iter()
         .map(String::as_str)
