@@ -33,7 +33,9 @@ pair_up() {
     fi
     rm -rf "$dir/primary" "$dir/standby" "$dir"/*.pid "$dir"/*.port "$dir/env"
     [[ $EUID -eq 0 ]] && chmod o+x "$dir"
-    bin=$(pg_bin)
+    # OUTBOXD_PG_VERSION's server, recorded for the later commands.
+    use_pg_bin "$dir"
+    bin=$(pg_bin "$dir")
 
     start_pg "$dir" primary logical
     port=$(cat "$dir/primary.port")
@@ -53,7 +55,7 @@ EOF
     [[ $EUID -eq 0 ]] && chown postgres: "$dir/standby"
     chmod 700 "$dir/standby"
     say "postgres: base backup of the primary for the standby"
-    as_pg "$bin/pg_basebackup" -h 127.0.0.1 -p "$port" -U postgres -D "$dir/standby/data" \
+    as_pg "$(client_tool "$bin" pg_basebackup)" -h 127.0.0.1 -p "$port" -U postgres -D "$dir/standby/data" \
         -R -X stream -c fast >"$dir/standby/basebackup.log" 2>&1 \
         || die_with_log "$dir/standby/basebackup.log" "pg_basebackup failed"
     # Later lines win: the standby's own port, no synchronous standby of
@@ -87,14 +89,20 @@ EOF
     say "pair up: primary 127.0.0.1:$port (pid $(cat "$dir/primary.pid")), synchronous standby 127.0.0.1:$sport (pid $(cat "$dir/standby.pid"))"
 }
 
+# A client tool from the server's build, else Debian's (the npm server
+# builds ship no client tools).
+client_tool() {
+    if [[ -x "$1/$2" ]]; then echo "$1/$2"; else echo "$(debian_pg_bin)/$2"; fi
+}
+
 # A one-value query as the postgres superuser; empty when it fails.
 psql_at() {
-    "$(pg_bin)/psql" -X -A -t -q -h 127.0.0.1 -p "$1" -U postgres -d postgres -c "$2" 2>/dev/null || true
+    "$(debian_pg_bin)/psql" -X -A -t -q -h 127.0.0.1 -p "$1" -U postgres -d postgres -c "$2" 2>/dev/null || true
 }
 
 start_standby() {
     local dir=$1 bin port i
-    bin=$(pg_bin)
+    bin=$(pg_bin "$dir")
     port=$(cat "$dir/standby.port")
     as_pg "$bin/pg_ctl" -D "$dir/standby/data" -l "$dir/standby/postgres.log" -w -t 60 start >/dev/null 2>&1 \
         || die_with_log "$dir/standby/postgres.log" "the standby failed to start"
@@ -126,7 +134,7 @@ stop_standby() {
     dir=$(pair_dir "$1")
     pid=$(read_pid "$dir/standby.pid")
     if is_ours "$pid" "$dir/standby/data"; then
-        as_pg "$(pg_bin)/pg_ctl" -D "$dir/standby/data" -m fast -w -t "$STOP_TIMEOUT" stop >/dev/null 2>&1 \
+        as_pg "$(pg_bin "$dir")/pg_ctl" -D "$dir/standby/data" -m fast -w -t "$STOP_TIMEOUT" stop >/dev/null 2>&1 \
             || die_with_log "$dir/standby/postgres.log" "the standby did not stop"
         wait_gone "$pid"
     fi
@@ -139,7 +147,7 @@ crash_primary() {
     dir=$(pair_dir "$1")
     pid=$(read_pid "$dir/primary.pid")
     if is_ours "$pid" "$dir/primary/data"; then
-        as_pg "$(pg_bin)/pg_ctl" -D "$dir/primary/data" -m immediate -w -t "$STOP_TIMEOUT" stop >/dev/null 2>&1 \
+        as_pg "$(pg_bin "$dir")/pg_ctl" -D "$dir/primary/data" -m immediate -w -t "$STOP_TIMEOUT" stop >/dev/null 2>&1 \
             || die_with_log "$dir/primary/postgres.log" "the primary did not stop"
         wait_gone "$pid"
     fi
@@ -150,7 +158,7 @@ promote() {
     local dir port i
     dir=$(pair_dir "$1")
     port=$(cat "$dir/standby.port")
-    as_pg "$(pg_bin)/pg_ctl" -D "$dir/standby/data" -w -t 60 promote >/dev/null 2>&1 \
+    as_pg "$(pg_bin "$dir")/pg_ctl" -D "$dir/standby/data" -w -t 60 promote >/dev/null 2>&1 \
         || die_with_log "$dir/standby/postgres.log" "the standby was not promoted"
     for ((i = 0; i < 240; i++)); do
         [[ $(psql_at "$port" "SELECT pg_is_in_recovery()") == f ]] && break
