@@ -52,7 +52,7 @@ const OLD_COMMIT: &str = "0ac26db";
 const LIMIT: Duration = Duration::from_secs(90);
 
 /// What the new relay logs when it adopts an old relay's checkpoint.
-const ADOPTING: &str = "adopting the checkpoint of a relay from before table-keyed checkpoints";
+const ADOPTING: &str = "adopting what a relay from before table-keyed checkpoints";
 
 fn old_binary() -> PathBuf {
     let how = "build it and run these tests with `make test-versions`, or by hand:\n  \
