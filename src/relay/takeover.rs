@@ -202,16 +202,18 @@ async fn find_checkpoints(
     // rather than lead beside this release.
     let mut legacy_keys = vec![(config.relay.name.clone(), CHECKPOINT_PARTITION)];
     for legacy in scanned.legacy {
-        if legacy.key == config.relay.name {
-            legacy_keys[0].1 = legacy.partition;
-        } else if !legacy.stand_in {
+        if !legacy.stand_in {
             tracing::warn!(
                 legacy_relay = %legacy.key,
                 "adopting what a relay from before table-keyed checkpoints (outboxd 0.1 up to \
                  0ac26db) published; a hand-over marker under its key makes that release refuse \
                  to lead this table from now on"
             );
-            legacy_keys.push((legacy.key.clone(), legacy.partition));
+            if legacy.key == config.relay.name {
+                legacy_keys[0].1 = legacy.partition;
+            } else {
+                legacy_keys.push((legacy.key.clone(), legacy.partition));
+            }
         }
         candidates.push(Candidate {
             written_by: format!("the relay that wrote under `{}`", legacy.key),
