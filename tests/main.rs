@@ -5,6 +5,7 @@
 #[macro_use]
 mod support;
 
+mod aggregate_order;
 mod cli;
 mod cloudevents;
 mod crash;
