@@ -43,6 +43,10 @@ impl Setup {
         }
         validate_topic_name(&config.kafka.checkpoint_topic)
             .map_err(|e| format!("kafka.checkpoint_topic: {e}"))?;
+        if let Some(previous) = &config.kafka.previous_checkpoint_topic {
+            validate_topic_name(previous)
+                .map_err(|e| format!("kafka.previous_checkpoint_topic: {e}"))?;
+        }
         if let Some(key) = config
             .kafka
             .properties

@@ -15,7 +15,9 @@ use sqlx::Connection;
 
 use crate::support::faults::{config_with_relay_name, log_path, RelayProcess};
 use crate::support::kafka::{begin_transaction_as, read_topic};
-use crate::support::workload::{assert_exactly_once, write_orders, Written};
+use crate::support::workload::{
+    assert_every_row_published_once, assert_exactly_once, write_orders, Written,
+};
 use crate::support::{Mode, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -127,6 +129,47 @@ async fn granting_pg_control_system_keeps_what_the_old_identity_published() {
     assert_exactly_once(&env, &first).await;
     let log = std::fs::read_to_string(log_path(&env)).expect("relay log");
     assert!(log.contains("this table was relayed under another identity before"));
+}
+
+/// `kafka.checkpoint_topic` changed while a batch is in Kafka but not
+/// marked (the relay was killed after its commit): the relay refuses to
+/// start on the new topic, naming the way out; with
+/// `kafka.previous_checkpoint_topic` it adopts the old topic's checkpoint,
+/// and nothing is published twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_checkpoint_topic_is_refused_until_the_old_one_is_named() {
+    let env = TestEnv::new("topic-change", Mode::Polling).await;
+    let old_topic = env.checkpoint_topic();
+    let first = write_orders(&env.pool, 0, 10, 5).await;
+    let mut relay = RelayProcess::start(&env, Some("after-commit"));
+    relay.killed_at_point("after-commit", LIMIT).await;
+    assert!(env.unsent().await > 0, "a batch is in Kafka, unmarked");
+
+    let new_topic = format!("{}-moved.checkpoints", env.topic_prefix());
+    env.replace_in_config(
+        &format!("checkpoint_topic: {old_topic}\n"),
+        &format!("checkpoint_topic: {new_topic}\n"),
+    );
+    let mut refused = RelayProcess::start(&env, None);
+    let status = refused.exited(LIMIT).await;
+    assert!(!status.success(), "the relay must refuse the new topic");
+    let log = std::fs::read_to_string(&refused.log).expect("relay log");
+    assert!(
+        log.contains("kafka.previous_checkpoint_topic"),
+        "the refusal names the way out"
+    );
+
+    env.replace_in_config(
+        &format!("checkpoint_topic: {new_topic}\n"),
+        &format!("checkpoint_topic: {new_topic}\n  previous_checkpoint_topic: {old_topic}\n"),
+    );
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    // The checkpoints are on two topics, which the checker does not read
+    // together: every row once, by event id.
+    assert_eq!(env.rows().await.len(), first.committed);
+    assert_eq!(assert_every_row_published_once(&env).await, first.committed);
 }
 
 /// Two databases, relays of the same `relay.name`, one checkpoint topic. In

@@ -5,12 +5,10 @@
 //! published. Checkpoints name each row by its event id too, so only the
 //! rows they published are marked.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::support::faults::{log_path, RelayProcess};
-use crate::support::kafka::read_all;
-use crate::support::workload::write_orders;
+use crate::support::workload::{assert_every_row_published_once, write_orders};
 use crate::support::{Mode, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -50,25 +48,9 @@ async fn a_seq_reused_after_the_published_row_was_lost_is_published(mode: Mode) 
     env.wait_all_sent(LIMIT).await;
     relay.stop().await;
 
-    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT seq, id::text FROM outbox ORDER BY seq")
-        .fetch_all(&env.pool)
-        .await
-        .expect("rows");
-    let records = read_all(&env.kafka, &env.topic_prefix()).await;
-    let mut published: HashMap<String, usize> = HashMap::new();
-    for record in &records {
-        let id = record.header("id").expect("every record has an id header");
-        *published.entry(id.to_string()).or_default() += 1;
-    }
-    for (seq, id) in &rows {
-        assert_eq!(
-            published.get(id).copied().unwrap_or(0),
-            1,
-            "the row with seq {seq} (id {id}) must be published exactly once"
-        );
-    }
+    let records = assert_every_row_published_once(&env).await;
     // The lost rows' events stay in Kafka: nothing can take them back.
-    assert_eq!(records.len(), 2 * written.committed);
+    assert_eq!(records, 2 * written.committed);
 }
 
 in_both_modes!(
@@ -118,24 +100,8 @@ async fn a_reused_seq_committed_while_reconciling_is_published(mode: Mode) {
     env.wait_all_sent(LIMIT).await;
     relay.stop().await;
 
-    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT seq, id::text FROM outbox ORDER BY seq")
-        .fetch_all(&env.pool)
-        .await
-        .expect("rows");
-    let records = read_all(&env.kafka, &env.topic_prefix()).await;
-    let mut published: HashMap<String, usize> = HashMap::new();
-    for record in &records {
-        let id = record.header("id").expect("every record has an id header");
-        *published.entry(id.to_string()).or_default() += 1;
-    }
-    assert_eq!(rows.len(), written.committed);
-    for (seq, id) in &rows {
-        assert_eq!(
-            published.get(id).copied().unwrap_or(0),
-            1,
-            "the row with seq {seq} (id {id}) must be published exactly once"
-        );
-    }
+    assert_eq!(env.rows().await.len(), written.committed);
+    assert_every_row_published_once(&env).await;
 }
 
 in_both_modes!(
@@ -164,28 +130,13 @@ async fn a_table_truncated_with_restart_identity_is_relayed_from_scratch(mode: M
     env.wait_all_sent(LIMIT).await;
     relay.stop().await;
 
-    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT seq, id::text FROM outbox ORDER BY seq")
-        .fetch_all(&env.pool)
-        .await
-        .expect("rows");
+    let rows = env.rows().await;
     assert_eq!(rows.len(), written.committed);
     assert!(
-        rows.iter().any(|(seq, _)| published_seqs.contains(seq)),
+        rows.iter().any(|(seq, _, _)| published_seqs.contains(seq)),
         "new rows reuse the truncated rows' seqs"
     );
-    let records = read_all(&env.kafka, &env.topic_prefix()).await;
-    let mut published: HashMap<String, usize> = HashMap::new();
-    for record in &records {
-        let id = record.header("id").expect("every record has an id header");
-        *published.entry(id.to_string()).or_default() += 1;
-    }
-    for (seq, id) in &rows {
-        assert_eq!(
-            published.get(id).copied().unwrap_or(0),
-            1,
-            "the row with seq {seq} (id {id}) must be published exactly once"
-        );
-    }
+    assert_every_row_published_once(&env).await;
 }
 
 /// Waits until the relay has reconciled (it took the table over) or its

@@ -194,6 +194,13 @@ pub struct KafkaConfig {
     /// Compacted topic holding each relay's last committed checkpoint.
     #[serde(default = "defaults::checkpoint_topic")]
     pub checkpoint_topic: String,
+    /// The checkpoint topic this table's relay used before
+    /// `checkpoint_topic` was changed. A relay that finds no checkpoint of
+    /// its table on `checkpoint_topic` but one on this topic adopts it; without
+    /// it, a relay whose checkpoint group has offsets on another topic
+    /// refuses to start rather than publish that topic's last window again.
+    #[serde(default)]
+    pub previous_checkpoint_topic: Option<String>,
     /// Kafka `transaction.timeout.ms`: how long the broker keeps a
     /// transaction of a crashed relay open before aborting it.
     #[serde(
@@ -223,6 +230,7 @@ impl fmt::Debug for KafkaConfig {
         f.debug_struct("KafkaConfig")
             .field("bootstrap_servers", &self.bootstrap_servers)
             .field("checkpoint_topic", &self.checkpoint_topic)
+            .field("previous_checkpoint_topic", &self.previous_checkpoint_topic)
             .field("transaction_timeout", &self.transaction_timeout)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("properties", &properties)

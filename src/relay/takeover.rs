@@ -131,7 +131,10 @@ async fn find_checkpoints(
 ) -> Result<Found> {
     let config = &context.config;
     let mut candidates = Vec::new();
-    let own = checkpoint::read_latest(config, identity).await?;
+    let mut own = checkpoint::read_latest(config, identity).await?;
+    if own.is_none() {
+        own = checkpoint_on_another_topic(config, identity).await?;
+    }
     // Whatever any predecessor committed after the table's own latest
     // checkpoint lies after it on the topic; without one, anywhere.
     let start = match &own {
@@ -225,4 +228,52 @@ async fn find_checkpoints(
         candidates,
         legacy_keys,
     })
+}
+
+/// The table's checkpoint group has no offset on `kafka.checkpoint_topic`.
+/// If `kafka.previous_checkpoint_topic` is set, the latest checkpoint there
+/// is the table's (the hand-over then writes it to the new topic). If not,
+/// and the broker still knows the group, it has offsets on some other topic:
+/// the checkpoint topic was changed, and whatever that topic's last
+/// checkpoint names may be in Kafka unmarked. The relay refuses rather than
+/// publish it again.
+async fn checkpoint_on_another_topic(
+    config: &crate::config::Config,
+    identity: &TableIdentity,
+) -> Result<Option<checkpoint::Located>> {
+    if let Some(previous) = &config.kafka.previous_checkpoint_topic {
+        let mut on_previous = config.clone();
+        on_previous.kafka.checkpoint_topic = previous.clone();
+        let found = checkpoint::read_latest(&on_previous, identity).await?;
+        if let Some(found) = &found {
+            tracing::warn!(
+                previous_checkpoint_topic = %previous,
+                checkpoint_topic = %config.kafka.checkpoint_topic,
+                published = found.checkpoint.published.len(),
+                "adopting the table's latest checkpoint from kafka.previous_checkpoint_topic; \
+                 it is written to kafka.checkpoint_topic now, and the setting can be removed"
+            );
+        }
+        // Its offset is on the other topic: the tail of this one is read
+        // from its beginning, like a first start.
+        return Ok(found.map(|found| checkpoint::Located {
+            offset: -1,
+            checkpoint: found.checkpoint,
+        }));
+    }
+    if checkpoint::group_is_known(config, identity).await? {
+        return Err(crate::error::Error::stop(format!(
+            "the table's checkpoint group `{group}` has committed offsets, but none on \
+             kafka.checkpoint_topic `{topic}`: the checkpoint topic was changed (or this topic \
+             re-created). The last checkpoint on the old topic may name rows that are in Kafka \
+             but not marked sent; starting here would publish them again. Set \
+             kafka.previous_checkpoint_topic to the old topic so the relay adopts it, or, if the \
+             relay on the old topic stopped cleanly (SIGTERM, exit 0) and nothing is unmarked, \
+             delete the group: kafka-consumer-groups.sh --bootstrap-server … --delete --group '{group}'",
+            group = identity.checkpoint_group,
+            topic = config.kafka.checkpoint_topic,
+        ))
+        .because(crate::error::Cause::Kafka));
+    }
+    Ok(None)
 }
