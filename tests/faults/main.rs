@@ -16,6 +16,7 @@ mod checker;
 mod cluster;
 mod kill_points;
 mod network;
+mod operator_actions;
 mod poison;
 mod proxy;
 mod random_kills;
