@@ -153,6 +153,28 @@ impl Acknowledger {
             .await
     }
 
+    /// A checkpoint written under another table name of this database (the
+    /// table may have been renamed since): acknowledges only the rows here
+    /// whose seq and event id it names, nothing when it carries no ids.
+    pub async fn reconcile_if_renamed(
+        &self,
+        connection: &mut PgConnection,
+        checkpoint: &Checkpoint,
+    ) -> Result<Acknowledged> {
+        let Some(row_ids) = checkpoint.row_ids() else {
+            return Ok(Acknowledged::default());
+        };
+        let mut published = checkpoint.published.to_seqs();
+        let mut dead_lettered = checkpoint.dead_lettered.to_seqs();
+        let (ours, _) = self
+            .sort_by_identity(connection, &row_ids, &published, &dead_lettered)
+            .await?;
+        published.retain(|seq| ours.contains(seq));
+        dead_lettered.retain(|seq| ours.contains(seq));
+        self.acknowledge(connection, &published, &dead_lettered)
+            .await
+    }
+
     /// Splits the rows present under `published` and `dead_lettered` into
     /// those whose event id is the one `row_ids` names and those whose is not.
     async fn sort_by_identity(

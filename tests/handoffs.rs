@@ -131,6 +131,39 @@ async fn granting_pg_control_system_keeps_what_the_old_identity_published() {
     assert!(log.contains("this table was relayed under another identity before"));
 }
 
+in_both_modes!(
+    a_renamed_table_keeps_what_its_old_name_published,
+    worker_threads = 2
+);
+/// The outbox table renamed (and `postgres.table` with it) while a batch
+/// is in Kafka but not marked: the relay, now under a new identity, finds
+/// the old name's checkpoint, matches its rows by event id, and marks them
+/// instead of publishing them again.
+async fn a_renamed_table_keeps_what_its_old_name_published(mode: Mode) {
+    let env = TestEnv::new("renamed-table", mode).await;
+    let written = write_orders(&env.pool, 0, 10, 5).await;
+    let mut relay = RelayProcess::start(&env, Some("after-commit"));
+    relay.killed_at_point("after-commit", LIMIT).await;
+    assert!(env.unsent().await > 0, "a batch is in Kafka, unmarked");
+
+    // The helpers read `outbox`: a view keeps them working.
+    sqlx::raw_sql(
+        "ALTER TABLE outbox RENAME TO events; CREATE VIEW outbox AS SELECT * FROM events",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("rename the table");
+    env.replace_in_config("postgres:\n", "postgres:\n  table: events\n");
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    assert_eq!(env.rows().await.len(), written.committed);
+    assert_eq!(
+        assert_every_row_published_once(&env).await,
+        written.committed
+    );
+}
+
 /// `kafka.checkpoint_topic` changed while a batch is in Kafka but not
 /// marked (the relay was killed after its commit): the relay refuses to
 /// start on the new topic, naming the way out; with

@@ -106,6 +106,12 @@ pub struct Found {
     pub table: Option<(i64, Checkpoint)>,
     /// The latest of each legacy relay that led the table since the start.
     pub legacy: Vec<LegacyCheckpoint>,
+    /// Whole-topic scans only: the latest checkpoint under each key of this
+    /// database that names another table and carries row ids. One of them
+    /// may be this table under its name before a rename; the caller keeps
+    /// only the rows whose event ids match (never fencing: they are other
+    /// tables' live relays too).
+    pub same_database: Vec<Checkpoint>,
 }
 
 /// Fences this relay's legacy transactional id, then reads from `start` as
@@ -293,6 +299,7 @@ struct Books<'a> {
     topic: &'a str,
     table: Option<(i64, Checkpoint)>,
     legacy: BTreeMap<String, LegacyCheckpoint>,
+    same_database: BTreeMap<String, Checkpoint>,
 }
 
 impl<'a> Books<'a> {
@@ -303,6 +310,7 @@ impl<'a> Books<'a> {
             topic: &config.kafka.checkpoint_topic,
             table: None,
             legacy: BTreeMap::new(),
+            same_database: BTreeMap::new(),
         }
     }
 
@@ -343,6 +351,7 @@ impl<'a> Books<'a> {
             None | Some(Ok(Record::HandedOver(_))) => {
                 if isolation == Isolation::Committed {
                     self.legacy.remove(&key);
+                    self.same_database.remove(&key);
                 }
             }
             Some(Ok(Record::Checkpoint(checkpoint)))
@@ -358,6 +367,15 @@ impl<'a> Books<'a> {
                         checkpoint,
                     },
                 );
+            }
+            Some(Ok(Record::Checkpoint(checkpoint)))
+                if start == Start::Beginning
+                    && isolation == Isolation::Committed
+                    && checkpoint.ids.is_some()
+                    && checkpoint.source.is_some()
+                    && checkpoint.source == self.origin.source =>
+            {
+                self.same_database.insert(key, checkpoint);
             }
             Some(Ok(Record::Checkpoint(_))) => {}
             // Under our own key an unreadable record is ours to understand;
@@ -396,6 +414,7 @@ impl<'a> Books<'a> {
         Found {
             table: self.table,
             legacy: self.legacy.into_values().collect(),
+            same_database: self.same_database.into_values().collect(),
         }
     }
 }

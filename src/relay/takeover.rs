@@ -52,6 +52,22 @@ pub(super) async fn take_over(
         return Ok(None);
     }
     let found = find_checkpoints(context, source, &identity).await?;
+    for other in &found.same_database {
+        let done = context
+            .acknowledger
+            .reconcile_if_renamed(connection, other)
+            .await?;
+        if done.published + done.dead_lettered > 0 {
+            tracing::warn!(
+                previous_table = %other.table,
+                table = %context.table_name,
+                newly_acknowledged = done.published + done.dead_lettered,
+                "a checkpoint written under another table name names rows of this table by their \
+                 event ids: the table was renamed (or postgres.table changed) while rows were in \
+                 Kafka but not marked sent; marked them instead of publishing them again"
+            );
+        }
+    }
     let mut latest = None;
     for candidate in found.candidates {
         // Marking is idempotent: rows of a checkpoint that were marked long
@@ -115,6 +131,9 @@ struct Candidate {
 /// What a takeover reconciles and whom it hands over from.
 struct Found {
     candidates: Vec<Candidate>,
+    /// Checkpoints of other table names of this database (first starts
+    /// only): reconciled by event id alone, in case the table was renamed.
+    same_database: Vec<Checkpoint>,
     /// Keys (and partitions) to write a hand-over marker under: this relay's
     /// `relay.name` and every legacy relay found.
     legacy_keys: Vec<(String, i32)>,
@@ -226,6 +245,7 @@ async fn find_checkpoints(
     }
     Ok(Found {
         candidates,
+        same_database: scanned.same_database,
         legacy_keys,
     })
 }
