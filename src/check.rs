@@ -164,7 +164,7 @@ async fn check_identity(connection: &mut PgConnection, findings: &mut Findings) 
             format!(
                 "the role {role} may not execute pg_control_system(), so the relay's Kafka identity \
                  names relay.name instead of this database and a renamed relay no longer fences the \
-                 old one; as a superuser run: GRANT EXECUTE ON FUNCTION pg_control_system() TO \
+                 old one; as an administrator run: GRANT EXECUTE ON FUNCTION pg_control_system() TO \
                  {role}; (granting it later is safe; taking it away again is not)"
             ),
         ),
@@ -446,7 +446,7 @@ async fn check_failover(config: &Config, connection: &mut PgConnection, findings
             format!(
                 "synchronous_standby_names = '{names}', but the role cannot see the standbys' positions \
                  in pg_stat_replication, so the relay would stop rather than publish what a failover \
-                 can take back. As a superuser run: GRANT pg_read_all_stats TO {role}; (or grant \
+                 can take back. As an administrator run: GRANT pg_read_all_stats TO {role}; (or grant \
                  pg_monitor), or set capture.wait_for_sync_standbys: false"
             ),
         );

@@ -38,8 +38,8 @@ impl ServerSupport {
         }
         if !self.can_replicate {
             return Some(format!(
-                "the role {role} may not replicate (it has no REPLICATION attribute); as a \
-                 superuser run: ALTER ROLE {role} WITH REPLICATION; (on Amazon RDS or Aurora, \
+                "the role {role} may not replicate (it has no REPLICATION attribute); as an \
+                 administrator run: ALTER ROLE {role} WITH REPLICATION; (on Amazon RDS or Aurora, \
                  as the master user: GRANT rds_replication TO {role};)",
                 role = self.role
             ));
