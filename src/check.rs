@@ -94,7 +94,7 @@ async fn check_postgres(setup: &Setup, findings: &mut Findings) {
     );
 
     let table = &setup.table;
-    match schema::inspect(&mut connection, table, config.relay.after_publish).await {
+    match schema::inspect(&mut connection, table, config.relay.deletes_rows()).await {
         Err(e) => findings.push(Status::Failed, "outbox table", e.message),
         Ok(report) => {
             let problems = report.problems(table);
@@ -131,8 +131,44 @@ async fn check_postgres(setup: &Setup, findings: &mut Findings) {
         }
     }
     check_capture(config, &mut connection, table, findings).await;
+    check_identity(&mut connection, findings).await;
     check_insert_only(&mut connection, table, findings).await;
     check_replay_record(&mut connection, table, findings).await;
+}
+
+/// Whether the relay's Kafka identity can name this database: it reads the
+/// system identifier with `pg_control_system()`, which PUBLIC may execute
+/// by default but some servers revoke. Without it the relay still runs,
+/// under a `relay.name` stand-in identity (`schema::database_source`).
+async fn check_identity(connection: &mut PgConnection, findings: &mut Findings) {
+    let row: Result<(bool, String), sqlx::Error> = sqlx::query_as(
+        "SELECT has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE'), \
+                quote_ident(current_user)",
+    )
+    .fetch_one(&mut *connection)
+    .await;
+    match row {
+        Err(e) => {
+            let error = crate::error::Error::from_postgres("checking EXECUTE on pg_control_system()", e);
+            findings.push(Status::Failed, "kafka identity", error.message)
+        }
+        Ok((true, _)) => findings.push(
+            Status::Ok,
+            "kafka identity",
+            "names this database (its system identifier, from pg_control_system()), so a renamed \
+             relay still fences the old one",
+        ),
+        Ok((false, role)) => findings.push(
+            Status::Warning,
+            "kafka identity",
+            format!(
+                "the role {role} may not execute pg_control_system(), so the relay's Kafka identity \
+                 names relay.name instead of this database and a renamed relay no longer fences the \
+                 old one; as an administrator run: GRANT EXECUTE ON FUNCTION pg_control_system() TO \
+                 {role}; (granting it later is safe; taking it away again is not)"
+            ),
+        ),
+    }
 }
 
 /// Whether the insert-only guard is in place: without it, a transaction
@@ -282,11 +318,17 @@ async fn check_capture(
     let publication = &config.postgres.publication;
     match slot::inspect_publication(connection, publication, table).await {
         Err(e) => findings.push(Status::Failed, "publication", e.message),
-        Ok(None) => findings.push(
-            Status::Warning,
-            "publication",
-            format!("`{publication}` is missing; the relay creates it at start (it must own the table), or run `outboxd migrate`"),
-        ),
+        Ok(None) => match slot::publication_creation(connection, publication, table).await {
+            Err(e) => findings.push(Status::Failed, "publication", e.message),
+            Ok(creation) => match creation.refused_because() {
+                Some(refused) => findings.push(Status::Failed, "publication", refused),
+                None => findings.push(
+                    Status::Warning,
+                    "publication",
+                    format!("`{publication}` is missing; the relay creates it at start (its role owns the table), or run `outboxd migrate`"),
+                ),
+            },
+        },
         Ok(Some(info)) => match info.unusable_because(publication, table) {
             Some(reason) => findings.push(Status::Failed, "publication", reason),
             None => findings.push(
@@ -347,15 +389,16 @@ async fn check_capture(
 /// waits for the synchronous ones (and may see their positions), and
 /// whether the slot survives a promotion.
 async fn check_failover(config: &Config, connection: &mut PgConnection, findings: &mut Findings) {
-    let row: Result<(String, bool, bool, i64, i64), sqlx::Error> = sqlx::query_as(
+    let row: Result<(String, bool, bool, i64, i64, String), sqlx::Error> = sqlx::query_as(
         "SELECT current_setting('synchronous_standby_names'), pg_is_in_recovery(), \
                 pg_has_role('pg_read_all_stats', 'USAGE'), \
                 (SELECT count(*) FROM pg_stat_replication), \
-                (SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum'))",
+                (SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')), \
+                quote_ident(current_user)",
     )
     .fetch_one(&mut *connection)
     .await;
-    let (names, in_recovery, may_read, standbys, synchronous) = match row {
+    let (names, in_recovery, may_read, standbys, synchronous, role) = match row {
         Ok(row) => row,
         Err(e) => {
             let error = crate::error::Error::from_postgres("reading the server's standbys", e);
@@ -403,8 +446,8 @@ async fn check_failover(config: &Config, connection: &mut PgConnection, findings
             format!(
                 "synchronous_standby_names = '{names}', but the role cannot see the standbys' positions \
                  in pg_stat_replication, so the relay would stop rather than publish what a failover \
-                 can take back. GRANT pg_read_all_stats (or pg_monitor) to the role, or set \
-                 capture.wait_for_sync_standbys: false"
+                 can take back. As an administrator run: GRANT pg_read_all_stats TO {role}; (or grant \
+                 pg_monitor), or set capture.wait_for_sync_standbys: false"
             ),
         );
     } else {

@@ -118,13 +118,17 @@ pub fn render(table: &OutboxTable, notify_channel: &str, publication: &str) -> S
          DO $$\nBEGIN\n    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {publication_literal}) THEN\n        \
          CREATE PUBLICATION {publication} FOR TABLE {qualified} WITH ({publication_options});\n    END IF;\nEND\n$$;\n\
          \n\
-         -- A least-privilege role for the relay (run as an administrator, with a real password):\n\
+         -- A least-privilege role for the relay (run as an administrator, with a real\n\
+         -- password; the GRANTs ON the table may also be run by its owner). Whoever runs\n\
+         -- this file owns the table and the publication; the relay needs to own neither.\n\
+         -- `outboxd check`, run as the relay's role, names each of these it lacks.\n\
          -- CREATE ROLE outboxd LOGIN PASSWORD 'change-me';\n\
          -- GRANT USAGE ON SCHEMA {schema} TO outboxd;\n\
          -- GRANT SELECT, UPDATE ({sent_at}) ON {qualified} TO outboxd;\n\
-         -- GRANT DELETE ON {qualified} TO outboxd;      -- only for relay.after_publish: delete\n\
-         -- ALTER ROLE outboxd REPLICATION;              -- only for capture.mode: replication\n\
-         -- GRANT pg_read_all_stats TO outboxd;          -- only with synchronous standbys (capture.wait_for_sync_standbys)\n\
+         -- GRANT DELETE ON {qualified} TO outboxd;  -- only for relay.after_publish: delete or relay.retention\n\
+         -- ALTER ROLE outboxd WITH REPLICATION;  -- only for capture.mode: replication or auto (Amazon RDS/Aurora: GRANT rds_replication TO outboxd)\n\
+         -- GRANT pg_read_all_stats TO outboxd;  -- only with synchronous standbys (capture.wait_for_sync_standbys)\n\
+         -- GRANT EXECUTE ON FUNCTION pg_control_system() TO outboxd;  -- only where it was revoked from PUBLIC (PUBLIC may execute it by default)\n\
          -- Only for running `outboxd dead-letters replay` as this role:\n\
          -- GRANT INSERT ON {qualified} TO outboxd;\n\
          -- GRANT SELECT, INSERT ON {replay_record_table} TO outboxd;\n",

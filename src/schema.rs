@@ -7,9 +7,8 @@
 
 use sqlx::{PgConnection, Row};
 
-use crate::config::AfterPublish;
 use crate::error::{Error, Result};
-use crate::table::{OutboxTable, PayloadEncoding};
+use crate::table::{quote_ident, OutboxTable, PayloadEncoding};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableReport {
@@ -18,6 +17,9 @@ pub struct TableReport {
     pub missing_columns: Vec<String>,
     /// Privileges the relay's role lacks, as `SELECT`, `UPDATE (sent_at)`, …
     pub missing_privileges: Vec<String>,
+    /// The relay's role (`current_user`), as an SQL identifier: what the
+    /// `GRANT`s in the messages name.
+    pub role: String,
     /// Whether an insert trigger on the table calls `pg_notify`.
     pub has_notify_trigger: bool,
     /// Whether the table is partitioned (whatever `postgres.partitioning` says).
@@ -35,14 +37,32 @@ impl TableReport {
                 self.missing_columns.join(", ")
             ));
         }
-        if !self.missing_privileges.is_empty() {
+        for privilege in &self.missing_privileges {
             problems.push(format!(
-                "the relay's role lacks {} on {}; see the grants in migrations/0001_outbox.sql",
-                self.missing_privileges.join(", "),
-                table.display_name()
+                "the relay's role {role} lacks {privilege} on {table}, which it needs to {why}; \
+                 as the table's owner (or an administrator) run: {grant}",
+                role = self.role,
+                table = table.display_name(),
+                why = privilege_purpose(privilege),
+                grant = self.grant(privilege, table),
             ));
         }
         problems
+    }
+
+    /// The statement that gives the relay's role `privilege` (one of
+    /// `missing_privileges`) on the table.
+    pub fn grant(&self, privilege: &str, table: &OutboxTable) -> String {
+        let privilege = if privilege.starts_with("UPDATE") {
+            format!("UPDATE ({})", quote_ident(&table.columns.sent_at))
+        } else {
+            privilege.to_string()
+        };
+        format!(
+            "GRANT {privilege} ON {} TO {};",
+            table.qualified(),
+            self.role
+        )
     }
 
     /// When the table's shape and `postgres.partitioning` disagree: what
@@ -64,11 +84,24 @@ impl TableReport {
     }
 }
 
+/// What the relay does with a privilege, for the message that asks for it.
+fn privilege_purpose(privilege: &str) -> &'static str {
+    if privilege == "SELECT" {
+        "read the rows it publishes"
+    } else if privilege.starts_with("UPDATE") {
+        "mark published rows sent (and claim rows FOR UPDATE when polling)"
+    } else {
+        "delete published rows (relay.after_publish: delete, relay.retention)"
+    }
+}
+
 /// Inspects the table. A missing table is an error telling how to create it.
+/// `deletes_rows`: the relay deletes rows (`relay.after_publish: delete` or
+/// `relay.retention`), so its role needs `DELETE`.
 pub async fn inspect(
     connection: &mut PgConnection,
     table: &OutboxTable,
-    after_publish: AfterPublish,
+    deletes_rows: bool,
 ) -> Result<TableReport> {
     let qualified = table.qualified();
     let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
@@ -140,7 +173,7 @@ pub async fn inspect(
             missing_privileges.push(name);
         }
     }
-    if after_publish == AfterPublish::Delete {
+    if deletes_rows {
         let granted: bool = sqlx::query_scalar("SELECT has_table_privilege($1, 'DELETE')")
             .bind(&qualified)
             .fetch_one(&mut *connection)
@@ -160,6 +193,11 @@ pub async fn inspect(
     .await
     .map_err(|e| Error::from_postgres("looking for the notify trigger", e))?;
 
+    let role: String = sqlx::query_scalar("SELECT quote_ident(current_user)")
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| Error::from_postgres("reading the relay's role", e))?;
+
     let partitioned = crate::partitions::is_partitioned(connection, table)
         .await
         .map_err(|e| Error::from_postgres("reading the outbox table's kind", e))?
@@ -169,6 +207,7 @@ pub async fn inspect(
         payload_encoding,
         missing_columns,
         missing_privileges,
+        role,
         has_notify_trigger,
         partitioned,
     })

@@ -15,6 +15,7 @@ mod failover;
 mod handoffs;
 mod insert_only;
 mod leader;
+mod least_privilege;
 mod missing_topics;
 mod operations;
 mod partitioned_table;

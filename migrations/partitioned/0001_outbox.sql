@@ -75,13 +75,17 @@ BEGIN
 END
 $$;
 
--- A least-privilege role for the relay (run as an administrator, with a real password):
+-- A least-privilege role for the relay (run as an administrator, with a real
+-- password; the GRANTs ON the table may also be run by its owner). Whoever runs
+-- this file owns the table and the publication; the relay needs to own neither.
+-- `outboxd check`, run as the relay's role, names each of these it lacks.
 -- CREATE ROLE outboxd LOGIN PASSWORD 'change-me';
 -- GRANT USAGE ON SCHEMA "public" TO outboxd;
 -- GRANT SELECT, UPDATE ("sent_at") ON "public"."outbox" TO outboxd;
--- GRANT DELETE ON "public"."outbox" TO outboxd;      -- only for relay.after_publish: delete
--- ALTER ROLE outboxd REPLICATION;              -- only for capture.mode: replication
--- GRANT pg_read_all_stats TO outboxd;          -- only with synchronous standbys (capture.wait_for_sync_standbys)
+-- GRANT DELETE ON "public"."outbox" TO outboxd;  -- only for relay.after_publish: delete or relay.retention
+-- ALTER ROLE outboxd WITH REPLICATION;  -- only for capture.mode: replication or auto (Amazon RDS/Aurora: GRANT rds_replication TO outboxd)
+-- GRANT pg_read_all_stats TO outboxd;  -- only with synchronous standbys (capture.wait_for_sync_standbys)
+-- GRANT EXECUTE ON FUNCTION pg_control_system() TO outboxd;  -- only where it was revoked from PUBLIC (PUBLIC may execute it by default)
 -- Only for running `outboxd dead-letters replay` as this role:
 -- GRANT INSERT ON "public"."outbox" TO outboxd;
 -- GRANT SELECT, INSERT ON "public"."outbox_replayed" TO outboxd;

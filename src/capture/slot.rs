@@ -18,9 +18,13 @@ use crate::table::{quote_ident, OutboxTable};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSupport {
     pub wal_level: String,
-    /// `REPLICATION` attribute or superuser.
+    /// `REPLICATION` attribute or superuser, or (Amazon RDS and Aurora,
+    /// where the attribute is not granted) membership in `rds_replication`.
     pub can_replicate: bool,
     pub max_replication_slots: i64,
+    /// The role (`current_user`) as an SQL identifier, for the statement
+    /// that lets it replicate.
+    pub role: String,
 }
 
 impl ServerSupport {
@@ -33,9 +37,12 @@ impl ServerSupport {
             ));
         }
         if !self.can_replicate {
-            return Some(
-                "the role has no REPLICATION attribute (ALTER ROLE … WITH REPLICATION)".into(),
-            );
+            return Some(format!(
+                "the role {role} may not replicate (it has no REPLICATION attribute); as an \
+                 administrator run: ALTER ROLE {role} WITH REPLICATION; (on Amazon RDS or Aurora, \
+                 as the master user: GRANT rds_replication TO {role};)",
+                role = self.role
+            ));
         }
         if self.max_replication_slots == 0 {
             return Some("max_replication_slots is 0".into());
@@ -47,8 +54,11 @@ impl ServerSupport {
 pub async fn server_support(connection: &mut PgConnection) -> Result<ServerSupport> {
     let row = sqlx::query(
         "SELECT current_setting('wal_level'), \
-                (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
-                current_setting('max_replication_slots')::bigint",
+                (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user) \
+                OR EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_replication' \
+                           AND pg_has_role(current_user, oid, 'MEMBER')), \
+                current_setting('max_replication_slots')::bigint, \
+                quote_ident(current_user)",
     )
     .fetch_one(connection)
     .await
@@ -57,6 +67,7 @@ pub async fn server_support(connection: &mut PgConnection) -> Result<ServerSuppo
         wal_level: column(&row, 0, "wal_level")?,
         can_replicate: column::<Option<bool>>(&row, 1, "rolreplication")?.unwrap_or(false),
         max_replication_slots: column(&row, 2, "max_replication_slots")?,
+        role: column(&row, 3, "current_user")?,
     })
 }
 
@@ -275,8 +286,8 @@ impl PublicationInfo {
         }
         if !self.includes_table || !self.publishes_inserts {
             return Some(format!(
-                "publication `{publication}` does not publish inserts into {table}; run \
-                 ALTER PUBLICATION {quoted} ADD TABLE {table} (and publish = 'insert'), \
+                "publication `{publication}` does not publish inserts into {table}; as its \
+                 owner run ALTER PUBLICATION {quoted} ADD TABLE {table} (and publish = 'insert'), \
                  or set postgres.publication to another name and outboxd creates it",
                 table = table.qualified(),
             ));
@@ -319,6 +330,77 @@ pub async fn inspect_publication(
     .transpose()
 }
 
+/// Whether this role may create the missing publication (only the table's
+/// owner may, with `CREATE` on the database), and if not, what to tell the
+/// operator: who must run which statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicationCreation {
+    pub may_create: bool,
+    /// The table's owner, as an SQL identifier.
+    pub owner: String,
+    /// `CREATE PUBLICATION …;` as the owner would run it.
+    pub statement: String,
+    role: String,
+    publication: String,
+    table: String,
+}
+
+impl PublicationCreation {
+    /// Why the relay cannot create the publication, with the statement for
+    /// the table's owner; `None` when it can.
+    pub fn refused_because(&self) -> Option<String> {
+        (!self.may_create).then(|| {
+            format!(
+                "publication `{publication}` is missing, and the relay's role {role} cannot \
+                 create it: only the owner of {table} ({owner}) may. As {owner} run: \
+                 {statement} (or run `outboxd migrate` as {owner})",
+                publication = self.publication,
+                role = self.role,
+                table = self.table,
+                owner = self.owner,
+                statement = self.statement,
+            )
+        })
+    }
+}
+
+/// Who may create `publication` for the outbox table, and how.
+pub async fn publication_creation(
+    connection: &mut PgConnection,
+    publication: &str,
+    table: &OutboxTable,
+) -> Result<PublicationCreation> {
+    let row = sqlx::query(
+        "SELECT pg_has_role(c.relowner, 'USAGE') \
+                AND has_database_privilege(current_database(), 'CREATE'), \
+                quote_ident(pg_get_userbyid(c.relowner)), c.relkind = 'p', \
+                quote_ident(current_user) \
+         FROM pg_class c WHERE c.oid = to_regclass($1)",
+    )
+    .bind(table.qualified())
+    .fetch_one(&mut *connection)
+    .await
+    .map_err(|e| Error::from_postgres("reading the outbox table's owner", e))?;
+    let partitioned: bool = column(&row, 2, "relkind")?;
+    Ok(PublicationCreation {
+        may_create: column(&row, 0, "may create")?,
+        owner: column(&row, 1, "owner")?,
+        statement: format!(
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert'{});",
+            quote_ident(publication),
+            table.qualified(),
+            if partitioned {
+                ", publish_via_partition_root = true"
+            } else {
+                ""
+            },
+        ),
+        role: column(&row, 3, "current_user")?,
+        publication: publication.to_string(),
+        table: table.display_name(),
+    })
+}
+
 /// Creates the publication (inserts on the outbox table only) when missing;
 /// checks an existing one covers the table's inserts.
 pub async fn ensure_publication(
@@ -329,28 +411,19 @@ pub async fn ensure_publication(
     let info = match inspect_publication(connection, publication, table).await? {
         Some(info) => info,
         None => {
-            let partitioned = crate::partitions::is_partitioned(connection, table)
+            let creation = publication_creation(connection, publication, table).await?;
+            if let Some(refused) = creation.refused_because() {
+                return Err(Error::stop(refused).because(crate::error::Cause::PostgresPrivilege));
+            }
+            sqlx::query(&creation.statement)
+                .execute(connection)
                 .await
-                .map_err(|e| Error::from_postgres("reading the outbox table's kind", e))?
-                .unwrap_or(false);
-            sqlx::query(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert'{})",
-                quote_ident(publication),
-                table.qualified(),
-                if partitioned {
-                    ", publish_via_partition_root = true"
-                } else {
-                    ""
-                },
-            ))
-            .execute(connection)
-            .await
-            .map_err(|e| {
-                Error::from_postgres(
-                    &format!("creating publication `{publication}` (or run `outboxd migrate`)"),
-                    e,
-                )
-            })?;
+                .map_err(|e| {
+                    Error::from_postgres(
+                        &format!("creating publication `{publication}` (or run `outboxd migrate`)"),
+                        e,
+                    )
+                })?;
             tracing::info!(
                 publication,
                 table = %table.display_name(),

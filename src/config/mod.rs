@@ -80,6 +80,14 @@ pub struct RelayConfig {
     pub unacknowledged_batches: usize,
 }
 
+impl RelayConfig {
+    /// Whether the relay deletes rows (`after_publish: delete`, or
+    /// `retention`), so its role needs `DELETE` on the table.
+    pub fn deletes_rows(&self) -> bool {
+        self.after_publish == AfterPublish::Delete || self.retention.is_some()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AfterPublish {

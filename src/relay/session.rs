@@ -75,9 +75,10 @@ impl Context {
         let config = &self.config;
         let mut connection = self.connect("connecting to Postgres").await?;
         let report =
-            schema::inspect(&mut connection, &self.table, config.relay.after_publish).await?;
-        if let Some(problem) = report.problems(&self.table).into_iter().next() {
-            return Err(Error::stop(problem).because(crate::error::Cause::OutboxTable));
+            schema::inspect(&mut connection, &self.table, config.relay.deletes_rows()).await?;
+        let problems = report.problems(&self.table);
+        if !problems.is_empty() {
+            return Err(Error::stop(problems.join("; ")).because(crate::error::Cause::OutboxTable));
         }
         if let Some(mismatch) = report.partitioning_mismatch(&self.table) {
             tracing::warn!("{mismatch}");
