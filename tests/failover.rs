@@ -71,7 +71,7 @@ async fn rows_flow_while_the_synchronous_standby_keeps_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_the_standby_lacks_is_not_published_and_the_promoted_server_is_relayed_exactly_once(
 ) {
-    let pair = PgPair::start("failover").await;
+    let mut pair = PgPair::start("failover").await;
     let mut env = TestEnv::new_on(
         &pair.primary_url,
         "sync-standby-failover",
@@ -159,7 +159,7 @@ async fn a_commit_the_standby_lacks_is_not_published_and_the_promoted_server_is_
     pair.promote().await;
 
     // The relay follows to the promoted server; writers go on there.
-    env.move_to(&pair.standby_url).await;
+    env.move_to(&pair.primary_url).await;
     let lacks: bool =
         sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE id = $1::uuid)")
             .bind(&held_id)
