@@ -328,8 +328,8 @@ async fn a_role_that_cannot_see_the_standbys_is_refused_by_check_and_by_the_rela
 /// Kafka exactly once and nothing it lacks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs PostgreSQL 17+ (failover slots): make test-pg PG=17 or PG=18 runs it"]
-async fn failover_slots_the_promoted_standby_keeps_the_slot_and_the_relay_streams_on_exactly_once(
-) {
+async fn failover_slots_the_promoted_standby_keeps_the_slot_and_the_relay_streams_on_exactly_once()
+{
     let mut pair = PgPair::start_with("failover-slots", &[PairOption::FailoverSlots]).await;
     let mut env = TestEnv::new_on(&pair.primary_url, "failover-slots", Mode::Replication).await;
     assert!(
@@ -369,7 +369,9 @@ async fn failover_slots_the_promoted_standby_keeps_the_slot_and_the_relay_stream
     .fetch_one(&env.pool)
     .await
     .expect("the primary's slot position");
-    let standby = sqlx::PgPool::connect(pair.standby()).await.expect("standby");
+    let standby = sqlx::PgPool::connect(pair.standby())
+        .await
+        .expect("standby");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let synced: Option<bool> = sqlx::query_scalar(
@@ -436,7 +438,10 @@ async fn failover_slots_the_promoted_standby_keeps_the_slot_and_the_relay_stream
         .await
         .expect("the writer hears of the crash")
         .expect("writer task");
-    assert!(outcome.is_err(), "the COMMIT returned although the standby never had it");
+    assert!(
+        outcome.is_err(),
+        "the COMMIT returned although the standby never had it"
+    );
     relay.stop().await.expect("relay stops cleanly");
     pair.start_standby().await;
     pair.promote().await;

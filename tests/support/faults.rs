@@ -401,8 +401,16 @@ impl Campaign {
         cluster: Option<super::cluster::KafkaCluster>,
     ) -> Campaign {
         let server_url = super::servers().postgres_url;
-        Campaign::start_on_server(servers, fault, mode, workload, writers, cluster, &server_url)
-            .await
+        Campaign::start_on_server(
+            servers,
+            fault,
+            mode,
+            workload,
+            writers,
+            cluster,
+            &server_url,
+        )
+        .await
     }
 
     /// Like `start_on`, with the env's database (and so the writers and

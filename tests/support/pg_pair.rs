@@ -68,7 +68,10 @@ impl PgPair {
             dir,
         };
         pair.read_env();
-        assert!(pair.standby_url.is_some(), "the pair came up without a standby");
+        assert!(
+            pair.standby_url.is_some(),
+            "the pair came up without a standby"
+        );
         pair
     }
 
