@@ -7,10 +7,15 @@
 //! HAProxy does on Patroni's health check. Each round, at a random moment:
 //! the primary is crashed (`-m immediate`), the standby promoted, the proxy
 //! switched to it (resetting every session), and a new synchronous standby
-//! base-backed-up from it for the next round. The relay is never
-//! restarted: it must ride every failover out through its retries (and, in
-//! replication mode, the lost-slot path, as the promoted server has no slot
-//! on PostgreSQL before 17) and still be running after each.
+//! base-backed-up from it for the next round. In even rounds the relay
+//! rides the failover out through its retries (and, in replication mode,
+//! the lost-slot path, as the promoted server has no slot on PostgreSQL
+//! before 17) and must still be running after it; in odd rounds it dies
+//! with the primary (SIGKILL) and a new one starts through the proxy once
+//! the promoted server takes connections, as an operator's restart would.
+//! (Riding out only would be as correct, but the relay resets its retry
+//! backoff only after a session healthy for 60 s, so back-to-back
+//! failovers would each wait up to a minute.)
 //!
 //! What must hold, judged by what the last promoted server holds: every row
 //! it has is in Kafka exactly once and in order per aggregate; nothing is
@@ -67,17 +72,25 @@ async fn primary_failovers(mode: Mode) {
             Duration::from_millis(300)..=Duration::from_millis(3000),
         ))
         .await;
+        let restart = round % 2 == 1;
         pair.crash_primary().await;
+        if restart {
+            relay.kill();
+        }
         pair.promote().await;
         proxy.switch_to(&address(&pair.primary_url));
+        if restart {
+            relay = RelayProcess::start(&campaign.env, None);
+        }
         // Strict: nothing commits on the promoted server, and nothing is
         // released to the relay, until its new standby streams.
         pair.new_standby().await;
         campaign.runs += 1;
         eprintln!(
-            "primary-failovers ({}): round {round}: promoted {}",
+            "primary-failovers ({}): round {round}: promoted {}, relay {}",
             mode.config_value(),
-            pair.primary_url
+            pair.primary_url,
+            if restart { "restarted" } else { "rode it out" }
         );
         // The relay found the promoted server by itself: it leads there
         // (and streams, in replication mode) before the next crash.
