@@ -44,7 +44,8 @@ def main():
             f"- {mode}: {relay_kills} relay kills ({runs.get('random-kills', 0)} at random moments, "
             f"{runs.get('kill-points', 0)} at named points), "
             f"{runs.get('broker-restarts', 0)} broker kills and restarts, "
-            f"{runs.get('postgres-restarts', 0)} Postgres crashes and restarts"
+            f"{runs.get('postgres-restarts', 0)} Postgres crashes and restarts, "
+            f"{runs.get('primary-failovers', 0)} primary crashes with the synchronous standby promoted"
         )
     violations = sum(t[c] for t in rows.values() for c in ["lost", "duplicated", "out_of_order", "other"])
     minutes = f" in {sys.argv[2]} minutes" if len(sys.argv) > 2 else ""

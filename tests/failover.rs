@@ -14,7 +14,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::support::checker;
 use crate::support::kafka::read_all;
-use crate::support::pg_pair::PgPair;
+use crate::support::pg_pair::{PairOption, PgPair};
 use crate::support::workload::{write_orders, write_orders_concurrently, Written};
 use crate::support::{InProcessRelay, Mode, TestEnv};
 
@@ -51,12 +51,58 @@ async fn ids_in_kafka(env: &TestEnv) -> Vec<String> {
         .collect()
 }
 
+/// `server_version_num` of the env's server.
+async fn server_version(env: &TestEnv) -> i32 {
+    let text: String = sqlx::query_scalar("SELECT current_setting('server_version_num')")
+        .fetch_one(&env.pool)
+        .await
+        .expect("read the server version");
+    text.parse().expect("a version number")
+}
+
+/// The slot's `failover` and `synced` flags (PostgreSQL 17+), if it exists.
+async fn slot_flags(pool: &sqlx::PgPool, slot: &str) -> Option<(bool, bool)> {
+    sqlx::query_as("SELECT failover, synced FROM pg_replication_slots WHERE slot_name = $1")
+        .bind(slot)
+        .fetch_optional(pool)
+        .await
+        .expect("read pg_replication_slots")
+}
+
+/// Inserts one row on a connection of its own and commits; resolves when
+/// the COMMIT returns or fails.
+fn spawn_writer(url: &str, id: &str) -> tokio::task::JoinHandle<Result<(), sqlx::Error>> {
+    let url = url.to_string();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let mut connection = PgConnection::connect(&url).await.expect("writer connects");
+        sqlx::query(
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) \
+             VALUES ($1::uuid, 'Order', 'held-1', 'OrderCreated', \
+                     '{\"aggregate\": \"held-1\", \"n\": 1}')",
+        )
+        .bind(id)
+        .execute(&mut connection)
+        .await
+        .map(|_| ())
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_flow_while_the_synchronous_standby_keeps_up() {
     let pair = PgPair::start("healthy").await;
     let env = TestEnv::new_on(&pair.primary_url, "sync-standby-healthy", Mode::Replication).await;
     let relay = InProcessRelay::start(env.config());
     env.wait_streaming(Duration::from_secs(60)).await;
+
+    if server_version(&env).await >= 170_000 {
+        // `slot::create` on 17+: a failover slot from the start.
+        assert_eq!(
+            slot_flags(&env.pool, &env.slot_name()).await,
+            Some((true, false)),
+            "the relay created its slot as a failover slot"
+        );
+    }
 
     let written = write_orders_concurrently(&env.pool, 3, 40, 4).await;
     env.wait_all_sent(Duration::from_secs(60)).await;
@@ -71,7 +117,7 @@ async fn rows_flow_while_the_synchronous_standby_keeps_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_the_standby_lacks_is_not_published_and_the_promoted_server_is_relayed_exactly_once(
 ) {
-    let pair = PgPair::start("failover").await;
+    let mut pair = PgPair::start("failover").await;
     let mut env = TestEnv::new_on(
         &pair.primary_url,
         "sync-standby-failover",
@@ -159,7 +205,7 @@ async fn a_commit_the_standby_lacks_is_not_published_and_the_promoted_server_is_
     pair.promote().await;
 
     // The relay follows to the promoted server; writers go on there.
-    env.move_to(&pair.standby_url).await;
+    env.move_to(&pair.primary_url).await;
     let lacks: bool =
         sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE id = $1::uuid)")
             .bind(&held_id)
@@ -216,11 +262,20 @@ async fn a_role_that_cannot_see_the_standbys_is_refused_by_check_and_by_the_rela
         all.contains("[ok  ] standbys: synchronous_standby_names = 'standby1' (1 synchronous of 1 streaming)"),
         "{all}"
     );
-    // PostgreSQL 15: no failover slots, and check says what that means.
-    assert!(
-        all.contains("[warn] failover slot: PostgreSQL before 17 has no failover slots"),
-        "{all}"
-    );
+    // Before 17 there are no failover slots, and check says what that
+    // means; on 17+ this pair has no synchronized_standby_slots.
+    if server_version(&env).await < 170_000 {
+        assert!(
+            all.contains("[warn] failover slot: PostgreSQL before 17 has no failover slots"),
+            "{all}"
+        );
+    } else {
+        assert!(
+            all.contains("[warn] failover slot:")
+                && all.contains("but synchronized_standby_slots is empty"),
+            "{all}"
+        );
+    }
 
     // A least-privilege role as the migration's comments grant it, with
     // replication but without pg_read_all_stats.
@@ -256,4 +311,173 @@ async fn a_role_that_cannot_see_the_standbys_is_refused_by_check_and_by_the_rela
         .expect("grant pg_read_all_stats");
     let (passed, all) = check(&env);
     assert!(passed, "{all}");
+}
+
+/// PostgreSQL 17 and later only (failover slots): `make test-pg PG=17` (and
+/// PG=18) runs it; `make test`, on Debian's 15, lists it as ignored, and
+/// run on a server before 17 it fails (`pg-pair.sh up --failover-slots`
+/// refuses). The pair as the README's "When the primary fails over" sets it
+/// up: the standby synchronises failover slots through its physical slot,
+/// and the primary's `synchronized_standby_slots` names that slot.
+///
+/// What must hold: the relay makes an existing slot a failover slot
+/// (ALTER_REPLICATION_SLOT) and leaves the waiting to the server (no gate
+/// of its own); the server does not decode a commit the standby lacks; the
+/// promoted standby has the relay's slot, and a new relay streams on from
+/// it (not from a new slot) with every row the promoted server has in
+/// Kafka exactly once and nothing it lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs PostgreSQL 17+ (failover slots): make test-pg PG=17 or PG=18 runs it"]
+async fn failover_slots_the_promoted_standby_keeps_the_slot_and_the_relay_streams_on_exactly_once()
+{
+    let mut pair = PgPair::start_with("failover-slots", &[PairOption::FailoverSlots]).await;
+    let mut env = TestEnv::new_on(&pair.primary_url, "failover-slots", Mode::Replication).await;
+    assert!(
+        server_version(&env).await >= 170_000,
+        "this test needs PostgreSQL 17 or later (OUTBOXD_PG_VERSION=17)"
+    );
+    // A slot from before this release (or made by hand): not a failover
+    // slot. The relay makes it one before it streams.
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(env.slot_name())
+        .execute(&env.pool)
+        .await
+        .expect("create a plain logical slot");
+    assert_eq!(
+        slot_flags(&env.pool, &env.slot_name()).await,
+        Some((false, false))
+    );
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    assert_eq!(
+        slot_flags(&env.pool, &env.slot_name()).await,
+        Some((true, false)),
+        "the relay made its slot a failover slot (ALTER_REPLICATION_SLOT)"
+    );
+    // The server holds decoding back for the slot, so the relay does not.
+    assert_eq!(gauge(&relay, "outboxd_sync_standbys_required"), Some(0.0));
+
+    let before = write_orders(&env.pool, 0, 20, 4).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+
+    // The standby has the slot, persisted (no longer temporary), as far as
+    // the primary's copy had confirmed when we looked.
+    let confirmed: String = sqlx::query_scalar(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(env.slot_name())
+    .fetch_one(&env.pool)
+    .await
+    .expect("the primary's slot position");
+    let standby = sqlx::PgPool::connect(pair.standby())
+        .await
+        .expect("standby");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let synced: Option<bool> = sqlx::query_scalar(
+            "SELECT synced AND NOT temporary AND confirmed_flush_lsn >= $2::pg_lsn \
+             FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(env.slot_name())
+        .bind(&confirmed)
+        .fetch_optional(&standby)
+        .await
+        .expect("read the standby's slots");
+        if synced == Some(true) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby did not synchronise slot {} up to {confirmed} (it shows {synced:?})",
+            env.slot_name()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    standby.close().await;
+
+    // The standby stops. A row committed now is in the primary's WAL, but
+    // the walsender does not decode it for a failover slot until the
+    // standby's slot has it (synchronized_standby_slots).
+    pair.stop_standby().await;
+    let held_id: String = sqlx::query_scalar("SELECT gen_random_uuid()::text")
+        .fetch_one(&env.pool)
+        .await
+        .expect("an event id");
+    let writer = spawn_writer(&env.database_url, &held_id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (writer_waits, walsender_waits): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE wait_event = 'SyncRep' AND query LIKE 'INSERT INTO outbox%'), \
+                    count(*) FILTER (WHERE backend_type = 'walsender' AND application_name = $1 \
+                                     AND wait_event = 'WaitForStandbyConfirmation') \
+             FROM pg_stat_activity",
+        )
+        .bind(format!("outboxd-{}", env.relay_name()))
+        .fetch_one(&env.pool)
+        .await
+        .expect("read pg_stat_activity");
+        if writer_waits == 1 && walsender_waits == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the writer should wait for the stopped standby ({writer_waits}) and the relay's \
+             walsender for its slot ({walsender_waits})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !ids_in_kafka(&env).await.contains(&held_id),
+        "the row whose commit the standby lacks reached Kafka"
+    );
+    // Nothing held on the relay's side: the server did the holding.
+    assert_eq!(gauge(&relay, "outboxd_sync_standby_holding"), Some(0.0));
+
+    pair.crash_primary().await;
+    let outcome = tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .expect("the writer hears of the crash")
+        .expect("writer task");
+    assert!(
+        outcome.is_err(),
+        "the COMMIT returned although the standby never had it"
+    );
+    relay.stop().await.expect("relay stops cleanly");
+    pair.start_standby().await;
+    pair.promote().await;
+
+    env.move_to(&pair.primary_url).await;
+    let lacks: bool =
+        sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE id = $1::uuid)")
+            .bind(&held_id)
+            .fetch_one(&env.pool)
+            .await
+            .expect("look the held row up");
+    assert!(lacks, "the promoted standby has the row it never received");
+    assert_eq!(
+        slot_flags(&env.pool, &env.slot_name()).await,
+        Some((true, true)),
+        "the promoted standby has the relay's failover slot, synchronised from the primary"
+    );
+
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let after = write_orders(&env.pool, 0, 20, 4).await;
+    env.wait_all_sent(Duration::from_secs(90)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    // Still the synced slot: the relay streamed on from it rather than
+    // dropping it and starting a new one (which would show synced = false).
+    assert_eq!(
+        slot_flags(&env.pool, &env.slot_name()).await,
+        Some((true, true)),
+        "the relay streamed from the synced slot"
+    );
+
+    assert!(
+        !ids_in_kafka(&env).await.contains(&held_id),
+        "phantom: Kafka holds the event whose row the promoted server never had"
+    );
+    let mut written = Written::combined([before, after]);
+    written.in_doubt_ids.push(held_id);
+    checker::check(&env, &written).await.assert_clean();
 }

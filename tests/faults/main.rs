@@ -14,6 +14,7 @@ mod support;
 mod backlog;
 mod checker;
 mod cluster;
+mod failover;
 mod kill_points;
 mod network;
 mod operator_actions;

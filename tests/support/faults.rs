@@ -400,7 +400,32 @@ impl Campaign {
         writers: usize,
         cluster: Option<super::cluster::KafkaCluster>,
     ) -> Campaign {
-        let mut env = TestEnv::new(fault, mode).await;
+        let server_url = super::servers().postgres_url;
+        Campaign::start_on_server(
+            servers,
+            fault,
+            mode,
+            workload,
+            writers,
+            cluster,
+            &server_url,
+        )
+        .await
+    }
+
+    /// Like `start_on`, with the env's database (and so the writers and
+    /// the relay) on the Postgres server at `server_url` instead of the
+    /// stack's: a failover pair behind a proxy (`tests/faults/failover.rs`).
+    pub async fn start_on_server(
+        servers: tokio::sync::MutexGuard<'static, ()>,
+        fault: &'static str,
+        mode: Mode,
+        workload: &Workload,
+        writers: usize,
+        cluster: Option<super::cluster::KafkaCluster>,
+        server_url: &str,
+    ) -> Campaign {
+        let mut env = TestEnv::new_on(server_url, fault, mode).await;
         if let Some(cluster) = &cluster {
             env.kafka = cluster.bootstrap.clone();
         }

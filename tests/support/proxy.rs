@@ -36,6 +36,8 @@ struct Shared {
     control: watch::Sender<Control>,
     open: AtomicUsize,
     accepted: AtomicUsize,
+    /// Where new connections go ("host:port"); `switch_to` changes it.
+    upstream: std::sync::Mutex<String>,
 }
 
 /// A TCP proxy from a local listening address to one upstream `host:port`,
@@ -63,8 +65,9 @@ impl Proxy {
             control,
             open: AtomicUsize::new(0),
             accepted: AtomicUsize::new(0),
+            upstream: std::sync::Mutex::new(upstream.to_owned()),
         });
-        let accept_loop = tokio::spawn(accept_loop(listener, upstream.to_owned(), shared.clone()));
+        let accept_loop = tokio::spawn(accept_loop(listener, shared.clone()));
         Proxy {
             local_addr,
             shared,
@@ -104,6 +107,16 @@ impl Proxy {
             .send_modify(|control| control.state = State::Forwarding);
     }
 
+    /// Sends new connections to `upstream` ("host:port") from now on and
+    /// resets every live one, as a load balancer in front of a Postgres
+    /// cluster does when the primary fails over (HAProxy on Patroni's health
+    /// check, with `on-marked-down shutdown-sessions`).
+    pub fn switch_to(&self, upstream: &str) {
+        *self.shared.upstream.lock().expect("proxy upstream") = upstream.to_owned();
+        self.cut();
+        self.restore();
+    }
+
     /// Number of connections currently open through the proxy (for tests to
     /// wait until the client has reconnected).
     pub fn open_connections(&self) -> usize {
@@ -126,7 +139,7 @@ impl Drop for Proxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, upstream: String, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let client = match listener.accept().await {
             Ok((client, _)) => client,
@@ -144,7 +157,8 @@ async fn accept_loop(listener: TcpListener, upstream: String, shared: Arc<Shared
             reset(client);
             continue;
         }
-        tokio::spawn(serve(client, upstream.clone(), shared.clone(), now.cuts));
+        let upstream = shared.upstream.lock().expect("proxy upstream").clone();
+        tokio::spawn(serve(client, upstream, shared.clone(), now.cuts));
     }
 }
 
