@@ -6,6 +6,7 @@
 mod support;
 
 mod aggregate_order;
+mod claim_connections;
 mod cli;
 mod cloudevents;
 mod crash;

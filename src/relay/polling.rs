@@ -108,6 +108,7 @@ fn claim_pool(connect_options: &PgConnectOptions, table_name: &str, size: usize)
                 // See `durable_acknowledgements`: the marks commit on these
                 // connections, and must survive a Postgres crash.
                 super::durable::make_commits_durable(connection).await?;
+                super::durable::keep_claims_open(connection).await?;
                 Ok(())
             })
         })

@@ -67,6 +67,11 @@ impl Context {
             .await
             .map_err(|e| Error::from_postgres(doing, e))?;
         durable_acknowledgements(&mut connection).await?;
+        super::durable::keep_claims_open(&mut connection)
+            .await
+            .map_err(|e| {
+                Error::from_postgres("turning off idle_in_transaction_session_timeout", e)
+            })?;
         Ok(connection)
     }
 
