@@ -153,9 +153,9 @@ impl Acknowledger {
             .await
     }
 
-    /// A checkpoint written under another table name of this database (the
-    /// table may have been renamed since): acknowledges only the rows here
-    /// whose seq and event id it names, nothing when it carries no ids.
+    /// A checkpoint written under another identity that may have been this
+    /// table's (renamed, moved, pg_upgraded): acknowledges only the rows
+    /// here whose seq and event id it names, nothing when it carries no ids.
     pub async fn reconcile_if_renamed(
         &self,
         connection: &mut PgConnection,

@@ -205,6 +205,37 @@ async fn a_changed_checkpoint_topic_is_refused_until_the_old_one_is_named() {
     assert_eq!(assert_every_row_published_once(&env).await, first.committed);
 }
 
+/// The reverse: the grant taken away from a relay that had it. Its identity
+/// falls back to the `relay.name` stand-in, which cannot name the system
+/// identifier; its first start scans the topic, and the checkpoint of the
+/// earlier identity has its rows matched by seq and event id, and marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_pg_control_system_keeps_what_the_old_identity_published() {
+    let env = TestEnv::new("revoke-identity", Mode::Polling).await;
+    let role = relay_without_pg_control_system(&env).await;
+    sqlx::raw_sql(&format!(
+        "GRANT EXECUTE ON FUNCTION pg_control_system() TO {role}"
+    ))
+    .execute(&env.pool)
+    .await
+    .expect("grant");
+    let first = write_orders(&env.pool, 0, 10, 5).await;
+    let mut relay = RelayProcess::start(&env, Some("after-commit"));
+    relay.killed_at_point("after-commit", LIMIT).await;
+    assert!(env.unsent().await > 0, "a batch is in Kafka, unmarked");
+
+    sqlx::raw_sql(&format!(
+        "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM {role}"
+    ))
+    .execute(&env.pool)
+    .await
+    .expect("revoke");
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    assert_exactly_once(&env, &first).await;
+}
+
 /// Two databases, relays of the same `relay.name`, one checkpoint topic. In
 /// one, the role may not read `pg_control_system()`, so its relay writes
 /// under the `relay:<name>` stand-in identity; the other's relay looks

@@ -106,11 +106,13 @@ pub struct Found {
     pub table: Option<(i64, Checkpoint)>,
     /// The latest of each legacy relay that led the table since the start.
     pub legacy: Vec<LegacyCheckpoint>,
-    /// Whole-topic scans only: the latest checkpoint under each key of this
-    /// database that names another table and carries row ids. One of them
-    /// may be this table under its name before a rename; the caller keeps
-    /// only the rows whose event ids match (never fencing: they are other
-    /// tables' live relays too).
+    /// Whole-topic scans only: the latest checkpoint, with row ids, under
+    /// each other key that names this table's name or this database. One
+    /// of them may be this very table under an earlier identity: its old
+    /// name (a rename), or its old system identifier (`pg_upgrade`, a move
+    /// to another server, a revoked `pg_control_system()` grant). The caller
+    /// keeps only the rows whose seq and event id match, and fences nobody:
+    /// most are other tables' live relays.
     pub same_database: Vec<Checkpoint>,
 }
 
@@ -372,8 +374,9 @@ impl<'a> Books<'a> {
                 if start == Start::Beginning
                     && isolation == Isolation::Committed
                     && checkpoint.ids.is_some()
-                    && checkpoint.source.is_some()
-                    && checkpoint.source == self.origin.source =>
+                    && (checkpoint.table == self.origin.table
+                        || (checkpoint.source.is_some()
+                            && checkpoint.source == self.origin.source)) =>
             {
                 self.same_database.insert(key, checkpoint);
             }

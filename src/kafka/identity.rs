@@ -52,9 +52,10 @@ impl TableIdentity {
 
     /// The other identity this relay's table may have had: the `relay.name`
     /// stand-in, used before the role was granted EXECUTE on
-    /// `pg_control_system()`. (The reverse, a grant taken away, cannot be
-    /// found without the system identifier: the README asks never to take
-    /// it away from a running relay's role.)
+    /// `pg_control_system()`. (The reverse, a grant taken away, or a new
+    /// system identifier, cannot be named without it: the first start under
+    /// the new identity scans the topic and matches rows by event id, see
+    /// `checkpoint_scan::Found::same_database`.)
     pub fn alternates(&self, table: &str, relay_name: &str) -> Vec<TableIdentity> {
         if self.names_the_database {
             vec![TableIdentity::new(None, table, relay_name)]

@@ -62,9 +62,10 @@ pub(super) async fn take_over(
                 previous_table = %other.table,
                 table = %context.table_name,
                 newly_acknowledged = done.published + done.dead_lettered,
-                "a checkpoint written under another table name names rows of this table by their \
-                 event ids: the table was renamed (or postgres.table changed) while rows were in \
-                 Kafka but not marked sent; marked them instead of publishing them again"
+                "a checkpoint written under another identity names rows of this table by their seq \
+                 and event id: the table was renamed, moved to another server or pg_upgraded, or \
+                 the pg_control_system() grant was taken away, while rows were in Kafka but not \
+                 marked sent; marked them instead of publishing them again"
             );
         }
     }
@@ -131,8 +132,8 @@ struct Candidate {
 /// What a takeover reconciles and whom it hands over from.
 struct Found {
     candidates: Vec<Candidate>,
-    /// Checkpoints of other table names of this database (first starts
-    /// only): reconciled by event id alone, in case the table was renamed.
+    /// Checkpoints of this table's possible earlier identities (first
+    /// starts only): reconciled by seq and event id alone.
     same_database: Vec<Checkpoint>,
     /// Keys (and partitions) to write a hand-over marker under: this relay's
     /// `relay.name` and every legacy relay found.
