@@ -204,9 +204,8 @@ pub struct KafkaConfig {
     pub checkpoint_topic: String,
     /// The checkpoint topic this table's relay used before
     /// `checkpoint_topic` was changed. A relay that finds no checkpoint of
-    /// its table on `checkpoint_topic` but one on this topic adopts it; without
-    /// it, a relay whose checkpoint group has offsets on another topic
-    /// refuses to start rather than publish that topic's last window again.
+    /// its table on `checkpoint_topic` but one on this topic adopts it, so
+    /// the old topic's last window is marked, not published again.
     #[serde(default)]
     pub previous_checkpoint_topic: Option<String>,
     /// Kafka `transaction.timeout.ms`: how long the broker keeps a

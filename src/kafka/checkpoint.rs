@@ -382,27 +382,6 @@ pub async fn has_checkpoint(config: &Config, identity: &TableIdentity) -> Result
     .map_err(|e| Error::stop(format!("checkpoint reader task failed: {e}")))?
 }
 
-/// Whether the broker knows `identity`'s checkpoint group: it has committed
-/// offsets, on some checkpoint topic, that have not expired.
-pub async fn group_is_known(config: &Config, identity: &TableIdentity) -> Result<bool> {
-    let config = config.clone();
-    let group = identity.checkpoint_group.clone();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer<super::RelayContext> = super::base_client_config(&config)
-            .create_with_context(super::RelayContext)
-            .map_err(|e| Error::stop(format!("cannot create the checkpoint reader: {e}")))?;
-        let groups = consumer
-            .fetch_group_list(Some(&group), READ_TIMEOUT)
-            .map_err(|e| Error::retry(format!("describing checkpoint group `{group}`: {e}")))?;
-        Ok(groups
-            .groups()
-            .iter()
-            .any(|g| g.name() == group && g.state() != "Dead" && !g.state().is_empty()))
-    })
-    .await
-    .map_err(|e| Error::stop(format!("checkpoint reader task failed: {e}")))?
-}
-
 fn read_latest_blocking(config: &Config, identity: &TableIdentity) -> Result<Option<Located>> {
     let topic = &config.kafka.checkpoint_topic;
     let Some(offset) = committed_checkpoint_offset(config, identity, "read_committed")? else {
