@@ -1,9 +1,10 @@
 //! What operators do to a running relay's world, mixed with kills, while
 //! writers keep committing: the relay is killed or stopped, and while it is
 //! down its slot is advanced past unpublished rows or dropped and created
-//! again (replication), or unsent rows are held locked by another session
-//! across its next start (an operator's `SELECT … FOR UPDATE`). The checker
-//! then finds every row exactly once, in order.
+//! again, or unsent rows are held locked by another session across its
+//! next start (an operator's `SELECT … FOR UPDATE`): replication mode; in
+//! polling mode only the kills and stops. The checker then finds every row
+//! exactly once, in order.
 
 use std::time::Duration;
 
@@ -29,9 +30,13 @@ enum Action {
 in_both_modes!(operator_actions_between_kills, worker_threads = 2);
 async fn operator_actions_between_kills(mode: Mode) {
     let mut campaign = Campaign::start("operator-actions", mode, &Workload::realistic()).await;
+    // Polling skips locked rows (SKIP LOCKED) and publishes them once
+    // released, after later events of their aggregate: order, not loss or
+    // duplication, as the README says. So locks are mixed in only where
+    // the relay waits for them (a new slot's catch-up drain).
     let actions: &[Action] = match mode {
         Mode::Replication => &[Action::AdvanceSlot, Action::RecreateSlot, Action::LockRows],
-        _ => &[Action::LockRows],
+        _ => &[],
     };
     for _ in 0..size(3, 60) {
         let mut relay = RelayProcess::start(&campaign.env, None);
@@ -45,8 +50,10 @@ async fn operator_actions_between_kills(mode: Mode) {
         } else {
             relay.stop().await;
         }
-        let action = actions[rand::rng().random_range(0..actions.len())];
-        act(&campaign, action).await;
+        if !actions.is_empty() {
+            let action = actions[rand::rng().random_range(0..actions.len())];
+            act(&campaign, action).await;
+        }
         campaign.runs += 1;
     }
     campaign.finish(Vec::new()).await;
