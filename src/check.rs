@@ -392,7 +392,9 @@ async fn check_failover(config: &Config, connection: &mut PgConnection, findings
     let row: Result<(String, bool, bool, i64, i64, String), sqlx::Error> = sqlx::query_as(
         "SELECT current_setting('synchronous_standby_names'), pg_is_in_recovery(), \
                 pg_has_role('pg_read_all_stats', 'USAGE'), \
-                (SELECT count(*) FROM pg_stat_replication), \
+                (SELECT count(*) FROM pg_stat_replication r WHERE NOT EXISTS \
+                    (SELECT 1 FROM pg_replication_slots s \
+                     WHERE s.active_pid = r.pid AND s.slot_type = 'logical')), \
                 (SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')), \
                 quote_ident(current_user)",
     )
