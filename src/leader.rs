@@ -35,14 +35,26 @@ const STANDBY_RETRY: Duration = Duration::from_millis(500);
 /// table's `schema.table` (advisory locks are per database already).
 const LOCK_KEY: &str = "hashtextextended('outboxd:table:' || $1, 0)";
 
+/// The session that holds a table's leader lock, named so that a claim
+/// connection can tell whether its leader still leads. The backend's start
+/// time comes with its pid, so a pid the OS gave again to another session
+/// (a successor's) is not mistaken for it.
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    /// `schema.table`.
+    pub table: String,
+    pub backend_pid: i32,
+    backend_start: String,
+}
+
 /// Waits until this session holds the lock of `table` (`schema.table`).
-/// Returns `false` if shutdown was requested first.
+/// Returns `None` if shutdown was requested first.
 pub async fn acquire(
     connection: &mut PgConnection,
     table: &str,
     relay_name: &str,
     shutdown: &mut Shutdown,
-) -> Result<bool> {
+) -> Result<Option<Leadership>> {
     let mut announced_standby = false;
     loop {
         let acquired: bool =
@@ -52,12 +64,23 @@ pub async fn acquire(
                 .await
                 .map_err(|e| Error::from_postgres("taking the leader lock", e))?;
         if acquired {
+            let (backend_pid, backend_start): (i32, String) = sqlx::query_as(
+                "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            )
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(|e| Error::from_postgres("naming the session that holds the leader lock", e))?;
             tracing::info!(
                 relay = relay_name,
                 table,
+                leader_backend_pid = backend_pid,
                 "leader lock acquired; this instance publishes"
             );
-            return Ok(true);
+            return Ok(Some(Leadership {
+                table: table.to_string(),
+                backend_pid,
+                backend_start,
+            }));
         }
         if !announced_standby {
             announce_standby(connection, table, relay_name).await;
@@ -65,7 +88,7 @@ pub async fn acquire(
         }
         tokio::select! {
             _ = tokio::time::sleep(STANDBY_RETRY) => {}
-            _ = shutdown.wait() => return Ok(false),
+            _ = shutdown.wait() => return Ok(None),
         }
     }
 }
@@ -79,13 +102,44 @@ const CLAIMS_RETRY: Duration = Duration::from_millis(200);
 const CLAIMS_WARN_AFTER: Duration = Duration::from_secs(5);
 
 /// Run on every claim connection when it opens: holds the claims lock of
-/// `table` in shared mode for the connection's life.
-pub async fn join_claims(connection: &mut PgConnection, table: &str) -> sqlx::Result<()> {
+/// the table in shared mode for the connection's life, then confirms that
+/// `leadership` still holds the leader lock. Fails if it does not: a
+/// successor may already have checked for earlier claims, and this
+/// connection's claims would run beside its own.
+pub async fn join_claims(
+    connection: &mut PgConnection,
+    leadership: &Leadership,
+) -> sqlx::Result<()> {
     sqlx::query(&format!("SELECT pg_advisory_lock_shared({CLAIMS_KEY})"))
-        .bind(table)
+        .bind(&leadership.table)
         .execute(&mut *connection)
-        .await
-        .map(|_| ())
+        .await?;
+    if still_holds(connection, leadership).await? {
+        return Ok(());
+    }
+    Err(sqlx::Error::Protocol(format!(
+        "this relay no longer leads {}: the session that held its leader lock (backend pid {})          is gone, and another instance may lead now. No row was claimed; the relay ends this          term and competes for the lock again",
+        leadership.table, leadership.backend_pid
+    )))
+}
+
+/// Whether the session named by `leadership` still holds its table's
+/// leader lock. Asked from another connection of the same role, which may
+/// read that session's start time.
+pub async fn still_holds(
+    connection: &mut PgConnection,
+    leadership: &Leadership,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(&format!(
+        "SELECT EXISTS ({} AND pid = $2 AND pid IN \
+         (SELECT pid FROM pg_stat_activity WHERE pid = $2 AND backend_start::text = $3))",
+        holders_sql(LOCK_KEY)
+    ))
+    .bind(&leadership.table)
+    .bind(leadership.backend_pid)
+    .bind(&leadership.backend_start)
+    .fetch_one(&mut *connection)
+    .await
 }
 
 /// Waits until no claim connection of an earlier leader of `table` is

@@ -123,3 +123,59 @@ async fn a_zombie_producer_is_fenced_and_ends_its_session() {
         "nothing from the zombie is visible: {consumed:?}"
     );
 }
+
+/// A new leader waits once for the claim connections of earlier leaders.
+/// A claim connection an old leader opens after that wait (its leader
+/// session gone, its process not yet aware of it) must claim nothing:
+/// its claims would run beside the new leader's, and `SKIP LOCKED` would
+/// let the new leader publish an aggregate's later event first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_connection_of_a_leader_that_lost_its_lock_is_refused() {
+    let env = TestEnv::new("stale-claims", Mode::Polling).await;
+    let table = "public.outbox";
+    let (_trigger, mut stop) = outboxd::shutdown::channel();
+    let mut old_session = PgConnection::connect(&env.database_url).await.unwrap();
+    let old = outboxd::leader::acquire(&mut old_session, table, "stale", &mut stop)
+        .await
+        .unwrap()
+        .expect("the first session leads");
+
+    // While the old leader's session lives, its claim connections join.
+    let mut early_claims = PgConnection::connect(&env.database_url).await.unwrap();
+    outboxd::leader::join_claims(&mut early_claims, &old)
+        .await
+        .expect("a claim connection of the current leader joins");
+    drop(early_claims);
+
+    // The old leader's session ends (a network cut, a terminated backend);
+    // another session takes the lock and checks for earlier claims.
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(old.backend_pid)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(terminated, "the old leader's backend is terminated");
+    let mut new_session = PgConnection::connect(&env.database_url).await.unwrap();
+    let new = outboxd::leader::acquire(&mut new_session, table, "stale", &mut stop)
+        .await
+        .unwrap()
+        .expect("the second session leads once the first is gone");
+    assert!(
+        outboxd::leader::wait_for_earlier_claims(&mut new_session, table, &mut stop)
+            .await
+            .unwrap(),
+        "no earlier claim connection is open"
+    );
+
+    // The old leader now opens a claim connection: refused, the new one's joins.
+    let mut late_claims = PgConnection::connect(&env.database_url).await.unwrap();
+    let refused = outboxd::leader::join_claims(&mut late_claims, &old).await;
+    let message = refused
+        .expect_err("a claim connection of a leader that lost its lock must be refused")
+        .to_string();
+    assert!(message.contains("no longer leads"), "{message}");
+    let mut new_claims = PgConnection::connect(&env.database_url).await.unwrap();
+    outboxd::leader::join_claims(&mut new_claims, &new)
+        .await
+        .expect("a claim connection of the new leader joins");
+}

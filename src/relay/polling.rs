@@ -58,7 +58,7 @@ pub async fn run(session: &mut Session<'_>, until: Until) -> Result<()> {
     // the window waiting for their marks, and one is being claimed.
     let claims = claim_pool(
         &context.connect_options,
-        &context.table_name,
+        &session.leadership,
         unacknowledged_batches + 2,
     );
     let claim = Claim {
@@ -89,8 +89,12 @@ const CLAIM_WAIT: Duration = Duration::from_secs(3600);
 /// Connections that each hold one claim's transaction open until its
 /// marks commit. Opened on first use; waiting for a free one is the
 /// pipeline's back-pressure, not an error, so the wait has no short limit.
-fn claim_pool(connect_options: &PgConnectOptions, table_name: &str, size: usize) -> PgPool {
-    let table_name = table_name.to_string();
+fn claim_pool(
+    connect_options: &PgConnectOptions,
+    leadership: &leader::Leadership,
+    size: usize,
+) -> PgPool {
+    let leadership = leadership.clone();
     PgPoolOptions::new()
         .max_connections(u32::try_from(size).unwrap_or(u32::MAX))
         .min_connections(0)
@@ -100,11 +104,12 @@ fn claim_pool(connect_options: &PgConnectOptions, table_name: &str, size: usize)
         .acquire_slow_threshold(CLAIM_WAIT)
         .test_before_acquire(false)
         .after_connect(move |connection, _| {
-            let table_name = table_name.clone();
+            let leadership = leadership.clone();
             Box::pin(async move {
                 // One of this leader's claim connections, until it closes:
-                // a successor waits for it before claiming (see `leader`).
-                leader::join_claims(connection, &table_name).await?;
+                // a successor waits for it before claiming, and it claims
+                // nothing if this leader has lost its lock (see `leader`).
+                leader::join_claims(connection, &leadership).await?;
                 // See `durable_acknowledgements`: the marks commit on these
                 // connections, and must survive a Postgres crash.
                 super::durable::make_commits_durable(connection).await?;

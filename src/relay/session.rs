@@ -89,16 +89,16 @@ impl Context {
             tracing::warn!("{mismatch}");
         }
         self.metrics.set_state(RelayState::Standby);
-        if !leader::acquire(
+        let Some(leadership) = leader::acquire(
             &mut connection,
             &self.table_name,
             &config.relay.name,
             &mut stop,
         )
         .await?
-        {
+        else {
             return Ok(());
-        }
+        };
         let mode = choose_mode(config.capture.mode, &mut connection).await?;
         self.metrics.set_capture_mode(match mode {
             CaptureMode::Replication => "replication",
@@ -168,6 +168,7 @@ impl Context {
                 &self.metrics,
             ),
             payload_encoding: report.payload_encoding,
+            leadership,
             stop,
         };
         match mode {
@@ -199,6 +200,8 @@ pub(super) struct Session<'a> {
     pub(super) connection: PgConnection,
     pub(super) deliverer: Deliverer<'a>,
     pub(super) payload_encoding: PayloadEncoding,
+    /// Who holds the leader lock: every claim connection confirms it still does.
+    pub(super) leadership: leader::Leadership,
     pub(super) stop: Shutdown,
 }
 
