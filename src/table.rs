@@ -106,18 +106,19 @@ impl OutboxTable {
     /// (not a seq cursor) means a row whose transaction commits late, with a
     /// seq below rows already sent, is still found.
     ///
-    /// `$1` is the most rows, `$2` the most payload bytes, `$3` how many of
-    /// the oldest unsent rows to size first. The claim takes `$2` divided by
-    /// the largest payload among those `$3` rows (at least one row, at most
-    /// `$1`), so a claim of large payloads holds about `$2` bytes, not `$1`
-    /// payloads. `$3` covers the rows other claims of this relay hold as
-    /// well as this claim's, since a plain read cannot tell them apart.
+    /// `$1` is the most rows, `$2` the most payload bytes: the claim takes
+    /// at most `$2` divided by the largest stored payload among the `$1`
+    /// oldest unsent rows (at least one row). Those rows include the ones
+    /// this relay's other open claims hold, since a plain read cannot tell
+    /// them apart; nearby rows are sized alike in practice. The caller
+    /// fetches the rows through a cursor and stops at `$2` bytes of actual
+    /// payload (`capture::polling::claim_batch`); this limit keeps one
+    /// fetch from running far past it when large payloads follow small ones.
     ///
-    /// Sizes are read without reading the values: a `bytea` payload's
-    /// length from its header (`octet_length`), any other type's stored
-    /// size (`pg_column_size`), which for a value Postgres compressed is
-    /// its compressed size. Converting every jsonb payload to text to size
-    /// it would cost the server the conversion twice.
+    /// Stored sizes are read without reading the values: a `bytea`
+    /// payload's length from its header (`octet_length`), any other type's
+    /// stored size (`pg_column_size`), which for a value Postgres compressed
+    /// is its compressed size.
     ///
     /// `created_at_text`: also format `created_at` as RFC 3339 (column 9),
     /// which only CloudEvents' `time` needs; else column 9 is NULL.
@@ -125,13 +126,13 @@ impl OutboxTable {
         self.claim_sql_where(payload, created_at_text, "")
     }
 
-    /// Like [`claim_sql`](Self::claim_sql), only rows with seq ≤ `$4`: a
+    /// Like [`claim_sql`](Self::claim_sql), only rows with seq ≤ `$3`: a
     /// drain that ends even while services keep writing.
     pub fn claim_up_to_sql(&self, payload: PayloadEncoding, created_at_text: bool) -> String {
         self.claim_sql_where(
             payload,
             created_at_text,
-            &format!(" AND {} <= $4", quote_ident(&self.columns.seq)),
+            &format!(" AND {} <= $3", quote_ident(&self.columns.seq)),
         )
     }
 
@@ -171,7 +172,7 @@ impl OutboxTable {
              FROM {table} WHERE {sent_at} IS NULL{extra_condition} ORDER BY {seq} \
              LIMIT (SELECT greatest(1, least($1::bigint, $2::bigint / greatest(1, coalesce(max(size), 1)))) \
                     FROM (SELECT {payload_size} AS size FROM {table} \
-                          WHERE {sent_at} IS NULL{extra_condition} ORDER BY {seq} LIMIT $3) AS oldest) \
+                          WHERE {sent_at} IS NULL{extra_condition} ORDER BY {seq} LIMIT $1) AS oldest) \
              FOR UPDATE SKIP LOCKED",
             seq = quote_ident(&c.seq),
             id = quote_ident(&c.id),
@@ -383,7 +384,7 @@ mod tests {
             .claim_sql(PayloadEncoding::Text, false);
         assert!(sql.contains("WHERE \"sent_at\" IS NULL ORDER BY \"seq\" LIMIT (SELECT"));
         assert!(
-            sql.ends_with("LIMIT $3) AS oldest) FOR UPDATE SKIP LOCKED"),
+            sql.ends_with("LIMIT $1) AS oldest) FOR UPDATE SKIP LOCKED"),
             "{sql}"
         );
         assert!(sql.contains("convert_to(\"payload\"::text, 'UTF8')"));

@@ -309,7 +309,6 @@ async fn commit_as_legacy_relay(env: &TestEnv, count: usize) -> usize {
         outboxd::capture::polling::ClaimLimits {
             rows: count,
             bytes: usize::MAX / 2,
-            sized_rows: count,
         },
         None,
     )

@@ -67,9 +67,6 @@ pub async fn run(session: &mut Session<'_>, until: Until) -> Result<()> {
         limits: polling::ClaimLimits {
             rows: config.capture.batch_size,
             bytes: config.capture.batch_bytes,
-            // Open claims hold at most this many batches' rows besides this
-            // one's: one waiting, one published, the window's (see above).
-            sized_rows: config.capture.batch_size * (unacknowledged_batches + 2),
         },
         up_to,
     };
