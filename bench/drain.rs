@@ -28,16 +28,34 @@ pub struct Drain {
     pub failed: Option<String>,
 }
 
-/// Drains `rows` rows of `payload_bytes` with `system`.
+/// How the system meets its backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// It ran before the backlog was written (a restart): replication
+    /// finds the backlog in its slot's stream.
+    Restart,
+    /// It never ran on this table: replication creates its slot after the
+    /// backlog and drains the backlog through the table.
+    First,
+}
+
+/// Drains `rows` rows of `payload_bytes` with `system`, restarted.
 pub async fn run(system: System, rows: usize, payload_bytes: usize) -> Drain {
-    let name = format!("drain-{}-{rows}-{payload_bytes}", system.short());
+    run_from(system, Start::Restart, rows, payload_bytes).await
+}
+
+/// Drains `rows` rows of `payload_bytes` with `system`, started as `start` says.
+pub async fn run_from(system: System, start: Start, rows: usize, payload_bytes: usize) -> Drain {
+    let first = if start == Start::First { "-first" } else { "" };
+    let name = format!("drain-{}{first}-{rows}-{payload_bytes}", system.short());
     eprintln!("bench: {name}: priming, then writing the backlog");
     let bench = BenchEnv::new(&name, system).await;
-    let mut written = if system == System::OutboxdPolling {
-        backlog::write_warmup(bench.pool()).await
-    } else {
+    let primed = system != System::OutboxdPolling && start == Start::Restart;
+    let mut written = if primed {
         // The slot must exist before the backlog, or it is not in the stream.
         bench.prime().await
+    } else {
+        backlog::write_warmup(bench.pool()).await
     };
     let warmup_published = written.committed;
     let backlog = backlog::write(bench.pool(), rows, payload_bytes).await;
@@ -49,11 +67,7 @@ pub async fn run(system: System, rows: usize, payload_bytes: usize) -> Drain {
     let mut running = bench.start("drain");
     // outboxd counts what this process published: the primed relay
     // published the warm-up event already. Debezium is counted in Kafka.
-    let already_counted = if system == System::OutboxdReplication {
-        warmup_published
-    } else {
-        0
-    };
+    let already_counted = if primed { warmup_published } else { 0 };
     let expected = (written.committed - already_counted) as u64;
     let limit = Duration::from_secs(120 + (rows as u64) / 1_000);
     let seconds = bench.wait_published(&mut running, expected, limit).await;
@@ -62,7 +76,10 @@ pub async fn run(system: System, rows: usize, payload_bytes: usize) -> Drain {
 
     let report = bench.check(&written).await;
     let drain = Drain {
-        system: system.label().to_string(),
+        system: match start {
+            Start::Restart => system.label().to_string(),
+            Start::First => format!("{}, first start", system.label()),
+        },
         rows,
         payload_bytes,
         seconds,

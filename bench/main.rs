@@ -109,16 +109,26 @@ async fn run() -> bool {
         }
     }
     if wanted("payloads") {
+        // Every path a batch of large payloads can take: the stream after
+        // a restart, the drain through the table on a first start, claims.
+        let paths = [
+            (System::OutboxdReplication, drain::Start::Restart),
+            (System::OutboxdReplication, drain::Start::First),
+            (System::OutboxdPolling, drain::Start::Restart),
+        ];
         for (bytes, rows) in [
             (100, 100_000),
             (1_000, 100_000),
             (10_000, 20_000),
             (100_000, 2_000),
+            (1_000_000, 300),
         ] {
-            results
-                .payloads
-                .push(drain::run(System::OutboxdReplication, rows, bytes).await);
-            save(&results);
+            for (system, start) in paths {
+                results
+                    .payloads
+                    .push(drain::run_from(system, start, rows, bytes).await);
+                save(&results);
+            }
         }
     }
     if wanted("steady") {

@@ -156,7 +156,7 @@ impl Results {
 
         let _ = writeln!(
             w,
-            "\n## Footprint against payload size (outboxd, replication)\n"
+            "\n## Footprint against payload size (outboxd, every capture path)\n"
         );
         drain_table(w, &self.payloads);
 
@@ -256,6 +256,21 @@ impl Results {
             format!("{peak:.0} MB peak"),
             peak > 0.0 && peak < 64.0,
         ));
+        let largest_payload_peak = self
+            .payloads
+            .iter()
+            .filter(|d| d.failed.is_none())
+            .max_by(|a, b| a.peak_rss_megabytes.total_cmp(&b.peak_rss_megabytes));
+        if let Some(worst) = largest_payload_peak {
+            targets.push((
+                "outboxd RSS < 64 MB for payloads of 100 B to 1 MB on every path".into(),
+                format!(
+                    "{:.0} MB peak ({}, {}-byte payloads)",
+                    worst.peak_rss_megabytes, worst.system, worst.payload_bytes
+                ),
+                worst.peak_rss_megabytes < 64.0,
+            ));
+        }
         if let Some(debezium) = self
             .drains
             .iter()
