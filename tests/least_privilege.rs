@@ -61,7 +61,15 @@ pub(crate) async fn managed_env(
     relay_overrides: &str,
     grants: Grants,
 ) -> (TestEnv, Roles) {
-    let env = TestEnv::new(name, mode).await;
+    managed(TestEnv::new(name, mode).await, relay_overrides, grants).await
+}
+
+/// `managed_env` for an env made already (a partitioned one, say).
+pub(crate) async fn managed(
+    env: TestEnv,
+    relay_overrides: &str,
+    grants: Grants,
+) -> (TestEnv, Roles) {
     env.write_config(relay_overrides, "");
     let suffix = env.id.replace('-', "_");
     let roles = Roles {

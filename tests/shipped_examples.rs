@@ -13,7 +13,8 @@ use std::time::Duration;
 use outboxd::config::{CaptureMode, Config};
 
 use crate::least_privilege::{
-    admin, assert_no_postgres_warning, check, managed_env, outboxd, text, Grants, Roles,
+    admin, as_role, assert_no_postgres_warning, check, managed, managed_env, outboxd, text, Grants,
+    Roles,
 };
 use crate::support::kafka::read_topic;
 use crate::support::{servers, InProcessRelay, Mode, TestEnv};
@@ -52,7 +53,10 @@ fn compose_grant_scripts() -> Vec<String> {
         .filter_map(|line| line.trim().strip_prefix("- \"/roles/"))
         .map(|rest| format!("migrations/roles/{}", rest.trim_end_matches('"')))
         .collect();
-    assert!(!scripts.is_empty(), "compose's grant service runs no role script");
+    assert!(
+        !scripts.is_empty(),
+        "compose's grant service runs no role script"
+    );
     scripts
 }
 
@@ -71,7 +75,10 @@ fn the_role_scripts_the_examples_name_exist() {
     assert!(named.len() >= 3, "{named:?}");
     for path in named {
         let path = path.trim_end_matches(|c: char| !c.is_alphanumeric());
-        assert!(repo_file(path).is_file(), "the Kubernetes example names {path}");
+        assert!(
+            repo_file(path).is_file(),
+            "the Kubernetes example names {path}"
+        );
     }
 }
 
@@ -86,13 +93,7 @@ in_both_modes!(
 /// publishes and dead-letters, `dead-letters replay` as that role puts the
 /// row back once, and retention's delete runs as that role.
 async fn the_role_scripts_let_the_relay_replay_and_retention_run(mode: Mode) {
-    let (env, roles) = managed_env(
-        "role-scripts",
-        mode,
-        "  retention: 7d\n",
-        Grants::None,
-    )
-    .await;
+    let (env, roles) = managed_env("role-scripts", mode, "  retention: 7d\n", Grants::None).await;
     let scripts = match mode {
         Mode::Polling => vec![
             "migrations/roles/polling.sql".to_string(),
@@ -142,7 +143,11 @@ async fn the_role_scripts_let_the_relay_replay_and_retention_run(mode: Mode) {
         env.config_path.to_str().unwrap(),
     ]);
     assert!(replayed.status.success(), "{}", text(&replayed));
-    assert!(text(&replayed).contains("re-inserted as seq 4"), "{}", text(&replayed));
+    assert!(
+        text(&replayed).contains("re-inserted as seq 4"),
+        "{}",
+        text(&replayed)
+    );
     env.relay_until_all_sent(LIMIT).await;
     let fixed = read_topic(&env.kafka, &fixed_topic).await;
     assert_eq!(fixed.len(), 1, "the replayed event once");
@@ -170,7 +175,66 @@ async fn the_role_scripts_let_the_relay_replay_and_retention_run(mode: Mode) {
     )
     .await
     .expect("retention deletes as the relay's role");
-    assert_eq!(deleted, 4, "every published row is older than a zero period");
+    assert_eq!(
+        deleted, 4,
+        "every published row is older than a zero period"
+    );
+}
+
+/// `partitions.sql`: without it `check` warns that the relay's role cannot
+/// manage partitions and names the grant; with it `check` is clean and the
+/// relay, as that role, makes a missing partition ahead again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partitions_script_lets_the_relay_keep_partitions_ahead() {
+    let env = TestEnv::new_partitioned(
+        "role-partitions",
+        Mode::Polling,
+        "  partitioning:\n    interval: 1h\n    ahead: 2\n",
+    )
+    .await;
+    let (env, roles) = managed(env, "", Grants::None).await;
+    admin(&env, &script_for("migrations/roles/polling.sql", &roles)).await;
+    let (passed, all) = check(&env);
+    assert!(passed, "{all}");
+    let grant = format!("GRANT {} TO {};", roles.owner, roles.relay);
+    assert!(
+        all.lines()
+            .any(|line| line.starts_with("[warn] partition owner:") && line.contains(&grant)),
+        "{all}"
+    );
+    admin(&env, &script_for("migrations/roles/partitions.sql", &roles)).await;
+    let (passed, all) = check(&env);
+    assert!(passed, "{all}");
+    assert!(all.contains("[ok  ] partition owner:"), "{all}");
+    assert_no_postgres_warning(&all);
+
+    let newest: String = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'outbox'::regclass AND c.relname <> 'outbox_default' \
+         ORDER BY 1 DESC LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("the newest partition");
+    as_role(&env, &roles.owner, &format!("DROP TABLE {newest}")).await;
+    let relay = InProcessRelay::start(env.config());
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&newest)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        if exists {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay's role did not create {newest} again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    relay.stop().await.expect("relay stops cleanly");
 }
 
 /// A shipped config file as a relay would load it (validated as a whole).
@@ -195,10 +259,8 @@ fn kubernetes_config() -> PathBuf {
         yaml.push_str(line.strip_prefix("    ").unwrap_or(line));
         yaml.push('\n');
     }
-    let path = std::env::temp_dir().join(format!(
-        "outboxd-it-kubernetes-{}.yaml",
-        std::process::id()
-    ));
+    let path =
+        std::env::temp_dir().join(format!("outboxd-it-kubernetes-{}.yaml", std::process::id()));
     std::fs::write(&path, yaml).expect("write the ConfigMap's file");
     path
 }
@@ -233,7 +295,11 @@ async fn run_on_the_strict_broker(mode: Mode, which: &str, path: PathBuf) {
     // A single broker holds one replica of each partition.
     if config.routing.create_topics.replication_factor.is_some() {
         config.routing.create_topics.replication_factor = Some(1);
-        config.routing.create_topics.configs.remove("min.insync.replicas");
+        config
+            .routing
+            .create_topics
+            .configs
+            .remove("min.insync.replicas");
     }
 
     let ids: Vec<(String, String)> = sqlx::query_as(
