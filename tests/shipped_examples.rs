@@ -292,6 +292,14 @@ async fn run_on_the_strict_broker(mode: Mode, which: &str, path: PathBuf) {
         _ => CaptureMode::Replication,
     };
     config.http.listen = "127.0.0.1:0".parse().unwrap();
+    // Topics of this test's own, so that they are missing when it starts,
+    // as on a new cluster (the shipped names would be shared with the other
+    // tests here); the template and the rules stay as shipped.
+    let prefix = env.topic_prefix();
+    config.routing.topic = format!("{prefix}.{}", config.routing.topic);
+    for rule in &mut config.routing.rules {
+        rule.topic = format!("{prefix}.{}", rule.topic);
+    }
     // A single broker holds one replica of each partition.
     if config.routing.create_topics.replication_factor.is_some() {
         config.routing.create_topics.replication_factor = Some(1);
@@ -324,8 +332,8 @@ async fn run_on_the_strict_broker(mode: Mode, which: &str, path: PathBuf) {
             .map(|rule| rule.topic.clone())
     };
     assert_eq!(
-        topic_of("PaymentCaptured").as_deref(),
-        Some("payments.captured"),
+        topic_of("PaymentCaptured"),
+        Some(format!("{prefix}.payments.captured")),
         "{which} routes PaymentCaptured to payments.captured"
     );
     for (id, event_type) in ids {
