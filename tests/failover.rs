@@ -316,7 +316,7 @@ async fn a_role_that_cannot_see_the_standbys_is_refused_by_check_and_by_the_rela
 /// PostgreSQL 17 and later only (failover slots): `make test-pg PG=17` (and
 /// PG=18) runs it; `make test`, on Debian's 15, lists it as ignored, and
 /// run on a server before 17 it fails (`pg-pair.sh up --failover-slots`
-/// refuses). The pair as the README's "When the primary fails over" sets it
+/// refuses). The pair as docs/design/exactly-once.md's "When the primary fails over" sets it
 /// up: the standby synchronises failover slots through its physical slot,
 /// and the primary's `synchronized_standby_slots` names that slot.
 ///
