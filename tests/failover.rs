@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
 
+use crate::shipped_examples::role_script;
 use crate::support::checker;
 use crate::support::kafka::read_all;
 use crate::support::pg_pair::{PairOption, PgPair};
@@ -277,13 +278,12 @@ async fn a_role_that_cannot_see_the_standbys_is_refused_by_check_and_by_the_rela
         );
     }
 
-    // A least-privilege role as the migration's comments grant it, with
+    // A least-privilege role made by the shipped replication.sql, with
     // replication but without pg_read_all_stats.
-    sqlx::raw_sql(
-        "CREATE ROLE relay_nostats LOGIN REPLICATION; \
-         GRANT USAGE ON SCHEMA public TO relay_nostats; \
-         GRANT SELECT, UPDATE (sent_at) ON outbox TO relay_nostats",
-    )
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE relay_nostats LOGIN; {}",
+        role_script("migrations/roles/replication.sql", "relay_nostats", "")
+    ))
     .execute(&env.pool)
     .await
     .expect("create the relay's role");
@@ -305,10 +305,15 @@ async fn a_role_that_cannot_see_the_standbys_is_refused_by_check_and_by_the_rela
         error.message
     );
 
-    sqlx::raw_sql("GRANT pg_read_all_stats TO relay_nostats")
-        .execute(&env.pool)
-        .await
-        .expect("grant pg_read_all_stats");
+    // The shipped sync-standbys.sql is what it lacks.
+    sqlx::raw_sql(&role_script(
+        "migrations/roles/sync-standbys.sql",
+        "relay_nostats",
+        "",
+    ))
+    .execute(&env.pool)
+    .await
+    .expect("grant pg_read_all_stats");
     let (passed, all) = check(&env);
     assert!(passed, "{all}");
 }

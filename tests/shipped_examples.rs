@@ -32,13 +32,17 @@ fn read(path: &str) -> String {
 /// A shipped SQL script as an administrator runs it for `roles`: the role
 /// `outboxd` is the relay's, `app_owner` the table owner's. Comments stay.
 fn script_for(path: &str, roles: &Roles) -> String {
+    role_script(path, &roles.relay, &roles.owner)
+}
+
+/// The shipped SQL script at `path` with the role `outboxd` renamed to
+/// `relay` and `app_owner` to `owner`, outside comments.
+pub(crate) fn role_script(path: &str, relay: &str, owner: &str) -> String {
     read(path)
         .lines()
         .map(|line| match line.trim_start().starts_with("--") {
             true => line.to_string(),
-            false => line
-                .replace("outboxd", &roles.relay)
-                .replace("app_owner", &roles.owner),
+            false => line.replace("outboxd", relay).replace("app_owner", owner),
         })
         .collect::<Vec<_>>()
         .join("\n")
