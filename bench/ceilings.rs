@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use outboxd::acknowledge::Acknowledger;
-use outboxd::capture::polling::claim_batch;
+use outboxd::capture::polling::{claim_batch, ClaimLimits};
 use outboxd::config::AfterPublish;
 use outboxd::event::OutboxEvent;
 use outboxd::kafka::checkpoint::Checkpoint;
@@ -184,7 +184,12 @@ pub async fn claim_mark(rows: usize, payload_bytes: usize) -> Ceiling {
     let mut claimed = 0;
     loop {
         let mut transaction = connection.begin().await.expect("BEGIN");
-        let events = claim_batch(&mut transaction, &claim_sql, batch_size, None)
+        let limits = ClaimLimits {
+            rows: batch_size,
+            bytes: config.capture.batch_bytes,
+            sized_rows: batch_size,
+        };
+        let events = claim_batch(&mut transaction, &claim_sql, limits, None)
             .await
             .expect("claim");
         if events.is_empty() {

@@ -104,20 +104,34 @@ impl OutboxTable {
     /// Claims the oldest unsent rows. `FOR UPDATE SKIP LOCKED` keeps a row
     /// claimed by another transaction out of this batch; `sent_at IS NULL`
     /// (not a seq cursor) means a row whose transaction commits late, with a
-    /// seq below rows already sent, is still found. `$1` is the batch size.
+    /// seq below rows already sent, is still found.
+    ///
+    /// `$1` is the most rows, `$2` the most payload bytes, `$3` how many of
+    /// the oldest unsent rows to size first. The claim takes `$2` divided by
+    /// the largest payload among those `$3` rows (at least one row, at most
+    /// `$1`), so a claim of large payloads holds about `$2` bytes, not `$1`
+    /// payloads. `$3` covers the rows other claims of this relay hold as
+    /// well as this claim's, since a plain read cannot tell them apart.
+    ///
+    /// Sizes are read without reading the values: a `bytea` payload's
+    /// length from its header (`octet_length`), any other type's stored
+    /// size (`pg_column_size`), which for a value Postgres compressed is
+    /// its compressed size. Converting every jsonb payload to text to size
+    /// it would cost the server the conversion twice.
+    ///
     /// `created_at_text`: also format `created_at` as RFC 3339 (column 9),
     /// which only CloudEvents' `time` needs; else column 9 is NULL.
     pub fn claim_sql(&self, payload: PayloadEncoding, created_at_text: bool) -> String {
         self.claim_sql_where(payload, created_at_text, "")
     }
 
-    /// Like [`claim_sql`](Self::claim_sql), only rows with seq ≤ `$2`: a
+    /// Like [`claim_sql`](Self::claim_sql), only rows with seq ≤ `$4`: a
     /// drain that ends even while services keep writing.
     pub fn claim_up_to_sql(&self, payload: PayloadEncoding, created_at_text: bool) -> String {
         self.claim_sql_where(
             payload,
             created_at_text,
-            &format!(" AND {} <= $2", quote_ident(&self.columns.seq)),
+            &format!(" AND {} <= $4", quote_ident(&self.columns.seq)),
         )
     }
 
@@ -147,10 +161,18 @@ impl OutboxTable {
             ),
             false => "NULL::text".to_string(),
         };
+        let payload_size = match payload {
+            PayloadEncoding::Bytes => format!("octet_length({})", quote_ident(&c.payload)),
+            PayloadEncoding::Text => format!("pg_column_size({})", quote_ident(&c.payload)),
+        };
         format!(
             "SELECT {seq}::bigint, {id}::text, {aggregate_type}::text, {aggregate_id}::text, {event_type}::text, \
              {payload_expr}, {headers}, {trace}, EXTRACT(EPOCH FROM {created_at})::float8, {created_at_text} \
-             FROM {table} WHERE {sent_at} IS NULL{extra_condition} ORDER BY {seq} LIMIT $1 FOR UPDATE SKIP LOCKED",
+             FROM {table} WHERE {sent_at} IS NULL{extra_condition} ORDER BY {seq} \
+             LIMIT (SELECT greatest(1, least($1::bigint, $2::bigint / greatest(1, coalesce(max(size), 1)))) \
+                    FROM (SELECT {payload_size} AS size FROM {table} \
+                          WHERE {sent_at} IS NULL{extra_condition} ORDER BY {seq} LIMIT $3) AS oldest) \
+             FOR UPDATE SKIP LOCKED",
             seq = quote_ident(&c.seq),
             id = quote_ident(&c.id),
             aggregate_type = quote_ident(&c.aggregate_type),
@@ -359,9 +381,11 @@ mod tests {
         let sql = OutboxTable::named("outbox")
             .unwrap()
             .claim_sql(PayloadEncoding::Text, false);
-        assert!(sql.contains(
-            "WHERE \"sent_at\" IS NULL ORDER BY \"seq\" LIMIT $1 FOR UPDATE SKIP LOCKED"
-        ));
+        assert!(sql.contains("WHERE \"sent_at\" IS NULL ORDER BY \"seq\" LIMIT (SELECT"));
+        assert!(
+            sql.ends_with("LIMIT $3) AS oldest) FOR UPDATE SKIP LOCKED"),
+            "{sql}"
+        );
         assert!(sql.contains("convert_to(\"payload\"::text, 'UTF8')"));
         assert!(
             sql.contains("::float8, NULL::text FROM"),

@@ -306,7 +306,11 @@ async fn commit_as_legacy_relay(env: &TestEnv, count: usize) -> usize {
     let events = outboxd::capture::polling::claim_batch(
         &mut transaction,
         &table.claim_sql(PayloadEncoding::Text, false),
-        count,
+        outboxd::capture::polling::ClaimLimits {
+            rows: count,
+            bytes: usize::MAX / 2,
+            sized_rows: count,
+        },
         None,
     )
     .await

@@ -15,6 +15,7 @@ mod exactly_once;
 mod failover;
 mod handoffs;
 mod insert_only;
+mod large_payloads;
 mod leader;
 mod least_privilege;
 mod missing_topics;

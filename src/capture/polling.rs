@@ -1,8 +1,9 @@
 //! Polling capture: claim the oldest unsent rows with
 //! `SELECT … FOR UPDATE SKIP LOCKED`.
 //!
-//! Invariant: a claim reads at most `batch_size` rows, so memory stays
-//! bounded whatever the backlog, and because it filters on `sent_at IS NULL`
+//! Invariant: a claim reads at most `batch_size` rows and, by the sizes of
+//! the oldest unsent payloads, about `batch_bytes` of payload (at least one
+//! row), so memory stays bounded whatever the backlog or the row size, and because it filters on `sent_at IS NULL`
 //! rather than a seq cursor, a row whose transaction commits after rows with
 //! a higher seq were sent is still claimed on a later round.
 
@@ -12,17 +13,34 @@ use sqlx::{PgConnection, Row};
 use crate::error::{Error, Result};
 use crate::event::OutboxEvent;
 
-/// Claims up to `batch_size` unsent rows inside the caller's transaction; the
+/// How much one claim may take.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimLimits {
+    /// Most rows (`capture.batch_size`).
+    pub rows: usize,
+    /// Most payload bytes, about (`capture.batch_bytes`): the claim sizes
+    /// rows by the largest payload among the oldest unsent ones, and always
+    /// takes at least one row.
+    pub bytes: usize,
+    /// How many of the oldest unsent rows are sized: this claim's rows and
+    /// every row this relay's other open claims hold.
+    pub sized_rows: usize,
+}
+
+/// Claims unsent rows within `limits` inside the caller's transaction; the
 /// row locks last until that transaction ends, after the rows are marked.
-/// `up_to` binds `$2` of a bounded claim (`OutboxTable::claim_up_to_sql`).
+/// `up_to` binds `$4` of a bounded claim (`OutboxTable::claim_up_to_sql`).
 pub async fn claim_batch(
     connection: &mut PgConnection,
     claim_sql: &str,
-    batch_size: usize,
+    limits: ClaimLimits,
     up_to: Option<i64>,
 ) -> Result<Vec<OutboxEvent>> {
-    let limit = i64::try_from(batch_size).unwrap_or(i64::MAX);
-    let mut query = sqlx::query(claim_sql).bind(limit);
+    let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut query = sqlx::query(claim_sql)
+        .bind(as_i64(limits.rows))
+        .bind(as_i64(limits.bytes))
+        .bind(as_i64(limits.sized_rows));
     if let Some(up_to) = up_to {
         query = query.bind(up_to);
     }

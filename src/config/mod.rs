@@ -258,9 +258,11 @@ pub struct CaptureConfig {
     /// a few broker round trips); under light load batches stay small,
     /// since a batch is delivered as soon as no more rows are waiting.
     pub batch_size: usize,
-    /// Replication: a batch is also delivered once its payloads reach this
-    /// many bytes, so large payloads do not multiply memory by `batch_size`.
-    /// (Polling claims by row count only.)
+    /// A batch also ends at about this many payload bytes, so large
+    /// payloads do not multiply memory by `batch_size`. Replication delivers
+    /// a batch once its payloads reach it; a claim takes it divided by the
+    /// largest stored payload among the oldest unsent rows (see
+    /// `OutboxTable::claim_sql`), at least one row.
     pub batch_bytes: usize,
     /// Longest wait between two claims when no notification arrives (polling).
     #[serde(deserialize_with = "duration::deserialize")]

@@ -64,7 +64,13 @@ pub async fn run(session: &mut Session<'_>, until: Until) -> Result<()> {
     let claim = Claim {
         claims: claims.clone(),
         claim_sql,
-        batch_size: config.capture.batch_size,
+        limits: polling::ClaimLimits {
+            rows: config.capture.batch_size,
+            bytes: config.capture.batch_bytes,
+            // Open claims hold at most this many batches' rows besides this
+            // one's: one waiting, one published, the window's (see above).
+            sized_rows: config.capture.batch_size * (unacknowledged_batches + 2),
+        },
         up_to,
     };
     let stop = session.stop.clone();
@@ -123,7 +129,7 @@ fn claim_pool(
 struct Claim {
     claims: PgPool,
     claim_sql: String,
-    batch_size: usize,
+    limits: polling::ClaimLimits,
     up_to: Option<i64>,
 }
 
@@ -163,14 +169,15 @@ impl Claim {
                     .map_err(|e| Error::from_postgres("starting a claim transaction", e))?,
                 _ = stop.wait() => return Ok(()),
             };
-            let events = polling::claim_batch(
-                &mut transaction,
-                &self.claim_sql,
-                self.batch_size,
-                self.up_to,
-            )
-            .await?;
-            backlog = events.len() >= self.batch_size;
+            let events =
+                polling::claim_batch(&mut transaction, &self.claim_sql, self.limits, self.up_to)
+                    .await?;
+            // A claim cut short by its bytes leaves rows waiting too.
+            let bytes: usize = events
+                .iter()
+                .map(|event| event.payload.as_ref().map_or(0, Vec::len))
+                .sum();
+            backlog = events.len() >= self.limits.rows || bytes >= self.limits.bytes / 2;
             if events.is_empty() {
                 release(transaction).await?;
                 match &mut until {
