@@ -40,7 +40,7 @@ CREATE OR REPLACE FUNCTION "public"."outbox_insert_only"() RETURNS trigger LANGU
 BEGIN
     RAISE EXCEPTION 'outbox rows are insert-only: % of unsent row % (event id %) of %.% refused',
         TG_OP, OLD."seq", OLD."id", TG_TABLE_SCHEMA, TG_TABLE_NAME
-        USING HINT = 'Write the event''s final content in its INSERT: the relay publishes the row as inserted, and an UPDATE or DELETE before COMMIT would never reach Kafka (see the outboxd README, The outbox table).';
+        USING HINT = 'Write the event''s final content in its INSERT: the relay publishes the row as inserted, and an UPDATE or DELETE before COMMIT would never reach Kafka (see the outboxd docs, docs/adding-the-outbox.md: Outbox rows are insert-only).';
 END
 $$;
 CREATE OR REPLACE TRIGGER "outbox_insert_only_update" AFTER UPDATE OF "seq", "id", "aggregatetype", "aggregateid", "type", "payload", "headers", "tracingspancontext", "created_at" ON "public"."outbox"

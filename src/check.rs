@@ -246,6 +246,7 @@ async fn check_partitioning(
     let Some(partitioning) = &table.partitioning else {
         return;
     };
+    check_partition_owner(connection, table, findings).await;
     match crate::partitions::readiness(connection, table, partitioning.interval).await {
         Err(e) => findings.push(
             Status::Failed,
@@ -272,6 +273,47 @@ async fn check_partitioning(
                 )
             }
         }
+    }
+}
+
+/// Whether the relay's role may create and drop partitions: only the
+/// table's owner (or a member of the owner role) may. Without it the relay
+/// still publishes, but its housekeeping fails every minute.
+async fn check_partition_owner(
+    connection: &mut PgConnection,
+    table: &OutboxTable,
+    findings: &mut Findings,
+) {
+    let row: Result<(bool, String, String), sqlx::Error> = sqlx::query_as(
+        "SELECT pg_has_role(c.relowner, 'USAGE'), quote_ident(pg_get_userbyid(c.relowner)), \
+                quote_ident(current_user) \
+         FROM pg_class c WHERE c.oid = to_regclass($1)",
+    )
+    .bind(table.qualified())
+    .fetch_one(&mut *connection)
+    .await;
+    match row {
+        Err(e) => findings.push(
+            Status::Failed,
+            "partition owner",
+            format!("cannot look up the owner of {}: {e}", table.display_name()),
+        ),
+        Ok((true, _, role)) => findings.push(
+            Status::Ok,
+            "partition owner",
+            format!("the relay's role {role} may create and drop partitions (it owns the table)"),
+        ),
+        Ok((false, owner, role)) => findings.push(
+            Status::Warning,
+            "partition owner",
+            format!(
+                "the relay's role {role} does not own {table} ({owner} does), so it cannot create \
+                 partitions ahead or drop expired ones; as an administrator run: GRANT {owner} TO \
+                 {role}; (or run `outboxd migrate` as {owner} from a scheduled job, more often \
+                 than postgres.partitioning.ahead intervals, and drop expired partitions as {owner})",
+                table = table.display_name(),
+            ),
+        ),
     }
 }
 

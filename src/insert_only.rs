@@ -74,8 +74,8 @@ pub fn create_sql(table: &OutboxTable) -> String {
          RAISE EXCEPTION 'outbox rows are insert-only: % of unsent row % (event id %) of %.% refused',\n        \
          TG_OP, OLD.{seq}, OLD.{id}, TG_TABLE_SCHEMA, TG_TABLE_NAME\n        \
          USING HINT = 'Write the event''s final content in its INSERT: the relay publishes the row as \
-         inserted, and an UPDATE or DELETE before COMMIT would never reach Kafka (see the outboxd README, \
-         The outbox table).';\n\
+         inserted, and an UPDATE or DELETE before COMMIT would never reach Kafka (see the outboxd docs, \
+         docs/adding-the-outbox.md: Outbox rows are insert-only).';\n\
          END\n\
          $$;\n\
          CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE OF {event_columns} ON {qualified}\n    \

@@ -168,7 +168,7 @@ pub async fn apply(setup: &Setup) -> Result<OutboxTable> {
     if partitioned == Some(false) && table.partitioning.is_some() {
         return Err(Error::stop(format!(
             "postgres.partitioning is set but {} already exists as a plain table; migrate does \
-             not convert a table (README: Partitioned outbox, moving an existing table). Remove \
+             not convert a table (docs/adding-the-outbox.md: Moving an existing table to a partitioned one). Remove \
              postgres.partitioning to keep it plain",
             table.display_name()
         )));

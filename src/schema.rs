@@ -76,7 +76,7 @@ impl TableReport {
             )),
             (false, true) => Some(format!(
                 "postgres.partitioning is set but table {} is not partitioned, so outboxd treats it as \
-                 a plain table; `outboxd migrate` partitions only a new table (README: Partitioned outbox)",
+                 a plain table; `outboxd migrate` partitions only a new table (docs/operations.md: Partitioning)",
                 table.display_name()
             )),
             _ => None,

@@ -4,7 +4,7 @@
 //! test checks the order). Without that, two transactions of one aggregate
 //! have no order of their own, and the capture modes differ: replication
 //! publishes in commit order, polling in `seq` order. Both sides are
-//! tested here, as the README states them.
+//! tested here, as the README and docs/adding-the-outbox.md state them.
 
 use std::time::Duration;
 

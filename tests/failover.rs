@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
 
+use crate::shipped_examples::role_script;
 use crate::support::checker;
 use crate::support::kafka::read_all;
 use crate::support::pg_pair::{PairOption, PgPair};
@@ -277,13 +278,12 @@ async fn a_role_that_cannot_see_the_standbys_is_refused_by_check_and_by_the_rela
         );
     }
 
-    // A least-privilege role as the migration's comments grant it, with
+    // A least-privilege role made by the shipped replication.sql, with
     // replication but without pg_read_all_stats.
-    sqlx::raw_sql(
-        "CREATE ROLE relay_nostats LOGIN REPLICATION; \
-         GRANT USAGE ON SCHEMA public TO relay_nostats; \
-         GRANT SELECT, UPDATE (sent_at) ON outbox TO relay_nostats",
-    )
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE relay_nostats LOGIN; {}",
+        role_script("migrations/roles/replication.sql", "relay_nostats", "")
+    ))
     .execute(&env.pool)
     .await
     .expect("create the relay's role");
@@ -305,10 +305,15 @@ async fn a_role_that_cannot_see_the_standbys_is_refused_by_check_and_by_the_rela
         error.message
     );
 
-    sqlx::raw_sql("GRANT pg_read_all_stats TO relay_nostats")
-        .execute(&env.pool)
-        .await
-        .expect("grant pg_read_all_stats");
+    // The shipped sync-standbys.sql is what it lacks.
+    sqlx::raw_sql(&role_script(
+        "migrations/roles/sync-standbys.sql",
+        "relay_nostats",
+        "",
+    ))
+    .execute(&env.pool)
+    .await
+    .expect("grant pg_read_all_stats");
     let (passed, all) = check(&env);
     assert!(passed, "{all}");
 }
@@ -316,7 +321,7 @@ async fn a_role_that_cannot_see_the_standbys_is_refused_by_check_and_by_the_rela
 /// PostgreSQL 17 and later only (failover slots): `make test-pg PG=17` (and
 /// PG=18) runs it; `make test`, on Debian's 15, lists it as ignored, and
 /// run on a server before 17 it fails (`pg-pair.sh up --failover-slots`
-/// refuses). The pair as the README's "When the primary fails over" sets it
+/// refuses). The pair as docs/design/exactly-once.md's "When the primary fails over" sets it
 /// up: the standby synchronises failover slots through its physical slot,
 /// and the primary's `synchronized_standby_slots` names that slot.
 ///

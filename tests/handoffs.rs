@@ -31,7 +31,7 @@ in_both_modes!(
 async fn a_checkpoint_left_by_outboxd_0_1_is_adopted(mode: Mode) {
     let env = TestEnv::new("legacy-checkpoint", mode).await;
     // 0.1 set no partitioner, so librdkafka's default placed its keys; the
-    // upgraded relay keeps that placement as the README's upgrade note says.
+    // upgraded relay keeps that placement as docs/operations.md's upgrade note says.
     env.replace_in_config("routing:\n", "routing:\n  partitioner: consistent_random\n");
     let written = write_orders(&env.pool, 0, 10, 5).await;
     outboxd::kafka::topics::ensure_checkpoint_topic(&env.config())

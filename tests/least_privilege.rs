@@ -15,14 +15,14 @@ use crate::support::{InProcessRelay, Mode, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn outboxd(args: &[&str]) -> Output {
+pub(crate) fn outboxd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_outboxd"))
         .args(args)
         .output()
         .expect("run outboxd")
 }
 
-fn text(output: &Output) -> String {
+pub(crate) fn text(output: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -31,21 +31,21 @@ fn text(output: &Output) -> String {
 }
 
 /// `outboxd check` on the env's config: whether it passed, and its output.
-fn check(env: &TestEnv) -> (bool, String) {
+pub(crate) fn check(env: &TestEnv) -> (bool, String) {
     let output = outboxd(&["check", "--config", env.config_path.to_str().unwrap()]);
     (output.status.success(), text(&output))
 }
 
 /// The roles of a managed database: `owner` owns the database and the
 /// outbox (it ran `outboxd migrate`), `relay` is the relay's.
-struct Roles {
-    owner: String,
-    relay: String,
+pub(crate) struct Roles {
+    pub(crate) owner: String,
+    pub(crate) relay: String,
 }
 
 /// What the relay does with rows, and so which documented grants apply.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Grants {
+pub(crate) enum Grants {
     /// Only the relay's role: no grant at all.
     None,
     /// Every documented grant the env's config needs.
@@ -55,13 +55,21 @@ enum Grants {
 /// A fresh env whose outbox an ordinary owner role migrated (the superuser
 /// only creates the roles and hands the database over), with `relay:`
 /// lines `relay_overrides`, and whose config now names the relay's role.
-async fn managed_env(
+pub(crate) async fn managed_env(
     name: &str,
     mode: Mode,
     relay_overrides: &str,
     grants: Grants,
 ) -> (TestEnv, Roles) {
-    let env = TestEnv::new(name, mode).await;
+    managed(TestEnv::new(name, mode).await, relay_overrides, grants).await
+}
+
+/// `managed_env` for an env made already (a partitioned one, say).
+pub(crate) async fn managed(
+    env: TestEnv,
+    relay_overrides: &str,
+    grants: Grants,
+) -> (TestEnv, Roles) {
     env.write_config(relay_overrides, "");
     let suffix = env.id.replace('-', "_");
     let roles = Roles {
@@ -195,7 +203,7 @@ fn documented_grants(env: &TestEnv, role: &str) -> Vec<(String, bool)> {
     statements
 }
 
-async fn admin(env: &TestEnv, sql: &str) {
+pub(crate) async fn admin(env: &TestEnv, sql: &str) {
     sqlx::raw_sql(sql)
         .execute(&env.pool)
         .await
@@ -203,7 +211,7 @@ async fn admin(env: &TestEnv, sql: &str) {
 }
 
 /// Runs `sql` as `role` (trust authentication in the test stack).
-async fn as_role(env: &TestEnv, role: &str, sql: &str) {
+pub(crate) async fn as_role(env: &TestEnv, role: &str, sql: &str) {
     use sqlx::Connection;
     let url = env
         .database_url
@@ -219,7 +227,7 @@ async fn as_role(env: &TestEnv, role: &str, sql: &str) {
 
 /// `check` asks for no grant and warns about nothing on the Postgres side
 /// (the test broker's auto-created dead-letter topic is a Kafka warning).
-fn assert_no_postgres_warning(all: &str) {
+pub(crate) fn assert_no_postgres_warning(all: &str) {
     assert!(
         !all.contains("GRANT") && !all.contains("ALTER ROLE"),
         "check asks for more than the documented grants: {all}"

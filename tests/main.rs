@@ -28,4 +28,5 @@ mod replication;
 mod retention;
 mod reused_seqs;
 mod shared_checkpoints;
+mod shipped_examples;
 mod tls;

@@ -32,7 +32,7 @@ async fn operator_actions_between_kills(mode: Mode) {
     let mut campaign = Campaign::start("operator-actions", mode, &Workload::realistic()).await;
     // Polling skips locked rows (SKIP LOCKED) and publishes them once
     // released, after later events of their aggregate: order, not loss or
-    // duplication, as the README says. So locks are mixed in only where
+    // duplication, as docs/operations.md says. So locks are mixed in only where
     // the relay waits for them (a new slot's catch-up drain).
     let actions: &[Action] = match mode {
         Mode::Replication => &[Action::AdvanceSlot, Action::RecreateSlot, Action::LockRows],

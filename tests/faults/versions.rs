@@ -4,7 +4,7 @@
 //! checkpoint topic read at every start) and this one hand leadership of
 //! one table back and forth, killed at their kill points, while writers
 //! commit; then the checker over everything (nothing lost, repeated or
-//! reordered). What the README's "Upgrading" promises:
+//! reordered). What docs/operations.md's "Upgrade and rollback" promises:
 //!
 //! - old → new: the new relay adopts a batch the old one committed to
 //!   Kafka but did not mark;
@@ -18,7 +18,7 @@
 //!   that old relay stalls (SIGSTOP) in its first Kafka transaction and
 //!   wakes after the new one took over.
 //!
-//! Where a release keeps exactly-once but not the README's word (what the
+//! Where a release keeps exactly-once but not the word of docs/operations.md (what the
 //! old release says when it refuses, whether a tombstone lets it lead), the
 //! campaign still runs to the checker and the test fails afterwards,
 //! listing what differed.
@@ -30,7 +30,7 @@
 //!
 //! Both releases place keys with librdkafka's `consistent_random`: the old
 //! one had no `routing.partitioner` and used librdkafka's default, and the
-//! new one is configured to keep that placement (the README's upgrade
+//! new one is configured to keep that placement (the upgrade
 //! note), so an aggregate stays on one partition across the hand-overs.
 
 use std::path::{Path, PathBuf};
@@ -83,7 +83,7 @@ struct Mixed {
     old_runs: usize,
     /// Configs of old relays under other names, removed at the end.
     other_configs: Vec<PathBuf>,
-    /// Where the releases did not do what the README says, though nothing
+    /// Where the releases did not do what docs/operations.md says, though nothing
     /// was lost or repeated: reported after the checker, failing the test.
     broken_promises: Vec<String>,
 }
@@ -188,7 +188,7 @@ impl Mixed {
         );
         if !log.contains("checkpoint format 2 is not 1; a newer outboxd wrote it") {
             self.broken_promises.push(format!(
-                "README \"Upgrading\": an old relay refusing to lead should say \"checkpoint \
+                "docs/operations.md \"Upgrade and rollback\": an old relay refusing to lead should say \"checkpoint \
                  format 2 is not 1; a newer outboxd wrote it\"; it said: {} (log {})",
                 refusal(&log),
                 old.log.display()
@@ -383,7 +383,7 @@ in_both_modes!(
 /// up and tries to commit. The new relay fenced the old release's
 /// transactional id when it took over, so that commit fails: nothing is
 /// published twice. (Under a name this release never saw, the old relay
-/// cannot be fenced before its first checkpoint; the README says so.)
+/// cannot be fenced before its first checkpoint; docs/operations.md says so.)
 async fn an_old_zombie_wakes_after_the_new_one_took_over(mode: Mode) {
     let mut mixed = Mixed::start("versions-old-zombie", mode).await;
     for round in 0..size(2, 10) {

@@ -1,0 +1,13 @@
+-- Feature: postgres.partitioning with the relay doing the housekeeping
+-- (creating partitions ahead, dropping expired ones). Only the table's
+-- owner may create or drop partitions, so the relay's role becomes a member
+-- of the owner role. Replace app_owner with the role that owns the outbox
+-- (the one that ran `outboxd migrate`). Run after polling.sql or
+-- replication.sql, as an administrator. `outboxd check` warns without it.
+--
+-- This gives the relay every right of the owner role. If you would rather
+-- not, skip this script and run `outboxd migrate` as the owner from a
+-- scheduled job, more often than postgres.partitioning.ahead intervals: it
+-- creates the partitions ahead. Expired partitions are then kept until
+-- you drop them.
+GRANT app_owner TO outboxd;
