@@ -45,6 +45,71 @@ pub struct SlotLabel {
     pub slot: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: &'static str,
+}
+
+/// A step of a batch's way from the outbox to its marks, timed in
+/// `outboxd_stage_seconds` so that where time goes is measured, not guessed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Polling: the claim query and fetching its rows.
+    Claim,
+    /// Replication after a catch-up drain or a polling session: looking up
+    /// which of a batch's rows are still unsent.
+    CatchUpFilter,
+    /// Replication: a batch held until the synchronous standbys flushed its commits.
+    SyncStandbys,
+    /// From a batch's first row in the relay's hands until its Kafka
+    /// transaction begins (replication: includes `catch_up_filter` and
+    /// `sync_standbys`, and the gathering of the batch).
+    Queued,
+    /// `begin_transaction`.
+    Begin,
+    /// From the first record handed to librdkafka until the broker
+    /// acknowledged every record and the checkpoint.
+    Produce,
+    /// Adding the checkpoint group's offset to the transaction.
+    Offsets,
+    /// `commit_transaction`.
+    Commit,
+    /// A committed batch waiting for the batches before it to be marked.
+    WaitForMarks,
+    /// Marking the batch's rows sent, and committing that.
+    Mark,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 10] = [
+        Stage::Claim,
+        Stage::CatchUpFilter,
+        Stage::SyncStandbys,
+        Stage::Queued,
+        Stage::Begin,
+        Stage::Produce,
+        Stage::Offsets,
+        Stage::Commit,
+        Stage::WaitForMarks,
+        Stage::Mark,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Claim => "claim",
+            Stage::CatchUpFilter => "catch_up_filter",
+            Stage::SyncStandbys => "sync_standbys",
+            Stage::Queued => "queued",
+            Stage::Begin => "begin",
+            Stage::Produce => "produce",
+            Stage::Offsets => "offsets",
+            Stage::Commit => "commit",
+            Stage::WaitForMarks => "wait_for_marks",
+            Stage::Mark => "mark",
+        }
+    }
+}
+
 /// What the relay is doing, for `/readyz` and `outboxd status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayState {
@@ -85,8 +150,19 @@ const LATENCY_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
+/// Buckets of the stage histograms, in seconds: 100 µs to a minute.
+const STAGE_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0, 60.0,
+];
+
+fn stage_histogram() -> Histogram {
+    Histogram::new(STAGE_BUCKETS)
+}
+
 pub struct Metrics {
     registry: Registry,
+    stage_seconds: Family<StageLabel, Histogram, fn() -> Histogram>,
     events_published: Family<TopicLabel, Counter>,
     events_dead_lettered: Counter,
     kafka_transactions: Family<OutcomeLabel, Counter>,
@@ -120,6 +196,7 @@ impl Metrics {
             .into_iter(),
         );
         let mut metrics = Metrics {
+            stage_seconds: Family::new_with_constructor(stage_histogram),
             events_published: Family::default(),
             events_dead_lettered: Counter::default(),
             kafka_transactions: Family::default(),
@@ -150,6 +227,11 @@ impl Metrics {
         }
         for kind in ["retry", "abort_and_resend", "stop"] {
             let _ = metrics.errors.get_or_create(&KindLabel { kind });
+        }
+        for stage in Stage::ALL {
+            let _ = metrics.stage_seconds.get_or_create(&StageLabel {
+                stage: stage.name(),
+            });
         }
         let registry = &mut metrics.registry;
         registry.register(
@@ -194,6 +276,12 @@ impl Metrics {
             "event_latency_seconds",
             "From the row's commit (replication) or created_at (polling) to its Kafka commit",
             metrics.event_latency.clone(),
+        );
+        registry.register(
+            "stage_seconds",
+            "Time per batch in each step from the outbox to the marks: claim, catch_up_filter, \
+             sync_standbys, queued, begin, produce, offsets, commit, wait_for_marks, mark",
+            metrics.stage_seconds.clone(),
         );
         registry.register_with_unit(
             "replication_slot_retained_wal",
@@ -284,6 +372,15 @@ impl Metrics {
             let latency = now.duration_since(*source_time).unwrap_or(Duration::ZERO);
             self.event_latency.observe(latency.as_secs_f64());
         }
+    }
+
+    /// One batch spent `took` in `stage`.
+    pub fn stage(&self, stage: Stage, took: Duration) {
+        self.stage_seconds
+            .get_or_create(&StageLabel {
+                stage: stage.name(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     pub fn aborted(&self) {

@@ -100,6 +100,33 @@ async fn metrics_move_with_a_real_run_and_parse(mode: Mode) {
         written.committed,
         "one latency observation per event"
     );
+    // Every Kafka transaction is timed step by step, and every batch marked.
+    let transactions = sum(
+        &text,
+        "outboxd_kafka_transactions",
+        Some(("outcome", "committed")),
+    );
+    for stage in [
+        "queued",
+        "begin",
+        "produce",
+        "offsets",
+        "commit",
+        "wait_for_marks",
+        "mark",
+    ] {
+        assert_eq!(
+            sum(&text, "outboxd_stage_seconds", Some(("stage", stage))),
+            transactions,
+            "one {stage} observation per committed transaction\n{text}"
+        );
+    }
+    if mode == Mode::Polling {
+        assert!(
+            sum(&text, "outboxd_stage_seconds", Some(("stage", "claim"))) >= transactions,
+            "every published batch was claimed\n{text}"
+        );
+    }
     // An OpenMetrics info family is named without its `_info` suffix.
     assert_eq!(sum(&text, "outboxd_build", None), 1.0, "{text}");
     if mode == Mode::Replication {

@@ -9,7 +9,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
@@ -33,6 +33,17 @@ const COMMIT_ATTEMPTS: u32 = 5;
 /// Room above `kafka.max_message_bytes` for librdkafka's own limit, so the
 /// router's size check, which names the row, always speaks first.
 const LOCAL_SIZE_HEADROOM: usize = 64 * 1024;
+
+/// How long each step of one Kafka transaction took (`Stage`s of the
+/// same names in the metrics).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TransactionTimings {
+    pub begin: Duration,
+    /// Every record and the checkpoint handed over and acknowledged.
+    pub produce: Duration,
+    pub offsets: Duration,
+    pub commit: Duration,
+}
 
 /// Why a batch was not published.
 #[derive(Debug)]
@@ -195,14 +206,16 @@ impl Publisher {
             .collect();
         self.transact(&markers, &[], checkpoint, Purpose::HandOver)
             .await
+            .map(|_| ())
     }
 
-    /// Publishes `records` and `checkpoint` in one Kafka transaction.
+    /// Publishes `records` and `checkpoint` in one Kafka transaction;
+    /// says how long its steps took.
     pub async fn publish(
         &self,
         records: &[RoutedRecord<'_>],
         checkpoint: &Checkpoint,
-    ) -> Result<(), PublishError> {
+    ) -> Result<TransactionTimings, PublishError> {
         self.transact(&[], records, checkpoint, Purpose::Batch)
             .await
     }
@@ -215,15 +228,18 @@ impl Publisher {
         records: &[RoutedRecord<'_>],
         checkpoint: &Checkpoint,
         purpose: Purpose,
-    ) -> Result<(), PublishError> {
+    ) -> Result<TransactionTimings, PublishError> {
+        let mut timings = TransactionTimings::default();
+        let started = Instant::now();
         self.transaction_call(self.transaction_timeout, |producer| {
             producer.begin_transaction()
         })
         .await
         .map_err(|e| e.classified(self, "beginning a Kafka transaction"))?;
+        timings.begin = started.elapsed();
         purpose.kill_point("after-begin");
         let outcome = self
-            .produce_and_commit(markers, records, checkpoint, purpose)
+            .produce_and_commit(markers, records, checkpoint, purpose, &mut timings)
             .await;
         let needs_abort = match &outcome {
             Ok(()) => false,
@@ -233,7 +249,7 @@ impl Publisher {
         if needs_abort {
             self.abort().await?;
         }
-        outcome
+        outcome.map(|()| timings)
     }
 
     async fn produce_and_commit(
@@ -242,7 +258,9 @@ impl Publisher {
         records: &[RoutedRecord<'_>],
         checkpoint: &Checkpoint,
         purpose: Purpose,
+        timings: &mut TransactionTimings,
     ) -> Result<(), PublishError> {
+        let producing = Instant::now();
         let mut marker_deliveries = Vec::with_capacity(markers.len());
         for (marker, partition) in markers {
             marker_deliveries.push(
@@ -327,9 +345,14 @@ impl Publisher {
                 "the checkpoint record's delivery report carried no offset",
             )));
         };
+        timings.produce = producing.elapsed();
+        let adding_offsets = Instant::now();
         self.point_group_at_checkpoint(checkpoint_offset).await?;
+        timings.offsets = adding_offsets.elapsed();
         purpose.kill_point("after-checkpoint");
+        let committing = Instant::now();
         self.commit(purpose).await?;
+        timings.commit = committing.elapsed();
         purpose.kill_point("after-commit");
         Ok(())
     }

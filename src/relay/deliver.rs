@@ -15,7 +15,7 @@ use crate::error::{ErrorKind, Result};
 use crate::event::{OutboxEvent, SourcePosition};
 use crate::kafka::checkpoint::{Checkpoint, RowDigest};
 use crate::kafka::publisher::{PublishError, Publisher};
-use crate::metrics::{Metrics, RelayState};
+use crate::metrics::{Metrics, RelayState, Stage};
 use crate::routing::Router;
 use crate::shutdown::Shutdown;
 
@@ -156,7 +156,11 @@ impl<'a> Deliverer<'a> {
             .with_row_ids(|seq| row_ids.get(&seq).copied().or_else(|| window.row_id(seq)));
             let started = Instant::now();
             match self.publisher.publish(&batch.records, &checkpoint).await {
-                Ok(()) => {
+                Ok(timings) => {
+                    self.metrics.stage(Stage::Begin, timings.begin);
+                    self.metrics.stage(Stage::Produce, timings.produce);
+                    self.metrics.stage(Stage::Offsets, timings.offsets);
+                    self.metrics.stage(Stage::Commit, timings.commit);
                     let published_topics: Vec<&str> = batch
                         .records
                         .iter()
@@ -242,6 +246,11 @@ impl<'a> Deliverer<'a> {
             any = true;
         }
         any
+    }
+
+    /// The relay's metrics, for the stages around delivery.
+    pub(super) fn metrics(&self) -> &'a Metrics {
+        self.metrics
     }
 
     fn log_progress_now_and_then(&mut self) {

@@ -25,7 +25,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 
@@ -39,12 +39,15 @@ use crate::error::{Error, Result};
 use crate::event::{OutboxEvent, SourcePosition};
 use crate::failpoint;
 use crate::leader;
+use crate::metrics::{Metrics, Stage};
 use crate::postgres::lsn::Lsn;
 use crate::shutdown::Shutdown;
 
 /// One batch from capture, with what acknowledging it takes.
 pub(super) struct CapturedBatch {
     pub events: Vec<OutboxEvent>,
+    /// When the batch's first row was in the relay's hands.
+    pub captured_at: Instant,
     /// Replication: the stream position of the batch's last event.
     pub position: Option<SourcePosition>,
     pub acknowledge_with: AcknowledgeWith,
@@ -95,6 +98,7 @@ impl CaptureEnds {
 /// A committed batch on its way to acknowledgement.
 struct Committed {
     id: u64,
+    committed_at: Instant,
     delivered: Delivered,
     acknowledge_with: AcknowledgeWith,
 }
@@ -127,6 +131,7 @@ where
         acknowledged,
         demand: Arc::clone(&demand),
     });
+    let metrics = deliverer.metrics();
     let publish = publish(
         deliverer,
         captured,
@@ -137,6 +142,7 @@ where
         stop.clone(),
     );
     let acknowledge = acknowledge(
+        metrics,
         acknowledger,
         stream_acks,
         committed,
@@ -214,6 +220,9 @@ async fn publish(
             // catch-up filter); the batch still carries a slot position.
             Delivered::default()
         } else {
+            deliverer
+                .metrics()
+                .stage(Stage::Queued, batch.captured_at.elapsed());
             let Some(mut delivered) = deliverer
                 .deliver(&batch.events, batch.position, &window, &mut stop)
                 .await?
@@ -230,6 +239,7 @@ async fn publish(
         };
         let committed_batch = Committed {
             id,
+            committed_at: Instant::now(),
             delivered,
             acknowledge_with: batch.acknowledge_with,
         };
@@ -241,6 +251,7 @@ async fn publish(
 
 /// Acknowledges committed batches in the order they were published.
 async fn acknowledge(
+    metrics: &Metrics,
     acknowledger: &Acknowledger,
     mut stream_acks: Option<&mut PgConnection>,
     mut committed: mpsc::Receiver<Committed>,
@@ -248,6 +259,14 @@ async fn acknowledge(
     acknowledged: mpsc::UnboundedSender<Acknowledged>,
 ) -> Result<()> {
     while let Some(batch) = committed.recv().await {
+        // Timed only for batches with rows: one observation per Kafka
+        // transaction (a batch the catch-up filter emptied has none).
+        let has_rows =
+            !batch.delivered.published.is_empty() || !batch.delivered.dead_lettered.is_empty();
+        if has_rows {
+            metrics.stage(Stage::WaitForMarks, batch.committed_at.elapsed());
+        }
+        let marking = Instant::now();
         if let Some(delay) = failpoint::mark_delay() {
             tokio::time::sleep(delay).await;
         }
@@ -283,6 +302,9 @@ async fn acknowledge(
                 // position is confirmed by the next session instead.
                 let _ = acknowledged.send(Acknowledged { confirm });
             }
+        }
+        if has_rows {
+            metrics.stage(Stage::Mark, marking.elapsed());
         }
         let _ = done.send(batch.id);
     }

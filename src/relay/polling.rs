@@ -25,6 +25,7 @@ use crate::capture::polling;
 use crate::capture::wakeup::Wakeup;
 use crate::error::{Error, Result};
 use crate::leader;
+use crate::metrics::{Metrics, Stage};
 use crate::shutdown::Shutdown;
 
 /// How long the polling loop runs.
@@ -62,6 +63,7 @@ pub async fn run(session: &mut Session<'_>, until: Until) -> Result<()> {
         unacknowledged_batches + 2,
     );
     let claim = Claim {
+        metrics: &context.metrics,
         claims: claims.clone(),
         claim_sql,
         limits: polling::ClaimLimits {
@@ -123,14 +125,15 @@ fn claim_pool(
         .connect_lazy_with(connect_options.clone())
 }
 
-struct Claim {
+struct Claim<'a> {
+    metrics: &'a Metrics,
     claims: PgPool,
     claim_sql: String,
     limits: polling::ClaimLimits,
     up_to: Option<i64>,
 }
 
-impl Claim {
+impl Claim<'_> {
     async fn run(self, mut until: Until, mut stop: Shutdown, ends: CaptureEnds) -> Result<()> {
         // Whether the last claim was full: rows are waiting, so the next
         // claim runs ahead, while the publisher is still busy.
@@ -166,9 +169,11 @@ impl Claim {
                     .map_err(|e| Error::from_postgres("starting a claim transaction", e))?,
                 _ = stop.wait() => return Ok(()),
             };
+            let claiming = std::time::Instant::now();
             let events =
                 polling::claim_batch(&mut transaction, &self.claim_sql, self.limits, self.up_to)
                     .await?;
+            self.metrics.stage(Stage::Claim, claiming.elapsed());
             // A claim cut short by its bytes leaves rows waiting too.
             let bytes: usize = events
                 .iter()
@@ -185,6 +190,7 @@ impl Claim {
             }
             let batch = CapturedBatch {
                 events,
+                captured_at: std::time::Instant::now(),
                 position: None,
                 acknowledge_with: AcknowledgeWith::Claim(transaction),
             };

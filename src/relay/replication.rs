@@ -40,6 +40,8 @@
 //!   and a mark that found a streamed row not yet visible is repeated once
 //!   it is (`Acknowledger::acknowledge_streamed`).
 
+use std::time::Instant;
+
 use futures_util::FutureExt;
 use sqlx::PgConnection;
 use tokio::sync::mpsc;
@@ -55,6 +57,7 @@ use crate::config::SlotLostPolicy;
 use crate::error::{Error, Result};
 use crate::event::{OutboxEvent, SourcePosition};
 use crate::kafka::checkpoint::Checkpoint;
+use crate::metrics::{Metrics, Stage};
 use crate::postgres::lsn::Lsn;
 use crate::postgres::settled_wal_position;
 use crate::shutdown::Shutdown;
@@ -125,7 +128,8 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         config.capture.batch_size,
         config.capture.batch_bytes,
     )
-    .with_gate(gate);
+    .with_gate(gate)
+    .with_metrics(&context.metrics);
     let Session {
         connection,
         deliverer,
@@ -246,6 +250,10 @@ struct Streamer<'c> {
     /// Holds each batch until the synchronous standbys have its commits;
     /// `None` where nothing needs holding (see `relay::failover`).
     gate: Option<StandbyGate>,
+    /// When the batch's first event arrived.
+    batch_started: Option<Instant>,
+    /// Where the catch-up filter's and the standby wait's time is counted.
+    metrics: Option<&'c Metrics>,
 }
 
 /// Transactions committed before `before` may have been published already
@@ -276,12 +284,25 @@ impl<'c> Streamer<'c> {
             batch_size,
             max_batch_bytes,
             gate: None,
+            batch_started: None,
+            metrics: None,
         }
     }
 
     fn with_gate(mut self, gate: Option<StandbyGate>) -> Streamer<'c> {
         self.gate = gate;
         self
+    }
+
+    fn with_metrics(mut self, metrics: &'c Metrics) -> Streamer<'c> {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn time_stage(&self, stage: Stage, since: Instant) {
+        if let Some(metrics) = self.metrics {
+            metrics.stage(stage, since.elapsed());
+        }
     }
 
     /// Up to where the synchronous standbys must have the WAL before the
@@ -359,6 +380,9 @@ impl<'c> Streamer<'c> {
                 Some(Captured::Event(event)) => {
                     self.batch_position = event.position;
                     self.batch_bytes += event.payload.as_ref().map_or(0, Vec::len);
+                    if self.batch.is_empty() {
+                        self.batch_started = Some(Instant::now());
+                    }
                     self.batch.push(event);
                     if self.batch.len() >= self.batch_size
                         || self.batch_bytes >= self.max_batch_bytes
@@ -417,11 +441,13 @@ impl<'c> Streamer<'c> {
     async fn hand_over(&mut self, room: mpsc::Permit<'_, CapturedBatch>) -> Result<()> {
         let mut events = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
+        let captured_at = self.batch_started.take().unwrap_or_else(Instant::now);
         if let Some(filter) = self.catch_up.as_mut() {
             let before = filter.before;
             // The stream has passed everything committed before it began:
             // this batch is the last one to check.
             let passed = self.batch_position.is_some_and(|p| p.commit_lsn >= before);
+            let filtering = Instant::now();
             keep_unsent_before(
                 filter.connection,
                 &filter.unsent_among_sql,
@@ -429,6 +455,7 @@ impl<'c> Streamer<'c> {
                 before,
             )
             .await?;
+            self.time_stage(Stage::CatchUpFilter, filtering);
             if passed {
                 self.catch_up = None;
             }
@@ -443,13 +470,16 @@ impl<'c> Streamer<'c> {
                 // Nothing a failover can take back goes to Kafka. On
                 // shutdown the batch is dropped unpublished and unconfirmed:
                 // it is streamed again after restart.
+                let waiting = Instant::now();
                 if !gate.wait(through, events.len()).await? {
                     return Ok(());
                 }
+                self.time_stage(Stage::SyncStandbys, waiting);
             }
         }
         let batch = CapturedBatch {
             events,
+            captured_at,
             position: self.batch_position,
             acknowledge_with: AcknowledgeWith::Stream { confirm },
         };
