@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::backlog;
 use crate::support::checker::Report;
-use crate::systems::{BenchEnv, System};
+use crate::systems::{BenchEnv, StageTime, System};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Drain {
@@ -24,6 +24,8 @@ pub struct Drain {
     pub cpu_seconds: f64,
     pub cpu_seconds_per_million: f64,
     pub peak_rss_megabytes: f64,
+    /// outboxd: where its Kafka transactions' time went during the drain.
+    pub stages: Vec<StageTime>,
     /// `None` when the checker found the run clean.
     pub failed: Option<String>,
 }
@@ -72,6 +74,7 @@ pub async fn run_from(system: System, start: Start, rows: usize, payload_bytes: 
     let limit = Duration::from_secs(120 + (rows as u64) / 1_000);
     let seconds = bench.wait_published(&mut running, expected, limit).await;
     let usage = running.usage();
+    let stages = bench.stages().await;
     running.stop(Duration::from_secs(60));
 
     let report = bench.check(&written).await;
@@ -88,6 +91,7 @@ pub async fn run_from(system: System, start: Start, rows: usize, payload_bytes: 
         cpu_seconds: usage.cpu_seconds,
         cpu_seconds_per_million: usage.cpu_seconds / rows as f64 * 1e6,
         peak_rss_megabytes: usage.peak_rss_bytes as f64 / 1e6,
+        stages,
         failed: failure(&report),
     };
     eprintln!(

@@ -154,6 +154,8 @@ impl Results {
             steady_row(w, s.0, s.1);
         }
 
+        stage_table(w, &self.drains, &self.steady);
+
         let _ = writeln!(
             w,
             "\n## Footprint against payload size (outboxd, every capture path)\n"
@@ -359,6 +361,67 @@ fn drain_table(w: &mut String, drains: &[Drain]) {
                 .map(|f| format!("FAILED: {f}"))
                 .unwrap_or_else(|| "clean".into())
         );
+    }
+}
+
+/// The stages, in the order a batch passes them.
+const STAGES: [&str; 10] = [
+    "claim",
+    "catch_up_filter",
+    "sync_standbys",
+    "queued",
+    "begin",
+    "produce",
+    "offsets",
+    "commit",
+    "wait_for_marks",
+    "mark",
+];
+
+/// Mean milliseconds per Kafka transaction in each stage, for every outboxd
+/// drain and steady run (`outboxd_stage_seconds`).
+fn stage_table(w: &mut String, drains: &[Drain], steady: &[Steady]) {
+    let runs = drains
+        .iter()
+        .filter(|d| !d.stages.is_empty())
+        .map(|d| (format!("{} drain, {} rows", d.system, d.rows), &d.stages))
+        .chain(
+            steady
+                .iter()
+                .filter(|s| !s.stages.is_empty())
+                .map(|s| (format!("{} at {}/s", s.system, s.target_rate), &s.stages)),
+        )
+        .collect::<Vec<_>>();
+    if runs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "\n## Where outboxd's time goes\n\nMean milliseconds per Kafka transaction in each step \
+         (`outboxd_stage_seconds`), and transactions per run. `queued` runs from a batch's first \
+         row in the relay's hands to its transaction's begin (replication: it includes gathering \
+         the batch, `catch_up_filter` and `sync_standbys`); the marks run behind the next \
+         transactions, so the steps overlap and do not add up to the latency.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| run | transactions | {} |\n|---|---:|{}",
+        STAGES.join(" | "),
+        "---:|".repeat(STAGES.len())
+    );
+    for (name, stages) in runs {
+        let transactions = stages
+            .iter()
+            .find(|s| s.stage == "commit")
+            .map_or(0.0, |s| s.batches);
+        let cells: Vec<String> = STAGES
+            .iter()
+            .map(|stage| match stages.iter().find(|s| s.stage == *stage) {
+                Some(time) if time.batches > 0.0 => format!("{:.2}", time.mean_ms()),
+                _ => "–".to_string(),
+            })
+            .collect();
+        let _ = writeln!(w, "| {name} | {transactions:.0} | {} |", cells.join(" | "));
     }
 }
 

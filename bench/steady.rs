@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::drain::failure;
 use crate::process::Running;
 use crate::support::workload::writer_pool;
-use crate::systems::{BenchEnv, System};
+use crate::systems::{stages_between, BenchEnv, StageTime, System};
 
 /// Writer connections; each owns its aggregates, so per-aggregate order is
 /// the order of its own commits.
@@ -41,6 +41,8 @@ pub struct Steady {
     pub missing: usize,
     pub cpu_seconds_per_million: f64,
     pub peak_rss_megabytes: f64,
+    /// outboxd: where its Kafka transactions' time went during the run.
+    pub stages: Vec<StageTime>,
     /// The writer held the rate and the relay kept up (see `sustained`).
     pub sustained: bool,
     pub failed: Option<String>,
@@ -67,6 +69,7 @@ pub async fn run(system: System, rate: u32, seconds: u64) -> Steady {
     );
 
     let before = running.usage();
+    let stages_before = bench.stages().await;
     let total = rate as u64 * seconds;
     let OpenLoop {
         rows,
@@ -81,6 +84,7 @@ pub async fn run(system: System, rate: u32, seconds: u64) -> Steady {
         .wait_seen(total + 1, Duration::from_secs(10), &mut running)
         .await;
     let after = running.usage();
+    let stages = stages_between(&stages_before, &bench.stages().await);
     let seen = consumer.finish();
     running.stop(Duration::from_secs(60));
 
@@ -113,6 +117,7 @@ pub async fn run(system: System, rate: u32, seconds: u64) -> Steady {
         missing,
         cpu_seconds_per_million: (after.cpu_seconds - before.cpu_seconds) / total as f64 * 1e6,
         peak_rss_megabytes: after.peak_rss_bytes as f64 / 1e6,
+        stages,
         sustained: achieved_rate >= 0.95 * rate as f64 && missing == 0 && p99_ms < 1000.0,
         failed: failure(&report),
     };

@@ -398,6 +398,100 @@ async fn create_topic(bootstrap: &str, topic: &str) {
 }
 
 /// The sum of outboxd's `outboxd_events_published_total` series.
+/// One step of outboxd's Kafka transactions, from `outboxd_stage_seconds`:
+/// how many batches passed it and the seconds they spent in it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StageTime {
+    pub stage: String,
+    pub batches: f64,
+    pub seconds: f64,
+}
+
+impl StageTime {
+    /// Mean milliseconds per batch.
+    pub fn mean_ms(&self) -> f64 {
+        if self.batches > 0.0 {
+            self.seconds / self.batches * 1000.0
+        } else {
+            0.0
+        }
+    }
+}
+
+impl BenchEnv {
+    /// outboxd's stage timings so far (empty for Debezium, or when the
+    /// relay does not answer).
+    pub async fn stages(&self) -> Vec<StageTime> {
+        if self.system == System::Debezium {
+            return Vec::new();
+        }
+        scrape_stages(self.http_port).await.unwrap_or_default()
+    }
+}
+
+/// `after` minus `before`, stage by stage: what one phase of a run spent.
+pub fn stages_between(before: &[StageTime], after: &[StageTime]) -> Vec<StageTime> {
+    after
+        .iter()
+        .map(|stage| {
+            let earlier = before.iter().find(|b| b.stage == stage.stage);
+            StageTime {
+                stage: stage.stage.clone(),
+                batches: stage.batches - earlier.map_or(0.0, |b| b.batches),
+                seconds: stage.seconds - earlier.map_or(0.0, |b| b.seconds),
+            }
+        })
+        .collect()
+}
+
+async fn scrape_stages(port: u16) -> Option<Vec<StageTime>> {
+    let base = format!("http://127.0.0.1:{port}");
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(5),
+        crate::support::http::try_get(&base, "/metrics"),
+    )
+    .await
+    .ok()??;
+    if status != 200 {
+        return None;
+    }
+    let mut stages: Vec<StageTime> = Vec::new();
+    for line in body.lines() {
+        let (field, rest) = if let Some(rest) = line.strip_prefix("outboxd_stage_seconds_count{") {
+            ("count", rest)
+        } else if let Some(rest) = line.strip_prefix("outboxd_stage_seconds_sum{") {
+            ("sum", rest)
+        } else {
+            continue;
+        };
+        let Some(stage) = rest
+            .split("stage=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+        else {
+            continue;
+        };
+        let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        let index = match stages.iter().position(|s| s.stage == stage) {
+            Some(index) => index,
+            None => {
+                stages.push(StageTime {
+                    stage: stage.to_string(),
+                    ..StageTime::default()
+                });
+                stages.len() - 1
+            }
+        };
+        match field {
+            "count" => stages[index].batches = value,
+            _ => stages[index].seconds = value,
+        }
+    }
+    Some(stages)
+}
+
 async fn scrape_published(port: u16) -> Option<u64> {
     let base = format!("http://127.0.0.1:{port}");
     let (status, body) = tokio::time::timeout(
