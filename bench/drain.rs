@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::backlog;
+use crate::footprint::{self, Footprint};
 use crate::support::checker::Report;
 use crate::systems::{BenchEnv, StageTime, System};
 
@@ -26,6 +27,10 @@ pub struct Drain {
     pub peak_rss_megabytes: f64,
     /// outboxd: where its Kafka transactions' time went during the drain.
     pub stages: Vec<StageTime>,
+    /// WAL per row of writing the backlog: the outbox inserts' own cost.
+    pub insert_wal_bytes: f64,
+    /// What draining cost per event, process by process, and its WAL.
+    pub footprint: Footprint,
     /// `None` when the checker found the run clean.
     pub failed: Option<String>,
 }
@@ -60,13 +65,17 @@ pub async fn run_from(system: System, start: Start, rows: usize, payload_bytes: 
         backlog::write_warmup(bench.pool()).await
     };
     let warmup_published = written.committed;
+    let before_backlog = footprint::snapshot(bench.pool(), None).await;
     let backlog = backlog::write(bench.pool(), rows, payload_bytes).await;
+    let after_backlog = footprint::snapshot(bench.pool(), None).await;
     written.committed += backlog.committed;
     written.committed_ids.extend(backlog.committed_ids);
     analyze(&bench).await;
 
     eprintln!("bench: {name}: draining");
     let mut running = bench.start("drain");
+    let relay_pid = (system != System::Debezium).then(|| running.pid());
+    let before_drain = footprint::snapshot(bench.pool(), relay_pid).await;
     // outboxd counts what this process published: the primed relay
     // published the warm-up event already. Debezium is counted in Kafka.
     let already_counted = if primed { warmup_published } else { 0 };
@@ -75,6 +84,26 @@ pub async fn run_from(system: System, start: Start, rows: usize, payload_bytes: 
     let seconds = bench.wait_published(&mut running, expected, limit).await;
     let usage = running.usage();
     let stages = bench.stages().await;
+    let after_drain = footprint::snapshot(bench.pool(), relay_pid).await;
+    let footprint = footprint::between(
+        bench.pool(),
+        &before_drain,
+        &after_drain,
+        relay_pid,
+        &format!("outboxd-{}", bench.env.relay_name()),
+        rows,
+    )
+    .await;
+    let insert_wal_bytes = footprint::between(
+        bench.pool(),
+        &before_backlog,
+        &after_backlog,
+        None,
+        "",
+        rows,
+    )
+    .await
+    .wal_bytes;
     running.stop(Duration::from_secs(60));
 
     let report = bench.check(&written).await;
@@ -92,6 +121,8 @@ pub async fn run_from(system: System, start: Start, rows: usize, payload_bytes: 
         cpu_seconds_per_million: usage.cpu_seconds / rows as f64 * 1e6,
         peak_rss_megabytes: usage.peak_rss_bytes as f64 / 1e6,
         stages,
+        insert_wal_bytes,
+        footprint,
         failed: failure(&report),
     };
     eprintln!(

@@ -35,6 +35,7 @@ mod backlog;
 mod ceilings;
 mod crowd;
 mod drain;
+mod footprint;
 mod process;
 mod report;
 mod startup;

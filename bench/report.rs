@@ -13,6 +13,7 @@ use crate::ceilings::{self, Ceiling};
 use crate::drain::Drain;
 use crate::startup::{self, Startup};
 use crate::steady::Steady;
+use crate::systems::System;
 
 #[derive(Debug, Default, Serialize)]
 pub struct Results {
@@ -155,6 +156,7 @@ impl Results {
         }
 
         stage_table(w, &self.drains, &self.steady);
+        footprint_table(w, self.drains.iter().chain(&self.payloads));
 
         let _ = writeln!(
             w,
@@ -273,6 +275,44 @@ impl Results {
                 worst.peak_rss_megabytes < 64.0,
             ));
         }
+        // The largest replication drain after a restart with its costs.
+        if let Some(d) = self
+            .drains
+            .iter()
+            .filter(|d| {
+                d.system == System::OutboxdReplication.label()
+                    && d.failed.is_none()
+                    && d.footprint.wal_bytes > 0.0
+            })
+            .max_by_key(|d| d.rows)
+        {
+            let all = d.footprint.total_us();
+            targets.push((
+                "CPU per event, every process together, replication drain ≤ 30 µs".into(),
+                format!(
+                    "{all:.0} µs ({} rows: relay {:.1}, its sessions {:.1}, walsender {:.1}, \
+                     other Postgres {:.1}, broker {:.1})",
+                    d.rows,
+                    d.footprint.relay_us,
+                    d.footprint.relay_backends_us,
+                    d.footprint.walsender_us,
+                    d.footprint.postgres_other_us,
+                    d.footprint.broker_us
+                ),
+                all <= 30.0,
+            ));
+            if d.insert_wal_bytes > 0.0 {
+                let ratio = (d.insert_wal_bytes + d.footprint.wal_bytes) / d.insert_wal_bytes;
+                targets.push((
+                    "WAL per event / the insert's own WAL, replication drain ≤ 1.1×".into(),
+                    format!(
+                        "{ratio:.2}× ({:.0} B insert, {:.0} B marks and the rest)",
+                        d.insert_wal_bytes, d.footprint.wal_bytes
+                    ),
+                    ratio <= 1.1,
+                ));
+            }
+        }
         if let Some(debezium) = self
             .drains
             .iter()
@@ -360,6 +400,56 @@ fn drain_table(w: &mut String, drains: &[Drain]) {
                 .as_deref()
                 .map(|f| format!("FAILED: {f}"))
                 .unwrap_or_else(|| "clean".into())
+        );
+    }
+}
+
+/// CPU per event of every process that serves a drain, and the WAL.
+fn footprint_table<'a>(w: &mut String, drains: impl Iterator<Item = &'a Drain>) {
+    let drains: Vec<&Drain> = drains
+        .filter(|d| d.failed.is_none() && d.footprint.wal_bytes > 0.0)
+        .collect();
+    if drains.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "\n## What a drained event costs, process by process\n\nCPU µs per event from `/proc`, \
+         each process charged separately: the relay, the Postgres backends of its sessions \
+         (claims, marks), the walsender streaming to it, the rest of Postgres (checkpointer, WAL \
+         writer, autovacuum), and the broker. WAL is bytes per event written while draining; the \
+         insert column is what writing the backlog itself cost, and the ratio is the two together \
+         over the inserts alone.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| run | payload B | relay | its sessions | walsender | other Postgres | broker | all | \
+         insert WAL B | drain WAL B | WAL ratio |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for d in drains {
+        let f = &d.footprint;
+        let ratio = if d.insert_wal_bytes > 0.0 {
+            format!(
+                "{:.2}×",
+                (d.insert_wal_bytes + f.wal_bytes) / d.insert_wal_bytes
+            )
+        } else {
+            "–".into()
+        };
+        let _ = writeln!(
+            w,
+            "| {}, {} rows | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {ratio} |",
+            d.system,
+            d.rows,
+            d.payload_bytes,
+            f.relay_us,
+            f.relay_backends_us,
+            f.walsender_us,
+            f.postgres_other_us,
+            f.broker_us,
+            f.total_us(),
+            d.insert_wal_bytes,
+            f.wal_bytes,
         );
     }
 }
