@@ -119,7 +119,7 @@ impl Error {
                         Error::retry(message).because(Cause::Postgres)
                     }
                     Some("42501") => Error::stop(format!(
-                        "{message}. The relay's role lacks a privilege; `outboxd check` names each missing grant with the statement to run (the list is at the end of migrations/0001_outbox.sql)"
+                        "{message}. The relay's role lacks a privilege; `outboxd check` names each missing grant with the statement to run (the scripts in migrations/roles/ grant what each capture mode and feature needs)"
                     ))
                     .because(Cause::PostgresPrivilege),
                     _ => Error::stop(message).because(Cause::Postgres),
