@@ -188,7 +188,7 @@ pub async fn claim_mark(rows: usize, payload_bytes: usize) -> Ceiling {
             rows: batch_size,
             bytes: config.capture.batch_bytes,
         };
-        let events = claim_batch(&mut transaction, &claim_sql, limits, None)
+        let events = claim_batch(&mut transaction, &claim_sql, limits, 0, None)
             .await
             .expect("claim");
         if events.is_empty() {

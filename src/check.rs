@@ -165,7 +165,7 @@ async fn check_identity(connection: &mut PgConnection, findings: &mut Findings) 
                 "the role {role} may not execute pg_control_system(), so the relay's Kafka identity \
                  names relay.name instead of this database and a renamed relay no longer fences the \
                  old one; as an administrator run: GRANT EXECUTE ON FUNCTION pg_control_system() TO \
-                 {role}; (granting it later is safe; taking it away again is not)"
+                 {role}; (granting it later, or taking it away, is safe)"
             ),
         ),
     }

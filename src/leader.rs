@@ -36,16 +36,22 @@ const STANDBY_RETRY: Duration = Duration::from_millis(500);
 const LOCK_KEY: &str = "hashtextextended('outboxd:table:' || $1, 0)";
 
 /// The session that holds a table's leader lock, named so that a claim
-/// connection can tell whether its leader still leads. The backend's start
-/// time comes with its pid, so a pid the OS gave again to another session
-/// (a successor's) is not mistaken for it.
+/// connection can tell whether its leader still leads: besides the leader
+/// lock it holds a lock of its own term, keyed by a random nonce, so a pid
+/// the OS gave again to another session (a successor's) is not mistaken
+/// for it. Both show in `pg_locks`, which every role may read
+/// (`pg_stat_activity` hides other sessions' details from a role that is
+/// not their login role, as after `ALTER ROLE … SET role`).
 #[derive(Debug, Clone)]
 pub struct Leadership {
     /// `schema.table`.
     pub table: String,
     pub backend_pid: i32,
-    backend_start: String,
+    term: String,
 }
+
+/// The term lock's key: one per leadership term (`$2`, a random nonce).
+const TERM_KEY: &str = "hashtextextended('outboxd:term:' || $1 || ':' || $2, 0)";
 
 /// Waits until this session holds the lock of `table` (`schema.table`).
 /// Returns `None` if shutdown was requested first.
@@ -64,12 +70,18 @@ pub async fn acquire(
                 .await
                 .map_err(|e| Error::from_postgres("taking the leader lock", e))?;
         if acquired {
-            let (backend_pid, backend_start): (i32, String) = sqlx::query_as(
-                "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
-            )
+            let (backend_pid, term): (i32, String) = sqlx::query_as(&format!(
+                "SELECT pg_backend_pid(), nonce \
+                 FROM (SELECT md5(random()::text || clock_timestamp()::text) AS nonce) AS term \
+                 WHERE pg_try_advisory_lock({})",
+                TERM_KEY.replace("$2", "nonce")
+            ))
+            .bind(table)
             .fetch_one(&mut *connection)
             .await
-            .map_err(|e| Error::from_postgres("naming the session that holds the leader lock", e))?;
+            .map_err(|e| {
+                Error::from_postgres("naming the session that holds the leader lock", e)
+            })?;
             tracing::info!(
                 relay = relay_name,
                 table,
@@ -79,7 +91,7 @@ pub async fn acquire(
             return Ok(Some(Leadership {
                 table: table.to_string(),
                 backend_pid,
-                backend_start,
+                term,
             }));
         }
         if !announced_standby {
@@ -118,26 +130,26 @@ pub async fn join_claims(
         return Ok(());
     }
     Err(sqlx::Error::Protocol(format!(
-        "this relay no longer leads {}: the session that held its leader lock (backend pid {})          is gone, and another instance may lead now. No row was claimed; the relay ends this          term and competes for the lock again",
+        "this relay no longer leads {}: the session that held its leader lock (backend pid {}) \
+         is gone, and another instance may lead now. No row was claimed; the relay ends this \
+         term and competes for the lock again",
         leadership.table, leadership.backend_pid
     )))
 }
 
 /// Whether the session named by `leadership` still holds its table's
-/// leader lock. Asked from another connection of the same role, which may
-/// read that session's start time.
+/// leader lock: one session holds both the leader lock and its term's lock.
 pub async fn still_holds(
     connection: &mut PgConnection,
     leadership: &Leadership,
 ) -> sqlx::Result<bool> {
     sqlx::query_scalar(&format!(
-        "SELECT EXISTS ({} AND pid = $2 AND pid IN \
-         (SELECT pid FROM pg_stat_activity WHERE pid = $2 AND backend_start::text = $3))",
-        holders_sql(LOCK_KEY)
+        "SELECT EXISTS ({} AND pid IN ({}))",
+        holders_sql(LOCK_KEY),
+        holders_sql(TERM_KEY)
     ))
     .bind(&leadership.table)
-    .bind(leadership.backend_pid)
-    .bind(&leadership.backend_start)
+    .bind(&leadership.term)
     .fetch_one(&mut *connection)
     .await
 }

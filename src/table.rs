@@ -106,19 +106,18 @@ impl OutboxTable {
     /// (not a seq cursor) means a row whose transaction commits late, with a
     /// seq below rows already sent, is still found.
     ///
-    /// `$1` is the most rows, `$2` the most payload bytes: the claim takes
-    /// at most `$2` divided by the largest stored payload among the `$1`
-    /// oldest unsent rows (at least one row). Those rows include the ones
-    /// this relay's other open claims hold, since a plain read cannot tell
-    /// them apart; nearby rows are sized alike in practice. The caller
-    /// fetches the rows through a cursor and stops at `$2` bytes of actual
-    /// payload (`capture::polling::claim_batch`); this limit keeps one
-    /// fetch from running far past it when large payloads follow small ones.
+    /// `$1` is the most rows, `$2` the most payload bytes. Before it locks
+    /// anything, the claim sizes the unsent rows after seq `$3` (the highest
+    /// seq this relay's open claims may hold: rows at or below it are held
+    /// by them, or committed late) and takes them up to the first whose
+    /// payloads before it reach `$2`: at least one row, and at most one
+    /// payload past `$2`. A row committed late, below `$3`, is taken unsized.
     ///
-    /// Stored sizes are read without reading the values: a `bytea`
-    /// payload's length from its header (`octet_length`), any other type's
-    /// stored size (`pg_column_size`), which for a value Postgres compressed
-    /// is its compressed size.
+    /// A payload is sized without fetching it where Postgres knows its size:
+    /// a `bytea`'s length, and any uncompressed value's stored size. A
+    /// compressed value (large text or jsonb) is sized as the text the claim
+    /// sends, which costs the server a conversion for large rows only: its
+    /// stored size can be a hundredth of it.
     ///
     /// `created_at_text`: also format `created_at` as RFC 3339 (column 9),
     /// which only CloudEvents' `time` needs; else column 9 is NULL.
@@ -126,13 +125,13 @@ impl OutboxTable {
         self.claim_sql_where(payload, created_at_text, "")
     }
 
-    /// Like [`claim_sql`](Self::claim_sql), only rows with seq ≤ `$3`: a
+    /// Like [`claim_sql`](Self::claim_sql), only rows with seq ≤ `$4`: a
     /// drain that ends even while services keep writing.
     pub fn claim_up_to_sql(&self, payload: PayloadEncoding, created_at_text: bool) -> String {
         self.claim_sql_where(
             payload,
             created_at_text,
-            &format!(" AND {} <= $3", quote_ident(&self.columns.seq)),
+            &format!(" AND {} <= $4", quote_ident(&self.columns.seq)),
         )
     }
 
@@ -164,16 +163,23 @@ impl OutboxTable {
         };
         let payload_size = match payload {
             PayloadEncoding::Bytes => format!("octet_length({})", quote_ident(&c.payload)),
-            PayloadEncoding::Text => format!("pg_column_size({})", quote_ident(&c.payload)),
+            PayloadEncoding::Text => format!(
+                "CASE WHEN pg_column_compression({payload}) IS NULL \
+                 THEN pg_column_size({payload}) ELSE octet_length({payload}::text) END",
+                payload = quote_ident(&c.payload)
+            ),
         };
         format!(
             "SELECT {seq}::bigint, {id}::text, {aggregate_type}::text, {aggregate_id}::text, {event_type}::text, \
              {payload_expr}, {headers}, {trace}, EXTRACT(EPOCH FROM {created_at})::float8, {created_at_text} \
-             FROM {table} WHERE {sent_at} IS NULL{extra_condition} ORDER BY {seq} \
-             LIMIT (SELECT greatest(1, least($1::bigint, $2::bigint / greatest(1, coalesce(max(size), 1)))) \
-                    FROM (SELECT {payload_size} AS size FROM {table} \
-                          WHERE {sent_at} IS NULL{extra_condition} ORDER BY {seq} LIMIT $1) AS oldest) \
-             FOR UPDATE SKIP LOCKED",
+             FROM {table} WHERE {sent_at} IS NULL{extra_condition} AND {seq} <= \
+               (SELECT coalesce(max(seq), $3::bigint) FROM \
+                  (SELECT {seq} AS seq, sum(size) OVER (ORDER BY {seq}) - size AS before \
+                   FROM (SELECT {seq}, coalesce({payload_size}, 0)::bigint AS size FROM {table} \
+                         WHERE {sent_at} IS NULL{extra_condition} AND {seq} > $3::bigint \
+                         ORDER BY {seq} LIMIT $1) AS next) AS sized \
+                WHERE before < $2::bigint) \
+             ORDER BY {seq} LIMIT $1 FOR UPDATE SKIP LOCKED",
             seq = quote_ident(&c.seq),
             id = quote_ident(&c.id),
             aggregate_type = quote_ident(&c.aggregate_type),
@@ -250,6 +256,24 @@ impl OutboxTable {
     }
 
     /// The highest seq among unsent rows this snapshot sees (NULL if none).
+    /// The lowest seq of an unsent row above `$1` (and, with `up_to`, at
+    /// or below `$2`): where claims size next when every row of the last
+    /// sized run was held locked by another session.
+    pub fn first_unsent_after_sql(&self, up_to: bool) -> String {
+        let c = &self.columns;
+        format!(
+            "SELECT min({seq})::bigint FROM {table} WHERE {sent_at} IS NULL AND {seq} > $1{bound}",
+            table = self.qualified(),
+            sent_at = quote_ident(&c.sent_at),
+            seq = quote_ident(&c.seq),
+            bound = if up_to {
+                format!(" AND {} <= $2", quote_ident(&c.seq))
+            } else {
+                String::new()
+            },
+        )
+    }
+
     pub fn max_unsent_seq_sql(&self) -> String {
         let c = &self.columns;
         format!(
@@ -382,9 +406,12 @@ mod tests {
         let sql = OutboxTable::named("outbox")
             .unwrap()
             .claim_sql(PayloadEncoding::Text, false);
-        assert!(sql.contains("WHERE \"sent_at\" IS NULL ORDER BY \"seq\" LIMIT (SELECT"));
         assert!(
-            sql.ends_with("LIMIT $1) AS oldest) FOR UPDATE SKIP LOCKED"),
+            sql.contains("WHERE \"sent_at\" IS NULL AND \"seq\" <= (SELECT"),
+            "{sql}"
+        );
+        assert!(
+            sql.ends_with("ORDER BY \"seq\" LIMIT $1 FOR UPDATE SKIP LOCKED"),
             "{sql}"
         );
         assert!(sql.contains("convert_to(\"payload\"::text, 'UTF8')"));

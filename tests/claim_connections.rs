@@ -1,7 +1,8 @@
 //! The relay's claim connections hold their rows locked from the claim
 //! until the marks commit, while the batch is published: a Kafka stall or
 //! slow marks keep them idle in a transaction. A server or role setting
-//! `idle_in_transaction_session_timeout` would end such a connection,
+//! `idle_in_transaction_session_timeout` (or, on PostgreSQL 17 and later,
+//! `transaction_timeout`) would end such a connection,
 //! release its rows while they are still in the pipeline, and let the next
 //! claim take and publish them a second time. The relay's own sessions
 //! turn that timeout off.
@@ -30,6 +31,19 @@ async fn claims_outlive_a_short_idle_in_transaction_timeout() {
     .execute(&env.pool)
     .await
     .expect("set the timeout");
+    // PostgreSQL 17 and later also end any transaction older than this.
+    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+        .fetch_one(&env.pool)
+        .await
+        .expect("server version");
+    if version >= 170_000 {
+        sqlx::raw_sql(&format!(
+            "ALTER DATABASE {database} SET transaction_timeout = '300ms'"
+        ))
+        .execute(&env.pool)
+        .await
+        .expect("set the transaction timeout");
+    }
     let written = write_orders(&env.pool, 0, 60, 10).await;
     // Every mark waits 1 s: each claim sits idle in its transaction longer
     // than the timeout, with later claims running beside it.

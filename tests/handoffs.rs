@@ -226,6 +226,73 @@ async fn revoking_pg_control_system_keeps_what_the_old_identity_published() {
     assert_exactly_once(&env, &first).await;
 }
 
+/// The grant is taken away while an instance under the system-identifier
+/// identity is still alive on the Kafka side (its Postgres sessions gone,
+/// its producer inside a transaction). The first start under the stand-in
+/// identity cannot name that identity, but finds its checkpoint, and must
+/// fence it: the old producer's commit then fails instead of publishing
+/// beside the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_pg_control_system_fences_the_old_identity() {
+    let env = TestEnv::new("revoke-fence", Mode::Polling).await;
+    let role = relay_without_pg_control_system(&env).await;
+    sqlx::raw_sql(&format!(
+        "GRANT EXECUTE ON FUNCTION pg_control_system() TO {role}"
+    ))
+    .execute(&env.pool)
+    .await
+    .expect("grant");
+    let first = write_orders(&env.pool, 0, 10, 5).await;
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+
+    // A producer of the old identity, alive, inside a transaction.
+    let source: String = sqlx::query_scalar(
+        "SELECT system_identifier::text || '/' || current_database() FROM pg_control_system()",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("system identifier");
+    let old = outboxd::kafka::identity::TableIdentity::new(
+        Some(&source),
+        "public.outbox",
+        &env.relay_name(),
+    );
+    let zombie = begin_transaction_as(&env.kafka, &old.transactional_id).await;
+    // An empty transaction commits without asking the broker: give it a record.
+    let zombie_topic = format!("{}.zombie", env.topic_prefix());
+    crate::support::kafka::create_topic(&env.kafka, &zombie_topic, 1).await;
+    zombie
+        .send(
+            FutureRecord::<str, str>::to(&zombie_topic).payload("late"),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("the old identity's producer writes inside its transaction");
+
+    sqlx::raw_sql(&format!(
+        "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM {role}"
+    ))
+    .execute(&env.pool)
+    .await
+    .expect("revoke");
+    let second = write_orders(&env.pool, 1, 10, 5).await;
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+
+    let committed =
+        tokio::task::spawn_blocking(move || zombie.commit_transaction(Duration::from_secs(30)))
+            .await
+            .expect("commit task");
+    assert!(
+        committed.is_err(),
+        "the old identity's producer committed after the new identity took the table over"
+    );
+    relay.stop().await;
+    assert_exactly_once(&env, &Written::combined([first, second])).await;
+}
+
 /// Two databases, relays of the same `relay.name`, one checkpoint topic. In
 /// one, the role may not read `pg_control_system()`, so its relay writes
 /// under the `relay:<name>` stand-in identity; the other's relay looks
@@ -310,6 +377,7 @@ async fn commit_as_legacy_relay(env: &TestEnv, count: usize) -> usize {
             rows: count,
             bytes: usize::MAX / 2,
         },
+        0,
         None,
     )
     .await

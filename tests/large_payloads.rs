@@ -4,6 +4,10 @@
 
 use std::time::Duration;
 
+use outboxd::capture::polling::{claim_batch, first_unsent_after, ClaimLimits};
+use outboxd::event::OutboxEvent;
+use outboxd::table::PayloadEncoding;
+
 use crate::support::checker::table_checkpoints;
 use crate::support::workload::{assert_exactly_once, Written};
 use crate::support::{InProcessRelay, Mode, TestEnv};
@@ -87,4 +91,132 @@ async fn write_large_rows(env: &TestEnv, first: usize, count: usize, padding: Pa
         written.committed_ids.push(id);
     }
     written
+}
+
+/// One claim, made as the relay makes them, on its own connection and
+/// transaction (left open, as while its batch is published).
+async fn claim(
+    env: &TestEnv,
+    bytes: usize,
+    sized_after: i64,
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, Vec<OutboxEvent>) {
+    let mut transaction = env.pool.begin().await.expect("BEGIN");
+    let sql = env.setup().table.claim_sql(PayloadEncoding::Text, false);
+    let limits = ClaimLimits { rows: 2_000, bytes };
+    let events = claim_batch(&mut transaction, &sql, limits, sized_after, None)
+        .await
+        .expect("claim");
+    (transaction, events)
+}
+
+fn payload_bytes(events: &[OutboxEvent]) -> usize {
+    events
+        .iter()
+        .map(|e| e.payload.as_ref().map_or(0, Vec::len))
+        .sum()
+}
+
+async fn insert(env: &TestEnv, count: i64, bytes: i64, padding: Padding) {
+    let pad = match padding {
+        Padding::Compressible => "repeat('c', $2::int)",
+        Padding::Random => {
+            "(SELECT string_agg(md5(random()::text || g), '') FROM generate_series(1, $2 / 32) g)"
+        }
+    };
+    sqlx::query(&format!(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         SELECT 'Order', 'claim-' || i, 'OrderCreated', jsonb_build_object('pad', {pad}) \
+         FROM generate_series(1, $1) AS i"
+    ))
+    .bind(count)
+    .bind(bytes)
+    .execute(&env.pool)
+    .await
+    .expect("insert rows");
+}
+
+/// Compressible payloads are stored at about 1% of their size: a claim
+/// sizes them as sent, not as stored, also after a small row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_sizes_compressed_payloads_as_sent() {
+    let env = TestEnv::new("claim-compressed", Mode::Polling).await;
+    insert(&env, 1, 10, Padding::Compressible).await;
+    insert(&env, 300, PAYLOAD_BYTES as i64, Padding::Compressible).await;
+    let (_open, events) = claim(&env, BATCH_BYTES, 0).await;
+    let bytes = payload_bytes(&events);
+    assert!(
+        bytes <= BATCH_BYTES + PAYLOAD_BYTES + 1_000,
+        "one claim held {bytes} bytes in {} rows with batch_bytes {BATCH_BYTES}",
+        events.len()
+    );
+}
+
+/// While an earlier claim is open, the oldest unsent rows are its rows:
+/// the next claim sizes the rows above it, its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_sizes_its_own_rows_while_an_earlier_claim_is_open() {
+    let env = TestEnv::new("claim-open", Mode::Polling).await;
+    insert(&env, 20, 10, Padding::Random).await;
+    insert(&env, 40, PAYLOAD_BYTES as i64, Padding::Random).await;
+    let (_first_open, first) = claim(&env, BATCH_BYTES, 0).await;
+    assert!(payload_bytes(&first) <= BATCH_BYTES + PAYLOAD_BYTES + 1_000);
+    let highest = first.iter().map(|e| e.seq).max().unwrap();
+    let (_second_open, second) = claim(&env, BATCH_BYTES, highest).await;
+    let bytes = payload_bytes(&second);
+    assert!(
+        !second.is_empty() && bytes <= BATCH_BYTES + PAYLOAD_BYTES + 1_000,
+        "the second claim held {bytes} bytes in {} rows with batch_bytes {BATCH_BYTES}",
+        second.len()
+    );
+    assert_eq!(
+        second[0].seq,
+        highest + 1,
+        "claims follow each other in seq order"
+    );
+}
+
+/// One row larger than batch_bytes among small ones is a batch of its own;
+/// the small rows around it still go in large claims, also while another
+/// session holds the large row locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_row_does_not_make_the_rows_around_it_single_row_claims() {
+    let env = TestEnv::new("claim-one-large", Mode::Polling).await;
+    insert(&env, 49, 10, Padding::Random).await;
+    insert(&env, 1, 300_000, Padding::Random).await;
+    insert(&env, 50, 10, Padding::Random).await;
+    let mut holder = env.pool.begin().await.expect("BEGIN");
+    sqlx::query("SELECT 1 FROM outbox WHERE seq = 50 FOR SHARE")
+        .execute(&mut *holder)
+        .await
+        .expect("hold the large row");
+    let mut claims = Vec::new();
+    let mut highest = 0;
+    let past_locked_sql = env.setup().table.first_unsent_after_sql(false);
+    loop {
+        let (mut open, events) = claim(&env, BATCH_BYTES, highest).await;
+        if events.is_empty() {
+            // As the relay does: every row it sized is held; size past them.
+            match first_unsent_after(&mut open, &past_locked_sql, highest, None)
+                .await
+                .expect("look past locked rows")
+            {
+                Some(seq) => {
+                    highest = seq;
+                    continue;
+                }
+                None => break,
+            }
+        }
+        highest = highest.max(events.iter().map(|e| e.seq).max().unwrap());
+        claims.push((events.len(), open));
+        assert!(claims.len() <= 10, "more than 10 claims for 99 small rows");
+    }
+    let sizes: Vec<usize> = claims.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        sizes.iter().sum::<usize>(),
+        99,
+        "every small row, once: {sizes:?}"
+    );
+    assert!(sizes.len() <= 3, "claims of the small rows: {sizes:?}");
+    holder.rollback().await.expect("release the large row");
 }

@@ -511,3 +511,31 @@ async fn membership_in_rds_replication_counts_as_may_replicate() {
         "{all}"
     );
 }
+
+/// A login role that switches to the relay's group role at session start
+/// (`ALTER ROLE … SET role`, common where logins are per person or per
+/// secret rotation) sees no other session's details in `pg_stat_activity`,
+/// not even its own leader's: the relay must lead and publish all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_role_that_sets_the_relay_role_leads_and_publishes() {
+    let (env, roles) = managed_env("set-role", Mode::Polling, "", Grants::Documented).await;
+    let login = format!("{}_login", roles.relay);
+    admin(
+        &env,
+        &format!(
+            "CREATE ROLE {login} LOGIN NOSUPERUSER IN ROLE {relay}; \
+             ALTER ROLE {login} SET role = '{relay}'",
+            relay = roles.relay
+        ),
+    )
+    .await;
+    env.replace_in_config(
+        &format!("postgres://{}@", roles.relay),
+        &format!("postgres://{login}@"),
+    );
+    let written = write_orders(&env.pool, 0, 20, 4).await;
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await;
+    assert_exactly_once(&env, &written).await;
+}

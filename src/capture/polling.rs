@@ -1,9 +1,10 @@
 //! Polling capture: claim the oldest unsent rows with
 //! `SELECT … FOR UPDATE SKIP LOCKED`.
 //!
-//! Invariant: a claim reads at most `batch_size` rows and stops fetching
-//! once its payloads reach `batch_bytes` (at least one row), so memory stays
-//! bounded whatever the backlog or the row size, and because it filters on `sent_at IS NULL`
+//! Invariant: a claim reads at most `batch_size` rows and, by their sizes
+//! read before locking, at most one payload past `batch_bytes` (rows
+//! committed late aside), so memory stays bounded whatever the backlog or
+//! the row size, and because it filters on `sent_at IS NULL`
 //! rather than a seq cursor, a row whose transaction commits after rows with
 //! a higher seq were sent is still claimed on a later round.
 
@@ -18,73 +19,59 @@ use crate::event::OutboxEvent;
 pub struct ClaimLimits {
     /// Most rows (`capture.batch_size`).
     pub rows: usize,
-    /// Most payload bytes, about (`capture.batch_bytes`); a claim always
-    /// takes at least one row.
+    /// Most payload bytes (`capture.batch_bytes`): a claim stops at the
+    /// first row whose payloads before it reach this, so it holds at most
+    /// one payload more, and always one row.
     pub bytes: usize,
 }
 
-/// The claim's cursor, open until its transaction ends.
-const CURSOR: &str = "outboxd_claim";
-/// Rows in the first fetch of a claim, before any payload size is known.
-/// One costs a round trip per claim and keeps a claim of large payloads
-/// within one payload of `batch_bytes`, like a streamed batch.
-const FIRST_FETCH: usize = 1;
-
 /// Claims unsent rows within `limits` inside the caller's transaction; the
 /// row locks last until that transaction ends, after the rows are marked.
-/// `up_to` binds `$3` of a bounded claim (`OutboxTable::claim_up_to_sql`).
-///
-/// The claim runs as a cursor, and a `FOR UPDATE` cursor locks a row only
-/// when it is fetched: rows are fetched in steps sized by the largest
-/// payload seen so far, and fetching stops at `limits.bytes`. The rows never
-/// fetched are never locked, so the next claim takes them in seq order.
-/// The claim's own `LIMIT` (stored payload sizes, see
-/// `OutboxTable::claim_sql`) keeps a step from growing past the byte limit
-/// when large payloads follow small ones.
+/// `sized_after`: the highest seq this relay's open claims may hold (0 at
+/// first); rows above it are sized before anything is locked
+/// (`OutboxTable::claim_sql`). `up_to` binds `$4` of a bounded claim
+/// (`OutboxTable::claim_up_to_sql`).
 pub async fn claim_batch(
     connection: &mut PgConnection,
     claim_sql: &str,
     limits: ClaimLimits,
+    sized_after: i64,
     up_to: Option<i64>,
 ) -> Result<Vec<OutboxEvent>> {
     let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-    let declare = format!("DECLARE {CURSOR} NO SCROLL CURSOR FOR {claim_sql}");
-    let mut query = sqlx::query(&declare)
+    let mut query = sqlx::query(claim_sql)
         .bind(as_i64(limits.rows))
-        .bind(as_i64(limits.bytes));
+        .bind(as_i64(limits.bytes))
+        .bind(sized_after);
+    if let Some(up_to) = up_to {
+        query = query.bind(up_to);
+    }
+    let rows = query
+        .fetch_all(connection)
+        .await
+        .map_err(|e| Error::from_postgres("claiming outbox rows", e))?;
+    rows.iter().map(event_from_row).collect()
+}
+
+/// The lowest seq of an unsent row above `after` (up to `up_to`), locked
+/// or not: `sql` is `OutboxTable::first_unsent_after_sql`. An empty claim
+/// with such a row left means every row it sized is held by another
+/// session: claims then size from past it, and take it, unsized, once it is
+/// free, like a row committed late.
+pub async fn first_unsent_after(
+    connection: &mut PgConnection,
+    sql: &str,
+    after: i64,
+    up_to: Option<i64>,
+) -> Result<Option<i64>> {
+    let mut query = sqlx::query_scalar(sql).bind(after);
     if let Some(up_to) = up_to {
         query = query.bind(up_to);
     }
     query
-        .execute(&mut *connection)
+        .fetch_one(connection)
         .await
-        .map_err(|e| Error::from_postgres("claiming outbox rows", e))?;
-
-    let mut events = Vec::new();
-    let mut bytes = 0usize;
-    let mut largest = 0usize;
-    let mut step = FIRST_FETCH.min(limits.rows);
-    loop {
-        let rows = sqlx::query(&format!("FETCH {step} FROM {CURSOR}"))
-            .fetch_all(&mut *connection)
-            .await
-            .map_err(|e| Error::from_postgres("claiming outbox rows", e))?;
-        let fetched = rows.len();
-        for row in &rows {
-            let event = event_from_row(row)?;
-            let size = event.payload.as_ref().map_or(0, Vec::len);
-            bytes += size;
-            largest = largest.max(size);
-            events.push(event);
-        }
-        let rows_left = limits.rows.saturating_sub(events.len());
-        if fetched < step || rows_left == 0 || bytes >= limits.bytes {
-            // The cursor closes with the transaction; the rows it did not
-            // fetch were never locked.
-            return Ok(events);
-        }
-        step = ((limits.bytes - bytes) / largest.max(1)).clamp(1, rows_left);
-    }
+        .map_err(|e| Error::from_postgres("looking for unsent rows past locked ones", e))
 }
 
 fn event_from_row(row: &PgRow) -> Result<OutboxEvent> {

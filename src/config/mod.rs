@@ -260,7 +260,7 @@ pub struct CaptureConfig {
     pub batch_size: usize,
     /// A batch also ends once its payloads reach this many bytes, so large
     /// payloads do not multiply memory by `batch_size`: replication delivers
-    /// the batch, a claim stops fetching (`capture::polling::claim_batch`).
+    /// the batch, a claim sizes its rows first (`OutboxTable::claim_sql`).
     pub batch_bytes: usize,
     /// Longest wait between two claims when no notification arrives (polling).
     #[serde(deserialize_with = "duration::deserialize")]

@@ -111,8 +111,9 @@ pub struct Found {
     /// of them may be this very table under an earlier identity: its old
     /// name (a rename), or its old system identifier (`pg_upgrade`, a move
     /// to another server, a revoked `pg_control_system()` grant). The caller
-    /// keeps only the rows whose seq and event id match, and fences nobody:
-    /// most are other tables' live relays.
+    /// keeps only the rows whose seq and event id match, and fences only the
+    /// identities of this table in a database of this name
+    /// (`relay::takeover`): most are other tables' live relays.
     pub same_database: Vec<Checkpoint>,
 }
 

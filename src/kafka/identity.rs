@@ -54,7 +54,8 @@ impl TableIdentity {
     /// stand-in, used before the role was granted EXECUTE on
     /// `pg_control_system()`. (The reverse, a grant taken away, or a new
     /// system identifier, cannot be named without it: the first start under
-    /// the new identity scans the topic and matches rows by event id, see
+    /// the new identity scans the topic, fences the identities it finds for
+    /// this table and matches rows by event id, see
     /// `checkpoint_scan::Found::same_database`.)
     pub fn alternates(&self, table: &str, relay_name: &str) -> Vec<TableIdentity> {
         if self.names_the_database {

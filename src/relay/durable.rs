@@ -3,8 +3,8 @@
 //! Invariant: every connection the relay acknowledges on waits for its
 //! commits' WAL to be flushed, whatever `synchronous_commit` the role or
 //! server sets, so a Postgres crash never forgets a row marked sent; and no
-//! role or server `idle_in_transaction_session_timeout` ends a claim while
-//! its batch is in the pipeline.
+//! role or server `idle_in_transaction_session_timeout` or
+//! `transaction_timeout` ends a claim while its batch is in the pipeline.
 
 use sqlx::PgConnection;
 
@@ -47,15 +47,20 @@ pub(super) async fn make_commits_durable(connection: &mut PgConnection) -> sqlx:
     Ok(true)
 }
 
-/// Turns `idle_in_transaction_session_timeout` off for this session. A
-/// claim holds its rows locked in a transaction from the claim until its
-/// marks commit, while the batch is published: a Kafka stall or slow marks
-/// leave it idle. A timeout set for the role or server would end it,
-/// release rows still in the pipeline to the next claim (published twice),
-/// and stop the relay.
+/// Turns `idle_in_transaction_session_timeout` and, on PostgreSQL 17 and
+/// later, `transaction_timeout` off for this session. A claim holds its
+/// rows locked in a transaction from the claim until its marks commit,
+/// while the batch is published: a Kafka stall or slow marks leave it idle
+/// and make it long. A timeout set for the role or server would end it,
+/// release rows still in the pipeline to the next claim (published twice,
+/// an aggregate's events out of order), and stop the relay.
 pub(super) async fn keep_claims_open(connection: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query("SET idle_in_transaction_session_timeout = 0")
-        .execute(&mut *connection)
-        .await?;
+    sqlx::query(
+        "SELECT set_config('idle_in_transaction_session_timeout', '0', false), \
+                CASE WHEN current_setting('server_version_num')::int >= 170000 \
+                     THEN set_config('transaction_timeout', '0', false) END",
+    )
+    .execute(&mut *connection)
+    .await?;
     Ok(())
 }

@@ -54,6 +54,7 @@ pub async fn run(session: &mut Session<'_>, until: Until) -> Result<()> {
             Some(*seq),
         ),
     };
+    let first_unsent_after_sql = table.first_unsent_after_sql(up_to.is_some());
     let unacknowledged_batches = config.relay.unacknowledged_batches;
     // One claim waits for the publisher, one is published, the rest are in
     // the window waiting for their marks, and one is being claimed.
@@ -66,6 +67,7 @@ pub async fn run(session: &mut Session<'_>, until: Until) -> Result<()> {
         metrics: &context.metrics,
         claims: claims.clone(),
         claim_sql,
+        first_unsent_after_sql,
         limits: polling::ClaimLimits {
             rows: config.capture.batch_size,
             bytes: config.capture.batch_bytes,
@@ -129,6 +131,7 @@ struct Claim<'a> {
     metrics: &'a Metrics,
     claims: PgPool,
     claim_sql: String,
+    first_unsent_after_sql: String,
     limits: polling::ClaimLimits,
     up_to: Option<i64>,
 }
@@ -140,6 +143,9 @@ impl Claim<'_> {
         let mut backlog = false;
         // Whether the publisher asked for a batch that has not come yet.
         let mut demanded = false;
+        // The highest seq claimed this session: the open claims hold rows
+        // at or below it, so claims size only the rows above it.
+        let mut highest_claimed: i64 = 0;
         loop {
             if stop.is_requested() {
                 return Ok(());
@@ -170,9 +176,17 @@ impl Claim<'_> {
                 _ = stop.wait() => return Ok(()),
             };
             let claiming = std::time::Instant::now();
-            let events =
-                polling::claim_batch(&mut transaction, &self.claim_sql, self.limits, self.up_to)
-                    .await?;
+            let events = polling::claim_batch(
+                &mut transaction,
+                &self.claim_sql,
+                self.limits,
+                highest_claimed,
+                self.up_to,
+            )
+            .await?;
+            if let Some(highest) = events.iter().map(|event| event.seq).max() {
+                highest_claimed = highest_claimed.max(highest);
+            }
             self.metrics.stage(Stage::Claim, claiming.elapsed());
             // A claim cut short by its bytes leaves rows waiting too.
             let bytes: usize = events
@@ -181,7 +195,20 @@ impl Claim<'_> {
                 .sum();
             backlog = events.len() >= self.limits.rows || bytes >= self.limits.bytes / 2;
             if events.is_empty() {
+                // Every row the claim sized may be held locked by another
+                // session (a service's FOR SHARE): size from past them.
+                let past_locked = polling::first_unsent_after(
+                    &mut transaction,
+                    &self.first_unsent_after_sql,
+                    highest_claimed,
+                    self.up_to,
+                )
+                .await?;
                 release(transaction).await?;
+                if let Some(seq) = past_locked {
+                    highest_claimed = seq;
+                    continue;
+                }
                 match &mut until {
                     Until::Shutdown(wakeup) => wakeup.wait(&mut stop).await,
                     Until::DrainedUpTo(_) => return Ok(()),

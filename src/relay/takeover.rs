@@ -51,7 +51,10 @@ pub(super) async fn take_over(
     if !leader::wait_for_earlier_claims(connection, &context.table_name, &mut stop).await? {
         return Ok(None);
     }
-    let found = find_checkpoints(context, source, &identity).await?;
+    let mut found = find_checkpoints(context, source, &identity).await?;
+    let earlier =
+        fence_earlier_identities(context, connection, &identity, &found.same_database).await?;
+    found.same_database.extend(earlier);
     for other in &found.same_database {
         let done = context
             .acknowledger
@@ -117,6 +120,62 @@ pub(super) async fn take_over(
         "took the table over from its latest committed checkpoint"
     );
     Ok(Some(TakenOver { publisher, latest }))
+}
+
+/// A first start under a new identity (the `pg_control_system()` grant
+/// taken away, a new system identifier after `pg_upgrade` or a move) cannot
+/// name the identity before it: the scan found its checkpoints instead.
+/// Fences each identity that wrote a checkpoint of this table in a database
+/// of this name, so an instance still running under it (its Postgres
+/// sessions gone, its producer not) can no longer commit, then reads what
+/// each last committed, for the caller to reconcile by seq and event id.
+/// Identities of other tables are left alone: they are live relays of
+/// their own tables.
+async fn fence_earlier_identities(
+    context: &Context,
+    connection: &mut PgConnection,
+    identity: &TableIdentity,
+    same_database: &[Checkpoint],
+) -> Result<Vec<Checkpoint>> {
+    let config = &context.config;
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| crate::error::Error::from_postgres("reading the database's name", e))?;
+    let mut earlier_identities: Vec<TableIdentity> = Vec::new();
+    for checkpoint in same_database {
+        let Some(source) = checkpoint.source.as_deref() else {
+            continue;
+        };
+        let same_database_name = source
+            .split_once('/')
+            .is_some_and(|(_, name)| name == database);
+        if checkpoint.table != context.table_name || !same_database_name {
+            continue;
+        }
+        let earlier = TableIdentity::new(Some(source), &checkpoint.table, &config.relay.name);
+        if earlier.checkpoint_key != identity.checkpoint_key
+            && !earlier_identities.contains(&earlier)
+        {
+            earlier_identities.push(earlier);
+        }
+    }
+    let mut latest = Vec::new();
+    for earlier in earlier_identities {
+        Publisher::fence_transactional_id(config, &earlier.transactional_id).await?;
+        tracing::warn!(
+            previous_identity = %earlier.checkpoint_key,
+            identity = %identity.checkpoint_key,
+            "this table was relayed under another identity of this database before (the \
+             pg_control_system() grant was taken away, or the system identifier changed): fenced \
+             it, so an instance still running under it cannot publish again"
+        );
+        // Fenced: its latest committed checkpoint can no longer change.
+        if let Some(found) = checkpoint::read_latest(config, &earlier).await? {
+            latest.push(found.checkpoint);
+        }
+    }
+    Ok(latest)
 }
 
 /// A committed checkpoint of the table, whoever wrote it.
