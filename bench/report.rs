@@ -267,7 +267,7 @@ impl Results {
             .max_by(|a, b| a.peak_rss_megabytes.total_cmp(&b.peak_rss_megabytes));
         if let Some(worst) = largest_payload_peak {
             targets.push((
-                "outboxd RSS < 64 MB for payloads of 100 B to 1 MB on every path".into(),
+                "outboxd RSS < 64 MB for payloads of 100 B to 900 KB on every path".into(),
                 format!(
                     "{:.0} MB peak ({}, {}-byte payloads)",
                     worst.peak_rss_megabytes, worst.system, worst.payload_bytes
