@@ -187,6 +187,7 @@ pub async fn claim_mark(rows: usize, payload_bytes: usize) -> Ceiling {
         let limits = ClaimLimits {
             rows: batch_size,
             bytes: config.capture.batch_bytes,
+            sized_rows: batch_size,
         };
         let events = claim_batch(&mut transaction, &claim_sql, limits, 0, None)
             .await

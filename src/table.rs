@@ -107,11 +107,13 @@ impl OutboxTable {
     /// seq below rows already sent, is still found.
     ///
     /// `$1` is the most rows, `$2` the most payload bytes. Before it locks
-    /// anything, the claim sizes the unsent rows after seq `$3` (the highest
-    /// seq this relay's open claims may hold: rows at or below it are held
-    /// by them, or committed late) and takes them up to the first whose
-    /// payloads before it reach `$2`: at least one row, and at most one
-    /// payload past `$2`. A row committed late, below `$3`, is taken unsized.
+    /// anything, the claim sizes up to `$4` unsent rows after seq `$3` (the
+    /// highest seq this relay's open claims may hold: rows at or below it
+    /// are held by them, or committed late) and takes them up to the first
+    /// whose payloads before it reach `$2`: at least one row, and at most
+    /// one payload past `$2`. A row committed late, below `$3`, is taken
+    /// unsized. `$4` keeps the sizing from converting far more large rows
+    /// than the claim can take (`capture::polling::ClaimLimits`).
     ///
     /// A payload is sized without fetching it where Postgres knows its size:
     /// a `bytea`'s length, and any uncompressed value's stored size. A
@@ -125,13 +127,13 @@ impl OutboxTable {
         self.claim_sql_where(payload, created_at_text, "")
     }
 
-    /// Like [`claim_sql`](Self::claim_sql), only rows with seq ≤ `$4`: a
+    /// Like [`claim_sql`](Self::claim_sql), only rows with seq ≤ `$5`: a
     /// drain that ends even while services keep writing.
     pub fn claim_up_to_sql(&self, payload: PayloadEncoding, created_at_text: bool) -> String {
         self.claim_sql_where(
             payload,
             created_at_text,
-            &format!(" AND {} <= $4", quote_ident(&self.columns.seq)),
+            &format!(" AND {} <= $5", quote_ident(&self.columns.seq)),
         )
     }
 
@@ -177,7 +179,7 @@ impl OutboxTable {
                   (SELECT {seq} AS seq, sum(size) OVER (ORDER BY {seq}) - size AS before \
                    FROM (SELECT {seq}, coalesce({payload_size}, 0)::bigint AS size FROM {table} \
                          WHERE {sent_at} IS NULL{extra_condition} AND {seq} > $3::bigint \
-                         ORDER BY {seq} LIMIT $1) AS next) AS sized \
+                         ORDER BY {seq} LIMIT $4) AS next) AS sized \
                 WHERE before < $2::bigint) \
              ORDER BY {seq} LIMIT $1 FOR UPDATE SKIP LOCKED",
             seq = quote_ident(&c.seq),

@@ -376,6 +376,7 @@ async fn commit_as_legacy_relay(env: &TestEnv, count: usize) -> usize {
         outboxd::capture::polling::ClaimLimits {
             rows: count,
             bytes: usize::MAX / 2,
+            sized_rows: count,
         },
         0,
         None,

@@ -102,7 +102,11 @@ async fn claim(
 ) -> (sqlx::Transaction<'static, sqlx::Postgres>, Vec<OutboxEvent>) {
     let mut transaction = env.pool.begin().await.expect("BEGIN");
     let sql = env.setup().table.claim_sql(PayloadEncoding::Text, false);
-    let limits = ClaimLimits { rows: 2_000, bytes };
+    let limits = ClaimLimits {
+        rows: 2_000,
+        bytes,
+        sized_rows: 2_000,
+    };
     let events = claim_batch(&mut transaction, &sql, limits, sized_after, None)
         .await
         .expect("claim");

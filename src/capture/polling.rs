@@ -23,13 +23,37 @@ pub struct ClaimLimits {
     /// first row whose payloads before it reach this, so it holds at most
     /// one payload more, and always one row.
     pub bytes: usize,
+    /// How many rows to size, at most `rows`: sizing a compressed payload
+    /// costs the server its conversion to text, so with large payloads a
+    /// claim sizes about as many as it can take (`sized_rows_after`).
+    pub sized_rows: usize,
+}
+
+/// Rows a session's first claim sizes, before any payload size is known.
+const FIRST_SIZED_ROWS: usize = 16;
+
+impl ClaimLimits {
+    /// The rows to size for the next claim, from the smallest payload of
+    /// the last one: twice as many as would fit if they were that small
+    /// (at least 16; 16 for a session's first claim). Payloads shrinking
+    /// faster than that only make the next claim smaller; it never takes
+    /// more bytes for it.
+    pub fn sized_rows_after(self, smallest_payload: Option<usize>) -> usize {
+        match smallest_payload {
+            None => FIRST_SIZED_ROWS.min(self.rows),
+            Some(smallest) => (self.bytes / smallest.max(1))
+                .saturating_mul(2)
+                .clamp(16, self.rows.max(16))
+                .min(self.rows),
+        }
+    }
 }
 
 /// Claims unsent rows within `limits` inside the caller's transaction; the
 /// row locks last until that transaction ends, after the rows are marked.
 /// `sized_after`: the highest seq this relay's open claims may hold (0 at
 /// first); rows above it are sized before anything is locked
-/// (`OutboxTable::claim_sql`). `up_to` binds `$4` of a bounded claim
+/// (`OutboxTable::claim_sql`). `up_to` binds `$5` of a bounded claim
 /// (`OutboxTable::claim_up_to_sql`).
 pub async fn claim_batch(
     connection: &mut PgConnection,
@@ -42,7 +66,8 @@ pub async fn claim_batch(
     let mut query = sqlx::query(claim_sql)
         .bind(as_i64(limits.rows))
         .bind(as_i64(limits.bytes))
-        .bind(sized_after);
+        .bind(sized_after)
+        .bind(as_i64(limits.sized_rows.clamp(1, limits.rows.max(1))));
     if let Some(up_to) = up_to {
         query = query.bind(up_to);
     }
@@ -95,4 +120,30 @@ fn event_from_row(row: &PgRow) -> Result<OutboxEvent> {
                     .checked_add(std::time::Duration::try_from_secs_f64(epoch).ok()?)
             }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_size_about_as_many_rows_as_fit() {
+        let limits = ClaimLimits {
+            rows: 2_000,
+            bytes: 8 << 20,
+            sized_rows: 2_000,
+        };
+        assert_eq!(limits.sized_rows_after(None), 16, "first claim");
+        assert_eq!(limits.sized_rows_after(Some(256)), 2_000, "small rows: all");
+        assert_eq!(limits.sized_rows_after(Some(100_000)), 166, "100 KB rows");
+        assert_eq!(limits.sized_rows_after(Some(4 << 20)), 16, "at least 16");
+        assert_eq!(limits.sized_rows_after(Some(0)), 2_000, "empty payloads");
+        let few = ClaimLimits { rows: 5, ..limits };
+        assert_eq!(
+            few.sized_rows_after(Some(100_000)),
+            5,
+            "never past batch_size"
+        );
+        assert_eq!(few.sized_rows_after(None), 5);
+    }
 }

@@ -299,7 +299,7 @@ impl Default for CaptureConfig {
         Self {
             mode: CaptureMode::Auto,
             batch_size: 2_000,
-            batch_bytes: 8 * 1024 * 1024,
+            batch_bytes: 4 * 1024 * 1024,
             poll_interval: Duration::from_secs(1),
             slot: None,
             on_slot_lost: SlotLostPolicy::Recover,

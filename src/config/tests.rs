@@ -70,7 +70,7 @@ fn minimal_config_gets_debezium_defaults() {
     assert_eq!(config.postgres.columns.aggregate_id, "aggregateid");
     assert_eq!(config.relay.after_publish, AfterPublish::Mark);
     assert_eq!(config.capture.batch_size, 2_000);
-    assert_eq!(config.capture.batch_bytes, 8 * 1024 * 1024);
+    assert_eq!(config.capture.batch_bytes, 4 * 1024 * 1024);
     assert_eq!(config.routing.topic, "outbox.${aggregatetype}");
     assert_eq!(config.kafka.transaction_timeout, Duration::from_secs(60));
 }

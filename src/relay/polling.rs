@@ -71,6 +71,7 @@ pub async fn run(session: &mut Session<'_>, until: Until) -> Result<()> {
         limits: polling::ClaimLimits {
             rows: config.capture.batch_size,
             bytes: config.capture.batch_bytes,
+            sized_rows: config.capture.batch_size,
         },
         up_to,
     };
@@ -146,6 +147,8 @@ impl Claim<'_> {
         // The highest seq claimed this session: the open claims hold rows
         // at or below it, so claims size only the rows above it.
         let mut highest_claimed: i64 = 0;
+        // The smallest payload of the last claim: how many rows to size.
+        let mut smallest_payload: Option<usize> = None;
         loop {
             if stop.is_requested() {
                 return Ok(());
@@ -176,14 +179,24 @@ impl Claim<'_> {
                 _ = stop.wait() => return Ok(()),
             };
             let claiming = std::time::Instant::now();
+            let limits = polling::ClaimLimits {
+                sized_rows: self.limits.sized_rows_after(smallest_payload),
+                ..self.limits
+            };
             let events = polling::claim_batch(
                 &mut transaction,
                 &self.claim_sql,
-                self.limits,
+                limits,
                 highest_claimed,
                 self.up_to,
             )
             .await?;
+            if !events.is_empty() {
+                smallest_payload = events
+                    .iter()
+                    .map(|event| event.payload.as_ref().map_or(0, Vec::len))
+                    .min();
+            }
             if let Some(highest) = events.iter().map(|event| event.seq).max() {
                 highest_claimed = highest_claimed.max(highest);
             }
