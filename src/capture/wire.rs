@@ -37,8 +37,9 @@ use crate::postgres::lsn::Lsn;
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// Messages the client's own worker buffers before it stops reading the
 /// socket (TCP backpressure; it still answers keepalives). Few, because a
-/// message can be as large as a row: the real buffer is the one below.
-const WORKER_MESSAGES: usize = 16;
+/// message can be as large as a row (16 rows of 900 KB took the relay to
+/// 75 MB): the real buffer is the one below.
+const WORKER_MESSAGES: usize = 4;
 /// Bytes of row data buffered between the socket and the relay. Bounded in
 /// bytes, not messages, so memory stays flat whether rows are 100 bytes or
 /// a megabyte; thousands of small rows fit, which keeps the stream flowing
