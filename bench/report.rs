@@ -155,7 +155,7 @@ impl Results {
             steady_row(w, s.0, s.1);
         }
 
-        stage_table(w, &self.drains, &self.steady);
+        stage_table(w, self.drains.iter().chain(&self.payloads), &self.steady);
         footprint_table(w, self.drains.iter().chain(&self.payloads));
 
         let _ = writeln!(
@@ -470,11 +470,18 @@ const STAGES: [&str; 10] = [
 
 /// Mean milliseconds per Kafka transaction in each stage, for every outboxd
 /// drain and steady run (`outboxd_stage_seconds`).
-fn stage_table(w: &mut String, drains: &[Drain], steady: &[Steady]) {
+fn stage_table<'a>(w: &mut String, drains: impl Iterator<Item = &'a Drain>, steady: &'a [Steady]) {
     let runs = drains
-        .iter()
         .filter(|d| !d.stages.is_empty())
-        .map(|d| (format!("{} drain, {} rows", d.system, d.rows), &d.stages))
+        .map(|d| {
+            (
+                format!(
+                    "{} drain, {} rows of {} B",
+                    d.system, d.rows, d.payload_bytes
+                ),
+                &d.stages,
+            )
+        })
         .chain(
             steady
                 .iter()
