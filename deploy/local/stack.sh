@@ -260,9 +260,22 @@ host replication all         127.0.0.1/32 trust
 EOF
     fi
 
-    say "postgres: starting on 127.0.0.1:$port"
-    as_pg "$bin/pg_ctl" -D "$data" -l "$log" -w -t 60 start >/dev/null 2>&1 \
-        || die_with_log "$log" "postgres failed to start"
+    # Another process (a parallel stack, a test's server) can take the port
+    # between free_port and the bind: then try another, a few times.
+    local attempt
+    for attempt in 1 2 3 4 5; do
+        say "postgres: starting on 127.0.0.1:$port"
+        if as_pg "$bin/pg_ctl" -D "$data" -l "$log" -w -t 60 start >/dev/null 2>&1; then
+            break
+        fi
+        if ((attempt < 5)) && grep -q "Address already in use" "$log" 2>/dev/null; then
+            free_port port
+            as_pg sed -i "s/^port = .*/port = $port/" "$data/postgresql.conf"
+            : >"$log"
+            continue
+        fi
+        die_with_log "$log" "postgres failed to start"
+    done
     head -n 1 "$data/postmaster.pid" >"$dir/$name.pid"
 
     local i
