@@ -14,6 +14,7 @@ use crate::drain::Drain;
 use crate::startup::{self, Startup};
 use crate::steady::Steady;
 use crate::systems::System;
+use outboxd::metrics::Stage;
 
 #[derive(Debug, Default, Serialize)]
 pub struct Results {
@@ -454,20 +455,6 @@ fn footprint_table<'a>(w: &mut String, drains: impl Iterator<Item = &'a Drain>) 
     }
 }
 
-/// The stages, in the order a batch passes them.
-const STAGES: [&str; 10] = [
-    "claim",
-    "catch_up_filter",
-    "sync_standbys",
-    "queued",
-    "begin",
-    "produce",
-    "offsets",
-    "commit",
-    "wait_for_marks",
-    "mark",
-];
-
 /// Mean milliseconds per Kafka transaction in each stage, for every outboxd
 /// drain and steady run (`outboxd_stage_seconds`).
 fn stage_table<'a>(w: &mut String, drains: impl Iterator<Item = &'a Drain>, steady: &'a [Steady]) {
@@ -503,20 +490,22 @@ fn stage_table<'a>(w: &mut String, drains: impl Iterator<Item = &'a Drain>, stea
     let _ = writeln!(
         w,
         "| run | transactions | {} |\n|---|---:|{}",
-        STAGES.join(" | "),
-        "---:|".repeat(STAGES.len())
+        Stage::ALL.map(Stage::name).join(" | "),
+        "---:|".repeat(Stage::ALL.len())
     );
     for (name, stages) in runs {
         let transactions = stages
             .iter()
             .find(|s| s.stage == "commit")
             .map_or(0.0, |s| s.batches);
-        let cells: Vec<String> = STAGES
+        let cells: Vec<String> = Stage::ALL
             .iter()
-            .map(|stage| match stages.iter().find(|s| s.stage == *stage) {
-                Some(time) if time.batches > 0.0 => format!("{:.2}", time.mean_ms()),
-                _ => "–".to_string(),
-            })
+            .map(
+                |stage| match stages.iter().find(|s| s.stage == stage.name()) {
+                    Some(time) if time.batches > 0.0 => format!("{:.2}", time.mean_ms()),
+                    _ => "–".to_string(),
+                },
+            )
             .collect();
         let _ = writeln!(w, "| {name} | {transactions:.0} | {} |", cells.join(" | "));
     }

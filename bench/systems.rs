@@ -444,7 +444,8 @@ pub fn stages_between(before: &[StageTime], after: &[StageTime]) -> Vec<StageTim
         .collect()
 }
 
-async fn scrape_stages(port: u16) -> Option<Vec<StageTime>> {
+/// outboxd's `/metrics` text, if it answers within 5 s.
+async fn scrape_metrics(port: u16) -> Option<String> {
     let base = format!("http://127.0.0.1:{port}");
     let (status, body) = tokio::time::timeout(
         Duration::from_secs(5),
@@ -455,6 +456,11 @@ async fn scrape_stages(port: u16) -> Option<Vec<StageTime>> {
     if status != 200 {
         return None;
     }
+    Some(body)
+}
+
+async fn scrape_stages(port: u16) -> Option<Vec<StageTime>> {
+    let body = scrape_metrics(port).await?;
     let mut stages: Vec<StageTime> = Vec::new();
     for line in body.lines() {
         let (field, rest) = if let Some(rest) = line.strip_prefix("outboxd_stage_seconds_count{") {
@@ -493,16 +499,7 @@ async fn scrape_stages(port: u16) -> Option<Vec<StageTime>> {
 }
 
 async fn scrape_published(port: u16) -> Option<u64> {
-    let base = format!("http://127.0.0.1:{port}");
-    let (status, body) = tokio::time::timeout(
-        Duration::from_secs(5),
-        crate::support::http::try_get(&base, "/metrics"),
-    )
-    .await
-    .ok()??;
-    if status != 200 {
-        return None;
-    }
+    let body = scrape_metrics(port).await?;
     let total = body
         .lines()
         .filter(|line| line.starts_with("outboxd_events_published_total"))
