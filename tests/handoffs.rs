@@ -117,12 +117,7 @@ async fn granting_pg_control_system_keeps_what_the_old_identity_published() {
         "the relay died between its Kafka commit and marking the rows"
     );
 
-    sqlx::raw_sql(&format!(
-        "GRANT EXECUTE ON FUNCTION pg_control_system() TO {role}"
-    ))
-    .execute(&env.pool)
-    .await
-    .expect("grant");
+    grant_pg_control_system(&env, &role).await;
     let mut relay = RelayProcess::start(&env, None);
     env.wait_all_sent(LIMIT).await;
     relay.stop().await;
@@ -203,23 +198,13 @@ async fn a_changed_checkpoint_topic_adopts_the_previous_one() {
 async fn revoking_pg_control_system_keeps_what_the_old_identity_published() {
     let env = TestEnv::new("revoke-identity", Mode::Polling).await;
     let role = relay_without_pg_control_system(&env).await;
-    sqlx::raw_sql(&format!(
-        "GRANT EXECUTE ON FUNCTION pg_control_system() TO {role}"
-    ))
-    .execute(&env.pool)
-    .await
-    .expect("grant");
+    grant_pg_control_system(&env, &role).await;
     let first = write_orders(&env.pool, 0, 10, 5).await;
     let mut relay = RelayProcess::start(&env, Some("after-commit"));
     relay.killed_at_point("after-commit", LIMIT).await;
     assert!(env.unsent().await > 0, "a batch is in Kafka, unmarked");
 
-    sqlx::raw_sql(&format!(
-        "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM {role}"
-    ))
-    .execute(&env.pool)
-    .await
-    .expect("revoke");
+    revoke_pg_control_system(&env, &role).await;
     let mut relay = RelayProcess::start(&env, None);
     env.wait_all_sent(LIMIT).await;
     relay.stop().await;
@@ -236,12 +221,7 @@ async fn revoking_pg_control_system_keeps_what_the_old_identity_published() {
 async fn revoking_pg_control_system_fences_the_old_identity() {
     let env = TestEnv::new("revoke-fence", Mode::Polling).await;
     let role = relay_without_pg_control_system(&env).await;
-    sqlx::raw_sql(&format!(
-        "GRANT EXECUTE ON FUNCTION pg_control_system() TO {role}"
-    ))
-    .execute(&env.pool)
-    .await
-    .expect("grant");
+    grant_pg_control_system(&env, &role).await;
     let first = write_orders(&env.pool, 0, 10, 5).await;
     let mut relay = RelayProcess::start(&env, None);
     env.wait_all_sent(LIMIT).await;
@@ -271,12 +251,7 @@ async fn revoking_pg_control_system_fences_the_old_identity() {
         .await
         .expect("the old identity's producer writes inside its transaction");
 
-    sqlx::raw_sql(&format!(
-        "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM {role}"
-    ))
-    .execute(&env.pool)
-    .await
-    .expect("revoke");
+    revoke_pg_control_system(&env, &role).await;
     let second = write_orders(&env.pool, 1, 10, 5).await;
     let mut relay = RelayProcess::start(&env, None);
     env.wait_all_sent(LIMIT).await;
@@ -329,6 +304,26 @@ async fn a_same_named_relay_of_another_database_is_not_adopted() {
     theirs.wait_all_sent(LIMIT).await;
     their_relay.stop().await;
     assert_exactly_once(&theirs, &their_rows).await;
+}
+
+/// Lets `role` read the system identifier: the relay's identity names the database.
+async fn grant_pg_control_system(env: &TestEnv, role: &str) {
+    sqlx::raw_sql(&format!(
+        "GRANT EXECUTE ON FUNCTION pg_control_system() TO {role}"
+    ))
+    .execute(&env.pool)
+    .await
+    .expect("grant");
+}
+
+/// Takes that away again: the relay's identity falls back to its name.
+async fn revoke_pg_control_system(env: &TestEnv, role: &str) {
+    sqlx::raw_sql(&format!(
+        "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM {role}"
+    ))
+    .execute(&env.pool)
+    .await
+    .expect("revoke");
 }
 
 /// Points the env's relay at a new least-privilege role that may not
