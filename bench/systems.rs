@@ -302,18 +302,14 @@ impl BenchEnv {
             .rows()
             .await
             .into_iter()
-            .map(|(seq, id, sent)| checker::Row { seq, id, sent })
+            .map(|(seq, id, sent)| checker::Row::kept(seq, id, sent))
             .collect();
         let left: HashSet<i64> = rows.iter().map(|row| row.seq).collect();
         rows.extend(
             every_row
                 .iter()
                 .filter(|(seq, _)| !left.contains(seq))
-                .map(|(seq, id)| checker::Row {
-                    seq: *seq,
-                    id: id.clone(),
-                    sent: true,
-                }),
+                .map(|(seq, id)| checker::Row::kept(*seq, id.clone(), true)),
         );
         let routed: Vec<_> = read_all(&self.env.kafka, &self.env.topic_prefix())
             .await

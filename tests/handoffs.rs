@@ -108,7 +108,7 @@ async fn assert_handed_over(env: &TestEnv) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn granting_pg_control_system_keeps_what_the_old_identity_published() {
     let env = TestEnv::new("grant-identity", Mode::Polling).await;
-    let role = relay_without_pg_control_system(&env).await;
+    let role = env.relay_without_pg_control_system().await;
     let first = write_orders(&env.pool, 0, 10, 5).await;
     let mut relay = RelayProcess::start(&env, Some("after-commit"));
     relay.killed_at_point("after-commit", LIMIT).await;
@@ -117,7 +117,7 @@ async fn granting_pg_control_system_keeps_what_the_old_identity_published() {
         "the relay died between its Kafka commit and marking the rows"
     );
 
-    grant_pg_control_system(&env, &role).await;
+    env.grant_pg_control_system(&role).await;
     let mut relay = RelayProcess::start(&env, None);
     env.wait_all_sent(LIMIT).await;
     relay.stop().await;
@@ -197,14 +197,14 @@ async fn a_changed_checkpoint_topic_adopts_the_previous_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_pg_control_system_keeps_what_the_old_identity_published() {
     let env = TestEnv::new("revoke-identity", Mode::Polling).await;
-    let role = relay_without_pg_control_system(&env).await;
-    grant_pg_control_system(&env, &role).await;
+    let role = env.relay_without_pg_control_system().await;
+    env.grant_pg_control_system(&role).await;
     let first = write_orders(&env.pool, 0, 10, 5).await;
     let mut relay = RelayProcess::start(&env, Some("after-commit"));
     relay.killed_at_point("after-commit", LIMIT).await;
     assert!(env.unsent().await > 0, "a batch is in Kafka, unmarked");
 
-    revoke_pg_control_system(&env, &role).await;
+    env.revoke_pg_control_system(&role).await;
     let mut relay = RelayProcess::start(&env, None);
     env.wait_all_sent(LIMIT).await;
     relay.stop().await;
@@ -220,8 +220,8 @@ async fn revoking_pg_control_system_keeps_what_the_old_identity_published() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_pg_control_system_fences_the_old_identity() {
     let env = TestEnv::new("revoke-fence", Mode::Polling).await;
-    let role = relay_without_pg_control_system(&env).await;
-    grant_pg_control_system(&env, &role).await;
+    let role = env.relay_without_pg_control_system().await;
+    env.grant_pg_control_system(&role).await;
     let first = write_orders(&env.pool, 0, 10, 5).await;
     let mut relay = RelayProcess::start(&env, None);
     env.wait_all_sent(LIMIT).await;
@@ -251,7 +251,7 @@ async fn revoking_pg_control_system_fences_the_old_identity() {
         .await
         .expect("the old identity's producer writes inside its transaction");
 
-    revoke_pg_control_system(&env, &role).await;
+    env.revoke_pg_control_system(&role).await;
     let second = write_orders(&env.pool, 1, 10, 5).await;
     let mut relay = RelayProcess::start(&env, None);
     env.wait_all_sent(LIMIT).await;
@@ -281,7 +281,7 @@ async fn a_same_named_relay_of_another_database_is_not_adopted() {
     let theirs = TestEnv::new("same-name-theirs", Mode::Polling)
         .await
         .with_checkpoint_topic(&shared);
-    relay_without_pg_control_system(&theirs).await;
+    theirs.relay_without_pg_control_system().await;
     // Our relay takes their name (the checker of each env knows its own).
     let our_config = config_with_relay_name(&ours, &theirs.relay_name());
 
@@ -304,52 +304,6 @@ async fn a_same_named_relay_of_another_database_is_not_adopted() {
     theirs.wait_all_sent(LIMIT).await;
     their_relay.stop().await;
     assert_exactly_once(&theirs, &their_rows).await;
-}
-
-/// Lets `role` read the system identifier: the relay's identity names the database.
-async fn grant_pg_control_system(env: &TestEnv, role: &str) {
-    sqlx::raw_sql(&format!(
-        "GRANT EXECUTE ON FUNCTION pg_control_system() TO {role}"
-    ))
-    .execute(&env.pool)
-    .await
-    .expect("grant");
-}
-
-/// Takes that away again: the relay's identity falls back to its name.
-async fn revoke_pg_control_system(env: &TestEnv, role: &str) {
-    sqlx::raw_sql(&format!(
-        "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM {role}"
-    ))
-    .execute(&env.pool)
-    .await
-    .expect("revoke");
-}
-
-/// Points the env's relay at a new least-privilege role that may not
-/// execute `pg_control_system()`; returns the role.
-async fn relay_without_pg_control_system(env: &TestEnv) -> String {
-    let role = format!("relay_{}", env.id.replace('-', "_"));
-    for statement in [
-        format!("CREATE ROLE {role} LOGIN"),
-        format!("GRANT USAGE ON SCHEMA public TO {role}"),
-        format!("GRANT SELECT, UPDATE (sent_at) ON public.outbox TO {role}"),
-        "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC".to_string(),
-    ] {
-        sqlx::raw_sql(&statement)
-            .execute(&env.pool)
-            .await
-            .expect("set up the relay's role");
-    }
-    env.replace_in_config(
-        &format!("url: {}", env.database_url),
-        &format!(
-            "url: {}",
-            env.database_url
-                .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1)
-        ),
-    );
-    role
 }
 
 /// Does what a relay from before table-keyed checkpoints did: claims the

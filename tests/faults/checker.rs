@@ -3,17 +3,20 @@
 
 use std::collections::HashMap;
 
-use outboxd::kafka::checkpoint::Checkpoint;
+use outboxd::kafka::checkpoint::{Checkpoint, RowDigest};
 
 use crate::support::checker::{compare, Books, Report, Row};
 use crate::support::kafka::Consumed;
 use crate::support::workload::Written;
 
 fn row(seq: i64, id: &str) -> Row {
+    Row::kept(seq, id.to_string(), true)
+}
+
+fn truncated(seq: i64, id: &str, sent: bool) -> Row {
     Row {
-        seq,
-        id: id.to_string(),
-        sent: true,
+        truncated: true,
+        ..Row::kept(seq, id.to_string(), sent)
     }
 }
 
@@ -200,7 +203,7 @@ fn poison_rows_belong_in_the_dead_letter_topic() {
     assert!(report
         .violations()
         .join("\n")
-        .contains("misrouted: row seq 2"));
+        .contains("misrouted: event id p (row seq 2)"));
 }
 
 #[test]
@@ -216,4 +219,79 @@ fn a_committed_row_missing_from_the_table_is_reported() {
         .violations()
         .join("\n")
         .contains("forgotten: event id b"));
+}
+
+#[test]
+fn a_replayed_dead_letter_is_expected_once_per_row() {
+    // Row 2 was dead-lettered; replay inserted it again as row 3 (same
+    // event id), which was dead-lettered again.
+    let rows = vec![row(1, "a"), row(2, "p"), row(3, "p")];
+    let mut written = written(&["a", "p"]);
+    written.poison_ids.push("p".to_string());
+    let routed = [record("a", "order-1", 1, 0)];
+    let checkpoints = [checkpoint(&[1], &[2, 3])];
+    let twice = [record("p", "poison-p", 0, 0), record("p", "poison-p", 0, 1)];
+    let clean = check(&rows, &routed, &twice, &checkpoints, &written);
+    assert!(clean.is_clean(), "{:?}", clean.violations());
+
+    let once = check(&rows, &routed, &twice[..1], &checkpoints, &written);
+    assert_eq!(once.lost.len(), 1, "{:?}", once.violations());
+    let mut thrice = twice.to_vec();
+    thrice.push(record("p", "poison-p", 0, 2));
+    let report = check(&rows, &routed, &thrice, &checkpoints, &written);
+    assert_eq!(report.duplicated.len(), 1, "{:?}", report.violations());
+}
+
+#[test]
+fn truncated_rows_count_as_they_were() {
+    // a was marked sent before the TRUNCATE, b was not (and may or may not
+    // have reached Kafka); c came after it.
+    let rows = vec![
+        truncated(1, "a", true),
+        truncated(2, "b", false),
+        row(1, "c"),
+    ];
+    let written = written(&["a", "b", "c"]);
+    let digests =
+        |ids: &'static [&'static str]| move |seq: i64| Some(RowDigest::of(ids[seq as usize - 1]));
+    let before = checkpoint(&[1], &[]).with_row_ids(digests(&["a"]));
+    let after = checkpoint(&[1], &[]).with_row_ids(digests(&["c"]));
+    // b never published: c's n 3 follows a's n 1.
+    let routed = [record("a", "order-1", 1, 0), record("c", "order-1", 3, 1)];
+    let clean = check(
+        &rows,
+        &routed,
+        &[],
+        &[before.clone(), after.clone()],
+        &written,
+    );
+    assert!(clean.is_clean(), "{:?}", clean.violations());
+
+    // The truncated, marked row must have reached Kafka.
+    let report = check(
+        &rows,
+        &routed[1..],
+        &[],
+        std::slice::from_ref(&after),
+        &written,
+    );
+    assert!(
+        report.lost.iter().any(|v| v.contains("event id a")),
+        "{:?}",
+        report.violations()
+    );
+    // c reuses seq 1: a checkpoint that named only a does not cover c.
+    let report = check(&rows, &routed, &[], &[before], &written);
+    assert!(
+        report
+            .violations()
+            .join("\n")
+            .contains("uncovered: row seq 1 id c"),
+        "{:?}",
+        report.violations()
+    );
+    // Order still holds: n falls.
+    let swapped = [record("c", "order-1", 3, 0), record("a", "order-1", 1, 1)];
+    let report = check(&rows, &swapped, &[], &[after], &written);
+    assert_eq!(report.out_of_order.len(), 1, "{:?}", report.violations());
 }

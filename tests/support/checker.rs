@@ -4,16 +4,23 @@
 //!
 //! Invariant it enforces (each violation names the event ids):
 //! - every committed row is in Kafka exactly once: a good row in its routed
-//!   topic, a poison row in the dead-letter topic;
+//!   topic, a poison row in the dead-letter topic (an event id that several
+//!   rows carry, a dead letter and its replayed copies, as often as rows);
 //! - nothing else is: no event of a rolled-back transaction, no stranger;
-//! - per aggregate, one partition, and `n` runs 1, 2, 3, … in offset order;
+//! - per aggregate, one partition, and `n` runs 1, 2, 3, … in offset order
+//!   (only rising, where an operator's TRUNCATE removed unsent rows);
 //! - every row marked sent was published, and at the end every row is sent;
-//! - the checkpoints name exactly the rows that are in Kafka;
+//! - the checkpoints name exactly the rows that are in Kafka, by seq and
+//!   event id (a TRUNCATE … RESTART IDENTITY hands seqs out again);
 //! - every transaction whose COMMIT returned is in the table.
+//!
+//! Rows an operator truncated away count too, as they were just before:
+//! one marked sent is in Kafka exactly once, an unsent one at most once
+//! (the relay may have committed it to Kafka and died before marking it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use outboxd::kafka::checkpoint::{Checkpoint, Record};
+use outboxd::kafka::checkpoint::{Checkpoint, Record, RowDigest};
 
 use super::kafka::{read_all, read_topic, Consumed};
 use super::workload::Written;
@@ -73,6 +80,20 @@ pub struct Row {
     pub seq: i64,
     pub id: String,
     pub sent: bool,
+    /// Removed by an operator's TRUNCATE; `sent` as it was just before.
+    pub truncated: bool,
+}
+
+impl Row {
+    /// A row in the table now.
+    pub fn kept(seq: i64, id: String, sent: bool) -> Row {
+        Row {
+            seq,
+            id,
+            sent,
+            truncated: false,
+        }
+    }
 }
 
 /// What the relay under check records besides the events themselves.
@@ -88,7 +109,7 @@ pub enum Books<'a> {
 /// checkpoints that count are those of the env's table, whichever relay
 /// name wrote them, in the env's (possibly shared) checkpoint topic.
 pub async fn check(env: &TestEnv, written: &Written) -> Report {
-    check_including(env, written, &[], &[]).await
+    check_including(env, written, &[], &[], &[]).await
 }
 
 /// The committed checkpoints of the env's table, oldest first.
@@ -101,14 +122,18 @@ pub async fn table_checkpoints(env: &TestEnv) -> Vec<Checkpoint> {
 /// (their `relay.name`s), as the mixed-version tests need.
 ///
 /// `earlier` holds checkpoint records read before a test had the topic
-/// compacted (a compacted topic keeps one record per key); they count too.
+/// compacted (a compacted topic keeps one record per key), or moved it to
+/// another topic; they count too. `truncated` are the rows an operator's
+/// TRUNCATE removed, as they were just before it.
 pub async fn check_including(
     env: &TestEnv,
     written: &Written,
     legacy_keys: &[String],
     earlier: &[Consumed],
+    truncated: &[Row],
 ) -> Report {
-    let rows = table_rows(env).await;
+    let mut rows = table_rows(env).await;
+    rows.extend(truncated.iter().cloned());
     let routed = read_all(&env.kafka, &env.topic_prefix())
         .await
         .into_iter()
@@ -131,12 +156,17 @@ pub async fn table_checkpoints_including(
     legacy_keys: &[String],
     earlier: &[Consumed],
 ) -> Vec<Checkpoint> {
-    let mut records: BTreeMap<(i32, i64), Consumed> = earlier
+    // Keyed by topic too: `earlier` may come from a checkpoint topic the
+    // relay moved away from.
+    let mut records: BTreeMap<(String, i32, i64), Consumed> = earlier
         .iter()
-        .map(|r| ((r.partition, r.offset), r.clone()))
+        .map(|r| ((r.topic.clone(), r.partition, r.offset), r.clone()))
         .collect();
     for record in read_topic(&env.kafka, &env.checkpoint_topic()).await {
-        records.insert((record.partition, record.offset), record);
+        records.insert(
+            (record.topic.clone(), record.partition, record.offset),
+            record,
+        );
     }
     let key = env.checkpoint_key().await;
     // Always also the env's relay name, as releases from before table-keyed
@@ -182,7 +212,7 @@ async fn table_rows(env: &TestEnv) -> Vec<Row> {
     env.rows()
         .await
         .into_iter()
-        .map(|(seq, id, sent)| Row { seq, id, sent })
+        .map(|(seq, id, sent)| Row::kept(seq, id, sent))
         .collect()
 }
 
@@ -211,46 +241,56 @@ pub fn compare(
     let in_routed = count(routed);
     let in_dead = count(dead_lettered);
     let table_ids: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let truncated_unsent = rows.iter().any(|r| r.truncated && !r.sent);
 
-    // Each row exactly once, in the right place.
-    let mut published_seqs = HashSet::new();
+    // Each row exactly once, in the right place. Rows sharing an event id
+    // (a dead letter and its replayed copies) share its count.
+    let mut rows_by_id: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
     for row in rows {
-        let (here, elsewhere, place) = if poison.contains(row.id.as_str()) {
+        rows_by_id.entry(row.id.as_str()).or_default().push(row);
+    }
+    let mut published: HashSet<(i64, &str)> = HashSet::new();
+    for (id, same_id) in &rows_by_id {
+        let (here, elsewhere, place) = if poison.contains(id) {
             (&in_dead, &in_routed, "the dead-letter topic")
         } else {
             (&in_routed, &in_dead, "its routed topic")
         };
-        let n = here.get(&row.id).copied().unwrap_or(0);
-        let misplaced = elsewhere.get(&row.id).copied().unwrap_or(0);
+        let n = here.get(*id).copied().unwrap_or(0);
+        let misplaced = elsewhere.get(*id).copied().unwrap_or(0);
         if n + misplaced > 0 {
-            published_seqs.insert(row.seq);
+            published.extend(same_id.iter().map(|r| (r.seq, r.id.as_str())));
         }
-        match (n, misplaced) {
-            (1, 0) => {}
-            (0, 0) if row.sent => report.lost.push(format!(
-                "lost: row seq {} id {} is marked sent but never reached Kafka",
-                row.seq, row.id
-            )),
-            (0, 0) => report.lost.push(format!(
-                "lost: row seq {} id {} never reached Kafka (and is not marked sent)",
-                row.seq, row.id
-            )),
-            (0, m) => report.other.push(format!(
-                "misrouted: row seq {} id {} is not in {place} but {m} time(s) elsewhere",
-                row.seq, row.id
-            )),
-            (n, m) => report.duplicated.push(format!(
-                "duplicated: row seq {} id {} arrived {} times",
-                row.seq,
-                row.id,
-                n + m
-            )),
-        }
-        if keeps_books && !row.sent {
+        // Truncated unsent rows may or may not have reached Kafka.
+        let at_least = same_id.iter().filter(|r| !r.truncated || r.sent).count();
+        let at_most = same_id.len();
+        let seqs = same_id
+            .iter()
+            .map(|r| r.seq.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if misplaced > 0 {
             report.other.push(format!(
-                "unacknowledged: row seq {} id {} is not marked sent",
-                row.seq, row.id
+                "misrouted: event id {id} (row seq {seqs}) is in {place} {n} time(s) and {misplaced} time(s) elsewhere"
             ));
+        } else if n < at_least {
+            let marked = same_id.iter().any(|r| r.sent);
+            report.lost.push(format!(
+                "lost: event id {id} (row seq {seqs}) reached Kafka {n} time(s) for {at_least} row(s){}",
+                if marked { ", though marked sent" } else { "" }
+            ));
+        } else if n > at_most {
+            report.duplicated.push(format!(
+                "duplicated: event id {id} (row seq {seqs}) arrived {n} times for {at_most} row(s)"
+            ));
+        }
+        for row in same_id {
+            if keeps_books && !row.sent && !row.truncated {
+                report.other.push(format!(
+                    "unacknowledged: row seq {} id {} is not marked sent",
+                    row.seq, row.id
+                ));
+            }
         }
     }
 
@@ -302,7 +342,9 @@ pub fn compare(
         ));
     }
 
-    // Per aggregate: one partition, n = 1, 2, 3, … in offset order.
+    // Per aggregate: one partition, n = 1, 2, 3, … in offset order; where
+    // a TRUNCATE removed unsent rows, whose events may never have been
+    // published, n only rises.
     // aggregate → (topic, partition) → (offset, n, event id)
     type Placed = BTreeMap<(String, i32), Vec<(i64, i64, String)>>;
     let mut by_aggregate: BTreeMap<String, Placed> = BTreeMap::new();
@@ -327,39 +369,80 @@ pub fn compare(
         }
         for mut events in partitions.into_values() {
             events.sort();
-            for (expected, (offset, n, id)) in (1..).zip(events) {
-                if n != expected {
+            let mut previous = 0;
+            for (offset, n, id) in events {
+                let in_order = if truncated_unsent {
+                    n > previous
+                } else {
+                    n == previous + 1
+                };
+                if !in_order {
                     report.out_of_order.push(format!(
-                        "out of order: aggregate {key}: offset {offset} (event id {id}) holds n {n}, expected {expected}"
+                        "out of order: aggregate {key}: offset {offset} (event id {id}) holds n {n} after n {previous}"
                     ));
                     break;
                 }
+                previous = n;
             }
         }
     }
 
-    // The checkpoints name exactly the rows in Kafka.
+    // The checkpoints name exactly the rows in Kafka: by seq, and by event
+    // id where the checkpoint records it.
     let Books::Outboxd { checkpoints } = books else {
         return report;
     };
-    let mut named: HashSet<i64> = HashSet::new();
-    for checkpoint in checkpoints {
-        named.extend(checkpoint.published.to_seqs());
-        named.extend(checkpoint.dead_lettered.to_seqs());
+    let mut rows_by_seq: HashMap<i64, Vec<&str>> = HashMap::new();
+    for row in rows {
+        rows_by_seq
+            .entry(row.seq)
+            .or_default()
+            .push(row.id.as_str());
     }
-    let id_of: HashMap<i64, &str> = rows.iter().map(|r| (r.seq, r.id.as_str())).collect();
-    for seq in &published_seqs {
-        if !named.contains(seq) {
-            report.other.push(format!(
-                "uncovered: row seq {seq} id {} is in Kafka but no checkpoint names it",
-                id_of[seq]
-            ));
+    let mut named: HashSet<(i64, &str)> = HashSet::new();
+    let mut phantoms = Vec::new();
+    for checkpoint in checkpoints {
+        let digests = checkpoint.row_ids();
+        for seq in checkpoint
+            .published
+            .to_seqs()
+            .into_iter()
+            .chain(checkpoint.dead_lettered.to_seqs())
+        {
+            let candidates = rows_by_seq.get(&seq).cloned().unwrap_or_default();
+            let matching: Vec<&str> = match digests.as_ref().and_then(|d| d.get(&seq)) {
+                Some(digest) => candidates
+                    .into_iter()
+                    .filter(|id| RowDigest::of(id) == *digest)
+                    .collect(),
+                None => candidates,
+            };
+            // By seq alone, a seq handed out twice names whichever of its
+            // rows is in Kafka.
+            let published_match: Vec<&str> = matching
+                .iter()
+                .copied()
+                .filter(|id| published.contains(&(seq, *id)))
+                .collect();
+            match (published_match.first(), matching.first()) {
+                (Some(id), _) => {
+                    named.insert((seq, id));
+                }
+                (None, id) => phantoms.push(format!(
+                    "phantom checkpoint: a checkpoint names row seq {seq} (id {}) but it is not in Kafka",
+                    id.unwrap_or(&"<not in table>")
+                )),
+            }
         }
     }
-    for seq in named.difference(&published_seqs) {
+    phantoms.sort();
+    phantoms.dedup();
+    report.other.extend(phantoms);
+    let mut uncovered: Vec<_> = published.difference(&named).collect();
+    uncovered.sort();
+    for (seq, id) in uncovered {
         report.other.push(format!(
-            "phantom checkpoint: a checkpoint names row seq {seq} (id {}) but it is not in Kafka",
-            id_of.get(seq).unwrap_or(&"<not in table>")
+            "uncovered: row seq {seq} id {id} is in Kafka but no checkpoint names it"
         ));
     }
     report

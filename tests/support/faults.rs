@@ -377,6 +377,11 @@ pub struct Campaign {
     /// Checkpoint records read before the test had the topic compacted,
     /// which the checker counts too.
     pub earlier_checkpoint_records: Vec<super::kafka::Consumed>,
+    /// Checkpoint topics the relay was moved away from
+    /// (`kafka.previous_checkpoint_topic`): the checker reads them too.
+    pub earlier_checkpoint_topics: Vec<String>,
+    /// Rows an operator's TRUNCATE removed, as they were just before it.
+    pub truncated: Vec<checker::Row>,
     _servers: tokio::sync::MutexGuard<'static, ()>,
 }
 
@@ -442,6 +447,8 @@ impl Campaign {
             cluster,
             legacy_checkpoint_keys: Vec::new(),
             earlier_checkpoint_records: Vec::new(),
+            earlier_checkpoint_topics: Vec::new(),
+            truncated: Vec::new(),
             _servers: servers,
         }
     }
@@ -478,11 +485,16 @@ impl Campaign {
         for relay in &mut running {
             relay.stop().await;
         }
+        let mut earlier = self.earlier_checkpoint_records;
+        for topic in &self.earlier_checkpoint_topics {
+            earlier.extend(super::kafka::read_topic(&self.env.kafka, topic).await);
+        }
         let report = checker::check_including(
             &self.env,
             &written,
             &self.legacy_checkpoint_keys,
-            &self.earlier_checkpoint_records,
+            &earlier,
+            &self.truncated,
         )
         .await;
         record(self.fault, self.env.mode, self.runs, &report);
@@ -508,6 +520,12 @@ impl Campaign {
 /// early checkpoints to compaction (reported as "uncovered" rows, with no
 /// event lost or repeated).
 pub async fn create_checkpoint_topic_keeping_history(env: &TestEnv, replication_factor: i32) {
+    create_topic_keeping_history(env, &env.checkpoint_topic(), replication_factor).await
+}
+
+/// Like `create_checkpoint_topic_keeping_history`, for `topic`: one the
+/// env's relay is about to be moved to.
+pub async fn create_topic_keeping_history(env: &TestEnv, topic: &str, replication_factor: i32) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::config::ClientConfig;
@@ -517,9 +535,8 @@ pub async fn create_checkpoint_topic_keeping_history(env: &TestEnv, replication_
         .set("bootstrap.servers", &env.kafka)
         .create()
         .expect("admin client");
-    let topic = env.checkpoint_topic();
     let min_insync = if replication_factor >= 3 { "2" } else { "1" };
-    let new_topic = NewTopic::new(&topic, 1, TopicReplication::Fixed(replication_factor))
+    let new_topic = NewTopic::new(topic, 1, TopicReplication::Fixed(replication_factor))
         .set("cleanup.policy", "compact")
         .set("segment.ms", "600000")
         .set("segment.bytes", "16777216")

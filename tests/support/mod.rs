@@ -233,6 +233,30 @@ impl TestEnv {
         self
     }
 
+    /// Moves the env's relay to checkpoint topic `topic`, the way an
+    /// operator does: `kafka.checkpoint_topic` names it and
+    /// `kafka.previous_checkpoint_topic` the topic it moves from. Returns
+    /// that topic.
+    pub fn move_checkpoint_topic(&mut self, topic: &str) -> String {
+        let previous = std::mem::replace(&mut self.checkpoint_topic, topic.to_string());
+        let yaml = std::fs::read_to_string(&self.config_path).expect("read test config");
+        let yaml: String = yaml
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("previous_checkpoint_topic:"))
+            .map(|line| {
+                if line.trim_start().starts_with("checkpoint_topic:") {
+                    format!(
+                        "  checkpoint_topic: {topic}\n  previous_checkpoint_topic: {previous}\n"
+                    )
+                } else {
+                    format!("{line}\n")
+                }
+            })
+            .collect();
+        std::fs::write(&self.config_path, yaml).expect("write test config");
+        previous
+    }
+
     /// The key of this env's checkpoint records: the table's identity in
     /// its database, whatever the relay is called.
     pub async fn checkpoint_key(&self) -> String {
@@ -412,6 +436,65 @@ impl TestEnv {
             .fetch_all(&self.pool)
             .await
             .expect("read outbox rows")
+    }
+
+    /// Points the env's relay at a new least-privilege role holding the
+    /// grants `outboxd migrate --print` lists for this mode (and those of
+    /// `dead-letters replay`), but not EXECUTE on `pg_control_system()`,
+    /// which is revoked from PUBLIC: its identity is the `relay.name`
+    /// stand-in until the grant is given. Returns the role.
+    pub async fn relay_without_pg_control_system(&self) -> String {
+        let role = format!("relay_{}", self.id.replace('-', "_"));
+        let replication = if self.mode == Mode::Polling {
+            ""
+        } else {
+            " REPLICATION"
+        };
+        for statement in [
+            format!("CREATE ROLE {role} LOGIN{replication}"),
+            format!("GRANT USAGE ON SCHEMA public TO {role}"),
+            format!("GRANT SELECT, INSERT, UPDATE (sent_at) ON public.outbox TO {role}"),
+            format!("GRANT SELECT, INSERT ON public.outbox_replayed TO {role}"),
+            "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC".to_string(),
+        ] {
+            sqlx::raw_sql(&statement)
+                .execute(&self.pool)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
+        }
+        self.replace_in_config(
+            &format!("url: {}", self.database_url),
+            &format!(
+                "url: {}",
+                self.database_url.replacen(
+                    "postgres://postgres@",
+                    &format!("postgres://{role}@"),
+                    1
+                )
+            ),
+        );
+        role
+    }
+
+    /// Lets `role` read the system identifier: the relay's identity names
+    /// the database.
+    pub async fn grant_pg_control_system(&self, role: &str) {
+        sqlx::raw_sql(&format!(
+            "GRANT EXECUTE ON FUNCTION pg_control_system() TO {role}"
+        ))
+        .execute(&self.pool)
+        .await
+        .expect("grant");
+    }
+
+    /// Takes that away again: the relay's identity falls back to its name.
+    pub async fn revoke_pg_control_system(&self, role: &str) {
+        sqlx::raw_sql(&format!(
+            "REVOKE EXECUTE ON FUNCTION pg_control_system() FROM {role}"
+        ))
+        .execute(&self.pool)
+        .await
+        .expect("revoke");
     }
 
     /// Starts the real binary on this env's config.
