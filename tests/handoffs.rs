@@ -190,6 +190,38 @@ async fn a_changed_checkpoint_topic_adopts_the_previous_one() {
     assert_eq!(assert_every_row_published_once(&env).await, first.committed);
 }
 
+in_both_modes!(
+    a_checkpoint_topic_changed_without_the_setting_and_back_repeats_nothing,
+    worker_threads = 2
+);
+/// `kafka.checkpoint_topic` changed with no `previous_checkpoint_topic`,
+/// while a batch is in Kafka but not marked, then changed back the same
+/// way after another such kill: each time the table's checkpoint group
+/// still has its offset on the topic left, the relay marks what the last
+/// checkpoint there names, and nothing is published twice.
+async fn a_checkpoint_topic_changed_without_the_setting_and_back_repeats_nothing(mode: Mode) {
+    let env = TestEnv::new("topic-moved-back", mode).await;
+    let first_topic = env.checkpoint_topic();
+    let second_topic = format!("{}-moved.checkpoints", env.topic_prefix());
+    let mut committed = 0;
+    let moves = [(&first_topic, &second_topic), (&second_topic, &first_topic)];
+    for (writer, (from, to)) in moves.into_iter().enumerate() {
+        committed += write_orders(&env.pool, writer, 10, 5).await.committed;
+        let mut relay = RelayProcess::start(&env, Some("after-commit"));
+        relay.killed_at_point("after-commit", LIMIT).await;
+        assert!(env.unsent().await > 0, "a batch is in Kafka, unmarked");
+        env.replace_in_config(
+            &format!("checkpoint_topic: {from}\n"),
+            &format!("checkpoint_topic: {to}\n"),
+        );
+        let mut relay = RelayProcess::start(&env, None);
+        env.wait_all_sent(LIMIT).await;
+        relay.stop().await;
+        assert_eq!(env.rows().await.len(), committed);
+        assert_eq!(assert_every_row_published_once(&env).await, committed);
+    }
+}
+
 /// The reverse: the grant taken away from a relay that had it. Its identity
 /// falls back to the `relay.name` stand-in, which cannot name the system
 /// identifier; its first start scans the topic, and the checkpoint of the

@@ -456,7 +456,19 @@ fn committed_checkpoint_offset(
     identity: &TableIdentity,
     isolation: &str,
 ) -> Result<Option<i64>> {
-    let topic = &config.kafka.checkpoint_topic;
+    let topic = config.kafka.checkpoint_topic.clone();
+    let committed = committed_offsets_on(config, identity, &[topic], isolation)?;
+    Ok(committed.into_iter().next().map(|(_, offset)| offset))
+}
+
+/// The offsets `identity`'s checkpoint group committed on the checkpoint
+/// partition of each of `topics` that has one.
+fn committed_offsets_on(
+    config: &Config,
+    identity: &TableIdentity,
+    topics: &[String],
+    isolation: &str,
+) -> Result<Vec<(String, i64)>> {
     let consumer: BaseConsumer<super::RelayContext> = super::base_client_config(config)
         .set("group.id", &identity.checkpoint_group)
         .set("enable.auto.commit", "false")
@@ -464,7 +476,9 @@ fn committed_checkpoint_offset(
         .create_with_context(super::RelayContext)
         .map_err(|e| Error::stop(format!("cannot create the checkpoint reader: {e}")))?;
     let mut partitions = TopicPartitionList::new();
-    partitions.add_partition(topic, CHECKPOINT_PARTITION);
+    for topic in topics {
+        partitions.add_partition(topic, CHECKPOINT_PARTITION);
+    }
     let group = &identity.checkpoint_group;
     let deadline = Instant::now() + READ_TIMEOUT;
     let committed = loop {
@@ -491,13 +505,88 @@ fn committed_checkpoint_offset(
             }
         }
     };
-    let offset = committed
-        .find_partition(topic, CHECKPOINT_PARTITION)
-        .map(|partition| partition.offset());
-    match offset {
-        Some(Offset::Offset(offset)) => Ok(Some(offset)),
-        _ => Ok(None),
+    Ok(topics
+        .iter()
+        .filter_map(|topic| {
+            match committed
+                .find_partition(topic, CHECKPOINT_PARTITION)
+                .map(|partition| partition.offset())
+            {
+                Some(Offset::Offset(offset)) => Some((topic.clone(), offset)),
+                _ => None,
+            }
+        })
+        .collect())
+}
+
+/// The table's latest checkpoint on every topic other than
+/// `kafka.checkpoint_topic` where its checkpoint group committed an offset:
+/// the topics `kafka.checkpoint_topic` named before it was changed. A
+/// change of the setting (with or without `kafka.previous_checkpoint_topic`,
+/// and changed back again) leaves the group's offset on each earlier
+/// topic, pointing at the last checkpoint written there.
+///
+/// Why every session asks: the rows such a checkpoint names were published,
+/// and may not be marked (the relay was killed before marking, then its
+/// topic was changed). Marking them again is idempotent, so the takeover
+/// reconciles each; without this, a changed topic looked like a first start
+/// and they were published again.
+pub async fn read_latest_elsewhere(
+    config: &Config,
+    identity: &TableIdentity,
+) -> Result<Vec<(String, Located)>> {
+    let config = config.clone();
+    let identity = identity.clone();
+    tokio::task::spawn_blocking(move || read_latest_elsewhere_blocking(&config, &identity))
+        .await
+        .map_err(|e| Error::stop(format!("checkpoint reader task failed: {e}")))?
+}
+
+fn read_latest_elsewhere_blocking(
+    config: &Config,
+    identity: &TableIdentity,
+) -> Result<Vec<(String, Located)>> {
+    let lister: BaseConsumer<super::RelayContext> = super::base_client_config(config)
+        .create_with_context(super::RelayContext)
+        .map_err(|e| Error::stop(format!("cannot create the checkpoint reader: {e}")))?;
+    // Only the topics the relay's principal may describe are listed; it
+    // wrote its earlier checkpoint topics, so it may describe them.
+    let metadata = lister.fetch_metadata(None, READ_TIMEOUT).map_err(|e| {
+        Error::retry(format!(
+            "listing topics to find earlier checkpoint topics: {e}"
+        ))
+    })?;
+    let others: Vec<String> = metadata
+        .topics()
+        .iter()
+        .map(|topic| topic.name().to_string())
+        .filter(|name| *name != config.kafka.checkpoint_topic && !name.starts_with("__"))
+        .collect();
+    if others.is_empty() {
+        return Ok(Vec::new());
     }
+    let mut found = Vec::new();
+    for (topic, offset) in committed_offsets_on(config, identity, &others, "read_committed")? {
+        let mut on_topic = config.clone();
+        on_topic.kafka.checkpoint_topic = topic.clone();
+        match read_latest_blocking(&on_topic, identity) {
+            Ok(Some(located)) => found.push((topic, located)),
+            Ok(None) => {}
+            // A topic re-created since holds no checkpoint of this table
+            // at that offset: nothing there was published by it.
+            Err(error) if error.kind == crate::error::ErrorKind::Stop => {
+                tracing::warn!(
+                    topic,
+                    offset,
+                    error = %error.message,
+                    "this table's checkpoint group has an offset on a topic that no longer holds \
+                     its checkpoint there (deleted and re-created?); ignoring that topic"
+                );
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(found)
 }
 
 /// Pause before asking a coordinator that was not ready again.

@@ -231,11 +231,31 @@ async fn find_checkpoints(
         }
     };
     let own_offset = own.as_ref().map(|own| own.offset);
+    let own_from_previous_topic = own.as_ref().is_some_and(|own| own.offset == -1);
     if let Some(own) = own {
         candidates.push(Candidate {
             written_by: format!("this table's identity `{}`", identity.checkpoint_key),
             ours: true,
             checkpoint: own.checkpoint,
+        });
+    }
+    for (topic, earlier) in checkpoint::read_latest_elsewhere(config, identity).await? {
+        if own_from_previous_topic
+            && config.kafka.previous_checkpoint_topic.as_deref() == Some(topic.as_str())
+        {
+            continue; // adopted above
+        }
+        tracing::warn!(
+            earlier_checkpoint_topic = %topic,
+            checkpoint_topic = %config.kafka.checkpoint_topic,
+            published = earlier.checkpoint.published.len(),
+            "this table's checkpoints were on another topic before kafka.checkpoint_topic changed: \
+             marking what the last of them names before publishing anything"
+        );
+        candidates.push(Candidate {
+            written_by: format!("this table's identity on the earlier topic `{topic}`"),
+            ours: false,
+            checkpoint: earlier.checkpoint,
         });
     }
     let mut stand_in_keys = Vec::new();

@@ -5,8 +5,9 @@
 //!
 //! - the `pg_control_system()` grant of the relay's least-privilege role is
 //!   given or taken away (its identity changes);
-//! - `kafka.checkpoint_topic` moves to a new topic, with
-//!   `kafka.previous_checkpoint_topic` naming the old one;
+//! - `kafka.checkpoint_topic` moves to a new topic or back to an earlier
+//!   one, with or without `kafka.previous_checkpoint_topic` naming the
+//!   topic it leaves;
 //! - `outboxd dead-letters replay --all` puts the dead letters back (each
 //!   copy is poison again and dead-lettered again, so replays keep coming);
 //! - a service inserts an outbox row and changes it before COMMIT (refused);
@@ -40,7 +41,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 enum Action {
     /// GRANT or REVOKE EXECUTE ON `pg_control_system()`, whichever changes it.
     ToggleGrant,
-    /// A new `kafka.checkpoint_topic`, the old one as the previous one.
+    /// Another `kafka.checkpoint_topic`, the old one as the previous one or not.
     MoveCheckpointTopic,
     /// `outboxd dead-letters replay --all`.
     Replay,
@@ -118,15 +119,32 @@ async fn act(campaign: &mut Campaign, operator: &mut Operator, action: Action) {
             operator.granted = !operator.granted;
         }
         Action::MoveCheckpointTopic => {
-            operator.moves += 1;
-            let topic = format!(
-                "{}-moved-{}.checkpoints",
-                campaign.env.topic_prefix(),
-                operator.moves
+            // To a new topic, or back to one it was on before; naming the
+            // topic it leaves as the previous one, or not.
+            let back =
+                !campaign.earlier_checkpoint_topics.is_empty() && rand::rng().random_bool(0.3);
+            let topic = if back {
+                let earlier = &campaign.earlier_checkpoint_topics;
+                earlier[rand::rng().random_range(0..earlier.len())].clone()
+            } else {
+                operator.moves += 1;
+                let topic = format!(
+                    "{}-moved-{}.checkpoints",
+                    campaign.env.topic_prefix(),
+                    operator.moves
+                );
+                create_topic_keeping_history(&campaign.env, &topic, 1).await;
+                topic
+            };
+            let name_previous = rand::rng().random_bool(0.5);
+            eprintln!(
+                "operator-actions: checkpoint topic {} {topic}, previous named: {name_previous}",
+                if back { "back to" } else { "moved to" }
             );
-            create_topic_keeping_history(&campaign.env, &topic, 1).await;
-            let previous = campaign.env.move_checkpoint_topic(&topic);
-            campaign.earlier_checkpoint_topics.push(previous);
+            if topic != campaign.env.checkpoint_topic() {
+                let previous = campaign.env.move_checkpoint_topic(&topic, name_previous);
+                campaign.earlier_checkpoint_topics.push(previous);
+            }
         }
         Action::Replay => replay(campaign),
         Action::ChangeBeforeCommit => {

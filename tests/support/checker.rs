@@ -425,9 +425,7 @@ pub fn compare(
                 .filter(|id| published.contains(&(seq, *id)))
                 .collect();
             match (published_match.first(), matching.first()) {
-                (Some(id), _) => {
-                    named.insert((seq, id));
-                }
+                (Some(_), _) => named.extend(published_match.iter().map(|id| (seq, *id))),
                 (None, id) => phantoms.push(format!(
                     "phantom checkpoint: a checkpoint names row seq {seq} (id {}) but it is not in Kafka",
                     id.unwrap_or(&"<not in table>")
@@ -441,8 +439,22 @@ pub fn compare(
     let mut uncovered: Vec<_> = published.difference(&named).collect();
     uncovered.sort();
     for (seq, id) in uncovered {
+        // What the checkpoints say of that seq, to tell a checkpoint never
+        // written from one naming another row.
+        let naming: Vec<String> = checkpoints
+            .iter()
+            .filter(|c| {
+                c.published.to_seqs().contains(seq) || c.dead_lettered.to_seqs().contains(seq)
+            })
+            .map(|c| match c.row_ids().and_then(|d| d.get(seq).copied()) {
+                Some(digest) => format!("{digest:?}"),
+                None => "by seq alone".to_string(),
+            })
+            .collect();
         report.other.push(format!(
-            "uncovered: row seq {seq} id {id} is in Kafka but no checkpoint names it"
+            "uncovered: row seq {seq} id {id} ({:?}) is in Kafka but no checkpoint names it; \
+             checkpoints naming seq {seq}: {naming:?}",
+            RowDigest::of(id)
         ));
     }
     report

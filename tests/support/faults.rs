@@ -486,7 +486,10 @@ impl Campaign {
             relay.stop().await;
         }
         let mut earlier = self.earlier_checkpoint_records;
-        for topic in &self.earlier_checkpoint_topics {
+        let mut earlier_topics = self.earlier_checkpoint_topics;
+        earlier_topics.sort();
+        earlier_topics.dedup();
+        for topic in &earlier_topics {
             earlier.extend(super::kafka::read_topic(&self.env.kafka, topic).await);
         }
         let report = checker::check_including(

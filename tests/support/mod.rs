@@ -233,21 +233,23 @@ impl TestEnv {
         self
     }
 
-    /// Moves the env's relay to checkpoint topic `topic`, the way an
-    /// operator does: `kafka.checkpoint_topic` names it and
+    /// Moves the env's relay to checkpoint topic `topic`:
+    /// `kafka.checkpoint_topic` names it and, if `name_previous`,
     /// `kafka.previous_checkpoint_topic` the topic it moves from. Returns
     /// that topic.
-    pub fn move_checkpoint_topic(&mut self, topic: &str) -> String {
+    pub fn move_checkpoint_topic(&mut self, topic: &str, name_previous: bool) -> String {
         let previous = std::mem::replace(&mut self.checkpoint_topic, topic.to_string());
         let yaml = std::fs::read_to_string(&self.config_path).expect("read test config");
         let yaml: String = yaml
             .lines()
             .filter(|line| !line.trim_start().starts_with("previous_checkpoint_topic:"))
             .map(|line| {
-                if line.trim_start().starts_with("checkpoint_topic:") {
+                if line.trim_start().starts_with("checkpoint_topic:") && name_previous {
                     format!(
                         "  checkpoint_topic: {topic}\n  previous_checkpoint_topic: {previous}\n"
                     )
+                } else if line.trim_start().starts_with("checkpoint_topic:") {
+                    format!("  checkpoint_topic: {topic}\n")
                 } else {
                     format!("{line}\n")
                 }
