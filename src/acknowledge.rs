@@ -175,6 +175,27 @@ impl Acknowledger {
             .await
     }
 
+    /// Whether a row here has a seq and event id that `checkpoint` names:
+    /// then the identity that wrote it relayed this very table.
+    pub async fn names_rows_here(
+        &self,
+        connection: &mut PgConnection,
+        checkpoint: &Checkpoint,
+    ) -> Result<bool> {
+        let Some(row_ids) = checkpoint.row_ids() else {
+            return Ok(false);
+        };
+        let (ours, _) = self
+            .sort_by_identity(
+                connection,
+                &row_ids,
+                &checkpoint.published.to_seqs(),
+                &checkpoint.dead_lettered.to_seqs(),
+            )
+            .await?;
+        Ok(!ours.is_empty())
+    }
+
     /// Splits the rows present under `published` and `dead_lettered` into
     /// those whose event id is the one `row_ids` names and those whose is not.
     async fn sort_by_identity(

@@ -286,14 +286,17 @@ impl OutboxTable {
         )
     }
 
-    /// Which of the rows in `$1` (a `bigint[]` of seq) are still unsent.
+    /// Which of the rows in `$1` (a `bigint[]` of seq) are still unsent,
+    /// each with its event id (as text): a seq alone may name another row
+    /// after `TRUNCATE … RESTART IDENTITY`.
     pub fn unsent_among_sql(&self) -> String {
         let c = &self.columns;
         format!(
-            "SELECT {seq}::bigint FROM {table} WHERE {seq} = ANY($1) AND {sent_at} IS NULL",
+            "SELECT {seq}::bigint, {id}::text FROM {table} WHERE {seq} = ANY($1) AND {sent_at} IS NULL",
             table = self.qualified(),
             sent_at = quote_ident(&c.sent_at),
             seq = quote_ident(&c.seq),
+            id = quote_ident(&c.id),
         )
     }
 

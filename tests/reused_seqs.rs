@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use crate::support::faults::{log_path, RelayProcess};
-use crate::support::workload::{assert_every_row_published_once, write_orders};
+use crate::support::kafka::read_all;
+use crate::support::workload::{assert_every_row_published_once, write_backlog, write_orders};
 use crate::support::{Mode, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -137,6 +138,60 @@ async fn a_table_truncated_with_restart_identity_is_relayed_from_scratch(mode: M
         "new rows reuse the truncated rows' seqs"
     );
     assert_every_row_published_once(&env).await;
+}
+
+in_both_modes!(
+    rows_truncated_before_they_were_published_give_their_seqs_away,
+    worker_threads = 2
+);
+/// The relay is killed while it streams, rows commit while it is down, and
+/// `TRUNCATE … RESTART IDENTITY` removes them before they are published;
+/// more new rows than those then reuse their seqs. Replication streams the
+/// truncated rows' inserts again, each sharing its seq with a new unsent
+/// row: such an event is not published (the truncated row is gone), and
+/// every new row is, once, in more batches than one.
+async fn rows_truncated_before_they_were_published_give_their_seqs_away(mode: Mode) {
+    let env = TestEnv::new("truncated-unpublished", mode).await;
+    write_orders(&env.pool, 0, 2, 2).await;
+    env.relay_until_all_sent(LIMIT).await;
+    let mut relay = RelayProcess::start(&env, Some("after-commit"));
+    if mode == Mode::Replication {
+        env.wait_streaming(LIMIT).await;
+    }
+    write_orders(&env.pool, 1, 4, 2).await;
+    relay.killed_at_point("after-commit", LIMIT).await;
+    let truncated = write_backlog(&env.pool, 250, 5).await;
+    let truncated_up_to: i64 = sqlx::query_scalar("SELECT max(seq) FROM outbox")
+        .fetch_one(&env.pool)
+        .await
+        .expect("max seq");
+    sqlx::raw_sql("TRUNCATE outbox RESTART IDENTITY")
+        .execute(&env.pool)
+        .await
+        .expect("truncate");
+    let written = write_backlog(&env.pool, 400, 5).await;
+    assert!(
+        written.committed as i64 >= truncated_up_to,
+        "new rows reuse every truncated seq"
+    );
+
+    let mut relay = RelayProcess::start(&env, None);
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    assert_eq!(env.rows().await.len(), written.committed);
+    assert_every_row_published_once(&env).await;
+    let records = read_all(&env.kafka, &env.topic_prefix()).await;
+    let published_truncated = records
+        .iter()
+        .filter(|r| {
+            r.header("id")
+                .is_some_and(|id| truncated.committed_ids.iter().any(|t| t == id))
+        })
+        .count();
+    assert_eq!(
+        published_truncated, 0,
+        "rows truncated before they were published are not published"
+    );
 }
 
 /// Waits until the relay has reconciled (it took the table over) or its

@@ -10,10 +10,14 @@
 //!
 //! - **Tail** (the table's checkpoint group has an offset): read from just
 //!   after the table's latest checkpoint to the end. Anything a legacy relay
-//!   committed since we last led lies there, and nothing that matters lies
-//!   before. It is read first uncommitted, which never waits: in the usual
-//!   case it finds no legacy record and the takeover goes on. Only when it
-//!   finds one are those relays fenced and the tail read again committed,
+//!   committed since we last led lies there, and so does anything this table
+//!   committed under another identity it had meanwhile (a grant given and
+//!   taken away again, `relay.name` changed and changed back): nothing that
+//!   matters lies before. It is read first uncommitted, which never waits:
+//!   in the usual case it finds no such record and the takeover goes on.
+//!   Only when it finds one is the tail read again committed (the legacy
+//!   relays fenced first; the caller fences the other identities that
+//!   prove to be this table's),
 //!   which waits while other relays' open transactions hold the last stable
 //!   offset back. On partition 0 (the default topic's only one) its cost is
 //!   what the topic took since our last checkpoint, never the topic's
@@ -106,15 +110,18 @@ pub struct Found {
     pub table: Option<(i64, Checkpoint)>,
     /// The latest of each legacy relay that led the table since the start.
     pub legacy: Vec<LegacyCheckpoint>,
-    /// Whole-topic scans only: the latest checkpoint, with row ids, under
-    /// each other key that names this table's name or this database. One
-    /// of them may be this very table under an earlier identity: its old
-    /// name (a rename), or its old system identifier (`pg_upgrade`, a move
-    /// to another server, a revoked `pg_control_system()` grant). The caller
-    /// keeps only the rows whose seq and event id match, and fences only the
-    /// identities of this table in a database of this name
-    /// (`relay::takeover`): most are other tables' live relays.
-    pub same_database: Vec<Checkpoint>,
+    /// The latest checkpoint, with row ids, under each other key (with the
+    /// key) that names this table's name, or, in whole-topic scans, this
+    /// database. One of them may be this very table under an earlier
+    /// identity: its old name (a rename), its old system identifier
+    /// (`pg_upgrade`, a move to another server, a revoked
+    /// `pg_control_system()` grant), another `relay.name` stand-in, or an
+    /// identity it had and came back from (a grant given and taken away
+    /// again), whose checkpoints then lie in the tail. The caller keeps only
+    /// the rows whose seq and event id match, and fences only identities
+    /// shown to be this table's (`relay::takeover`): most are other
+    /// tables' live relays.
+    pub same_database: Vec<(String, Checkpoint)>,
 }
 
 /// Fences this relay's legacy transactional id, then reads from `start` as
@@ -124,8 +131,13 @@ pub async fn read(config: &Config, origin: &Origin, start: Start) -> Result<Foun
     Publisher::fence_transactional_id(config, &legacy_transactional_id(&config.relay.name)).await?;
     if let Start::After(_) = start {
         let peek = scan(config, origin, start, Isolation::Uncommitted).await?;
-        if peek.legacy.is_empty() {
+        if peek.legacy.is_empty() && peek.same_database.is_empty() {
             return Ok(Found::default());
+        }
+        if peek.legacy.is_empty() {
+            // Another identity wrote checkpoints naming this table's name
+            // since we last led: read them committed.
+            return scan(config, origin, start, Isolation::Committed).await;
         }
         tracing::warn!(
             legacy_relays = ?peek.legacy.iter().map(|l| l.key.as_str()).collect::<Vec<_>>(),
@@ -372,11 +384,10 @@ impl<'a> Books<'a> {
                 );
             }
             Some(Ok(Record::Checkpoint(checkpoint)))
-                if start == Start::Beginning
-                    && isolation == Isolation::Committed
-                    && checkpoint.ids.is_some()
+                if checkpoint.ids.is_some()
                     && (checkpoint.table == self.origin.table
-                        || (checkpoint.source.is_some()
+                        || (start == Start::Beginning
+                            && checkpoint.source.is_some()
                             && checkpoint.source == self.origin.source)) =>
             {
                 self.same_database.insert(key, checkpoint);
@@ -418,7 +429,7 @@ impl<'a> Books<'a> {
         Found {
             table: self.table,
             legacy: self.legacy.into_values().collect(),
-            same_database: self.same_database.into_values().collect(),
+            same_database: self.same_database.into_iter().collect(),
         }
     }
 }

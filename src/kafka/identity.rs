@@ -50,6 +50,17 @@ impl TableIdentity {
         }
     }
 
+    /// The identity whose checkpoints are keyed `checkpoint_key`: every
+    /// name of an identity derives from its key.
+    pub fn from_checkpoint_key(checkpoint_key: &str) -> TableIdentity {
+        TableIdentity {
+            transactional_id: format!("outboxd-{checkpoint_key}"),
+            checkpoint_group: format!("outboxd-{checkpoint_key}"),
+            checkpoint_key: checkpoint_key.to_string(),
+            names_the_database: !checkpoint_key.starts_with("relay:"),
+        }
+    }
+
     /// The other identity this relay's table may have had: the `relay.name`
     /// stand-in, used before the role was granted EXECUTE on
     /// `pg_control_system()`. (The reverse, a grant taken away, or a new
@@ -89,6 +100,19 @@ mod tests {
         let other_server = TableIdentity::new(Some("78/orders"), "public.outbox", "a");
         assert_ne!(orders.checkpoint_key, payments.checkpoint_key);
         assert_ne!(orders.transactional_id, other_server.transactional_id);
+    }
+
+    #[test]
+    fn an_identity_is_found_again_from_its_checkpoint_key() {
+        for identity in [
+            TableIdentity::new(Some("77/orders"), "public.outbox", "orders"),
+            TableIdentity::new(None, "public.outbox", "orders"),
+        ] {
+            assert_eq!(
+                TableIdentity::from_checkpoint_key(&identity.checkpoint_key),
+                identity
+            );
+        }
     }
 
     #[test]

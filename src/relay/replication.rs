@@ -503,7 +503,11 @@ async fn next_if_ready(
 }
 
 /// Drops events of transactions committed before `before` whose rows the
-/// table no longer shows unsent: the catch-up drain published them.
+/// table no longer shows unsent: the catch-up drain published them, or an
+/// operator truncated them away. A row is its seq *and* event id: after
+/// `TRUNCATE … RESTART IDENTITY` a streamed event of a truncated row shares
+/// its seq with a new unsent row, and by seq alone it would be published
+/// and its acknowledgement would mark the new row, never published.
 async fn keep_unsent_before(
     connection: &mut PgConnection,
     unsent_among_sql: &str,
@@ -519,7 +523,7 @@ async fn keep_unsent_before(
     if early.is_empty() {
         return Ok(());
     }
-    let unsent: std::collections::HashSet<i64> = sqlx::query_scalar(unsent_among_sql)
+    let unsent: std::collections::HashSet<(i64, String)> = sqlx::query_as(unsent_among_sql)
         .bind(&early)
         .fetch_all(connection)
         .await
@@ -527,11 +531,12 @@ async fn keep_unsent_before(
         .into_iter()
         .collect();
     let before_len = events.len();
-    events.retain(|event| !is_early(event) || unsent.contains(&event.seq));
+    events.retain(|event| !is_early(event) || unsent.contains(&(event.seq, event.id.clone())));
     if events.len() < before_len {
         tracing::debug!(
             already_published = before_len - events.len(),
-            "streamed rows the catch-up drain had already published were not produced again"
+            "streamed rows the catch-up drain had already published (or that were truncated) \
+             were not produced again"
         );
     }
     Ok(())

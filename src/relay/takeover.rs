@@ -52,10 +52,9 @@ pub(super) async fn take_over(
         return Ok(None);
     }
     let mut found = find_checkpoints(context, source, &identity).await?;
-    let earlier =
-        fence_earlier_identities(context, connection, &identity, &found.same_database).await?;
+    let earlier = fence_earlier_identities(context, connection, &identity, &found).await?;
     found.same_database.extend(earlier);
-    for other in &found.same_database {
+    for (_, other) in &found.same_database {
         let done = context
             .acknowledger
             .reconcile_if_renamed(connection, other)
@@ -122,41 +121,51 @@ pub(super) async fn take_over(
     Ok(Some(TakenOver { publisher, latest }))
 }
 
-/// A first start under a new identity (the `pg_control_system()` grant
-/// taken away, a new system identifier after `pg_upgrade` or a move) cannot
-/// name the identity before it: the scan found its checkpoints instead.
-/// Fences each identity that wrote a checkpoint of this table in a database
-/// of this name, so an instance still running under it (its Postgres
-/// sessions gone, its producer not) can no longer commit, then reads what
-/// each last committed, for the caller to reconcile by seq and event id.
-/// Identities of other tables are left alone: they are live relays of
-/// their own tables.
+/// Another identity wrote checkpoints naming this table's name: at a first
+/// start under a new identity (the `pg_control_system()` grant taken away,
+/// a new system identifier after `pg_upgrade` or a move, a new `relay.name`
+/// without the grant), anywhere on the topic; at a later start, after our
+/// latest checkpoint (an identity this table had and came back from: a
+/// grant given and taken away again, `relay.name` changed and changed
+/// back). Fences each one shown to be this table's, so an instance still
+/// running under it (its Postgres sessions gone, its producer not) can no
+/// longer commit, then reads what each last committed, for the caller to
+/// reconcile by seq and event id.
+///
+/// This table's: its checkpoint names a row here by seq and event id, or
+/// (first starts only, where its rows may all be gone) it names this table
+/// in a database of this name. Other identities are left alone: they are
+/// live relays of their own tables, here or in another database.
 async fn fence_earlier_identities(
     context: &Context,
     connection: &mut PgConnection,
     identity: &TableIdentity,
-    same_database: &[Checkpoint],
-) -> Result<Vec<Checkpoint>> {
+    found: &Found,
+) -> Result<Vec<(String, Checkpoint)>> {
     let config = &context.config;
     let database: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&mut *connection)
         .await
         .map_err(|e| crate::error::Error::from_postgres("reading the database's name", e))?;
     let mut earlier_identities: Vec<TableIdentity> = Vec::new();
-    for checkpoint in same_database {
-        let Some(source) = checkpoint.source.as_deref() else {
-            continue;
-        };
-        let same_database_name = source
-            .split_once('/')
-            .is_some_and(|(_, name)| name == database);
-        if checkpoint.table != context.table_name || !same_database_name {
+    for (key, checkpoint) in &found.same_database {
+        if *key == identity.checkpoint_key {
             continue;
         }
-        let earlier = TableIdentity::new(Some(source), &checkpoint.table, &config.relay.name);
-        if earlier.checkpoint_key != identity.checkpoint_key
-            && !earlier_identities.contains(&earlier)
-        {
+        let named_here = found.whole_topic
+            && checkpoint.table == context.table_name
+            && checkpoint
+                .source
+                .as_deref()
+                .and_then(|source| source.split_once('/'))
+                .is_some_and(|(_, name)| name == database);
+        let ours = named_here
+            || context
+                .acknowledger
+                .names_rows_here(connection, checkpoint)
+                .await?;
+        let earlier = TableIdentity::from_checkpoint_key(key);
+        if ours && !earlier_identities.contains(&earlier) {
             earlier_identities.push(earlier);
         }
     }
@@ -166,13 +175,14 @@ async fn fence_earlier_identities(
         tracing::warn!(
             previous_identity = %earlier.checkpoint_key,
             identity = %identity.checkpoint_key,
-            "this table was relayed under another identity of this database before (the \
-             pg_control_system() grant was taken away, or the system identifier changed): fenced \
-             it, so an instance still running under it cannot publish again"
+            "this table was relayed under another identity before (the pg_control_system() \
+             grant was given or taken away, relay.name changed without it, or the system \
+             identifier changed): fenced it, so an instance still running under it cannot \
+             publish again, and marking what it published"
         );
         // Fenced: its latest committed checkpoint can no longer change.
         if let Some(found) = checkpoint::read_latest(config, &earlier).await? {
-            latest.push(found.checkpoint);
+            latest.push((earlier.checkpoint_key.clone(), found.checkpoint));
         }
     }
     Ok(latest)
@@ -191,9 +201,12 @@ struct Candidate {
 /// What a takeover reconciles and whom it hands over from.
 struct Found {
     candidates: Vec<Candidate>,
-    /// Checkpoints of this table's possible earlier identities (first
-    /// starts only): reconciled by seq and event id alone.
-    same_database: Vec<Checkpoint>,
+    /// Checkpoints of this table's possible earlier identities, with their
+    /// keys: reconciled by seq and event id alone.
+    same_database: Vec<(String, Checkpoint)>,
+    /// Whether the checkpoint topic was scanned from its beginning (a first
+    /// start under this identity), not only after our latest checkpoint.
+    whole_topic: bool,
     /// Keys (and partitions) to write a hand-over marker under: this relay's
     /// `relay.name` and every legacy relay found.
     legacy_keys: Vec<(String, i32)>,
@@ -326,6 +339,7 @@ async fn find_checkpoints(
     Ok(Found {
         candidates,
         same_database: scanned.same_database,
+        whole_topic: start == checkpoint_scan::Start::Beginning,
         legacy_keys,
     })
 }
