@@ -240,8 +240,8 @@ pub async fn database_source(
                 "cannot read pg_control_system(), so the relay's Kafka identity (transactional.id, \
                  checkpoint key) names relay.name instead of the database; grant EXECUTE on \
                  pg_control_system() to the relay's role so a renamed relay still fences the old \
-                 one. Granting it later is safe (the relay adopts its earlier identity); taking \
-                 it away again is not"
+                 one. Granting it later, or taking it away again, is safe: the relay finds what \
+                 its earlier identity published, fences it and marks those rows"
             );
             Ok(None)
         }
