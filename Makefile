@@ -8,6 +8,8 @@
 #               machine's ceilings (bench/results.md, bench/results.png)
 #   make test-pg PG=17
 #               the Postgres-dependent tests on another PostgreSQL major version
+#   make test-helm  the Helm chart: helm lint and helm template, the rendered
+#               manifests against the Kubernetes API types (no servers)
 #
 # PG=N (or OUTBOXD_PG_VERSION=N in the environment), N from 14 to 18, runs
 # the stack of any target on that PostgreSQL major version: Debian's server
@@ -38,7 +40,7 @@ PG_TESTS = exactly_once:: replication:: partitioned_table:: cli::check_ operatio
 # slots; it fails on a server before 17, so it is included only here.
 PG_INCLUDE_IGNORED = $(if $(filter-out 14 15 16,$(OUTBOXD_PG_VERSION)),--include-ignored)
 
-.PHONY: demo test test-pg test-versions old-release chaos bench deps build lint stack-up stack-down
+.PHONY: demo test test-pg test-helm test-versions old-release chaos bench deps build lint stack-up stack-down
 
 deps:
 	bash deploy/local/install-deps.sh
@@ -61,6 +63,15 @@ test-pg:
 	@test -n "$(OUTBOXD_PG_VERSION)" || { echo "make test-pg: name the PostgreSQL major version, e.g. make test-pg PG=17 (14 to 18)" >&2; exit 2; }
 	$(MAKE) --no-print-directory build
 	bash scripts/with-stack.sh $(STACK_DIR)/test-pg$(OUTBOXD_PG_VERSION) $(CARGO) test --locked --test integration -- --test-threads=4 $(PG_INCLUDE_IGNORED) $(PG_TESTS)
+
+# The Helm chart (deploy/helm/outboxd): `helm lint --strict` and `helm
+# template` with each values file and the sidecar example; every rendered
+# manifest and deploy/kubernetes/ decoded strictly into the Kubernetes API
+# types (deploy/helm/validate), and each outboxd.yaml loaded by the relay.
+# Helm v4 is built once with `go install` (cached in ~/.cache/outboxd); then
+# a few seconds. No servers.
+test-helm: build
+	bash scripts/helm-check.sh
 
 # The release from before table-keyed checkpoints (0ac26db), built once into
 # ${XDG_CACHE_HOME:-~/.cache}/outboxd/old-0ac26db; prints the binary's path.
