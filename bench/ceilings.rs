@@ -196,9 +196,10 @@ pub async fn claim_mark(rows: usize, payload_bytes: usize) -> Ceiling {
             break;
         }
         claimed += events.len();
-        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        let rows_claimed: Vec<(i64, &str)> =
+            events.iter().map(|e| (e.seq, e.id.as_str())).collect();
         acknowledger
-            .acknowledge(&mut transaction, &seqs, &[])
+            .acknowledge(&mut transaction, &rows_claimed, &[])
             .await
             .expect("mark");
         transaction.commit().await.expect("COMMIT");

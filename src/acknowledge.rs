@@ -10,10 +10,13 @@ use sqlx::PgConnection;
 
 use crate::config::AfterPublish;
 use crate::error::{Error, Result};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::kafka::checkpoint::{Checkpoint, RowDigest};
 use crate::table::OutboxTable;
+
+/// A row as an acknowledgement names it: its seq and event id.
+pub type RowRef<'a> = (i64, &'a str);
 
 /// Rows acknowledged by one call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -49,22 +52,23 @@ impl Acknowledger {
         }
     }
 
-    /// Marks (or deletes) the rows of a committed batch.
+    /// Marks (or deletes) the rows of a committed batch, each named by its
+    /// seq and event id.
     pub async fn acknowledge(
         &self,
         connection: &mut PgConnection,
-        published: &[i64],
-        dead_lettered: &[i64],
+        published: &[(i64, &str)],
+        dead_lettered: &[(i64, &str)],
     ) -> Result<Acknowledged> {
         let acknowledged = Acknowledged {
-            published: execute_for_seqs(
+            published: execute_for_rows(
                 connection,
                 &self.published_sql,
                 published,
                 "acknowledging published rows",
             )
             .await?,
-            dead_lettered: execute_for_seqs(
+            dead_lettered: execute_for_rows(
                 connection,
                 &self.dead_lettered_sql,
                 dead_lettered,
@@ -86,8 +90,8 @@ impl Acknowledger {
     pub async fn acknowledge_streamed(
         &self,
         connection: &mut PgConnection,
-        published: &[i64],
-        dead_lettered: &[i64],
+        published: &[(i64, &str)],
+        dead_lettered: &[(i64, &str)],
     ) -> Result<Acknowledged> {
         let first = self
             .acknowledge(connection, published, dead_lettered)
@@ -124,8 +128,8 @@ impl Acknowledger {
                 checkpoint.table, self.table_name
             )));
         }
-        let mut published = checkpoint.published.to_seqs();
-        let mut dead_lettered = checkpoint.dead_lettered.to_seqs();
+        let published = checkpoint.published.to_seqs();
+        let dead_lettered = checkpoint.dead_lettered.to_seqs();
         if let Some(row_ids) = checkpoint.row_ids() {
             // Only rows present now with the checkpoint's event id are
             // acknowledged. A seq whose row is absent needs nothing (it was
@@ -140,16 +144,22 @@ impl Acknowledger {
                 tracing::warn!(
                     seqs = ?others,
                     "rows with these seqs are not the rows the checkpoint published under them \
-                     (their event ids differ): the database was restored or failed over to a \
-                     server that lacked the published rows, and handed their seqs to new rows. \
+                     (their event ids differ): the table was truncated with RESTART IDENTITY, or the \
+                     database was restored or failed over to a server that lacked the published \
+                     rows, and handed their seqs to new rows. \
                      Those new rows are not marked and will be published; the events the \
                      checkpoint names stay in Kafka for rows this database no longer has"
                 );
             }
-            published.retain(|seq| ours.contains(seq));
-            dead_lettered.retain(|seq| ours.contains(seq));
+            return self
+                .acknowledge_ours(connection, &ours, &published, &dead_lettered)
+                .await;
         }
-        self.acknowledge(connection, &published, &dead_lettered)
+        // A checkpoint of a release before row ids names rows by seq
+        // alone: mark whichever row holds each seq now.
+        let all: Vec<i64> = published.iter().chain(&dead_lettered).copied().collect();
+        let present = self.row_ids_by_seq(connection, &all).await?;
+        self.acknowledge_ours(connection, &present, &published, &dead_lettered)
             .await
     }
 
@@ -164,15 +174,45 @@ impl Acknowledger {
         let Some(row_ids) = checkpoint.row_ids() else {
             return Ok(Acknowledged::default());
         };
-        let mut published = checkpoint.published.to_seqs();
-        let mut dead_lettered = checkpoint.dead_lettered.to_seqs();
+        let published = checkpoint.published.to_seqs();
+        let dead_lettered = checkpoint.dead_lettered.to_seqs();
         let (ours, _) = self
             .sort_by_identity(connection, &row_ids, &published, &dead_lettered)
             .await?;
-        published.retain(|seq| ours.contains(seq));
-        dead_lettered.retain(|seq| ours.contains(seq));
-        self.acknowledge(connection, &published, &dead_lettered)
+        self.acknowledge_ours(connection, &ours, &published, &dead_lettered)
             .await
+    }
+
+    /// Acknowledges the rows among `published` and `dead_lettered` that
+    /// `ours` holds (seq → event id).
+    async fn acknowledge_ours(
+        &self,
+        connection: &mut PgConnection,
+        ours: &HashMap<i64, String>,
+        published: &[i64],
+        dead_lettered: &[i64],
+    ) -> Result<Acknowledged> {
+        let named = |seqs: &[i64]| -> Vec<(i64, &str)> {
+            seqs.iter()
+                .filter_map(|seq| ours.get(seq).map(|id| (*seq, id.as_str())))
+                .collect()
+        };
+        self.acknowledge(connection, &named(published), &named(dead_lettered))
+            .await
+    }
+
+    /// The event id of each row present under `seqs`.
+    async fn row_ids_by_seq(
+        &self,
+        connection: &mut PgConnection,
+        seqs: &[i64],
+    ) -> Result<HashMap<i64, String>> {
+        let rows: Vec<(i64, String)> = sqlx::query_as(&self.row_ids_sql)
+            .bind(seqs)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(|e| Error::from_postgres("reading the event ids of checkpointed rows", e))?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Whether a row here has a seq and event id that `checkpoint` names:
@@ -204,18 +244,13 @@ impl Acknowledger {
         row_ids: &HashMap<i64, RowDigest>,
         published: &[i64],
         dead_lettered: &[i64],
-    ) -> Result<(HashSet<i64>, Vec<i64>)> {
+    ) -> Result<(HashMap<i64, String>, Vec<i64>)> {
         let all: Vec<i64> = published.iter().chain(dead_lettered).copied().collect();
-        let rows: Vec<(i64, String)> = sqlx::query_as(&self.row_ids_sql)
-            .bind(&all)
-            .fetch_all(&mut *connection)
-            .await
-            .map_err(|e| Error::from_postgres("reading the event ids of checkpointed rows", e))?;
-        let mut ours = HashSet::new();
+        let mut ours = HashMap::new();
         let mut others = Vec::new();
-        for (seq, id) in rows {
+        for (seq, id) in self.row_ids_by_seq(connection, &all).await? {
             if row_ids.get(&seq) == Some(&RowDigest::of(&id)) {
-                ours.insert(seq);
+                ours.insert(seq, id);
             } else {
                 others.push(seq);
             }
@@ -223,18 +258,21 @@ impl Acknowledger {
         Ok((ours, others))
     }
 }
-/// Runs `sql` with `seqs` as `$1`; with no seqs there is nothing to send.
-async fn execute_for_seqs(
+/// Runs `sql` with the rows' seqs as `$1` and their event ids as `$2`;
+/// with no rows there is nothing to send.
+async fn execute_for_rows(
     connection: &mut PgConnection,
     sql: &str,
-    seqs: &[i64],
+    rows: &[(i64, &str)],
     context: &str,
 ) -> Result<u64> {
-    if seqs.is_empty() {
+    if rows.is_empty() {
         return Ok(0);
     }
+    let (seqs, ids): (Vec<i64>, Vec<&str>) = rows.iter().copied().unzip();
     Ok(sqlx::query(sql)
         .bind(seqs)
+        .bind(ids)
         .execute(&mut *connection)
         .await
         .map_err(|e| Error::from_postgres(context, e))?

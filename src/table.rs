@@ -234,15 +234,20 @@ impl OutboxTable {
         )
     }
 
-    /// Marks the rows in `$1` (a `bigint[]` of seq) sent; rows already
-    /// marked keep their first time, so replays are harmless.
+    /// Marks the rows in `$1` (a `bigint[]` of seq) whose event id is in
+    /// `$2` (a `text[]`) sent; rows already marked keep their first time, so
+    /// replays are harmless. The event id keeps a mark off a new row that
+    /// took a published row's seq (`TRUNCATE … RESTART IDENTITY` while the
+    /// batch was in flight, a restore): seq is indexed, the id only filters.
     pub fn mark_sent_sql(&self) -> String {
         let c = &self.columns;
         format!(
-            "UPDATE {table} SET {sent_at} = now() WHERE {seq} = ANY($1) AND {sent_at} IS NULL",
+            "UPDATE {table} SET {sent_at} = now() \
+             WHERE {seq} = ANY($1) AND {id}::text = ANY($2) AND {sent_at} IS NULL",
             table = self.qualified(),
             sent_at = quote_ident(&c.sent_at),
             seq = quote_ident(&c.seq),
+            id = quote_ident(&c.id),
         )
     }
 
@@ -344,12 +349,14 @@ impl OutboxTable {
         )
     }
 
-    /// Deletes the rows in `$1` (a `bigint[]` of seq).
+    /// Deletes the rows in `$1` (a `bigint[]` of seq) whose event id is in
+    /// `$2` (a `text[]`), for the reason `mark_sent_sql` gives.
     pub fn delete_sql(&self) -> String {
         format!(
-            "DELETE FROM {} WHERE {} = ANY($1)",
+            "DELETE FROM {} WHERE {} = ANY($1) AND {}::text = ANY($2)",
             self.qualified(),
-            quote_ident(&self.columns.seq)
+            quote_ident(&self.columns.seq),
+            quote_ident(&self.columns.id)
         )
     }
 

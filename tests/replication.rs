@@ -350,9 +350,9 @@ async fn a_streamed_row_not_yet_visible_is_marked_once_visible() {
     // The row as the stream would deliver it, its transaction not yet
     // visible to other sessions: here, simply not yet committed.
     let mut open = env.pool.begin().await.expect("begin");
-    let seq: i64 = sqlx::query_scalar(
+    let (seq, id): (i64, String) = sqlx::query_as(
         "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
-         VALUES ('Order', 'order-1', 'OrderCreated', '{}') RETURNING seq",
+         VALUES ('Order', 'order-1', 'OrderCreated', '{}') RETURNING seq, id::text",
     )
     .fetch_one(&mut *open)
     .await
@@ -366,7 +366,7 @@ async fn a_streamed_row_not_yet_visible_is_marked_once_visible() {
     let pid = backend_pid(&mut connection).await;
     let marking = tokio::spawn(async move {
         acknowledger
-            .acknowledge_streamed(&mut connection, &[seq], &[])
+            .acknowledge_streamed(&mut connection, &[(seq, id.as_str())], &[])
             .await
     });
     let acknowledged = waits_for_commit(

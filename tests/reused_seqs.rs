@@ -194,6 +194,75 @@ async fn rows_truncated_before_they_were_published_give_their_seqs_away(mode: Mo
     );
 }
 
+/// `TRUNCATE … RESTART IDENTITY` while replication runs: a batch is in
+/// Kafka, its mark not yet run (marks slowed, a window of one batch), and
+/// new rows take its rows' seqs. The mark must not mark the new rows (it
+/// matches seq and event id); the relay dies before their own batch
+/// commits, and on restart they are published, not taken for sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_in_flight_across_a_truncate_leaves_new_rows_unsent() {
+    let env = TestEnv::new("truncate-in-flight", Mode::Replication).await;
+    env.replace_in_config("relay:\n", "relay:\n  unacknowledged_batches: 1\n");
+    write_backlog(&env.pool, 5, 5).await;
+    env.relay_until_all_sent(LIMIT).await;
+    sqlx::raw_sql("TRUNCATE outbox RESTART IDENTITY")
+        .execute(&env.pool)
+        .await
+        .expect("truncate");
+    let mut relay = RelayProcess::start_with(
+        &env,
+        Some("after-begin:2"),
+        &[(outboxd::failpoint::SLOW_MARKS_ENV, "6000")],
+    );
+    env.wait_streaming(LIMIT).await;
+    let first = write_backlog(&env.pool, 10, 5).await;
+    wait_published(&env, &first.committed_ids).await;
+    // The first batch's mark waits its 6 s: the new rows come first.
+    sqlx::raw_sql("TRUNCATE outbox RESTART IDENTITY")
+        .execute(&env.pool)
+        .await
+        .expect("truncate");
+    let second = write_backlog(&env.pool, 10, 5).await;
+    // With one batch in the window, the second batch begins only once the
+    // first is marked; it dies there.
+    relay.killed_at_point("after-begin", LIMIT).await;
+
+    let mut relay = RelayProcess::start(&env, None);
+    wait_published(&env, &second.committed_ids).await;
+    env.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    assert_every_row_published_once(&env).await;
+    let records = read_all(&env.kafka, &env.topic_prefix()).await;
+    for id in &first.committed_ids {
+        let times = records
+            .iter()
+            .filter(|r| r.header("id") == Some(id.as_str()))
+            .count();
+        assert_eq!(times, 1, "the truncated row {id} was published once");
+    }
+}
+
+/// Waits until every event in `ids` is in Kafka.
+async fn wait_published(env: &TestEnv, ids: &[String]) {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let records = read_all(&env.kafka, &env.topic_prefix()).await;
+        let published = ids
+            .iter()
+            .filter(|id| records.iter().any(|r| r.header("id") == Some(id.as_str())))
+            .count();
+        if published == ids.len() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{published} of {} events reached Kafka",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits until the relay has reconciled (it took the table over) or its
 /// reconciliation waits to write the outbox: either way, it has read the
 /// rows' event ids.

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use crate::support::faults::{config_with_relay_name, log_path, RelayProcess};
 use crate::support::kafka::OpenTransaction;
-use crate::support::workload::{assert_exactly_once, write_orders, Written};
+use crate::support::workload::{
+    assert_every_row_published_once, assert_exactly_once, write_orders, Written,
+};
 use crate::support::{Mode, TestEnv};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -210,4 +212,86 @@ async fn an_expired_checkpoint_group_is_found_by_scanning(mode: Mode) {
     env.wait_all_sent(LIMIT).await;
     relay.stop().await;
     assert_exactly_once(&env, &Written::combined([before, during])).await;
+}
+
+/// Two databases on one server, both with `public.outbox`, share the
+/// checkpoint topic. The other database's relay is killed with its
+/// transaction open on the topic (`transaction_timeout: 300s`). This relay
+/// restarts after it: the other relay's checkpoints name no row here, so
+/// its restart reads nothing committed and never waits for that
+/// transaction to time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_databases_open_transaction_does_not_hold_a_restart() {
+    let shared = format!("it-siblings-{}.checkpoints", std::process::id());
+    let ours = TestEnv::new("sibling-ours", Mode::Polling)
+        .await
+        .with_checkpoint_topic(&shared);
+    let theirs = TestEnv::new("sibling-theirs", Mode::Polling)
+        .await
+        .with_checkpoint_topic(&shared);
+    theirs.replace_in_config(
+        "  transaction_timeout: 20s\n",
+        "  transaction_timeout: 300s\n",
+    );
+    relayed(&ours).await;
+    write_orders(&theirs.pool, 0, 5, 5).await;
+    let mut killed = RelayProcess::start(&theirs, Some("after-checkpoint"));
+    killed.killed_at_point("after-checkpoint", LIMIT).await;
+
+    write_orders(&ours.pool, 1, 5, 5).await;
+    // Well under the other transaction's 300 s.
+    let mut relay = RelayProcess::start(&ours, None);
+    ours.wait_all_sent(LIMIT).await;
+    relay.stop().await;
+    // By event id, from the routed topics: a read of the shared checkpoint
+    // topic would itself wait for the other transaction.
+    assert_every_row_published_once(&ours).await;
+}
+
+/// Two servers, each with a database of the same name and `public.outbox`
+/// (shards of one service), relays with different names on one checkpoint
+/// topic. The first start of the second shard's relay scans the topic and
+/// finds the first shard's checkpoints, named like its own table: they
+/// name no row here, so the first shard's live relay is not fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_named_database_on_another_server_is_not_fenced() {
+    use crate::support::pg_pair::PgPair;
+    let shared = format!("it-shards-{}.checkpoints", std::process::id());
+    let first = TestEnv::new("shard-first", Mode::Polling)
+        .await
+        .with_checkpoint_topic(&shared);
+    let pair = PgPair::start("shards").await;
+    let second = TestEnv::new_on_database(
+        &pair.primary_url,
+        "shard-second",
+        Mode::Polling,
+        &first.database_name(),
+    )
+    .await
+    .with_checkpoint_topic(&shared);
+    assert_ne!(first.checkpoint_key().await, second.checkpoint_key().await);
+    let first_written = write_orders(&first.pool, 0, 10, 5).await;
+    let mut first_relay = RelayProcess::start(&first, None);
+    first.wait_all_sent(LIMIT).await;
+
+    let second_written = write_orders(&second.pool, 0, 5, 5).await;
+    let mut second_relay = RelayProcess::start(&second, None);
+    second.wait_all_sent(LIMIT).await;
+    second_relay.stop().await;
+    first_relay.assert_running("the first shard's relay keeps running");
+    first_relay.stop().await;
+
+    let second_log = std::fs::read_to_string(log_path(&second)).expect("relay log");
+    assert!(
+        !second_log.contains("fenced it, so an instance still running"),
+        "the second shard's first start fenced the first shard's relay"
+    );
+    let first_log = std::fs::read_to_string(log_path(&first)).expect("relay log");
+    assert!(
+        !first_log.contains("fenced"),
+        "the first shard's relay was fenced: {first_log}"
+    );
+    assert_exactly_once(&first, &first_written).await;
+    assert_exactly_once(&second, &second_written).await;
+    drop(pair);
 }

@@ -124,30 +124,46 @@ pub struct Found {
     pub same_database: Vec<(String, Checkpoint)>,
 }
 
-/// Fences this relay's legacy transactional id, then reads from `start` as
-/// the module explains, fencing every other legacy relay it finds.
-pub async fn read(config: &Config, origin: &Origin, start: Start) -> Result<Found> {
-    let mut fenced = BTreeSet::from([config.relay.name.clone()]);
+/// Fences this relay's legacy transactional id, then reads the tail after
+/// `after` uncommitted, which never waits: what the caller decides by
+/// whether a committed read ([`read`]) is needed at all. It is when the
+/// peek found a legacy relay, or another identity's checkpoint naming rows
+/// of this very table. Other identities' checkpoints naming this table's
+/// name are most often other databases' live relays (many tables are called
+/// `public.outbox`), whose open transactions a committed read would wait for.
+pub async fn peek_tail(config: &Config, origin: &Origin, after: i64) -> Result<Found> {
     Publisher::fence_transactional_id(config, &legacy_transactional_id(&config.relay.name)).await?;
-    if let Start::After(_) = start {
-        let peek = scan(config, origin, start, Isolation::Uncommitted).await?;
-        if peek.legacy.is_empty() && peek.same_database.is_empty() {
-            return Ok(Found::default());
+    scan(config, origin, Start::After(after), Isolation::Uncommitted).await
+}
+
+/// Reads from `start` committed, as the module explains, fencing every
+/// legacy relay it finds first. `peeked`: what [`peek_tail`] found for a
+/// tail (this relay's legacy id is fenced then); `None` for a whole-topic
+/// scan, which fences it here.
+pub async fn read(
+    config: &Config,
+    origin: &Origin,
+    start: Start,
+    peeked: Option<Found>,
+) -> Result<Found> {
+    let mut fenced = BTreeSet::from([config.relay.name.clone()]);
+    match peeked {
+        None => {
+            Publisher::fence_transactional_id(config, &legacy_transactional_id(&config.relay.name))
+                .await?
         }
-        if peek.legacy.is_empty() {
-            // Another identity wrote checkpoints naming this table's name
-            // since we last led: read them committed.
-            return scan(config, origin, start, Isolation::Committed).await;
+        Some(peek) if !peek.legacy.is_empty() => {
+            tracing::warn!(
+                legacy_relays = ?peek.legacy.iter().map(|l| l.key.as_str()).collect::<Vec<_>>(),
+                "a relay from before table-keyed checkpoints (outboxd 0.1 up to 0ac26db) may have \
+                 written checkpoints for this table after this release last led it (a rollback, or \
+                 an old pod that restarted): fencing it and adopting what it committed"
+            );
+            // Fenced before the committed read, which would otherwise wait
+            // for their open transactions.
+            fence_new(config, &peek, &mut fenced).await?;
         }
-        tracing::warn!(
-            legacy_relays = ?peek.legacy.iter().map(|l| l.key.as_str()).collect::<Vec<_>>(),
-            "a relay from before table-keyed checkpoints (outboxd 0.1 up to 0ac26db) may have \
-             written checkpoints for this table after this release last led it (a rollback, or an \
-             old pod that restarted): fencing it and adopting what it committed"
-        );
-        // Fenced before the committed read, which would otherwise wait for
-        // their open transactions.
-        fence_new(config, &peek, &mut fenced).await?;
+        Some(_) => {}
     }
     // Read, fence every legacy relay found, and read again until a read
     // finds none that was not fenced before it began: then no checkpoint of

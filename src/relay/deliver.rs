@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::acknowledge::RowRef;
 use crate::batch::Batch;
 use crate::config::PoisonPolicy;
 use crate::error::{ErrorKind, Result};
@@ -33,6 +34,20 @@ pub struct Delivered {
     /// Which row each of those seqs is, for the checkpoints that name them
     /// until they are marked.
     pub row_ids: HashMap<i64, RowDigest>,
+    /// The event id of each of those seqs, which their marks match too.
+    pub event_ids: HashMap<i64, String>,
+}
+
+impl Delivered {
+    /// The published and the dead-lettered rows, each as (seq, event id).
+    pub fn rows(&self) -> (Vec<RowRef<'_>>, Vec<RowRef<'_>>) {
+        let named = |seqs: &[i64]| -> Vec<RowRef<'_>> {
+            seqs.iter()
+                .filter_map(|seq| self.event_ids.get(seq).map(|id| (*seq, id.as_str())))
+                .collect()
+        };
+        (named(&self.published), named(&self.dead_lettered))
+    }
 }
 
 /// Counters for the periodic progress line.
@@ -193,6 +208,7 @@ impl<'a> Deliverer<'a> {
                         published: batch.published,
                         dead_lettered: batch.dead_lettered,
                         row_ids,
+                        event_ids: events.iter().map(|e| (e.seq, e.id.clone())).collect(),
                     }));
                 }
                 Err(PublishError::RecordRejected { index, reason }) => {

@@ -270,11 +270,8 @@ async fn acknowledge(
         if let Some(delay) = failpoint::mark_delay() {
             tokio::time::sleep(delay).await;
         }
-        let Delivered {
-            published,
-            dead_lettered,
-            ..
-        } = &batch.delivered;
+        let (published, dead_lettered) = batch.delivered.rows();
+        let (published, dead_lettered) = (&published[..], &dead_lettered[..]);
         match batch.acknowledge_with {
             AcknowledgeWith::Claim(mut transaction) => {
                 acknowledger

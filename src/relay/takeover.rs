@@ -51,7 +51,7 @@ pub(super) async fn take_over(
     if !leader::wait_for_earlier_claims(connection, &context.table_name, &mut stop).await? {
         return Ok(None);
     }
-    let mut found = find_checkpoints(context, source, &identity).await?;
+    let mut found = find_checkpoints(context, connection, source, &identity).await?;
     let earlier = fence_earlier_identities(context, connection, &identity, &found).await?;
     found.same_database.extend(earlier);
     for (_, other) in &found.same_database {
@@ -132,10 +132,12 @@ pub(super) async fn take_over(
 /// longer commit, then reads what each last committed, for the caller to
 /// reconcile by seq and event id.
 ///
-/// This table's: its checkpoint names a row here by seq and event id, or
-/// (first starts only, where its rows may all be gone) it names this table
-/// in a database of this name. Other identities are left alone: they are
-/// live relays of their own tables, here or in another database.
+/// This table's: its checkpoint names a row here by seq and event id. Not
+/// by names: another server's database of the same name with the same table
+/// is another table, whose live relay must not be fenced. Other identities
+/// are left alone: they are live relays of their own tables, here or in
+/// another database. (An identity whose rows are all gone, marked and
+/// deleted, has nothing left to reconcile.)
 async fn fence_earlier_identities(
     context: &Context,
     connection: &mut PgConnection,
@@ -143,27 +145,15 @@ async fn fence_earlier_identities(
     found: &Found,
 ) -> Result<Vec<(String, Checkpoint)>> {
     let config = &context.config;
-    let database: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&mut *connection)
-        .await
-        .map_err(|e| crate::error::Error::from_postgres("reading the database's name", e))?;
     let mut earlier_identities: Vec<TableIdentity> = Vec::new();
     for (key, checkpoint) in &found.same_database {
         if *key == identity.checkpoint_key {
             continue;
         }
-        let named_here = found.whole_topic
-            && checkpoint.table == context.table_name
-            && checkpoint
-                .source
-                .as_deref()
-                .and_then(|source| source.split_once('/'))
-                .is_some_and(|(_, name)| name == database);
-        let ours = named_here
-            || context
-                .acknowledger
-                .names_rows_here(connection, checkpoint)
-                .await?;
+        let ours = context
+            .acknowledger
+            .names_rows_here(connection, checkpoint)
+            .await?;
         let earlier = TableIdentity::from_checkpoint_key(key);
         if ours && !earlier_identities.contains(&earlier) {
             earlier_identities.push(earlier);
@@ -204,9 +194,6 @@ struct Found {
     /// Checkpoints of this table's possible earlier identities, with their
     /// keys: reconciled by seq and event id alone.
     same_database: Vec<(String, Checkpoint)>,
-    /// Whether the checkpoint topic was scanned from its beginning (a first
-    /// start under this identity), not only after our latest checkpoint.
-    whole_topic: bool,
     /// Keys (and partitions) to write a hand-over marker under: this relay's
     /// `relay.name` and every legacy relay found.
     legacy_keys: Vec<(String, i32)>,
@@ -218,6 +205,7 @@ struct Found {
 /// releases from before table-keyed checkpoints (`kafka::checkpoint_scan`).
 async fn find_checkpoints(
     context: &Context,
+    connection: &mut PgConnection,
     source: Option<&str>,
     identity: &TableIdentity,
 ) -> Result<Found> {
@@ -304,7 +292,30 @@ async fn find_checkpoints(
         source: source.map(str::to_string),
         stand_in_keys,
     };
-    let scanned = checkpoint_scan::read(config, &origin, start).await?;
+    let scanned = match start {
+        checkpoint_scan::Start::After(after) => {
+            let peek = checkpoint_scan::peek_tail(config, &origin, after).await?;
+            let mut names_this_table = false;
+            for (_, checkpoint) in &peek.same_database {
+                if context
+                    .acknowledger
+                    .names_rows_here(connection, checkpoint)
+                    .await?
+                {
+                    names_this_table = true;
+                    break;
+                }
+            }
+            if peek.legacy.is_empty() && !names_this_table {
+                checkpoint_scan::Found::default()
+            } else {
+                checkpoint_scan::read(config, &origin, start, Some(peek)).await?
+            }
+        }
+        checkpoint_scan::Start::Beginning => {
+            checkpoint_scan::read(config, &origin, start, None).await?
+        }
+    };
     if let Some((_, checkpoint)) = scanned.table {
         candidates.push(Candidate {
             written_by: format!("this table's identity `{}`", identity.checkpoint_key),
@@ -339,7 +350,6 @@ async fn find_checkpoints(
     Ok(Found {
         candidates,
         same_database: scanned.same_database,
-        whole_topic: start == checkpoint_scan::Start::Beginning,
         legacy_keys,
     })
 }

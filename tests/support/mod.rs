@@ -137,7 +137,33 @@ impl TestEnv {
         TestEnv::new_with(&servers().postgres_url, name, mode, partitioning).await
     }
 
+    /// Like `new_on`, with the database called `database` (the same name
+    /// as another env's, on another server: shards of one service).
+    pub async fn new_on_database(
+        server_url: &str,
+        name: &str,
+        mode: Mode,
+        database: &str,
+    ) -> TestEnv {
+        TestEnv::new_with_database(server_url, name, mode, "", Some(database)).await
+    }
+
+    /// The name of the env's database.
+    pub fn database_name(&self) -> String {
+        self.database_url_name()
+    }
+
     async fn new_with(server_url: &str, name: &str, mode: Mode, postgres_extra: &str) -> TestEnv {
+        TestEnv::new_with_database(server_url, name, mode, postgres_extra, None).await
+    }
+
+    async fn new_with_database(
+        server_url: &str,
+        name: &str,
+        mode: Mode,
+        postgres_extra: &str,
+        database: Option<&str>,
+    ) -> TestEnv {
         let servers = servers();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
@@ -149,7 +175,9 @@ impl TestEnv {
         // Short and unique: it also names the replication slot, which is
         // per server, not per database.
         let relay_name = format!("it-{}-{pid}-{n}", &mode.config_value()[..1]);
-        let database = format!("t_{}", id.replace('-', "_"));
+        let database = database
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("t_{}", id.replace('-', "_")));
         let mut admin = PgConnection::connect(server_url)
             .await
             .expect("connect to the test Postgres (is the stack up?)");
