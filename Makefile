@@ -1,6 +1,7 @@
 # outboxd: two commands do everything on a fresh machine.
 #   make demo   the relay end to end on a local PostgreSQL and Kafka
 #   make test   the whole suite: unit tests and integration tests on real servers
+#               (PostgreSQL, Kafka, and a schema registry built once with Maven)
 #   make chaos  long fault-injection campaigns, then a table (chaos/results.md)
 #   make test-versions  today's relay and the release before table-keyed
 #               checkpoints hand one table back and forth (not in `make test`)

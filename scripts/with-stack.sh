@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Runs a command with a throwaway PostgreSQL and Kafka, then stops them.
+# Runs a command with a throwaway PostgreSQL, Kafka and schema registry,
+# then stops them.
 #
 #   scripts/with-stack.sh DIR COMMAND [ARGS...]
 #
-# The servers' addresses reach COMMAND as OUTBOXD_TEST_PG_URL and
-# OUTBOXD_TEST_KAFKA. They are stopped by PID whatever COMMAND does, and
+# The servers' addresses reach COMMAND as OUTBOXD_TEST_PG_URL,
+# OUTBOXD_TEST_KAFKA, OUTBOXD_TEST_SCHEMA_REGISTRY and the rest of the
+# stack's env file. They are stopped by PID whatever COMMAND does, and
 # COMMAND's exit status is this script's.
 set -euo pipefail
 

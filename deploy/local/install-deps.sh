@@ -3,8 +3,10 @@
 # and is not there yet: PostgreSQL server, a C/C++ toolchain for rdkafka's
 # bundled librdkafka (features cmake-build + ssl + curl), a Java 17 runtime and Maven
 # (Kafka's jars come from Maven Central), openssl for the stack's test
-# certificates, Prometheus and promtool (the alert rules' tests), and a Python virtualenv with the CloudEvents SDK (from PyPI),
-# which a test reads outboxd's records with. Idempotent: does nothing, and
+# certificates, Prometheus and promtool (the alert rules' tests), curl, and a
+# Python virtualenv with the CloudEvents SDK and confluent-kafka's Schema
+# Registry deserializers (from PyPI), which tests read outboxd's records with.
+# (The stack's schema registry is built with Maven by registry.sh.) Idempotent: does nothing, and
 # never touches the network, when everything is present.
 #
 # OUTBOXD_PG_VERSION=MAJOR (14 to 18) asks for a PostgreSQL server of that
@@ -33,22 +35,35 @@ has_java17() {
 }
 
 # The tests' Python: a virtualenv of its own (Debian's Python refuses pip
-# installs into the system), with the CloudEvents SDK pinned.
+# installs into the system), with the CloudEvents SDK and confluent-kafka
+# (its AvroDeserializer and JSONDeserializer, which fetch schemas from the
+# registry) pinned.
 PYTHON_ENV=${XDG_CACHE_HOME:-$HOME/.cache}/outboxd/python
 CLOUDEVENTS_VERSION=2.2.0
+CONFLUENT_KAFKA_VERSION=2.16.1
+has_python_pkg() {
+    "$PYTHON_ENV/bin/python" -c \
+        "import importlib.metadata as m; assert m.version('$1') == '$2'" 2>/dev/null
+}
 has_python_env() {
-    [[ -x "$PYTHON_ENV/bin/python" ]] && "$PYTHON_ENV/bin/python" -c \
-        "import importlib.metadata as m; assert m.version('cloudevents') == '$CLOUDEVENTS_VERSION'" 2>/dev/null
+    [[ -x "$PYTHON_ENV/bin/python" ]] && has_python_pkg cloudevents "$CLOUDEVENTS_VERSION" \
+        && has_python_pkg confluent-kafka "$CONFLUENT_KAFKA_VERSION" \
+        && "$PYTHON_ENV/bin/python" -c 'import confluent_kafka.schema_registry.avro, confluent_kafka.schema_registry.json_schema' 2>/dev/null
 }
 
 make_python_env() {
     has_python_env && return 0
-    say "creating $PYTHON_ENV with cloudevents $CLOUDEVENTS_VERSION"
-    rm -rf "$PYTHON_ENV"
-    python3 -m venv "$PYTHON_ENV" || die "python3 -m venv failed"
+    if [[ ! -x "$PYTHON_ENV/bin/python" ]]; then
+        say "creating $PYTHON_ENV"
+        python3 -m venv "$PYTHON_ENV" || die "python3 -m venv failed"
+    fi
+    # Added to an existing env rather than made anew: other stacks may be
+    # using it right now.
+    say "installing cloudevents $CLOUDEVENTS_VERSION and confluent-kafka $CONFLUENT_KAFKA_VERSION into $PYTHON_ENV"
     "$PYTHON_ENV/bin/pip" install -q --disable-pip-version-check "cloudevents==$CLOUDEVENTS_VERSION" \
-        || die "pip could not install cloudevents $CLOUDEVENTS_VERSION from PyPI"
-    has_python_env || die "cloudevents $CLOUDEVENTS_VERSION is not importable from $PYTHON_ENV"
+        "confluent-kafka[avro,json,schemaregistry]==$CONFLUENT_KAFKA_VERSION" \
+        || die "pip could not install cloudevents and confluent-kafka from PyPI"
+    has_python_env || die "cloudevents $CLOUDEVENTS_VERSION or confluent-kafka $CONFLUENT_KAFKA_VERSION is not importable from $PYTHON_ENV"
 }
 
 # Debian puts the server binaries in /usr/lib/postgresql/<ver>/bin, not on PATH.
@@ -73,6 +88,8 @@ missing_packages() {
     command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)
     command -v mvn >/dev/null 2>&1 || pkgs+=(maven)
     command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
+    # The stack waits for the schema registry's readiness endpoint with it.
+    command -v curl >/dev/null 2>&1 || pkgs+=(curl)
     # A real Prometheus (and promtool) for the tests of the alert rules.
     command -v promtool >/dev/null 2>&1 || pkgs+=(prometheus)
     # venv needs ensurepip, which Debian ships separately.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Throwaway local PostgreSQL + single-node Kafka (KRaft) as plain processes,
 # for tests, `make demo` and `make test`, plus a second broker that does not
-# create topics on first use. No Docker needed.
+# create topics on first use and a Confluent-compatible schema registry
+# (Apicurio, built once with Maven: registry.sh). No Docker needed.
 #
 #   stack.sh up DIR             install deps, start them all, write DIR/env
 #   stack.sh down DIR           stop them all (idempotent)
@@ -25,6 +26,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=registry.sh
+source "$HERE/registry.sh"
 # 4.4.0 is listed on Maven Central but its kafka-tools-api/kafka-tools jars
 # are not there, so it cannot be resolved; 4.3.1 is the newest that resolves.
 KAFKA_VERSION=${OUTBOXD_KAFKA_VERSION:-4.3.1}
@@ -584,14 +587,15 @@ cmd_up() {
         || is_ours "$(read_pid "$dir/pg.pid")" "$dir/pg/data" \
         || is_ours "$(read_pid "$dir/pg-nological.pid")" "$dir/pg-nological/data" \
         || is_ours "$(read_pid "$dir/pg-tls.pid")" "$dir/pg-tls/data" \
-        || is_ours "$(read_pid "$dir/strict/kafka.pid")" "$(kafka_marker "$dir/strict")"; then
+        || is_ours "$(read_pid "$dir/strict/kafka.pid")" "$(kafka_marker "$dir/strict")" \
+        || is_ours "$(read_pid "$dir/registry.pid")" "$(registry_marker "$dir")"; then
         die "a stack is already running in $dir (run: $0 down $dir)"
     fi
     bash "$HERE/install-deps.sh"
     command -v java >/dev/null || die "java not found after install-deps.sh"
 
     # Fresh state every time: this is a throwaway stack.
-    rm -rf "$dir/pg" "$dir/pg-nological" "$dir/pg-tls" "$dir/pg-server" "$dir/tls" "$dir/kafka" "$dir/strict" "$dir/env" "$dir"/*.pid "$dir"/*.port "$dir/pg.bin"
+    rm -rf "$dir/pg" "$dir/pg-nological" "$dir/pg-tls" "$dir/pg-server" "$dir/tls" "$dir/kafka" "$dir/strict" "$dir/registry" "$dir/env" "$dir"/*.pid "$dir"/*.port "$dir/pg.bin"
     # mktemp -d makes 0700 dirs; the postgres user must be able to enter DIR.
     [[ $EUID -eq 0 ]] && chmod o+x "$dir"
 
@@ -623,11 +627,19 @@ cmd_up() {
     write_strict_kafka_config "$dir/strict/kafka" "$strict_port" "$strict_cport"
     (format_kafka "$dir/strict"; launch_kafka "$dir/strict") &
     local strict_waiter=$!
+    # The schema registry: built on first use (Maven, about a minute), then
+    # a JVM start like the brokers'.
+    local registry_port
+    free_port registry_port
+    say "registry: starting Apicurio Registry on 127.0.0.1:$registry_port"
+    (registry_start "$dir" "$registry_port") &
+    local registry_waiter=$!
     start_pg "$dir" pg logical
     start_pg "$dir" pg-nological replica
     start_pg "$dir" pg-tls logical tls
     wait "$kafka_waiter" || exit 1
     wait "$strict_waiter" || exit 1
+    wait "$registry_waiter" || exit 1
     KAFKA_PORT=$kport
     local PG_PORT NOLOGICAL_PORT TLS_PORT tls=$dir/tls
     PG_PORT=$(cat "$dir/pg.port")
@@ -658,6 +670,8 @@ export OUTBOXD_TEST_KAFKA_SASL_USER=$SASL_USER
 export OUTBOXD_TEST_KAFKA_SASL_PASSWORD=$SASL_PASSWORD
 # Python with the CloudEvents SDK (made by install-deps.sh).
 export OUTBOXD_TEST_PYTHON=${XDG_CACHE_HOME:-$HOME/.cache}/outboxd/python/bin/python
+# A Confluent-compatible schema registry (Apicurio's ccompat API), empty.
+export OUTBOXD_TEST_SCHEMA_REGISTRY=http://127.0.0.1:$registry_port/apis/ccompat/v7
 # A broker that does not create topics on first use, as production ones.
 export OUTBOXD_TEST_KAFKA_NO_AUTO_CREATE=127.0.0.1:$strict_port
 # The servers' PostgreSQL version and binaries (OUTBOXD_PG_VERSION picks them).
@@ -674,6 +688,7 @@ EOF
     echo "  kafka     127.0.0.1:$KAFKA_PORT ($KAFKA_VERSION)  pid $(cat "$dir/kafka.pid")  log $dir/kafka/kafka.log"
     echo "  kafka     127.0.0.1:$sasl_port (SASL_SSL, SCRAM-SHA-512 user $SASL_USER, CA $tls/ca.crt)"
     echo "  kafka     127.0.0.1:$strict_port (auto.create.topics.enable=false)  pid $(cat "$dir/strict/kafka.pid")"
+    echo "  registry  http://127.0.0.1:$registry_port/apis/ccompat/v7  pid $(cat "$dir/registry.pid")  log $dir/registry/registry.log"
     echo "  env       source $dir/env"
 }
 
@@ -686,6 +701,8 @@ cmd_down() {
     stop_pg "$dir" pg
     stop_pg "$dir" pg-nological
     stop_pg "$dir" pg-tls
+    stop_pid "$(read_pid "$dir/registry.pid")" "$(registry_marker "$dir")" registry
+    rm -f "$dir/registry.pid"
 }
 
 cmd_kafka_kill() {
