@@ -171,8 +171,13 @@ impl OutboxTable {
                 payload = quote_ident(&c.payload)
             ),
         };
+        // The event id is read, and matched everywhere, as the column type's
+        // output function writes it (`format('%s', …)`), which is what the
+        // replication stream carries; `::text` can differ (a padded
+        // `character(n)` loses its blanks), and marks and the catch-up
+        // filter match streamed rows by seq and event id.
         format!(
-            "SELECT {seq}::bigint, {id}::text, {aggregate_type}::text, {aggregate_id}::text, {event_type}::text, \
+            "SELECT {seq}::bigint, format('%s', {id}), {aggregate_type}::text, {aggregate_id}::text, {event_type}::text, \
              {payload_expr}, {headers}, {trace}, EXTRACT(EPOCH FROM {created_at})::float8, {created_at_text} \
              FROM {table} WHERE {sent_at} IS NULL{extra_condition} AND {seq} <= \
                (SELECT coalesce(max(seq), $3::bigint) FROM \
@@ -202,7 +207,7 @@ impl OutboxTable {
         format!(
             "SELECT t.{seq}::bigint FROM {table} t \
              JOIN unnest($1::bigint[], $2::text[]) AS d(dead_seq, dead_id) \
-             ON t.{seq} = d.dead_seq AND t.{id}::text = d.dead_id",
+             ON t.{seq} = d.dead_seq AND format('%s', t.{id}) = d.dead_id",
             seq = quote_ident(&c.seq),
             id = quote_ident(&c.id),
             table = self.qualified(),
@@ -243,7 +248,7 @@ impl OutboxTable {
         let c = &self.columns;
         format!(
             "UPDATE {table} SET {sent_at} = now() \
-             WHERE {seq} = ANY($1) AND {id}::text = ANY($2) AND {sent_at} IS NULL",
+             WHERE {seq} = ANY($1) AND format('%s', {id}) = ANY($2) AND {sent_at} IS NULL",
             table = self.qualified(),
             sent_at = quote_ident(&c.sent_at),
             seq = quote_ident(&c.seq),
@@ -255,7 +260,7 @@ impl OutboxTable {
     pub fn row_ids_sql(&self) -> String {
         let c = &self.columns;
         format!(
-            "SELECT {seq}::bigint, {id}::text FROM {table} WHERE {seq} = ANY($1)",
+            "SELECT {seq}::bigint, format('%s', {id}) FROM {table} WHERE {seq} = ANY($1)",
             table = self.qualified(),
             id = quote_ident(&c.id),
             seq = quote_ident(&c.seq),
@@ -297,7 +302,7 @@ impl OutboxTable {
     pub fn unsent_among_sql(&self) -> String {
         let c = &self.columns;
         format!(
-            "SELECT {seq}::bigint, {id}::text FROM {table} WHERE {seq} = ANY($1) AND {sent_at} IS NULL",
+            "SELECT {seq}::bigint, format('%s', {id}) FROM {table} WHERE {seq} = ANY($1) AND {sent_at} IS NULL",
             table = self.qualified(),
             sent_at = quote_ident(&c.sent_at),
             seq = quote_ident(&c.seq),
@@ -353,7 +358,7 @@ impl OutboxTable {
     /// `$2` (a `text[]`), for the reason `mark_sent_sql` gives.
     pub fn delete_sql(&self) -> String {
         format!(
-            "DELETE FROM {} WHERE {} = ANY($1) AND {}::text = ANY($2)",
+            "DELETE FROM {} WHERE {} = ANY($1) AND format('%s', {}) = ANY($2)",
             self.qualified(),
             quote_ident(&self.columns.seq),
             quote_ident(&self.columns.id)

@@ -131,3 +131,63 @@ async fn delete_after_publish_removes_rows_and_keeps_headers_and_payload(mode: M
         Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
     );
 }
+
+in_both_modes!(
+    an_event_id_whose_text_form_differs_is_relayed_once,
+    worker_threads = 2
+);
+/// An id column of type `character(40)` holding uuids: Postgres pads each
+/// value with blanks, which the column's output function (and so the
+/// replication stream) keeps and a cast to `text` drops. Marks, the
+/// catch-up filter and reconciliation match rows by seq and event id, so
+/// both forms must agree: every row is published once and marked, across a
+/// kill after a Kafka commit.
+async fn an_event_id_whose_text_form_differs_is_relayed_once(mode: Mode) {
+    let env = TestEnv::new("padded-ids", mode).await;
+    sqlx::raw_sql(
+        "DROP TRIGGER outbox_insert_only_update ON outbox; \
+         ALTER TABLE outbox ALTER COLUMN id DROP DEFAULT, \
+         ALTER COLUMN id TYPE character(40) USING id::text, \
+         ALTER COLUMN id SET DEFAULT gen_random_uuid()::text",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("make the id column character(40)");
+    // The insert-only guard back, as the migration creates it.
+    outboxd::migrate::apply(&env.setup())
+        .await
+        .expect("migrate again");
+    let written = crate::support::workload::write_orders(&env.pool, 0, 10, 5).await;
+    let mut relay = crate::support::faults::RelayProcess::start(&env, Some("after-commit"));
+    relay
+        .killed_at_point("after-commit", Duration::from_secs(60))
+        .await;
+    written_more_then_relayed(&env).await;
+
+    let ids: Vec<String> = sqlx::query_scalar("SELECT format('%s', id) FROM outbox")
+        .fetch_all(&env.pool)
+        .await
+        .expect("ids");
+    assert!(
+        ids.len() > written.committed,
+        "rows were written after the kill"
+    );
+    assert!(ids.iter().all(|id| id.ends_with(' ')), "the ids are padded");
+    let records = crate::support::kafka::read_all(&env.kafka, &env.topic_prefix()).await;
+    for id in &ids {
+        let times = records
+            .iter()
+            .filter(|r| r.header("id") == Some(id.as_str()))
+            .count();
+        assert_eq!(times, 1, "event {id:?} published once");
+    }
+    assert_eq!(records.len(), ids.len(), "nothing else was published");
+}
+
+/// Writes more orders, then relays until every row is marked sent.
+async fn written_more_then_relayed(env: &TestEnv) {
+    crate::support::workload::write_orders(&env.pool, 1, 10, 5).await;
+    let mut relay = crate::support::faults::RelayProcess::start(env, None);
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await;
+}
