@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use crate::config::PoisonPolicy;
 use crate::error::{Error, Result};
 use crate::event::OutboxEvent;
+use crate::registry::Schemas;
 use crate::routing::{RoutedRecord, Router};
 
 #[derive(Debug, Default)]
@@ -22,10 +23,12 @@ pub struct Batch<'a> {
 }
 
 impl<'a> Batch<'a> {
-    /// Routes `events`. `known_rejections` holds rows the broker refused on
-    /// an earlier attempt (say, over a topic's own size limit), by seq.
+    /// Routes `events`, encoding values with `schemas` (resolved for these
+    /// events). `known_rejections` holds rows the broker refused on an
+    /// earlier attempt (say, over a topic's own size limit), by seq.
     pub fn route(
         router: &'a Router,
+        schemas: &Schemas,
         events: &'a [OutboxEvent],
         known_rejections: &HashMap<i64, String>,
         policy: PoisonPolicy,
@@ -34,7 +37,7 @@ impl<'a> Batch<'a> {
         for event in events {
             let routed = match known_rejections.get(&event.seq) {
                 Some(reason) => Err(reason.clone()),
-                None => router.route(event),
+                None => router.route_with(event, schemas),
             };
             match routed {
                 Ok(record) => {
@@ -101,8 +104,14 @@ mod tests {
             event(3, "Order"),
         ];
         let router = router();
-        let batch =
-            Batch::route(&router, &events, &HashMap::new(), PoisonPolicy::DeadLetter).unwrap();
+        let batch = Batch::route(
+            &router,
+            &Schemas::new(),
+            &events,
+            &HashMap::new(),
+            PoisonPolicy::DeadLetter,
+        )
+        .unwrap();
         assert_eq!(batch.published, vec![1, 3]);
         assert_eq!(batch.dead_lettered, vec![2]);
         assert_eq!(batch.record_seqs, vec![1, 2, 3]);
@@ -114,7 +123,14 @@ mod tests {
         let rejections = HashMap::from([(1, "rejected by Kafka: message too large".to_string())]);
         let router = router();
         let events = [event(1, "Order")];
-        let batch = Batch::route(&router, &events, &rejections, PoisonPolicy::DeadLetter).unwrap();
+        let batch = Batch::route(
+            &router,
+            &Schemas::new(),
+            &events,
+            &rejections,
+            PoisonPolicy::DeadLetter,
+        )
+        .unwrap();
         assert_eq!(batch.dead_lettered, vec![1]);
     }
 
@@ -122,8 +138,14 @@ mod tests {
     fn halt_policy_stops_with_the_row_named() {
         let router = router();
         let events = [event(9, "bad topic")];
-        let error =
-            Batch::route(&router, &events, &HashMap::new(), PoisonPolicy::Halt).unwrap_err();
+        let error = Batch::route(
+            &router,
+            &Schemas::new(),
+            &events,
+            &HashMap::new(),
+            PoisonPolicy::Halt,
+        )
+        .unwrap_err();
         assert_eq!(error.kind, crate::error::ErrorKind::Stop);
         assert!(error.message.contains("seq 9"), "{}", error.message);
     }

@@ -66,7 +66,56 @@ pub async fn run(setup: &Setup) -> Vec<Finding> {
     );
     check_postgres(setup, &mut findings).await;
     check_kafka(config, &mut findings).await;
+    check_schema_registry(setup, &mut findings).await;
     findings.0
+}
+
+/// With `avro` or `json_schema` values: the registry answers, and every
+/// subject the config names for all rows alike has a schema of the
+/// rule's format (templated subjects are learnt as rows arrive).
+async fn check_schema_registry(setup: &Setup, findings: &mut Findings) {
+    let Some(registry) = setup.router.registry() else {
+        return;
+    };
+    match registry.subjects().await {
+        Ok(subjects) => findings.push(
+            Status::Ok,
+            "schema registry",
+            format!("{} answers ({} subjects)", registry.url(), subjects.len()),
+        ),
+        Err(error) => {
+            findings.push(Status::Failed, "schema registry", error.0);
+            return;
+        }
+    }
+    for (key, subject) in setup.router.configured_subjects() {
+        match subject {
+            Err(template) => findings.push(
+                Status::Ok,
+                "schema subject",
+                format!(
+                    "{key}: subjects follow `{template}`, which depends on the row; each is \
+                     looked up when its first row arrives"
+                ),
+            ),
+            Ok(subject) => match registry.fetch(&subject).await {
+                Ok(resolved) => findings.push(
+                    Status::Ok,
+                    "schema subject",
+                    format!(
+                        "{key}: {subject}: schema id {}, version {}",
+                        resolved.id, resolved.version
+                    ),
+                ),
+                // Rows would wait (not be dead-lettered) until it exists.
+                Err(error) => findings.push(
+                    Status::Failed,
+                    "schema subject",
+                    format!("{key}: {error}; its rows would wait until it is fixed"),
+                ),
+            },
+        }
+    }
 }
 
 async fn check_postgres(setup: &Setup, findings: &mut Findings) {

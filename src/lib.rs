@@ -8,6 +8,8 @@
 //!   `FOR UPDATE SKIP LOCKED`, woken by `LISTEN/NOTIFY`.
 //! - [`event`]: `OutboxEvent`, the one type that flows through the pipeline.
 //! - [`routing`]: rules → topic, key and headers; or why a row is poison.
+//! - [`registry`]: schema registry subjects → schemas and ids (cached), and
+//!   payloads encoded against them in the Confluent wire format.
 //! - [`batch`]: claimed events → the records of one Kafka transaction.
 //! - [`kafka`]: the transactional publisher, the checkpoint record, error classes.
 //! - [`acknowledge`]: marks published rows sent (or deletes them); the
@@ -59,6 +61,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod partitions;
 pub mod postgres;
+pub mod registry;
 pub mod relay;
 pub mod replay_record;
 pub mod retention;

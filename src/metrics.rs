@@ -180,6 +180,9 @@ pub struct Metrics {
     sync_standby_lag: Gauge,
     /// Why a leader is stalled on missing topics, for `/readyz`.
     waiting_for_topics: Mutex<Option<String>>,
+    schema_registry_unavailable: Gauge,
+    /// Why a leader is stalled on the schema registry, for `/readyz`.
+    waiting_for_registry: Mutex<Option<String>>,
     state: AtomicU8,
     postgres_reachable: AtomicBool,
     kafka_reachable: AtomicBool,
@@ -213,6 +216,8 @@ impl Metrics {
             sync_standby_holding: Gauge::default(),
             sync_standby_lag: Gauge::default(),
             waiting_for_topics: Mutex::new(None),
+            schema_registry_unavailable: Gauge::default(),
+            waiting_for_registry: Mutex::new(None),
             state: AtomicU8::new(RelayState::Starting as u8),
             postgres_reachable: AtomicBool::new(false),
             kafka_reachable: AtomicBool::new(false),
@@ -298,6 +303,13 @@ impl Metrics {
             "rows_waiting_for_topic",
             "Rows held back because their topic does not exist (routing.missing_topics: wait)",
             metrics.rows_waiting_for_topic.clone(),
+        );
+        registry.register(
+            "schema_registry_unavailable",
+            "1 while a batch waits because the schema registry could not give its schemas \
+             (unreachable, refusing, or without the subject); the rows are retried, not \
+             dead-lettered",
+            metrics.schema_registry_unavailable.clone(),
         );
         registry.register(
             "sync_standbys_required",
@@ -476,17 +488,35 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner()) = reason;
     }
 
-    /// Ready: leading and not stalled on a missing topic, or a standby whose
+    /// While a batch waits for the schema registry: why; `None` once it
+    /// has its schemas.
+    pub fn set_registry_unavailable(&self, error: Option<&str>) {
+        self.schema_registry_unavailable
+            .set(i64::from(error.is_some()));
+        *self
+            .waiting_for_registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = error
+            .map(|error| format!("leading, but stalled: rows wait for their schemas: {error}"));
+    }
+
+    /// Ready: leading and not stalled on a missing topic or the schema
+    /// registry, or a standby whose
     /// last probe reached Postgres and Kafka, so it can take over.
     pub fn ready(&self) -> Result<(), String> {
         match self.state() {
             RelayState::Leading => {
-                match self
+                let topics = self
                     .waiting_for_topics
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .clone()
-                {
+                    .clone();
+                let registry = self
+                    .waiting_for_registry
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                match topics.or(registry) {
                     Some(reason) => Err(reason),
                     None => Ok(()),
                 }

@@ -1,14 +1,17 @@
 //! Routing: which topic, key and headers an event gets, or why it cannot be
 //! published (a poison row).
 //!
-//! Invariant: routing is a pure function of the row and the config. The same
-//! row always yields the same record, so a batch that is aborted and re-sent
-//! is byte-for-byte the batch it replaces.
+//! Invariant: routing is a pure function of the row, the config and the
+//! schemas resolved for the batch beforehand. The same row always yields
+//! the same record, so a batch that is aborted and re-sent is byte-for-byte
+//! the batch it replaces.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 
-use crate::config::{KeyColumn, RoutingConfig};
+use crate::config::{KeyColumn, RoutingConfig, SchemaVersion, SubjectStrategy, ValueFormat};
 use crate::event::OutboxEvent;
+use crate::registry::{Registry, RegistryError, Schemas, SubjectRef};
 
 /// Kafka's own limit on topic name length.
 const MAX_TOPIC_NAME_LEN: usize = 249;
@@ -123,6 +126,11 @@ impl Template {
         self.parts.is_empty()
     }
 
+    /// The template as written.
+    pub fn as_written(&self) -> String {
+        self.render("${aggregatetype}", "${type}").into_owned()
+    }
+
     fn is_literal(&self) -> bool {
         self.parts
             .iter()
@@ -168,6 +176,15 @@ struct Rule {
     aggregate_type: Option<String>,
     event_type: Option<String>,
     topic: Template,
+    value: ValueSpec,
+}
+
+/// How a rule's (or the default's) rows become record values.
+struct ValueSpec {
+    format: ValueFormat,
+    /// The subject under `subject_strategy: record_name`.
+    record_name: Option<Template>,
+    version: SchemaVersion,
 }
 
 impl Rule {
@@ -185,11 +202,14 @@ impl Rule {
 /// Turns events into records. Built once from validated config.
 pub struct Router {
     default_topic: Template,
+    default_value: ValueSpec,
     rules: Vec<Rule>,
     key: KeyColumn,
     dead_letter_topic: String,
     max_message_bytes: usize,
     cloudevents: Option<CloudEvents>,
+    /// Present when some rows are encoded against registry schemas.
+    registry: Option<Registry>,
 }
 
 /// What the CloudEvents headers need beyond the row.
@@ -204,6 +224,41 @@ impl Router {
     pub fn new(config: &RoutingConfig, max_message_bytes: usize) -> Result<Router, String> {
         let default_topic =
             Template::topic(&config.topic).map_err(|e| format!("routing.topic: {e}"))?;
+        let registry_config = config.schema_registry.as_ref();
+        let strategy = registry_config
+            .map(|r| r.subject_strategy)
+            .unwrap_or_default();
+        let default_version = registry_config.map(|r| r.version).unwrap_or_default();
+        let value_spec = |key: &str,
+                          format: ValueFormat,
+                          record_name: Option<&str>,
+                          version: SchemaVersion|
+         -> Result<ValueSpec, String> {
+            let record_name = match (format, strategy) {
+                (ValueFormat::Raw, _) | (_, SubjectStrategy::TopicName) => None,
+                (_, SubjectStrategy::RecordName) => {
+                    let (template_key, template) = match record_name {
+                        Some(name) => (format!("{key}.record_name"), name),
+                        None => (
+                            "routing.schema_registry.record_name".to_string(),
+                            registry_config.map_or("${type}", |r| r.record_name.as_str()),
+                        ),
+                    };
+                    let template =
+                        Template::text(template).map_err(|e| format!("{template_key}: {e}"))?;
+                    if template.is_empty() {
+                        return Err(format!("{template_key}: must not be empty"));
+                    }
+                    Some(template)
+                }
+            };
+            Ok(ValueSpec {
+                format,
+                record_name,
+                version,
+            })
+        };
+        let default_value = value_spec("routing", config.value_format, None, default_version)?;
         let rules = config
             .rules
             .iter()
@@ -220,6 +275,12 @@ impl Router {
                     event_type: rule.event_type.clone(),
                     topic: Template::topic(&rule.topic)
                         .map_err(|e| format!("routing.rules[{index}].topic: {e}"))?,
+                    value: value_spec(
+                        &format!("routing.rules[{index}]"),
+                        rule.value_format.unwrap_or(config.value_format),
+                        rule.record_name.as_deref(),
+                        rule.schema_version.unwrap_or(default_version),
+                    )?,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -238,8 +299,13 @@ impl Router {
         if config.cloudevents.content_type.trim().is_empty() {
             return Err("routing.cloudevents.content_type: must not be empty".into());
         }
+        let registry = match registry_config {
+            Some(registry) if config.uses_schema_registry() => Some(Registry::new(registry)?),
+            _ => None,
+        };
         Ok(Router {
             default_topic,
+            default_value,
             rules,
             key: config.key,
             dead_letter_topic: config.dead_letter_topic.clone(),
@@ -248,27 +314,153 @@ impl Router {
                 source,
                 content_type: config.cloudevents.content_type.clone(),
             }),
+            registry,
         })
     }
 
-    /// The record for `event`, or the reason it is poison.
-    pub fn route<'a>(&'a self, event: &'a OutboxEvent) -> Result<RoutedRecord<'a>, String> {
-        let template = self
-            .rules
+    /// The schema registry client, when some rows need schemas.
+    pub fn registry(&self) -> Option<&Registry> {
+        self.registry.as_ref()
+    }
+
+    /// The topic template and value spec of `event`'s rule (or the default).
+    fn rule_for(&self, event: &OutboxEvent) -> (&Template, &ValueSpec) {
+        self.rules
             .iter()
             .find(|rule| rule.matches(event))
-            .map_or(&self.default_topic, |rule| &rule.topic);
+            .map_or((&self.default_topic, &self.default_value), |rule| {
+                (&rule.topic, &rule.value)
+            })
+    }
+
+    /// The subject whose schema encodes `event`'s value on `topic`; `None`
+    /// for a raw value.
+    fn subject_of(&self, event: &OutboxEvent, spec: &ValueSpec, topic: &str) -> Option<SubjectRef> {
+        if spec.format == ValueFormat::Raw {
+            return None;
+        }
+        let subject = match &spec.record_name {
+            Some(template) => template
+                .render(&event.aggregate_type, &event.event_type)
+                .into_owned(),
+            None => format!("{topic}-value"),
+        };
+        Some(SubjectRef {
+            subject,
+            version: spec.version,
+            format: spec.format,
+        })
+    }
+
+    /// Each rule's subject (and the default's), for `check`: by the config
+    /// key it comes from, the subject when it is the same for every row,
+    /// else the template it follows. Raw values have none.
+    pub fn configured_subjects(&self) -> Vec<(String, Result<SubjectRef, String>)> {
+        let rules = self
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(index, rule)| (format!("routing.rules[{index}]"), &rule.topic, &rule.value));
+        std::iter::once((
+            "routing".to_string(),
+            &self.default_topic,
+            &self.default_value,
+        ))
+        .chain(rules)
+        .filter(|(_, _, spec)| spec.format != ValueFormat::Raw)
+        .map(|(key, topic, spec)| {
+            let subject = match &spec.record_name {
+                Some(name) if name.is_literal() => Ok(name.as_written()),
+                Some(name) => Err(name.as_written()),
+                None if topic.is_literal() => Ok(format!("{}-value", topic.as_written())),
+                None => Err(format!("{}-value", topic.as_written())),
+            };
+            let subject = subject.map(|subject| SubjectRef {
+                subject,
+                version: spec.version,
+                format: spec.format,
+            });
+            (key, subject)
+        })
+        .collect()
+    }
+
+    /// The subjects the values of `events` are encoded with, each once.
+    /// Rows that cannot be routed anyway (a bad topic, no payload) need none.
+    pub fn subjects(&self, events: &[OutboxEvent]) -> Vec<SubjectRef> {
+        let mut seen = HashSet::new();
+        let mut subjects = Vec::new();
+        for event in events {
+            let (template, spec) = self.rule_for(event);
+            if spec.format == ValueFormat::Raw || event.payload.is_none() {
+                continue;
+            }
+            let topic = template.render(&event.aggregate_type, &event.event_type);
+            if validate_topic_name(&topic).is_err() {
+                continue;
+            }
+            if let Some(subject) = self.subject_of(event, spec, &topic) {
+                if seen.insert(subject.clone()) {
+                    subjects.push(subject);
+                }
+            }
+        }
+        subjects
+    }
+
+    /// The schemas every row of `events` is encoded with, from the
+    /// registry (or its cache). An error is the registry's, never a row's.
+    pub async fn resolve_schemas(&self, events: &[OutboxEvent]) -> Result<Schemas, RegistryError> {
+        let mut schemas = Schemas::new();
+        let Some(registry) = &self.registry else {
+            return Ok(schemas);
+        };
+        for subject in self.subjects(events) {
+            let resolved = registry.resolve(&subject).await?;
+            schemas.insert(subject, resolved);
+        }
+        Ok(schemas)
+    }
+
+    /// The record for `event` when no row needs a schema (raw values).
+    pub fn route<'a>(&'a self, event: &'a OutboxEvent) -> Result<RoutedRecord<'a>, String> {
+        self.route_with(event, &Schemas::new())
+    }
+
+    /// The record for `event`, its value encoded with `schemas` (from
+    /// [`Router::resolve_schemas`] for its batch), or the reason it is poison.
+    pub fn route_with<'a>(
+        &'a self,
+        event: &'a OutboxEvent,
+        schemas: &Schemas,
+    ) -> Result<RoutedRecord<'a>, String> {
+        let (template, spec) = self.rule_for(event);
         let topic = template.render(&event.aggregate_type, &event.event_type);
         validate_topic_name(&topic).map_err(|e| format!("unroutable: {e}"))?;
         let mut headers = headers_of(event)?;
         if let Some(cloudevents) = &self.cloudevents {
             cloudevents.add_headers(event, &mut headers);
         }
+        let payload = match (&event.payload, self.subject_of(event, spec, &topic)) {
+            (None, _) => None,
+            (Some(payload), None) => Some(Cow::Borrowed(payload.as_slice())),
+            (Some(payload), Some(subject)) => {
+                // resolve_schemas asked for every subject this function
+                // computes for the batch, so a miss is a caller's bug;
+                // it is still the row's reason, never a silent raw value.
+                let schema = schemas
+                    .get(&subject)
+                    .ok_or_else(|| format!("schema: {subject} was not resolved for this batch"))?;
+                Some(Cow::Owned(
+                    schema.encode(payload).map_err(|e| format!("schema: {e}"))?,
+                ))
+            }
+        };
         let record = RoutedRecord {
             topic,
             key: self.key_of(event),
             headers,
-            payload: event.payload.as_deref().map(Cow::Borrowed),
+            payload,
         };
         let size = record.approximate_size();
         if size > self.max_message_bytes {

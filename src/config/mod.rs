@@ -365,6 +365,15 @@ pub struct RoutingConfig {
     pub create_topics: CreateTopics,
     /// CloudEvents attributes as Kafka headers (binary content mode).
     pub cloudevents: CloudEventsConfig,
+    /// How the payload becomes the record's value, for rows no rule (or a
+    /// rule without its own `value_format`) matches: `raw` sends the stored
+    /// bytes as they are; `avro` and `json_schema` encode the JSON payload
+    /// against the subject's schema from `schema_registry` and frame it in
+    /// the Confluent wire format (magic byte 0, 4-byte schema id, body).
+    pub value_format: ValueFormat,
+    /// The Confluent-compatible schema registry that `avro` and
+    /// `json_schema` take schemas from. Required when either is used.
+    pub schema_registry: Option<SchemaRegistryConfig>,
 }
 
 impl Default for RoutingConfig {
@@ -378,6 +387,149 @@ impl Default for RoutingConfig {
             missing_topics: MissingTopics::Wait,
             create_topics: CreateTopics::default(),
             cloudevents: CloudEventsConfig::default(),
+            value_format: ValueFormat::Raw,
+            schema_registry: None,
+        }
+    }
+}
+
+impl RoutingConfig {
+    /// Whether any rule or the default encodes against a registry schema.
+    pub fn uses_schema_registry(&self) -> bool {
+        self.value_format != ValueFormat::Raw
+            || self
+                .rules
+                .iter()
+                .any(|rule| rule.value_format.is_some_and(|f| f != ValueFormat::Raw))
+    }
+}
+
+/// The record value's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueFormat {
+    /// The payload's bytes as stored.
+    #[default]
+    Raw,
+    /// Avro binary encoding of the JSON payload, Confluent-framed.
+    Avro,
+    /// The JSON payload, validated against a JSON Schema, Confluent-framed.
+    JsonSchema,
+}
+
+impl ValueFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ValueFormat::Raw => "raw",
+            ValueFormat::Avro => "avro",
+            ValueFormat::JsonSchema => "json_schema",
+        }
+    }
+}
+
+/// A Confluent-compatible schema registry (Confluent Schema Registry,
+/// Apicurio's ccompat API, Redpanda, Karapace).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    /// Base URL of the REST API, e.g. `https://registry:8081` (Apicurio:
+    /// `http://apicurio:8080/apis/ccompat/v7`).
+    pub url: String,
+    /// HTTP basic auth user; needs `password`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// HTTP basic auth password (a secret: set it from the environment with
+    /// `OUTBOXD__ROUTING__SCHEMA_REGISTRY__PASSWORD`).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A PEM file of CA certificates to trust besides the system's, for a
+    /// registry behind a private CA (`https://` URLs).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// How a record's subject is named: `topic_name` (`<topic>-value`, the
+    /// default) or `record_name` (`record_name`, a template).
+    #[serde(default)]
+    pub subject_strategy: SubjectStrategy,
+    /// With `subject_strategy: record_name`: the subject, a template with
+    /// `${aggregatetype}` and `${type}` such as `com.acme.${type}`; a rule's
+    /// own `record_name` wins.
+    #[serde(default = "defaults::record_name")]
+    pub record_name: String,
+    /// Which version of the subject's schema: `latest` (looked up again
+    /// every 5 minutes) or a version number, pinned. A rule's own
+    /// `schema_version` wins.
+    #[serde(default)]
+    pub version: SchemaVersion,
+    /// Per-request timeout.
+    #[serde(
+        default = "defaults::registry_timeout",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for SchemaRegistryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SchemaRegistryConfig")
+            .field("url", &secret::redact_url(&self.url))
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
+            .field("subject_strategy", &self.subject_strategy)
+            .field("record_name", &self.record_name)
+            .field("version", &self.version)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectStrategy {
+    /// Confluent's TopicNameStrategy: `<topic>-value`.
+    #[default]
+    TopicName,
+    /// Confluent's RecordNameStrategy: the record's full name, from the
+    /// `record_name` template.
+    RecordName,
+}
+
+/// `latest`, or a pinned version number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SchemaVersion {
+    #[default]
+    Latest,
+    Pinned(u32),
+}
+
+impl fmt::Display for SchemaVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SchemaVersion::Latest => f.write_str("latest"),
+            SchemaVersion::Pinned(version) => write!(f, "{version}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SchemaVersion {
+    /// `latest`, or a positive integer (from YAML, or as text from an
+    /// environment override).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        let bad = || serde::de::Error::custom("must be `latest` or a version number (1 or more)");
+        let number = match Raw::deserialize(deserializer)? {
+            Raw::Text(text) if text == "latest" => return Ok(SchemaVersion::Latest),
+            Raw::Text(text) => text.trim().parse::<u64>().map_err(|_| bad())?,
+            Raw::Number(number) => number,
+        };
+        match u32::try_from(number) {
+            Ok(version) if version >= 1 => Ok(SchemaVersion::Pinned(version)),
+            _ => Err(bad()),
         }
     }
 }
@@ -473,6 +625,18 @@ pub struct RouteRule {
     pub event_type: Option<String>,
     /// The topic, a template like `routing.topic`.
     pub topic: String,
+    /// The value format of the rows this rule matches; `routing.value_format`
+    /// when absent.
+    #[serde(default)]
+    pub value_format: Option<ValueFormat>,
+    /// With `schema_registry.subject_strategy: record_name`: this rule's
+    /// subject template.
+    #[serde(default)]
+    pub record_name: Option<String>,
+    /// This rule's schema version, `latest` or a number pinned;
+    /// `schema_registry.version` when absent.
+    #[serde(default)]
+    pub schema_version: Option<SchemaVersion>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -559,6 +723,12 @@ mod defaults {
     }
     pub fn partitions_ahead() -> u32 {
         3
+    }
+    pub fn record_name() -> String {
+        "${type}".into()
+    }
+    pub fn registry_timeout() -> Duration {
+        Duration::from_secs(10)
     }
 }
 
@@ -666,11 +836,64 @@ impl Config {
         {
             return Err("routing.create_topics.replication_factor: must be at least 1".into());
         }
+        self.validate_schema_registry()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(format!(
                 "log.level: `{}` is not a valid filter such as `info`",
                 self.log.level
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// `routing.schema_registry` is there when a format needs it, and sane.
+    fn validate_schema_registry(&self) -> Result<(), String> {
+        let Some(registry) = &self.routing.schema_registry else {
+            if self.routing.uses_schema_registry() {
+                return Err("routing.schema_registry: needed by value_format avro or \
+                            json_schema; set its url"
+                    .into());
+            }
+            return Ok(());
+        };
+        let url = url::Url::parse(&registry.url).map_err(|e| {
+            format!(
+                "routing.schema_registry.url: `{}` is not a URL ({e})",
+                secret::redact_url(&registry.url)
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!(
+                "routing.schema_registry.url: the scheme must be http or https, not `{}`",
+                url.scheme()
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("routing.schema_registry.url: put credentials in \
+                        routing.schema_registry.username and password, not the URL"
+                .into());
+        }
+        match (&registry.username, &registry.password) {
+            (Some(_), None) => {
+                return Err("routing.schema_registry.password: needed with username".into())
+            }
+            (None, Some(_)) => {
+                return Err("routing.schema_registry.username: needed with password".into())
+            }
+            _ => {}
+        }
+        if let Some(ca) = &registry.ca_file {
+            if !ca.is_file() {
+                return Err(format!(
+                    "routing.schema_registry.ca_file: {} does not exist or is not a file",
+                    ca.display()
+                ));
+            }
+        }
+        if registry.timeout < Duration::from_millis(100) {
+            return Err("routing.schema_registry.timeout: must be at least 100ms".into());
         }
         Ok(())
     }

@@ -313,3 +313,81 @@ fn partitioning_defaults_to_daily_three_ahead_and_rejects_what_cannot_tile_a_day
     assert!(error.contains("postgres.partitioning"), "{error}");
     assert!(error.contains("63"), "{error}");
 }
+
+#[test]
+fn schema_registry_formats_and_subjects_load() {
+    let config = load(&format!(
+        "{MINIMAL}routing:\n  value_format: avro\n  schema_registry:\n    url: http://registry:8081\n    \
+         username: outboxd\n    password: s3cret\n    version: 3\n  rules:\n    - aggregate_type: Shipment\n      \
+         topic: shipments\n      value_format: json_schema\n      schema_version: latest\n    \
+         - aggregate_type: Audit\n      topic: audit\n      value_format: raw\n"
+    ));
+    assert_eq!(config.routing.value_format, ValueFormat::Avro);
+    let registry = config.routing.schema_registry.as_ref().unwrap();
+    assert_eq!(registry.version, SchemaVersion::Pinned(3));
+    assert_eq!(registry.subject_strategy, SubjectStrategy::TopicName);
+    assert_eq!(
+        config.routing.rules[0].value_format,
+        Some(ValueFormat::JsonSchema)
+    );
+    assert_eq!(
+        config.routing.rules[0].schema_version,
+        Some(SchemaVersion::Latest)
+    );
+    assert!(
+        !format!("{registry:?}").contains("s3cret"),
+        "the password stays out of Debug output"
+    );
+    assert_eq!(load(MINIMAL).routing.value_format, ValueFormat::Raw);
+}
+
+#[test]
+fn malformed_schema_registry_settings_name_their_key() {
+    let cases = [
+        (
+            "routing:\n  value_format: avro\n",
+            "routing.schema_registry: needed",
+        ),
+        (
+            "routing:\n  rules:\n    - type: X\n      topic: x\n      value_format: json_schema\n",
+            "routing.schema_registry: needed",
+        ),
+        (
+            "routing:\n  value_format: protobuf\n",
+            "does not have variant constructor protobuf for key `routing.value_format`",
+        ),
+        (
+            "routing:\n  schema_registry:\n    url: http://r:8081\n    version: 0\n",
+            "must be `latest` or a version number",
+        ),
+        (
+            "routing:\n  schema_registry:\n    url: http://r:8081\n    version: newest\n",
+            "must be `latest` or a version number",
+        ),
+        (
+            "routing:\n  schema_registry:\n    url: ftp://r\n",
+            "routing.schema_registry.url: the scheme must be http or https",
+        ),
+        (
+            "routing:\n  schema_registry:\n    url: http://u:p@r:8081\n",
+            "routing.schema_registry.url: put credentials",
+        ),
+        (
+            "routing:\n  schema_registry:\n    url: http://r:8081\n    username: u\n",
+            "routing.schema_registry.password: needed with username",
+        ),
+        (
+            "routing:\n  schema_registry:\n    url: http://r:8081\n    ca_file: /nonexistent/ca.pem\n",
+            "routing.schema_registry.ca_file: /nonexistent/ca.pem does not exist",
+        ),
+        (
+            "routing:\n  value_format: avro\n  schema_registry:\n    url: http://r:8081\n    \
+             subject_strategy: record_name\n    record_name: \"${nope}\"\n",
+            "routing.schema_registry.record_name: `${nope}` uses unknown placeholder",
+        ),
+    ];
+    for (routing, expected) in cases {
+        let error = load_error(&format!("{MINIMAL}{routing}"));
+        assert!(error.contains(expected), "{routing}: {error}");
+    }
+}

@@ -120,10 +120,23 @@ impl<'a> Deliverer<'a> {
             .iter()
             .map(|event| (event.seq, RowDigest::of(&event.id)))
             .collect();
+        // Every schema the batch's values need, before routing: a registry
+        // that cannot give them holds the batch back; it poisons no row.
+        let Some(schemas) =
+            super::schemas::wait_for_schemas(self.router, events, self.metrics, stop).await
+        else {
+            return Ok(None);
+        };
         let mut resend_backoff = super::new_backoff();
         let mut missing_topic_backoff = super::new_backoff();
         loop {
-            let batch = Batch::route(self.router, events, &self.poisoned, self.on_poison)?;
+            let batch = Batch::route(
+                self.router,
+                &schemas,
+                events,
+                &self.poisoned,
+                self.on_poison,
+            )?;
             let batch_topics: Vec<&str> = batch.records.iter().map(|r| r.topic.as_ref()).collect();
             let missing = match self.topics.check(&batch_topics).await? {
                 Verdict::Open => {

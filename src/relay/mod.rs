@@ -26,6 +26,7 @@ mod failover;
 mod pipeline;
 mod polling;
 mod replication;
+mod schemas;
 mod session;
 mod takeover;
 mod topic_gate;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::RouteRule;
+use crate::config::{RouteRule, SchemaVersion, ValueFormat};
 
 fn event(aggregate_type: &str, event_type: &str) -> OutboxEvent {
     OutboxEvent {
@@ -57,11 +57,17 @@ fn first_matching_rule_wins() {
             aggregate_type: None,
             event_type: Some("PaymentCaptured".into()),
             topic: "payments.captured".into(),
+            value_format: None,
+            record_name: None,
+            schema_version: None,
         },
         RouteRule {
             aggregate_type: Some("Order".into()),
             event_type: None,
             topic: "orders.${type}".into(),
+            value_format: None,
+            record_name: None,
+            schema_version: None,
         },
     ];
     let router = router(rules);
@@ -244,4 +250,82 @@ fn without_cloudevents_no_ce_headers_are_added() {
         "{:?}",
         record.headers
     );
+}
+
+fn registry_router(strategy: &str) -> Router {
+    let rule = |aggregate_type: &str, topic: &str, format, version| RouteRule {
+        aggregate_type: Some(aggregate_type.into()),
+        event_type: None,
+        topic: topic.into(),
+        value_format: Some(format),
+        record_name: None,
+        schema_version: version,
+    };
+    let config = RoutingConfig {
+        value_format: ValueFormat::Avro,
+        schema_registry: Some(
+            serde_json::from_value(serde_json::json!({
+                "url": "http://127.0.0.1:9/apis/ccompat/v7",
+                "subject_strategy": strategy,
+                "record_name": "acme.${type}",
+            }))
+            .unwrap(),
+        ),
+        rules: vec![
+            rule(
+                "Shipment",
+                "shipments",
+                ValueFormat::JsonSchema,
+                Some(SchemaVersion::Pinned(2)),
+            ),
+            rule("Audit", "audit", ValueFormat::Raw, None),
+        ],
+        ..RoutingConfig::default()
+    };
+    Router::new(&config, 1_000_000).unwrap()
+}
+
+#[test]
+fn subjects_follow_the_strategy_rule_and_version() {
+    let events = [
+        event("Order", "OrderCreated"),
+        event("Order", "OrderCreated"),
+        event("Shipment", "Shipped"),
+        event("Audit", "Logged"),
+        event("bad topic!", "X"),
+    ];
+    let subjects = registry_router("topic_name").subjects(&events);
+    let names: Vec<(String, String, ValueFormat)> = subjects
+        .iter()
+        .map(|s| (s.subject.clone(), s.version.to_string(), s.format))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            (
+                "outbox.Order-value".into(),
+                "latest".into(),
+                ValueFormat::Avro
+            ),
+            (
+                "shipments-value".into(),
+                "2".into(),
+                ValueFormat::JsonSchema
+            ),
+        ],
+        "one per subject, none for raw values or unroutable rows"
+    );
+    let subjects = registry_router("record_name").subjects(&events);
+    let names: Vec<&str> = subjects.iter().map(|s| s.subject.as_str()).collect();
+    assert_eq!(names, vec!["acme.OrderCreated", "acme.Shipped"]);
+}
+
+#[test]
+fn a_schema_missing_from_the_batch_is_never_sent_raw() {
+    let router = registry_router("topic_name");
+    let order = event("Order", "OrderCreated");
+    let error = router.route(&order).unwrap_err();
+    assert!(error.contains("was not resolved"), "{error}");
+    // Raw rules need no schema.
+    assert!(router.route(&event("Audit", "Logged")).is_ok());
 }
