@@ -27,6 +27,7 @@ mod prometheus;
 mod replication;
 mod retention;
 mod reused_seqs;
+mod schema_registry;
 mod shared_checkpoints;
 mod shipped_examples;
 mod tls;

@@ -61,8 +61,10 @@ registry_start() {
     jar=$(registry_build)
     mkdir -p "$dir/registry"
     # Small and quick to start: the C1 compiler only, a serial collector,
-    # a 256 MB heap (the tests register tens of schemas).
-    (cd "$dir/registry" && exec java -XX:TieredStopAtLevel=1 -Xmx256m -XX:+UseSerialGC \
+    # a 256 MB heap (the tests register tens of schemas). Its in-memory H2
+    # waits up to 10 s for a table lock (default 1 s), so tests registering
+    # schemas in parallel do not get a 500.
+    (cd "$dir/registry" && REGISTRY_DATASOURCE_URL='jdbc:h2:mem:registry_db;LOCK_TIMEOUT=10000' exec java -XX:TieredStopAtLevel=1 -Xmx256m -XX:+UseSerialGC \
         "$(registry_marker "$dir")" \
         -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$port" \
         -Dregistry.ccompat.use-canonical-hash=true \

@@ -11,6 +11,7 @@ pub mod http;
 pub mod kafka;
 pub mod pg_pair;
 pub mod proxy;
+pub mod registry;
 pub mod workload;
 
 use std::path::PathBuf;
