@@ -59,6 +59,8 @@ pub(super) async fn wait_for_schemas(
                     last_report = Some((Instant::now(), error.0));
                 }
                 if stop.requested_within(delay).await {
+                    // Nothing waits any more: this leader is stopping.
+                    metrics.set_registry_unavailable(None);
                     return None;
                 }
             }
