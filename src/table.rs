@@ -171,13 +171,16 @@ impl OutboxTable {
                 payload = quote_ident(&c.payload)
             ),
         };
-        // The event id is read, and matched everywhere, as the column type's
-        // output function writes it (`format('%s', …)`), which is what the
+        // The event id (and the fields that route and key a record) are
+        // read, and the id matched everywhere, as the column type's output
+        // function writes them (`format('%s', …)`), which is what the
         // replication stream carries; `::text` can differ (a padded
-        // `character(n)` loses its blanks), and marks and the catch-up
-        // filter match streamed rows by seq and event id.
+        // `character(n)` loses its blanks). Marks and the catch-up filter
+        // match streamed rows by seq and event id, and an aggregate keyed
+        // one way by a catch-up drain and another by the stream would land
+        // on two partitions.
         format!(
-            "SELECT {seq}::bigint, format('%s', {id}), {aggregate_type}::text, {aggregate_id}::text, {event_type}::text, \
+            "SELECT {seq}::bigint, {id_text}, {aggregate_type_text}, {aggregate_id_text}, {event_type_text}, \
              {payload_expr}, {headers}, {trace}, EXTRACT(EPOCH FROM {created_at})::float8, {created_at_text} \
              FROM {table} WHERE {sent_at} IS NULL{extra_condition} AND {seq} <= \
                (SELECT coalesce(max(seq), $3::bigint) FROM \
@@ -188,10 +191,10 @@ impl OutboxTable {
                 WHERE before < $2::bigint) \
              ORDER BY {seq} LIMIT $1 FOR UPDATE SKIP LOCKED",
             seq = quote_ident(&c.seq),
-            id = quote_ident(&c.id),
-            aggregate_type = quote_ident(&c.aggregate_type),
-            aggregate_id = quote_ident(&c.aggregate_id),
-            event_type = quote_ident(&c.event_type),
+            id_text = output_text(&c.id),
+            aggregate_type_text = output_text(&c.aggregate_type),
+            aggregate_id_text = output_text(&c.aggregate_id),
+            event_type_text = output_text(&c.event_type),
             headers = optional_text(&c.headers),
             trace = optional_text(&c.tracing_span_context),
             created_at = quote_ident(&c.created_at),
@@ -207,7 +210,8 @@ impl OutboxTable {
         format!(
             "SELECT t.{seq}::bigint FROM {table} t \
              JOIN unnest($1::bigint[], $2::text[]) AS d(dead_seq, dead_id) \
-             ON t.{seq} = d.dead_seq AND format('%s', t.{id}) = d.dead_id",
+             ON t.{seq} = d.dead_seq \
+               AND (format('%s', t.{id}) = d.dead_id OR t.{id}::text = d.dead_id)",
             seq = quote_ident(&c.seq),
             id = quote_ident(&c.id),
             table = self.qualified(),
@@ -376,6 +380,14 @@ impl OutboxTable {
             sent_at = quote_ident(&c.sent_at),
         )
     }
+}
+
+/// `column` as its type's output function writes it, as the replication
+/// stream carries it (`format('%s', …)`, which `::text` is not for every
+/// type), NULL kept NULL.
+fn output_text(column: &str) -> String {
+    let column = quote_ident(column);
+    format!("CASE WHEN {column} IS NULL THEN NULL ELSE format('%s', {column}) END")
 }
 
 #[cfg(test)]

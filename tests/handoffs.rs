@@ -315,11 +315,27 @@ async fn revoking_pg_control_system_keeps_what_the_old_identity_published() {
 /// its producer inside a transaction). The first start under the stand-in
 /// identity cannot name that identity, but finds its checkpoint, and must
 /// fence it: the old producer's commit then fails instead of publishing
-/// beside the new leader.
+/// beside the new leader. With `after_publish: delete` the old identity's
+/// rows are all gone, so its checkpoint names no row here: it is fenced by
+/// the table and database it names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_pg_control_system_fences_the_old_identity() {
-    let env = TestEnv::new("revoke-fence", Mode::Polling).await;
+    revoking_fences_the_old_identity("mark").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_pg_control_system_fences_the_old_identity_whose_rows_are_deleted() {
+    revoking_fences_the_old_identity("delete").await;
+}
+
+async fn revoking_fences_the_old_identity(after_publish: &str) {
+    let env = TestEnv::new(&format!("revoke-fence-{after_publish}"), Mode::Polling).await;
+    env.write_config(&format!("  after_publish: {after_publish}\n"), "");
     let role = env.relay_without_pg_control_system().await;
+    sqlx::raw_sql(&format!("GRANT DELETE ON public.outbox TO {role}"))
+        .execute(&env.pool)
+        .await
+        .expect("grant DELETE");
     env.grant_pg_control_system(&role).await;
     let first = write_orders(&env.pool, 0, 10, 5).await;
     let mut relay = RelayProcess::start(&env, None);
@@ -364,7 +380,14 @@ async fn revoking_pg_control_system_fences_the_old_identity() {
         "the old identity's producer committed after the new identity took the table over"
     );
     relay.stop().await;
-    assert_exactly_once(&env, &Written::combined([first, second])).await;
+    if after_publish == "mark" {
+        assert_exactly_once(&env, &Written::combined([first, second])).await;
+    } else {
+        assert!(
+            env.rows().await.is_empty(),
+            "every row published and deleted"
+        );
+    }
 }
 
 /// Two databases, relays of the same `relay.name`, one checkpoint topic. In

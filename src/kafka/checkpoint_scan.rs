@@ -399,12 +399,14 @@ impl<'a> Books<'a> {
                     },
                 );
             }
+            // With or without row ids: one without (a first transaction's
+            // hand-over) cannot be reconciled, but its identity may still
+            // need fencing (`relay::takeover`).
             Some(Ok(Record::Checkpoint(checkpoint)))
-                if checkpoint.ids.is_some()
-                    && (checkpoint.table == self.origin.table
-                        || (start == Start::Beginning
-                            && checkpoint.source.is_some()
-                            && checkpoint.source == self.origin.source)) =>
+                if (checkpoint.table == self.origin.table
+                    || (start == Start::Beginning
+                        && checkpoint.source.is_some()
+                        && checkpoint.source == self.origin.source)) =>
             {
                 self.same_database.insert(key, checkpoint);
             }

@@ -132,12 +132,18 @@ pub(super) async fn take_over(
 /// longer commit, then reads what each last committed, for the caller to
 /// reconcile by seq and event id.
 ///
-/// This table's: its checkpoint names a row here by seq and event id. Not
-/// by names: another server's database of the same name with the same table
-/// is another table, whose live relay must not be fenced. Other identities
-/// are left alone: they are live relays of their own tables, here or in
-/// another database. (An identity whose rows are all gone, marked and
-/// deleted, has nothing left to reconcile.)
+/// This table's: its checkpoint names a row here by seq and event id; or,
+/// at the first start of a relay that cannot name its database (no
+/// `pg_control_system()` grant, so a revoked grant looks like this), it
+/// names this table in a database of this name. The second rule matters
+/// where the earlier identity's rows are all gone (`after_publish: delete`,
+/// retention) or it never wrote row ids (a first transaction): reconciling
+/// needs nothing then, but an instance of it still running must be fenced.
+/// It may fence a same-named database's relay on another server once, which
+/// costs that relay a session restart, never an event. A relay that names
+/// its database fences by rows only: a same-named database elsewhere is
+/// another table. Other identities are left alone: they are live relays of
+/// their own tables, here or in another database.
 async fn fence_earlier_identities(
     context: &Context,
     connection: &mut PgConnection,
@@ -145,15 +151,28 @@ async fn fence_earlier_identities(
     found: &Found,
 ) -> Result<Vec<(String, Checkpoint)>> {
     let config = &context.config;
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| crate::error::Error::from_postgres("reading the database's name", e))?;
     let mut earlier_identities: Vec<TableIdentity> = Vec::new();
     for (key, checkpoint) in &found.same_database {
         if *key == identity.checkpoint_key {
             continue;
         }
-        let ours = context
-            .acknowledger
-            .names_rows_here(connection, checkpoint)
-            .await?;
+        let named_here = found.whole_topic
+            && !identity.names_the_database
+            && checkpoint.table == context.table_name
+            && checkpoint
+                .source
+                .as_deref()
+                .and_then(|source| source.split_once('/'))
+                .is_some_and(|(_, name)| name == database);
+        let ours = named_here
+            || context
+                .acknowledger
+                .names_rows_here(connection, checkpoint)
+                .await?;
         let earlier = TableIdentity::from_checkpoint_key(key);
         if ours && !earlier_identities.contains(&earlier) {
             earlier_identities.push(earlier);
@@ -194,6 +213,9 @@ struct Found {
     /// Checkpoints of this table's possible earlier identities, with their
     /// keys: reconciled by seq and event id alone.
     same_database: Vec<(String, Checkpoint)>,
+    /// Whether the checkpoint topic was scanned from its beginning (a first
+    /// start under this identity), not only after our latest checkpoint.
+    whole_topic: bool,
     /// Keys (and partitions) to write a hand-over marker under: this relay's
     /// `relay.name` and every legacy relay found.
     legacy_keys: Vec<(String, i32)>,
@@ -350,6 +372,7 @@ async fn find_checkpoints(
     Ok(Found {
         candidates,
         same_database: scanned.same_database,
+        whole_topic: start == checkpoint_scan::Start::Beginning,
         legacy_keys,
     })
 }
