@@ -310,3 +310,78 @@ async fn check_resolves_every_configured_subject() {
     assert!(!output.status.success(), "a missing subject fails check");
     assert!(!stdout.contains("registry-s3cret"), "{stdout}");
 }
+
+// Structured payloads: a `bytea` (or `text`) payload holding JSON is
+// published as the JSON it holds, as Debezium's `table.expand.json.payload`
+// does: raw, its bytes are that JSON's text; with a registry format, it is
+// parsed and encoded like a `jsonb` one.
+in_both_modes!(
+    a_bytea_payload_is_published_as_the_json_it_holds,
+    worker_threads = 2
+);
+async fn a_bytea_payload_is_published_as_the_json_it_holds(mode: Mode) {
+    let env = TestEnv::new("registry-bytea", mode).await;
+    let prefix = env.topic_prefix();
+    // The migration's triggers name the column: set aside while it changes.
+    sqlx::raw_sql(
+        "DO $$ DECLARE defs text[]; def text; t record; BEGIN \
+           SELECT array_agg(pg_get_triggerdef(oid)) INTO defs FROM pg_trigger \
+             WHERE tgrelid = 'outbox'::regclass AND NOT tgisinternal; \
+           FOR t IN SELECT tgname FROM pg_trigger \
+             WHERE tgrelid = 'outbox'::regclass AND NOT tgisinternal LOOP \
+             EXECUTE format('DROP TRIGGER %I ON outbox', t.tgname); \
+           END LOOP; \
+           ALTER TABLE outbox ALTER COLUMN payload TYPE bytea \
+             USING convert_to(payload::text, 'UTF8'); \
+           FOREACH def IN ARRAY coalesce(defs, '{}') LOOP EXECUTE def; END LOOP; \
+         END $$",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("make the payload bytea");
+    let payment_id = registry::register(
+        &format!("{prefix}.Payment-value"),
+        "AVRO",
+        &payment_schema(),
+    )
+    .await;
+    env.replace_in_config("routing:\n", &routing(&env, &registry::url()));
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(30)).await;
+    sqlx::raw_sql(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES \
+           ('Payment', 'pay-1', 'PaymentMade', \
+             convert_to('{\"id\": 1, \"amount\": 2.5, \"status\": \"PAID\", \"memo\": \"é\"}', 'UTF8')), \
+           ('Note', 'n-1', 'Noted', convert_to('{\"free\": \"form\"}', 'UTF8')), \
+           ('Payment', 'pay-bad', 'PaymentMade', '\\xdeadbeef'::bytea)",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("insert events");
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+
+    let records = read_all(&env.kafka, &prefix).await;
+    let payments = on_topic(&records, &format!("{prefix}.Payment"));
+    assert_eq!(payments.len(), 1);
+    let decoded = registry::decode(&payments, "avro");
+    assert_eq!(
+        decoded,
+        vec![(
+            payment_id,
+            json!({"id": 1, "amount": 2.5, "status": "PAID", "memo": "é"})
+        )]
+    );
+    let notes = on_topic(&records, &format!("{prefix}.Note"));
+    assert_eq!(notes[0].payload_json(), json!({"free": "form"}));
+    let dead = on_topic(&records, &env.dead_letter_topic());
+    assert_eq!(dead.len(), 1, "bytes that are not JSON are poison");
+    let reason = dead[0]
+        .header("outboxd.dead_letter.reason")
+        .expect("reason");
+    assert!(reason.contains("the payload is not JSON"), "{reason}");
+    assert_eq!(
+        dead[0].payload.as_deref(),
+        Some(&[0xde, 0xad, 0xbe, 0xef][..])
+    );
+}
