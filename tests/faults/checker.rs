@@ -14,10 +14,7 @@ fn row(seq: i64, id: &str) -> Row {
 }
 
 fn truncated(seq: i64, id: &str, sent: bool) -> Row {
-    Row {
-        truncated: true,
-        ..Row::kept(seq, id.to_string(), sent)
-    }
+    Row::truncated(seq, id.to_string(), sent)
 }
 
 fn record(id: &str, aggregate: &str, n: i64, offset: i64) -> Consumed {

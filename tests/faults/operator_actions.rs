@@ -282,9 +282,6 @@ async fn truncate(campaign: &Campaign) -> Vec<Row> {
         .expect("TRUNCATE");
     transaction.commit().await.expect("COMMIT");
     rows.into_iter()
-        .map(|(seq, id, sent)| Row {
-            truncated: true,
-            ..Row::kept(seq, id, sent)
-        })
+        .map(|(seq, id, sent)| Row::truncated(seq, id, sent))
         .collect()
 }

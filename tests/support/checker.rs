@@ -94,6 +94,14 @@ impl Row {
             truncated: false,
         }
     }
+
+    /// A row an operator's TRUNCATE removed, `sent` as it was just before.
+    pub fn truncated(seq: i64, id: String, sent: bool) -> Row {
+        Row {
+            truncated: true,
+            ..Row::kept(seq, id, sent)
+        }
+    }
 }
 
 /// What the relay under check records besides the events themselves.
