@@ -215,6 +215,7 @@ fn buffered_bytes(event: &std::result::Result<Option<ReplicationEvent>, PgWireEr
     const SMALL_MESSAGE: usize = 64;
     match event {
         Ok(Some(ReplicationEvent::XLogData { data, .. })) => data.len() + SMALL_MESSAGE,
+        Ok(Some(ReplicationEvent::Message { content, .. })) => content.len() + SMALL_MESSAGE,
         _ => SMALL_MESSAGE,
     }
 }
@@ -266,8 +267,21 @@ impl ReplicationStream for WireClient {
                     })?;
                     StreamItem::Message(message)
                 }
-                // Logical decoding messages (pg_logical_emit_message) are not outbox rows.
-                Some(ReplicationEvent::Message { .. }) => continue,
+                // Logical decoding messages (pg_logical_emit_message): the
+                // client decodes them itself, like Begin and Commit. The
+                // stream assembler keeps those of the WAL-message outbox
+                // and ignores the rest (and all of them for a table).
+                Some(ReplicationEvent::Message {
+                    transactional,
+                    lsn,
+                    prefix,
+                    content,
+                }) => StreamItem::Message(Message::Message {
+                    transactional,
+                    lsn: Lsn(lsn.as_u64()),
+                    prefix,
+                    content: content.to_vec(),
+                }),
                 // We never set a stop LSN.
                 Some(ReplicationEvent::StoppedAt { .. }) => return Ok(None),
             };
