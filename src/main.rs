@@ -185,6 +185,9 @@ async fn run(setup: Setup) -> ExitCode {
 }
 
 async fn migrate_command(setup: Setup, print: bool) -> ExitCode {
+    if setup.config.messages() {
+        return migrate_messages_command(setup, print).await;
+    }
     if print {
         let postgres = &setup.config.postgres;
         print!(
@@ -200,6 +203,28 @@ async fn migrate_command(setup: Setup, print: bool) -> ExitCode {
     match migrate::apply(&setup).await {
         Ok(table) => {
             println!("migrated: outbox table {} is ready", table.display_name());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: migration failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `capture.source: messages`: the helper function, the publication and
+/// the slot instead of a table.
+async fn migrate_messages_command(setup: Setup, print: bool) -> ExitCode {
+    if print {
+        print!(
+            "{}",
+            migrate::render_messages(&setup.config, &setup.table.schema)
+        );
+        return ExitCode::SUCCESS;
+    }
+    match migrate::apply_messages(&setup).await {
+        Ok(summary) => {
+            println!("migrated: {summary}");
             ExitCode::SUCCESS
         }
         Err(error) => {

@@ -10,6 +10,7 @@
 //! until the synchronous standbys have them.
 
 pub mod message_encoding;
+pub mod message_slot;
 pub mod pgoutput;
 pub mod polling;
 pub mod slot;

@@ -222,7 +222,7 @@ fn buffered_bytes(event: &std::result::Result<Option<ReplicationEvent>, PgWireEr
 
 impl ReplicationStream for WireClient {
     async fn next(&mut self) -> Result<Option<StreamItem>> {
-        loop {
+        {
             let Some(buffered) = self.events.recv().await else {
                 // The reader task ended after passing on the stream's end.
                 return Ok(None);
@@ -285,7 +285,7 @@ impl ReplicationStream for WireClient {
                 // We never set a stop LSN.
                 Some(ReplicationEvent::StoppedAt { .. }) => return Ok(None),
             };
-            return Ok(Some(item));
+            Ok(Some(item))
         }
     }
 
