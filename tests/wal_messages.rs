@@ -213,8 +213,12 @@ async fn messages_are_published_exactly_once_in_commit_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_after_the_kafka_commit_and_restarted_publishes_nothing_twice() {
     let env = message_env("wal-msg-kill").await;
-    let first = write(&env.pool, 0, 12).await;
-    for kill in 1..=2 {
+    let mut written = write(&env.pool, 0, 12).await;
+    for kill in 1..=3 {
+        if kill > 1 {
+            // Something new to publish, so this run reaches a commit too.
+            written = merge(written, write(&env.pool, kill, 6).await);
+        }
         // Dies right after its first Kafka commit: the slot is not
         // confirmed, so the restart replays that batch and the checkpoint
         // must skip it.
@@ -229,8 +233,7 @@ async fn killed_after_the_kafka_commit_and_restarted_publishes_nothing_twice() {
         );
     }
     let mut relay = env.spawn_relay_process();
-    let second = write(&env.pool, 1, 12).await;
-    let (order, ids) = merge(first, second);
+    let (order, ids) = merge(written, write(&env.pool, 9, 12).await);
     let records = published(&env, ids.len(), Duration::from_secs(90)).await;
     crate::support::signal(&relay, "TERM");
     let status = relay.wait().expect("relay exits");
