@@ -199,6 +199,14 @@ async fn messages_are_published_exactly_once_in_commit_order() {
     assert_exactly_once_in_order(&records, &ids, &order);
     let first = &records[0];
     assert_eq!(first.header("type"), Some("OrderChanged"));
+    // `status` names the message outbox and the checkpoint's position.
+    let status = outboxd::status::read(&env.setup()).await.expect("status");
+    assert_eq!(status.table, "messages:outboxd");
+    let checkpoint = status.last_checkpoint.expect("a checkpoint");
+    assert!(
+        checkpoint.position.is_some(),
+        "the checkpoint names a stream position"
+    );
 
     // A restart publishes nothing again, and the next events once.
     let relay = InProcessRelay::start(env.config());
