@@ -274,6 +274,18 @@ async fn status_command(setup: Setup, json: bool) -> ExitCode {
 
 async fn dead_letters_command(setup: Setup, action: DeadLetterAction) -> ExitCode {
     use outboxd::dead_letters::{self, Selection};
+    if setup.config.messages() {
+        // Both commands read and write the outbox table, which a message
+        // outbox does not have.
+        eprintln!(
+            "error: capture.source is messages: dead letters have no row to list or put back. \
+             Read the dead-letter topic `{}` (each record carries the reason and the content), \
+             and emit an event again with {}()",
+            setup.config.routing.dead_letter_topic,
+            outboxd::capture::message_encoding::EMIT_FUNCTION
+        );
+        return ExitCode::FAILURE;
+    }
     match action {
         DeadLetterAction::List { json, .. } => match dead_letters::list(&setup).await {
             Ok(listing) if json => {
