@@ -440,3 +440,12 @@ fn message_source_needs_replication_and_a_plain_prefix() {
         "{error}"
     );
 }
+
+#[test]
+fn the_message_outbox_example_loads() {
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/messages/outboxd.yaml");
+    let setup = crate::setup::Setup::load(&example).expect("examples/messages/outboxd.yaml loads");
+    assert!(setup.config.messages());
+    assert_eq!(setup.config.capture.mode, CaptureMode::Replication);
+}
