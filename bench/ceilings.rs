@@ -238,6 +238,7 @@ pub async fn kafka(rows: usize, payload_bytes: usize) -> Ceiling {
                 trace_parent: None,
                 position: None,
                 committed_at: None,
+                poison: None,
                 created_at: None,
             }
         })

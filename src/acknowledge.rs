@@ -5,6 +5,11 @@
 //! with `read_committed`). Acknowledging is idempotent, so doing it twice
 //! after a crash is harmless. Poison rows are always marked, never deleted,
 //! so their payload stays in the table for whoever repairs them.
+//!
+//! A WAL-message outbox (`capture.source: messages`) has no row to mark:
+//! its acknowledger ([`Acknowledger::without_table`]) does nothing and
+//! reports every event acknowledged, so what stays is the slot's
+//! confirmation and the checkpoint, which together are its whole record.
 
 use sqlx::PgConnection;
 
@@ -37,6 +42,8 @@ pub struct Acknowledger {
     /// Reads the event id of rows by seq, to tell a checkpoint's rows from
     /// rows that reuse their seqs.
     row_ids_sql: String,
+    /// `false` for a WAL-message outbox: nothing to mark.
+    marks_rows: bool,
 }
 
 impl Acknowledger {
@@ -49,6 +56,19 @@ impl Acknowledger {
             },
             dead_lettered_sql: table.mark_sent_sql(),
             row_ids_sql: table.row_ids_sql(),
+            marks_rows: true,
+        }
+    }
+
+    /// For `capture.source: messages`: `name` is what its checkpoints name
+    /// instead of a table.
+    pub fn without_table(name: &str) -> Acknowledger {
+        Acknowledger {
+            table_name: name.to_string(),
+            published_sql: String::new(),
+            dead_lettered_sql: String::new(),
+            row_ids_sql: String::new(),
+            marks_rows: false,
         }
     }
 
@@ -60,6 +80,12 @@ impl Acknowledger {
         published: &[(i64, &str)],
         dead_lettered: &[(i64, &str)],
     ) -> Result<Acknowledged> {
+        if !self.marks_rows {
+            return Ok(Acknowledged {
+                published: published.len() as u64,
+                dead_lettered: dead_lettered.len() as u64,
+            });
+        }
         let acknowledged = Acknowledged {
             published: execute_for_rows(
                 connection,
@@ -128,6 +154,9 @@ impl Acknowledger {
                 checkpoint.table, self.table_name
             )));
         }
+        if !self.marks_rows {
+            return Ok(Acknowledged::default());
+        }
         let published = checkpoint.published.to_seqs();
         let dead_lettered = checkpoint.dead_lettered.to_seqs();
         if let Some(row_ids) = checkpoint.row_ids() {
@@ -171,7 +200,7 @@ impl Acknowledger {
         connection: &mut PgConnection,
         checkpoint: &Checkpoint,
     ) -> Result<Acknowledged> {
-        let Some(row_ids) = checkpoint.row_ids() else {
+        let Some(row_ids) = checkpoint.row_ids().filter(|_| self.marks_rows) else {
             return Ok(Acknowledged::default());
         };
         let published = checkpoint.published.to_seqs();
@@ -222,7 +251,7 @@ impl Acknowledger {
         connection: &mut PgConnection,
         checkpoint: &Checkpoint,
     ) -> Result<bool> {
-        let Some(row_ids) = checkpoint.row_ids() else {
+        let Some(row_ids) = checkpoint.row_ids().filter(|_| self.marks_rows) else {
             return Ok(false);
         };
         let (ours, _) = self

@@ -88,6 +88,7 @@ mod tests {
             trace_parent: None,
             position: None,
             committed_at: None,
+            poison: None,
             created_at: None,
         }
     }

@@ -142,6 +142,11 @@ async fn check_postgres(setup: &Setup, findings: &mut Findings) {
         format!("connected to {target} (server {version})"),
     );
 
+    if config.messages() {
+        check_messages(setup, &mut connection, findings).await;
+        check_identity(&mut connection, findings).await;
+        return;
+    }
     let table = &setup.table;
     match schema::inspect(&mut connection, table, config.relay.deletes_rows()).await {
         Err(e) => findings.push(Status::Failed, "outbox table", e.message),
@@ -183,6 +188,121 @@ async fn check_postgres(setup: &Setup, findings: &mut Findings) {
     check_identity(&mut connection, findings).await;
     check_insert_only(&mut connection, table, findings).await;
     check_replay_record(&mut connection, table, findings).await;
+}
+
+/// `capture.source: messages`: replication works, the helper function
+/// exists, and the slot holds every message after the latest checkpoint
+/// (the relay's own start rule, `capture::message_slot`), so `check`
+/// fails exactly where the relay would refuse to start.
+async fn check_messages(setup: &Setup, connection: &mut PgConnection, findings: &mut Findings) {
+    use crate::capture::message_encoding::EMIT_FUNCTION;
+    use crate::capture::message_slot::{judge, Verdict};
+    let config = &setup.config;
+    findings.push(
+        Status::Ok,
+        "capture",
+        format!(
+            "source messages: transactional logical messages with prefix `{}`, streamed through \
+             slot `{}`",
+            config.capture.message_prefix,
+            config.slot_name()
+        ),
+    );
+    match slot::server_support(connection).await {
+        Err(e) => findings.push(Status::Failed, "replication", e.message),
+        Ok(support) => match support.replication_unavailable() {
+            Some(reason) => findings.push(
+                Status::Failed,
+                "replication",
+                format!("capture.source messages needs logical replication, but {reason}"),
+            ),
+            None => findings.push(Status::Ok, "replication", "available to this role"),
+        },
+    }
+    let function = format!("{}.{EMIT_FUNCTION}", setup.table.schema);
+    let exists: Result<bool, sqlx::Error> = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = $1 AND p.proname = $2)",
+    )
+    .bind(&setup.table.schema)
+    .bind(EMIT_FUNCTION)
+    .fetch_one(&mut *connection)
+    .await;
+    match exists {
+        Ok(true) => findings.push(Status::Ok, "emit function", format!("{function}() exists")),
+        Ok(false) => findings.push(
+            Status::Warning,
+            "emit function",
+            format!(
+                "{function}() is missing; services can still call pg_logical_emit_message \
+                 themselves. outboxd migrate creates it"
+            ),
+        ),
+        Err(e) => findings.push(Status::Failed, "emit function", e.to_string()),
+    }
+    let slot_name = config.slot_name();
+    let existing = match slot::inspect(connection, &slot_name).await {
+        Ok(existing) => existing,
+        Err(e) => return findings.push(Status::Failed, "slot", e.message),
+    };
+    let source = match crate::schema::database_source(connection).await {
+        Ok(source) => source,
+        Err(e) => return findings.push(Status::Failed, "slot", e.message),
+    };
+    let identity = crate::kafka::identity::TableIdentity::new(
+        source.as_deref(),
+        &config.source_name(&setup.table.display_name()),
+        &config.relay.name,
+    );
+    let latest = match tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        crate::kafka::checkpoint::read_latest(config, &identity),
+    )
+    .await
+    {
+        Ok(Ok(latest)) => latest.map(|l| l.checkpoint),
+        Ok(Err(e)) => {
+            return findings.push(
+                Status::Failed,
+                "slot",
+                format!(
+                    "cannot read the latest checkpoint to judge the slot by: {}",
+                    e.message
+                ),
+            )
+        }
+        Err(_) => {
+            return findings.push(
+                Status::Failed,
+                "slot",
+                "Kafka did not answer within 20s; cannot judge the slot without the checkpoint",
+            )
+        }
+    };
+    let accepted = config
+        .capture
+        .accept_message_loss_through
+        .as_deref()
+        .and_then(|lsn| lsn.parse().ok());
+    let position = latest.and_then(|c| c.position);
+    match judge(&slot_name, existing.as_ref(), position, accepted) {
+        Ok(Verdict::Stream(note)) => findings.push(Status::Ok, "slot", note),
+        Ok(Verdict::Accepted(note)) => findings.push(Status::Warning, "slot", note),
+        Ok(Verdict::Create) => findings.push(
+            Status::Failed,
+            "slot",
+            format!(
+                "replication slot `{slot_name}` does not exist: messages emitted now reach no slot \
+                 and are never published. Create it before services emit: outboxd migrate, or \
+                 SELECT pg_create_logical_replication_slot('{slot_name}', 'pgoutput')"
+            ),
+        ),
+        // In use by a running relay is fine for check.
+        Err(e) if e.kind == crate::error::ErrorKind::Retry => {
+            findings.push(Status::Ok, "slot", e.message)
+        }
+        Err(e) => findings.push(Status::Failed, "slot", e.message),
+    }
 }
 
 /// Whether the relay's Kafka identity can name this database: it reads the

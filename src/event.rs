@@ -3,6 +3,9 @@
 //!
 //! Invariant: an event holds the row exactly as stored (payload bytes are
 //! never re-encoded), plus the `seq` that identifies it in checkpoints.
+//! An event from a WAL message (`capture.source: messages`) holds the
+//! message's decoded fields the same way; its `seq` is the message's LSN
+//! (see `capture::stream`).
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +36,12 @@ pub struct OutboxEvent {
     /// When the row's transaction committed (replication) or its
     /// `created_at` (polling): where the latency metric starts.
     pub committed_at: Option<std::time::SystemTime>,
+    /// Capture already knows this event cannot be published, and why (a
+    /// WAL message whose content does not decode, or one written outside
+    /// a transaction): routing sends it to the dead-letter topic with this
+    /// reason, as a poison row. Always `None` for table rows, whose
+    /// problems routing finds itself.
+    pub poison: Option<String>,
 }
 
 /// An event's place in the replication stream: its transaction's commit

@@ -46,7 +46,13 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     mut stop: Shutdown,
 ) -> tokio::task::JoinHandle<()> {
-    let lag_sql = table.lag_sql();
+    // A WAL-message outbox has no rows to count: its backlog is the WAL
+    // the slot holds (`outboxd_slot_retained_bytes`), sampled below.
+    let lag_sql = if config.messages() {
+        "SELECT 0::bigint, 0::float8".to_string()
+    } else {
+        table.lag_sql()
+    };
     let slot_name = config.slot_name();
     let probe = base_client_config(config)
         .create_with_context::<_, BaseConsumer<RelayContext>>(RelayContext)

@@ -185,6 +185,9 @@ async fn run(setup: Setup) -> ExitCode {
 }
 
 async fn migrate_command(setup: Setup, print: bool) -> ExitCode {
+    if setup.config.messages() {
+        return migrate_messages_command(setup, print).await;
+    }
     if print {
         let postgres = &setup.config.postgres;
         print!(
@@ -200,6 +203,28 @@ async fn migrate_command(setup: Setup, print: bool) -> ExitCode {
     match migrate::apply(&setup).await {
         Ok(table) => {
             println!("migrated: outbox table {} is ready", table.display_name());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: migration failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `capture.source: messages`: the helper function, the publication and
+/// the slot instead of a table.
+async fn migrate_messages_command(setup: Setup, print: bool) -> ExitCode {
+    if print {
+        print!(
+            "{}",
+            migrate::render_messages(&setup.config, &setup.table.schema)
+        );
+        return ExitCode::SUCCESS;
+    }
+    match migrate::apply_messages(&setup).await {
+        Ok(summary) => {
+            println!("migrated: {summary}");
             ExitCode::SUCCESS
         }
         Err(error) => {
@@ -249,6 +274,18 @@ async fn status_command(setup: Setup, json: bool) -> ExitCode {
 
 async fn dead_letters_command(setup: Setup, action: DeadLetterAction) -> ExitCode {
     use outboxd::dead_letters::{self, Selection};
+    if setup.config.messages() {
+        // Both commands read and write the outbox table, which a message
+        // outbox does not have.
+        eprintln!(
+            "error: capture.source is messages: dead letters have no row to list or put back. \
+             Read the dead-letter topic `{}` (each record carries the reason and the content), \
+             and emit an event again with {}()",
+            setup.config.routing.dead_letter_topic,
+            outboxd::capture::message_encoding::EMIT_FUNCTION
+        );
+        return ExitCode::FAILURE;
+    }
     match action {
         DeadLetterAction::List { json, .. } => match dead_letters::list(&setup).await {
             Ok(listing) if json => {

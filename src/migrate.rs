@@ -210,6 +210,78 @@ pub async fn apply(setup: &Setup) -> Result<OutboxTable> {
     Ok(table.clone())
 }
 
+/// The migration of a WAL-message outbox (`capture.source: messages`):
+/// the helper function (in `postgres.table`'s schema, `public` by
+/// default) and the empty publication.
+pub fn render_messages(config: &crate::config::Config, schema: &str) -> String {
+    crate::capture::message_encoding::migration_sql(
+        schema,
+        &config.capture.message_prefix,
+        &config.postgres.publication,
+    )
+}
+
+/// Applies [`render_messages`] in one transaction, then creates the slot
+/// if it is missing: a message reaches only the slots that existed when it
+/// was written, so the slot must exist before services emit, and this is
+/// the step that runs before them. A slot cannot be created in a
+/// transaction that wrote, hence after the commit. Returns what was done.
+pub async fn apply_messages(setup: &Setup) -> Result<String> {
+    let config = &setup.config;
+    let mut connection = setup
+        .connect_options
+        .connect()
+        .await
+        .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
+    let mut transaction = connection
+        .begin()
+        .await
+        .map_err(|e| Error::from_postgres("starting the migration", e))?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('outboxd:migrate', 0))")
+        .execute(&mut *transaction)
+        .await
+        .map_err(|e| Error::from_postgres("taking the migration lock", e))?;
+    sqlx::raw_sql(&render_messages(config, &setup.table.schema))
+        .execute(&mut *transaction)
+        .await
+        .map_err(|e| Error::from_postgres("creating the message outbox's function", e))?;
+    transaction
+        .commit()
+        .await
+        .map_err(|e| Error::from_postgres("committing the migration", e))?;
+    let slot_name = config.slot_name();
+    let function = format!(
+        "{}.{}",
+        quote_ident(&setup.table.schema),
+        crate::capture::message_encoding::EMIT_FUNCTION
+    );
+    let slot = match crate::capture::slot::inspect(&mut connection, &slot_name).await? {
+        Some(info) if info.is_lost() => {
+            return Err(Error::stop(format!(
+                "replication slot `{slot_name}` is lost (wal_status = lost); messages may be \
+                 lost with it. Start the relay to see what to do; migrate does not replace it"
+            )))
+        }
+        Some(_) => format!("slot `{slot_name}` exists"),
+        None => {
+            let at = crate::capture::slot::create(&mut connection, &slot_name)
+                .await
+                .map_err(|e| {
+                    Error::stop(format!(
+                        "{e}. The slot must exist before services emit messages; run migrate as a \
+                         role with REPLICATION, or create it: SELECT \
+                         pg_create_logical_replication_slot('{slot_name}', 'pgoutput')"
+                    ))
+                })?;
+            format!("created slot `{slot_name}` at {at}: every message committed after it is kept for the relay")
+        }
+    };
+    Ok(format!(
+        "message outbox with prefix `{}` is ready: {function}(), publication `{}`, {slot}",
+        config.capture.message_prefix, config.postgres.publication
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -392,7 +392,8 @@ impl Router {
         let mut subjects = Vec::new();
         for event in events {
             let (template, spec) = self.rule_for(event);
-            if spec.format == ValueFormat::Raw || event.payload.is_none() {
+            if spec.format == ValueFormat::Raw || event.payload.is_none() || event.poison.is_some()
+            {
                 continue;
             }
             let topic = template.render(&event.aggregate_type, &event.event_type);
@@ -434,6 +435,10 @@ impl Router {
         event: &'a OutboxEvent,
         schemas: &Schemas,
     ) -> Result<RoutedRecord<'a>, String> {
+        // Capture found it poison (a WAL message that does not decode).
+        if let Some(reason) = &event.poison {
+            return Err(reason.clone());
+        }
         let (template, spec) = self.rule_for(event);
         let topic = template.render(&event.aggregate_type, &event.event_type);
         validate_topic_name(&topic).map_err(|e| format!("unroutable: {e}"))?;

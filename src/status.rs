@@ -71,10 +71,18 @@ pub async fn read(setup: &Setup) -> Result<Status> {
         .connect()
         .await
         .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
-    let lag = lag::sample(&mut connection, &table.lag_sql())
+    // A WAL-message outbox has no rows to count (its backlog is the WAL
+    // its slot keeps, below) and names itself `messages:<prefix>`.
+    let source_name = config.source_name(&table.display_name());
+    let lag_sql = if config.messages() {
+        "SELECT 0::bigint, 0::float8".to_string()
+    } else {
+        table.lag_sql()
+    };
+    let lag = lag::sample(&mut connection, &lag_sql)
         .await
         .map_err(|e| Error::from_postgres("reading the outbox lag", e))?;
-    let leader = match leader::holder_pid(&mut connection, &table.display_name()).await? {
+    let leader = match leader::holder_pid(&mut connection, &source_name).await? {
         None => None,
         Some(pid) => Some(describe_backend(&mut connection, pid).await?),
     };
@@ -88,7 +96,7 @@ pub async fn read(setup: &Setup) -> Result<Status> {
             confirmed_flush_lsn: info.confirmed_flush.map(|lsn| lsn.to_string()),
         });
     let source = schema::database_source(&mut connection).await?;
-    let identity = TableIdentity::new(source.as_deref(), &table.display_name(), &config.relay.name);
+    let identity = TableIdentity::new(source.as_deref(), &source_name, &config.relay.name);
     let last_checkpoint = match tokio::time::timeout(
         CHECKPOINT_TIMEOUT,
         checkpoint::read_latest(config, &identity),
@@ -111,7 +119,7 @@ pub async fn read(setup: &Setup) -> Result<Status> {
     };
     Ok(Status {
         relay: config.relay.name.clone(),
-        table: table.display_name(),
+        table: source_name,
         capture_mode: format!("{:?}", config.capture.mode).to_lowercase(),
         pending_rows: lag.pending_rows,
         oldest_unsent_age_seconds: lag.oldest_unsent_age_seconds,

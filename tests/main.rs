@@ -31,3 +31,4 @@ mod schema_registry;
 mod shared_checkpoints;
 mod shipped_examples;
 mod tls;
+mod wal_messages;

@@ -9,6 +9,8 @@
 //! the publication, and `standby_gate` holding streamed transactions back
 //! until the synchronous standbys have them.
 
+pub mod message_encoding;
+pub mod message_slot;
 pub mod pgoutput;
 pub mod polling;
 pub mod slot;

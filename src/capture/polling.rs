@@ -119,6 +119,7 @@ fn event_from_row(row: &PgRow) -> Result<OutboxEvent> {
                 std::time::SystemTime::UNIX_EPOCH
                     .checked_add(std::time::Duration::try_from_secs_f64(epoch).ok()?)
             }),
+        poison: None,
     })
 }
 

@@ -12,6 +12,36 @@
 //! checkpoint) never come out. Rows are read by the Relation's column
 //! names, so extra or reordered columns in a user's table do not matter;
 //! inserts into any other table in the publication are ignored.
+//!
+//! With `capture.source: messages` (`Assembler::for_messages`) the events
+//! are the transactional logical messages carrying the relay's prefix
+//! instead, and rows are ignored:
+//!
+//! - **Position**: the transaction's commit LSN and the message's index
+//!   among the transaction's messages of this prefix (poison ones count
+//!   too), exactly as rows, so the checkpoint and the restart skip work
+//!   unchanged.
+//! - **seq**: the message's own LSN (the end of its WAL record). Nothing
+//!   marks a message, so seq only has to name the event uniquely in
+//!   checkpoints, dead letters and logs: a WAL position is unique on the
+//!   server's timeline, readable with `pg_waldump`, and the same on every
+//!   replay. It is not the publishing order (a transaction that wrote its
+//!   message first can commit last); the position is.
+//! - **Confirming**: only ever up to the commit LSN of a transaction whose
+//!   messages are all in Kafka, never a transaction's end or a keepalive's
+//!   WAL end. So the slot is never confirmed past the latest checkpoint's
+//!   position (the transaction at exactly that LSN is replayed and skipped
+//!   by it), and a slot found past it was moved by someone else: the relay
+//!   refuses to start (`relay::replication::messages`). The price: while no
+//!   message is written, the slot holds the WAL others write.
+//! - **Non-transactional messages** of our prefix (`pg_logical_emit_message(
+//!   false, …)`) are poison: written whether or not their transaction
+//!   commits, publishing them could publish a rolled-back event. They go to
+//!   the dead-letter topic with that reason (or stop the relay under
+//!   `relay.on_poison: halt`) rather than stop it by default: the slot could
+//!   never pass one, so a stop would stall every event behind a single
+//!   misbehaving call with no safe way forward, while the dead letter keeps
+//!   its content for whoever decides. Their position is their own LSN.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -37,7 +67,13 @@ pub enum Captured {
     /// A transaction ended: every event of it has been yielded, and once they
     /// are in Kafka, the slot may be confirmed up to `end_lsn`.
     TransactionEnd {
+        /// Where the synchronous standbys must have flushed before the
+        /// transaction may be published: the end of its commit record.
         end_lsn: Lsn,
+        /// How far the slot may be confirmed once the events are in Kafka:
+        /// `end_lsn` for rows; the commit LSN for messages, so a confirmed
+        /// position never passes the checkpoint's (see the module comment).
+        confirm_lsn: Lsn,
     },
     /// The server has sent everything before `wal_end`: with nothing in
     /// flight, confirming it keeps an idle outbox from pinning WAL.
@@ -134,6 +170,10 @@ pub struct Assembler {
     warned_other_changes: bool,
     /// Events dropped because the checkpoint already covers them.
     pub skipped: u64,
+    /// `Some(prefix)`: events are the logical messages with this prefix.
+    message_prefix: Option<String>,
+    /// What a non-transactional message leaves to hand out after its event.
+    pending: Option<Captured>,
 }
 
 impl Assembler {
@@ -153,7 +193,34 @@ impl Assembler {
             resume_after,
             warned_other_changes: false,
             skipped: 0,
+            message_prefix: None,
+            pending: None,
         }
+    }
+
+    /// An assembler for `capture.source: messages`: events are the logical
+    /// messages carrying `prefix`; rows of any table are ignored.
+    pub fn for_messages(prefix: &str, resume_after: Option<SourcePosition>) -> Assembler {
+        Assembler {
+            schema: String::new(),
+            table: String::new(),
+            columns: ColumnNames::default(),
+            created_at_text: false,
+            other_changes: OtherChangesPolicy::Ignore,
+            relations: HashMap::new(),
+            transaction: None,
+            resume_after,
+            warned_other_changes: true,
+            skipped: 0,
+            message_prefix: Some(prefix.to_string()),
+            pending: None,
+        }
+    }
+
+    /// What the last [`Assembler::accept`] left to hand out after its own
+    /// result (the end of a non-transactional message).
+    pub fn take_pending(&mut self) -> Option<Captured> {
+        self.pending.take()
     }
 
     /// Events carry `created_at` as RFC 3339 text, which only CloudEvents'
@@ -175,6 +242,8 @@ impl Assembler {
 
     pub fn accept(&mut self, item: StreamItem) -> Result<Option<Captured>> {
         let message = match item {
+            // Messages never confirm past a published commit (module comment).
+            StreamItem::KeepAlive { .. } if self.message_prefix.is_some() => return Ok(None),
             StreamItem::KeepAlive { wal_end } => {
                 return Ok(Some(Captured::Idle { wal_end }));
             }
@@ -200,15 +269,29 @@ impl Assembler {
                 Ok(None)
             }
             Message::Commit { end_lsn, .. } => {
-                if self.transaction.take().is_none() {
+                let Some(ended) = self.transaction.take() else {
                     return Err(protocol_error(format!(
                         "a commit ending at {end_lsn} arrived outside a transaction"
                     )));
+                };
+                if self.message_prefix.is_none() {
+                    return Ok(Some(Captured::TransactionEnd {
+                        end_lsn,
+                        confirm_lsn: end_lsn,
+                    }));
                 }
-                Ok(Some(Captured::TransactionEnd { end_lsn }))
+                // Messages: only a transaction with events of ours is a
+                // position the checkpoint can name.
+                Ok((ended.next_index > 0).then_some(Captured::TransactionEnd {
+                    end_lsn,
+                    confirm_lsn: ended.commit_lsn,
+                }))
             }
             Message::Relation(relation) => {
-                let layout = if relation.namespace == self.schema && relation.name == self.table {
+                let layout = if self.message_prefix.is_none()
+                    && relation.namespace == self.schema
+                    && relation.name == self.table
+                {
                     Some(RowLayout::from_relation(
                         &relation,
                         &self.columns,
@@ -233,8 +316,84 @@ impl Assembler {
                 self.other_change("TRUNCATE", &relation_ids);
                 Ok(None)
             }
-            Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => Ok(None),
+            Message::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => match &self.message_prefix {
+                Some(ours) if *ours == prefix => self.message(transactional, lsn, &content),
+                _ => Ok(None),
+            },
+            Message::Origin { .. } | Message::Type { .. } => Ok(None),
         }
+    }
+
+    /// A logical message with our prefix.
+    fn message(
+        &mut self,
+        transactional: bool,
+        lsn: Lsn,
+        content: &[u8],
+    ) -> Result<Option<Captured>> {
+        if !transactional {
+            if let Some(open) = self.transaction {
+                // pgoutput v1 sends one when decoded, never inside the
+                // replay of a committed transaction.
+                return Err(protocol_error(format!(
+                    "a non-transactional message at {lsn} arrived inside the transaction \
+                     committing at {}",
+                    open.commit_lsn
+                )));
+            }
+            let position = SourcePosition {
+                commit_lsn: lsn,
+                index: 0,
+            };
+            if self.resume_after.is_some_and(|resume| position <= resume) {
+                self.skipped += 1;
+                return Ok(None);
+            }
+            let mut event = message_event(lsn, content, position);
+            let written_as = match &event.poison {
+                Some(bad) => format!(" Its content is poison too: {bad}."),
+                None => String::new(),
+            };
+            event.poison = Some(format!(
+                "non-transactional message: written with pg_logical_emit_message(false, …) at \
+                 {lsn}, it reaches the relay whether or not its transaction commits, so it may \
+                 be an event of a rolled-back transaction and is never published. Emit with \
+                 transactional = true (or call {}).{written_as}",
+                super::message_encoding::EMIT_FUNCTION
+            ));
+            tracing::error!(
+                lsn = %lsn,
+                "a non-transactional message with the relay's prefix is refused (dead-lettered, \
+                 or a halt under relay.on_poison: halt); fix the writer to emit transactional messages"
+            );
+            self.pending = Some(Captured::TransactionEnd {
+                end_lsn: lsn,
+                confirm_lsn: lsn,
+            });
+            return Ok(Some(Captured::Event(event)));
+        }
+        let Some(transaction) = self.transaction.as_mut() else {
+            return Err(protocol_error(format!(
+                "a transactional message at {lsn} arrived outside a transaction"
+            )));
+        };
+        let position = SourcePosition {
+            commit_lsn: transaction.commit_lsn,
+            index: transaction.next_index,
+        };
+        transaction.next_index += 1;
+        if self.resume_after.is_some_and(|resume| position <= resume) {
+            self.skipped += 1;
+            return Ok(None);
+        }
+        let mut event = message_event(lsn, content, position);
+        event.committed_at = transaction.committed_at;
+        Ok(Some(Captured::Event(event)))
     }
 
     fn insert(&mut self, relation_id: u32, new: Tuple) -> Result<Option<Captured>> {
@@ -387,7 +546,44 @@ fn event_from_tuple(
         position: Some(position),
         created_at,
         committed_at: None,
+        poison: None,
     })
+}
+
+/// The event a logical message carries; a content that does not decode is
+/// a poison event holding the raw content, so the dead letter keeps it.
+fn message_event(lsn: Lsn, content: &[u8], position: SourcePosition) -> OutboxEvent {
+    // An LSN is below 2^63 for any server that will ever run.
+    let seq = i64::try_from(lsn.0).unwrap_or(i64::MAX);
+    let (decoded, poison) = match super::message_encoding::decode(content) {
+        Ok(decoded) => (decoded, None),
+        Err(reason) => (
+            super::message_encoding::MessageEvent {
+                id: format!("wal-message-{lsn}"),
+                aggregate_type: String::new(),
+                aggregate_id: String::new(),
+                event_type: String::new(),
+                payload: Some(content.to_vec()),
+                headers_json: None,
+                trace_parent: None,
+            },
+            Some(format!("{reason} (message at {lsn})")),
+        ),
+    };
+    OutboxEvent {
+        seq,
+        id: decoded.id,
+        aggregate_type: decoded.aggregate_type,
+        aggregate_id: decoded.aggregate_id,
+        event_type: decoded.event_type,
+        payload: decoded.payload,
+        headers_json: decoded.headers_json,
+        trace_parent: decoded.trace_parent,
+        position: Some(position),
+        created_at: None,
+        committed_at: None,
+        poison,
+    }
 }
 
 /// `\x0aff…` → bytes.

@@ -215,64 +215,76 @@ fn buffered_bytes(event: &std::result::Result<Option<ReplicationEvent>, PgWireEr
     const SMALL_MESSAGE: usize = 64;
     match event {
         Ok(Some(ReplicationEvent::XLogData { data, .. })) => data.len() + SMALL_MESSAGE,
+        Ok(Some(ReplicationEvent::Message { content, .. })) => content.len() + SMALL_MESSAGE,
         _ => SMALL_MESSAGE,
     }
 }
 
 impl ReplicationStream for WireClient {
     async fn next(&mut self) -> Result<Option<StreamItem>> {
-        loop {
-            let Some(buffered) = self.events.recv().await else {
-                // The reader task ended after passing on the stream's end.
-                return Ok(None);
-            };
-            let event = buffered
-                .event
-                .map_err(|e| wire_error("reading the replication stream", e))?;
-            let item = match event {
-                None => return Ok(None),
-                Some(ReplicationEvent::KeepAlive { wal_end, .. }) => StreamItem::KeepAlive {
-                    wal_end: Lsn(wal_end.as_u64()),
-                },
-                // The client decodes transaction boundaries itself.
-                Some(ReplicationEvent::Begin {
-                    final_lsn,
-                    xid,
-                    commit_time_micros,
-                }) => StreamItem::Message(Message::Begin {
-                    final_lsn: Lsn(final_lsn.as_u64()),
-                    commit_time_micros,
-                    xid,
-                }),
-                Some(ReplicationEvent::Commit {
-                    lsn,
-                    end_lsn,
-                    commit_time_micros,
-                }) => StreamItem::Message(Message::Commit {
-                    flags: 0,
-                    commit_lsn: Lsn(lsn.as_u64()),
-                    end_lsn: Lsn(end_lsn.as_u64()),
-                    commit_time_micros,
-                }),
-                Some(ReplicationEvent::XLogData {
-                    data, wal_start, ..
-                }) => {
-                    let message = pgoutput::decode(&data).map_err(|e| {
-                        Error::stop(format!(
-                            "cannot decode the replication message at {}: {e}. \
-                             This is a bug in outboxd or an unsupported server; report it with the server version",
-                            Lsn(wal_start.as_u64())
-                        ))
-                    })?;
-                    StreamItem::Message(message)
-                }
-                // Logical decoding messages (pg_logical_emit_message) are not outbox rows.
-                Some(ReplicationEvent::Message { .. }) => continue,
-                // We never set a stop LSN.
-                Some(ReplicationEvent::StoppedAt { .. }) => return Ok(None),
-            };
-            return Ok(Some(item));
-        }
+        let Some(buffered) = self.events.recv().await else {
+            // The reader task ended after passing on the stream's end.
+            return Ok(None);
+        };
+        let event = buffered
+            .event
+            .map_err(|e| wire_error("reading the replication stream", e))?;
+        let item = match event {
+            None => return Ok(None),
+            Some(ReplicationEvent::KeepAlive { wal_end, .. }) => StreamItem::KeepAlive {
+                wal_end: Lsn(wal_end.as_u64()),
+            },
+            // The client decodes transaction boundaries itself.
+            Some(ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            }) => StreamItem::Message(Message::Begin {
+                final_lsn: Lsn(final_lsn.as_u64()),
+                commit_time_micros,
+                xid,
+            }),
+            Some(ReplicationEvent::Commit {
+                lsn,
+                end_lsn,
+                commit_time_micros,
+            }) => StreamItem::Message(Message::Commit {
+                flags: 0,
+                commit_lsn: Lsn(lsn.as_u64()),
+                end_lsn: Lsn(end_lsn.as_u64()),
+                commit_time_micros,
+            }),
+            Some(ReplicationEvent::XLogData {
+                data, wal_start, ..
+            }) => {
+                let message = pgoutput::decode(&data).map_err(|e| {
+                    Error::stop(format!(
+                        "cannot decode the replication message at {}: {e}. \
+                         This is a bug in outboxd or an unsupported server; report it with the server version",
+                        Lsn(wal_start.as_u64())
+                    ))
+                })?;
+                StreamItem::Message(message)
+            }
+            // Logical decoding messages (pg_logical_emit_message): the
+            // client decodes them itself, like Begin and Commit. The
+            // stream assembler keeps those of the WAL-message outbox
+            // and ignores the rest (and all of them for a table).
+            Some(ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            }) => StreamItem::Message(Message::Message {
+                transactional,
+                lsn: Lsn(lsn.as_u64()),
+                prefix,
+                content: content.to_vec(),
+            }),
+            // We never set a stop LSN.
+            Some(ReplicationEvent::StoppedAt { .. }) => return Ok(None),
+        };
+        Ok(Some(item))
     }
 
     fn acknowledge(&mut self, lsn: Lsn) {

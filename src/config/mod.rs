@@ -292,6 +292,29 @@ pub struct CaptureConfig {
     /// and `synchronized_standby_slots`). `false` publishes on the primary's
     /// commit alone.
     pub wait_for_sync_standbys: bool,
+    /// Where events come from: `table` (rows of the outbox table, the
+    /// default) or `messages` (transactional logical decoding messages,
+    /// `pg_logical_emit_message(true, message_prefix, …)`, no table at all;
+    /// replication mode only, see docs/wal-messages.md).
+    pub source: CaptureSource,
+    /// `capture.source: messages`: the prefix the relay's messages carry.
+    /// Messages with other prefixes are ignored.
+    pub message_prefix: String,
+    /// `capture.source: messages`: a stream gap the operator accepted. A
+    /// slot lost or found past the last checkpoint means messages may be
+    /// gone for good, so the relay refuses to start and names the slot's
+    /// position; writing that position here lets it start from the slot,
+    /// and stays harmless once the relay has published past it.
+    pub accept_message_loss_through: Option<String>,
+}
+
+/// Where a relay's events come from (`capture.source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureSource {
+    #[default]
+    Table,
+    Messages,
 }
 
 impl Default for CaptureConfig {
@@ -305,6 +328,9 @@ impl Default for CaptureConfig {
             on_slot_lost: SlotLostPolicy::Recover,
             other_changes: OtherChangesPolicy::Warn,
             wait_for_sync_standbys: true,
+            source: CaptureSource::Table,
+            message_prefix: "outboxd".into(),
+            accept_message_loss_through: None,
         }
     }
 }
@@ -312,6 +338,22 @@ impl Default for CaptureConfig {
 impl Config {
     /// The replication slot: `capture.slot`, or `outboxd_<relay name>` with
     /// `-` made `_` (slot names allow only `[a-z0-9_]`).
+    /// `capture.source: messages`: events are WAL messages, not rows.
+    pub fn messages(&self) -> bool {
+        self.capture.source == CaptureSource::Messages
+    }
+
+    /// What checkpoints, the leader lock and the Kafka identity name: the
+    /// table's `schema.table`, or `messages:<prefix>` for a WAL-message
+    /// outbox, which has no table and must never share a table's identity.
+    pub fn source_name(&self, table_display_name: &str) -> String {
+        if self.messages() {
+            format!("messages:{}", self.capture.message_prefix)
+        } else {
+            table_display_name.to_string()
+        }
+    }
+
     pub fn slot_name(&self) -> String {
         self.capture
             .slot
@@ -813,6 +855,7 @@ impl Config {
             return Err("capture.poll_interval: must be at least 10ms".into());
         }
         validate_slot_name(&self.slot_name()).map_err(|e| format!("capture.slot: {e}"))?;
+        self.validate_message_source()?;
         if let Some(retention) = self.relay.retention {
             if self.relay.after_publish == AfterPublish::Delete {
                 return Err(
@@ -849,6 +892,54 @@ impl Config {
 
 impl Config {
     /// `routing.schema_registry` is there when a format needs it, and sane.
+    /// `capture.source: messages` exists only in the WAL: no table to poll,
+    /// so only replication can carry it.
+    fn validate_message_source(&self) -> Result<(), String> {
+        if self.capture.source != CaptureSource::Messages {
+            return Ok(());
+        }
+        if self.capture.mode != CaptureMode::Replication {
+            let mode = match self.capture.mode {
+                CaptureMode::Polling => "polling",
+                _ => "auto",
+            };
+            return Err(format!(
+                "capture.mode: `{mode}` cannot carry capture.source: messages (the messages \
+                 exist only in the WAL, there is no table to poll); set capture.mode: replication"
+            ));
+        }
+        let prefix = &self.capture.message_prefix;
+        // It names the relay's Kafka identity too (`messages:<prefix>`), so
+        // no character that identity's readers could split on.
+        if prefix.is_empty()
+            || prefix.len() > 100
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return Err(format!(
+                "capture.message_prefix: `{prefix}` must be 1 to 100 characters of a-z, A-Z, \
+                 0-9, `_`, `-` and `.`"
+            ));
+        }
+        if let Some(through) = &self.capture.accept_message_loss_through {
+            through.parse::<crate::postgres::lsn::Lsn>().map_err(|_| {
+                format!(
+                    "capture.accept_message_loss_through: `{through}` is not a WAL position \
+                     such as 0/16B3748"
+                )
+            })?;
+        }
+        if self.relay.retention.is_some() || self.postgres.partitioning.is_some() {
+            return Err(
+                "capture.source: messages has no table to keep rows or partitions of; \
+                        remove relay.retention and postgres.partitioning"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     fn validate_schema_registry(&self) -> Result<(), String> {
         let Some(registry) = &self.routing.schema_registry else {
             if self.routing.uses_schema_registry() {

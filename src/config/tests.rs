@@ -391,3 +391,61 @@ fn malformed_schema_registry_settings_name_their_key() {
         assert!(error.contains(expected), "{routing}: {error}");
     }
 }
+
+#[test]
+fn message_source_needs_replication_and_a_plain_prefix() {
+    let config = load(MINIMAL);
+    assert_eq!(config.capture.source, CaptureSource::Table);
+    assert_eq!(config.capture.message_prefix, "outboxd");
+    assert!(!config.messages());
+    assert_eq!(config.source_name("public.outbox"), "public.outbox");
+
+    let messages = format!("{MINIMAL}capture:\n  mode: replication\n  source: messages\n");
+    let config = load(&messages);
+    assert!(config.messages());
+    assert_eq!(config.source_name("public.outbox"), "messages:outboxd");
+
+    for mode in ["polling", "auto"] {
+        let error = load_error(&format!(
+            "{MINIMAL}capture:\n  mode: {mode}\n  source: messages\n"
+        ));
+        assert!(
+            error.contains("capture.mode") && error.contains(mode) && error.contains("replication"),
+            "{error}"
+        );
+    }
+    // Left out, the mode is auto: refused as well.
+    let error = load_error(&format!("{MINIMAL}capture:\n  source: messages\n"));
+    assert!(error.contains("capture.mode: `auto`"), "{error}");
+    let error = load_error(&format!("{messages}  message_prefix: \"a/b\"\n"));
+    assert!(error.contains("capture.message_prefix"), "{error}");
+    let error = load_error(&format!("{messages}  accept_message_loss_through: soon\n"));
+    assert!(
+        error.contains("capture.accept_message_loss_through"),
+        "{error}"
+    );
+    let config = load(&format!(
+        "{messages}  accept_message_loss_through: 0/16B3748\n"
+    ));
+    assert_eq!(
+        config.capture.accept_message_loss_through.as_deref(),
+        Some("0/16B3748")
+    );
+    let error =
+        load_error(&messages.replace("  name: orders\n", "  name: orders\n  retention: 7d\n"));
+    assert!(error.contains("relay.retention"), "{error}");
+    let error = load_error(&format!("{MINIMAL}capture:\n  source: rows\n"));
+    assert!(
+        error.contains("capture") && error.contains("source"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_message_outbox_example_loads() {
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/messages/outboxd.yaml");
+    let setup = crate::setup::Setup::load(&example).expect("examples/messages/outboxd.yaml loads");
+    assert!(setup.config.messages());
+    assert_eq!(setup.config.capture.mode, CaptureMode::Replication);
+}

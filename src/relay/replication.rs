@@ -235,6 +235,11 @@ struct Streamer<'c> {
     /// End of the last transaction whose events are all in the batch (or
     /// were in earlier ones): what to confirm once the batch is acknowledged.
     confirm_after_batch: Option<Lsn>,
+    /// The end of that transaction's commit record, which the synchronous
+    /// standbys must have before the batch is published. The same as
+    /// `confirm_after_batch` for rows; past it for messages, which confirm
+    /// only to the commit LSN (`capture::stream`).
+    gate_through: Option<Lsn>,
     /// Batches handed to the pipeline whose acknowledgement has not come
     /// back yet. While there are any, nothing past them may be confirmed.
     in_flight: usize,
@@ -278,6 +283,7 @@ impl<'c> Streamer<'c> {
             batch_bytes: 0,
             batch_position: None,
             confirm_after_batch: None,
+            gate_through: None,
             in_flight: 0,
             confirm_when_idle: None,
             catch_up,
@@ -375,9 +381,27 @@ impl<'c> Streamer<'c> {
                     "Postgres ended the replication stream; reconnecting",
                 ));
             };
-            match self.assembler.accept(item)? {
-                None => {}
-                Some(Captured::Event(event)) => {
+            let captured = self.assembler.accept(item)?;
+            let pending = self.assembler.take_pending();
+            for captured in captured.into_iter().chain(pending) {
+                if !self.take(captured, &mut ends, stream).await? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Takes one captured item into the batch (handing it over when full)
+    /// or the positions to confirm. `false` once the publisher has ended.
+    async fn take(
+        &mut self,
+        captured: Captured,
+        ends: &mut CaptureEnds,
+        stream: &mut impl ReplicationStream,
+    ) -> Result<bool> {
+        {
+            match captured {
+                Captured::Event(event) => {
                     self.batch_position = event.position;
                     self.batch_bytes += event.payload.as_ref().map_or(0, Vec::len);
                     if self.batch.is_empty() {
@@ -388,29 +412,34 @@ impl<'c> Streamer<'c> {
                         || self.batch_bytes >= self.max_batch_bytes
                     {
                         let Ok(room) = ends.batches.reserve().await else {
-                            return Ok(());
+                            return Ok(false);
                         };
                         self.hand_over(room).await?;
                         ends.demand_answered();
                     }
                 }
-                Some(Captured::TransactionEnd { end_lsn }) => {
+                Captured::TransactionEnd {
+                    end_lsn,
+                    confirm_lsn,
+                } => {
                     if self.batch.is_empty() {
-                        self.confirm_when_settled(end_lsn, stream);
+                        self.confirm_when_settled(confirm_lsn, stream);
                     } else {
-                        self.confirm_after_batch = Some(end_lsn);
+                        self.confirm_after_batch = Some(confirm_lsn);
+                        self.gate_through = Some(end_lsn);
                     }
                 }
                 // Nothing batched or half-read: everything the server sent
                 // is settled once what is in flight is.
-                Some(Captured::Idle { wal_end })
+                Captured::Idle { wal_end }
                     if self.batch.is_empty() && !self.assembler.in_transaction() =>
                 {
                     self.confirm_when_settled(wal_end, stream);
                 }
-                Some(Captured::Idle { .. }) => {}
+                Captured::Idle { .. } => {}
             }
         }
+        Ok(true)
     }
 
     /// Confirms `lsn` now if no batch is in flight, else once they all are
@@ -461,11 +490,12 @@ impl<'c> Streamer<'c> {
             }
         }
         let confirm = self.confirm_after_batch.take();
+        let gate_through = self.gate_through.take();
         if events.is_empty() && confirm.is_none() {
             return Ok(());
         }
         if !events.is_empty() {
-            let through = self.batch_through(confirm);
+            let through = self.batch_through(gate_through);
             if let Some(gate) = self.gate.as_mut() {
                 // Nothing a failover can take back goes to Kafka. On
                 // shutdown the batch is dropped unpublished and unconfirmed:
@@ -541,6 +571,8 @@ async fn keep_unsent_before(
     }
     Ok(())
 }
+
+pub(super) mod messages;
 
 #[cfg(test)]
 mod tests;

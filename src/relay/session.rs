@@ -49,9 +49,14 @@ impl Context {
             router,
             connect_options,
         } = setup;
+        let table_name = config.source_name(&table.display_name());
         Context {
-            table_name: table.display_name(),
-            acknowledger: Acknowledger::new(&table, config.relay.after_publish),
+            acknowledger: if config.messages() {
+                Acknowledger::without_table(&table_name)
+            } else {
+                Acknowledger::new(&table, config.relay.after_publish)
+            },
+            table_name,
             config,
             table,
             router,
@@ -79,6 +84,9 @@ impl Context {
     pub(super) async fn session(&self, mut stop: Shutdown) -> Result<()> {
         let config = &self.config;
         let mut connection = self.connect("connecting to Postgres").await?;
+        if config.messages() {
+            return self.message_session(connection, stop).await;
+        }
         let report =
             schema::inspect(&mut connection, &self.table, config.relay.deletes_rows()).await?;
         let problems = report.problems(&self.table);
@@ -190,6 +198,63 @@ impl Context {
                 polling::run(&mut session, polling::Until::Shutdown(wakeup)).await
             }
         }
+    }
+}
+
+impl Context {
+    /// A leadership term of a WAL-message outbox: no table to inspect,
+    /// guard, keep or poll; the same leader lock, takeover and pipeline
+    /// under the `messages:<prefix>` identity, and replication only (the
+    /// config refuses anything else).
+    async fn message_session(
+        &self,
+        mut connection: PgConnection,
+        mut stop: Shutdown,
+    ) -> Result<()> {
+        let config = &self.config;
+        self.metrics.set_state(RelayState::Standby);
+        let Some(leadership) = leader::acquire(
+            &mut connection,
+            &self.table_name,
+            &config.relay.name,
+            &mut stop,
+        )
+        .await?
+        else {
+            return Ok(());
+        };
+        let support = slot::server_support(&mut connection).await?;
+        if let Some(reason) = support.replication_unavailable() {
+            return Err(Error::stop(format!(
+                "capture.source is `messages`, which needs logical replication, but {reason}"
+            )));
+        }
+        self.metrics.set_capture_mode("replication");
+        topics::ensure_checkpoint_topic(config).await?;
+        let source = schema::database_source(&mut connection).await?;
+        let Some(takeover::TakenOver { publisher, latest }) =
+            takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
+        else {
+            return Ok(());
+        };
+        let mut session = Session {
+            context: self,
+            connection,
+            deliverer: Deliverer::new(
+                &self.router,
+                publisher,
+                &self.table_name,
+                source,
+                config.relay.on_poison,
+                topic_gate::TopicGate::new(config, &self.metrics)?,
+                &self.metrics,
+            ),
+            // Payloads are the JSON text the message carries.
+            payload_encoding: PayloadEncoding::Text,
+            leadership,
+            stop,
+        };
+        replication::messages::run(&mut session, &latest).await
     }
 }
 

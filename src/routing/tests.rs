@@ -13,6 +13,7 @@ fn event(aggregate_type: &str, event_type: &str) -> OutboxEvent {
         trace_parent: None,
         position: None,
         committed_at: None,
+        poison: None,
         created_at: None,
     }
 }

@@ -128,7 +128,13 @@ fn reads_columns_by_name_whatever_their_order() {
     assert_eq!(event.payload.as_deref(), Some(&b"{\"orderId\": 1}"[..]));
     assert_eq!(event.headers_json, None);
     assert_eq!(event.trace_parent.as_deref(), Some("00-trace"));
-    assert_eq!(captured[1], Captured::TransactionEnd { end_lsn: Lsn(120) });
+    assert_eq!(
+        captured[1],
+        Captured::TransactionEnd {
+            end_lsn: Lsn(120),
+            confirm_lsn: Lsn(120)
+        }
+    );
 }
 
 #[test]
@@ -280,4 +286,211 @@ fn created_at_is_converted_only_when_cloudevents_need_it() {
         created_at(&mut for_cloudevents).as_deref(),
         Some("2026-11-21T10:00:00.000000Z")
     );
+}
+
+mod messages {
+    //! `capture.source: messages`: the assembler's events are the logical
+    //! messages of the relay's prefix.
+    use super::*;
+
+    fn emit(transactional: bool, lsn: u64, prefix: &str, content: &str) -> StreamItem {
+        message(Message::Message {
+            transactional,
+            lsn: Lsn(lsn),
+            prefix: prefix.into(),
+            content: content.as_bytes().to_vec(),
+        })
+    }
+
+    fn content(id: &str) -> String {
+        format!(
+            r#"{{"v": 1, "id": "{id}", "type": "OrderCreated", "headers": null, "payload": {{"n": 1}}, "aggregateid": "o-1", "aggregatetype": "Order"}}"#
+        )
+    }
+
+    /// Every item, pending ends included, as the streamer takes them.
+    fn run_all(assembler: &mut Assembler, items: Vec<StreamItem>) -> Vec<Captured> {
+        let mut out = Vec::new();
+        for item in items {
+            out.extend(assembler.accept(item).expect("accepted"));
+            out.extend(assembler.take_pending());
+        }
+        out
+    }
+
+    #[test]
+    fn messages_of_our_prefix_become_events_in_commit_order() {
+        let mut assembler = Assembler::for_messages("outboxd", None);
+        let captured = run_all(
+            &mut assembler,
+            vec![
+                // A table's rows and other prefixes are ignored.
+                message(Message::Relation(shuffled_relation(16384, 3802))),
+                begin(300),
+                emit(true, 210, "outboxd", &content("a")),
+                insert(16384, row(1, text("{}"))),
+                emit(true, 220, "other", &content("x")),
+                emit(true, 230, "outboxd", &content("b")),
+                commit(300, 340),
+                begin(400),
+                emit(true, 150, "outboxd", &content("c")),
+                commit(400, 420),
+                StreamItem::KeepAlive { wal_end: Lsn(500) },
+            ],
+        );
+        assert_eq!(
+            event_positions(&captured),
+            vec![(210, 300, 0), (230, 300, 1), (150, 400, 0)]
+        );
+        let ids: Vec<_> = captured
+            .iter()
+            .filter_map(|c| match c {
+                Captured::Event(e) => Some(e.id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        // Confirmed only to the commit LSN, and no keepalive confirms.
+        let ends: Vec<_> = captured
+            .iter()
+            .filter(|c| !matches!(c, Captured::Event(_)))
+            .cloned()
+            .collect();
+        assert_eq!(
+            ends,
+            vec![
+                Captured::TransactionEnd {
+                    end_lsn: Lsn(340),
+                    confirm_lsn: Lsn(300)
+                },
+                Captured::TransactionEnd {
+                    end_lsn: Lsn(420),
+                    confirm_lsn: Lsn(400)
+                },
+            ]
+        );
+        let Captured::Event(first) = &captured[0] else {
+            panic!("{captured:?}")
+        };
+        assert_eq!(first.payload.as_deref(), Some(&br#"{"n": 1}"#[..]));
+        assert_eq!(first.poison, None);
+    }
+
+    #[test]
+    fn a_transaction_without_our_messages_confirms_nothing() {
+        let mut assembler = Assembler::for_messages("outboxd", None);
+        let captured = run_all(
+            &mut assembler,
+            vec![
+                begin(100),
+                emit(true, 90, "other", &content("x")),
+                commit(100, 120),
+            ],
+        );
+        assert_eq!(captured, vec![]);
+    }
+
+    #[test]
+    fn replayed_messages_up_to_the_checkpoint_are_skipped() {
+        let resume = SourcePosition {
+            commit_lsn: Lsn(300),
+            index: 0,
+        };
+        let mut assembler = Assembler::for_messages("outboxd", Some(resume));
+        let captured = run_all(
+            &mut assembler,
+            vec![
+                begin(300),
+                emit(true, 210, "outboxd", &content("a")),
+                emit(true, 230, "outboxd", &content("b")),
+                commit(300, 340),
+            ],
+        );
+        assert_eq!(event_positions(&captured), vec![(230, 300, 1)]);
+        assert_eq!(assembler.skipped, 1);
+    }
+
+    #[test]
+    fn bad_content_is_a_poison_event_keeping_its_place() {
+        let mut assembler = Assembler::for_messages("outboxd", None);
+        let captured = run_all(
+            &mut assembler,
+            vec![
+                begin(300),
+                emit(true, 210, "outboxd", "not json"),
+                emit(true, 230, "outboxd", &content("b")),
+                commit(300, 340),
+            ],
+        );
+        assert_eq!(
+            event_positions(&captured),
+            vec![(210, 300, 0), (230, 300, 1)]
+        );
+        let Captured::Event(poison) = &captured[0] else {
+            panic!("{captured:?}")
+        };
+        let reason = poison.poison.as_deref().expect("poison");
+        assert!(reason.contains("bad message encoding"), "{reason}");
+        assert_eq!(poison.payload.as_deref(), Some(&b"not json"[..]));
+    }
+
+    #[test]
+    fn a_non_transactional_message_is_poison_and_ends_at_itself() {
+        let mut assembler = Assembler::for_messages("outboxd", None);
+        let captured = run_all(
+            &mut assembler,
+            vec![
+                emit(false, 250, "outboxd", &content("n")),
+                emit(false, 260, "other", &content("x")),
+            ],
+        );
+        assert_eq!(event_positions(&captured), vec![(250, 250, 0)]);
+        let Captured::Event(event) = &captured[0] else {
+            panic!("{captured:?}")
+        };
+        assert!(event
+            .poison
+            .as_deref()
+            .is_some_and(|r| r.starts_with("non-transactional message")));
+        assert_eq!(event.id, "n");
+        assert_eq!(
+            captured[1],
+            Captured::TransactionEnd {
+                end_lsn: Lsn(250),
+                confirm_lsn: Lsn(250)
+            }
+        );
+        // Replayed after a checkpoint naming it: skipped.
+        let mut again = Assembler::for_messages(
+            "outboxd",
+            Some(SourcePosition {
+                commit_lsn: Lsn(250),
+                index: 0,
+            }),
+        );
+        assert_eq!(
+            run_all(&mut again, vec![emit(false, 250, "outboxd", &content("n"))]),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_table_assembler_ignores_messages() {
+        let mut assembler = Assembler::new(&outbox(), OtherChangesPolicy::Warn, None);
+        let captured = run_all(
+            &mut assembler,
+            vec![
+                begin(100),
+                emit(true, 90, "outboxd", &content("a")),
+                commit(100, 120),
+            ],
+        );
+        assert_eq!(
+            captured,
+            vec![Captured::TransactionEnd {
+                end_lsn: Lsn(120),
+                confirm_lsn: Lsn(120)
+            }]
+        );
+    }
 }

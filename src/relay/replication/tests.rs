@@ -64,6 +64,11 @@ struct Relay {
 
 impl Relay {
     fn start(batch_size: usize, batch_bytes: usize) -> Relay {
+        let assembler = Assembler::new(&outbox(), OtherChangesPolicy::Warn, None);
+        Relay::start_with(assembler, batch_size, batch_bytes)
+    }
+
+    fn start_with(assembler: Assembler, batch_size: usize, batch_bytes: usize) -> Relay {
         let (items, items_receiver) = mpsc::unbounded_channel();
         let confirmed = Arc::new(Mutex::new(None));
         let mut stream = ScriptedStream {
@@ -80,7 +85,6 @@ impl Relay {
             demand: Arc::clone(&demand),
         };
         let (stop, stop_receiver) = crate::shutdown::channel();
-        let assembler = Assembler::new(&outbox(), OtherChangesPolicy::Warn, None);
         // No catch-up filter: it asks Postgres, and these rules do not
         // depend on it.
         let mut streamer = Streamer::new(assembler, None, batch_size, batch_bytes);
@@ -443,4 +447,51 @@ async fn a_keepalive_inside_a_transaction_is_not_confirmed() {
     let published = relay.expect_batch();
     assert_eq!(published, batch(&[1], Some(210)));
     assert_eq!(relay.confirmed(), None);
+}
+
+/// `capture.source: messages`: a logical message with the relay's prefix.
+fn emitted(transactional: bool, lsn: u64, id: &str) -> StreamItem {
+    StreamItem::Message(Message::Message {
+        transactional,
+        lsn: Lsn(lsn),
+        prefix: "outboxd".into(),
+        content: format!(
+            r#"{{"v":1,"id":"{id}","aggregatetype":"Order","aggregateid":"o","type":"T","payload":{PAYLOAD}}}"#
+        )
+        .into_bytes(),
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_confirm_only_to_the_commit_of_what_was_published() {
+    let mut relay = Relay::start_with(Assembler::for_messages("outboxd", None), 100, 1 << 20);
+    relay
+        .stream(vec![
+            begin(200),
+            emitted(true, 150, "a"),
+            emitted(true, 160, "b"),
+            commit(200, 230),
+        ])
+        .await;
+    relay.publisher_free().await;
+    let first = relay.expect_batch();
+    // seq is each message's LSN; confirming stops at the commit LSN, not
+    // the end of the commit record, so the slot never passes the
+    // checkpoint's position.
+    assert_eq!(first, batch(&[150, 160], Some(200)));
+    relay.acknowledge(&first).await;
+    assert_eq!(relay.confirmed(), Some(Lsn(200)));
+
+    // Transactions without our messages and keepalives confirm nothing.
+    relay.stream(transaction(300, 310, &[])).await;
+    relay.stream(vec![keepalive(400)]).await;
+    assert_eq!(relay.confirmed(), Some(Lsn(200)));
+
+    // A non-transactional message is a (poison) event ending at itself.
+    relay.stream(vec![emitted(false, 450, "loose")]).await;
+    relay.publisher_free().await;
+    let loose = relay.expect_batch();
+    assert_eq!(loose, batch(&[450], Some(450)));
+    relay.acknowledge(&loose).await;
+    assert_eq!(relay.confirmed(), Some(Lsn(450)));
 }

@@ -1,0 +1,374 @@
+//! The WAL-message outbox (`capture.source: messages`) against the real
+//! servers: services write events with `outboxd_emit` (a transactional
+//! `pg_logical_emit_message`), no outbox row at all, and the relay
+//! publishes each committed one exactly once, in commit order.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+
+use crate::support::kafka::{read_all, read_topic, Consumed};
+use crate::support::{InProcessRelay, Mode, TestEnv};
+
+/// A replication env turned into a message outbox: its own publication,
+/// the prefix `outboxd`, migrated (function, publication, slot).
+async fn message_env(name: &str) -> TestEnv {
+    let env = TestEnv::new(name, Mode::Replication).await;
+    env.replace_in_config("kafka:\n", "  publication: outboxd_messages\nkafka:\n");
+    env.replace_in_config(
+        "  batch_size: 100\n",
+        "  batch_size: 100\n  source: messages\n  message_prefix: outboxd\n",
+    );
+    outboxd::migrate::apply_messages(&env.setup())
+        .await
+        .expect("migrate the message outbox");
+    env
+}
+
+/// Emits one event per `n` in one transaction; commits unless `rollback`.
+async fn emit(pool: &PgPool, aggregate: &str, ns: &[i64], rollback: bool) -> Vec<String> {
+    let mut transaction = pool.begin().await.expect("begin");
+    // Serialises one aggregate's writers, as an update of its row would.
+    sqlx::query(
+        "INSERT INTO aggregates (id, version) VALUES ($1, 0) \
+         ON CONFLICT (id) DO UPDATE SET version = aggregates.version + 1",
+    )
+    .bind(aggregate)
+    .execute(&mut *transaction)
+    .await
+    .expect("lock the aggregate");
+    let mut ids = Vec::new();
+    for n in ns {
+        let id: String = sqlx::query_scalar(
+            "SELECT outboxd_emit('Order', $1, 'OrderChanged', jsonb_build_object('n', $2::bigint))::text",
+        )
+        .bind(aggregate)
+        .bind(n)
+        .fetch_one(&mut *transaction)
+        .await
+        .expect("emit");
+        ids.push(id);
+        // Other prefixes ride along and are ignored.
+        sqlx::query("SELECT pg_logical_emit_message(true, 'someone-else', 'x')")
+            .execute(&mut *transaction)
+            .await
+            .expect("emit another prefix");
+    }
+    if rollback {
+        transaction.rollback().await.expect("rollback");
+        Vec::new()
+    } else {
+        transaction.commit().await.expect("commit");
+        ids
+    }
+}
+
+/// Writes `transactions` transactions over 4 aggregates from 4 writers,
+/// every third rolled back, some with two events; returns each
+/// aggregate's committed `n`s in commit order and every committed id.
+async fn write(
+    pool: &PgPool,
+    round: i64,
+    transactions: i64,
+) -> (HashMap<String, Vec<i64>>, Vec<String>) {
+    let mut tasks = Vec::new();
+    for writer in 0..4 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let aggregate = format!("o-{writer}");
+            let mut ns = Vec::new();
+            let mut ids = Vec::new();
+            for t in 0..transactions {
+                let base = round * 1_000_000 + t * 10;
+                let batch: Vec<i64> = if t % 5 == 0 {
+                    vec![base, base + 1]
+                } else {
+                    vec![base]
+                };
+                let rollback = t % 3 == 2;
+                let written = emit(&pool, &aggregate, &batch, rollback).await;
+                if !rollback {
+                    ns.extend(&batch);
+                    ids.extend(written);
+                }
+            }
+            (aggregate, ns, ids)
+        }));
+    }
+    let mut by_aggregate = HashMap::new();
+    let mut all_ids = Vec::new();
+    for task in tasks {
+        let (aggregate, ns, ids) = task.await.expect("writer");
+        by_aggregate.insert(aggregate, ns);
+        all_ids.extend(ids);
+    }
+    (by_aggregate, all_ids)
+}
+
+/// The events published so far (not dead letters), once `expected` are
+/// there and a second read a moment later finds no more.
+async fn published(env: &TestEnv, expected: usize, limit: Duration) -> Vec<Consumed> {
+    let started = Instant::now();
+    loop {
+        let records: Vec<Consumed> = read_all(&env.kafka, &env.topic_prefix())
+            .await
+            .into_iter()
+            .filter(|r| r.topic != env.dead_letter_topic())
+            .collect();
+        if records.len() >= expected {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            return read_all(&env.kafka, &env.topic_prefix())
+                .await
+                .into_iter()
+                .filter(|r| r.topic != env.dead_letter_topic())
+                .collect();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "only {} of {expected} events published after {limit:?}",
+            records.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Every committed event once, none from a rolled-back transaction, and
+/// each aggregate's events in commit order on its partition.
+fn assert_exactly_once_in_order(
+    records: &[Consumed],
+    ids: &[String],
+    order: &HashMap<String, Vec<i64>>,
+) {
+    let mut seen = HashSet::new();
+    for record in records {
+        let id = record.header("id").expect("id header").to_string();
+        assert!(seen.insert(id.clone()), "event {id} published twice");
+    }
+    let expected: HashSet<String> = ids.iter().cloned().collect();
+    assert_eq!(
+        seen, expected,
+        "published events differ from the committed ones"
+    );
+    let mut by_aggregate: HashMap<String, Vec<(i32, i64, i64)>> = HashMap::new();
+    for record in records {
+        let key = String::from_utf8(record.key.clone().expect("key")).expect("utf-8 key");
+        let n = record.payload_json()["n"].as_i64().expect("n");
+        by_aggregate
+            .entry(key)
+            .or_default()
+            .push((record.partition, record.offset, n));
+    }
+    for (aggregate, mut events) in by_aggregate {
+        let partitions: HashSet<i32> = events.iter().map(|e| e.0).collect();
+        assert_eq!(partitions.len(), 1, "{aggregate} spans partitions");
+        events.sort();
+        let ns: Vec<i64> = events.iter().map(|e| e.2).collect();
+        assert_eq!(&ns, &order[&aggregate], "{aggregate} out of commit order");
+    }
+}
+
+async fn drop_slot(env: &TestEnv) {
+    let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(env.slot_name())
+        .execute(&env.pool)
+        .await;
+}
+
+fn merge(
+    mut into: (HashMap<String, Vec<i64>>, Vec<String>),
+    more: (HashMap<String, Vec<i64>>, Vec<String>),
+) -> (HashMap<String, Vec<i64>>, Vec<String>) {
+    for (aggregate, ns) in more.0 {
+        into.0.entry(aggregate).or_default().extend(ns);
+    }
+    into.1.extend(more.1);
+    into
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_are_published_exactly_once_in_commit_order() {
+    let env = message_env("wal-msg-order").await;
+    // Written before the relay ever ran: the slot migrate created holds them.
+    let before = write(&env.pool, 0, 9).await;
+    let relay = InProcessRelay::start(env.config());
+    let during = write(&env.pool, 1, 30).await;
+    let (order, ids) = merge(before, during);
+    let records = published(&env, ids.len(), Duration::from_secs(90)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    assert_exactly_once_in_order(&records, &ids, &order);
+    let first = &records[0];
+    assert_eq!(first.header("type"), Some("OrderChanged"));
+    // `status` names the message outbox and the checkpoint's position.
+    let status = outboxd::status::read(&env.setup()).await.expect("status");
+    assert_eq!(status.table, "messages:outboxd");
+    let checkpoint = status.last_checkpoint.expect("a checkpoint");
+    assert!(
+        checkpoint.position.is_some(),
+        "the checkpoint names a stream position"
+    );
+
+    // A restart publishes nothing again, and the next events once.
+    let relay = InProcessRelay::start(env.config());
+    let after = write(&env.pool, 2, 3).await;
+    let (order, ids) = merge((order, ids), after);
+    let records = published(&env, ids.len(), Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    assert_exactly_once_in_order(&records, &ids, &order);
+    drop_slot(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_after_the_kafka_commit_and_restarted_publishes_nothing_twice() {
+    let env = message_env("wal-msg-kill").await;
+    let mut written = write(&env.pool, 0, 12).await;
+    for kill in 1..=3 {
+        if kill > 1 {
+            // Something new to publish, so this run reaches a commit too.
+            written = merge(written, write(&env.pool, kill, 6).await);
+        }
+        // Dies right after its first Kafka commit: the slot is not
+        // confirmed, so the restart replays that batch and the checkpoint
+        // must skip it.
+        let mut relay = env.spawn_relay_process_with(&[("OUTBOXD_KILL_AT", "after-commit")]);
+        let status = tokio::task::spawn_blocking(move || relay.wait())
+            .await
+            .expect("wait task")
+            .expect("relay exits");
+        assert!(
+            !status.success(),
+            "kill {kill}: the relay was killed at after-commit"
+        );
+    }
+    let mut relay = env.spawn_relay_process();
+    let (order, ids) = merge(written, write(&env.pool, 9, 12).await);
+    let records = published(&env, ids.len(), Duration::from_secs(90)).await;
+    crate::support::signal(&relay, "TERM");
+    let status = relay.wait().expect("relay exits");
+    assert!(status.success(), "SIGTERM exits 0, got {status}");
+    assert_exactly_once_in_order(&records, &ids, &order);
+    drop_slot(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_and_non_transactional_messages_are_dead_lettered() {
+    let env = message_env("wal-msg-poison").await;
+    let relay = InProcessRelay::start(env.config());
+    let mut transaction = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_logical_emit_message(true, 'outboxd', 'not json at all')")
+        .execute(&mut *transaction)
+        .await
+        .expect("emit bad content");
+    sqlx::query(
+        "SELECT pg_logical_emit_message(true, 'outboxd', \
+         '{\"v\":1,\"id\":\"bad-topic\",\"aggregatetype\":\"not a topic!\",\"aggregateid\":\"a\",\"type\":\"T\"}')",
+    )
+    .execute(&mut *transaction)
+    .await
+    .expect("emit unroutable");
+    transaction.commit().await.expect("commit");
+    // Outside any transaction: it would be written even on rollback.
+    sqlx::query(
+        "SELECT pg_logical_emit_message(false, 'outboxd', \
+         '{\"v\":1,\"id\":\"loose\",\"aggregatetype\":\"Order\",\"aggregateid\":\"a\",\"type\":\"T\",\"payload\":{}}')",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("emit non-transactional");
+    let (order, ids) = write(&env.pool, 0, 3).await;
+    let records = published(&env, ids.len(), Duration::from_secs(60)).await;
+    assert_exactly_once_in_order(&records, &ids, &order);
+
+    let started = Instant::now();
+    let dead = loop {
+        let dead = read_topic(&env.kafka, &env.dead_letter_topic()).await;
+        if dead.len() >= 3 || started.elapsed() > Duration::from_secs(30) {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    relay.stop().await.expect("relay stops cleanly");
+    let reason = |find: &dyn Fn(&Consumed) -> bool| {
+        dead.iter()
+            .find(|r| find(r))
+            .and_then(|r| r.header("outboxd.dead_letter.reason"))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("dead letter missing in {dead:?}"))
+    };
+    let bad = reason(&|r| r.payload.as_deref() == Some(b"not json at all"));
+    assert!(bad.contains("bad message encoding"), "{bad}");
+    let unroutable = reason(&|r| r.header("id") == Some("bad-topic"));
+    assert!(unroutable.contains("unroutable"), "{unroutable}");
+    let loose = reason(&|r| r.header("id") == Some("loose"));
+    assert!(loose.contains("non-transactional message"), "{loose}");
+    assert_eq!(dead.len(), 3, "each poison message once: {dead:?}");
+    drop_slot(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_slot_is_refused_by_the_relay_and_check() {
+    let env = message_env("wal-msg-lost").await;
+    let relay = InProcessRelay::start(env.config());
+    let (_, ids) = write(&env.pool, 0, 3).await;
+    published(&env, ids.len(), Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+
+    // Dropped while the relay is down, and messages written meanwhile.
+    drop_slot(&env).await;
+    write(&env.pool, 1, 3).await;
+    let refused = InProcessRelay::start(env.config())
+        .finished(Duration::from_secs(60))
+        .await
+        .expect_err("a lost slot stops the relay");
+    assert_eq!(refused.cause, outboxd::Cause::SlotLost, "{refused}");
+    assert!(
+        refused.message.contains("is gone") && refused.message.contains("may be lost"),
+        "{refused}"
+    );
+    let slot_finding = |findings: &[outboxd::check::Finding]| {
+        findings
+            .iter()
+            .find(|f| f.subject == "slot")
+            .map(|f| (f.status, f.detail.clone()))
+            .expect("a slot finding")
+    };
+    let findings = outboxd::check::run(&env.setup()).await;
+    let (status, text) = slot_finding(&findings);
+    assert_eq!(status, outboxd::check::Status::Failed, "{text}");
+
+    // Created again: confirmed past the checkpoint, still refused, naming
+    // the position to accept.
+    outboxd::migrate::apply_messages(&env.setup())
+        .await
+        .expect("migrate creates the slot again");
+    let refused = InProcessRelay::start(env.config())
+        .finished(Duration::from_secs(60))
+        .await
+        .expect_err("a slot past the checkpoint stops the relay");
+    assert_eq!(refused.cause, outboxd::Cause::SlotLost, "{refused}");
+    let accept = refused
+        .message
+        .split("accept_message_loss_through: '")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_else(|| panic!("no position to accept in: {refused}"))
+        .to_string();
+    let (_, text) = slot_finding(&outboxd::check::run(&env.setup()).await);
+    assert!(text.contains("past the last published position"), "{text}");
+
+    // Accepted: the relay streams again and publishes what comes next.
+    env.replace_in_config(
+        "  source: messages\n",
+        &format!("  source: messages\n  accept_message_loss_through: '{accept}'\n"),
+    );
+    let relay = InProcessRelay::start(env.config());
+    let (_, later) = write(&env.pool, 2, 3).await;
+    let records = published(&env, ids.len() + later.len(), Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    let published_ids: HashSet<&str> = records.iter().filter_map(|r| r.header("id")).collect();
+    for id in later.iter().chain(&ids) {
+        assert!(published_ids.contains(id.as_str()), "{id} not published");
+    }
+    drop_slot(&env).await;
+}
