@@ -1,7 +1,10 @@
 //! The HTTP endpoint: `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Invariant: handlers only read [`Metrics`] in memory; no request ever
-//! waits on Postgres or Kafka, so probes answer even when those hang.
+//! waits on Postgres or Kafka, so probes answer even when those hang. A
+//! process relaying several outboxes serves them all on one endpoint:
+//! `/metrics` tells them apart by the `relay` label, and `/readyz` is
+//! ready only when every one of them is.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,16 +32,19 @@ pub async fn bind(listen: SocketAddr) -> Result<TcpListener> {
     })
 }
 
+/// The relays of this process, one per outbox.
+type Relays = Arc<Vec<Arc<Metrics>>>;
+
 pub async fn serve(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
+    relays: Vec<Arc<Metrics>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(metrics);
+        .with_state(Arc::new(relays));
     if let Err(error) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -47,19 +53,38 @@ pub async fn serve(
     }
 }
 
-async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, OPENMETRICS)], metrics.encode())
+async fn metrics_text(State(relays): State<Relays>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, OPENMETRICS)],
+        crate::metrics::encode_all(&relays),
+    )
 }
 
-async fn ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    match metrics.ready() {
-        Ok(()) => (
-            StatusCode::OK,
-            format!("ready: {}\n", metrics.state().name()),
-        ),
-        Err(why) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
-        ),
+async fn ready(State(relays): State<Relays>) -> impl IntoResponse {
+    if let [only] = relays.as_slice() {
+        return match only.ready() {
+            Ok(()) => (StatusCode::OK, format!("ready: {}\n", only.state().name())),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        };
     }
+    let mut all_ready = true;
+    let mut body = String::new();
+    for relay in relays.iter() {
+        let line = match relay.ready() {
+            Ok(()) => format!("{}: ready: {}\n", relay.name(), relay.state().name()),
+            Err(why) => {
+                all_ready = false;
+                format!("{}: not ready: {why}\n", relay.name())
+            }
+        };
+        body.push_str(&line);
+    }
+    let status = match all_ready {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, body)
 }

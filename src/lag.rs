@@ -59,7 +59,7 @@ pub fn spawn(
         .ok()
         .map(|probe| Arc::new(crate::kafka::off_runtime::DropOffRuntime::new(probe)));
     let probe_topic = config.kafka.checkpoint_topic.clone();
-    tokio::spawn(async move {
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         let mut connection: Option<PgConnection> = None;
         loop {
             if connection.is_none() {
@@ -104,5 +104,5 @@ pub fn spawn(
                 return;
             }
         }
-    })
+    }))
 }

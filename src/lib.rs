@@ -15,6 +15,8 @@
 //! - [`acknowledge`]: marks published rows sent (or deletes them); the
 //!   replication slot is confirmed after that.
 //! - [`relay`]: the loop tying them together: `relay::run(setup, metrics, shutdown)`.
+//! - [`relays`]: one relay per outbox of the config, side by side in one
+//!   process, none stalling another.
 //!
 //! Around it:
 //!
@@ -63,6 +65,7 @@ pub mod partitions;
 pub mod postgres;
 pub mod registry;
 pub mod relay;
+pub mod relays;
 pub mod replay_record;
 pub mod retention;
 pub mod routing;

@@ -5,9 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use outboxd::check::Status;
-use outboxd::metrics::Metrics;
 use outboxd::setup::Setup;
-use outboxd::{http, logging, migrate, relay, status};
+use outboxd::{http, logging, migrate, relays, status};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -69,6 +68,9 @@ enum DeadLetterAction {
     List {
         #[arg(long, short, env = "OUTBOXD_CONFIG")]
         config: PathBuf,
+        /// Which outbox, when the config lists several (its `name`).
+        #[arg(long)]
+        outbox: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -78,6 +80,9 @@ enum DeadLetterAction {
     Replay {
         #[arg(long, short, env = "OUTBOXD_CONFIG")]
         config: PathBuf,
+        /// Which outbox, when the config lists several (its `name`).
+        #[arg(long)]
+        outbox: Option<String>,
         /// One row, by its seq.
         #[arg(long, conflicts_with_all = ["from", "all"])]
         seq: Option<i64>,
@@ -93,6 +98,16 @@ enum DeadLetterAction {
     },
 }
 
+impl DeadLetterAction {
+    fn outbox(&self) -> Option<&str> {
+        match self {
+            DeadLetterAction::List { outbox, .. } | DeadLetterAction::Replay { outbox, .. } => {
+                outbox.as_deref()
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config_path = match &cli.command {
@@ -104,14 +119,15 @@ fn main() -> ExitCode {
             action: DeadLetterAction::List { config, .. } | DeadLetterAction::Replay { config, .. },
         } => config.clone(),
     };
-    let setup = match Setup::load(&config_path) {
-        Ok(setup) => setup,
+    let setups = match Setup::load_all(&config_path) {
+        Ok(setups) => setups,
         Err(error) => {
             eprintln!("error: {error}");
             return ExitCode::from(2);
         }
     };
-    logging::init(&setup.config.log);
+    // `log` and `http` are the process's: every outbox has the file's.
+    logging::init(&setups[0].config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -124,11 +140,22 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Run { .. } => run(setup).await,
-            Command::Migrate { print, .. } => migrate_command(setup, print).await,
-            Command::Check { .. } => check(setup).await,
-            Command::Status { json, .. } => status_command(setup, json).await,
-            Command::DeadLetters { action } => dead_letters_command(setup, action).await,
+            Command::Run { .. } => run(setups).await,
+            Command::Migrate { print, .. } => {
+                for_each_outbox(setups, |setup| migrate_command(setup, print)).await
+            }
+            Command::Check { .. } => for_each_outbox(setups, check).await,
+            Command::Status { json: true, .. } => status_json(setups).await,
+            Command::Status { .. } => {
+                for_each_outbox(setups, |setup| status_command(setup, false)).await
+            }
+            Command::DeadLetters { action } => match one_outbox(setups, action.outbox()) {
+                Ok(setup) => dead_letters_command(setup, action).await,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    ExitCode::from(2)
+                }
+            },
         }
     });
     // A librdkafka call the relay gave up on (kafka::publisher) may still
@@ -141,8 +168,62 @@ fn main() -> ExitCode {
 /// How long the exit waits for blocking tasks still running.
 const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn run(setup: Setup) -> ExitCode {
-    let config = &setup.config;
+/// Runs `command` on each outbox of the config in turn, under a heading
+/// naming it when there are several; fails if any failed.
+async fn for_each_outbox<F, Fut>(setups: Vec<Setup>, command: F) -> ExitCode
+where
+    F: Fn(Setup) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    let several = setups.len() > 1;
+    let mut failed = Vec::new();
+    for setup in setups {
+        let name = setup.name().to_string();
+        if several {
+            println!("== outbox {name} ==");
+        }
+        if command(setup).await != ExitCode::SUCCESS {
+            failed.push(name);
+        }
+        if several {
+            println!();
+        }
+    }
+    match failed.is_empty() {
+        true => ExitCode::SUCCESS,
+        false if several => {
+            println!("failed for outbox(es): {}", failed.join(", "));
+            ExitCode::FAILURE
+        }
+        false => ExitCode::FAILURE,
+    }
+}
+
+/// The outbox a command about one outbox's rows works on: `--outbox`, or
+/// the only one.
+fn one_outbox(setups: Vec<Setup>, name: Option<&str>) -> Result<Setup, String> {
+    let names: Vec<String> = setups.iter().map(|s| s.name().to_string()).collect();
+    match name {
+        Some(name) => setups
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| {
+                format!(
+                    "--outbox {name}: no outbox of that name in the config; it has {}",
+                    names.join(", ")
+                )
+            }),
+        None if setups.len() == 1 => Ok(setups.into_iter().next().expect("one outbox")),
+        None => Err(format!(
+            "the config lists {} outboxes; say which with --outbox ({})",
+            names.len(),
+            names.join(", ")
+        )),
+    }
+}
+
+async fn run(setups: Vec<Setup>) -> ExitCode {
+    let config = &setups[0].config;
     if let Err(error) = outboxd::failpoint::announce() {
         eprintln!("error: {error}");
         return ExitCode::from(2);
@@ -156,7 +237,7 @@ async fn run(setup: Setup) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let metrics = Metrics::new(&config.relay.name);
+    let metrics = relays::metrics_for(&setups);
     let listener = match http::bind(config.http.listen).await {
         Ok(listener) => listener,
         Err(error) => {
@@ -171,16 +252,30 @@ async fn run(setup: Setup) -> ExitCode {
     // Served until the process exits, so the last state stays visible.
     tokio::spawn(http::serve(
         listener,
-        std::sync::Arc::clone(&metrics),
+        metrics.clone(),
         std::future::pending(),
     ));
-    match relay::run(setup, metrics, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
+    if setups.len() > 1 {
+        let names: Vec<&str> = setups.iter().map(|s| s.name()).collect();
+        tracing::info!(
+            outboxes = %names.join(", "),
+            "relaying {} outboxes, each with its own connections, slot, leader lock and producer",
+            names.len()
+        );
+    }
+    let several = setups.len() > 1;
+    let stopped = relays::run(setups, metrics, shutdown).await;
+    for (name, error) in &stopped {
+        if several {
+            eprintln!("error: relay of outbox `{name}` stopped: {error}");
+        } else {
             tracing::error!(kind = ?error.kind, "relay stopped: {error}");
             eprintln!("error: relay stopped: {error}");
-            ExitCode::FAILURE
         }
+    }
+    match stopped.is_empty() {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::FAILURE,
     }
 }
 
@@ -249,6 +344,35 @@ async fn check(setup: Setup) -> ExitCode {
     } else {
         println!("all checks passed");
         ExitCode::SUCCESS
+    }
+}
+
+/// `status --json`: one object for one outbox (as always), a list for several.
+async fn status_json(setups: Vec<Setup>) -> ExitCode {
+    if setups.len() == 1 {
+        return status_command(setups.into_iter().next().expect("one outbox"), true).await;
+    }
+    let mut statuses = Vec::new();
+    let mut failed = false;
+    for setup in &setups {
+        match status::read(setup).await {
+            Ok(status) => statuses.push(serde_json::to_value(&status).unwrap_or_default()),
+            Err(error) => {
+                failed = true;
+                statuses.push(serde_json::json!({
+                    "relay": setup.name(),
+                    "error": error.to_string(),
+                }));
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&statuses).unwrap_or_default()
+    );
+    match failed {
+        true => ExitCode::FAILURE,
+        false => ExitCode::SUCCESS,
     }
 }
 

@@ -121,6 +121,10 @@ pub enum RelayState {
     /// A session failed; reconnecting after a backoff.
     Retrying = 3,
     Stopping = 4,
+    /// Stopped on an error it must not continue past. Only an outbox
+    /// among several stays in this state: the process goes on relaying
+    /// the others (a process of one outbox exits instead).
+    Stopped = 5,
 }
 
 impl RelayState {
@@ -130,6 +134,7 @@ impl RelayState {
             2 => RelayState::Leading,
             3 => RelayState::Retrying,
             4 => RelayState::Stopping,
+            5 => RelayState::Stopped,
             _ => RelayState::Starting,
         }
     }
@@ -141,6 +146,7 @@ impl RelayState {
             RelayState::Leading => "leading",
             RelayState::Retrying => "retrying",
             RelayState::Stopping => "stopping",
+            RelayState::Stopped => "stopped",
         }
     }
 }
@@ -161,6 +167,8 @@ fn stage_histogram() -> Histogram {
 }
 
 pub struct Metrics {
+    /// The relay's name (`relay.name`), the `relay` label of every series.
+    name: String,
     registry: Registry,
     stage_seconds: Family<StageLabel, Histogram, fn() -> Histogram>,
     events_published: Family<TopicLabel, Counter>,
@@ -184,6 +192,9 @@ pub struct Metrics {
     /// Why a leader is stalled on the schema registry, for `/readyz`.
     waiting_for_registry: Mutex<Option<String>>,
     state: AtomicU8,
+    stopped: Gauge,
+    /// Why the relay stopped, for `/readyz`.
+    stop_reason: Mutex<Option<String>>,
     postgres_reachable: AtomicBool,
     kafka_reachable: AtomicBool,
 }
@@ -219,6 +230,9 @@ impl Metrics {
             schema_registry_unavailable: Gauge::default(),
             waiting_for_registry: Mutex::new(None),
             state: AtomicU8::new(RelayState::Starting as u8),
+            stopped: Gauge::default(),
+            stop_reason: Mutex::new(None),
+            name: relay_name.to_string(),
             postgres_reachable: AtomicBool::new(false),
             kafka_reachable: AtomicBool::new(false),
             registry,
@@ -336,6 +350,12 @@ impl Metrics {
             metrics.leader.clone(),
         );
         registry.register(
+            "stopped",
+            "1 once the relay stopped on an error it must not continue past (the reason is in \
+             the log and /readyz); in a process of several outboxes the others go on",
+            metrics.stopped.clone(),
+        );
+        registry.register(
             "capture_mode",
             "1 for the capture mode in use",
             metrics.capture_mode.clone(),
@@ -344,6 +364,18 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The relay stopped on `reason`: shown by `/readyz` and
+    /// `outboxd_stopped` until the process exits.
+    pub fn set_stopped(&self, reason: &str) {
+        *self.stop_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
+        self.stopped.set(1);
+        self.set_state(RelayState::Stopped);
+    }
+
     pub fn encode(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
@@ -530,9 +562,81 @@ impl Metrics {
                     Ok(())
                 }
             }
+            RelayState::Stopped => Err(format!(
+                "stopped on an error: {}",
+                self.stop_reason
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_deref()
+                    .unwrap_or("see the log")
+            )),
             other => Err(format!("relay is {}", other.name())),
         }
     }
+}
+
+/// Several relays' metrics as one OpenMetrics exposition: each family's
+/// `HELP`/`TYPE`/`UNIT` once, then every relay's series of it (told apart
+/// by their `relay` label), and one `# EOF`. Concatenating the relays'
+/// texts would repeat families, which Prometheus refuses.
+pub fn encode_all(relays: &[Arc<Metrics>]) -> String {
+    if let [only] = relays {
+        return only.encode();
+    }
+    let texts: Vec<String> = relays.iter().map(|m| m.encode()).collect();
+    merge_expositions(&texts)
+}
+
+fn merge_expositions(texts: &[String]) -> String {
+    struct Family<'a> {
+        name: &'a str,
+        /// The text whose header lines this family prints (the first with it).
+        described_by: usize,
+        headers: Vec<&'a str>,
+        samples: Vec<&'a str>,
+    }
+    let mut families: Vec<Family> = Vec::new();
+    for (text_index, text) in texts.iter().enumerate() {
+        let mut current: Option<usize> = None;
+        for line in text.lines() {
+            if line == "# EOF" {
+                break;
+            }
+            let header = ["# HELP ", "# TYPE ", "# UNIT "]
+                .iter()
+                .find_map(|tag| line.strip_prefix(tag));
+            if let Some(rest) = header {
+                let name = rest.split(' ').next().unwrap_or(rest);
+                let index = match families.iter().position(|f| f.name == name) {
+                    Some(index) => index,
+                    None => {
+                        families.push(Family {
+                            name,
+                            described_by: text_index,
+                            headers: Vec::new(),
+                            samples: Vec::new(),
+                        });
+                        families.len() - 1
+                    }
+                };
+                if families[index].described_by == text_index {
+                    families[index].headers.push(line);
+                }
+                current = Some(index);
+            } else if let Some(index) = current {
+                families[index].samples.push(line);
+            }
+        }
+    }
+    let mut merged = String::new();
+    for family in &families {
+        for line in family.headers.iter().chain(&family.samples) {
+            merged.push_str(line);
+            merged.push('\n');
+        }
+    }
+    merged.push_str("# EOF\n");
+    merged
 }
 
 #[cfg(test)]
@@ -608,5 +712,46 @@ mod tests {
         metrics.set_waiting_for_topics(&[]);
         assert!(metrics.ready().is_ok());
         assert!(!metrics.encode().contains("outbox.Order"));
+    }
+
+    #[test]
+    fn several_relays_share_one_exposition_with_each_family_once() {
+        let orders = Metrics::new("orders");
+        let billing = Metrics::new("billing");
+        orders.committed(&["orders.Order"], 0, &[]);
+        billing.committed(&["billing.Invoice", "billing.Invoice"], 0, &[]);
+        billing.set_stopped("a poison row and on_poison: halt");
+        let text = encode_all(&[orders, billing]);
+        for family in [
+            "outboxd_events_published",
+            "outboxd_leader",
+            "outboxd_stopped",
+        ] {
+            let types = text
+                .lines()
+                .filter(|l| l.starts_with(&format!("# TYPE {family} ")))
+                .count();
+            assert_eq!(types, 1, "{family} described {types} times in:\n{text}");
+        }
+        for line in [
+            "outboxd_events_published_total{relay=\"orders\",topic=\"orders.Order\"} 1",
+            "outboxd_events_published_total{relay=\"billing\",topic=\"billing.Invoice\"} 2",
+            "outboxd_stopped{relay=\"orders\"} 0",
+            "outboxd_stopped{relay=\"billing\"} 1",
+        ] {
+            assert!(text.contains(line), "missing `{line}` in:\n{text}");
+        }
+        // Every sample sits under its own family's TYPE line.
+        let published_type = text.find("# TYPE outboxd_events_published ").unwrap();
+        let billing_sample = text
+            .find("relay=\"billing\",topic=\"billing.Invoice\"")
+            .unwrap();
+        let next_type = text[published_type + 1..].find("# TYPE ").unwrap() + published_type + 1;
+        assert!(
+            published_type < billing_sample && billing_sample < next_type,
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+        assert_eq!(text.matches("# EOF").count(), 1);
     }
 }

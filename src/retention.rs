@@ -58,7 +58,7 @@ impl Plan {
 /// stops the relay (an insert that finds no partition lands in the
 /// default one).
 pub fn spawn(connect_options: PgConnectOptions, plan: Plan, mut stop: Shutdown) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         let mut connection: Option<PgConnection> = None;
         let mut first_round = true;
         loop {
@@ -91,7 +91,7 @@ pub fn spawn(connect_options: PgConnectOptions, plan: Plan, mut stop: Shutdown) 
                 }
             }
         }
-    })
+    }))
 }
 
 /// One round: partitions ahead, expired partitions, old rows.

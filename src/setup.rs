@@ -12,6 +12,7 @@ use std::path::Path;
 
 use sqlx::postgres::PgConnectOptions;
 
+use crate::config::outboxes::{check_distinct, Distinct, OUTBOXES_KEY};
 use crate::config::{Config, ConfigError};
 use crate::routing::{validate_topic_name, Router};
 use crate::table::OutboxTable;
@@ -32,6 +33,55 @@ impl Setup {
             file: file.to_path_buf(),
             message,
         })
+    }
+
+    /// Reads and checks `file` listing one outbox or several (`outboxes:`):
+    /// each a whole [`Setup`], and no two sharing a name, or a table, slot
+    /// or publication in one database.
+    pub fn load_all(file: &Path) -> Result<Vec<Setup>, ConfigError> {
+        let error = |message: String| ConfigError {
+            file: file.to_path_buf(),
+            message,
+        };
+        let configs = Config::load_all(file)?;
+        let several = configs.len() > 1;
+        let mut setups = Vec::with_capacity(configs.len());
+        for (index, config) in configs.into_iter().enumerate() {
+            let name = config.relay.name.clone();
+            let setup = Setup::new(config).map_err(|message| {
+                error(if several {
+                    format!("{OUTBOXES_KEY}[{index}] ({name}): {message}")
+                } else {
+                    message
+                })
+            })?;
+            setups.push(setup);
+        }
+        let distinct: Vec<Distinct> = setups.iter().map(Setup::distinct).collect();
+        check_distinct(&distinct).map_err(error)?;
+        Ok(setups)
+    }
+
+    /// The names no other outbox of the file may share.
+    fn distinct(&self) -> Distinct {
+        let options = &self.connect_options;
+        Distinct {
+            name: self.config.relay.name.clone(),
+            database: format!(
+                "{}:{}/{}",
+                options.get_host(),
+                options.get_port(),
+                options.get_database().unwrap_or_default()
+            ),
+            source: self.config.source_name(&self.table.display_name()),
+            slot: self.config.slot_name(),
+            publication: self.config.postgres.publication.clone(),
+        }
+    }
+
+    /// The outbox's name: its `relay.name`.
+    pub fn name(&self) -> &str {
+        &self.config.relay.name
     }
 
     /// Checks a config already loaded; the error starts with the key.

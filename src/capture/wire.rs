@@ -107,7 +107,11 @@ impl WireClient {
             .map_err(|e| wire_error("starting replication", e))?;
         let (events_sender, events) = mpsc::unbounded_channel();
         let (acknowledgements, acknowledged) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_into_buffer(client, events_sender, acknowledged));
+        let reader = tokio::spawn(tracing::Instrument::in_current_span(read_into_buffer(
+            client,
+            events_sender,
+            acknowledged,
+        )));
         Ok(WireClient {
             events,
             acknowledgements: Some(acknowledgements),

@@ -12,6 +12,7 @@
 //! example lives in `examples/outboxd.yaml`.
 
 pub mod duration;
+pub mod outboxes;
 pub mod secret;
 
 use std::collections::BTreeMap;
@@ -783,8 +784,29 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// Reads `file`, applies `OUTBOXD__…` overrides from the environment and validates.
+    /// Reads `file`, applies `OUTBOXD__…` overrides from the environment and
+    /// validates: a file of one outbox. A file listing several `outboxes`
+    /// is refused; [`Config::load_all`] reads those.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let mut configs = Config::load_all(file)?;
+        if configs.len() != 1 {
+            let names: Vec<&str> = configs.iter().map(|c| c.relay.name.as_str()).collect();
+            return Err(ConfigError {
+                file: file.to_path_buf(),
+                message: format!(
+                    "outboxes: lists {} outboxes ({}) where one is expected",
+                    configs.len(),
+                    names.join(", ")
+                ),
+            });
+        }
+        Ok(configs.remove(0))
+    }
+
+    /// Reads `file`, applies `OUTBOXD__…` overrides from the environment
+    /// (to the top-level keys, which every outbox inherits) and validates
+    /// each outbox: one config per entry of `outboxes`, or the whole file.
+    pub fn load_all(file: &Path) -> Result<Vec<Config>, ConfigError> {
         let error = |message: String| ConfigError {
             file: file.to_path_buf(),
             message,
@@ -803,11 +825,8 @@ impl Config {
             )
             .build()
             .map_err(|e| error(e.to_string()))?;
-        let mut config: Config = raw.try_deserialize().map_err(|e| error(e.to_string()))?;
-        config.kafka.properties =
-            normalize_property_keys(std::mem::take(&mut config.kafka.properties));
-        config.validate().map_err(error)?;
-        Ok(config)
+        let keys = raw.cache.into_table().map_err(|e| error(e.to_string()))?;
+        outboxes::expand(keys).map_err(error)
     }
 
     /// Checks what serde cannot: names, ranges and combinations. The

@@ -23,6 +23,7 @@ mod proxy;
 mod random_kills;
 mod second_relay;
 mod server_restarts;
+mod several_outboxes;
 mod shared_topic;
 mod versions;
 mod window;

@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod pg_pair;
 pub mod proxy;
 pub mod registry;
+pub mod several;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -606,7 +607,7 @@ impl InProcessRelay {
         let address = listener.local_addr().expect("bound address");
         tokio::spawn(outboxd::http::serve(
             listener,
-            std::sync::Arc::clone(&self.metrics),
+            vec![std::sync::Arc::clone(&self.metrics)],
             std::future::pending(),
         ));
         format!("http://{address}")

@@ -1,0 +1,335 @@
+//! `outboxes:`: several outboxes in one file, each a partial config laid
+//! over the file's top-level keys.
+//!
+//! Invariant: each outbox ends up a complete, ordinary [`Config`], checked
+//! exactly as a one-outbox file is, so everything downstream (set-up, the
+//! relay, `check`, `status`) handles one outbox at a time and never knows
+//! there are others. The top-level keys are the defaults every outbox
+//! inherits; an outbox's own keys win, mapping by mapping. `log` and
+//! `http` belong to the process and can only be set at the top.
+
+use config::{Map, Source, Value, ValueKind};
+
+use super::Config;
+
+/// The key listing the outboxes.
+pub const OUTBOXES_KEY: &str = "outboxes";
+
+/// Sections an outbox may set for itself.
+const PER_OUTBOX_SECTIONS: [&str; 5] = ["relay", "postgres", "kafka", "capture", "routing"];
+
+/// Sections only the process has one of.
+const PROCESS_SECTIONS: [&str; 2] = ["log", "http"];
+
+/// One layer of keys, as a source the `config` crate merges deeply.
+#[derive(Clone, Debug)]
+struct Layer(Map<String, Value>);
+
+impl Source for Layer {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
+        Ok(self.0.clone())
+    }
+}
+
+/// The file's keys (overrides applied) → one [`Config`] per outbox: the
+/// whole file when it has no `outboxes`, else one per entry. Errors start
+/// with `outboxes[i] (name): ` and then the key, as a one-outbox file's do.
+pub fn expand(top: Map<String, Value>) -> Result<Vec<Config>, String> {
+    let mut top = top;
+    let Some(list) = top.remove(OUTBOXES_KEY) else {
+        return Ok(vec![deserialize(top)?]);
+    };
+    let entries = list
+        .into_array()
+        .map_err(|_| format!("{OUTBOXES_KEY}: must be a list of outboxes, each with a `name`"))?;
+    if entries.is_empty() {
+        return Err(format!(
+            "{OUTBOXES_KEY}: is empty; list at least one outbox, or remove the key to relay \
+             the one `postgres.table`"
+        ));
+    }
+    let mut configs = Vec::with_capacity(entries.len());
+    for (index, entry) in entries.into_iter().enumerate() {
+        let mut entry = entry.into_table().map_err(|_| {
+            format!("{OUTBOXES_KEY}[{index}]: must be a mapping with a `name` and the keys it sets")
+        })?;
+        let name = match entry.remove("name").map(|v| v.kind) {
+            Some(ValueKind::String(name)) => name,
+            Some(_) => {
+                return Err(format!("{OUTBOXES_KEY}[{index}].name: must be a string"));
+            }
+            None => {
+                return Err(format!(
+                    "{OUTBOXES_KEY}[{index}].name: missing; every outbox needs its own name (its \
+                     relay name: slot, metrics label, logs)"
+                ));
+            }
+        };
+        let prefix = format!("{OUTBOXES_KEY}[{index}] ({name})");
+        if let Some(key) = entry
+            .keys()
+            .find(|k| PROCESS_SECTIONS.contains(&k.as_str()))
+        {
+            return Err(format!(
+                "{prefix}.{key}: belongs to the whole process; set it once at the top level"
+            ));
+        }
+        if let Some(key) = entry
+            .keys()
+            .find(|k| !PER_OUTBOX_SECTIONS.contains(&k.as_str()))
+        {
+            return Err(format!(
+                "{prefix}.{key}: unknown key; an outbox may set name, {}",
+                PER_OUTBOX_SECTIONS.join(", ")
+            ));
+        }
+        if entry
+            .get("relay")
+            .and_then(|relay| relay.clone().into_table().ok())
+            .is_some_and(|relay| relay.contains_key("name"))
+        {
+            return Err(format!(
+                "{prefix}.relay.name: an outbox's relay name is its `name`; remove relay.name"
+            ));
+        }
+        let merged = config::Config::builder()
+            .add_source(Layer(top.clone()))
+            .add_source(Layer(entry))
+            .set_override("relay.name", name.clone())
+            .and_then(|builder| builder.build())
+            .map_err(|e| format!("{prefix}: {e}"))?;
+        let table = merged
+            .cache
+            .into_table()
+            .map_err(|e| format!("{prefix}: {e}"))?;
+        let config = deserialize(table).map_err(|e| format!("{prefix}: {e}"))?;
+        configs.push(config);
+    }
+    Ok(configs)
+}
+
+fn deserialize(keys: Map<String, Value>) -> Result<Config, String> {
+    let mut config: Config = Value::new(None, ValueKind::Table(keys))
+        .try_deserialize()
+        .map_err(|e| e.to_string())?;
+    config.kafka.properties =
+        super::normalize_property_keys(std::mem::take(&mut config.kafka.properties));
+    config.validate()?;
+    Ok(config)
+}
+
+/// What several outboxes of one file must not share: a relay name, a
+/// table, or a slot or publication in one database. `database` names the
+/// database an outbox's `postgres.url` points at; `source` its table or
+/// message prefix. Each clash names both outboxes and the key to change.
+pub fn check_distinct(outboxes: &[Distinct]) -> Result<(), String> {
+    for (i, later) in outboxes.iter().enumerate() {
+        for earlier in &outboxes[..i] {
+            let clash = |what: &str, key: &str, value: &str| {
+                Err(format!(
+                    "{OUTBOXES_KEY}[{i}] ({}).{key}: {what} `{value}` is also outbox `{}`'s; \
+                     each outbox needs its own",
+                    later.name, earlier.name
+                ))
+            };
+            if later.name == earlier.name {
+                return clash("the name", "name", &later.name);
+            }
+            if later.database != earlier.database {
+                continue;
+            }
+            if later.source == earlier.source {
+                return clash(
+                    "in the same database, the source",
+                    "postgres.table",
+                    &later.source,
+                );
+            }
+            if later.slot == earlier.slot {
+                return clash(
+                    "in the same database, the slot",
+                    "capture.slot",
+                    &later.slot,
+                );
+            }
+            if later.publication == earlier.publication {
+                return clash(
+                    "in the same database, the publication",
+                    "postgres.publication",
+                    &later.publication,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The names of one outbox that no other in the file may share.
+pub struct Distinct {
+    pub name: String,
+    /// Host, port and database name of `postgres.url`.
+    pub database: String,
+    /// `schema.table`, or `messages:<prefix>`.
+    pub source: String,
+    pub slot: String,
+    pub publication: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(yaml: &str) -> Map<String, Value> {
+        config::Config::builder()
+            .add_source(config::File::from_str(yaml, config::FileFormat::Yaml))
+            .build()
+            .unwrap()
+            .cache
+            .into_table()
+            .unwrap()
+    }
+
+    const TOP: &str = "\
+relay:
+  name: sidecar
+  after_publish: delete
+postgres:
+  url: postgres://outboxd@localhost/orders
+  columns:
+    payload: body
+kafka:
+  bootstrap_servers: localhost:9092
+";
+
+    #[test]
+    fn a_file_without_outboxes_is_one_outbox() {
+        let configs = expand(keys(TOP)).unwrap();
+        assert_eq!(configs.len(), 1);
+        assert_eq!(configs[0].relay.name, "sidecar");
+    }
+
+    #[test]
+    fn each_outbox_inherits_the_top_and_overrides_mapping_by_mapping() {
+        let yaml = format!(
+            "{TOP}outboxes:
+  - name: orders
+    postgres:
+      table: orders.outbox
+  - name: billing
+    relay:
+      after_publish: mark
+    postgres:
+      url: postgres://outboxd@other/billing
+      table: billing.outbox
+      publication: billing_publication
+      columns:
+        id: event_id
+    capture:
+      mode: polling
+"
+        );
+        let configs = expand(keys(&yaml)).unwrap();
+        assert_eq!(configs.len(), 2);
+        let (orders, billing) = (&configs[0], &configs[1]);
+        assert_eq!(orders.relay.name, "orders");
+        assert_eq!(orders.postgres.table, "orders.outbox");
+        assert_eq!(
+            orders.relay.after_publish,
+            crate::config::AfterPublish::Delete
+        );
+        assert_eq!(orders.postgres.columns.payload, "body");
+        assert_eq!(billing.relay.name, "billing");
+        assert_eq!(
+            billing.relay.after_publish,
+            crate::config::AfterPublish::Mark
+        );
+        assert_eq!(billing.postgres.url, "postgres://outboxd@other/billing");
+        // A nested mapping merges: the entry's `id` and the top's `payload`.
+        assert_eq!(billing.postgres.columns.id, "event_id");
+        assert_eq!(billing.postgres.columns.payload, "body");
+        assert_eq!(billing.capture.mode, crate::config::CaptureMode::Polling);
+        assert_eq!(billing.slot_name(), "outboxd_billing");
+    }
+
+    #[test]
+    fn an_entry_names_its_own_mistakes() {
+        let cases = [
+            ("outboxes: []\n", "outboxes: is empty"),
+            ("outboxes: {name: x}\n", "outboxes: must be a list"),
+            (
+                "outboxes:\n  - postgres: {table: a}\n",
+                "outboxes[0].name: missing",
+            ),
+            (
+                "outboxes:\n  - name: a\n    http: {listen: '127.0.0.1:1'}\n",
+                "outboxes[0] (a).http: belongs to the whole process",
+            ),
+            (
+                "outboxes:\n  - name: a\n    postgress: {table: a}\n",
+                "outboxes[0] (a).postgress: unknown key",
+            ),
+            (
+                "outboxes:\n  - name: a\n    relay: {name: b}\n",
+                "outboxes[0] (a).relay.name:",
+            ),
+            (
+                "outboxes:\n  - name: a\n  - name: b\n    capture: {batch_size: 0}\n",
+                "outboxes[1] (b): capture.batch_size",
+            ),
+            (
+                "outboxes:\n  - name: a\n    postgres: {tabel: x}\n",
+                "outboxes[0] (a): ",
+            ),
+        ];
+        for (entries, expected) in cases {
+            let error = expand(keys(&format!("{TOP}{entries}"))).unwrap_err();
+            assert!(error.contains(expected), "{entries}: {error}");
+        }
+    }
+
+    fn distinct(name: &str, database: &str, source: &str, publication: &str) -> Distinct {
+        Distinct {
+            name: name.into(),
+            database: database.into(),
+            source: source.into(),
+            slot: format!("outboxd_{name}"),
+            publication: publication.into(),
+        }
+    }
+
+    #[test]
+    fn outboxes_may_not_share_a_table_slot_or_publication_in_one_database() {
+        let orders = || distinct("orders", "db:5432/shop", "orders.outbox", "orders_pub");
+        check_distinct(&[
+            orders(),
+            distinct("billing", "db:5432/shop", "billing.outbox", "billing_pub"),
+            // Another database may reuse the table and publication names.
+            distinct("shipping", "db2:5432/shop", "orders.outbox", "orders_pub"),
+        ])
+        .unwrap();
+        let clash = |other: Distinct, expected: &str| {
+            let error = check_distinct(&[orders(), other]).unwrap_err();
+            assert!(error.contains(expected), "{error}");
+            assert!(error.contains("outbox `orders`"), "{error}");
+        };
+        clash(
+            distinct("orders", "db2:5432/x", "a.outbox", "p"),
+            "outboxes[1] (orders).name",
+        );
+        clash(
+            distinct("billing", "db:5432/shop", "orders.outbox", "p"),
+            ".postgres.table",
+        );
+        clash(
+            distinct("billing", "db:5432/shop", "billing.outbox", "orders_pub"),
+            ".postgres.publication",
+        );
+        let mut same_slot = distinct("billing", "db:5432/shop", "billing.outbox", "p");
+        same_slot.slot = "outboxd_orders".into();
+        clash(same_slot, ".capture.slot");
+    }
+}

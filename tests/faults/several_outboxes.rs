@@ -1,0 +1,94 @@
+//! One relay process over three outboxes (three databases: two in the
+//! run's capture mode, one in the other), SIGKILLed at random moments while
+//! writers commit to all of them. Every table is checked on its own:
+//! exactly once, in order, nothing invented, checkpoints naming its rows.
+
+use std::time::Duration;
+
+use crate::support::checker::{self, Report};
+use crate::support::faults::{
+    create_checkpoint_topic_keeping_history, exclusive, random_between, record, size, RelayProcess,
+};
+use crate::support::workload::{writer_pool, LiveWriter, Workload};
+use crate::support::{several, Mode, TestEnv};
+
+in_both_modes!(
+    several_outboxes_killed_at_random_moments,
+    worker_threads = 2
+);
+async fn several_outboxes_killed_at_random_moments(mode: Mode) {
+    let _servers = exclusive().await;
+    let other = match mode {
+        Mode::Polling => Mode::Replication,
+        _ => Mode::Polling,
+    };
+    let envs = [
+        TestEnv::new("several-a", mode).await,
+        TestEnv::new("several-b", mode).await,
+        TestEnv::new("several-c", other).await,
+    ];
+    let mut writers = Vec::new();
+    for env in &envs {
+        create_checkpoint_topic_keeping_history(env, 1).await;
+        let pool = writer_pool(&env.database_url, 3).await;
+        writers.push(LiveWriter::start_many(
+            &pool,
+            &Workload::realistic(),
+            0..2,
+            10,
+        ));
+    }
+    let env_refs: Vec<&TestEnv> = envs.iter().collect();
+    let config = several::write_config(&env_refs, "  max_message_bytes: 100000\n");
+    let log = std::env::temp_dir().join(format!("outboxd-fault-{}.log", envs[0].id));
+    let runs = size(5, 120);
+    for _ in 0..runs {
+        let mut relay = RelayProcess::spawn(&config, &log, None);
+        tokio::time::sleep(random_between(
+            Duration::from_millis(100)..=Duration::from_millis(3000),
+        ))
+        .await;
+        relay.assert_running("the relay should have been running until killed");
+        relay.kill();
+    }
+    let mut written = Vec::new();
+    for writer in writers {
+        written.push(writer.finish().await);
+    }
+    let mut relay = RelayProcess::spawn(&config, &log, None);
+    for env in &envs {
+        env.wait_all_sent(Duration::from_secs(300)).await;
+    }
+    relay.stop().await;
+    let mut all = Report::default();
+    for (env, written) in envs.iter().zip(&written) {
+        let report = checker::check(env, written).await;
+        eprintln!(
+            "several outboxes: outbox {} ({}): {} events, {} violations",
+            env.relay_name(),
+            env.mode.config_value(),
+            report.events,
+            report.violations().len()
+        );
+        merge(&mut all, &env.relay_name(), report);
+    }
+    record("several-outboxes", mode, runs, &all);
+    eprintln!(
+        "several outboxes ({}): {runs} kills, {} events, {} violations; relay log {}",
+        mode.config_value(),
+        all.events,
+        all.violations().len(),
+        log.display()
+    );
+    all.assert_clean();
+}
+
+/// Adds one outbox's findings to the campaign's, each naming its outbox.
+fn merge(all: &mut Report, outbox: &str, report: Report) {
+    let named = |found: Vec<String>| found.into_iter().map(move |v| format!("{outbox}: {v}"));
+    all.events += report.events;
+    all.lost.extend(named(report.lost));
+    all.duplicated.extend(named(report.duplicated));
+    all.out_of_order.extend(named(report.out_of_order));
+    all.other.extend(named(report.other));
+}

@@ -1,0 +1,46 @@
+//! One config file listing several test envs' outboxes (`outboxes:`), so
+//! one relay process serves them all.
+//!
+//! Invariant: each outbox in the file is exactly its env's own config (its
+//! relay name, database, checkpoint topic, capture mode and topics), so
+//! every env's checks (`wait_all_sent`, the checker) hold for it unchanged.
+
+use std::path::PathBuf;
+
+use super::TestEnv;
+
+/// Writes the file and returns its path. `kafka_extra` are YAML lines
+/// under the shared `kafka:` section (indented two spaces).
+pub fn write_config(envs: &[&TestEnv], kafka_extra: &str) -> PathBuf {
+    let first = envs.first().expect("at least one env");
+    let mut yaml = format!(
+        "kafka:\n  bootstrap_servers: {kafka}\n  transaction_timeout: 20s\n{kafka_extra}\
+         capture:\n  batch_size: 100\n  poll_interval: 200ms\n\
+         log:\n  level: info,librdkafka=warn,rdkafka=warn\n\
+         http:\n  listen: 127.0.0.1:0\n\
+         outboxes:\n",
+        kafka = first.kafka,
+    );
+    for env in envs {
+        yaml.push_str(&outbox_entry(env));
+    }
+    let path = std::env::temp_dir().join(format!("outboxd-several-{}.yaml", first.id));
+    std::fs::write(&path, yaml).expect("write the several-outboxes config");
+    path
+}
+
+/// One env as an entry of `outboxes:`.
+pub fn outbox_entry(env: &TestEnv) -> String {
+    format!(
+        "  - name: {name}\n\
+         \x20   postgres:\n      url: \"{url}\"\n\
+         \x20   kafka:\n      checkpoint_topic: {checkpoint_topic}\n\
+         \x20   capture:\n      mode: {mode}\n\
+         \x20   routing:\n      topic: \"{prefix}.${{aggregatetype}}\"\n      dead_letter_topic: {prefix}.dlq\n",
+        name = env.relay_name(),
+        url = env.database_url,
+        checkpoint_topic = env.checkpoint_topic(),
+        mode = env.mode.config_value(),
+        prefix = env.topic_prefix(),
+    )
+}
