@@ -13,6 +13,14 @@ use super::TestEnv;
 /// under the shared `kafka:` section (indented two spaces).
 pub fn write_config(envs: &[&TestEnv], kafka_extra: &str) -> PathBuf {
     let first = envs.first().expect("at least one env");
+    let entries: Vec<String> = envs.iter().map(|env| outbox_entry(env, "")).collect();
+    write_config_of(first, &entries, kafka_extra)
+}
+
+/// Like `write_config`, with the `outboxes:` entries given (each from
+/// `outbox_entry`, or written by the test); `first` names the file and
+/// gives the broker.
+pub fn write_config_of(first: &TestEnv, entries: &[String], kafka_extra: &str) -> PathBuf {
     let mut yaml = format!(
         "kafka:\n  bootstrap_servers: {kafka}\n  transaction_timeout: 20s\n{kafka_extra}\
          capture:\n  batch_size: 100\n  poll_interval: 200ms\n\
@@ -21,18 +29,23 @@ pub fn write_config(envs: &[&TestEnv], kafka_extra: &str) -> PathBuf {
          outboxes:\n",
         kafka = first.kafka,
     );
-    for env in envs {
-        yaml.push_str(&outbox_entry(env));
+    for entry in entries {
+        yaml.push_str(entry);
     }
     let path = std::env::temp_dir().join(format!("outboxd-several-{}.yaml", first.id));
     std::fs::write(&path, yaml).expect("write the several-outboxes config");
     path
 }
 
-/// One env as an entry of `outboxes:`.
-pub fn outbox_entry(env: &TestEnv) -> String {
+/// One env as an entry of `outboxes:`; `relay_lines` go under its own
+/// `relay:` (indented six spaces), none when empty.
+pub fn outbox_entry(env: &TestEnv, relay_lines: &str) -> String {
+    let relay = match relay_lines.is_empty() {
+        true => String::new(),
+        false => format!("    relay:\n{relay_lines}"),
+    };
     format!(
-        "  - name: {name}\n\
+        "  - name: {name}\n{relay}\
          \x20   postgres:\n      url: \"{url}\"\n\
          \x20   kafka:\n      checkpoint_topic: {checkpoint_topic}\n\
          \x20   capture:\n      mode: {mode}\n\
