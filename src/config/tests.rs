@@ -46,7 +46,7 @@ mod tempfile_path {
 /// the set-up's (tests only reach past `config` to judge the whole load).
 fn load_error(text: &str) -> String {
     let file = write_config(text);
-    let error = match crate::setup::Setup::load(&file.0) {
+    let error = match crate::setup::Setup::load_all(&file.0) {
         Ok(_) => panic!("expected an invalid config:\n{text}"),
         Err(error) => error.to_string(),
     };
@@ -448,4 +448,50 @@ fn the_message_outbox_example_loads() {
     let setup = crate::setup::Setup::load(&example).expect("examples/messages/outboxd.yaml loads");
     assert!(setup.config.messages());
     assert_eq!(setup.config.capture.mode, CaptureMode::Replication);
+}
+
+#[test]
+fn the_several_outboxes_example_loads_each_outbox_as_it_says() {
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/several/outboxd.yaml");
+    let setups =
+        crate::setup::Setup::load_all(&example).expect("examples/several/outboxd.yaml loads");
+    let names: Vec<&str> = setups.iter().map(|s| s.name()).collect();
+    assert_eq!(names, ["orders", "billing", "shipping"]);
+    let (orders, billing, shipping) = (&setups[0].config, &setups[1].config, &setups[2].config);
+    assert_eq!(
+        orders.relay.retention,
+        Some(Duration::from_secs(7 * 86_400))
+    );
+    assert_eq!(orders.postgres.table, "orders.outbox");
+    assert_eq!(billing.relay.after_publish, AfterPublish::Delete);
+    assert_eq!(billing.relay.retention, None);
+    assert_eq!(billing.capture.mode, CaptureMode::Polling);
+    assert!(shipping.messages());
+    assert_eq!(
+        shipping.postgres.url,
+        "postgres://outboxd@localhost:5432/shipping"
+    );
+    // Inherited from the top level by every outbox.
+    for config in [orders, billing, shipping] {
+        assert_eq!(config.routing.dead_letter_topic, "outbox.dead-letters");
+        assert_eq!(config.http.listen.port(), 9464);
+    }
+    // A command about one outbox's rows refuses the file.
+    let error = Config::load(&example).unwrap_err().to_string();
+    assert!(
+        error.contains("lists 3 outboxes (orders, billing, shipping)"),
+        "{error}"
+    );
+}
+
+#[test]
+fn several_outboxes_may_not_share_a_publication_in_one_database() {
+    let error = load_error(&format!(
+        "{MINIMAL}outboxes:\n  - name: a\n    postgres: {{table: a.outbox}}\n  - name: b\n    postgres: {{table: b.outbox}}\n"
+    ));
+    assert!(
+        error.contains("outboxes[1] (b).postgres.publication: in the same database, the publication `outbox_publication` is also outbox `a`'s"),
+        "{error}"
+    );
 }
