@@ -67,12 +67,12 @@ impl Setup {
         let options = &self.connect_options;
         Distinct {
             name: self.config.relay.name.clone(),
-            database: format!(
-                "{}:{}/{}",
-                options.get_host(),
-                options.get_port(),
-                options.get_database().unwrap_or_default()
-            ),
+            server: format!("{}:{}", options.get_host(), options.get_port()),
+            // Without a database in the URL, Postgres takes the user's name.
+            database: options
+                .get_database()
+                .unwrap_or(options.get_username())
+                .to_string(),
             source: self.config.source_name(&self.table.display_name()),
             slot: self.config.slot_name(),
             publication: self.config.postgres.publication.clone(),

@@ -122,10 +122,10 @@ fn deserialize(keys: Map<String, Value>) -> Result<Config, String> {
     Ok(config)
 }
 
-/// What several outboxes of one file must not share: a relay name, a
-/// table, or a slot or publication in one database. `database` names the
-/// database an outbox's `postgres.url` points at; `source` its table or
-/// message prefix. Each clash names both outboxes and the key to change.
+/// What several outboxes of one file must not share: a relay name; a slot
+/// on one server (slots belong to the whole server, not a database); a
+/// table (or message prefix) or a publication in one database. Each clash
+/// names both outboxes and the key to change.
 pub fn check_distinct(outboxes: &[Distinct]) -> Result<(), String> {
     for (i, later) in outboxes.iter().enumerate() {
         for earlier in &outboxes[..i] {
@@ -139,6 +139,12 @@ pub fn check_distinct(outboxes: &[Distinct]) -> Result<(), String> {
             if later.name == earlier.name {
                 return clash("the name", "name", &later.name);
             }
+            if later.server != earlier.server {
+                continue;
+            }
+            if later.slot == earlier.slot {
+                return clash("on the same server, the slot", "capture.slot", &later.slot);
+            }
             if later.database != earlier.database {
                 continue;
             }
@@ -147,13 +153,6 @@ pub fn check_distinct(outboxes: &[Distinct]) -> Result<(), String> {
                     "in the same database, the source",
                     "postgres.table",
                     &later.source,
-                );
-            }
-            if later.slot == earlier.slot {
-                return clash(
-                    "in the same database, the slot",
-                    "capture.slot",
-                    &later.slot,
                 );
             }
             if later.publication == earlier.publication {
@@ -171,7 +170,9 @@ pub fn check_distinct(outboxes: &[Distinct]) -> Result<(), String> {
 /// The names of one outbox that no other in the file may share.
 pub struct Distinct {
     pub name: String,
-    /// Host, port and database name of `postgres.url`.
+    /// Host and port of `postgres.url`.
+    pub server: String,
+    /// The database name of `postgres.url`.
     pub database: String,
     /// `schema.table`, or `messages:<prefix>`.
     pub source: String,
@@ -291,9 +292,12 @@ kafka:
         }
     }
 
+    /// `database` as `server/name`.
     fn distinct(name: &str, database: &str, source: &str, publication: &str) -> Distinct {
+        let (server, database) = database.split_once('/').unwrap();
         Distinct {
             name: name.into(),
+            server: server.into(),
             database: database.into(),
             source: source.into(),
             slot: format!("outboxd_{name}"),
@@ -331,5 +335,14 @@ kafka:
         let mut same_slot = distinct("billing", "db:5432/shop", "billing.outbox", "p");
         same_slot.slot = "outboxd_orders".into();
         clash(same_slot, ".capture.slot");
+        // A slot is the server's: another database on it cannot reuse one.
+        let mut same_slot_other_database =
+            distinct("billing", "db:5432/billing", "orders.outbox", "orders_pub");
+        same_slot_other_database.slot = "outboxd_orders".into();
+        clash(same_slot_other_database, "on the same server, the slot");
+        let mut same_slot_other_server =
+            distinct("billing", "db2:5432/shop", "orders.outbox", "orders_pub");
+        same_slot_other_server.slot = "outboxd_orders".into();
+        check_distinct(&[orders(), same_slot_other_server]).unwrap();
     }
 }
