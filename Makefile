@@ -34,8 +34,11 @@ endif
 # lost-slot recovery, auto's choice and the filter position (replication::),
 # `check` and `migrate` (cli::check_), the slot in `status`, the
 # partitioned outbox with its publication via the root, and a primary with
-# a synchronous standby failing over (failover::; failover slots on 17+).
-PG_TESTS = exactly_once:: replication:: partitioned_table:: cli::check_ operations::status_ failover:: large_payloads:: leader:: least_privilege:: claim_connections::
+# a synchronous standby failing over (failover::; failover slots on 17+),
+# the WAL-message outbox (wal_messages::), and several outboxes in one
+# process, two tables of one database each on its own publication and slot
+# (several_outboxes::).
+PG_TESTS = exactly_once:: replication:: partitioned_table:: cli::check_ operations::status_ failover:: large_payloads:: leader:: least_privilege:: claim_connections:: wal_messages:: several_outboxes::
 # On 17 and later also the failover-slot test (failover::failover_slots_…),
 # #[ignore]d in `make test`, whose server (Debian's 15) has no failover
 # slots; it fails on a server before 17, so it is included only here.

@@ -1,7 +1,10 @@
-//! One relay process over three outboxes (three databases: two in the
-//! run's capture mode, one in the other), SIGKILLed at random moments while
-//! writers commit to all of them. Every table is checked on its own:
-//! exactly once, in order, nothing invented, checkpoints naming its rows.
+//! Two relay processes of one config over three outboxes (three databases:
+//! two in the run's capture mode, one in the other), while writers commit
+//! to all of them: a standing replica, and one SIGKILLed at random moments
+//! and started again, so each outbox's leadership moves between them and
+//! the two lead different outboxes at once. Every table is checked on its
+//! own: exactly once, in order, nothing invented, checkpoints naming its
+//! rows.
 
 use std::time::Duration;
 
@@ -40,26 +43,35 @@ async fn several_outboxes_killed_at_random_moments(mode: Mode) {
     }
     let env_refs: Vec<&TestEnv> = envs.iter().collect();
     let config = several::write_config(&env_refs, "  max_message_bytes: 100000\n");
-    let log = std::env::temp_dir().join(format!("outboxd-fault-{}.log", envs[0].id));
-    let runs = size(5, 120);
-    for _ in 0..runs {
-        let mut relay = RelayProcess::spawn(&config, &log, None);
+    let runs = size(6, 120);
+    // Two replicas; each round SIGKILLs one and starts it again, taking
+    // turns, so every kill hits a replica that leads some outboxes (both
+    // start together and split the locks; then the survivor of each kill
+    // takes over the outboxes the killed one led).
+    let logs = [0, 1].map(|replica| {
+        std::env::temp_dir().join(format!("outboxd-fault-{}-{replica}.log", envs[0].id))
+    });
+    let mut replicas = [0, 1].map(|replica| RelayProcess::spawn(&config, &logs[replica], None));
+    for round in 0..runs {
         tokio::time::sleep(random_between(
             Duration::from_millis(100)..=Duration::from_millis(3000),
         ))
         .await;
-        relay.assert_running("the relay should have been running until killed");
-        relay.kill();
+        let replica = &mut replicas[round % 2];
+        replica.assert_running("the replica should have been running until killed");
+        replica.kill();
+        *replica = RelayProcess::spawn(&config, &logs[round % 2], None);
     }
     let mut written = Vec::new();
     for writer in writers {
         written.push(writer.finish().await);
     }
-    let mut relay = RelayProcess::spawn(&config, &log, None);
     for env in &envs {
         env.wait_all_sent(Duration::from_secs(300)).await;
     }
-    relay.stop().await;
+    for replica in &mut replicas {
+        replica.stop().await;
+    }
     let mut all = Report::default();
     for (env, written) in envs.iter().zip(&written) {
         let report = checker::check(env, written).await;
@@ -74,11 +86,11 @@ async fn several_outboxes_killed_at_random_moments(mode: Mode) {
     }
     record("several-outboxes", mode, runs, &all);
     eprintln!(
-        "several outboxes ({}): {runs} kills, {} events, {} violations; relay log {}",
+        "several outboxes ({}): {runs} kills, {} events, {} violations; relay logs {}",
         mode.config_value(),
         all.events,
         all.violations().len(),
-        log.display()
+        logs[0].display()
     );
     all.assert_clean();
 }
