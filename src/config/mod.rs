@@ -816,17 +816,14 @@ impl Config {
                 "the file does not exist or is not a regular file".into(),
             ));
         }
+        let environment = outboxes::Environment::from_process();
         let raw = config::Config::builder()
             .add_source(config::File::from(file).format(config::FileFormat::Yaml))
-            .add_source(
-                config::Environment::with_prefix(ENV_PREFIX)
-                    .prefix_separator("__")
-                    .separator("__"),
-            )
+            .add_source(environment.top_level())
             .build()
             .map_err(|e| error(e.to_string()))?;
         let keys = raw.cache.into_table().map_err(|e| error(e.to_string()))?;
-        outboxes::expand(keys).map_err(error)
+        outboxes::expand(keys, &environment).map_err(error)
     }
 
     /// Checks what serde cannot: names, ranges and combinations. The

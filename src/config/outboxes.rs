@@ -7,10 +7,13 @@
 //! there are others. The top-level keys are the defaults every outbox
 //! inherits; an outbox's own keys win, mapping by mapping. `log` and
 //! `http` belong to the process and can only be set at the top.
+//! Environment overrides follow the same layers: `OUTBOXD__SECTION__KEY`
+//! overrides the top level, `OUTBOXD__OUTBOXES__<NAME>__SECTION__KEY` one
+//! outbox (its name upper-cased, `-` as `_`), above its own keys.
 
 use config::{Map, Source, Value, ValueKind};
 
-use super::Config;
+use super::{Config, ENV_PREFIX};
 
 /// The key listing the outboxes.
 pub const OUTBOXES_KEY: &str = "outboxes";
@@ -35,12 +38,93 @@ impl Source for Layer {
     }
 }
 
-/// The file's keys (overrides applied) → one [`Config`] per outbox: the
-/// whole file when it has no `outboxes`, else one per entry. Errors start
-/// with `outboxes[i] (name): ` and then the key, as a one-outbox file's do.
-pub fn expand(top: Map<String, Value>) -> Result<Vec<Config>, String> {
+/// The environment variables that override config keys, split by layer.
+pub struct Environment {
+    /// `OUTBOXD__…` except the per-outbox ones.
+    top_level: Map<String, String>,
+    /// `OUTBOXD__OUTBOXES__…`.
+    per_outbox: Map<String, String>,
+}
+
+impl Environment {
+    pub fn from_process() -> Environment {
+        Environment::from_vars(std::env::vars())
+    }
+
+    fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Environment {
+        let per_outbox_prefix = format!("{ENV_PREFIX}__{}__", OUTBOXES_KEY.to_uppercase());
+        let mut top_level = Map::new();
+        let mut per_outbox = Map::new();
+        for (name, value) in vars {
+            if name.to_uppercase().starts_with(&per_outbox_prefix) {
+                per_outbox.insert(name, value);
+            } else {
+                top_level.insert(name, value);
+            }
+        }
+        Environment {
+            top_level,
+            per_outbox,
+        }
+    }
+
+    /// The source of the top-level overrides.
+    pub fn top_level(&self) -> config::Environment {
+        config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .source(Some(self.top_level.clone()))
+    }
+
+    /// The source of the overrides of the outbox called `name`.
+    fn outbox(&self, name: &str) -> config::Environment {
+        let prefix = format!(
+            "{ENV_PREFIX}__{}__{}",
+            OUTBOXES_KEY.to_uppercase(),
+            name.to_uppercase().replace('-', "_")
+        );
+        config::Environment::with_prefix(&prefix)
+            .prefix_separator("__")
+            .separator("__")
+            .source(Some(self.per_outbox.clone()))
+    }
+
+    /// A per-outbox variable naming no outbox of the file: a typo that
+    /// would otherwise be ignored.
+    fn unmatched(&self, names: &[String]) -> Option<&str> {
+        let prefixes: Vec<String> = names
+            .iter()
+            .map(|name| {
+                format!(
+                    "{ENV_PREFIX}__{}__{}__",
+                    OUTBOXES_KEY.to_uppercase(),
+                    name.to_uppercase().replace('-', "_")
+                )
+            })
+            .collect();
+        self.per_outbox
+            .keys()
+            .find(|var| {
+                let var = var.to_uppercase();
+                !prefixes.iter().any(|prefix| var.starts_with(prefix))
+            })
+            .map(String::as_str)
+    }
+}
+
+/// The file's keys (top-level overrides applied) → one [`Config`] per
+/// outbox: the whole file when it has no `outboxes`, else one per entry,
+/// each with its own overrides from `environment`. Errors start with
+/// `outboxes[i] (name): ` and then the key, as a one-outbox file's do.
+pub fn expand(top: Map<String, Value>, environment: &Environment) -> Result<Vec<Config>, String> {
     let mut top = top;
     let Some(list) = top.remove(OUTBOXES_KEY) else {
+        if let Some(var) = environment.unmatched(&[]) {
+            return Err(format!(
+                "environment variable {var}: the config lists no `{OUTBOXES_KEY}`; override its \
+                 keys with {ENV_PREFIX}__SECTION__KEY"
+            ));
+        }
         return Ok(vec![deserialize(top)?]);
     };
     let entries = list
@@ -99,6 +183,7 @@ pub fn expand(top: Map<String, Value>) -> Result<Vec<Config>, String> {
         let merged = config::Config::builder()
             .add_source(Layer(top.clone()))
             .add_source(Layer(entry))
+            .add_source(environment.outbox(&name))
             .set_override("relay.name", name.clone())
             .and_then(|builder| builder.build())
             .map_err(|e| format!("{prefix}: {e}"))?;
@@ -108,6 +193,15 @@ pub fn expand(top: Map<String, Value>) -> Result<Vec<Config>, String> {
             .map_err(|e| format!("{prefix}: {e}"))?;
         let config = deserialize(table).map_err(|e| format!("{prefix}: {e}"))?;
         configs.push(config);
+    }
+    let names: Vec<String> = configs.iter().map(|c| c.relay.name.clone()).collect();
+    if let Some(var) = environment.unmatched(&names) {
+        return Err(format!(
+            "environment variable {var}: names no outbox of the file ({}); per-outbox overrides \
+             are {ENV_PREFIX}__{}__<NAME>__SECTION__KEY, the name upper-cased with `-` as `_`",
+            names.join(", "),
+            OUTBOXES_KEY.to_uppercase()
+        ));
     }
     Ok(configs)
 }
@@ -194,6 +288,58 @@ mod tests {
             .unwrap()
     }
 
+    fn no_environment() -> Environment {
+        Environment::from_vars([])
+    }
+
+    fn environment(vars: &[(&str, &str)]) -> Environment {
+        Environment::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn environment_overrides_the_top_level_or_one_outbox() {
+        let yaml = format!(
+            "{TOP}outboxes:
+  - name: orders
+    postgres:
+      table: orders.outbox
+      url: postgres://outboxd@db/orders
+  - name: billing-eu
+    postgres:
+      table: billing.outbox
+"
+        );
+        let vars = environment(&[
+            (
+                "OUTBOXD__OUTBOXES__ORDERS__POSTGRES__URL",
+                "postgres://outboxd:secret@db/orders",
+            ),
+            ("OUTBOXD__OUTBOXES__BILLING_EU__CAPTURE__BATCH_SIZE", "7"),
+            ("PATH", "/usr/bin"),
+        ]);
+        let configs = expand(keys(&yaml), &vars).unwrap();
+        assert_eq!(
+            configs[0].postgres.url,
+            "postgres://outboxd:secret@db/orders"
+        );
+        assert_eq!(configs[0].capture.batch_size, 2_000);
+        assert_eq!(configs[1].capture.batch_size, 7);
+        assert_eq!(
+            configs[1].postgres.url,
+            "postgres://outboxd@localhost/orders"
+        );
+
+        let typo = environment(&[("OUTBOXD__OUTBOXES__ORDRES__POSTGRES__URL", "x")]);
+        let error = expand(keys(&yaml), &typo).unwrap_err();
+        assert!(
+            error.contains("OUTBOXD__OUTBOXES__ORDRES__POSTGRES__URL: names no outbox")
+                && error.contains("orders, billing-eu"),
+            "{error}"
+        );
+        let error = expand(keys(TOP), &typo).unwrap_err();
+        assert!(error.contains("lists no `outboxes`"), "{error}");
+    }
+
     const TOP: &str = "\
 relay:
   name: sidecar
@@ -208,7 +354,7 @@ kafka:
 
     #[test]
     fn a_file_without_outboxes_is_one_outbox() {
-        let configs = expand(keys(TOP)).unwrap();
+        let configs = expand(keys(TOP), &no_environment()).unwrap();
         assert_eq!(configs.len(), 1);
         assert_eq!(configs[0].relay.name, "sidecar");
     }
@@ -233,7 +379,7 @@ kafka:
       mode: polling
 "
         );
-        let configs = expand(keys(&yaml)).unwrap();
+        let configs = expand(keys(&yaml), &no_environment()).unwrap();
         assert_eq!(configs.len(), 2);
         let (orders, billing) = (&configs[0], &configs[1]);
         assert_eq!(orders.relay.name, "orders");
@@ -287,7 +433,7 @@ kafka:
             ),
         ];
         for (entries, expected) in cases {
-            let error = expand(keys(&format!("{TOP}{entries}"))).unwrap_err();
+            let error = expand(keys(&format!("{TOP}{entries}")), &no_environment()).unwrap_err();
             assert!(error.contains(expected), "{entries}: {error}");
         }
     }
