@@ -471,7 +471,12 @@ impl Campaign {
         server_url: &str,
     ) -> Campaign {
         let source = source.into();
-        let mut env = TestEnv::new_on(server_url, fault, source.mode()).await;
+        // The env's id names its database, topics and log.
+        let name = match source {
+            Source::Table(_) => fault.to_string(),
+            Source::Messages => format!("{fault}-messages"),
+        };
+        let mut env = TestEnv::new_on(server_url, &name, source.mode()).await;
         if let Some(cluster) = &cluster {
             env.kafka = cluster.bootstrap.clone();
         }
