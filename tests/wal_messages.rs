@@ -407,7 +407,7 @@ async fn a_commit_right_after_a_non_transactional_message_is_not_skipped() {
     // Other sessions' WAL may fall between the two records; try again
     // until the commit follows the message directly.
     let mut adjacent = None;
-    for attempt in 0..50 {
+    for attempt in 0..200 {
         let mut service = env.pool.begin().await.expect("begin");
         let id: String = sqlx::query_scalar(
             "SELECT outboxd_emit('Order', 'adjacent', 'OrderChanged', jsonb_build_object('n', $1::int))::text",
