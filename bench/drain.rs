@@ -18,6 +18,9 @@ pub struct Drain {
     pub system: String,
     pub rows: usize,
     pub payload_bytes: usize,
+    /// Events per transaction of the backlog; 0 for the default bulk
+    /// transactions (10,000 rows, fewer for big payloads).
+    pub events_per_transaction: usize,
     /// From the cold start to the last event committed in Kafka.
     pub seconds: f64,
     pub events_per_second: f64,
@@ -53,8 +56,25 @@ pub async fn run(system: System, rows: usize, payload_bytes: usize) -> Drain {
 
 /// Drains `rows` rows of `payload_bytes` with `system`, started as `start` says.
 pub async fn run_from(system: System, start: Start, rows: usize, payload_bytes: usize) -> Drain {
+    run_shaped(system, start, rows, payload_bytes, None).await
+}
+
+/// Like `run_from`, with the backlog written `per_transaction` events to a
+/// transaction (one: from several connections at once) instead of the
+/// default bulk transactions; rows, or messages for `OutboxdMessages`.
+pub async fn run_shaped(
+    system: System,
+    start: Start,
+    rows: usize,
+    payload_bytes: usize,
+    per_transaction: Option<usize>,
+) -> Drain {
     let first = if start == Start::First { "-first" } else { "" };
-    let name = format!("drain-{}{first}-{rows}-{payload_bytes}", system.short());
+    let shape = per_transaction.map_or(String::new(), |n| format!("-tx{n}"));
+    let name = format!(
+        "drain-{}{first}-{rows}-{payload_bytes}{shape}",
+        system.short()
+    );
     eprintln!("bench: {name}: priming, then writing the backlog");
     let bench = BenchEnv::new(&name, system).await;
     let primed = system != System::OutboxdPolling && start == Start::Restart;
@@ -62,11 +82,25 @@ pub async fn run_from(system: System, start: Start, rows: usize, payload_bytes: 
         // The slot must exist before the backlog, or it is not in the stream.
         bench.prime().await
     } else {
-        backlog::write_warmup(bench.pool()).await
+        bench.write_warmup().await
     };
     let warmup_published = written.committed;
     let before_backlog = footprint::snapshot(bench.pool(), None).await;
-    let backlog = backlog::write(bench.pool(), rows, payload_bytes).await;
+    let messages = system.is_messages();
+    let backlog = match per_transaction {
+        None if !messages => backlog::write(bench.pool(), rows, payload_bytes).await,
+        None => backlog::write_in(bench.pool(), rows, payload_bytes, 10_000, true).await,
+        Some(1) => {
+            backlog::write_one_per_transaction(
+                &bench.env.database_url,
+                rows,
+                payload_bytes,
+                messages,
+            )
+            .await
+        }
+        Some(n) => backlog::write_in(bench.pool(), rows, payload_bytes, n, messages).await,
+    };
     let after_backlog = footprint::snapshot(bench.pool(), None).await;
     written.committed += backlog.committed;
     written.committed_ids.extend(backlog.committed_ids);
@@ -114,6 +148,7 @@ pub async fn run_from(system: System, start: Start, rows: usize, payload_bytes: 
         },
         rows,
         payload_bytes,
+        events_per_transaction: per_transaction.unwrap_or(0),
         seconds,
         events_per_second: rows as f64 / seconds,
         megabytes_per_second: (rows * payload_bytes) as f64 / seconds / 1e6,

@@ -5,13 +5,15 @@
 //! state at fixed rates, the outbox's table and index size over a long
 //! steady run with and without partitions, the highest rate outboxd
 //! sustains, and start-up (cold start and standby takeover) with other
-//! relays' checkpoints in the checkpoint topic. Results
+//! relays' checkpoints in the checkpoint topic, and the WAL-message outbox
+//! beside the table (drains, steady latency, WAL per event). Results
 //! go to `bench/results.json` after every section (so a failure keeps what
 //! was measured) and to `bench/results.md` at the end, which is printed;
 //! a run that leaves out all of those sections leaves both files alone.
 //! The table sizes go to files of their own, `bench/table-size.json` and
-//! `bench/table-size.md`, so running that section alone replaces no other
-//! section's figures.
+//! `bench/table-size.md`, and the message outbox's to `bench/messages.json`
+//! and `bench/messages.md`, so running either section alone replaces no
+//! other section's figures.
 //!
 //! Knobs, all optional (environment):
 //! - `BENCH_SIZES`: backlog sizes, default `100000,1000000` (add 10000000
@@ -21,8 +23,9 @@
 //! - `BENCH_STEADY_SECONDS`: length of each steady run, default 20;
 //! - `BENCH_TABLE_SECONDS`: length of each table-size run, default 360;
 //! - `BENCH_TABLE_RATE`: the table-size runs' rate, default 2000 events/s;
+//! - `BENCH_MESSAGES_EVENTS`: the message section's backlog, default 100000;
 //! - `BENCH_SKIP`: sections to leave out, of `ceilings,drain,payloads,
-//!   steady,table,highest,startup,debezium`.
+//!   steady,table,highest,startup,messages,debezium`.
 //!
 //! Benchmarks measure; they assert nothing about time. A run the invariant
 //! checker fails is reported as FAILED, and the bench exits non-zero.
@@ -36,6 +39,7 @@ mod ceilings;
 mod crowd;
 mod drain;
 mod footprint;
+mod messages;
 mod process;
 mod report;
 mod startup;
@@ -70,6 +74,7 @@ async fn run() -> bool {
     let seconds = list("BENCH_STEADY_SECONDS", &[20])[0] as u64;
     let table_seconds = list("BENCH_TABLE_SECONDS", &[360])[0] as u64;
     let table_rate = list("BENCH_TABLE_RATE", &[2_000])[0] as u32;
+    let message_events = list("BENCH_MESSAGES_EVENTS", &[100_000])[0];
     let skip = std::env::var("BENCH_SKIP").unwrap_or_default();
     let wanted = |section: &str| !skip.split(',').any(|s| s.trim() == section);
     // The sections whose figures go to results.json and results.md; a run
@@ -160,6 +165,23 @@ async fn run() -> bool {
         println!("{markdown}");
         table_failed = table.failed();
     }
+    let mut messages_failed = 0;
+    if wanted("messages") {
+        let comparison = messages::run(
+            message_events,
+            &rates,
+            seconds,
+            &results.machine,
+            &results.versions,
+        )
+        .await;
+        let json = serde_json::to_string_pretty(&comparison).expect("message figures as JSON");
+        std::fs::write(out_dir().join("messages.json"), json).expect("write bench/messages.json");
+        let markdown = comparison.markdown();
+        std::fs::write(out_dir().join("messages.md"), &markdown).expect("write bench/messages.md");
+        println!("{markdown}");
+        messages_failed = comparison.failed();
+    }
     if wanted("highest") {
         for system in [System::OutboxdReplication, System::OutboxdPolling] {
             let ladder: Vec<u32> = ladder.iter().map(|&r| r as u32).collect();
@@ -214,7 +236,8 @@ async fn run() -> bool {
         )
         .chain(results.startup.iter().filter_map(|s| s.failed.as_ref()))
         .count()
-        + table_failed;
+        + table_failed
+        + messages_failed;
     if failed > 0 {
         eprintln!("bench: {failed} run(s) failed the invariant check; see FAILED above");
     }

@@ -58,7 +58,7 @@ pub async fn run(system: System, rate: u32, seconds: u64) -> Steady {
         // It only sees what commits after its slot exists.
         bench.wait_streaming_log(&mut running).await;
     }
-    let mut written = crate::backlog::write_warmup(bench.pool()).await;
+    let mut written = bench.write_warmup().await;
     let consumer = LatencyConsumer::start(&bench.env.kafka, &bench.routed_topic());
     assert!(
         consumer
@@ -75,7 +75,7 @@ pub async fn run(system: System, rate: u32, seconds: u64) -> Steady {
         rows,
         commits,
         writing_seconds,
-    } = write_open_loop(&bench.env.database_url, total, rate).await;
+    } = write_open_loop_of(&bench.env.database_url, total, rate, system.is_messages()).await;
     written.committed += rows.len();
     written
         .committed_ids
@@ -164,12 +164,23 @@ pub struct OpenLoop {
 /// `total` one-event transactions over `WRITERS` connections, event k due
 /// at k / `rate` seconds from the start whatever happened before.
 pub async fn write_open_loop(database_url: &str, total: u64, rate: u32) -> OpenLoop {
+    write_open_loop_of(database_url, total, rate, false).await
+}
+
+/// Like `write_open_loop`; with `messages`, each transaction emits its
+/// event with `outboxd_emit` instead of inserting a row (seq 0).
+pub async fn write_open_loop_of(
+    database_url: &str,
+    total: u64,
+    rate: u32,
+    messages: bool,
+) -> OpenLoop {
     let pool = writer_pool(database_url, WRITERS as u32).await;
     let start = Instant::now();
     let writers: Vec<_> = (0..WRITERS as u64)
         .map(|writer| {
             let pool = pool.clone();
-            tokio::spawn(write_schedule(pool, writer, total, rate, start))
+            tokio::spawn(write_schedule(pool, writer, total, rate, start, messages))
         })
         .collect();
     let mut rows = Vec::with_capacity(total as usize);
@@ -199,7 +210,14 @@ async fn write_schedule(
     total: u64,
     rate: u32,
     start: Instant,
+    messages: bool,
 ) -> (Vec<(i64, String)>, Vec<(u64, Instant)>) {
+    let sql = if messages {
+        "SELECT 0::bigint, outboxd_emit('Order', $1, 'OrderCreated', $2::jsonb)::text"
+    } else {
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         VALUES ('Order', $1, 'OrderCreated', $2::jsonb) RETURNING seq, id::text"
+    };
     let pad = "b".repeat(PAYLOAD_BYTES - 64);
     let mut rows = Vec::new();
     let mut times = Vec::new();
@@ -213,15 +231,12 @@ async fn write_schedule(
         let payload =
             format!(r#"{{"aggregate": "{aggregate}", "n": {n}, "k": {k}, "pad": "{pad}"}}"#);
         // The seq too: a run with retention checks rows the table no longer holds.
-        let row: (i64, String) = sqlx::query_as(
-            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
-             VALUES ('Order', $1, 'OrderCreated', $2::jsonb) RETURNING seq, id::text",
-        )
-        .bind(&aggregate)
-        .bind(&payload)
-        .fetch_one(&pool)
-        .await
-        .expect("steady-state insert");
+        let row: (i64, String) = sqlx::query_as(sql)
+            .bind(&aggregate)
+            .bind(&payload)
+            .fetch_one(&pool)
+            .await
+            .expect("steady-state insert");
         times.push((k, Instant::now()));
         rows.push(row);
         own += 1;

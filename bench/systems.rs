@@ -1,8 +1,10 @@
 //! The systems under test, each started cold on a database of its own:
-//! outboxd in either capture mode, and Debezium Server with the Outbox
-//! Event Router (the relay a user would pick instead).
+//! outboxd in either capture mode, outboxd relaying WAL messages
+//! (`capture.source: messages`), and Debezium Server with the Outbox Event
+//! Router (the relay a user would pick instead).
 //!
-//! Invariant: every system reads the same outbox table contract and writes
+//! Invariant: every system reads the same outbox table contract (or, for
+//! messages, the same fields through `outboxd_emit`) and writes
 //! the same records (key = aggregate id, value = the payload, `id` header)
 //! to the same topic, `<prefix>.Order`, pre-created with the same
 //! partitions; so one checker judges them all and the figures compare.
@@ -31,6 +33,8 @@ pub const PARTITIONS: i32 = 6;
 pub enum System {
     OutboxdReplication,
     OutboxdPolling,
+    /// The WAL-message outbox: events written with `outboxd_emit`.
+    OutboxdMessages,
     Debezium,
 }
 
@@ -39,6 +43,7 @@ impl System {
         match self {
             System::OutboxdReplication => "outboxd (replication)",
             System::OutboxdPolling => "outboxd (polling)",
+            System::OutboxdMessages => "outboxd (messages)",
             System::Debezium => "Debezium Server",
         }
     }
@@ -47,6 +52,7 @@ impl System {
         match self {
             System::OutboxdReplication => "outboxd-replication",
             System::OutboxdPolling => "outboxd-polling",
+            System::OutboxdMessages => "outboxd-messages",
             System::Debezium => "debezium",
         }
     }
@@ -56,6 +62,11 @@ impl System {
             System::OutboxdPolling => Mode::Polling,
             _ => Mode::Replication,
         }
+    }
+
+    /// Events are WAL messages, not rows.
+    pub fn is_messages(self) -> bool {
+        self == System::OutboxdMessages
     }
 }
 
@@ -111,6 +122,11 @@ impl BenchEnv {
         if let Some(topic) = checkpoint_topic {
             env = env.with_checkpoint_topic(topic);
         }
+        if system.is_messages() {
+            // The function, the publication and the slot, before anything
+            // is emitted.
+            env.use_messages().await;
+        }
         let http_port = free_port();
         let watermarks: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &env.kafka)
@@ -141,11 +157,19 @@ impl BenchEnv {
     /// The config a user would write: everything not named is a default
     /// (batch size, linger, transaction timeout).
     fn write_outboxd_config(&self) {
+        let (messages_postgres, messages_capture) = if self.system.is_messages() {
+            (
+                "  publication: outboxd_messages\n",
+                "  source: messages\n  message_prefix: outboxd\n",
+            )
+        } else {
+            ("", "")
+        };
         let yaml = format!(
             "relay:\n  name: {name}\n{relay_lines}\
-             postgres:\n  url: {url}\n{postgres_lines}\
+             postgres:\n  url: {url}\n{postgres_lines}{messages_postgres}\
              kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {checkpoints}\n\
-             capture:\n  mode: {mode}\n\
+             capture:\n  mode: {mode}\n{messages_capture}\
              routing:\n  topic: \"{prefix}.${{aggregatetype}}\"\n  dead_letter_topic: {prefix}.dlq\n\
              log:\n  level: info,librdkafka=warn,rdkafka=warn\n\
              http:\n  listen: 127.0.0.1:{port}\n",
@@ -207,11 +231,21 @@ impl BenchEnv {
             System::Debezium => self.wait_streaming_log(&mut running).await,
             _ => self.env.wait_streaming(Duration::from_secs(180)).await,
         }
-        let warmup = crate::backlog::write_warmup(self.pool()).await;
+        let warmup = self.write_warmup().await;
         self.wait_published(&mut running, 1, Duration::from_secs(180))
             .await;
         running.stop(Duration::from_secs(60));
         warmup
+    }
+
+    /// One event to publish before a backlog (`backlog::write_warmup`), as
+    /// a row or, for messages, emitted.
+    pub async fn write_warmup(&self) -> Written {
+        if self.system.is_messages() {
+            crate::backlog::emit_warmup(self.pool()).await
+        } else {
+            crate::backlog::write_warmup(self.pool()).await
+        }
     }
 
     /// Waits until Debezium logs that it streams from its slot.
@@ -283,6 +317,17 @@ impl BenchEnv {
     pub async fn check(&self, written: &Written) -> Report {
         match self.system {
             System::Debezium => checker::check_events_only(&self.env, written).await,
+            // The bench emits without the `emitted` table: the writers'
+            // own account is the committed events.
+            System::OutboxdMessages => {
+                let rows: Vec<checker::Row> = written
+                    .committed_ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| checker::Row::kept(i as i64, id.clone(), true))
+                    .collect();
+                checker::check_messages_of(&self.env, &rows, written).await
+            }
             _ => checker::check(&self.env, written).await,
         }
     }

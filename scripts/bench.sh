@@ -35,4 +35,7 @@ fi
 if [[ -s "$root/bench/table-size.json" && "$root/bench/table-size.json" -nt "$started" ]]; then
   echo "bench: wrote bench/table-size.md and bench/table-size.json"
 fi
+if [[ -s "$root/bench/messages.json" && "$root/bench/messages.json" -nt "$started" ]]; then
+  echo "bench: wrote bench/messages.md and bench/messages.json"
+fi
 exit "$status"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make chaos`: the fault-injection suite at campaign size (OUTBOXD_CHAOS=long:
 # hundreds of relay kills, tens of broker and Postgres restarts and of
-# primary failovers to a synchronous standby per capture mode), one test at a
+# primary failovers to a synchronous standby per capture mode, and the
+# campaigns that apply to the WAL-message outbox, `…::messages`), one test at a
 # time, the mixed-release campaigns (the release before
 # table-keyed checkpoints and this one, OUTBOXD_OLD_BINARY), then the table
 # of what the checker found.

@@ -3,7 +3,8 @@
 
     chaos_table.py REPORT.jsonl [MINUTES]
 
-One row per fault and capture mode: faults injected, events checked, and
+One row per fault and mode (polling, replication, or messages: the
+WAL-message outbox): faults injected, events checked, and
 what the invariant checker found. A campaign whose check failed is in the
 report too (its violations are counted), so a red run still shows here.
 """

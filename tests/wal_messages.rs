@@ -372,3 +372,114 @@ async fn a_lost_slot_is_refused_by_the_relay_and_check() {
     }
     drop_slot(&env).await;
 }
+
+/// Whether the transaction that ends the env's slot's stream so far
+/// commits at exactly `lsn`: pgoutput's Begin carries the commit record's
+/// start (`final_lsn`), peeked without consuming while no relay streams.
+async fn next_commit_starts_at(env: &TestEnv, lsn: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL, \
+             'proto_version', '1', 'publication_names', 'outboxd_messages', 'messages', 'true') \
+         WHERE get_byte(data, 0) = 66 \
+           AND ('x' || encode(substring(data from 2 for 8), 'hex'))::bit(64)::bigint \
+               = pg_wal_lsn_diff($2::pg_lsn, '0/0')::bigint)",
+    )
+    .bind(env.slot_name())
+    .bind(lsn)
+    .fetch_one(&env.pool)
+    .await
+    .expect("peek the slot")
+}
+
+/// A non-transactional message ends where the next WAL record starts, so
+/// a transaction whose commit record follows it directly commits at the
+/// message's own LSN. Its first event must not take the message's place
+/// in the stream: a checkpoint naming the message would skip it on a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_right_after_a_non_transactional_message_is_not_skipped() {
+    let env = message_env("wal-msg-adjacent").await;
+    // One event per Kafka transaction: the non-transactional message gets
+    // a checkpoint of its own.
+    env.replace_in_config("  batch_size: 100\n", "  batch_size: 1\n");
+    let mut expected = Vec::new();
+    let mut loose = Vec::new();
+    // Other sessions' WAL may fall between the two records; try again
+    // until the commit follows the message directly.
+    let mut adjacent = None;
+    for attempt in 0..200 {
+        let mut service = env.pool.begin().await.expect("begin");
+        let id: String = sqlx::query_scalar(
+            "SELECT outboxd_emit('Order', 'adjacent', 'OrderChanged', jsonb_build_object('n', $1::int))::text",
+        )
+        .bind(attempt + 1)
+        .fetch_one(&mut *service)
+        .await
+        .expect("emit");
+        let loose_id = format!("loose-{attempt}");
+        let message_lsn: String = sqlx::query_scalar(
+            "SELECT pg_logical_emit_message(false, 'outboxd', jsonb_build_object('v', 1, \
+             'id', $1::text, 'aggregatetype', 'Order', 'aggregateid', 'loose', 'type', 'T', \
+             'payload', '{}'::jsonb)::text)::text",
+        )
+        .bind(&loose_id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("emit non-transactional");
+        service.commit().await.expect("commit");
+        expected.push(id);
+        loose.push(loose_id);
+        if next_commit_starts_at(&env, &message_lsn).await {
+            adjacent = Some(attempt);
+            break;
+        }
+    }
+    let attempt = adjacent.expect("a commit record right after the non-transactional message");
+    // Stream order: each attempt's message, then its transaction. Dies
+    // right after the Kafka commit of the adjacent attempt's message.
+    let kill_at = format!("after-commit:{}", 2 * attempt + 1);
+    let mut relay = env.spawn_relay_process_with(&[("OUTBOXD_KILL_AT", &kill_at)]);
+    let status = tokio::task::spawn_blocking(move || relay.wait())
+        .await
+        .expect("wait task")
+        .expect("relay exits");
+    assert!(!status.success(), "the relay was killed at {kill_at}");
+
+    // Restarted, with one more event behind: once that is in Kafka, so is
+    // everything committed before it.
+    let mut relay = env.spawn_relay_process();
+    let (_, later) = write(&env.pool, 1, 1).await;
+    let mut records = published(&env, 1, Duration::from_secs(60)).await;
+    let started = Instant::now();
+    while !records
+        .iter()
+        .any(|r| r.header("id") == Some(later[0].as_str()))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the last event was not published"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        records = published(&env, 1, Duration::from_secs(60)).await;
+    }
+    crate::support::signal(&relay, "TERM");
+    assert!(relay.wait().expect("relay exits").success());
+    let published_ids: Vec<&str> = records.iter().filter_map(|r| r.header("id")).collect();
+    for id in expected.iter().chain(&later) {
+        assert_eq!(
+            published_ids.iter().filter(|p| **p == id.as_str()).count(),
+            1,
+            "event {id} must be published exactly once: {published_ids:?}"
+        );
+    }
+    let dead = read_topic(&env.kafka, &env.dead_letter_topic()).await;
+    let dead_ids: Vec<&str> = dead.iter().filter_map(|r| r.header("id")).collect();
+    for id in &loose {
+        assert_eq!(
+            dead_ids.iter().filter(|d| **d == id.as_str()).count(),
+            1,
+            "the non-transactional message {id} is dead-lettered once: {dead_ids:?}"
+        );
+    }
+    drop_slot(&env).await;
+}

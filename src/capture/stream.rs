@@ -41,7 +41,15 @@
 //!   `relay.on_poison: halt`) rather than stop it by default: the slot could
 //!   never pass one, so a stop would stall every event behind a single
 //!   misbehaving call with no safe way forward, while the dead letter keeps
-//!   its content for whoever decides. Their position is their own LSN.
+//!   its content for whoever decides. Their position is one byte before
+//!   their own LSN, inside their own WAL record: that LSN is the end of
+//!   the record, where the next record may start, and when that is the
+//!   commit of a transaction with messages, the transaction's first event
+//!   sits at (that LSN, 0). Sharing the position, a checkpoint naming the
+//!   dead letter would skip that event on a restart. No commit record can
+//!   start inside another record, so one byte before is strictly between
+//!   every transaction before the message and every one after it; the
+//!   slot is confirmed to that position too, never past it.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -346,8 +354,10 @@ impl Assembler {
                     open.commit_lsn
                 )));
             }
+            // Inside the message's own record (module comment).
+            let inside = Lsn(lsn.0.saturating_sub(1));
             let position = SourcePosition {
-                commit_lsn: lsn,
+                commit_lsn: inside,
                 index: 0,
             };
             if self.resume_after.is_some_and(|resume| position <= resume) {
@@ -373,7 +383,7 @@ impl Assembler {
             );
             self.pending = Some(Captured::TransactionEnd {
                 end_lsn: lsn,
-                confirm_lsn: lsn,
+                confirm_lsn: inside,
             });
             return Ok(Some(Captured::Event(event)));
         }

@@ -306,3 +306,75 @@ fn a_truncated_replay_copy_need_not_be_named() {
     let report = check(&rows, &[], &dead, &[named], &written);
     assert!(report.is_clean(), "{:?}", report.violations());
 }
+
+/// A message outbox's checkpoint: events by WAL position (`seq`) and the
+/// digest of their id, as the relay writes it.
+fn message_checkpoint(named: &[(i64, &'static str)]) -> Checkpoint {
+    let seqs: Vec<i64> = named.iter().map(|(seq, _)| *seq).collect();
+    let named = named.to_vec();
+    Checkpoint::new("messages:outboxd", None, &seqs, &[], None).with_row_ids(move |seq| {
+        named
+            .iter()
+            .find(|(s, _)| *s == seq)
+            .map(|(_, id)| RowDigest::of(id))
+    })
+}
+
+fn check_messages(routed: &[Consumed], checkpoints: &[Checkpoint], written: &Written) -> Report {
+    // `emitted` rows: their seqs are the test's own, not WAL positions.
+    compare(
+        &two_rows(),
+        routed,
+        &[],
+        Books::Messages { checkpoints },
+        written,
+    )
+}
+
+#[test]
+fn message_checkpoints_are_matched_by_event_id() {
+    let routed = [record("a", "order-1", 1, 0), record("b", "order-1", 2, 1)];
+    let written = written(&["a", "b"]);
+    let clean = check_messages(
+        &routed,
+        &[message_checkpoint(&[(7001, "a"), (7002, "b")])],
+        &written,
+    );
+    assert!(clean.is_clean(), "{:?}", clean.violations());
+
+    let report = check_messages(
+        &routed,
+        &[message_checkpoint(&[(7001, "a"), (7003, "x")])],
+        &written,
+    );
+    let violations = report.violations().join("\n");
+    assert!(violations.contains("uncovered: event id b"), "{violations}");
+    assert!(
+        violations.contains("phantom checkpoint: a checkpoint names the message at seq 7003"),
+        "{violations}"
+    );
+}
+
+#[test]
+fn a_message_with_another_prefix_is_reported() {
+    let routed = [
+        record("a", "order-1", 1, 0),
+        record("b", "order-1", 2, 1),
+        record("f", "foreign-f", 1, 2),
+    ];
+    let mut written = written(&["a", "b"]);
+    written.foreign_ids.push("f".to_string());
+    let report = check_messages(
+        &routed,
+        &[message_checkpoint(&[(7001, "a"), (7002, "b"), (7004, "f")])],
+        &written,
+    );
+    assert!(
+        report
+            .violations()
+            .join("\n")
+            .contains("other prefix: event id f"),
+        "{:?}",
+        report.violations()
+    );
+}

@@ -5,13 +5,12 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::support::faults::{size, Campaign, RelayProcess};
+use crate::support::faults::{size, Campaign, RelayProcess, Source};
 use crate::support::workload::Workload;
-use crate::support::Mode;
 
-in_both_modes!(killed_at_every_named_point, worker_threads = 2);
-async fn killed_at_every_named_point(mode: Mode) {
-    let mut campaign = Campaign::start("kill-points", mode, &Workload::realistic()).await;
+in_every_source!(killed_at_every_named_point, worker_threads = 2);
+async fn killed_at_every_named_point(source: Source) {
+    let mut campaign = Campaign::start("kill-points", source, &Workload::realistic()).await;
     for _ in 0..size(1, 5) {
         for point in outboxd::failpoint::POINTS {
             // Not always the first batch: also one after a few commits.

@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
-use crate::support::faults::{kafka_proxy_addresses, random_between, size, Campaign, RelayProcess};
+use crate::support::faults::{
+    kafka_proxy_addresses, random_between, size, Campaign, RelayProcess, Source,
+};
 use crate::support::proxy::Proxy;
 use crate::support::workload::Workload;
-use crate::support::Mode;
 
 /// Alternates cuts and stalls of `proxy` under a running relay; `longest`
 /// bounds how long one lasts.
@@ -35,9 +36,9 @@ async fn cut_and_stall(
     }
 }
 
-in_both_modes!(postgres_link_cut_and_stalled, worker_threads = 2);
-async fn postgres_link_cut_and_stalled(mode: Mode) {
-    let mut campaign = Campaign::start("postgres-network", mode, &Workload::realistic()).await;
+in_every_source!(postgres_link_cut_and_stalled, worker_threads = 2);
+async fn postgres_link_cut_and_stalled(source: Source) {
+    let mut campaign = Campaign::start("postgres-network", source, &Workload::realistic()).await;
     let server = campaign
         .env
         .database_url
@@ -66,9 +67,9 @@ async fn postgres_link_cut_and_stalled(mode: Mode) {
     drop(proxy);
 }
 
-in_both_modes!(kafka_link_cut_and_stalled, worker_threads = 2);
-async fn kafka_link_cut_and_stalled(mode: Mode) {
-    let mut campaign = Campaign::start("kafka-network", mode, &Workload::realistic()).await;
+in_every_source!(kafka_link_cut_and_stalled, worker_threads = 2);
+async fn kafka_link_cut_and_stalled(source: Source) {
+    let mut campaign = Campaign::start("kafka-network", source, &Workload::realistic()).await;
     // The broker advertises the proxy's address on its PROXIED listener, so
     // a client bootstrapping there reaches the broker only through it.
     let (listen, upstream) = kafka_proxy_addresses();

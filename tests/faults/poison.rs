@@ -4,14 +4,13 @@
 
 use std::time::Duration;
 
-use crate::support::faults::{size, Campaign};
+use crate::support::faults::{size, Campaign, Source};
 use crate::support::workload::Workload;
-use crate::support::Mode;
 
-in_both_modes!(poison_rows_mixed_into_the_stream, worker_threads = 2);
-async fn poison_rows_mixed_into_the_stream(mode: Mode) {
+in_every_source!(poison_rows_mixed_into_the_stream, worker_threads = 2);
+async fn poison_rows_mixed_into_the_stream(source: Source) {
     let workload = Workload::realistic().with_poison(15);
-    let mut campaign = Campaign::start("poison-mix", mode, &workload).await;
+    let mut campaign = Campaign::start("poison-mix", source, &workload).await;
     for _ in 0..size(3, 30) {
         campaign
             .kill_relay_after(Duration::from_millis(500)..=Duration::from_secs(3))

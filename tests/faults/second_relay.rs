@@ -2,11 +2,15 @@
 //! standby and takes over when the leader is killed; with another name on
 //! the same table it must not publish alongside (the leader lock is per
 //! table), and takes over without repeating what the other published.
+//! The same-name takeover and the lost leader lock run on the WAL-message
+//! outbox too; another name has another slot, which a message outbox
+//! refuses to start from once anything was published (its messages may
+//! be gone), so that campaign is the table's alone.
 
 use std::time::Duration;
 
 use crate::support::faults::{
-    config_with_relay_name, log_path, random_between, size, Campaign, RelayProcess,
+    config_with_relay_name, log_path, random_between, size, Campaign, RelayProcess, Source,
 };
 use crate::support::workload::Workload;
 use crate::support::Mode;
@@ -15,10 +19,10 @@ fn a_moment() -> Duration {
     random_between(Duration::from_millis(300)..=Duration::from_millis(1500))
 }
 
-in_both_modes!(second_relay_with_the_same_name, worker_threads = 2);
-async fn second_relay_with_the_same_name(mode: Mode) {
+in_every_source!(second_relay_with_the_same_name, worker_threads = 2);
+async fn second_relay_with_the_same_name(source: Source) {
     let mut campaign =
-        Campaign::start("second-relay-same-name", mode, &Workload::realistic()).await;
+        Campaign::start("second-relay-same-name", source, &Workload::realistic()).await;
     let mut leader = RelayProcess::start(&campaign.env, None);
     campaign.env.wait_leader(Duration::from_secs(30)).await;
     for _ in 0..size(2, 20) {
@@ -60,14 +64,14 @@ async fn second_relay_with_another_name(mode: Mode) {
     let _ = std::fs::remove_file(&configs[1]);
 }
 
-in_both_modes!(leader_lock_lost_while_claims_are_open, worker_threads = 2);
-async fn leader_lock_lost_while_claims_are_open(mode: Mode) {
+in_every_source!(leader_lock_lost_while_claims_are_open, worker_threads = 2);
+async fn leader_lock_lost_while_claims_are_open(source: Source) {
     // Two relays of one name; only the leader's lock connection is
     // terminated, again and again, while its marks are slowed so its claims
     // (and their row locks) are still open. The standby then holds the lock
     // at once, and must not claim around the old leader's claimed rows, or
     // an aggregate's later event would be published before its earlier one.
-    let mut campaign = Campaign::start("leader-lock-lost", mode, &Workload::realistic()).await;
+    let mut campaign = Campaign::start("leader-lock-lost", source, &Workload::realistic()).await;
     let slow_marks = [(outboxd::failpoint::SLOW_MARKS_ENV, "1000")];
     let mut relays = vec![
         RelayProcess::start_with(&campaign.env, None, &slow_marks),
@@ -80,7 +84,7 @@ async fn leader_lock_lost_while_claims_are_open(mode: Mode) {
         ))
         .await;
         let mut connection = campaign.env.pool.acquire().await.expect("connection");
-        let Some(pid) = outboxd::leader::holder_pid(&mut connection, "public.outbox")
+        let Some(pid) = outboxd::leader::holder_pid(&mut connection, campaign.env.outbox_name())
             .await
             .expect("look up the leader")
         else {

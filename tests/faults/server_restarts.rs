@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use crate::support::faults::{
     random_between, restart_kafka_after_kill, restart_postgres_after_crash, size, Campaign,
-    RelayProcess,
+    RelayProcess, Source,
 };
 use crate::support::workload::Workload;
-use crate::support::Mode;
 
 /// Which server crashes.
 #[derive(Clone, Copy)]
@@ -20,8 +19,8 @@ enum Server {
 }
 
 /// Crashes and restarts `server` again and again under one running relay.
-async fn crash_under_a_running_relay(fault: &'static str, server: Server, mode: Mode) {
-    let mut campaign = Campaign::start(fault, mode, &Workload::realistic()).await;
+async fn crash_under_a_running_relay(fault: &'static str, server: Server, source: Source) {
+    let mut campaign = Campaign::start(fault, source, &Workload::realistic()).await;
     let mut relay = RelayProcess::start(&campaign.env, None);
     campaign.env.wait_leader(Duration::from_secs(30)).await;
     for _ in 0..size(1, 30) {
@@ -43,12 +42,12 @@ async fn crash_under_a_running_relay(fault: &'static str, server: Server, mode: 
     campaign.finish(vec![relay]).await;
 }
 
-in_both_modes!(broker_killed_and_restarted, worker_threads = 2);
-async fn broker_killed_and_restarted(mode: Mode) {
-    crash_under_a_running_relay("broker-restarts", Server::Kafka, mode).await;
+in_every_source!(broker_killed_and_restarted, worker_threads = 2);
+async fn broker_killed_and_restarted(source: Source) {
+    crash_under_a_running_relay("broker-restarts", Server::Kafka, source).await;
 }
 
-in_both_modes!(postgres_crashed_and_restarted, worker_threads = 2);
-async fn postgres_crashed_and_restarted(mode: Mode) {
-    crash_under_a_running_relay("postgres-restarts", Server::Postgres, mode).await;
+in_every_source!(postgres_crashed_and_restarted, worker_threads = 2);
+async fn postgres_crashed_and_restarted(source: Source) {
+    crash_under_a_running_relay("postgres-restarts", Server::Postgres, source).await;
 }

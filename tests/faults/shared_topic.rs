@@ -74,7 +74,12 @@ async fn relays_sharing_one_checkpoint_topic(mode: Mode) {
         env.wait_all_sent(Duration::from_secs(300)).await;
         relay.stop().await;
         let report = checker::check(env, &written).await;
-        record("shared-checkpoint-topic", mode, faults / RELAYS, &report);
+        record(
+            "shared-checkpoint-topic",
+            mode.into(),
+            faults / RELAYS,
+            &report,
+        );
         eprintln!(
             "shared-checkpoint-topic ({}): {} faults on this relay, {} events, {} violations",
             mode.config_value(),

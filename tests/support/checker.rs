@@ -14,6 +14,13 @@
 //!   event id (a TRUNCATE … RESTART IDENTITY hands seqs out again);
 //! - every transaction whose COMMIT returned is in the table.
 //!
+//! A WAL-message outbox (`Books::Messages`) has no table: the events that
+//! committed are the `emitted` rows the writers recorded in the same
+//! transactions, nothing is marked sent, and a checkpoint names a message
+//! by its WAL position, which the writers never see, so checkpoints are
+//! matched to events by the digest of the event id alone. A message with
+//! another prefix in Kafka is a violation of its own.
+//!
 //! Rows an operator truncated away count too, as they were just before:
 //! one marked sent is in Kafka exactly once, an unsent one at most once
 //! (the relay may have committed it to Kafka and died before marking it).
@@ -108,6 +115,9 @@ impl Row {
 pub enum Books<'a> {
     /// outboxd: rows marked sent, and checkpoints naming what is in Kafka.
     Outboxd { checkpoints: &'a [Checkpoint] },
+    /// outboxd relaying WAL messages: nothing to mark, and checkpoints
+    /// that name each event by its WAL position and its id's digest.
+    Messages { checkpoints: &'a [Checkpoint] },
     /// A relay that keeps no books of its own (Debezium reads its slot and
     /// marks nothing): only the events are checked.
     None,
@@ -155,6 +165,36 @@ pub async fn check_including(
     compare(&rows, &routed, &dead_lettered, books, written)
 }
 
+/// Like `check`, for a WAL-message outbox (`TestEnv::use_messages`): the
+/// committed events are the rows of `emitted`, each with its own seq.
+pub async fn check_messages(env: &TestEnv, written: &Written) -> Report {
+    let rows: Vec<Row> = sqlx::query_as("SELECT seq, id FROM emitted ORDER BY seq")
+        .fetch_all(&env.pool)
+        .await
+        .expect("read the emitted events")
+        .into_iter()
+        .map(|(seq, id): (i64, String)| Row::kept(seq, id, true))
+        .collect();
+    check_messages_of(env, &rows, written).await
+}
+
+/// Like `check_messages`, with the committed events given (`rows`), for a
+/// writer that knows them without the `emitted` table (the benchmarks, whose
+/// WAL and latency figures must not carry that table's writes).
+pub async fn check_messages_of(env: &TestEnv, rows: &[Row], written: &Written) -> Report {
+    let routed = read_all(&env.kafka, &env.topic_prefix())
+        .await
+        .into_iter()
+        .filter(|record| record.topic != env.dead_letter_topic())
+        .collect::<Vec<_>>();
+    let dead_lettered = read_topic(&env.kafka, &env.dead_letter_topic()).await;
+    let checkpoints = table_checkpoints(env).await;
+    let books = Books::Messages {
+        checkpoints: &checkpoints,
+    };
+    compare(rows, &routed, &dead_lettered, books, written)
+}
+
 /// The committed checkpoints of the env's table, oldest first: under the
 /// table's key, and the version-1 checkpoints of the env's table under
 /// `legacy_keys` (where hand-over markers and tombstones are skipped), and
@@ -181,8 +221,9 @@ pub async fn table_checkpoints_including(
     // checkpoints keyed theirs, and its `relay.name` stand-in identity (a
     // role without `pg_control_system()`).
     let relay_name = env.relay_name();
-    let stand_in = outboxd::kafka::identity::TableIdentity::new(None, "public.outbox", &relay_name)
-        .checkpoint_key;
+    let stand_in =
+        outboxd::kafka::identity::TableIdentity::new(None, env.outbox_name(), &relay_name)
+            .checkpoint_key;
     let legacy_keys: Vec<&str> = legacy_keys
         .iter()
         .map(String::as_str)
@@ -309,11 +350,16 @@ pub fn compare(
 
     // Nothing else.
     let rolled_back: HashSet<&str> = written.rolled_back_ids.iter().map(String::as_str).collect();
+    let foreign: HashSet<&str> = written.foreign_ids.iter().map(String::as_str).collect();
     for id in in_routed.keys().chain(in_dead.keys()) {
         if table_ids.contains(id.as_str()) {
             continue;
         }
-        if rolled_back.contains(id.as_str()) {
+        if foreign.contains(id.as_str()) {
+            report.other.push(format!(
+                "other prefix: event id {id}, a message with another prefix, reached Kafka"
+            ));
+        } else if rolled_back.contains(id.as_str()) {
             report.other.push(format!(
                 "rolled back: event id {id} from a rolled-back transaction reached Kafka"
             ));
@@ -402,8 +448,16 @@ pub fn compare(
 
     // The checkpoints name exactly the rows in Kafka: by seq, and by event
     // id where the checkpoint records it.
-    let Books::Outboxd { checkpoints } = books else {
-        return report;
+    let checkpoints = match books {
+        Books::Outboxd { checkpoints } => checkpoints,
+        Books::Messages { checkpoints } => {
+            let published_ids: HashSet<&str> = published.iter().map(|(_, id)| *id).collect();
+            report
+                .other
+                .extend(named_by_digest(checkpoints, &published_ids));
+            return report;
+        }
+        Books::None => return report,
     };
     let mut rows_by_seq: HashMap<i64, Vec<&str>> = HashMap::new();
     for row in rows {
@@ -473,4 +527,56 @@ pub fn compare(
         ));
     }
     report
+}
+
+/// A message outbox's checkpoints against the events in Kafka: every
+/// checkpoint names its events by digest, each names an event in Kafka
+/// (else a phantom), and every event in Kafka is named (else uncovered).
+fn named_by_digest(checkpoints: &[Checkpoint], published: &HashSet<&str>) -> Vec<String> {
+    let mut violations = Vec::new();
+    let by_digest: HashMap<RowDigest, &str> = published
+        .iter()
+        .map(|id| (RowDigest::of(id), *id))
+        .collect();
+    let mut named: HashSet<&str> = HashSet::new();
+    let mut phantoms = Vec::new();
+    for checkpoint in checkpoints {
+        if checkpoint.published.is_empty() && checkpoint.dead_lettered.is_empty() {
+            // Names no event (a takeover's checkpoint before any batch).
+            continue;
+        }
+        let Some(digests) = checkpoint.row_ids() else {
+            violations.push(format!(
+                "checkpoint without event ids: {checkpoint:?} names positions the checker cannot \
+                 match to events"
+            ));
+            continue;
+        };
+        for (seq, digest) in digests {
+            match by_digest.get(&digest) {
+                Some(id) => {
+                    named.insert(id);
+                }
+                None => phantoms.push(format!(
+                    "phantom checkpoint: a checkpoint names the message at seq {seq} ({digest:?}) \
+                     but no event in Kafka has that id"
+                )),
+            }
+        }
+    }
+    phantoms.sort();
+    phantoms.dedup();
+    violations.extend(phantoms);
+    let mut uncovered: Vec<&&str> = published
+        .iter()
+        .filter(|id| !named.contains(**id))
+        .collect();
+    uncovered.sort();
+    for id in uncovered {
+        violations.push(format!(
+            "uncovered: event id {id} ({:?}) is in Kafka but no checkpoint names it",
+            RowDigest::of(id)
+        ));
+    }
+    violations
 }

@@ -19,6 +19,39 @@ use super::checker::{self, Report};
 use super::workload::{writer_pool, LiveWriter, Workload, Written};
 use super::{Mode, TestEnv};
 
+/// What a campaign's relay relays: the outbox table in a capture mode, or
+/// WAL messages (`capture.source: messages`, replication only). The
+/// campaign report names it as the mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Table(Mode),
+    Messages,
+}
+
+impl Source {
+    /// The capture mode the relay runs in.
+    pub fn mode(self) -> Mode {
+        match self {
+            Source::Table(mode) => mode,
+            Source::Messages => Mode::Replication,
+        }
+    }
+
+    /// The campaign report's `mode`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Table(mode) => mode.config_value(),
+            Source::Messages => "messages",
+        }
+    }
+}
+
+impl From<Mode> for Source {
+    fn from(mode: Mode) -> Source {
+        Source::Table(mode)
+    }
+}
+
 /// Holds the shared servers for one fault test at a time.
 pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
     static SERVERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -41,13 +74,13 @@ pub fn random_between(range: std::ops::RangeInclusive<Duration>) -> Duration {
 
 /// Appends one line to the campaign report (`OUTBOXD_CHAOS_REPORT`, JSON
 /// lines) when set; `make chaos` turns the lines into its table.
-pub fn record(fault: &str, mode: Mode, runs: usize, report: &Report) {
+pub fn record(fault: &str, source: Source, runs: usize, report: &Report) {
     let Ok(path) = std::env::var("OUTBOXD_CHAOS_REPORT") else {
         return;
     };
     let line = serde_json::json!({
         "fault": fault,
-        "mode": mode.config_value(),
+        "mode": source.label(),
         "runs": runs,
         "events": report.events,
         "lost": report.lost.len(),
@@ -361,6 +394,7 @@ pub fn config_with_relay_name(env: &TestEnv, name: &str) -> PathBuf {
 pub struct Campaign {
     pub env: TestEnv,
     pub fault: &'static str,
+    pub source: Source,
     /// Faults injected so far.
     pub runs: usize,
     writers: LiveWriter,
@@ -389,8 +423,14 @@ impl Campaign {
     /// Takes the servers for this test, makes its env (with
     /// `kafka.max_message_bytes: 100000`, so the workload's oversized poison
     /// rows are too large) and starts three writers of `workload`.
-    pub async fn start(fault: &'static str, mode: Mode, workload: &Workload) -> Campaign {
-        Campaign::start_on(exclusive().await, fault, mode, workload, 3, None).await
+    /// With `Source::Messages` the env is a message outbox and the
+    /// writers emit `workload` as messages.
+    pub async fn start(
+        fault: &'static str,
+        source: impl Into<Source>,
+        workload: &Workload,
+    ) -> Campaign {
+        Campaign::start_on(exclusive().await, fault, source, workload, 3, None).await
     }
 
     /// Like `start`, holding the servers already (`exclusive`), with
@@ -400,7 +440,7 @@ impl Campaign {
     pub async fn start_on(
         servers: tokio::sync::MutexGuard<'static, ()>,
         fault: &'static str,
-        mode: Mode,
+        source: impl Into<Source>,
         workload: &Workload,
         writers: usize,
         cluster: Option<super::cluster::KafkaCluster>,
@@ -409,7 +449,7 @@ impl Campaign {
         Campaign::start_on_server(
             servers,
             fault,
-            mode,
+            source,
             workload,
             writers,
             cluster,
@@ -424,23 +464,39 @@ impl Campaign {
     pub async fn start_on_server(
         servers: tokio::sync::MutexGuard<'static, ()>,
         fault: &'static str,
-        mode: Mode,
+        source: impl Into<Source>,
         workload: &Workload,
         writers: usize,
         cluster: Option<super::cluster::KafkaCluster>,
         server_url: &str,
     ) -> Campaign {
-        let mut env = TestEnv::new_on(server_url, fault, mode).await;
+        let source = source.into();
+        // The env's id names its database, topics and log.
+        let name = match source {
+            Source::Table(_) => fault.to_string(),
+            Source::Messages => format!("{fault}-messages"),
+        };
+        let mut env = TestEnv::new_on(server_url, &name, source.mode()).await;
         if let Some(cluster) = &cluster {
             env.kafka = cluster.bootstrap.clone();
         }
+        let workload = match source {
+            Source::Table(_) => workload.clone(),
+            Source::Messages => {
+                // Before any writer emits: a message reaches only the slots
+                // that exist when it is written.
+                env.use_messages().await;
+                workload.clone().in_messages()
+            }
+        };
         env.write_config("", "  max_message_bytes: 100000\n");
         create_checkpoint_topic_keeping_history(&env, if cluster.is_some() { 3 } else { 1 }).await;
         let pool = writer_pool(&env.database_url, 4).await;
-        let writers = LiveWriter::start_many(&pool, workload, 0..writers, 10);
+        let writers = LiveWriter::start_many(&pool, &workload, 0..writers, 10);
         Campaign {
             env,
             fault,
+            source,
             runs: 0,
             writers,
             extra: Vec::new(),
@@ -472,7 +528,7 @@ impl Campaign {
     /// none is) drain every row, stops them with SIGTERM (each must exit
     /// 0), then checks everything and records the campaign.
     pub async fn finish(self, running: Vec<RelayProcess>) -> Written {
-        let written =
+        let mut written =
             Written::combined(std::iter::once(self.writers.finish().await).chain(self.extra));
         let mut running: Vec<RelayProcess> = running
             .into_iter()
@@ -481,7 +537,12 @@ impl Campaign {
         if running.is_empty() {
             running.push(RelayProcess::start(&self.env, None));
         }
-        self.env.wait_all_sent(Duration::from_secs(300)).await;
+        if self.source == Source::Messages {
+            let last = wait_messages_published(&self.env, Duration::from_secs(300)).await;
+            written = Written::combined([written, last]);
+        } else {
+            self.env.wait_all_sent(Duration::from_secs(300)).await;
+        }
         for relay in &mut running {
             relay.stop().await;
         }
@@ -492,19 +553,24 @@ impl Campaign {
         for topic in &earlier_topics {
             earlier.extend(super::kafka::read_topic(&self.env.kafka, topic).await);
         }
-        let report = checker::check_including(
-            &self.env,
-            &written,
-            &self.legacy_checkpoint_keys,
-            &earlier,
-            &self.truncated,
-        )
-        .await;
-        record(self.fault, self.env.mode, self.runs, &report);
+        let report = match self.source {
+            Source::Table(_) => {
+                checker::check_including(
+                    &self.env,
+                    &written,
+                    &self.legacy_checkpoint_keys,
+                    &earlier,
+                    &self.truncated,
+                )
+                .await
+            }
+            Source::Messages => checker::check_messages(&self.env, &written).await,
+        };
+        record(self.fault, self.source, self.runs, &report);
         eprintln!(
             "{} ({}): {} faults, {} events, {} violations; relay log {}",
             self.fault,
-            self.env.mode.config_value(),
+            self.source.label(),
             self.runs,
             report.events,
             report.violations().len(),
@@ -512,6 +578,54 @@ impl Campaign {
         );
         report.assert_clean();
         written
+    }
+}
+
+/// Waits until a message outbox's relay has published every message
+/// committed so far. Messages leave no row to be marked sent, so this
+/// emits one last event (returned, to be checked like the others) and
+/// waits until the slot is confirmed to where its commit record can start
+/// or past it: the relay confirms a slot only to the commit of a
+/// transaction whose messages a committed checkpoint names, in commit
+/// order, and with the writers stopped no other transaction of messages
+/// commits after that point.
+pub async fn wait_messages_published(env: &TestEnv, limit: Duration) -> Written {
+    let mut transaction = env.pool.begin().await.expect("begin the last event");
+    let id: String = sqlx::query_scalar(
+        "SELECT outboxd_emit('Order', 'last-event', 'Last', '{\"n\": 1}')::text",
+    )
+    .fetch_one(&mut *transaction)
+    .await
+    .expect("emit the last event");
+    sqlx::query("INSERT INTO emitted (id) VALUES ($1)")
+        .bind(&id)
+        .execute(&mut *transaction)
+        .await
+        .expect("record the last event");
+    let commit_at_least: i64 =
+        sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint")
+            .fetch_one(&mut *transaction)
+            .await
+            .expect("read the WAL insert position");
+    transaction.commit().await.expect("commit the last event");
+    let deadline = Instant::now() + limit;
+    loop {
+        let (confirmed, _) = env.slot_positions().await;
+        if confirmed.is_some_and(|confirmed| confirmed >= commit_at_least) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot {} confirmed to {confirmed:?}, not yet past the last event's commit \
+             (at or after {commit_at_least}), after {limit:?}",
+            env.slot_name()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Written {
+        committed: 1,
+        committed_ids: vec![id],
+        ..Written::default()
     }
 }
 

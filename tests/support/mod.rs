@@ -102,6 +102,31 @@ macro_rules! in_both_modes {
     };
 }
 
+/// Runs a fault campaign `async fn NAME(source: Source)` as three tests:
+/// `NAME::polling` and `NAME::replication` on the outbox table, and
+/// `NAME::messages` on the WAL-message outbox (`capture.source: messages`).
+#[macro_export]
+macro_rules! in_every_source {
+    ($scenario:ident, worker_threads = $threads:expr) => {
+        mod $scenario {
+            use $crate::support::faults::Source;
+            use $crate::support::Mode;
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn polling() {
+                super::$scenario(Source::Table(Mode::Polling)).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn replication() {
+                super::$scenario(Source::Table(Mode::Replication)).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn messages() {
+                super::$scenario(Source::Messages).await
+            }
+        }
+    };
+}
+
 /// One test's world: its own database, relay name, replication slot,
 /// topics and config file.
 pub struct TestEnv {
@@ -117,6 +142,9 @@ pub struct TestEnv {
     checkpoint_topic: String,
     /// Extra YAML lines under `postgres:`, such as the partitioning section.
     postgres_extra: String,
+    /// Extra YAML lines under `capture:`: a message outbox's source and
+    /// prefix (`use_messages`).
+    capture_extra: String,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -216,6 +244,7 @@ impl TestEnv {
             pool,
             config_path,
             postgres_extra: postgres_extra.to_string(),
+            capture_extra: String::new(),
         };
         env.write_config("", "");
         outboxd::migrate::apply(&env.setup())
@@ -289,6 +318,47 @@ impl TestEnv {
         previous
     }
 
+    /// Turns the env into a WAL-message outbox (`capture.source: messages`,
+    /// prefix `outboxd`, publication `outboxd_messages`; replication mode
+    /// only) and migrates it: the emit function, the publication and the
+    /// slot, created before any writer emits so that none is missed. Also
+    /// makes the `emitted` table, one row per event a writer emitted, in
+    /// the same transaction: messages leave no row, so that table is how a
+    /// test knows which events committed.
+    pub async fn use_messages(&mut self) {
+        assert_eq!(
+            self.mode,
+            Mode::Replication,
+            "a message outbox streams from a replication slot"
+        );
+        self.postgres_extra
+            .push_str("  publication: outboxd_messages\n");
+        self.capture_extra = "  source: messages\n  message_prefix: outboxd\n".to_string();
+        self.write_config("", "");
+        outboxd::migrate::apply_messages(&self.setup())
+            .await
+            .expect("migrate the message outbox");
+        sqlx::raw_sql("CREATE TABLE emitted (seq bigserial PRIMARY KEY, id text NOT NULL UNIQUE)")
+            .execute(&self.pool)
+            .await
+            .expect("create the emitted table");
+    }
+
+    /// Whether the env relays WAL messages (`use_messages`).
+    pub fn is_messages(&self) -> bool {
+        !self.capture_extra.is_empty()
+    }
+
+    /// What the relay calls its outbox: the table, or `messages:<prefix>`.
+    /// It keys the leader lock and the checkpoint records.
+    pub fn outbox_name(&self) -> &'static str {
+        if self.is_messages() {
+            "messages:outboxd"
+        } else {
+            "public.outbox"
+        }
+    }
+
     /// The key of this env's checkpoint records: the table's identity in
     /// its database, whatever the relay is called.
     pub async fn checkpoint_key(&self) -> String {
@@ -298,7 +368,7 @@ impl TestEnv {
             .expect("source");
         outboxd::kafka::identity::TableIdentity::new(
             source.as_deref(),
-            "public.outbox",
+            self.outbox_name(),
             &self.relay_name,
         )
         .checkpoint_key
@@ -314,7 +384,7 @@ impl TestEnv {
             "relay:\n  name: {name}\n{relay_overrides}\
              postgres:\n  url: {url}\n{postgres_extra}\
              kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {checkpoint_topic}\n  transaction_timeout: 20s\n{kafka_overrides}\
-             capture:\n  mode: {mode}\n  batch_size: 100\n  poll_interval: 200ms\n\
+             capture:\n  mode: {mode}\n  batch_size: 100\n  poll_interval: 200ms\n{capture_extra}\
              routing:\n  topic: \"{prefix}.${{aggregatetype}}\"\n  dead_letter_topic: {prefix}.dlq\n\
              log:\n  level: info,librdkafka=warn,rdkafka=warn\n\
              http:\n  listen: 127.0.0.1:0\n",
@@ -325,6 +395,7 @@ impl TestEnv {
             checkpoint_topic = self.checkpoint_topic,
             mode = self.mode.config_value(),
             postgres_extra = self.postgres_extra,
+            capture_extra = self.capture_extra,
         );
         std::fs::write(&self.config_path, yaml).expect("write test config");
     }
@@ -388,7 +459,7 @@ impl TestEnv {
         let deadline = Instant::now() + limit;
         loop {
             let mut connection = self.pool.acquire().await.expect("connection");
-            let holder = outboxd::leader::holder_pid(&mut connection, "public.outbox")
+            let holder = outboxd::leader::holder_pid(&mut connection, self.outbox_name())
                 .await
                 .expect("look up the leader");
             if holder.is_some() {

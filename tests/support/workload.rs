@@ -14,6 +14,13 @@
 //!   (64kB on the test stack), so decoding spills it to disk;
 //! - optionally poison rows (unroutable, oversized) mixed into the stream.
 //!
+//! `Workload::in_messages` writes the same events as WAL messages
+//! (`outboxd_emit`, a transactional `pg_logical_emit_message`) instead of
+//! rows, with the same version bump and row lock, and records each event's
+//! id in the `emitted` table in the same transaction: a message leaves no
+//! row, so that table is what committed. Now and then a transaction also
+//! writes a message with another prefix, which must never be published.
+//!
 //! Writers survive faults: an error (Postgres restarting, say) is counted,
 //! the transaction's fate is "in doubt" when it failed at COMMIT, and the
 //! writer goes on after a pause. The table is the truth the checker uses.
@@ -36,6 +43,9 @@ pub struct Written {
     pub in_doubt_ids: Vec<String>,
     /// Poison rows among the committed ones, bound for the dead-letter topic.
     pub poison_ids: Vec<String>,
+    /// Events written as messages with another prefix, committed or not:
+    /// the relay must ignore every one.
+    pub foreign_ids: Vec<String>,
     /// Transactions that failed before COMMIT (and so did not happen).
     pub failed_transactions: usize,
 }
@@ -50,6 +60,7 @@ impl Written {
             all.rolled_back_ids.extend(part.rolled_back_ids);
             all.in_doubt_ids.extend(part.in_doubt_ids);
             all.poison_ids.extend(part.poison_ids);
+            all.foreign_ids.extend(part.foreign_ids);
             all.failed_transactions += part.failed_transactions;
         }
         all
@@ -61,6 +72,17 @@ pub const UNROUTABLE_TYPE: &str = "not a topic!";
 /// Payload size of oversized poison rows: the fault tests configure
 /// `kafka.max_message_bytes: 100000`.
 pub const OVERSIZED_BYTES: usize = 200_000;
+/// The prefix of the messages that are not the relay's.
+pub const FOREIGN_PREFIX: &str = "someone-else";
+
+/// Where the writers put their events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Rows of the `outbox` table.
+    Rows,
+    /// WAL messages with the prefix `outboxd` (`TestEnv::use_messages`).
+    Messages,
+}
 
 /// The shape of the load.
 #[derive(Debug, Clone)]
@@ -80,6 +102,7 @@ pub struct Workload {
     pub poison_one_in: u32,
     /// Padding in each payload, to reach a realistic size.
     pub padding: usize,
+    pub target: Target,
 }
 
 impl Workload {
@@ -95,6 +118,7 @@ impl Workload {
             large_events: 0,
             poison_one_in: 0,
             padding: 0,
+            target: Target::Rows,
         }
     }
 
@@ -109,7 +133,14 @@ impl Workload {
             large_events: 250,
             poison_one_in: 0,
             padding: 200,
+            target: Target::Rows,
         }
+    }
+
+    /// The same load written as WAL messages instead of rows.
+    pub fn in_messages(mut self) -> Workload {
+        self.target = Target::Messages;
+        self
     }
 
     pub fn with_poison(mut self, one_in: u32) -> Workload {
@@ -132,16 +163,25 @@ impl Workload {
             Ok(tx) => tx,
             Err(_) => return self.failed(written).await,
         };
-        let ids = match self.insert_all(&mut tx, writer, &plan).await {
-            Ok(ids) => ids,
+        let outcome = match self.target {
+            Target::Rows => self.insert_all(&mut tx, writer, &plan).await,
+            Target::Messages => self.emit_all(&mut tx, writer, &plan).await,
+        };
+        let (ids, foreign) = match outcome {
+            Ok((events, poison, foreign)) => ((events, poison), foreign),
             Err(_) => {
                 let _ = tx.rollback().await;
                 return self.failed(written).await;
             }
         };
+        // Whatever becomes of the transaction, these must never appear.
+        written.foreign_ids.extend(foreign);
         if !self.max_commit_pause.is_zero() {
             let pause = rand::rng().random_range(Duration::ZERO..=self.max_commit_pause);
             tokio::time::sleep(pause).await;
+        }
+        if plan.loose {
+            emit_loose(pool, written).await;
         }
         let (events, poison) = ids;
         if plan.roll_back {
@@ -187,6 +227,8 @@ impl Workload {
             events,
             how,
             roll_back: one_in(&mut rng, self.rollback_one_in),
+            foreign: self.target == Target::Messages && one_in(&mut rng, 4),
+            loose: self.target == Target::Messages && one_in(&mut rng, self.poison_one_in),
             poison: if one_in(&mut rng, self.poison_one_in) {
                 Some(if rng.random_bool(0.5) {
                     Poison::Unroutable
@@ -199,13 +241,13 @@ impl Workload {
         }
     }
 
-    /// Returns the ids of the events and of the poison row.
-    async fn insert_all(
+    /// Locks the plan's aggregate and bumps its version by the plan's
+    /// events; returns the `n` of the first of them.
+    async fn bump_version(
         &self,
         tx: &mut sqlx::PgConnection,
-        writer: usize,
         plan: &Plan,
-    ) -> Result<(Vec<String>, Vec<String>), sqlx::Error> {
+    ) -> Result<usize, sqlx::Error> {
         sqlx::query("INSERT INTO aggregates (id) VALUES ($1) ON CONFLICT DO NOTHING")
             .bind(&plan.aggregate)
             .execute(&mut *tx)
@@ -219,7 +261,18 @@ impl Workload {
         .bind(plan.events as i32)
         .fetch_one(&mut *tx)
         .await?;
-        let first_n = version as usize - plan.events + 1;
+        Ok(version as usize - plan.events + 1)
+    }
+
+    /// Returns the ids of the events, of the poison row, and of foreign
+    /// messages (none: rows have no prefix).
+    async fn insert_all(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        writer: usize,
+        plan: &Plan,
+    ) -> Result<(Vec<String>, Vec<String>, Vec<String>), sqlx::Error> {
+        let first_n = self.bump_version(tx, plan).await?;
         let ids: Vec<String> = (0..plan.events).map(|_| new_uuid()).collect();
         match plan.how {
             How::Insert => {
@@ -283,7 +336,89 @@ impl Workload {
             .await?;
             poison_ids.push(id);
         }
-        Ok((ids, poison_ids))
+        Ok((ids, poison_ids, Vec::new()))
+    }
+
+    /// The same events as `insert_all`, as WAL messages, each id recorded
+    /// in `emitted`. Returns the ids of the events, of the poison message
+    /// and of the foreign one.
+    async fn emit_all(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        writer: usize,
+        plan: &Plan,
+    ) -> Result<(Vec<String>, Vec<String>, Vec<String>), sqlx::Error> {
+        let first_n = self.bump_version(tx, plan).await?;
+        let ids: Vec<String> = (0..plan.events).map(|_| new_uuid()).collect();
+        let emit_sql = "SELECT outboxd_emit('Order', $1, \
+                CASE WHEN i = 1 THEN 'OrderCreated' ELSE 'PaymentCaptured' END, \
+                jsonb_build_object('aggregate', $1::text, 'n', $2::int + i - 1, \
+                                   'writer', $3::int, 'pad', repeat('p', $4::int)), \
+                NULL, ($5::text[])[i]::uuid) \
+             FROM generate_series($6::int, $7::int) AS i";
+        let emit = |from: usize, to: usize| {
+            sqlx::query(emit_sql)
+                .bind(&plan.aggregate)
+                .bind(first_n as i32)
+                .bind(writer as i32)
+                .bind(self.padding as i32)
+                .bind(&ids)
+                .bind(from as i32)
+                .bind(to as i32)
+        };
+        match plan.how {
+            // One statement for all the transaction's events, in `n` order.
+            How::Insert => {
+                emit(1, plan.events).execute(&mut *tx).await?;
+            }
+            // One statement per event, as a service emitting as it goes.
+            How::Copy => {
+                for i in 1..=plan.events {
+                    emit(i, i).execute(&mut *tx).await?;
+                }
+            }
+        }
+        let mut foreign_ids = Vec::new();
+        if plan.foreign {
+            // A valid event under another prefix: published, it would be
+            // found by its id.
+            let id = new_uuid();
+            sqlx::query(
+                "SELECT pg_logical_emit_message(true, $2, jsonb_build_object('v', 1, 'id', $1::text, \
+                 'aggregatetype', 'Order', 'aggregateid', 'foreign-' || $1, 'type', 'Foreign', \
+                 'payload', jsonb_build_object('n', 1))::text)",
+            )
+            .bind(&id)
+            .bind(FOREIGN_PREFIX)
+            .execute(&mut *tx)
+            .await?;
+            foreign_ids.push(id);
+        }
+        let mut poison_ids = Vec::new();
+        if let Some(poison) = plan.poison {
+            let id = new_uuid();
+            // Its own aggregate: a poison event is not part of any order's sequence.
+            let (aggregate_type, payload_sql) = match poison {
+                Poison::Unroutable => (UNROUTABLE_TYPE, "jsonb_build_object('poison', true)".to_string()),
+                Poison::Oversized => (
+                    "Order",
+                    format!("jsonb_build_object('poison', true, 'blob', repeat('x', {OVERSIZED_BYTES}))"),
+                ),
+            };
+            sqlx::query(&format!(
+                "SELECT outboxd_emit($2, 'poison-' || $1, 'Poison', {payload_sql}, NULL, $1::uuid)"
+            ))
+            .bind(&id)
+            .bind(aggregate_type)
+            .execute(&mut *tx)
+            .await?;
+            poison_ids.push(id);
+        }
+        sqlx::query("INSERT INTO emitted (id) SELECT unnest($1::text[])")
+            .bind(ids.iter().chain(&poison_ids).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        Ok((ids, poison_ids, foreign_ids))
     }
 }
 
@@ -292,6 +427,11 @@ struct Plan {
     events: usize,
     how: How,
     roll_back: bool,
+    /// Messages only: also a message with another prefix.
+    foreign: bool,
+    /// Messages only, with poison: a non-transactional message of the
+    /// relay's prefix from another session right before COMMIT.
+    loose: bool,
     poison: Option<Poison>,
 }
 
@@ -359,6 +499,70 @@ pub async fn write_backlog(pool: &PgPool, rows: usize, aggregates: usize) -> Wri
         .fetch_all(pool)
         .await
         .expect("write backlog");
+        written.committed += ids.len();
+        written.committed_ids.extend(ids);
+        done += chunk;
+    }
+    written
+}
+
+/// A non-transactional message with the relay's prefix, a valid event
+/// otherwise, and its id in `emitted` by the same statement. It is poison
+/// (it would be written even if a transaction holding it rolled back), so
+/// its place is the dead-letter topic. Written just before another
+/// transaction's COMMIT, its record is often directly followed by that
+/// commit record, whose first event then starts where the message ends.
+async fn emit_loose(pool: &PgPool, written: &mut Written) {
+    let id = new_uuid();
+    let recorded = sqlx::query(
+        "WITH loose AS (SELECT pg_logical_emit_message(false, 'outboxd', jsonb_build_object( \
+             'v', 1, 'id', $1::text, 'aggregatetype', 'Order', 'aggregateid', 'loose-' || $1, \
+             'type', 'Loose', 'payload', jsonb_build_object('n', 1))::text)) \
+         INSERT INTO emitted (id) SELECT $1 FROM loose",
+    )
+    .bind(&id)
+    .execute(pool)
+    .await;
+    match recorded {
+        Ok(_) => {
+            written.committed += 1;
+            written.committed_ids.push(id.clone());
+            written.poison_ids.push(id);
+        }
+        // The message may be in the WAL while its row is not.
+        Err(_) => written.in_doubt_ids.push(id),
+    }
+}
+
+/// Like `write_backlog`, as WAL messages (`TestEnv::use_messages`):
+/// `events` events over `aggregates` aggregates of their own, emitted in
+/// transactions of `per_transaction` events, each id recorded in `emitted`.
+pub async fn write_message_backlog(
+    pool: &PgPool,
+    events: usize,
+    aggregates: usize,
+    per_transaction: usize,
+) -> Written {
+    let mut written = Written::default();
+    let mut done = 0;
+    while done < events {
+        let chunk = per_transaction.min(events - done);
+        // Event i goes to aggregate i % aggregates as its (i / aggregates +
+        // 1)th, emitted in i order: n stays 1, 2, 3, … across transactions.
+        let ids: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO emitted (id) \
+             SELECT outboxd_emit('Order', 'backlog-' || (i % $1), 'OrderCreated', \
+                    jsonb_build_object('aggregate', 'backlog-' || (i % $1), 'n', i / $1 + 1, \
+                                       'pad', repeat('b', 200)))::text \
+             FROM generate_series($2::bigint, $3::bigint) AS i \
+             RETURNING id",
+        )
+        .bind(aggregates as i64)
+        .bind(done as i64)
+        .bind((done + chunk - 1) as i64)
+        .fetch_all(pool)
+        .await
+        .expect("write message backlog");
         written.committed += ids.len();
         written.committed_ids.extend(ids);
         done += chunk;

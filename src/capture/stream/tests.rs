@@ -444,7 +444,9 @@ mod messages {
                 emit(false, 260, "other", &content("x")),
             ],
         );
-        assert_eq!(event_positions(&captured), vec![(250, 250, 0)]);
+        // Its position lies inside its own record, before any commit
+        // record that can follow it.
+        assert_eq!(event_positions(&captured), vec![(250, 249, 0)]);
         let Captured::Event(event) = &captured[0] else {
             panic!("{captured:?}")
         };
@@ -457,21 +459,29 @@ mod messages {
             captured[1],
             Captured::TransactionEnd {
                 end_lsn: Lsn(250),
-                confirm_lsn: Lsn(250)
+                confirm_lsn: Lsn(249)
             }
         );
-        // Replayed after a checkpoint naming it: skipped.
+        // Replayed after a checkpoint naming it: skipped, and a transaction
+        // whose commit record starts where the message ends is not.
         let mut again = Assembler::for_messages(
             "outboxd",
             Some(SourcePosition {
-                commit_lsn: Lsn(250),
+                commit_lsn: Lsn(249),
                 index: 0,
             }),
         );
-        assert_eq!(
-            run_all(&mut again, vec![emit(false, 250, "outboxd", &content("n"))]),
-            vec![]
+        let replayed = run_all(
+            &mut again,
+            vec![
+                emit(false, 250, "outboxd", &content("n")),
+                begin(250),
+                emit(true, 240, "outboxd", &content("a")),
+                commit(250, 280),
+            ],
         );
+        assert_eq!(event_positions(&replayed), vec![(240, 250, 0)]);
+        assert_eq!(again.skipped, 1);
     }
 
     #[test]
