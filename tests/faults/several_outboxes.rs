@@ -84,7 +84,7 @@ async fn several_outboxes_killed_at_random_moments(mode: Mode) {
         );
         merge(&mut all, &env.relay_name(), report);
     }
-    record("several-outboxes", mode, runs, &all);
+    record("several-outboxes", mode.into(), runs, &all);
     eprintln!(
         "several outboxes ({}): {runs} kills, {} events, {} violations; relay logs {}",
         mode.config_value(),
