@@ -76,6 +76,13 @@ impl Setup {
             source: self.config.source_name(&self.table.display_name()),
             slot: self.config.slot_name(),
             publication: self.config.postgres.publication.clone(),
+            emit_function: self.config.messages().then(|| {
+                format!(
+                    "{}.{}",
+                    self.table.schema,
+                    crate::capture::message_encoding::EMIT_FUNCTION
+                )
+            }),
         }
     }
 

@@ -28,6 +28,7 @@ mod replication;
 mod retention;
 mod reused_seqs;
 mod schema_registry;
+mod several_adversary;
 mod several_outboxes;
 mod shared_checkpoints;
 mod shipped_examples;

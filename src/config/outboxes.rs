@@ -256,6 +256,22 @@ pub fn check_distinct(outboxes: &[Distinct]) -> Result<(), String> {
                     &later.publication,
                 );
             }
+            if let (Some(later_emit), Some(earlier_emit)) =
+                (&later.emit_function, &earlier.emit_function)
+            {
+                if later_emit == earlier_emit {
+                    // `migrate` writes the function with the outbox's
+                    // prefix, so the second would replace the first and
+                    // carry its service's events to the other outbox.
+                    return Err(format!(
+                        "{OUTBOXES_KEY}[{i}] ({}).postgres.table: in the same database, the emit \
+                         function `{later_emit}` is also outbox `{}`'s; it emits with one prefix, \
+                         so each message outbox needs its own schema (postgres.table: \
+                         <schema>.outbox puts its function in <schema>)",
+                        later.name, earlier.name
+                    ));
+                }
+            }
         }
     }
     Ok(())
@@ -272,6 +288,9 @@ pub struct Distinct {
     pub source: String,
     pub slot: String,
     pub publication: String,
+    /// A message outbox's `<schema>.outboxd_emit` (the schema of
+    /// `postgres.table`), which writes its prefix; `None` for a table.
+    pub emit_function: Option<String>,
 }
 
 #[cfg(test)]
@@ -448,6 +467,7 @@ kafka:
             source: source.into(),
             slot: format!("outboxd_{name}"),
             publication: publication.into(),
+            emit_function: None,
         }
     }
 
@@ -490,5 +510,23 @@ kafka:
             distinct("billing", "db2:5432/shop", "orders.outbox", "orders_pub");
         same_slot_other_server.slot = "outboxd_orders".into();
         check_distinct(&[orders(), same_slot_other_server]).unwrap();
+        // Two message outboxes of one database: one emit function per schema.
+        let messages = |name: &str, schema: &str| {
+            let mut outbox = distinct(
+                name,
+                "db:5432/shop",
+                &format!("messages:{name}"),
+                &format!("{name}_pub"),
+            );
+            outbox.emit_function = Some(format!("{schema}.outboxd_emit"));
+            outbox
+        };
+        let error =
+            check_distinct(&[messages("pa", "public"), messages("pb", "public")]).unwrap_err();
+        assert!(
+            error.contains("outboxes[1] (pb).postgres.table") && error.contains("outboxd_emit"),
+            "{error}"
+        );
+        check_distinct(&[messages("pa", "sales"), messages("pb", "public")]).unwrap();
     }
 }
