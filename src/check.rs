@@ -195,7 +195,7 @@ async fn check_postgres(setup: &Setup, findings: &mut Findings) {
 /// (the relay's own start rule, `capture::message_slot`), so `check`
 /// fails exactly where the relay would refuse to start.
 async fn check_messages(setup: &Setup, connection: &mut PgConnection, findings: &mut Findings) {
-    use crate::capture::message_encoding::EMIT_FUNCTION;
+    use crate::capture::message_encoding::{function_emits_prefix, EMIT_FUNCTION};
     use crate::capture::message_slot::{judge, Verdict};
     let config = &setup.config;
     findings.push(
@@ -220,17 +220,31 @@ async fn check_messages(setup: &Setup, connection: &mut PgConnection, findings: 
         },
     }
     let function = format!("{}.{EMIT_FUNCTION}", setup.table.schema);
-    let exists: Result<bool, sqlx::Error> = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-         WHERE n.nspname = $1 AND p.proname = $2)",
+    let source: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
+        "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = $1 AND p.proname = $2 LIMIT 1",
     )
     .bind(&setup.table.schema)
     .bind(EMIT_FUNCTION)
-    .fetch_one(&mut *connection)
+    .fetch_optional(&mut *connection)
     .await;
-    match exists {
-        Ok(true) => findings.push(Status::Ok, "emit function", format!("{function}() exists")),
-        Ok(false) => findings.push(
+    let prefix = &config.capture.message_prefix;
+    match source {
+        Ok(Some(source)) if function_emits_prefix(&source, prefix) => findings.push(
+            Status::Ok,
+            "emit function",
+            format!("{function}() exists and emits prefix `{prefix}`"),
+        ),
+        Ok(Some(_)) => findings.push(
+            Status::Failed,
+            "emit function",
+            format!(
+                "{function}() emits another prefix than `{prefix}`: services calling it write \
+                 events this relay ignores (another message outbox's function?). Give each \
+                 message outbox its own schema (postgres.table names it)"
+            ),
+        ),
+        Ok(None) => findings.push(
             Status::Warning,
             "emit function",
             format!(

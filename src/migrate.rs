@@ -221,6 +221,38 @@ pub fn render_messages(config: &crate::config::Config, schema: &str) -> String {
     )
 }
 
+/// The schema's `outboxd_emit`, if one exists, emits this outbox's prefix:
+/// replacing another message outbox's function would send that outbox's
+/// events here. Either way of naming the database reaches this check,
+/// which the config's own (by URL text) cannot promise.
+async fn refuse_another_prefixs_function(
+    connection: &mut sqlx::PgConnection,
+    setup: &Setup,
+) -> Result<()> {
+    use crate::capture::message_encoding::{function_emits_prefix, EMIT_FUNCTION};
+    let prefix = &setup.config.capture.message_prefix;
+    let source: Option<String> = sqlx::query_scalar(
+        "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = $1 AND p.proname = $2 LIMIT 1",
+    )
+    .bind(&setup.table.schema)
+    .bind(EMIT_FUNCTION)
+    .fetch_optional(&mut *connection)
+    .await
+    .map_err(|e| Error::from_postgres("reading the existing emit function", e))?;
+    match source {
+        Some(source) if !function_emits_prefix(&source, prefix) => Err(Error::stop(format!(
+            "{schema}.{EMIT_FUNCTION}() exists and emits another prefix than `{prefix}` \
+             (another message outbox's?). Replacing it would send that outbox's events to \
+             this one. Give each message outbox its own schema (postgres.table: \
+             <schema>.outbox names the schema of its function), or drop the old function if \
+             nothing uses it",
+            schema = setup.table.schema
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Applies [`render_messages`] in one transaction, then creates the slot
 /// if it is missing: a message reaches only the slots that existed when it
 /// was written, so the slot must exist before services emit, and this is
@@ -241,6 +273,7 @@ pub async fn apply_messages(setup: &Setup) -> Result<String> {
         .execute(&mut *transaction)
         .await
         .map_err(|e| Error::from_postgres("taking the migration lock", e))?;
+    refuse_another_prefixs_function(&mut transaction, setup).await?;
     sqlx::raw_sql(&render_messages(config, &setup.table.schema))
         .execute(&mut *transaction)
         .await

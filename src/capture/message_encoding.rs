@@ -138,6 +138,17 @@ pub fn encode(event: &MessageEvent) -> String {
 /// and logical messages are sent whatever a publication holds). The slot
 /// is created separately, after this commits (`migrate::apply`): a slot
 /// cannot be created in a transaction that wrote.
+/// Whether an emit function's source (`pg_proc.prosrc`) emits `prefix`:
+/// one schema holds one `outboxd_emit`, and the migration of a message
+/// outbox with another prefix in the same schema would replace it, so its
+/// service's events would reach the other relay.
+pub fn function_emits_prefix(source: &str, prefix: &str) -> bool {
+    source.contains(&format!(
+        "pg_logical_emit_message(true, {},",
+        quote_literal(prefix)
+    ))
+}
+
 pub fn migration_sql(schema: &str, prefix: &str, publication: &str) -> String {
     let function = format!("{}.{}", quote_ident(schema), quote_ident(EMIT_FUNCTION));
     format!(
@@ -254,5 +265,14 @@ mod tests {
         assert!(sql.contains("CREATE OR REPLACE FUNCTION \"sales\".\"outboxd_emit\"("));
         assert!(sql.contains("pg_logical_emit_message(true, 'app''x', jsonb_build_object("));
         assert!(sql.contains("CREATE PUBLICATION \"pub\";"));
+    }
+
+    #[test]
+    fn the_migrated_function_is_known_by_its_prefix() {
+        let sql = migration_sql("public", "orders", "outboxd_messages");
+        let source = &sql[sql.find("SELECT pg_logical_emit_message").unwrap()..];
+        assert!(function_emits_prefix(source, "orders"));
+        assert!(!function_emits_prefix(source, "order"));
+        assert!(!function_emits_prefix(source, "billing"));
     }
 }

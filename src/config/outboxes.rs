@@ -136,6 +136,7 @@ pub fn expand(top: Map<String, Value>, environment: &Environment) -> Result<Vec<
              the one `postgres.table`"
         ));
     }
+    check_top_level_shape(&top)?;
     let mut configs = Vec::with_capacity(entries.len());
     for (index, entry) in entries.into_iter().enumerate() {
         let mut entry = entry.into_table().map_err(|_| {
@@ -206,6 +207,23 @@ pub fn expand(top: Map<String, Value>, environment: &Environment) -> Result<Vec<
     Ok(configs)
 }
 
+/// The top-level keys on their own: an unknown key or a wrong type there
+/// is named as the top level's, not as the first outbox's (which inherits
+/// it). The keys every outbox may set for itself instead are filled in
+/// for this check only.
+fn check_top_level_shape(top: &Map<String, Value>) -> Result<(), String> {
+    let shaped = config::Config::builder()
+        .add_source(Layer(top.clone()))
+        .set_default("relay.name", "top-level")
+        .and_then(|b| b.set_default("postgres.url", "postgres://top-level"))
+        .and_then(|b| b.set_default("kafka.bootstrap_servers", "top-level:9092"))
+        .and_then(|b| b.build())
+        .and_then(|c| c.try_deserialize::<Config>());
+    shaped
+        .map(|_| ())
+        .map_err(|e| format!("{e} (in the top-level keys, which every outbox inherits)"))
+}
+
 fn deserialize(keys: Map<String, Value>) -> Result<Config, String> {
     let mut config: Config = Value::new(None, ValueKind::Table(keys))
         .try_deserialize()
@@ -217,8 +235,8 @@ fn deserialize(keys: Map<String, Value>) -> Result<Config, String> {
 }
 
 /// What several outboxes of one file must not share: a relay name; a slot
-/// on one server (slots belong to the whole server, not a database); a
-/// table (or message prefix) or a publication in one database. Each clash
+/// (anywhere in the file); a table (or message prefix), a publication or
+/// an emit function in one database. Each clash
 /// names both outboxes and the key to change.
 pub fn check_distinct(outboxes: &[Distinct]) -> Result<(), String> {
     for (i, later) in outboxes.iter().enumerate() {
@@ -233,13 +251,15 @@ pub fn check_distinct(outboxes: &[Distinct]) -> Result<(), String> {
             if later.name == earlier.name {
                 return clash("the name", "name", &later.name);
             }
-            if later.server != earlier.server {
-                continue;
-            }
+            // A slot belongs to a whole server, and one server can be
+            // named two ways (`localhost`, `127.0.0.1`, a DNS alias), which
+            // the URLs' text cannot tell apart: so slots differ across the
+            // file. Defaults (`outboxd_<name>`) always do, but for `a-b`
+            // beside `a_b`.
             if later.slot == earlier.slot {
-                return clash("on the same server, the slot", "capture.slot", &later.slot);
+                return clash("the slot", "capture.slot", &later.slot);
             }
-            if later.database != earlier.database {
+            if later.server != earlier.server || later.database != earlier.database {
                 continue;
             }
             if later.source == earlier.source {
@@ -450,6 +470,10 @@ kafka:
                 "outboxes:\n  - name: a\n    postgres: {tabel: x}\n",
                 "outboxes[0] (a): ",
             ),
+            (
+                "capture: {batch_sise: 3}\noutboxes:\n  - name: a\n",
+                "(in the top-level keys, which every outbox inherits)",
+            ),
         ];
         for (entries, expected) in cases {
             let error = expand(keys(&format!("{TOP}{entries}")), &no_environment()).unwrap_err();
@@ -501,15 +525,19 @@ kafka:
         let mut same_slot = distinct("billing", "db:5432/shop", "billing.outbox", "p");
         same_slot.slot = "outboxd_orders".into();
         clash(same_slot, ".capture.slot");
-        // A slot is the server's: another database on it cannot reuse one.
+        // A slot is the server's, and a server has many names: no two
+        // outboxes of the file share one, whatever their URLs say.
         let mut same_slot_other_database =
             distinct("billing", "db:5432/billing", "orders.outbox", "orders_pub");
         same_slot_other_database.slot = "outboxd_orders".into();
-        clash(same_slot_other_database, "on the same server, the slot");
-        let mut same_slot_other_server =
-            distinct("billing", "db2:5432/shop", "orders.outbox", "orders_pub");
-        same_slot_other_server.slot = "outboxd_orders".into();
-        check_distinct(&[orders(), same_slot_other_server]).unwrap();
+        clash(same_slot_other_database, "the slot `outboxd_orders`");
+        let mut same_slot_server_spelled_otherwise =
+            distinct("billing", "localhost:5432/shop", "billing.outbox", "p");
+        same_slot_server_spelled_otherwise.slot = "outboxd_orders".into();
+        clash(
+            same_slot_server_spelled_otherwise,
+            "the slot `outboxd_orders`",
+        );
         // Two message outboxes of one database: one emit function per schema.
         let messages = |name: &str, schema: &str| {
             let mut outbox = distinct(
