@@ -1,18 +1,19 @@
-//! Two relay processes of one config over three outboxes (three databases:
-//! two in the run's capture mode, one in the other), while writers commit
-//! to all of them: a standing replica, and one SIGKILLed at random moments
-//! and started again, so each outbox's leadership moves between them and
-//! the two lead different outboxes at once. Every table is checked on its
-//! own: exactly once, in order, nothing invented, checkpoints naming its
-//! rows.
+//! Two relay processes of one config over four outboxes (four databases:
+//! two tables in the run's capture mode, one in the other, and a
+//! WAL-message outbox), while writers commit to all of them. Each round
+//! SIGKILLs one replica and starts it again, taking turns, so the
+//! leadership of each outbox moves between them and the two lead
+//! different outboxes at once. Every outbox is checked on its own: exactly
+//! once, in order, nothing invented, checkpoints naming its events.
 
 use std::time::Duration;
 
 use crate::support::checker::{self, Report};
 use crate::support::faults::{
-    create_checkpoint_topic_keeping_history, exclusive, random_between, record, size, RelayProcess,
+    create_checkpoint_topic_keeping_history, exclusive, random_between, record, size,
+    wait_messages_published, RelayProcess,
 };
-use crate::support::workload::{writer_pool, LiveWriter, Workload};
+use crate::support::workload::{writer_pool, LiveWriter, Workload, Written};
 use crate::support::{several, Mode, TestEnv};
 
 in_both_modes!(
@@ -25,21 +26,25 @@ async fn several_outboxes_killed_at_random_moments(mode: Mode) {
         Mode::Polling => Mode::Replication,
         _ => Mode::Polling,
     };
-    let envs = [
+    let mut envs = [
         TestEnv::new("several-a", mode).await,
         TestEnv::new("several-b", mode).await,
         TestEnv::new("several-c", other).await,
+        TestEnv::new("several-d", Mode::Replication).await,
     ];
+    let [_, _, _, messages] = &mut envs;
+    // Before any writer emits: a message reaches only the slots that exist
+    // when it is written.
+    messages.use_messages().await;
     let mut writers = Vec::new();
     for env in &envs {
         create_checkpoint_topic_keeping_history(env, 1).await;
         let pool = writer_pool(&env.database_url, 3).await;
-        writers.push(LiveWriter::start_many(
-            &pool,
-            &Workload::realistic(),
-            0..2,
-            10,
-        ));
+        let workload = match env.is_messages() {
+            true => Workload::realistic().in_messages(),
+            false => Workload::realistic(),
+        };
+        writers.push(LiveWriter::start_many(&pool, &workload, 0..2, 10));
     }
     let env_refs: Vec<&TestEnv> = envs.iter().collect();
     let config = several::write_config(&env_refs, "  max_message_bytes: 100000\n");
@@ -66,19 +71,30 @@ async fn several_outboxes_killed_at_random_moments(mode: Mode) {
     for writer in writers {
         written.push(writer.finish().await);
     }
-    for env in &envs {
-        env.wait_all_sent(Duration::from_secs(300)).await;
+    for (env, written) in envs.iter().zip(&mut written) {
+        if env.is_messages() {
+            let last = wait_messages_published(env, Duration::from_secs(300)).await;
+            *written = Written::combined([std::mem::take(written), last]);
+        } else {
+            env.wait_all_sent(Duration::from_secs(300)).await;
+        }
     }
     for replica in &mut replicas {
         replica.stop().await;
     }
     let mut all = Report::default();
     for (env, written) in envs.iter().zip(&written) {
-        let report = checker::check(env, written).await;
+        let report = match env.is_messages() {
+            true => checker::check_messages(env, written).await,
+            false => checker::check(env, written).await,
+        };
         eprintln!(
             "several outboxes: outbox {} ({}): {} events, {} violations",
             env.relay_name(),
-            env.mode.config_value(),
+            match env.is_messages() {
+                true => "messages",
+                false => env.mode.config_value(),
+            },
             report.events,
             report.violations().len()
         );

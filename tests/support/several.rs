@@ -38,7 +38,9 @@ pub fn write_config_of(first: &TestEnv, entries: &[String], kafka_extra: &str) -
 }
 
 /// One env as an entry of `outboxes:`; `relay_lines` go under its own
-/// `relay:` (indented six spaces), none when empty.
+/// `relay:` (indented six spaces), none when empty. The env's own extra
+/// `postgres` and `capture` keys (a partitioned table, a message outbox)
+/// come along.
 pub fn outbox_entry(env: &TestEnv, relay_lines: &str) -> String {
     let relay = match relay_lines.is_empty() {
         true => String::new(),
@@ -46,14 +48,22 @@ pub fn outbox_entry(env: &TestEnv, relay_lines: &str) -> String {
     };
     format!(
         "  - name: {name}\n{relay}\
-         \x20   postgres:\n      url: \"{url}\"\n\
+         \x20   postgres:\n      url: \"{url}\"\n{postgres_extra}\
          \x20   kafka:\n      checkpoint_topic: {checkpoint_topic}\n\
-         \x20   capture:\n      mode: {mode}\n\
+         \x20   capture:\n      mode: {mode}\n{capture_extra}\
          \x20   routing:\n      topic: \"{prefix}.${{aggregatetype}}\"\n      dead_letter_topic: {prefix}.dlq\n",
         name = env.relay_name(),
         url = env.database_url,
+        postgres_extra = indent_under_entry(&env.postgres_extra),
         checkpoint_topic = env.checkpoint_topic(),
         mode = env.mode.config_value(),
+        capture_extra = indent_under_entry(&env.capture_extra),
         prefix = env.topic_prefix(),
     )
+}
+
+/// Lines written for a section of a one-outbox file (two spaces in) as
+/// lines of the same section inside an entry of `outboxes:` (six).
+fn indent_under_entry(lines: &str) -> String {
+    lines.lines().map(|line| format!("    {line}\n")).collect()
 }
