@@ -483,3 +483,160 @@ async fn a_commit_right_after_a_non_transactional_message_is_not_skipped() {
     }
     drop_slot(&env).await;
 }
+
+/// The ids of the events in Kafka (not dead letters).
+async fn ids_published(env: &TestEnv) -> HashSet<String> {
+    read_all(&env.kafka, &env.topic_prefix())
+        .await
+        .into_iter()
+        .filter(|r| r.topic != env.dead_letter_topic())
+        .filter_map(|r| r.header("id").map(str::to_string))
+        .collect()
+}
+
+/// An asynchronous standby (here: the wait for it turned off) is promoted
+/// without the last transaction the relay published; its WAL goes on from
+/// where the standby stopped, behind the checkpoint's position. The slot
+/// is gone, so the relay refuses; the operator follows
+/// docs/wal-messages.md (create the slot again, start, accept the position
+/// it names). Every message the promoted server commits from then on must
+/// be published: none may be taken for one the checkpoint names because
+/// its commit LSN is at or below the position published on the old
+/// timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_failover_to_a_lagging_standby_new_messages_are_not_skipped() {
+    use crate::support::pg_pair::PgPair;
+    let mut pair = PgPair::start("msg-lagging").await;
+    let mut env = TestEnv::new_on(&pair.primary_url, "wal-msg-lagging", Mode::Replication).await;
+    env.use_messages().await;
+    let no_wait = |env: &TestEnv| {
+        env.replace_in_config(
+            "  source: messages\n",
+            "  source: messages\n  wait_for_sync_standbys: false\n",
+        )
+    };
+    no_wait(&env);
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let (_, before) = write(&env.pool, 0, 3).await;
+    published(&env, before.len(), Duration::from_secs(60)).await;
+
+    // The standby stops receiving; a big transaction with one event
+    // commits on the primary (its COMMIT waits for the standby, but the
+    // relay does not) and is published.
+    pair.stop_standby().await;
+    let writer = {
+        let pool = env.pool.clone();
+        tokio::spawn(async move {
+            let mut transaction = pool.begin().await?;
+            sqlx::query(
+                "SELECT pg_logical_emit_message(true, 'filler', repeat('x', 8 * 1024 * 1024))",
+            )
+            .execute(&mut *transaction)
+            .await?;
+            let id: String = sqlx::query_scalar(
+                "SELECT outboxd_emit('Order', 'held', 'OrderChanged', '{\"n\": -1}')::text",
+            )
+            .fetch_one(&mut *transaction)
+            .await?;
+            transaction.commit().await?;
+            Ok::<String, sqlx::Error>(id)
+        })
+    };
+    let started = Instant::now();
+    while ids_published(&env).await.len() < before.len() + 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the held transaction was not published with the wait turned off"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    relay.stop().await.expect("relay stops cleanly");
+    pair.crash_primary().await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+    pair.start_standby().await;
+    pair.promote().await;
+    env.move_to(&pair.primary_url).await;
+    no_wait(&env);
+
+    // The promoted server has no slot: refused, as documented.
+    let refused = InProcessRelay::start(env.config())
+        .finished(Duration::from_secs(60))
+        .await
+        .expect_err("the lost slot stops the relay");
+    assert_eq!(refused.cause, outboxd::Cause::SlotLost, "{refused}");
+    // The operator creates the slot again and starts the relay; if it
+    // names a position to accept, the operator accepts it.
+    outboxd::migrate::apply_messages(&env.setup())
+        .await
+        .expect("migrate creates the slot again");
+    let relay = InProcessRelay::start(env.config());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let relay = if relay.is_finished() {
+        let refused = relay
+            .finished(Duration::from_secs(5))
+            .await
+            .expect_err("refused");
+        let accept = refused
+            .message
+            .split("accept_message_loss_through: '")
+            .nth(1)
+            .and_then(|rest| rest.split('\'').next())
+            .unwrap_or_else(|| panic!("no position to accept in: {refused}"))
+            .to_string();
+        env.replace_in_config(
+            "  source: messages\n",
+            &format!("  source: messages\n  accept_message_loss_through: '{accept}'\n"),
+        );
+        InProcessRelay::start(env.config())
+    } else {
+        relay
+    };
+    env.wait_streaming(Duration::from_secs(60)).await;
+    // The promoted server's commits from now on: each must reach Kafka.
+    let (_, after) = write(&env.pool, 1, 3).await;
+    let started = Instant::now();
+    let missing = loop {
+        let in_kafka = ids_published(&env).await;
+        let missing: Vec<&String> = after.iter().filter(|id| !in_kafka.contains(*id)).collect();
+        if missing.is_empty() || started.elapsed() > Duration::from_secs(30) {
+            break missing.len();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    relay.stop().await.expect("relay stops cleanly");
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} events the promoted server committed after the relay started were \
+         never published",
+        after.len()
+    );
+}
+
+/// docs/wal-messages.md: a change of the relay's Kafka identity (here the
+/// `pg_control_system()` grant taken away) publishes again only "the
+/// batches the old identity had published but not yet confirmed". With
+/// every batch confirmed and the relay stopped cleanly, nothing may be
+/// published twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_change_after_a_clean_stop_publishes_nothing_twice() {
+    let env = message_env("wal-msg-identity").await;
+    let role = env.relay_without_pg_control_system().await;
+    env.grant_pg_control_system(&role).await;
+    let relay = InProcessRelay::start(env.config());
+    let written = write(&env.pool, 0, 3).await;
+    published(&env, written.1.len(), Duration::from_secs(60)).await;
+    // Every batch acknowledged: the slot confirmed as far as it ever is.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+
+    env.revoke_pg_control_system(&role).await;
+    let relay = InProcessRelay::start(env.config());
+    let (order, ids) = merge(written, write(&env.pool, 1, 1).await);
+    let records = published(&env, ids.len(), Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    assert_exactly_once_in_order(&records, &ids, &order);
+    drop_slot(&env).await;
+}

@@ -81,7 +81,9 @@ pub fn judge(
              client confirmed it since. Every message committed after that is published"
         )));
     };
-    if confirmed <= published.commit_lsn {
+    // The relay confirms one byte past the checkpoint's commit LSN, inside
+    // that commit record (`capture::stream::just_inside`).
+    if confirmed <= super::stream::just_inside(published.commit_lsn) {
         return Ok(Verdict::Stream(format!(
             "streaming from {confirmed}; messages up to the checkpoint's position {published} \
              are in Kafka and skipped when replayed"
@@ -156,8 +158,9 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_at_or_before_the_checkpoint_streams() {
-        for confirmed in [100, 500] {
+    fn a_slot_at_or_just_inside_the_checkpoint_streams() {
+        // 501: confirmed one byte into the checkpoint's commit record.
+        for confirmed in [100, 500, 501] {
             assert!(matches!(
                 judge("s", Some(&slot(confirmed, "reserved")), at(500), None),
                 Ok(Verdict::Stream(_))
@@ -181,6 +184,7 @@ mod tests {
 
     #[test]
     fn a_slot_past_the_checkpoint_is_refused_unless_the_gap_is_accepted() {
+        refusal(judge("s", Some(&slot(502, "reserved")), at(500), None));
         let moved = refusal(judge("s", Some(&slot(900, "reserved")), at(500), None));
         assert!(
             moved.contains("accept_message_loss_through: '0/384'"),

@@ -290,9 +290,15 @@ impl Assembler {
                 }
                 // Messages: only a transaction with events of ours is a
                 // position the checkpoint can name.
+                // Confirmed one byte inside the commit record: the server
+                // skips the transaction on a replay (it skips every commit
+                // record that starts before the confirmed position), so a
+                // relay that finds no checkpoint of its own (a new Kafka
+                // identity) does not publish it again; and no other
+                // commit record can start at or before that byte.
                 Ok((ended.next_index > 0).then_some(Captured::TransactionEnd {
                     end_lsn,
-                    confirm_lsn: ended.commit_lsn,
+                    confirm_lsn: just_inside(ended.commit_lsn),
                 }))
             }
             Message::Relation(relation) => {
@@ -354,8 +360,10 @@ impl Assembler {
                     open.commit_lsn
                 )));
             }
-            // Inside the message's own record (module comment).
-            let inside = Lsn(lsn.0.saturating_sub(1));
+            // Inside the message's own record (module comment): two bytes
+            // before its end, and confirmed one byte after that, as a
+            // transaction is confirmed one byte after its commit LSN.
+            let inside = Lsn(lsn.0.saturating_sub(2));
             let position = SourcePosition {
                 commit_lsn: inside,
                 index: 0,
@@ -383,7 +391,7 @@ impl Assembler {
             );
             self.pending = Some(Captured::TransactionEnd {
                 end_lsn: lsn,
-                confirm_lsn: inside,
+                confirm_lsn: just_inside(inside),
             });
             return Ok(Some(Captured::Event(event)));
         }
@@ -456,6 +464,14 @@ impl Assembler {
             );
         }
     }
+}
+
+/// Where the slot is confirmed once the events at `position` are in
+/// Kafka (WAL-message outbox): one byte after it, still inside the record
+/// it names, so the server never replays that record again and no other
+/// transaction's commit record can start in between.
+pub fn just_inside(position: Lsn) -> Lsn {
+    Lsn(position.0 + 1)
 }
 
 fn protocol_error(message: String) -> Error {

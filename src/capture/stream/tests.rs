@@ -350,7 +350,8 @@ mod messages {
             })
             .collect();
         assert_eq!(ids, ["a", "b", "c"]);
-        // Confirmed only to the commit LSN, and no keepalive confirms.
+        // Confirmed only one byte into the commit record, and no keepalive
+        // confirms.
         let ends: Vec<_> = captured
             .iter()
             .filter(|c| !matches!(c, Captured::Event(_)))
@@ -361,11 +362,11 @@ mod messages {
             vec![
                 Captured::TransactionEnd {
                     end_lsn: Lsn(340),
-                    confirm_lsn: Lsn(300)
+                    confirm_lsn: Lsn(301)
                 },
                 Captured::TransactionEnd {
                     end_lsn: Lsn(420),
-                    confirm_lsn: Lsn(400)
+                    confirm_lsn: Lsn(401)
                 },
             ]
         );
@@ -446,7 +447,7 @@ mod messages {
         );
         // Its position lies inside its own record, before any commit
         // record that can follow it.
-        assert_eq!(event_positions(&captured), vec![(250, 249, 0)]);
+        assert_eq!(event_positions(&captured), vec![(250, 248, 0)]);
         let Captured::Event(event) = &captured[0] else {
             panic!("{captured:?}")
         };
@@ -467,7 +468,7 @@ mod messages {
         let mut again = Assembler::for_messages(
             "outboxd",
             Some(SourcePosition {
-                commit_lsn: Lsn(249),
+                commit_lsn: Lsn(248),
                 index: 0,
             }),
         );
