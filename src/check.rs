@@ -298,7 +298,51 @@ async fn check_messages(setup: &Setup, connection: &mut PgConnection, findings: 
         .accept_message_loss_through
         .as_deref()
         .and_then(|lsn| lsn.parse().ok());
-    let position = latest.and_then(|c| c.position);
+    // As the relay does: the checkpoint's position only as far as it holds
+    // on this server's timeline (`capture::message_timeline`).
+    let position = match &latest {
+        Some(latest) if latest.timeline.is_some() => {
+            let probe = crate::capture::wire::StreamTarget {
+                slot: slot_name.clone(),
+                publication: config.postgres.publication.clone(),
+                confirmed_flush: crate::postgres::lsn::Lsn(0),
+                application_name: format!("outboxd-{}", config.relay.name),
+            };
+            match crate::capture::wire::timeline(&config.postgres.url, &probe).await {
+                Ok((timeline, history)) => {
+                    let on = crate::capture::message_timeline::position_on_this_timeline(
+                        latest.position,
+                        latest.timeline,
+                        timeline,
+                        history.as_deref(),
+                    );
+                    if let Some(fork) = on.forked_at {
+                        findings.push(
+                            Status::Warning,
+                            "timeline",
+                            format!(
+                                "this server (timeline {timeline}) forked from the checkpoint's \
+                                 timeline {} at {fork}, before the checkpoint's position: messages \
+                                 published after {fork} are in Kafka but not on this server; the \
+                                 slot is judged from the fork",
+                                latest.timeline.unwrap_or_default()
+                            ),
+                        );
+                    }
+                    on.position
+                }
+                Err(e) => {
+                    return findings.push(
+                        Status::Failed,
+                        "slot",
+                        format!("cannot read the server's timeline to judge the slot by: {e}"),
+                    )
+                }
+            }
+        }
+        Some(latest) => latest.position,
+        None => None,
+    };
     match judge(&slot_name, existing.as_ref(), position, accepted) {
         Ok(Verdict::Stream(note)) => findings.push(Status::Ok, "slot", note),
         Ok(Verdict::Accepted(note)) => findings.push(Status::Warning, "slot", note),

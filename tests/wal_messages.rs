@@ -565,33 +565,31 @@ async fn after_a_failover_to_a_lagging_standby_new_messages_are_not_skipped() {
         .await
         .expect_err("the lost slot stops the relay");
     assert_eq!(refused.cause, outboxd::Cause::SlotLost, "{refused}");
-    // The operator creates the slot again and starts the relay; if it
-    // names a position to accept, the operator accepts it.
+    // The operator creates the slot again and starts the relay. The slot
+    // lies past where this server's timeline forked from the checkpoint's,
+    // and messages may have committed in between: refused once more,
+    // naming the slot's position (not streamed over the old checkpoint's
+    // position, which here names other transactions).
     outboxd::migrate::apply_messages(&env.setup())
         .await
         .expect("migrate creates the slot again");
+    let refused = InProcessRelay::start(env.config())
+        .finished(Duration::from_secs(60))
+        .await
+        .expect_err("a slot past the fork is refused");
+    assert_eq!(refused.cause, outboxd::Cause::SlotLost, "{refused}");
+    let accept = refused
+        .message
+        .split("accept_message_loss_through: '")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_else(|| panic!("no position to accept in: {refused}"))
+        .to_string();
+    env.replace_in_config(
+        "  source: messages\n",
+        &format!("  source: messages\n  accept_message_loss_through: '{accept}'\n"),
+    );
     let relay = InProcessRelay::start(env.config());
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let relay = if relay.is_finished() {
-        let refused = relay
-            .finished(Duration::from_secs(5))
-            .await
-            .expect_err("refused");
-        let accept = refused
-            .message
-            .split("accept_message_loss_through: '")
-            .nth(1)
-            .and_then(|rest| rest.split('\'').next())
-            .unwrap_or_else(|| panic!("no position to accept in: {refused}"))
-            .to_string();
-        env.replace_in_config(
-            "  source: messages\n",
-            &format!("  source: messages\n  accept_message_loss_through: '{accept}'\n"),
-        );
-        InProcessRelay::start(env.config())
-    } else {
-        relay
-    };
     env.wait_streaming(Duration::from_secs(60)).await;
     // The promoted server's commits from now on: each must reach Kafka.
     let (_, after) = write(&env.pool, 1, 3).await;
@@ -627,8 +625,9 @@ async fn an_identity_change_after_a_clean_stop_publishes_nothing_twice() {
     let relay = InProcessRelay::start(env.config());
     let written = write(&env.pool, 0, 3).await;
     published(&env, written.1.len(), Duration::from_secs(60)).await;
-    // Every batch acknowledged: the slot confirmed as far as it ever is.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Every batch acknowledged: the slot confirmed inside the commit of the
+    // last checkpoint's position, as far as it ever is.
+    wait_slot_confirmed_through_last_checkpoint(&env, Duration::from_secs(60)).await;
     relay.stop().await.expect("relay stops cleanly");
     env.wait_slot_inactive(Duration::from_secs(30)).await;
 
@@ -639,4 +638,38 @@ async fn an_identity_change_after_a_clean_stop_publishes_nothing_twice() {
     relay.stop().await.expect("relay stops cleanly");
     assert_exactly_once_in_order(&records, &ids, &order);
     drop_slot(&env).await;
+}
+
+/// Waits until the slot is confirmed inside the commit record of the
+/// latest checkpoint's position: everything published is acknowledged.
+async fn wait_slot_confirmed_through_last_checkpoint(env: &TestEnv, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        // Every identity's checkpoints of this outbox in the env's topic.
+        let last = crate::support::kafka::read_topic(&env.kafka, &env.checkpoint_topic())
+            .await
+            .iter()
+            .filter_map(|record| record.payload.as_deref())
+            .filter_map(|bytes| outboxd::kafka::checkpoint::Record::from_bytes(bytes).ok())
+            .filter_map(|record| match record {
+                outboxd::kafka::checkpoint::Record::Checkpoint(checkpoint)
+                    if checkpoint.table == "messages:outboxd" =>
+                {
+                    checkpoint.position
+                }
+                _ => None,
+            })
+            .max();
+        let (confirmed, _) = env.slot_positions().await;
+        if let (Some(last), Some(confirmed)) = (last, confirmed) {
+            if confirmed as u64 > last.commit_lsn.0 {
+                return;
+            }
+        }
+        assert!(
+            started.elapsed() < limit,
+            "slot confirmed to {confirmed:?}, not inside the last checkpoint's commit {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -11,6 +11,7 @@
 
 pub mod message_encoding;
 pub mod message_slot;
+pub mod message_timeline;
 pub mod pgoutput;
 pub mod polling;
 pub mod slot;

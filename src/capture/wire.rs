@@ -160,6 +160,38 @@ pub async fn enable_failover(postgres_url: &str, target: &StreamTarget) -> Resul
     outcome
 }
 
+/// The server's current timeline and, past timeline 1, its history file
+/// (`capture::message_timeline`): IDENTIFY_SYSTEM and TIMELINE_HISTORY,
+/// which only the replication protocol has, on a session of their own
+/// that ends before any START_REPLICATION.
+pub async fn timeline(postgres_url: &str, target: &StreamTarget) -> Result<(u32, Option<String>)> {
+    let config = replication_config(postgres_url, target)?;
+    let mut client = ReplicationClient::connect_gated(config)
+        .await
+        .map_err(|e| wire_error("opening a replication connection to read the timeline", e))?;
+    let outcome = async {
+        let system = client
+            .identify_system()
+            .await
+            .map_err(|e| wire_error("reading the server's timeline (IDENTIFY_SYSTEM)", e))?;
+        if system.timeline <= 1 {
+            return Ok((system.timeline, None));
+        }
+        let history = client
+            .timeline_history(system.timeline)
+            .await
+            .map_err(|e| wire_error("reading the timeline's history (TIMELINE_HISTORY)", e))?;
+        Ok((
+            system.timeline,
+            Some(String::from_utf8_lossy(&history.content).into_owned()),
+        ))
+    }
+    .await;
+    // Dropping a gated client before it started ends the session.
+    drop(client);
+    outcome
+}
+
 /// Moves events from the client into the relay's buffer while their bytes
 /// fit in `BUFFERED_BYTES`, and passes acknowledged positions to the client.
 /// Ends (and stops the client, so the server releases the slot) when the

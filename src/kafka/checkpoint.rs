@@ -130,6 +130,12 @@ pub struct Checkpoint {
     /// earlier releases, whose rows are then matched by seq alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ids: Option<String>,
+    /// The server timeline `position` was read on (WAL-message outboxes):
+    /// after a promotion or a restore, positions past the fork belong to
+    /// other transactions (`capture::message_timeline`). Absent from table
+    /// checkpoints and earlier releases' (taken as the current timeline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
 }
 
 /// A row's identity in a checkpoint: 48 bits of FNV-1a over its event id.
@@ -179,7 +185,14 @@ impl Checkpoint {
             dead_lettered: SeqRanges::from_seqs(dead_lettered),
             position,
             ids: None,
+            timeline: None,
         }
+    }
+
+    /// Records the timeline the position was read on.
+    pub fn on_timeline(mut self, timeline: Option<u32>) -> Checkpoint {
+        self.timeline = timeline;
+        self
     }
 
     /// Records which row each named seq was, from `row_id`. If any named

@@ -35,6 +35,7 @@
 
 use super::*;
 use crate::capture::message_slot::{judge, Verdict};
+use crate::capture::message_timeline::position_on_this_timeline;
 use crate::postgres::lsn::Lsn;
 
 /// Runs until shutdown or the first failure.
@@ -44,7 +45,7 @@ pub(in crate::relay) async fn run(session: &mut Session<'_>, latest: &Checkpoint
     let publication = &config.postgres.publication;
     ensure_publication(&mut session.connection, publication).await?;
     let slot_name = config.slot_name();
-    let last_published = latest.position;
+    let last_published = position_on_this_server(session, latest, &slot_name).await?;
     let accepted = config
         .capture
         .accept_message_loss_through
@@ -136,6 +137,46 @@ pub(in crate::relay) async fn run(session: &mut Session<'_>, latest: &Checkpoint
         );
     }
     outcome
+}
+
+/// The latest checkpoint's position as it holds on the server streamed
+/// from now (`capture::message_timeline`), and this session's checkpoints
+/// set to name its timeline.
+async fn position_on_this_server(
+    session: &mut Session<'_>,
+    latest: &Checkpoint,
+    slot_name: &str,
+) -> Result<Option<crate::event::SourcePosition>> {
+    let config = &session.context.config;
+    let probe = StreamTarget {
+        slot: slot_name.to_string(),
+        publication: config.postgres.publication.clone(),
+        confirmed_flush: Lsn(0),
+        application_name: format!("outboxd-{}", config.relay.name),
+    };
+    let (timeline, history) = crate::capture::wire::timeline(&config.postgres.url, &probe).await?;
+    session.deliverer.set_timeline(timeline);
+    let on = position_on_this_timeline(
+        latest.position,
+        latest.timeline,
+        timeline,
+        history.as_deref(),
+    );
+    if let Some(fork) = on.forked_at {
+        tracing::error!(
+            slot = slot_name,
+            checkpoint_timeline = latest.timeline,
+            timeline,
+            forked_at = %fork,
+            checkpoint_position = latest.position.map(|p| p.to_string()),
+            "this server's timeline forked from the one the last checkpoint was written on \
+             before its position (a standby promoted without the last commits, or a restore): \
+             messages published after {fork} are in Kafka but not on this server, and positions \
+             from {fork} on are other transactions here. Judging the slot and skipping replays \
+             only up to the fork, so no message committed on this server is skipped"
+        );
+    }
+    Ok(on.position)
 }
 
 /// pgoutput needs the publication to exist; messages need no table in it.

@@ -1,0 +1,148 @@
+//! Which part of a WAL-message outbox's checkpoint position still holds on
+//! the server the relay streams from now: the same timeline, or a later one
+//! that forked from it (a promoted standby, a point-in-time restore).
+//!
+//! Invariant: a position is compared with this server's WAL only up to
+//! where the checkpoint's timeline and this one share history. WAL
+//! positions after a fork are reused by other transactions on the new
+//! timeline; taking the old checkpoint's position at face value there
+//! would skip new messages as "already in Kafka" (lost), so the position
+//! the relay skips through and judges its slot by is cut back to the fork.
+//! What the old timeline published past the fork stays in Kafka: events
+//! the new primary never had, which no relay can take back.
+
+use crate::event::SourcePosition;
+use crate::postgres::lsn::Lsn;
+
+/// The position of a checkpoint as it holds on the current timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OnThisTimeline {
+    /// What the relay skips replays through and judges its slot by
+    /// (`None` only where the checkpoint had none).
+    pub position: Option<SourcePosition>,
+    /// Set when the checkpoint was written on another timeline and its
+    /// position lies past the fork: where the histories part.
+    pub forked_at: Option<Lsn>,
+}
+
+/// `position`, written on `checkpoint_timeline` (`None`: before timelines
+/// were recorded, taken as this one), as it holds on `current_timeline`,
+/// whose history file is `history` (`None` for timeline 1, which has none).
+pub fn position_on_this_timeline(
+    position: Option<SourcePosition>,
+    checkpoint_timeline: Option<u32>,
+    current_timeline: u32,
+    history: Option<&str>,
+) -> OnThisTimeline {
+    let unchanged = OnThisTimeline {
+        position,
+        forked_at: None,
+    };
+    let (Some(published), Some(written_on)) = (position, checkpoint_timeline) else {
+        return unchanged;
+    };
+    if written_on == current_timeline {
+        return unchanged;
+    }
+    // A timeline not among this one's ancestors forked from nothing we can
+    // name: no position of it holds here.
+    let fork = history
+        .and_then(|history| switchpoint_of(history, written_on))
+        .unwrap_or(Lsn(0));
+    if published.commit_lsn < fork {
+        return unchanged;
+    }
+    OnThisTimeline {
+        // Every message whose commit record starts before the fork is
+        // shared history, and in Kafka up to the checkpoint; nothing at or
+        // after it is.
+        // With no shared history at all, a position before any message:
+        // nothing is skipped, and any slot is judged past it.
+        position: Some(match fork.0 {
+            0 => SourcePosition {
+                commit_lsn: Lsn(0),
+                index: 0,
+            },
+            _ => SourcePosition {
+                commit_lsn: Lsn(fork.0 - 1),
+                index: u32::MAX,
+            },
+        }),
+        forked_at: Some(fork),
+    }
+}
+
+/// Where `timeline` ended in a timeline history file: the lines are
+/// `<parent timeline> <switchpoint LSN> <reason>`, one per ancestor.
+fn switchpoint_of(history: &str, timeline: u32) -> Option<Lsn> {
+    history.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let parent: u32 = fields.next()?.parse().ok()?;
+        let switchpoint: Lsn = fields.next()?.parse().ok()?;
+        (parent == timeline).then_some(switchpoint)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(lsn: u64, index: u32) -> Option<SourcePosition> {
+        Some(SourcePosition {
+            commit_lsn: Lsn(lsn),
+            index,
+        })
+    }
+
+    const HISTORY_OF_3: &str = "1\t0/3000000\tno recovery target specified\n\n\
+                                2\t0/5000000\tno recovery target specified\n";
+
+    #[test]
+    fn the_same_timeline_or_an_unrecorded_one_keeps_the_position() {
+        let same = position_on_this_timeline(at(0x4000000, 2), Some(3), 3, Some(HISTORY_OF_3));
+        assert_eq!(same.position, at(0x4000000, 2));
+        assert_eq!(same.forked_at, None);
+        let unrecorded = position_on_this_timeline(at(0x4000000, 2), None, 3, Some(HISTORY_OF_3));
+        assert_eq!(unrecorded.position, at(0x4000000, 2));
+    }
+
+    #[test]
+    fn a_position_before_the_fork_holds_on_the_new_timeline() {
+        let on = position_on_this_timeline(at(0x4FFFFF0, 1), Some(2), 3, Some(HISTORY_OF_3));
+        assert_eq!(on.position, at(0x4FFFFF0, 1));
+        assert_eq!(on.forked_at, None);
+    }
+
+    #[test]
+    fn a_position_past_the_fork_is_cut_back_to_just_before_it() {
+        // Written on timeline 2 at 0/6000000; timeline 3 forked from 2 at
+        // 0/5000000: positions from 0/5000000 on are other transactions.
+        let on = position_on_this_timeline(at(0x6000000, 4), Some(2), 3, Some(HISTORY_OF_3));
+        assert_eq!(on.forked_at, Some(Lsn(0x5000000)));
+        let cut = on.position.expect("shared history before the fork");
+        assert!(
+            cut < SourcePosition {
+                commit_lsn: Lsn(0x5000000),
+                index: 0
+            }
+        );
+        assert!(
+            cut > SourcePosition {
+                commit_lsn: Lsn(0x4FFFFFF),
+                index: 1000
+            }
+        );
+        // From timeline 1, which ended at 0/3000000.
+        let on = position_on_this_timeline(at(0x3000000, 0), Some(1), 3, Some(HISTORY_OF_3));
+        assert_eq!(on.forked_at, Some(Lsn(0x3000000)));
+    }
+
+    #[test]
+    fn a_timeline_that_is_no_ancestor_keeps_no_position() {
+        let on = position_on_this_timeline(at(0x1000, 0), Some(7), 3, Some(HISTORY_OF_3));
+        assert_eq!(on.position, at(0, 0));
+        assert_eq!(on.forked_at, Some(Lsn(0)));
+        let on = position_on_this_timeline(at(0x1000, 0), Some(2), 1, None);
+        assert_eq!(on.position, at(0, 0));
+    }
+}
