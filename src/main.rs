@@ -142,12 +142,14 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { .. } => run(setups).await,
             Command::Migrate { print, .. } => {
-                for_each_outbox(setups, |setup| migrate_command(setup, print)).await
+                // Printed SQL stays SQL: its headings are comments.
+                let heading = if print { "-- " } else { "" };
+                for_each_outbox(setups, heading, |setup| migrate_command(setup, print)).await
             }
-            Command::Check { .. } => for_each_outbox(setups, check).await,
+            Command::Check { .. } => for_each_outbox(setups, "", check).await,
             Command::Status { json: true, .. } => status_json(setups).await,
             Command::Status { .. } => {
-                for_each_outbox(setups, |setup| status_command(setup, false)).await
+                for_each_outbox(setups, "", |setup| status_command(setup, false)).await
             }
             Command::DeadLetters { action } => match one_outbox(setups, action.outbox()) {
                 Ok(setup) => dead_letters_command(setup, action).await,
@@ -169,8 +171,9 @@ fn main() -> ExitCode {
 const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs `command` on each outbox of the config in turn, under a heading
-/// naming it when there are several; fails if any failed.
-async fn for_each_outbox<F, Fut>(setups: Vec<Setup>, command: F) -> ExitCode
+/// naming it (after `heading_prefix`) when there are several; fails if any
+/// failed.
+async fn for_each_outbox<F, Fut>(setups: Vec<Setup>, heading_prefix: &str, command: F) -> ExitCode
 where
     F: Fn(Setup) -> Fut,
     Fut: std::future::Future<Output = ExitCode>,
@@ -180,7 +183,7 @@ where
     for setup in setups {
         let name = setup.name().to_string();
         if several {
-            println!("== outbox {name} ==");
+            println!("{heading_prefix}== outbox {name} ==");
         }
         if command(setup).await != ExitCode::SUCCESS {
             failed.push(name);
@@ -192,7 +195,10 @@ where
     match failed.is_empty() {
         true => ExitCode::SUCCESS,
         false if several => {
-            println!("failed for outbox(es): {}", failed.join(", "));
+            println!(
+                "{heading_prefix}failed for outbox(es): {}",
+                failed.join(", ")
+            );
             ExitCode::FAILURE
         }
         false => ExitCode::FAILURE,

@@ -194,6 +194,15 @@ async fn each_outbox_is_relayed_exactly_once_and_reported_on_its_own(mode: Mode)
     let config = write_config(&a, &c, "");
     create_billing_schema(&a).await;
 
+    // `migrate --print` is SQL to pipe into psql: headings are comments.
+    let printed = outboxd(&["migrate", "--print"], &config);
+    assert!(printed.status.success(), "{}", text(&printed));
+    let sql = String::from_utf8_lossy(&printed.stdout).to_string();
+    assert_eq!(sql.matches("-- == outbox ").count(), 3, "{sql}");
+    assert!(
+        sql.lines().all(|line| !line.starts_with("==")),
+        "a heading that is not SQL: {sql}"
+    );
     // `migrate` makes every outbox (the billing table is new), idempotently.
     let migrated = outboxd(&["migrate"], &config);
     assert!(migrated.status.success(), "{}", text(&migrated));
