@@ -815,3 +815,89 @@ async fn after_two_failovers_the_second_from_behind_the_checkpoint_new_messages_
         after.len()
     );
 }
+
+/// PostgreSQL 17+ (failover slots; `make test-pg PG=17` runs it). A
+/// failover to a standby that had everything: a new timeline that forks
+/// past the checkpoint, with the relay's slot synchronised. The relay must
+/// stream on from that slot without a refusal, publishing nothing twice
+/// and every message the new primary commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs PostgreSQL 17+ (failover slots): make test-pg PG=17 or PG=18 runs it"]
+async fn after_a_failover_to_a_standby_with_everything_the_synced_slot_streams_on_exactly_once() {
+    use crate::support::pg_pair::{PairOption, PgPair};
+    let mut pair = PgPair::start_with("msg-ahead", &[PairOption::FailoverSlots]).await;
+    let mut env = TestEnv::new_on(&pair.primary_url, "wal-msg-ahead", Mode::Replication).await;
+    env.use_messages().await;
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let mut before = write(&env.pool, 0, 5).await;
+    // A slot's first synchronisation waits until the primary's copy moves
+    // past what the standby holds, and a message slot moves only with
+    // published messages: keep them coming until the standby's copy is
+    // no longer temporary.
+    let standby = sqlx::PgPool::connect(pair.standby())
+        .await
+        .expect("standby");
+    let started = Instant::now();
+    let mut round = 10;
+    loop {
+        let persisted: Option<bool> = sqlx::query_scalar(
+            "SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(env.slot_name())
+        .fetch_optional(&standby)
+        .await
+        .expect("read the standby's slots");
+        if persisted == Some(true) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "the standby never persisted the synchronised slot ({persisted:?})"
+        );
+        before = merge(before, write(&env.pool, round, 1).await);
+        round += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    published(&env, before.1.len(), Duration::from_secs(60)).await;
+    wait_slot_confirmed_through_last_checkpoint(&env, Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+    let (confirmed, _) = env.slot_positions().await;
+    let confirmed = confirmed.expect("the slot is confirmed");
+    let started = Instant::now();
+    loop {
+        let synced: Option<bool> = sqlx::query_scalar(
+            "SELECT synced AND NOT temporary AND confirmed_flush_lsn >= $2::text::pg_lsn \
+             FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(env.slot_name())
+        .bind(format!(
+            "{:X}/{:X}",
+            (confirmed as u64) >> 32,
+            (confirmed as u64) & 0xFFFF_FFFF
+        ))
+        .fetch_optional(&standby)
+        .await
+        .expect("read the standby's slots");
+        if synced == Some(true) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the standby did not synchronise the slot ({synced:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    standby.close().await;
+    pair.crash_primary().await;
+    pair.promote().await;
+    env.move_to(&pair.primary_url).await;
+
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let (order, ids) = merge(before, write(&env.pool, 1000, 3).await);
+    let records = published(&env, ids.len(), Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    assert_exactly_once_in_order(&records, &ids, &order);
+}
