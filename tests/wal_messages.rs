@@ -673,3 +673,231 @@ async fn wait_slot_confirmed_through_last_checkpoint(env: &TestEnv, limit: Durat
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Two failovers in a row, the relay down during both. The old primary,
+/// with everything the relay published, is promoted (timeline 2, forking
+/// from 1 past the checkpoint); the lagging standby learns of timeline 2
+/// (its history file, as from a shared WAL archive) while still behind
+/// the checkpoint and is promoted before catching up (timeline 3, forking
+/// from 2 below the checkpoint). Timeline 3 shares timeline 1's history
+/// only up to the later fork, though timeline 1's own switchpoint lies
+/// past the checkpoint: every message the new primary commits from then
+/// on must be published, none taken for one the checkpoint names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_two_failovers_the_second_from_behind_the_checkpoint_new_messages_are_not_skipped() {
+    use crate::support::pg_pair::PgPair;
+    let mut pair = PgPair::start("msg-two-forks").await;
+    let mut env = TestEnv::new_on(&pair.primary_url, "wal-msg-two-forks", Mode::Replication).await;
+    env.use_messages().await;
+    let no_wait = |env: &TestEnv| {
+        env.replace_in_config(
+            "  source: messages\n",
+            "  source: messages\n  wait_for_sync_standbys: false\n",
+        )
+    };
+    no_wait(&env);
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let (_, before) = write(&env.pool, 0, 3).await;
+    published(&env, before.len(), Duration::from_secs(60)).await;
+
+    // The standby stops (at Q); a big transaction with one event commits
+    // on the primary and is published: the checkpoint lies 8 MB past Q.
+    pair.stop_standby().await;
+    let writer = {
+        let pool = env.pool.clone();
+        tokio::spawn(async move {
+            let mut transaction = pool.begin().await?;
+            sqlx::query(
+                "SELECT pg_logical_emit_message(true, 'filler', repeat('x', 8 * 1024 * 1024))",
+            )
+            .execute(&mut *transaction)
+            .await?;
+            let id: String = sqlx::query_scalar(
+                "SELECT outboxd_emit('Order', 'held', 'OrderChanged', '{\"n\": -1}')::text",
+            )
+            .fetch_one(&mut *transaction)
+            .await?;
+            transaction.commit().await?;
+            Ok::<String, sqlx::Error>(id)
+        })
+    };
+    let started = Instant::now();
+    while ids_published(&env).await.len() < before.len() + 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the held transaction was not published with the wait turned off"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    relay.stop().await.expect("relay stops cleanly");
+    pair.crash_primary().await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), writer).await;
+    // Failover one: the old primary itself comes back as timeline 2, with
+    // everything (its fork lies past the checkpoint), and fails again.
+    pair.fork_crashed_primary().await;
+    // Failover two: the standby, still at Q, follows timeline 2 and is
+    // promoted before it fetched anything more: timeline 3 forks at Q.
+    pair.start_standby().await;
+    pair.promote().await;
+    env.move_to(&pair.primary_url).await;
+    no_wait(&env);
+
+    // No slot on the new primary: refused; the operator creates it again
+    // and starts the relay, accepting the position it names if refused.
+    let refused = InProcessRelay::start(env.config())
+        .finished(Duration::from_secs(60))
+        .await
+        .expect_err("the lost slot stops the relay");
+    assert_eq!(refused.cause, outboxd::Cause::SlotLost, "{refused}");
+    outboxd::migrate::apply_messages(&env.setup())
+        .await
+        .expect("migrate creates the slot again");
+    let relay = InProcessRelay::start(env.config());
+    let started = Instant::now();
+    let relay = loop {
+        if relay.is_finished() {
+            let refused = relay
+                .finished(Duration::from_secs(5))
+                .await
+                .expect_err("a relay that ended by itself was refused");
+            assert_eq!(refused.cause, outboxd::Cause::SlotLost, "{refused}");
+            let accept = refused
+                .message
+                .split("accept_message_loss_through: '")
+                .nth(1)
+                .and_then(|rest| rest.split('\'').next())
+                .unwrap_or_else(|| panic!("no position to accept in: {refused}"))
+                .to_string();
+            env.replace_in_config(
+                "  source: messages\n",
+                &format!("  source: messages\n  accept_message_loss_through: '{accept}'\n"),
+            );
+            let relay = InProcessRelay::start(env.config());
+            env.wait_streaming(Duration::from_secs(60)).await;
+            break relay;
+        }
+        let streaming: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_replication \
+             WHERE application_name = $1 AND state IN ('catchup', 'streaming'))",
+        )
+        .bind(format!("outboxd-{}", env.relay_name()))
+        .fetch_one(&env.pool)
+        .await
+        .expect("read pg_stat_replication");
+        if streaming {
+            break relay;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the relay neither streamed nor stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The new primary's commits from now on (below the old checkpoint's
+    // commit LSN, which timeline 3 never had): each must reach Kafka.
+    let (_, after) = write(&env.pool, 1, 3).await;
+    let started = Instant::now();
+    let missing = loop {
+        let in_kafka = ids_published(&env).await;
+        let missing: Vec<&String> = after.iter().filter(|id| !in_kafka.contains(*id)).collect();
+        if missing.is_empty() || started.elapsed() > Duration::from_secs(30) {
+            break missing.len();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    relay.stop().await.expect("relay stops cleanly");
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} events the new primary committed after the relay started were never \
+         published",
+        after.len()
+    );
+}
+
+/// PostgreSQL 17+ (failover slots; `make test-pg PG=17` runs it). A
+/// failover to a standby that had everything: a new timeline that forks
+/// past the checkpoint, with the relay's slot synchronised. The relay must
+/// stream on from that slot without a refusal, publishing nothing twice
+/// and every message the new primary commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs PostgreSQL 17+ (failover slots): make test-pg PG=17 or PG=18 runs it"]
+async fn after_a_failover_to_a_standby_with_everything_the_synced_slot_streams_on_exactly_once() {
+    use crate::support::pg_pair::{PairOption, PgPair};
+    let mut pair = PgPair::start_with("msg-ahead", &[PairOption::FailoverSlots]).await;
+    let mut env = TestEnv::new_on(&pair.primary_url, "wal-msg-ahead", Mode::Replication).await;
+    env.use_messages().await;
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let mut before = write(&env.pool, 0, 5).await;
+    // A slot's first synchronisation waits until the primary's copy moves
+    // past what the standby holds, and a message slot moves only with
+    // published messages: keep them coming until the standby's copy is
+    // no longer temporary.
+    let standby = sqlx::PgPool::connect(pair.standby())
+        .await
+        .expect("standby");
+    let started = Instant::now();
+    let mut round = 10;
+    loop {
+        let persisted: Option<bool> = sqlx::query_scalar(
+            "SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(env.slot_name())
+        .fetch_optional(&standby)
+        .await
+        .expect("read the standby's slots");
+        if persisted == Some(true) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "the standby never persisted the synchronised slot ({persisted:?})"
+        );
+        before = merge(before, write(&env.pool, round, 1).await);
+        round += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    published(&env, before.1.len(), Duration::from_secs(60)).await;
+    wait_slot_confirmed_through_last_checkpoint(&env, Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+    let (confirmed, _) = env.slot_positions().await;
+    let confirmed = confirmed.expect("the slot is confirmed");
+    let started = Instant::now();
+    loop {
+        let synced: Option<bool> = sqlx::query_scalar(
+            "SELECT synced AND NOT temporary AND confirmed_flush_lsn >= $2::text::pg_lsn \
+             FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(env.slot_name())
+        .bind(format!(
+            "{:X}/{:X}",
+            (confirmed as u64) >> 32,
+            (confirmed as u64) & 0xFFFF_FFFF
+        ))
+        .fetch_optional(&standby)
+        .await
+        .expect("read the standby's slots");
+        if synced == Some(true) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the standby did not synchronise the slot ({synced:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    standby.close().await;
+    pair.crash_primary().await;
+    pair.promote().await;
+    env.move_to(&pair.primary_url).await;
+
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let (order, ids) = merge(before, write(&env.pool, 1000, 3).await);
+    let records = published(&env, ids.len(), Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    assert_exactly_once_in_order(&records, &ids, &order);
+}

@@ -17,6 +17,13 @@
 #   pg-pair.sh new-standby DIR     after a promotion: base-backup a new
 #                                  standby from the promoted server, make it
 #                                  the synchronous one, write DIR/env
+#   pg-pair.sh fork-crashed-primary DIR
+#                                  after crash-primary: start the old
+#                                  primary in recovery with nothing to
+#                                  stream from, promote it (a new timeline
+#                                  holding all it had), stop it, and give
+#                                  its timeline history file to the standby
+#                                  (as a shared WAL archive would)
 #
 # OPTIONS (remembered for every later standby of the pair):
 #   --strict          a standby, once promoted, waits for the next standby
@@ -43,7 +50,7 @@ set -euo pipefail
 # shellcheck source=stack.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/stack.sh"
 
-usage() { sed -n '2,39s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+usage() { sed -n '2,46s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 
 # A client tool: the server's own when it has one, else Debian's newest.
 client_tool() {
@@ -325,6 +332,31 @@ promote() {
     say "standby promoted: 127.0.0.1:$port takes writes"
 }
 
+fork_crashed_primary() {
+    local node data port standby i history bin
+    node=$(primary_node)
+    data=$(node_data "$node")
+    port=$(node_port "$node")
+    standby=$(standby_node)
+    bin=$(pg_bin "$PAIR")
+    [[ ! -s "$PAIR/$node.pid" ]] || die "the primary $node still runs (run: $0 crash-primary $PAIR)"
+    as_pg touch "$data/standby.signal"
+    start_node "$node"
+    as_pg "$bin/pg_ctl" -D "$data" -w -t 60 promote >/dev/null 2>&1 \
+        || die_with_log "$PAIR/$node/postgres.log" "the old primary was not promoted"
+    for ((i = 0; i < 240; i++)); do
+        [[ $(psql_at "$port" "SELECT pg_is_in_recovery()") == f ]] && break
+        sleep 0.25
+    done
+    [[ $(psql_at "$port" "SELECT pg_is_in_recovery()") == f ]] \
+        || die_with_log "$PAIR/$node/postgres.log" "the promoted old primary still reports recovery"
+    history=$(ls "$data/pg_wal"/*.history | sort | tail -n 1)
+    crash_primary
+    cp "$history" "$(node_data "$standby")/pg_wal/"
+    [[ $EUID -eq 0 ]] && chown postgres: "$(node_data "$standby")/pg_wal/$(basename "$history")"
+    say "the old primary forked $(basename "$history") and stopped; the standby has the history file"
+}
+
 new_standby() {
     [[ ! -s "$PAIR/standby.node" ]] || die "the pair in $PAIR has a standby already"
     local primary
@@ -345,6 +377,7 @@ pair_main() {
         crash-primary) crash_primary ;;
         promote) promote ;;
         new-standby) new_standby ;;
+        fork-crashed-primary) fork_crashed_primary ;;
         *) usage ;;
     esac
 }

@@ -47,7 +47,7 @@ pub fn position_on_this_timeline(
     // A timeline not among this one's ancestors forked from nothing we can
     // name: no position of it holds here.
     let fork = history
-        .and_then(|history| switchpoint_of(history, written_on))
+        .and_then(|history| fork_from(history, written_on))
         .unwrap_or(Lsn(0));
     if published.commit_lsn < fork {
         return unchanged;
@@ -72,15 +72,29 @@ pub fn position_on_this_timeline(
     }
 }
 
-/// Where `timeline` ended in a timeline history file: the lines are
-/// `<parent timeline> <switchpoint LSN> <reason>`, one per ancestor.
-fn switchpoint_of(history: &str, timeline: u32) -> Option<Lsn> {
-    history.lines().find_map(|line| {
+/// Where this server's history parts from `timeline`'s, read from this
+/// server's timeline history file: the lines are `<parent timeline>
+/// <switchpoint LSN> <reason>`, one per ancestor, oldest first. Not just
+/// `timeline`'s own switchpoint: a later ancestor may have forked from
+/// the one after it below that point (a standby that had followed the
+/// newer timeline, promoted before it replayed up to where `timeline`
+/// ended), and from there on this server has other WAL. So the lowest
+/// switchpoint from `timeline`'s line on.
+fn fork_from(history: &str, timeline: u32) -> Option<Lsn> {
+    let mut fork: Option<Lsn> = None;
+    for line in history.lines() {
         let mut fields = line.split_whitespace();
-        let parent: u32 = fields.next()?.parse().ok()?;
-        let switchpoint: Lsn = fields.next()?.parse().ok()?;
-        (parent == timeline).then_some(switchpoint)
-    })
+        let (Some(Ok(parent)), Some(Ok(switchpoint))) = (
+            fields.next().map(str::parse::<u32>),
+            fields.next().map(str::parse::<Lsn>),
+        ) else {
+            continue;
+        };
+        if fork.is_some() || parent == timeline {
+            fork = Some(fork.map_or(switchpoint, |fork| fork.min(switchpoint)));
+        }
+    }
+    fork
 }
 
 #[cfg(test)]
@@ -135,6 +149,22 @@ mod tests {
         // From timeline 1, which ended at 0/3000000.
         let on = position_on_this_timeline(at(0x3000000, 0), Some(1), 3, Some(HISTORY_OF_3));
         assert_eq!(on.forked_at, Some(Lsn(0x3000000)));
+    }
+
+    #[test]
+    fn a_later_fork_below_the_checkpoints_timeline_end_cuts_back_to_it() {
+        // Timeline 2 forked from 1 at 0/5000000; timeline 3 from 2 at
+        // 0/3000000, below it (a standby that followed 2 while behind,
+        // promoted before catching up): 3 shares 1's history only up to
+        // 0/3000000.
+        let history = "1\t0/5000000\tno recovery target specified\n\n\
+                       2\t0/3000000\tno recovery target specified\n";
+        let on = position_on_this_timeline(at(0x4000000, 1), Some(1), 3, Some(history));
+        assert_eq!(on.forked_at, Some(Lsn(0x3000000)));
+        assert_eq!(on.position, at(0x2FFFFFF, u32::MAX));
+        let before = position_on_this_timeline(at(0x2000000, 1), Some(1), 3, Some(history));
+        assert_eq!(before.position, at(0x2000000, 1));
+        assert_eq!(before.forked_at, None);
     }
 
     #[test]

@@ -109,6 +109,15 @@ impl PgPair {
         run_script("crash-primary", &self.dir).await;
     }
 
+    /// After `crash_primary`: the old primary starts in recovery with
+    /// nothing to stream from and is promoted alone (a new timeline holding
+    /// everything it had), then stops; the standby gets that timeline's
+    /// history file, as from a shared WAL archive, and follows it when it
+    /// starts.
+    pub async fn fork_crashed_primary(&self) {
+        run_script("fork-crashed-primary", &self.dir).await;
+    }
+
     /// Promotes the standby; returns once it takes writes. It is the
     /// primary from now on (`primary_url`), and the pair has no standby.
     pub async fn promote(&mut self) {

@@ -475,17 +475,17 @@ async fn messages_confirm_only_to_the_commit_of_what_was_published() {
         .await;
     relay.publisher_free().await;
     let first = relay.expect_batch();
-    // seq is each message's LSN; confirming stops at the commit LSN, not
-    // the end of the commit record, so the slot never passes the
-    // checkpoint's position.
-    assert_eq!(first, batch(&[150, 160], Some(200)));
+    // seq is each message's LSN; confirming stops one byte inside the
+    // commit record (`capture::stream::just_inside`), not at its end, so
+    // the slot never passes the checkpoint's position.
+    assert_eq!(first, batch(&[150, 160], Some(201)));
     relay.acknowledge(&first).await;
-    assert_eq!(relay.confirmed(), Some(Lsn(200)));
+    assert_eq!(relay.confirmed(), Some(Lsn(201)));
 
     // Transactions without our messages and keepalives confirm nothing.
     relay.stream(transaction(300, 310, &[])).await;
     relay.stream(vec![keepalive(400)]).await;
-    assert_eq!(relay.confirmed(), Some(Lsn(200)));
+    assert_eq!(relay.confirmed(), Some(Lsn(201)));
 
     // A non-transactional message is a (poison) event confirmed inside
     // its own record, one byte before its LSN, where a commit record that
