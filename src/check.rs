@@ -301,30 +301,29 @@ async fn check_messages(setup: &Setup, connection: &mut PgConnection, findings: 
     // As the relay does: the checkpoint's position only as far as it holds
     // on this server's timeline (`capture::message_timeline`).
     let position = match &latest {
-        Some(latest) if latest.timeline.is_some() => {
+        Some(latest) if latest.timeline.is_some() || latest.system_identifier.is_some() => {
             let probe = crate::capture::wire::StreamTarget {
                 slot: slot_name.clone(),
                 publication: config.postgres.publication.clone(),
                 confirmed_flush: crate::postgres::lsn::Lsn(0),
                 application_name: format!("outboxd-{}", config.relay.name),
             };
-            match crate::capture::wire::timeline(&config.postgres.url, &probe).await {
-                Ok((timeline, history)) => {
-                    let on = crate::capture::message_timeline::position_on_this_timeline(
-                        latest.position,
-                        latest.timeline,
-                        timeline,
-                        history.as_deref(),
-                    );
+            match crate::capture::wire::wal_history(&config.postgres.url, &probe).await {
+                Ok(wal) => {
+                    let on = wal.position_of(latest);
                     if let Some(fork) = on.forked_at {
                         findings.push(
                             Status::Warning,
                             "timeline",
                             format!(
-                                "this server (timeline {timeline}) forked from the checkpoint's \
-                                 timeline {} at {fork}, before the checkpoint's position: messages \
-                                 published after {fork} are in Kafka but not on this server; the \
-                                 slot is judged from the fork",
+                                "this server (system {}, timeline {}) parts from the WAL history \
+                                 the checkpoint was written on (system {}, timeline {}) at \
+                                 {fork}, before the checkpoint's position: messages published \
+                                 after {fork} are in Kafka but not on this server; the slot is \
+                                 judged from {fork}",
+                                wal.system_identifier,
+                                wal.timeline,
+                                latest.system_identifier.as_deref().unwrap_or("?"),
                                 latest.timeline.unwrap_or_default()
                             ),
                         );

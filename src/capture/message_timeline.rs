@@ -12,7 +12,48 @@
 //! the new primary never had, which no relay can take back.
 
 use crate::event::SourcePosition;
+use crate::kafka::checkpoint::Checkpoint;
 use crate::postgres::lsn::Lsn;
+
+/// What the server streamed from says about its WAL's history
+/// (`IDENTIFY_SYSTEM`, `TIMELINE_HISTORY`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalHistory {
+    /// The cluster's system identifier: another cluster (a dump restored
+    /// elsewhere, a new server) shares no WAL history with this one, even
+    /// on the same timeline number.
+    pub system_identifier: String,
+    pub timeline: u32,
+    /// The timeline's history file; `None` for timeline 1.
+    pub history: Option<String>,
+}
+
+impl WalHistory {
+    /// `checkpoint`'s position as it holds on this server: cut back to
+    /// nothing on another cluster, to the fork on a forked timeline.
+    /// Checkpoints that recorded neither are taken as written here.
+    pub fn position_of(&self, checkpoint: &Checkpoint) -> OnThisTimeline {
+        let other_cluster = checkpoint
+            .system_identifier
+            .as_deref()
+            .is_some_and(|written_on| written_on != self.system_identifier);
+        if other_cluster && checkpoint.position.is_some() {
+            return OnThisTimeline {
+                position: Some(SourcePosition {
+                    commit_lsn: Lsn(0),
+                    index: 0,
+                }),
+                forked_at: Some(Lsn(0)),
+            };
+        }
+        position_on_this_timeline(
+            checkpoint.position,
+            checkpoint.timeline,
+            self.timeline,
+            self.history.as_deref(),
+        )
+    }
+}
 
 /// The position of a checkpoint as it holds on the current timeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,5 +215,25 @@ mod tests {
         assert_eq!(on.forked_at, Some(Lsn(0)));
         let on = position_on_this_timeline(at(0x1000, 0), Some(2), 1, None);
         assert_eq!(on.position, at(0, 0));
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_cluster_keeps_no_position() {
+        let here = WalHistory {
+            system_identifier: "7000".into(),
+            timeline: 1,
+            history: None,
+        };
+        let mut checkpoint = Checkpoint::new("messages:outboxd", None, &[], &[], at(0x9000, 1));
+        checkpoint.timeline = Some(1);
+        // Recorded on this cluster, or not recorded: as written.
+        assert_eq!(here.position_of(&checkpoint).position, at(0x9000, 1));
+        checkpoint.system_identifier = Some("7000".into());
+        assert_eq!(here.position_of(&checkpoint).position, at(0x9000, 1));
+        // Another cluster, same timeline number: nothing of it holds here.
+        checkpoint.system_identifier = Some("8000".into());
+        let on = here.position_of(&checkpoint);
+        assert_eq!(on.position, at(0, 0));
+        assert_eq!(on.forked_at, Some(Lsn(0)));
     }
 }

@@ -160,11 +160,14 @@ pub async fn enable_failover(postgres_url: &str, target: &StreamTarget) -> Resul
     outcome
 }
 
-/// The server's current timeline and, past timeline 1, its history file
-/// (`capture::message_timeline`): IDENTIFY_SYSTEM and TIMELINE_HISTORY,
-/// which only the replication protocol has, on a session of their own
-/// that ends before any START_REPLICATION.
-pub async fn timeline(postgres_url: &str, target: &StreamTarget) -> Result<(u32, Option<String>)> {
+/// The server's system identifier, current timeline and, past timeline
+/// 1, its history file (`capture::message_timeline`): IDENTIFY_SYSTEM and
+/// TIMELINE_HISTORY, which only the replication protocol has, on a session
+/// of their own that ends before any START_REPLICATION.
+pub async fn wal_history(
+    postgres_url: &str,
+    target: &StreamTarget,
+) -> Result<crate::capture::message_timeline::WalHistory> {
     let config = replication_config(postgres_url, target)?;
     let mut client = ReplicationClient::connect_gated(config)
         .await
@@ -174,17 +177,20 @@ pub async fn timeline(postgres_url: &str, target: &StreamTarget) -> Result<(u32,
             .identify_system()
             .await
             .map_err(|e| wire_error("reading the server's timeline (IDENTIFY_SYSTEM)", e))?;
-        if system.timeline <= 1 {
-            return Ok((system.timeline, None));
-        }
-        let history = client
-            .timeline_history(system.timeline)
-            .await
-            .map_err(|e| wire_error("reading the timeline's history (TIMELINE_HISTORY)", e))?;
-        Ok((
-            system.timeline,
-            Some(String::from_utf8_lossy(&history.content).into_owned()),
-        ))
+        let history = match system.timeline {
+            0 | 1 => None,
+            timeline => {
+                let file = client.timeline_history(timeline).await.map_err(|e| {
+                    wire_error("reading the timeline's history (TIMELINE_HISTORY)", e)
+                })?;
+                Some(String::from_utf8_lossy(&file.content).into_owned())
+            }
+        };
+        Ok(crate::capture::message_timeline::WalHistory {
+            system_identifier: system.system_id,
+            timeline: system.timeline,
+            history,
+        })
     }
     .await;
     // Dropping a gated client before it started ends the session.

@@ -136,6 +136,11 @@ pub struct Checkpoint {
     /// checkpoints and earlier releases' (taken as the current timeline).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeline: Option<u32>,
+    /// The system identifier of the cluster `position` was read on
+    /// (WAL-message outboxes; `IDENTIFY_SYSTEM`, which needs no grant):
+    /// positions of another cluster name other transactions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_identifier: Option<String>,
 }
 
 /// A row's identity in a checkpoint: 48 bits of FNV-1a over its event id.
@@ -186,12 +191,17 @@ impl Checkpoint {
             position,
             ids: None,
             timeline: None,
+            system_identifier: None,
         }
     }
 
-    /// Records the timeline the position was read on.
-    pub fn on_timeline(mut self, timeline: Option<u32>) -> Checkpoint {
-        self.timeline = timeline;
+    /// Records the cluster and timeline the position was read on.
+    pub fn read_on(
+        mut self,
+        wal: Option<&crate::capture::message_timeline::WalHistory>,
+    ) -> Checkpoint {
+        self.timeline = wal.map(|wal| wal.timeline);
+        self.system_identifier = wal.map(|wal| wal.system_identifier.clone());
         self
     }
 

@@ -74,9 +74,9 @@ pub struct Deliverer<'a> {
     progress: Progress,
     last_progress_log: Instant,
     metrics: &'a Metrics,
-    /// The server timeline of the positions this session publishes, for
-    /// a WAL-message outbox's checkpoints (`capture::message_timeline`).
-    timeline: Option<u32>,
+    /// The cluster and timeline of the positions this session publishes,
+    /// for a WAL-message outbox's checkpoints (`capture::message_timeline`).
+    wal: Option<crate::capture::message_timeline::WalHistory>,
 }
 
 impl<'a> Deliverer<'a> {
@@ -102,13 +102,14 @@ impl<'a> Deliverer<'a> {
             progress: Progress::default(),
             last_progress_log: Instant::now(),
             metrics,
-            timeline: None,
+            wal: None,
         }
     }
 
-    /// Every checkpoint from now on names `timeline` as its position's.
-    pub(super) fn set_timeline(&mut self, timeline: u32) {
-        self.timeline = Some(timeline);
+    /// Every checkpoint from now on names `wal`'s cluster and timeline as
+    /// its position's.
+    pub(super) fn set_wal_history(&mut self, wal: crate::capture::message_timeline::WalHistory) {
+        self.wal = Some(wal);
     }
 
     /// Publishes `events` and a checkpoint naming them and every batch in
@@ -190,7 +191,7 @@ impl<'a> Deliverer<'a> {
                 &dead_lettered,
                 position,
             )
-            .on_timeline(self.timeline)
+            .read_on(self.wal.as_ref())
             .with_row_ids(|seq| row_ids.get(&seq).copied().or_else(|| window.row_id(seq)));
             let started = Instant::now();
             match self.publisher.publish(&batch.records, &checkpoint).await {

@@ -35,7 +35,6 @@
 
 use super::*;
 use crate::capture::message_slot::{judge, Verdict};
-use crate::capture::message_timeline::position_on_this_timeline;
 use crate::postgres::lsn::Lsn;
 
 /// Runs until shutdown or the first failure.
@@ -154,28 +153,26 @@ async fn position_on_this_server(
         confirmed_flush: Lsn(0),
         application_name: format!("outboxd-{}", config.relay.name),
     };
-    let (timeline, history) = crate::capture::wire::timeline(&config.postgres.url, &probe).await?;
-    session.deliverer.set_timeline(timeline);
-    let on = position_on_this_timeline(
-        latest.position,
-        latest.timeline,
-        timeline,
-        history.as_deref(),
-    );
+    let wal = crate::capture::wire::wal_history(&config.postgres.url, &probe).await?;
+    let on = wal.position_of(latest);
     if let Some(fork) = on.forked_at {
         tracing::error!(
             slot = slot_name,
             checkpoint_timeline = latest.timeline,
-            timeline,
+            checkpoint_system = latest.system_identifier.as_deref(),
+            timeline = wal.timeline,
+            system = %wal.system_identifier,
             forked_at = %fork,
             checkpoint_position = latest.position.map(|p| p.to_string()),
-            "this server's timeline forked from the one the last checkpoint was written on \
-             before its position (a standby promoted without the last commits, or a restore): \
-             messages published after {fork} are in Kafka but not on this server, and positions \
-             from {fork} on are other transactions here. Judging the slot and skipping replays \
-             only up to the fork, so no message committed on this server is skipped"
+            "this server's WAL history parts from the one the last checkpoint was written on \
+             before its position (a standby promoted without the last commits, a restore, or \
+             another cluster): messages published after {fork} are in Kafka but not on this \
+             server, and positions from {fork} on are other transactions here. Judging the slot \
+             and skipping replays only up to {fork}, so no message committed on this server is \
+             skipped"
         );
     }
+    session.deliverer.set_wal_history(wal);
     Ok(on.position)
 }
 
