@@ -51,7 +51,10 @@ impl Acknowledger {
         Acknowledger {
             table_name: table.display_name(),
             published_sql: match after_publish {
-                AfterPublish::Mark => table.mark_sent_sql(),
+                // `none` writes nothing for streamed rows (their stream
+                // acknowledges `without_table`); the catch-up drain and the
+                // takeover still mark the rows they publish.
+                AfterPublish::Mark | AfterPublish::None => table.mark_sent_sql(),
                 AfterPublish::Delete => table.delete_sql(),
             },
             dead_lettered_sql: table.mark_sent_sql(),

@@ -185,6 +185,9 @@ async fn check_postgres(setup: &Setup, findings: &mut Findings) {
         }
     }
     check_capture(config, &mut connection, table, findings).await;
+    if config.unmarked() {
+        check_slot_against_checkpoint(setup, &mut connection, findings).await;
+    }
     check_identity(&mut connection, findings).await;
     check_insert_only(&mut connection, table, findings).await;
     check_replay_record(&mut connection, table, findings).await;
@@ -196,7 +199,6 @@ async fn check_postgres(setup: &Setup, findings: &mut Findings) {
 /// fails exactly where the relay would refuse to start.
 async fn check_messages(setup: &Setup, connection: &mut PgConnection, findings: &mut Findings) {
     use crate::capture::message_encoding::{function_emits_prefix, EMIT_FUNCTION};
-    use crate::capture::message_slot::{judge, Verdict};
     let config = &setup.config;
     findings.push(
         Status::Ok,
@@ -254,12 +256,32 @@ async fn check_messages(setup: &Setup, connection: &mut PgConnection, findings: 
         ),
         Err(e) => findings.push(Status::Failed, "emit function", e.to_string()),
     }
+    check_slot_against_checkpoint(setup, connection, findings).await;
+}
+
+/// Where the slot is the only record of what is published (messages, and
+/// unmarked rows once any was published): judges it against the latest
+/// checkpoint by the relay's own start rule (`capture::message_slot`), so
+/// `check` fails exactly where the relay would refuse to start.
+async fn check_slot_against_checkpoint(
+    setup: &Setup,
+    connection: &mut PgConnection,
+    findings: &mut Findings,
+) {
+    use crate::capture::message_slot::{judge, Kept, Verdict};
+    let config = &setup.config;
     let slot_name = config.slot_name();
     let existing = match slot::inspect(connection, &slot_name).await {
         Ok(existing) => existing,
         Err(e) => return findings.push(Status::Failed, "slot", e.message),
     };
     let source = match crate::schema::database_source(connection).await {
+        Ok(None) if config.unmarked() => {
+            match schema::source_by_replication(config, connection).await {
+                Ok(source) => Some(source),
+                Err(e) => return findings.push(Status::Failed, "slot", e.message),
+            }
+        }
         Ok(source) => source,
         Err(e) => return findings.push(Status::Failed, "slot", e.message),
     };
@@ -342,7 +364,17 @@ async fn check_messages(setup: &Setup, connection: &mut PgConnection, findings: 
         Some(latest) => latest.position,
         None => None,
     };
-    match judge(&slot_name, existing.as_ref(), position, accepted) {
+    let kept = match (
+        config.messages(),
+        latest.as_ref().and_then(|l| l.unmarked_from),
+    ) {
+        (true, _) => Kept::Messages,
+        (false, Some(marked_before)) => Kept::UnmarkedRows { marked_before },
+        // Every published row is marked: the relay starts as a marking
+        // relay does (check_capture reports that slot).
+        (false, None) => return,
+    };
+    match judge(&slot_name, existing.as_ref(), position, accepted, kept) {
         Ok(Verdict::Stream(note)) => findings.push(Status::Ok, "slot", note),
         Ok(Verdict::Accepted(note)) => findings.push(Status::Warning, "slot", note),
         Ok(Verdict::Create) => findings.push(

@@ -46,9 +46,10 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     mut stop: Shutdown,
 ) -> tokio::task::JoinHandle<()> {
-    // A WAL-message outbox has no rows to count: its backlog is the WAL
-    // the slot holds (`outboxd_slot_retained_bytes`), sampled below.
-    let lag_sql = if config.messages() {
+    // A WAL-message outbox has no rows to count, and unmarked rows all
+    // look pending: the backlog is the WAL the slot holds
+    // (`outboxd_slot_retained_bytes`), sampled below.
+    let lag_sql = if !config.rows_show_pending() {
         "SELECT 0::bigint, 0::float8".to_string()
     } else {
         table.lag_sql()

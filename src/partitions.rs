@@ -13,6 +13,7 @@ use std::time::Duration;
 use sqlx::{Connection, PgConnection};
 
 use crate::config::Partitioning;
+use crate::postgres::lsn::Lsn;
 use crate::table::{quote_ident, OutboxTable};
 
 /// Longest wait for a lock on the outbox table: the services' inserts queue
@@ -134,8 +135,12 @@ fn utc_parts(epoch: i64) -> (String, i64, i64) {
 pub struct Upkeep {
     pub created: Vec<String>,
     pub dropped: Vec<String>,
-    /// Old partitions kept because they still hold unsent rows.
+    /// Old partitions kept because they still hold unsent rows (or, for
+    /// unmarked rows, rows of a transaction that wrote after they expired).
     pub kept_unsent: Vec<String>,
+    /// Old partitions of unmarked rows on their way out, waiting for
+    /// transactions to end or for the stream to pass them.
+    pub closing: Vec<String>,
 }
 
 /// A transaction whose lock waits give up after `LOCK_TIMEOUT`.
@@ -247,6 +252,25 @@ pub async fn create_ahead(
     Ok(created)
 }
 
+/// The partitions whose upper bound is more than `older_than` ago. A NULL
+/// upper bound (DEFAULT, MAXVALUE) never expires.
+async fn expired_partitions(
+    connection: &mut PgConnection,
+    table: &OutboxTable,
+    older_than: Duration,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT c.oid::regclass::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = to_regclass($1) \
+         AND {UPPER_BOUND_SQL} < now() - make_interval(secs => $2) \
+         ORDER BY 1"
+    ))
+    .bind(table.qualified())
+    .bind(older_than.as_secs_f64())
+    .fetch_all(&mut *connection)
+    .await
+}
+
 /// Drops every partition whose upper bound is more than `older_than` ago
 /// and that holds no unsent row. A partition whose lock is not free within
 /// the lock timeout is left for the next round.
@@ -256,17 +280,7 @@ pub async fn drop_expired(
     older_than: Duration,
     upkeep: &mut Upkeep,
 ) -> Result<(), sqlx::Error> {
-    // A NULL upper bound (DEFAULT, MAXVALUE) is never dropped.
-    let expired: Vec<String> = sqlx::query_scalar(&format!(
-        "SELECT c.oid::regclass::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-         WHERE i.inhparent = to_regclass($1) \
-         AND {UPPER_BOUND_SQL} < now() - make_interval(secs => $2) \
-         ORDER BY 1"
-    ))
-    .bind(table.qualified())
-    .bind(older_than.as_secs_f64())
-    .fetch_all(&mut *connection)
-    .await?;
+    let expired = expired_partitions(connection, table, older_than).await?;
     for partition in expired {
         let mut transaction = begin_with_lock_timeout(connection).await?;
         // Detaching locks the parent against every insert, and waits for
@@ -303,6 +317,129 @@ pub async fn drop_expired(
             .await?;
         transaction.commit().await?;
         upkeep.dropped.push(partition);
+    }
+    Ok(())
+}
+
+/// How far an expired partition of unmarked rows is on its way out
+/// ([`drop_expired_unmarked`]), kept by the housekeeping task from one
+/// round to the next. Lost with the process; the next one starts over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closing {
+    /// The transactions running when it expired: every row they or any
+    /// earlier transaction inserted has an xid below `xmax` (a full
+    /// 64-bit xid, as `xid8` text), subtransactions included.
+    Snapshot { xmax: String, running: Vec<String> },
+    /// Every transaction below `xmax` had ended when the WAL reached
+    /// `wal`: so each row with an xid below `xmax` committed before `wal`.
+    Position { xmax: String, wal: Lsn },
+}
+
+/// The retention of a table whose rows are never marked
+/// (`relay.after_publish: none`): drops each partition whose upper bound is
+/// more than `older_than` ago once the stream is clear past every row in
+/// it (`published_through`: every outbox row committed before it is in
+/// Kafka). No mark is read; a partition goes in three rounds at least:
+///
+/// 1. read a snapshot: `xmax` and the transactions running (`Snapshot`);
+/// 2. once every one of those has ended, read the WAL insert position:
+///    every transaction with an xid below `xmax` committed before it
+///    (`Position`);
+/// 3. once the stream is clear past that position, detach the partition
+///    (which waits out every transaction inserting into it, and keeps any
+///    later one out), and drop it unless it holds a row of a transaction
+///    with an xid at or above `xmax` (a late writer with an old
+///    `created_at`): that row may not be in Kafka yet, so the partition is
+///    put back and closed again from step 1.
+///
+/// Invariant: a partition is dropped only when every row it will ever hold
+/// committed before a position the stream is clear past. Xids are compared
+/// with `age()`, which stays right across wraparound for every xid a
+/// running server can still hold unfrozen; a frozen row is old, never late.
+pub async fn drop_expired_unmarked(
+    connection: &mut PgConnection,
+    table: &OutboxTable,
+    older_than: Duration,
+    published_through: Lsn,
+    closing: &mut std::collections::HashMap<String, Closing>,
+    upkeep: &mut Upkeep,
+) -> Result<(), sqlx::Error> {
+    let expired = expired_partitions(connection, table, older_than).await?;
+    closing.retain(|partition, _| expired.contains(partition));
+    for partition in expired {
+        match closing.get(&partition).cloned() {
+            None => {
+                let (xmax, running): (String, Vec<String>) = sqlx::query_as(
+                    "SELECT pg_snapshot_xmax(s)::text, \
+                            ARRAY(SELECT x::text FROM pg_snapshot_xip(s) AS x) \
+                     FROM pg_current_snapshot() AS s",
+                )
+                .fetch_one(&mut *connection)
+                .await?;
+                closing.insert(partition.clone(), Closing::Snapshot { xmax, running });
+                upkeep.closing.push(partition);
+            }
+            Some(Closing::Snapshot { xmax, running }) => {
+                // Read the position only once the running ones have ended:
+                // one of them may commit rows into the partition later.
+                let (all_ended, wal): (bool, String) = sqlx::query_as(
+                    "SELECT coalesce(bool_and(pg_xact_status(x::xid8) IS DISTINCT FROM \
+                                              'in progress'), true), \
+                            pg_current_wal_insert_lsn()::text \
+                     FROM unnest($1::text[]) AS x",
+                )
+                .bind(&running)
+                .fetch_one(&mut *connection)
+                .await?;
+                if all_ended {
+                    let wal = wal
+                        .parse::<Lsn>()
+                        .map_err(|e| sqlx::Error::Decode(e.into()))?;
+                    closing.insert(partition.clone(), Closing::Position { xmax, wal });
+                }
+                upkeep.closing.push(partition);
+            }
+            Some(Closing::Position { wal, .. }) if published_through < wal => {
+                upkeep.closing.push(partition);
+            }
+            Some(Closing::Position { xmax, .. }) => {
+                let mut transaction = begin_with_lock_timeout(connection).await?;
+                let detached = sqlx::query(&format!(
+                    "ALTER TABLE {} DETACH PARTITION {partition}",
+                    table.qualified()
+                ))
+                .execute(&mut *transaction)
+                .await;
+                match detached {
+                    Ok(_) => {}
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                        tracing::debug!(%partition, "partition busy; dropping it next round");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+                // `xmax` as a 32-bit xid: its low 32 bits, as `xmin` is.
+                let holds_late_rows: bool = sqlx::query_scalar(&format!(
+                    "SELECT EXISTS (SELECT 1 FROM {partition} \
+                     WHERE age(xmin) <= age(($1::text::numeric % 4294967296)::text::xid))"
+                ))
+                .bind(&xmax)
+                .fetch_one(&mut *transaction)
+                .await?;
+                if holds_late_rows {
+                    transaction.rollback().await?;
+                    closing.remove(&partition);
+                    upkeep.kept_unsent.push(partition);
+                    continue;
+                }
+                sqlx::query(&format!("DROP TABLE {partition}"))
+                    .execute(&mut *transaction)
+                    .await?;
+                transaction.commit().await?;
+                closing.remove(&partition);
+                upkeep.dropped.push(partition);
+            }
+        }
     }
     Ok(())
 }

@@ -16,8 +16,30 @@ use tokio::task::JoinHandle;
 
 use crate::config::{AfterPublish, Partitioning};
 use crate::partitions;
+use crate::postgres::lsn::Lsn;
 use crate::shutdown::Shutdown;
 use crate::table::OutboxTable;
+
+/// How far one streaming session is clear: every outbox row committed
+/// before this WAL position is in Kafka. Raised by the stream as batches
+/// are acknowledged and keepalives pass with nothing in flight; read by
+/// the retention of unmarked rows, which drops a partition only once the
+/// stream is clear past every row in it. Zero until the session streams,
+/// and new with every session: after a failover, positions of the old
+/// timeline say nothing about the new one.
+#[derive(Debug, Default)]
+pub struct PublishedThrough(std::sync::atomic::AtomicU64);
+
+impl PublishedThrough {
+    pub fn raise(&self, lsn: Lsn) {
+        self.0
+            .fetch_max(lsn.0, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn get(&self) -> Lsn {
+        Lsn(self.0.load(std::sync::atomic::Ordering::Acquire))
+    }
+}
 
 /// Rows deleted per statement.
 const ROWS_PER_DELETE: i64 = 2_000;
@@ -33,6 +55,8 @@ pub struct Plan {
     /// Set when the live table is partitioned and `postgres.partitioning` says how.
     pub partitioning: Option<Partitioning>,
     pub after_publish: AfterPublish,
+    /// How far the stream is clear (unmarked rows' partitions wait for it).
+    pub published_through: std::sync::Arc<PublishedThrough>,
 }
 
 impl Plan {
@@ -47,7 +71,7 @@ impl Plan {
     fn partitions_expire_after(&self, partitioning: &Partitioning) -> Option<Duration> {
         match self.after_publish {
             AfterPublish::Delete => Some(partitioning.interval),
-            AfterPublish::Mark => self.retention,
+            AfterPublish::Mark | AfterPublish::None => self.retention,
         }
     }
 }
@@ -61,6 +85,7 @@ pub fn spawn(connect_options: PgConnectOptions, plan: Plan, mut stop: Shutdown) 
     tokio::spawn(tracing::Instrument::in_current_span(async move {
         let mut connection: Option<PgConnection> = None;
         let mut first_round = true;
+        let mut closing = std::collections::HashMap::new();
         loop {
             let pause = match first_round && plan.partitioning.is_some() {
                 true => Duration::ZERO,
@@ -80,7 +105,7 @@ pub fn spawn(connect_options: PgConnectOptions, plan: Plan, mut stop: Shutdown) 
                 }
             }
             if let Some(c) = connection.as_mut() {
-                if let Err(error) = round(c, &plan, &stop).await {
+                if let Err(error) = round(c, &plan, &mut closing, &stop).await {
                     tracing::warn!(
                         %error,
                         table = %plan.table.display_name(),
@@ -98,6 +123,7 @@ pub fn spawn(connect_options: PgConnectOptions, plan: Plan, mut stop: Shutdown) 
 async fn round(
     connection: &mut PgConnection,
     plan: &Plan,
+    closing: &mut std::collections::HashMap<String, partitions::Closing>,
     stop: &Shutdown,
 ) -> Result<(), sqlx::Error> {
     let Some(partitioning) = &plan.partitioning else {
@@ -126,10 +152,30 @@ async fn round(
     }
     if let Some(older_than) = plan.partitions_expire_after(partitioning) {
         let mut upkeep = partitions::Upkeep::default();
-        let result =
-            partitions::drop_expired(connection, &plan.table, older_than, &mut upkeep).await;
+        let result = match plan.after_publish {
+            AfterPublish::None => {
+                partitions::drop_expired_unmarked(
+                    connection,
+                    &plan.table,
+                    older_than,
+                    plan.published_through.get(),
+                    closing,
+                    &mut upkeep,
+                )
+                .await
+            }
+            _ => partitions::drop_expired(connection, &plan.table, older_than, &mut upkeep).await,
+        };
         if !upkeep.dropped.is_empty() {
             tracing::info!(dropped = ?upkeep.dropped, ?older_than, "dropped old outbox partitions, all rows sent");
+        }
+        if !upkeep.closing.is_empty() {
+            tracing::debug!(
+                closing = ?upkeep.closing,
+                published_through = %plan.published_through.get(),
+                "old outbox partitions of unmarked rows wait for their writers to end and the \
+                 stream to pass them"
+            );
         }
         if !upkeep.kept_unsent.is_empty() {
             tracing::warn!(

@@ -253,3 +253,27 @@ pub async fn database_source(
         .because(crate::error::Cause::Postgres)),
     }
 }
+
+/// `<system identifier>/<database>` read over a replication connection
+/// (`IDENTIFY_SYSTEM`, which needs no grant), the same text
+/// [`database_source`] reads with `pg_control_system()`. Unmarked rows
+/// (`relay.after_publish: none`) need an identity that does not change
+/// when that grant is given or taken: a new identity finds no checkpoint,
+/// and without one the relay would take rows published unmarked for unsent.
+pub async fn source_by_replication(
+    config: &crate::config::Config,
+    connection: &mut PgConnection,
+) -> crate::error::Result<String> {
+    let probe = crate::capture::wire::StreamTarget {
+        slot: config.slot_name(),
+        publication: config.postgres.publication.clone(),
+        confirmed_flush: crate::postgres::lsn::Lsn(0),
+        application_name: format!("outboxd-{}", config.relay.name),
+    };
+    let wal = crate::capture::wire::wal_history(&config.postgres.url, &probe).await?;
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| crate::error::Error::from_postgres("reading the database's name", e))?;
+    Ok(format!("{}/{database}", wal.system_identifier))
+}

@@ -30,6 +30,10 @@ pub struct Status {
     pub capture_mode: String,
     pub pending_rows: i64,
     pub oldest_unsent_age_seconds: f64,
+    /// `false` where the table cannot show what is pending (WAL messages,
+    /// unmarked rows): the two figures above are then 0, and the slot's
+    /// retained WAL is the backlog.
+    pub pending_counted: bool,
     pub leader: Option<Leader>,
     pub slot: Option<SlotStatus>,
     /// The latest committed checkpoint.
@@ -71,10 +75,11 @@ pub async fn read(setup: &Setup) -> Result<Status> {
         .connect()
         .await
         .map_err(|e| Error::from_postgres("connecting to Postgres", e))?;
-    // A WAL-message outbox has no rows to count (its backlog is the WAL
-    // its slot keeps, below) and names itself `messages:<prefix>`.
+    // A WAL-message outbox has no rows to count, and unmarked rows all
+    // look pending (the backlog is the WAL the slot keeps, below); a
+    // message outbox names itself `messages:<prefix>`.
     let source_name = config.source_name(&table.display_name());
-    let lag_sql = if config.messages() {
+    let lag_sql = if !config.rows_show_pending() {
         "SELECT 0::bigint, 0::float8".to_string()
     } else {
         table.lag_sql()
@@ -123,6 +128,7 @@ pub async fn read(setup: &Setup) -> Result<Status> {
         capture_mode: format!("{:?}", config.capture.mode).to_lowercase(),
         pending_rows: lag.pending_rows,
         oldest_unsent_age_seconds: lag.oldest_unsent_age_seconds,
+        pending_counted: config.rows_show_pending(),
         leader,
         slot,
         last_checkpoint,
@@ -176,11 +182,19 @@ impl std::fmt::Display for Status {
                 "leader      none: no relay holds the lock, nothing is being published"
             )?,
         }
-        writeln!(
-            f,
-            "pending     {} rows, oldest unsent {:.1} s old",
-            self.pending_rows, self.oldest_unsent_age_seconds
-        )?;
+        if self.pending_counted {
+            writeln!(
+                f,
+                "pending     {} rows, oldest unsent {:.1} s old",
+                self.pending_rows, self.oldest_unsent_age_seconds
+            )?;
+        } else {
+            writeln!(
+                f,
+                "pending     not counted (nothing in the table marks what is sent): the WAL the \
+                 slot retains is the backlog"
+            )?;
+        }
         match &self.slot {
             Some(slot) => writeln!(
                 f,

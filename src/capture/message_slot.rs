@@ -1,14 +1,19 @@
-//! Whether a WAL-message outbox's slot still holds every message after
-//! the latest checkpoint: the rule the relay starts by and `outboxd check`
-//! reports.
+//! Whether a slot still holds every event after the latest checkpoint,
+//! where the slot's stream is the only record of what is published: a
+//! WAL-message outbox, and a table whose rows are not marked
+//! (`relay.after_publish: none`). The rule the relay starts by and
+//! `outboxd check` reports.
 //!
-//! Invariant: the verdict is `Stream` or `Create` only where no message
+//! Invariant: the verdict is `Stream` or `Create` only where no event
 //! committed after the checkpoint's position can be missing from the slot
 //! (or the operator accepted the gap by its position, `Accepted`); every
-//! other case is an error saying why messages may be lost and what to do.
+//! other case is an error saying why events may be lost and what to do.
 //! It relies on the relay confirming a slot only up to positions a
-//! committed checkpoint names (`capture::stream`): a slot confirmed past
-//! the checkpoint was moved by someone else.
+//! committed checkpoint names (`capture::stream`, `published_only`): a
+//! slot confirmed past the checkpoint was moved by someone else. Unmarked
+//! rows add one allowance: before `marked_before` every published row is
+//! marked, so a slot confirmed up to there lost nothing the table's marks
+//! cannot tell (the stream filters it, `relay::replication::unmarked`).
 
 use super::slot::SlotInfo;
 use crate::error::{Error, Result};
@@ -26,7 +31,48 @@ pub enum Verdict {
     Create,
 }
 
-/// Whether the slot holds every message after `last_published`, the
+/// Whose record the slot is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// `capture.source: messages`: events live only in the WAL.
+    Messages,
+    /// `relay.after_publish: none`: published rows committed at or after
+    /// `marked_before` may be unmarked (the checkpoint's `unmarked_from`).
+    UnmarkedRows { marked_before: Lsn },
+}
+
+impl Kept {
+    fn events(self) -> &'static str {
+        match self {
+            Kept::Messages => "Messages",
+            Kept::UnmarkedRows { .. } => "Outbox rows",
+        }
+    }
+
+    fn why_lost(self) -> &'static str {
+        match self {
+            Kept::Messages => {
+                "lived only in the WAL that slot kept, so some may be lost for good: there is no \
+                 table to recover them from"
+            }
+            Kept::UnmarkedRows { .. } => {
+                "are still in the table, but with relay.after_publish: none no mark there tells \
+                 them from rows already in Kafka, so the relay cannot find them to publish"
+            }
+        }
+    }
+
+    /// Up to where the relay itself may have confirmed the slot.
+    fn confirmed_at_most(self, published: Option<SourcePosition>) -> Option<Lsn> {
+        let by_checkpoint = published.map(|p| super::stream::just_inside(p.commit_lsn));
+        match self {
+            Kept::Messages => by_checkpoint,
+            Kept::UnmarkedRows { marked_before } => by_checkpoint.max(Some(marked_before)),
+        }
+    }
+}
+
+/// Whether the slot holds every event after `last_published`, the
 /// latest checkpoint's position. `accepted` is
 /// `capture.accept_message_loss_through`. Shared with `outboxd check`.
 pub fn judge(
@@ -34,22 +80,24 @@ pub fn judge(
     slot: Option<&SlotInfo>,
     last_published: Option<SourcePosition>,
     accepted: Option<Lsn>,
+    kept: Kept,
 ) -> Result<Verdict> {
+    let events = kept.events();
     let lost = |why: String| {
         Error::stop(format!(
-            "replication slot `{slot_name}` {why}. Messages committed after the last published \
-             position ({}) lived only in the WAL that slot kept, so some may be lost for good: \
-             there is no table to recover them from, and the relay will not start over a gap \
-             silently. Find out why the slot went; to go on accepting the loss: {}",
+            "replication slot `{slot_name}` {why}. {events} committed after the last published \
+             position ({}) {}, and the relay will not start over a gap silently. Find out why the \
+             slot went; to go on accepting the loss: {}",
             last_published.map_or("none yet".to_string(), |p| p.to_string()),
+            kept.why_lost(),
             how_to_accept(slot_name),
         ))
         .because(crate::error::Cause::SlotLost)
     };
     let Some(slot) = slot else {
-        return match last_published {
-            None => Ok(Verdict::Create),
-            Some(_) => Err(lost(
+        return match (last_published, kept) {
+            (None, Kept::Messages) => Ok(Verdict::Create),
+            _ => Err(lost(
                 "is gone: it was dropped while the relay was not streaming from it (by an \
                  operator, a failover, or a restore)"
                     .into(),
@@ -74,34 +122,50 @@ pub fn judge(
         )));
     }
     let confirmed = slot.confirmed_flush.unwrap_or_default();
-    let Some(published) = last_published else {
-        return Ok(Verdict::Stream(format!(
-            "this relay never published from its slot (no checkpoint position): streaming from \
-             the slot's confirmed position {confirmed}, where it was created unless another \
-             client confirmed it since. Every message committed after that is published"
-        )));
+    let (None, Kept::Messages) = (last_published, kept) else {
+        return judge_published(slot_name, confirmed, last_published, accepted, kept);
     };
+    Ok(Verdict::Stream(format!(
+        "this relay never published from its slot (no checkpoint position): streaming from \
+         the slot's confirmed position {confirmed}, where it was created unless another \
+         client confirmed it since. Every message committed after that is published"
+    )))
+}
+
+/// The slot against a relay that has published from it.
+fn judge_published(
+    slot_name: &str,
+    confirmed: Lsn,
+    published: Option<SourcePosition>,
+    accepted: Option<Lsn>,
+    kept: Kept,
+) -> Result<Verdict> {
+    let events = kept.events().to_lowercase();
+    let published_text = published.map_or("none yet".to_string(), |p| p.to_string());
     // The relay confirms one byte past the checkpoint's commit LSN, inside
     // that commit record (`capture::stream::just_inside`).
-    if confirmed <= super::stream::just_inside(published.commit_lsn) {
+    if kept
+        .confirmed_at_most(published)
+        .is_some_and(|most| confirmed <= most)
+    {
         return Ok(Verdict::Stream(format!(
-            "streaming from {confirmed}; messages up to the checkpoint's position {published} \
+            "streaming from {confirmed}; {events} up to the checkpoint's position {published_text} \
              are in Kafka and skipped when replayed"
         )));
     }
     if accepted.is_some_and(|accepted| confirmed <= accepted) {
         return Ok(Verdict::Accepted(format!(
-            "the slot is confirmed to {confirmed}, past the last published position {published}: \
-             messages committed between them may be lost. capture.accept_message_loss_through \
-             accepts that gap; streaming from {confirmed}. Remove the setting once this relay \
-             has published again"
+            "the slot is confirmed to {confirmed}, past the last published position \
+             {published_text}: {events} committed between them may be lost. \
+             capture.accept_message_loss_through accepts that gap; streaming from {confirmed}. \
+             Remove the setting once this relay has published again"
         )));
     }
     Err(Error::stop(format!(
         "replication slot `{slot_name}` is confirmed to {confirmed}, past the last published \
-         position {published}: this relay never confirms past what it published, so someone \
+         position {published_text}: this relay never confirms past what it published, so someone \
          else moved it (pg_replication_slot_advance, another client, or it was dropped and \
-         created again) and messages committed between the two may be lost for good. If you \
+         created again) and {events} committed between the two may be lost for good. If you \
          accept that: set capture.accept_message_loss_through: '{confirmed}' and start the relay"
     ))
     .because(crate::error::Cause::SlotLost))
@@ -149,9 +213,18 @@ mod tests {
 
     #[test]
     fn a_relay_that_never_streamed_streams_from_the_slot_or_creates_it() {
-        assert_eq!(judge("s", None, None, None).unwrap(), Verdict::Create);
-        let Verdict::Stream(note) = judge("s", Some(&slot(500, "reserved")), None, None).unwrap()
-        else {
+        assert_eq!(
+            judge("s", None, None, None, Kept::Messages).unwrap(),
+            Verdict::Create
+        );
+        let Verdict::Stream(note) = judge(
+            "s",
+            Some(&slot(500, "reserved")),
+            None,
+            None,
+            Kept::Messages,
+        )
+        .unwrap() else {
             panic!()
         };
         assert!(note.contains("never published"), "{note}");
@@ -162,7 +235,13 @@ mod tests {
         // 501: confirmed one byte into the checkpoint's commit record.
         for confirmed in [100, 500, 501] {
             assert!(matches!(
-                judge("s", Some(&slot(confirmed, "reserved")), at(500), None),
+                judge(
+                    "s",
+                    Some(&slot(confirmed, "reserved")),
+                    at(500),
+                    None,
+                    Kept::Messages
+                ),
                 Ok(Verdict::Stream(_))
             ));
         }
@@ -170,22 +249,46 @@ mod tests {
 
     #[test]
     fn a_lost_slot_is_refused_with_what_to_do() {
-        let gone = refusal(judge("s", None, at(500), None));
+        let gone = refusal(judge("s", None, at(500), None, Kept::Messages));
         assert!(
             gone.contains("is gone") && gone.contains("may be lost"),
             "{gone}"
         );
         assert!(gone.contains("accept_message_loss_through"), "{gone}");
-        let invalidated = refusal(judge("s", Some(&slot(400, "lost")), at(500), None));
+        let invalidated = refusal(judge(
+            "s",
+            Some(&slot(400, "lost")),
+            at(500),
+            None,
+            Kept::Messages,
+        ));
         assert!(invalidated.contains("wal_status = lost"), "{invalidated}");
         // Lost before ever publishing: still refused, never recreated.
-        refusal(judge("s", Some(&slot(400, "lost")), None, None));
+        refusal(judge(
+            "s",
+            Some(&slot(400, "lost")),
+            None,
+            None,
+            Kept::Messages,
+        ));
     }
 
     #[test]
     fn a_slot_past_the_checkpoint_is_refused_unless_the_gap_is_accepted() {
-        refusal(judge("s", Some(&slot(502, "reserved")), at(500), None));
-        let moved = refusal(judge("s", Some(&slot(900, "reserved")), at(500), None));
+        refusal(judge(
+            "s",
+            Some(&slot(502, "reserved")),
+            at(500),
+            None,
+            Kept::Messages,
+        ));
+        let moved = refusal(judge(
+            "s",
+            Some(&slot(900, "reserved")),
+            at(500),
+            None,
+            Kept::Messages,
+        ));
         assert!(
             moved.contains("accept_message_loss_through: '0/384'"),
             "{moved}"
@@ -196,15 +299,68 @@ mod tests {
             Some(&slot(900, "reserved")),
             at(500),
             Some(Lsn(800)),
+            Kept::Messages,
         ));
         assert!(matches!(
-            judge("s", Some(&slot(900, "reserved")), at(500), Some(Lsn(900))),
+            judge(
+                "s",
+                Some(&slot(900, "reserved")),
+                at(500),
+                Some(Lsn(900)),
+                Kept::Messages
+            ),
             Ok(Verdict::Accepted(_))
         ));
         // Once published past it, the setting is inert.
         assert!(matches!(
-            judge("s", Some(&slot(950, "reserved")), at(1000), Some(Lsn(900))),
+            judge(
+                "s",
+                Some(&slot(950, "reserved")),
+                at(1000),
+                Some(Lsn(900)),
+                Kept::Messages
+            ),
             Ok(Verdict::Stream(_))
         ));
+    }
+
+    #[test]
+    fn unmarked_rows_allow_a_slot_up_to_where_every_published_row_is_marked() {
+        let rows = Kept::UnmarkedRows {
+            marked_before: Lsn(800),
+        };
+        // Confirmed past the checkpoint by rows the catch-up drain had
+        // published and marked: streamed again and filtered by the marks.
+        for confirmed in [100, 501, 700, 800] {
+            assert!(matches!(
+                judge("s", Some(&slot(confirmed, "reserved")), at(500), None, rows),
+                Ok(Verdict::Stream(_))
+            ));
+        }
+        let moved = refusal(judge(
+            "s",
+            Some(&slot(801, "reserved")),
+            at(500),
+            None,
+            rows,
+        ));
+        assert!(moved.contains("outbox rows committed between"), "{moved}");
+        // Past the drain's end, only the checkpoint counts.
+        assert!(matches!(
+            judge("s", Some(&slot(1001, "reserved")), at(1000), None, rows),
+            Ok(Verdict::Stream(_))
+        ));
+    }
+
+    #[test]
+    fn unmarked_rows_never_get_a_new_slot() {
+        let rows = Kept::UnmarkedRows {
+            marked_before: Lsn(800),
+        };
+        let gone = refusal(judge("s", None, at(500), None, rows));
+        assert!(gone.contains("no mark there tells them"), "{gone}");
+        // Even with the position cut away by a fork: a slot is never
+        // created over rows published without marks.
+        refusal(judge("s", None, None, None, rows));
     }
 }

@@ -180,6 +180,10 @@ pub struct Assembler {
     pub skipped: u64,
     /// `Some(prefix)`: events are the logical messages with this prefix.
     message_prefix: Option<String>,
+    /// The slot is confirmed only inside the commit of a transaction with
+    /// events, never at a transaction's end or a keepalive: messages, and
+    /// rows under `relay.after_publish: none` (see `published_only`).
+    published_only: bool,
     /// What a non-transactional message leaves to hand out after its event.
     pending: Option<Captured>,
 }
@@ -202,6 +206,7 @@ impl Assembler {
             warned_other_changes: false,
             skipped: 0,
             message_prefix: None,
+            published_only: false,
             pending: None,
         }
     }
@@ -221,8 +226,21 @@ impl Assembler {
             warned_other_changes: true,
             skipped: 0,
             message_prefix: Some(prefix.to_string()),
+            published_only: true,
             pending: None,
         }
+    }
+
+    /// Rows whose relay never marks them (`relay.after_publish: none`):
+    /// like messages, a transaction is confirmed only inside its commit
+    /// record and only when it had rows of the outbox, so the slot never
+    /// passes the latest checkpoint's position by the relay's own doing
+    /// (`relay::replication::unmarked`). Keepalives still come out as
+    /// `Idle`: they tell how far the stream is clear, which retention
+    /// needs, but the streamer does not confirm them.
+    pub fn published_only(mut self) -> Assembler {
+        self.published_only = true;
+        self
     }
 
     /// What the last [`Assembler::accept`] left to hand out after its own
@@ -282,14 +300,14 @@ impl Assembler {
                         "a commit ending at {end_lsn} arrived outside a transaction"
                     )));
                 };
-                if self.message_prefix.is_none() {
+                if !self.published_only {
                     return Ok(Some(Captured::TransactionEnd {
                         end_lsn,
                         confirm_lsn: end_lsn,
                     }));
                 }
-                // Messages: only a transaction with events of ours is a
-                // position the checkpoint can name.
+                // Messages and unmarked rows: only a transaction with
+                // events of ours is a position the checkpoint can name.
                 // Confirmed one byte inside the commit record: the server
                 // skips the transaction on a replay (it skips every commit
                 // record that starts before the confirmed position), so a

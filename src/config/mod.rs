@@ -52,7 +52,9 @@ pub struct RelayConfig {
     /// for a table: a renamed relay leaves its old slot behind, holding WAL.
     pub name: String,
     /// What happens to a row once Kafka committed it: `mark` sets `sent_at`
-    /// (the table shows what is pending), `delete` removes it.
+    /// (the table shows what is pending), `delete` removes it, `none` writes
+    /// nothing (replication only: the slot and the checkpoint are the
+    /// record, and retention drops whole partitions).
     #[serde(default)]
     pub after_publish: AfterPublish,
     /// What to do with a row that cannot be published (unroutable, too large):
@@ -61,7 +63,8 @@ pub struct RelayConfig {
     pub on_poison: PoisonPolicy,
     /// Deletes rows marked sent longer ago than this (e.g. `7d`), a few
     /// thousand at a time, so the table does not grow forever. Unset keeps
-    /// them. Only with `after_publish: mark`.
+    /// them. With `after_publish: mark`, or `none` on a partitioned table
+    /// (whole partitions are dropped once the stream is past them).
     #[serde(default, deserialize_with = "duration::deserialize_optional")]
     pub retention: Option<Duration>,
     /// On SIGTERM/SIGINT: how long the relay may take to finish the Kafka
@@ -95,6 +98,8 @@ pub enum AfterPublish {
     #[default]
     Mark,
     Delete,
+    /// Write nothing per row: see `relay::replication::unmarked`.
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -337,11 +342,20 @@ impl Default for CaptureConfig {
 }
 
 impl Config {
-    /// The replication slot: `capture.slot`, or `outboxd_<relay name>` with
-    /// `-` made `_` (slot names allow only `[a-z0-9_]`).
     /// `capture.source: messages`: events are WAL messages, not rows.
     pub fn messages(&self) -> bool {
         self.capture.source == CaptureSource::Messages
+    }
+
+    /// `relay.after_publish: none` on a table: its rows are never marked.
+    pub fn unmarked(&self) -> bool {
+        !self.messages() && self.relay.after_publish == AfterPublish::None
+    }
+
+    /// Whether the table shows what is pending: not for messages (no
+    /// table) nor unmarked rows (the slot shows it).
+    pub fn rows_show_pending(&self) -> bool {
+        !self.messages() && !self.unmarked()
     }
 
     /// What checkpoints, the leader lock and the Kafka identity name: the
@@ -355,6 +369,8 @@ impl Config {
         }
     }
 
+    /// The replication slot: `capture.slot`, or `outboxd_<relay name>` with
+    /// `-` made `_` (slot names allow only `[a-z0-9_]`).
     pub fn slot_name(&self) -> String {
         self.capture
             .slot
@@ -872,6 +888,7 @@ impl Config {
         }
         validate_slot_name(&self.slot_name()).map_err(|e| format!("capture.slot: {e}"))?;
         self.validate_message_source()?;
+        self.validate_unmarked()?;
         if let Some(retention) = self.relay.retention {
             if self.relay.after_publish == AfterPublish::Delete {
                 return Err(
@@ -907,6 +924,50 @@ impl Config {
 }
 
 impl Config {
+    fn validate_accepted_loss(&self) -> Result<(), String> {
+        if let Some(through) = &self.capture.accept_message_loss_through {
+            through.parse::<crate::postgres::lsn::Lsn>().map_err(|_| {
+                format!(
+                    "capture.accept_message_loss_through: `{through}` is not a WAL position \
+                     such as 0/16B3748"
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `relay.after_publish: none` leaves no mark in the table, so only the
+    /// stream can tell what is published (polling claims by marks), and only
+    /// whole partitions can be removed (row-by-row retention reads marks).
+    fn validate_unmarked(&self) -> Result<(), String> {
+        if self.relay.after_publish != AfterPublish::None
+            || self.capture.source == CaptureSource::Messages
+        {
+            return Ok(());
+        }
+        if self.capture.mode != CaptureMode::Replication {
+            let mode = match self.capture.mode {
+                CaptureMode::Polling => "polling",
+                _ => "auto",
+            };
+            return Err(format!(
+                "relay.after_publish: `none` needs capture.mode: replication (it is `{mode}`): \
+                 without marks only the replication slot and the checkpoint tell what is \
+                 published, and polling finds rows to publish by their marks"
+            ));
+        }
+        self.validate_accepted_loss()?;
+        if self.relay.retention.is_some() && self.postgres.partitioning.is_none() {
+            return Err(
+                "relay.retention: with after_publish: none no row is marked sent, so retention \
+                 can only drop whole partitions: set postgres.partitioning (a partitioned \
+                 outbox, see docs/adding-the-outbox.md) or remove relay.retention"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// `routing.schema_registry` is there when a format needs it, and sane.
     /// `capture.source: messages` exists only in the WAL: no table to poll,
     /// so only replication can carry it.
@@ -938,14 +999,7 @@ impl Config {
                  0-9, `_`, `-` and `.`"
             ));
         }
-        if let Some(through) = &self.capture.accept_message_loss_through {
-            through.parse::<crate::postgres::lsn::Lsn>().map_err(|_| {
-                format!(
-                    "capture.accept_message_loss_through: `{through}` is not a WAL position \
-                     such as 0/16B3748"
-                )
-            })?;
-        }
+        self.validate_accepted_loss()?;
         if self.relay.retention.is_some() || self.postgres.partitioning.is_some() {
             return Err(
                 "capture.source: messages has no table to keep rows or partitions of; \

@@ -442,6 +442,50 @@ fn message_source_needs_replication_and_a_plain_prefix() {
 }
 
 #[test]
+fn unmarked_rows_need_replication_and_partitions_for_retention() {
+    let none = MINIMAL.replace(
+        "  name: orders\n",
+        "  name: orders\n  after_publish: none\n",
+    );
+    for mode in ["polling", "auto"] {
+        let error = load_error(&format!("{none}capture:\n  mode: {mode}\n"));
+        assert!(
+            error.contains("relay.after_publish") && error.contains(mode),
+            "{error}"
+        );
+    }
+    let replication = format!("{none}capture:\n  mode: replication\n");
+    let config = load(&replication);
+    assert!(config.unmarked() && !config.rows_show_pending());
+    assert!(load(MINIMAL).rows_show_pending());
+    // Row-by-row retention reads marks: only whole partitions can go.
+    let retained = replication.replace(
+        "  after_publish: none\n",
+        "  after_publish: none\n  retention: 7d\n",
+    );
+    let error = load_error(&retained);
+    assert!(
+        error.contains("relay.retention") && error.contains("postgres.partitioning"),
+        "{error}"
+    );
+    let partitioned = retained.replace(
+        "postgres:\n  url: postgres://outboxd@localhost/orders\n",
+        "postgres:\n  url: postgres://outboxd@localhost/orders\n  partitioning:\n    interval: 1d\n",
+    );
+    assert_eq!(
+        load(&partitioned).relay.retention,
+        Some(std::time::Duration::from_secs(7 * 86_400))
+    );
+    let error = load_error(&format!(
+        "{replication}  accept_message_loss_through: soon\n"
+    ));
+    assert!(
+        error.contains("capture.accept_message_loss_through"),
+        "{error}"
+    );
+}
+
+#[test]
 fn the_message_outbox_example_loads() {
     let example =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/messages/outboxd.yaml");

@@ -94,9 +94,15 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 ///   relay from before table-keyed checkpoints (its `relay.name`). Those
 ///   releases read only version 1, so they stop there instead of leading a
 ///   table a newer outboxd has led (see `kafka::checkpoint_scan`).
+/// - `3`: a checkpoint of a relay that does not mark rows
+///   (`relay.after_publish: none`): version 1's fields and `unmarked_from`.
+///   A release that marks would take its unmarked rows for unsent and
+///   publish them again; releases that know only 1 and 2 refuse it instead.
 ///
 /// A change a version-1 reader would misread takes the next number.
 const FORMAT_VERSION: u32 = 1;
+/// The format number of a checkpoint whose rows are not marked.
+const UNMARKED_VERSION: u32 = 3;
 /// The hand-over marker's format number.
 const HANDED_OVER_VERSION: u32 = 2;
 
@@ -141,6 +147,14 @@ pub struct Checkpoint {
     /// positions of another cluster name other transactions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_identifier: Option<String>,
+    /// Set once the table's relay published rows without marking them
+    /// (`relay.after_publish: none`), and kept in every later checkpoint:
+    /// every row it published that commits at or after this WAL position
+    /// may be unmarked, every one before it is marked. Only the stream and
+    /// the checkpoint's `position` tell those rows apart from unsent ones
+    /// (`relay::replication::unmarked`). Written with format 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmarked_from: Option<crate::postgres::lsn::Lsn>,
 }
 
 /// A row's identity in a checkpoint: 48 bits of FNV-1a over its event id.
@@ -192,7 +206,17 @@ impl Checkpoint {
             ids: None,
             timeline: None,
             system_identifier: None,
+            unmarked_from: None,
         }
+    }
+
+    /// Records that rows published from `from` on are not marked (format 3).
+    pub fn unmarked_from(mut self, from: Option<crate::postgres::lsn::Lsn>) -> Checkpoint {
+        self.unmarked_from = from;
+        if from.is_some() {
+            self.version = UNMARKED_VERSION;
+        }
+        self
     }
 
     /// Records the cluster and timeline the position was read on.
@@ -314,7 +338,7 @@ impl Record {
         }
         let versioned: Versioned = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         match versioned.version {
-            FORMAT_VERSION => serde_json::from_slice(bytes)
+            FORMAT_VERSION | UNMARKED_VERSION => serde_json::from_slice(bytes)
                 .map(Record::Checkpoint)
                 .map_err(|e| e.to_string()),
             HANDED_OVER_VERSION => serde_json::from_slice(bytes)
@@ -322,7 +346,8 @@ impl Record {
                 .map_err(|e| e.to_string()),
             other => Err(format!(
                 "checkpoint format {other} is not one this outboxd ({}) knows \
-                 ({FORMAT_VERSION} and {HANDED_OVER_VERSION}); a newer outboxd wrote it. Run that \
+                 ({FORMAT_VERSION}, {HANDED_OVER_VERSION} and {UNMARKED_VERSION}); a newer outboxd \
+                 wrote it. Run that \
                  version or a newer one",
                 env!("CARGO_PKG_VERSION")
             )),
@@ -677,11 +702,29 @@ mod tests {
 
     #[test]
     fn unknown_versions_and_garbage_are_refused() {
-        let newer = br#"{"version":3,"table":"t","published":[],"dead_lettered":[]}"#;
+        let newer = br#"{"version":4,"table":"t","published":[],"dead_lettered":[]}"#;
         assert!(Checkpoint::from_bytes(newer)
             .unwrap_err()
             .contains("newer outboxd"));
         assert!(Checkpoint::from_bytes(b"not json").is_err());
+    }
+
+    #[test]
+    fn an_unmarked_checkpoint_takes_format_3_and_reads_back() {
+        let marked = Checkpoint::new("public.outbox", None, &[1, 2], &[], None);
+        assert_eq!(marked.clone().unmarked_from(None).version, 1);
+        let unmarked = marked.unmarked_from(Some(crate::postgres::lsn::Lsn(0x1_6B37_48)));
+        assert_eq!(unmarked.version, 3);
+        let read = Checkpoint::from_bytes(&unmarked.to_bytes()).unwrap();
+        assert_eq!(read, unmarked);
+        // A release that reads only version 1 refuses it rather than
+        // mark-and-republish what it names.
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: u32,
+        }
+        let versioned: Versioned = serde_json::from_slice(&unmarked.to_bytes()).unwrap();
+        assert_ne!(versioned.version, 1);
     }
 
     /// What a release from before table-keyed checkpoints does with the

@@ -77,6 +77,9 @@ pub struct Deliverer<'a> {
     /// The cluster and timeline of the positions this session publishes,
     /// for a WAL-message outbox's checkpoints (`capture::message_timeline`).
     wal: Option<crate::capture::message_timeline::WalHistory>,
+    /// Set while rows are published without marks: every checkpoint then
+    /// says from where (`relay::replication::unmarked`).
+    unmarked_from: Option<crate::postgres::lsn::Lsn>,
 }
 
 impl<'a> Deliverer<'a> {
@@ -103,6 +106,7 @@ impl<'a> Deliverer<'a> {
             last_progress_log: Instant::now(),
             metrics,
             wal: None,
+            unmarked_from: None,
         }
     }
 
@@ -110,6 +114,11 @@ impl<'a> Deliverer<'a> {
     /// its position's.
     pub(super) fn set_wal_history(&mut self, wal: crate::capture::message_timeline::WalHistory) {
         self.wal = Some(wal);
+    }
+
+    /// Every checkpoint from now on says rows from `from` on may be unmarked.
+    pub(super) fn set_unmarked_from(&mut self, from: Option<crate::postgres::lsn::Lsn>) {
+        self.unmarked_from = from;
     }
 
     /// Publishes `events` and a checkpoint naming them and every batch in
@@ -192,6 +201,7 @@ impl<'a> Deliverer<'a> {
                 position,
             )
             .read_on(self.wal.as_ref())
+            .unmarked_from(self.unmarked_from)
             .with_row_ids(|seq| row_ids.get(&seq).copied().or_else(|| window.row_id(seq)));
             let started = Instant::now();
             match self.publisher.publish(&batch.records, &checkpoint).await {

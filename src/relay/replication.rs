@@ -49,6 +49,7 @@ use tokio::sync::mpsc;
 use super::catch_up;
 use super::pipeline::{self, AcknowledgeWith, Acknowledged, CaptureEnds, CapturedBatch};
 use super::session::Session;
+use crate::acknowledge::Acknowledger;
 use crate::capture::slot::{self, SlotInfo};
 use crate::capture::standby_gate::{StandbyGate, Through};
 use crate::capture::stream::{Assembler, Captured};
@@ -60,6 +61,7 @@ use crate::kafka::checkpoint::Checkpoint;
 use crate::metrics::{Metrics, Stage};
 use crate::postgres::lsn::Lsn;
 use crate::postgres::settled_wal_position;
+use crate::retention::PublishedThrough;
 use crate::shutdown::Shutdown;
 
 /// Runs until shutdown or the first failure.
@@ -69,33 +71,30 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
     let table = &context.table;
     slot::ensure_publication(&mut session.connection, &config.postgres.publication, table).await?;
     let slot_name = config.slot_name();
-    // A checkpoint with a position means this relay streamed from its slot
-    // before; without one (first start, or polling until now) the slot's
-    // stream cannot be trusted to hold every unsent row.
-    let last_published = latest.and_then(|c| c.position);
-    let (slot, created) = usable_slot(session, &slot_name, last_published.is_some()).await?;
-
-    let mut resume_after = last_published;
-    let catch_up_reason = catch_up::needed(
-        created,
-        last_published.map(|p| p.commit_lsn),
-        slot.confirmed_flush,
-    );
-    if let Some(reason) = catch_up_reason {
-        catch_up::run(session, &slot_name, reason).await?;
-        if session.stop.is_requested() {
-            return Ok(());
+    let start = match latest.and_then(|c| c.unmarked_from.map(|from| (c, from))) {
+        // Rows were published without marks: only the slot and the
+        // checkpoint tell them from unsent ones.
+        Some((latest, marked_before)) => {
+            unmarked::resume(session, latest, marked_before, &slot_name).await?
         }
-        // The catch-up filter, not the checkpoint, tells what the stream
-        // replays that is already in Kafka.
-        resume_after = None;
-    }
-    let filter_before = settled_wal_position(&mut session.connection).await?;
+        None => {
+            let start = start_where_marks_tell(session, latest, &slot_name).await?;
+            if session.stop.is_requested() {
+                return Ok(());
+            }
+            if config.unmarked() {
+                // From here rows are published unmarked: every checkpoint
+                // says so, and where the marks still tell.
+                unmarked::begin(session, latest, &slot_name, start.filter_before).await?;
+            }
+            start
+        }
+    };
 
     let target = StreamTarget {
         slot: slot_name.clone(),
         publication: config.postgres.publication.clone(),
-        confirmed_flush: slot.confirmed_flush.unwrap_or_default(),
+        confirmed_flush: start.slot.confirmed_flush.unwrap_or_default(),
         application_name: format!("outboxd-{}", config.relay.name),
     };
     let gate = super::failover::prepare(session, &target).await?;
@@ -106,7 +105,8 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         slot = %slot_name,
         publication = %config.postgres.publication,
         confirmed_flush = %target.confirmed_flush,
-        resume_after = resume_after.map(|p| p.to_string()),
+        resume_after = start.resume_after.map(|p| p.to_string()),
+        after_publish = if config.unmarked() { "none" } else { "mark" },
         batch_size = config.capture.batch_size,
         "relay started"
     );
@@ -114,22 +114,43 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
     let mut acknowledgements = context.connect("connecting for acknowledgements").await?;
     // The catch-up filter's queries run beside the marks and the leader's
     // watchdog, on a connection of their own.
-    let mut filter_connection = context
-        .connect("connecting for the catch-up filter")
-        .await?;
-    let mut streamer = Streamer::new(
-        Assembler::new(table, config.capture.other_changes, resume_after)
-            .with_created_at_text(config.routing.cloudevents.enabled),
-        Some(CatchUpFilter {
-            before: filter_before,
-            connection: &mut filter_connection,
+    let mut filter_connection = match start.filter_before {
+        Some(_) => Some(
+            context
+                .connect("connecting for the catch-up filter")
+                .await?,
+        ),
+        None => None,
+    };
+    let catch_up_filter = match (start.filter_before, filter_connection.as_mut()) {
+        (Some(before), Some(connection)) => Some(CatchUpFilter {
+            before,
+            connection,
             unsent_among_sql: table.unsent_among_sql(),
         }),
+        _ => None,
+    };
+    let mut assembler = Assembler::new(table, config.capture.other_changes, start.resume_after)
+        .with_created_at_text(config.routing.cloudevents.enabled);
+    let unmarked_acknowledger;
+    let mut acknowledger = &context.acknowledger;
+    if config.unmarked() {
+        assembler = assembler.published_only();
+        unmarked_acknowledger = Acknowledger::without_table(&context.table_name);
+        acknowledger = &unmarked_acknowledger;
+    }
+    let mut streamer = Streamer::new(
+        assembler,
+        catch_up_filter,
         config.capture.batch_size,
         config.capture.batch_bytes,
     )
     .with_gate(gate)
-    .with_metrics(&context.metrics);
+    .with_metrics(&context.metrics)
+    .reporting_to(&session.published_through);
+    if config.unmarked() {
+        streamer = streamer.without_idle_confirms();
+    }
     let Session {
         connection,
         deliverer,
@@ -140,7 +161,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
     let outcome = pipeline::run(
         connection,
         deliverer,
-        &context.acknowledger,
+        acknowledger,
         Some(&mut acknowledgements),
         config.relay.unacknowledged_batches,
         stop,
@@ -155,6 +176,49 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         );
     }
     outcome
+}
+
+/// Where a session starts streaming from, and what it filters.
+struct Start {
+    slot: SlotInfo,
+    /// Events at or before it are in Kafka per the checkpoint.
+    resume_after: Option<SourcePosition>,
+    /// Rows of transactions committed before it are checked in the table
+    /// (`CatchUpFilter`); `None`: nothing to check.
+    filter_before: Option<Lsn>,
+}
+
+/// The start of a relay every published row of which is marked: the slot
+/// is judged by the checkpoint, and whatever the stream cannot carry is
+/// drained from the table first (`catch_up`).
+async fn start_where_marks_tell(
+    session: &mut Session<'_>,
+    latest: Option<&Checkpoint>,
+    slot_name: &str,
+) -> Result<Start> {
+    // A checkpoint with a position means this relay streamed from its slot
+    // before; without one (first start, or polling until now) the slot's
+    // stream cannot be trusted to hold every unsent row.
+    let last_published = latest.and_then(|c| c.position);
+    let (slot, created) = usable_slot(session, slot_name, last_published.is_some()).await?;
+    let mut resume_after = last_published;
+    let catch_up_reason = catch_up::needed(
+        created,
+        last_published.map(|p| p.commit_lsn),
+        slot.confirmed_flush,
+    );
+    if let Some(reason) = catch_up_reason {
+        catch_up::run(session, slot_name, reason).await?;
+        // The catch-up filter, not the checkpoint, tells what the stream
+        // replays that is already in Kafka.
+        resume_after = None;
+    }
+    let filter_before = settled_wal_position(&mut session.connection).await?;
+    Ok(Start {
+        slot,
+        resume_after,
+        filter_before: Some(filter_before),
+    })
 }
 
 /// The slot to stream from, creating it when missing and replacing it when
@@ -247,6 +311,16 @@ struct Streamer<'c> {
     /// flight (the end of a transaction without outbox rows, a keepalive):
     /// confirmed once every batch before it is acknowledged.
     confirm_when_idle: Option<Lsn>,
+    /// Likewise for a keepalive that is not confirmed (`confirms_idle`
+    /// off): only reported as cleared once the batches before it are.
+    clear_when_idle: Option<Lsn>,
+    /// Whether keepalives confirm the slot. Off for unmarked rows
+    /// (`relay::replication::unmarked`), whose slot is confirmed only to
+    /// positions a checkpoint names.
+    confirms_idle: bool,
+    /// Raised to every position before which each outbox row the stream
+    /// carried is in Kafka (`Context::published_through`).
+    published_through: Option<&'c PublishedThrough>,
     /// The catch-up filter, until the stream passes the WAL position read
     /// when streaming started; `None` after.
     catch_up: Option<CatchUpFilter<'c>>,
@@ -286,6 +360,9 @@ impl<'c> Streamer<'c> {
             gate_through: None,
             in_flight: 0,
             confirm_when_idle: None,
+            clear_when_idle: None,
+            confirms_idle: true,
+            published_through: None,
             catch_up,
             batch_size,
             max_batch_bytes,
@@ -303,6 +380,29 @@ impl<'c> Streamer<'c> {
     fn with_metrics(mut self, metrics: &'c Metrics) -> Streamer<'c> {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Keepalives are not confirmed, only reported through `through`.
+    fn without_idle_confirms(mut self) -> Streamer<'c> {
+        self.confirms_idle = false;
+        self
+    }
+
+    fn reporting_to(mut self, through: &'c PublishedThrough) -> Streamer<'c> {
+        self.published_through = Some(through);
+        self
+    }
+
+    /// Confirms `lsn` to the server: every outbox row before it is in Kafka.
+    fn confirm(&self, lsn: Lsn, stream: &mut impl ReplicationStream) {
+        stream.acknowledge(lsn);
+        self.cleared(lsn);
+    }
+
+    fn cleared(&self, lsn: Lsn) {
+        if let Some(through) = self.published_through {
+            through.raise(lsn);
+        }
     }
 
     fn time_stage(&self, stage: Stage, since: Instant) {
@@ -423,7 +523,7 @@ impl<'c> Streamer<'c> {
                     confirm_lsn,
                 } => {
                     if self.batch.is_empty() {
-                        self.confirm_when_settled(confirm_lsn, stream);
+                        self.confirm_when_settled(confirm_lsn, stream, true);
                     } else {
                         self.confirm_after_batch = Some(confirm_lsn);
                         self.gate_through = Some(end_lsn);
@@ -434,7 +534,7 @@ impl<'c> Streamer<'c> {
                 Captured::Idle { wal_end }
                     if self.batch.is_empty() && !self.assembler.in_transaction() =>
                 {
-                    self.confirm_when_settled(wal_end, stream);
+                    self.confirm_when_settled(wal_end, stream, self.confirms_idle);
                 }
                 Captured::Idle { .. } => {}
             }
@@ -442,13 +542,19 @@ impl<'c> Streamer<'c> {
         Ok(true)
     }
 
-    /// Confirms `lsn` now if no batch is in flight, else once they all are
-    /// acknowledged.
-    fn confirm_when_settled(&mut self, lsn: Lsn, stream: &mut impl ReplicationStream) {
-        if self.in_flight == 0 {
-            stream.acknowledge(lsn);
-        } else {
-            self.confirm_when_idle = self.confirm_when_idle.max(Some(lsn));
+    /// Confirms `lsn` (or with `confirm` off, reports it cleared) now if
+    /// no batch is in flight, else once they all are acknowledged.
+    fn confirm_when_settled(
+        &mut self,
+        lsn: Lsn,
+        stream: &mut impl ReplicationStream,
+        confirm: bool,
+    ) {
+        match (self.in_flight == 0, confirm) {
+            (true, true) => self.confirm(lsn, stream),
+            (true, false) => self.cleared(lsn),
+            (false, true) => self.confirm_when_idle = self.confirm_when_idle.max(Some(lsn)),
+            (false, false) => self.clear_when_idle = self.clear_when_idle.max(Some(lsn)),
         }
     }
 
@@ -456,11 +562,14 @@ impl<'c> Streamer<'c> {
     fn acknowledged(&mut self, acknowledged: Acknowledged, stream: &mut impl ReplicationStream) {
         self.in_flight = self.in_flight.saturating_sub(1);
         if let Some(lsn) = acknowledged.confirm {
-            stream.acknowledge(lsn);
+            self.confirm(lsn, stream);
         }
         if self.in_flight == 0 {
             if let Some(lsn) = self.confirm_when_idle.take() {
-                stream.acknowledge(lsn);
+                self.confirm(lsn, stream);
+            }
+            if let Some(lsn) = self.clear_when_idle.take() {
+                self.cleared(lsn);
             }
         }
     }
@@ -573,6 +682,8 @@ async fn keep_unsent_before(
 }
 
 pub(super) mod messages;
+mod unmarked;
+pub(super) use unmarked::marking_refused;
 
 #[cfg(test)]
 mod tests;

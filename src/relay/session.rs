@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::kafka::topics;
 use crate::leader;
 use crate::metrics::{Metrics, RelayState};
-use crate::retention;
+use crate::retention::{self, PublishedThrough};
 use crate::routing::Router;
 use crate::schema;
 use crate::setup::Setup;
@@ -137,12 +137,19 @@ impl Context {
         }
 
         topics::ensure_checkpoint_topic(config).await?;
-        let source = schema::database_source(&mut connection).await?;
+        let mut source = schema::database_source(&mut connection).await?;
+        if source.is_none() && config.unmarked() {
+            source = Some(schema::source_by_replication(config, &mut connection).await?);
+        }
         let Some(takeover::TakenOver { publisher, latest }) =
             takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
         else {
             return Ok(());
         };
+        if let (false, Some(marked_before)) = (config.unmarked(), latest.unmarked_from) {
+            return Err(replication::marking_refused(&latest, marked_before));
+        }
+        let published_through = Arc::new(PublishedThrough::default());
         // Ends with the session: only the leader deletes old rows and
         // manages partitions.
         let housekeeping = retention::Plan {
@@ -154,6 +161,7 @@ impl Context {
                 .clone()
                 .filter(|_| report.partitioned),
             after_publish: config.relay.after_publish,
+            published_through: Arc::clone(&published_through),
         };
         let _housekeeping = housekeeping.is_needed().then(|| {
             AbortOnDrop(retention::spawn(
@@ -178,6 +186,7 @@ impl Context {
             payload_encoding: report.payload_encoding,
             leadership,
             stop,
+            published_through,
         };
         match mode {
             CaptureMode::Replication => replication::run(&mut session, Some(&latest)).await,
@@ -253,6 +262,7 @@ impl Context {
             payload_encoding: PayloadEncoding::Text,
             leadership,
             stop,
+            published_through: Arc::default(),
         };
         replication::messages::run(&mut session, &latest).await
     }
@@ -268,6 +278,8 @@ pub(super) struct Session<'a> {
     /// Who holds the leader lock: every claim connection confirms it still does.
     pub(super) leadership: leader::Leadership,
     pub(super) stop: Shutdown,
+    /// How far the stream is clear, for the retention of unmarked rows.
+    pub(super) published_through: Arc<PublishedThrough>,
 }
 
 /// Polling never reads this relay's replication slot; if one is left from

@@ -34,7 +34,7 @@
 //! checkpoint and the slot's confirmation are the whole record.
 
 use super::*;
-use crate::capture::message_slot::{judge, Verdict};
+use crate::capture::message_slot::{judge, Kept, Verdict};
 use crate::postgres::lsn::Lsn;
 
 /// Runs until shutdown or the first failure.
@@ -51,7 +51,13 @@ pub(in crate::relay) async fn run(session: &mut Session<'_>, latest: &Checkpoint
         .as_deref()
         .and_then(|lsn| lsn.parse::<Lsn>().ok());
     let existing = slot::inspect(&mut session.connection, &slot_name).await?;
-    let slot = match judge(&slot_name, existing.as_ref(), last_published, accepted)? {
+    let slot = match judge(
+        &slot_name,
+        existing.as_ref(),
+        last_published,
+        accepted,
+        Kept::Messages,
+    )? {
         Verdict::Stream(note) => {
             tracing::info!(slot = %slot_name, "{note}");
             existing.expect("a slot to stream from")
@@ -140,8 +146,8 @@ pub(in crate::relay) async fn run(session: &mut Session<'_>, latest: &Checkpoint
 
 /// The latest checkpoint's position as it holds on the server streamed
 /// from now (`capture::message_timeline`), and this session's checkpoints
-/// set to name its timeline.
-async fn position_on_this_server(
+/// set to name its timeline. Unmarked rows use it too (`unmarked`).
+pub(super) async fn position_on_this_server(
     session: &mut Session<'_>,
     latest: &Checkpoint,
     slot_name: &str,
