@@ -24,10 +24,9 @@
 //!   bounded by `capture.batch_size` (and `capture.batch_bytes`).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use futures_util::FutureExt;
 
 use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::{mpsc, Notify};
@@ -75,23 +74,70 @@ pub(super) struct Acknowledged {
 /// and acknowledges what it already handed over, and returns. `batches`
 /// has room for one batch, and only while the publisher can take it: a
 /// capture stage reserves room before it claims, or keeps gathering while
-/// there is none; with rows waiting but no backlog it waits for `demand`.
+/// there is none; with rows waiting but no backlog it waits for demand.
 pub(super) struct CaptureEnds {
     pub batches: mpsc::Sender<CapturedBatch>,
     pub acknowledged: mpsc::UnboundedReceiver<Acknowledged>,
-    /// Notified each time the publisher is free for the next batch. A
-    /// capture stage with rows waiting hands over (polling: claims) on it,
-    /// not before: what arrives while the current transaction runs then
-    /// joins the next batch instead of waiting one transaction longer.
-    /// Under a backlog (a full batch) it claims or hands over ahead.
-    pub demand: Arc<Notify>,
+    /// Asked each time the publisher is free for the next batch. A capture
+    /// stage with rows waiting hands over (polling: claims) on it, not
+    /// before: what arrives while the current transaction runs then joins
+    /// the next batch instead of waiting one transaction longer. Under a
+    /// backlog (a full batch) it claims or hands over ahead.
+    pub demand: Arc<Demand>,
+    /// Batches handed over so far: each answers one ask, made or to come.
+    answered: u64,
 }
 
 impl CaptureEnds {
-    /// Forgets a demand signal already given: the batch just handed over
-    /// answers it.
-    pub fn demand_answered(&self) {
-        let _ = self.demand.notified().now_or_never();
+    pub fn new(
+        batches: mpsc::Sender<CapturedBatch>,
+        acknowledged: mpsc::UnboundedReceiver<Acknowledged>,
+        demand: Arc<Demand>,
+    ) -> CaptureEnds {
+        CaptureEnds {
+            batches,
+            acknowledged,
+            demand,
+            answered: 0,
+        }
+    }
+
+    /// Resolves once the publisher asks for a batch it has not been handed
+    /// (by the hand-overs so far). Borrows nothing, so it can wait beside
+    /// the other ends.
+    pub fn demand(&self) -> impl Future<Output = ()> + 'static {
+        let demand = Arc::clone(&self.demand);
+        let answered = self.answered;
+        async move {
+            while demand.asked.load(Ordering::Acquire) <= answered {
+                demand.notify.notified().await;
+            }
+        }
+    }
+
+    /// A batch went to the publisher.
+    pub fn handed_over(&mut self) {
+        self.answered += 1;
+    }
+}
+
+/// The publisher's asks for the next batch, counted. Counted, not a
+/// flag: the publisher can be handed a batch, publish it and ask again
+/// before the capture stage has noted the hand-over (at once, for a batch
+/// the catch-up filter emptied), and an ask taken for the answered one
+/// would leave the capture stage waiting on rows it holds for good.
+#[derive(Debug, Default)]
+pub(super) struct Demand {
+    asked: AtomicU64,
+    notify: Notify,
+}
+
+impl Demand {
+    /// The publisher is free: the next batch, please.
+    pub fn ask(&self) {
+        self.asked.fetch_add(1, Ordering::AcqRel);
+        // A stored permit wakes a capture stage that checked just before.
+        self.notify.notify_one();
     }
 }
 
@@ -125,12 +171,8 @@ where
     let (committed_sender, committed) = mpsc::channel(unacknowledged_batches.max(1));
     let (acknowledged_sender, acknowledged) = mpsc::unbounded_channel();
     let (done_sender, done) = mpsc::unbounded_channel();
-    let demand = Arc::new(Notify::new());
-    let capture = capture(CaptureEnds {
-        batches,
-        acknowledged,
-        demand: Arc::clone(&demand),
-    });
+    let demand = Arc::new(Demand::default());
+    let capture = capture(CaptureEnds::new(batches, acknowledged, Arc::clone(&demand)));
     let metrics = deliverer.metrics();
     let publish = publish(
         deliverer,
@@ -182,7 +224,7 @@ async fn watch_leader(leader: &mut PgConnection) -> Error {
 async fn publish(
     deliverer: &mut Deliverer<'_>,
     mut captured: mpsc::Receiver<CapturedBatch>,
-    demand: Arc<Notify>,
+    demand: Arc<Demand>,
     committed: mpsc::Sender<Committed>,
     mut done: mpsc::UnboundedReceiver<u64>,
     mut window: Window,
@@ -204,7 +246,7 @@ async fn publish(
                 None => return Ok(()),
             }
         }
-        demand.notify_one();
+        demand.ask();
         let Some(batch) = captured.recv().await else {
             return Ok(());
         };
@@ -306,4 +348,53 @@ async fn acknowledge(
         let _ = done.send(batch.id);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends() -> (Arc<Demand>, CaptureEnds) {
+        let demand = Arc::new(Demand::default());
+        let (batches, _) = mpsc::channel(1);
+        let (_, acknowledged) = mpsc::unbounded_channel();
+        (
+            Arc::clone(&demand),
+            CaptureEnds::new(batches, acknowledged, demand),
+        )
+    }
+
+    async fn resolves(ends: &CaptureEnds) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), ends.demand())
+            .await
+            .is_ok()
+    }
+
+    /// The race that stalled a stream after a catch-up drain: the
+    /// publisher took a batch the filter had emptied, "published" it at
+    /// once and asked again, all before the capture stage noted the
+    /// hand-over, which then swallowed the new ask and waited for good.
+    #[tokio::test]
+    async fn an_ask_made_before_the_hand_over_is_noted_is_kept() {
+        let (demand, mut ends) = ends();
+        assert!(!resolves(&ends).await, "nobody asked yet");
+        demand.ask();
+        // Handed over; the publisher asks again before it is noted.
+        demand.ask();
+        ends.handed_over();
+        assert!(resolves(&ends).await, "the second ask is still open");
+        ends.handed_over();
+        assert!(!resolves(&ends).await, "both asks are answered");
+    }
+
+    /// A full batch handed over ahead of the ask answers the ask to come.
+    #[tokio::test]
+    async fn a_batch_handed_over_ahead_answers_the_next_ask() {
+        let (demand, mut ends) = ends();
+        ends.handed_over();
+        demand.ask();
+        assert!(!resolves(&ends).await);
+        demand.ask();
+        assert!(resolves(&ends).await);
+    }
 }

@@ -138,12 +138,10 @@ struct Claim<'a> {
 }
 
 impl Claim<'_> {
-    async fn run(self, mut until: Until, mut stop: Shutdown, ends: CaptureEnds) -> Result<()> {
+    async fn run(self, mut until: Until, mut stop: Shutdown, mut ends: CaptureEnds) -> Result<()> {
         // Whether the last claim was full: rows are waiting, so the next
         // claim runs ahead, while the publisher is still busy.
         let mut backlog = false;
-        // Whether the publisher asked for a batch that has not come yet.
-        let mut demanded = false;
         // The highest seq claimed this session: the open claims hold rows
         // at or below it, so claims size only the rows above it.
         let mut highest_claimed: i64 = 0;
@@ -156,13 +154,12 @@ impl Claim<'_> {
             // Without a backlog, claim when the publisher is free: a claim
             // made while it is busy would miss what arrives meanwhile, and
             // those rows would wait a whole transaction longer.
-            if !backlog && !demanded {
+            if !backlog {
                 tokio::select! {
-                    _ = ends.demand.notified() => {}
+                    _ = ends.demand() => {}
                     _ = stop.wait() => return Ok(()),
                 }
             }
-            demanded = true;
             // Claim only once the publisher can take the batch: rows claimed
             // early would wait, locked, while later ones pile up unclaimed.
             let room = tokio::select! {
@@ -235,8 +232,7 @@ impl Claim<'_> {
                 acknowledge_with: AcknowledgeWith::Claim(transaction),
             };
             room.send(batch);
-            ends.demand_answered();
-            demanded = false;
+            ends.handed_over();
         }
     }
 }

@@ -459,12 +459,14 @@ impl<'c> Streamer<'c> {
                     // Hand over when the publisher is free (what arrives
                     // until then joins this batch); keep reading meanwhile.
                     None => tokio::select! {
-                        _ = ends.demand.notified() => {
+                        _ = ends.demand() => {
                             let Ok(room) = ends.batches.reserve().await else {
                                 // The publisher ended (shutdown or failure).
                                 return Ok(());
                             };
-                            self.hand_over(room).await?;
+                            if self.hand_over(room).await? {
+                                ends.handed_over();
+                            }
                             continue;
                         }
                         next = stream.next() => next?,
@@ -514,8 +516,9 @@ impl<'c> Streamer<'c> {
                         let Ok(room) = ends.batches.reserve().await else {
                             return Ok(false);
                         };
-                        self.hand_over(room).await?;
-                        ends.demand_answered();
+                        if self.hand_over(room).await? {
+                            ends.handed_over();
+                        }
                     }
                 }
                 Captured::TransactionEnd {
@@ -576,7 +579,9 @@ impl<'c> Streamer<'c> {
 
     /// Hands the batch to the pipeline, which publishes it, marks its rows
     /// and then sends back the position the slot may be confirmed to.
-    async fn hand_over(&mut self, room: mpsc::Permit<'_, CapturedBatch>) -> Result<()> {
+    /// Whether it sent one (nothing left to publish or confirm sends none;
+    /// neither does a shutdown while the standbys are waited for).
+    async fn hand_over(&mut self, room: mpsc::Permit<'_, CapturedBatch>) -> Result<bool> {
         let mut events = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         let captured_at = self.batch_started.take().unwrap_or_else(Instant::now);
@@ -601,7 +606,7 @@ impl<'c> Streamer<'c> {
         let confirm = self.confirm_after_batch.take();
         let gate_through = self.gate_through.take();
         if events.is_empty() && confirm.is_none() {
-            return Ok(());
+            return Ok(false);
         }
         if !events.is_empty() {
             let through = self.batch_through(gate_through);
@@ -611,7 +616,7 @@ impl<'c> Streamer<'c> {
                 // it is streamed again after restart.
                 let waiting = Instant::now();
                 if !gate.wait(through, events.len()).await? {
-                    return Ok(());
+                    return Ok(false);
                 }
                 self.time_stage(Stage::SyncStandbys, waiting);
             }
@@ -624,7 +629,7 @@ impl<'c> Streamer<'c> {
         };
         self.in_flight += 1;
         room.send(batch);
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -20,7 +20,7 @@ async fn backlog_drained_with_kills(source: Source) {
 
     let events = size(5_000, 100_000);
     let backlog = match source {
-        Source::Table(_) => write_backlog(&campaign.env.pool, events, 500).await,
+        Source::Table(_) | Source::Unmarked => write_backlog(&campaign.env.pool, events, 500).await,
         Source::Messages => write_message_backlog(&campaign.env.pool, events, 500, 10_000).await,
     };
     for _ in 0..size(3, 20) {

@@ -26,6 +26,8 @@ use super::{Mode, TestEnv};
 pub enum Source {
     Table(Mode),
     Messages,
+    /// A table relayed with `relay.after_publish: none`.
+    Unmarked,
 }
 
 impl Source {
@@ -33,7 +35,7 @@ impl Source {
     pub fn mode(self) -> Mode {
         match self {
             Source::Table(mode) => mode,
-            Source::Messages => Mode::Replication,
+            Source::Messages | Source::Unmarked => Mode::Replication,
         }
     }
 
@@ -42,6 +44,7 @@ impl Source {
         match self {
             Source::Table(mode) => mode.config_value(),
             Source::Messages => "messages",
+            Source::Unmarked => "unmarked",
         }
     }
 }
@@ -475,6 +478,7 @@ impl Campaign {
         let name = match source {
             Source::Table(_) => fault.to_string(),
             Source::Messages => format!("{fault}-messages"),
+            Source::Unmarked => format!("{fault}-unmarked"),
         };
         let mut env = TestEnv::new_on(server_url, &name, source.mode()).await;
         if let Some(cluster) = &cluster {
@@ -482,6 +486,10 @@ impl Campaign {
         }
         let workload = match source {
             Source::Table(_) => workload.clone(),
+            Source::Unmarked => {
+                env.use_unmarked();
+                workload.clone()
+            }
             Source::Messages => {
                 // Before any writer emits: a message reaches only the slots
                 // that exist when it is written.
@@ -537,11 +545,16 @@ impl Campaign {
         if running.is_empty() {
             running.push(RelayProcess::start(&self.env, None));
         }
-        if self.source == Source::Messages {
-            let last = wait_messages_published(&self.env, Duration::from_secs(300)).await;
-            written = Written::combined([written, last]);
-        } else {
-            self.env.wait_all_sent(Duration::from_secs(300)).await;
+        match self.source {
+            Source::Messages => {
+                let last = wait_messages_published(&self.env, Duration::from_secs(300)).await;
+                written = Written::combined([written, last]);
+            }
+            Source::Unmarked => {
+                let last = wait_unmarked_published(&self.env, Duration::from_secs(300)).await;
+                written = Written::combined([written, last]);
+            }
+            Source::Table(_) => self.env.wait_all_sent(Duration::from_secs(300)).await,
         }
         for relay in &mut running {
             relay.stop().await;
@@ -565,6 +578,9 @@ impl Campaign {
                 .await
             }
             Source::Messages => checker::check_messages(&self.env, &written).await,
+            Source::Unmarked => {
+                checker::check_unmarked(&self.env, &written, &earlier, &self.truncated).await
+            }
         };
         record(self.fault, self.source, self.runs, &report);
         eprintln!(
@@ -602,6 +618,33 @@ pub async fn wait_messages_published(env: &TestEnv, limit: Duration) -> Written 
         .execute(&mut *transaction)
         .await
         .expect("record the last event");
+    wait_slot_past_commit(env, transaction, id, limit).await
+}
+
+/// Like `wait_messages_published`, for rows relayed unmarked
+/// (`relay.after_publish: none`): no row is ever marked sent, and the
+/// relay confirms its slot, as for messages, only inside the commit of a
+/// transaction a committed checkpoint names.
+pub async fn wait_unmarked_published(env: &TestEnv, limit: Duration) -> Written {
+    let mut transaction = env.pool.begin().await.expect("begin the last event");
+    let id: String = sqlx::query_scalar(
+        "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+         VALUES ('Order', 'last-event', 'Last', '{\"n\": 1}') RETURNING id::text",
+    )
+    .fetch_one(&mut *transaction)
+    .await
+    .expect("insert the last event");
+    wait_slot_past_commit(env, transaction, id, limit).await
+}
+
+/// Commits `transaction` (holding the last event, `id`) and waits until
+/// the slot is confirmed to where its commit record can start or past it.
+async fn wait_slot_past_commit(
+    env: &TestEnv,
+    mut transaction: sqlx::Transaction<'_, sqlx::Postgres>,
+    id: String,
+    limit: Duration,
+) -> Written {
     let commit_at_least: i64 =
         sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint")
             .fetch_one(&mut *transaction)

@@ -123,6 +123,10 @@ macro_rules! in_every_source {
             async fn messages() {
                 super::$scenario(Source::Messages).await
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = $threads)]
+            async fn unmarked() {
+                super::$scenario(Source::Unmarked).await
+            }
         }
     };
 }
@@ -145,6 +149,9 @@ pub struct TestEnv {
     /// Extra YAML lines under `capture:`: a message outbox's source and
     /// prefix (`use_messages`).
     capture_extra: String,
+    /// Extra YAML lines under `relay:` kept by every `write_config`
+    /// (`use_unmarked`).
+    relay_extra: String,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -245,6 +252,7 @@ impl TestEnv {
             config_path,
             postgres_extra: postgres_extra.to_string(),
             capture_extra: String::new(),
+            relay_extra: String::new(),
         };
         env.write_config("", "");
         outboxd::migrate::apply(&env.setup())
@@ -344,6 +352,23 @@ impl TestEnv {
             .expect("create the emitted table");
     }
 
+    /// Makes the env's relay publish rows without marking them
+    /// (`relay.after_publish: none`; replication mode only).
+    pub fn use_unmarked(&mut self) {
+        assert_eq!(
+            self.mode,
+            Mode::Replication,
+            "unmarked rows stream from a replication slot"
+        );
+        self.relay_extra = "  after_publish: none\n".to_string();
+        self.write_config("", "");
+    }
+
+    /// Whether the env's relay leaves rows unmarked (`use_unmarked`).
+    pub fn is_unmarked(&self) -> bool {
+        !self.relay_extra.is_empty()
+    }
+
     /// Whether the env relays WAL messages (`use_messages`).
     pub fn is_messages(&self) -> bool {
         !self.capture_extra.is_empty()
@@ -381,7 +406,7 @@ impl TestEnv {
     /// `relay:` (such as `  on_poison: halt\n`) and `kafka:`.
     pub fn write_config(&self, relay_overrides: &str, kafka_overrides: &str) {
         let yaml = format!(
-            "relay:\n  name: {name}\n{relay_overrides}\
+            "relay:\n  name: {name}\n{relay_extra}{relay_overrides}\
              postgres:\n  url: {url}\n{postgres_extra}\
              kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {checkpoint_topic}\n  transaction_timeout: 20s\n{kafka_overrides}\
              capture:\n  mode: {mode}\n  batch_size: 100\n  poll_interval: 200ms\n{capture_extra}\
@@ -396,6 +421,7 @@ impl TestEnv {
             mode = self.mode.config_value(),
             postgres_extra = self.postgres_extra,
             capture_extra = self.capture_extra,
+            relay_extra = self.relay_extra,
         );
         std::fs::write(&self.config_path, yaml).expect("write test config");
     }

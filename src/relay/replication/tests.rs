@@ -12,12 +12,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 use super::*;
 use crate::capture::pgoutput::{Message, Relation, RelationColumn, Tuple, Value};
 use crate::capture::wire::StreamItem;
 use crate::config::OtherChangesPolicy;
+use crate::relay::pipeline::Demand;
 use crate::table::OutboxTable;
 
 /// Every row's payload: 11 bytes, for the `batch_bytes` test.
@@ -56,7 +57,10 @@ struct Relay {
     confirmed: Arc<Mutex<Option<Lsn>>>,
     batches: mpsc::Receiver<CapturedBatch>,
     acknowledged: mpsc::UnboundedSender<Acknowledged>,
-    demand: Arc<Notify>,
+    demand: Arc<Demand>,
+    /// The publisher's asks and the batches it took, so far.
+    asks: u64,
+    taken: u64,
     // Held so the loop does not see a shutdown.
     _stop: crate::shutdown::Trigger,
     running: tokio::task::JoinHandle<Result<()>>,
@@ -69,6 +73,20 @@ impl Relay {
     }
 
     fn start_with(assembler: Assembler, batch_size: usize, batch_bytes: usize) -> Relay {
+        Relay::start_streamer(Streamer::new(assembler, None, batch_size, batch_bytes))
+    }
+
+    /// Rows relayed unmarked (`relay.after_publish: none`), reporting how
+    /// far the stream is clear into `through`.
+    fn start_unmarked(through: &'static PublishedThrough) -> Relay {
+        let assembler = Assembler::new(&outbox(), OtherChangesPolicy::Warn, None).published_only();
+        let streamer = Streamer::new(assembler, None, 100, 1 << 20)
+            .without_idle_confirms()
+            .reporting_to(through);
+        Relay::start_streamer(streamer)
+    }
+
+    fn start_streamer(mut streamer: Streamer<'static>) -> Relay {
         let (items, items_receiver) = mpsc::unbounded_channel();
         let confirmed = Arc::new(Mutex::new(None));
         let mut stream = ScriptedStream {
@@ -78,16 +96,11 @@ impl Relay {
         // The pipeline's channels, as `pipeline::run` makes them.
         let (batches_sender, batches) = mpsc::channel(1);
         let (acknowledged, acknowledged_receiver) = mpsc::unbounded_channel();
-        let demand = Arc::new(Notify::new());
-        let ends = CaptureEnds {
-            batches: batches_sender,
-            acknowledged: acknowledged_receiver,
-            demand: Arc::clone(&demand),
-        };
+        let demand = Arc::new(Demand::default());
+        let ends = CaptureEnds::new(batches_sender, acknowledged_receiver, Arc::clone(&demand));
         let (stop, stop_receiver) = crate::shutdown::channel();
         // No catch-up filter: it asks Postgres, and these rules do not
         // depend on it.
-        let mut streamer = Streamer::new(assembler, None, batch_size, batch_bytes);
         let running =
             tokio::spawn(async move { streamer.stream(&mut stream, stop_receiver, ends).await });
         items
@@ -99,6 +112,8 @@ impl Relay {
             batches,
             acknowledged,
             demand,
+            asks: 0,
+            taken: 0,
             _stop: stop,
             running,
         }
@@ -124,14 +139,22 @@ impl Relay {
 
     /// The publisher asks for the next batch, as it does each time it is
     /// free.
-    async fn publisher_free(&self) {
-        self.demand.notify_one();
+    async fn publisher_free(&mut self) {
+        self.demand.ask();
+        self.asks += 1;
         self.run_until_waiting().await;
     }
 
-    /// The batch handed over to the publisher, if any.
+    /// The batch handed over to the publisher, if any. The publisher asks
+    /// before each batch it takes: a batch handed over ahead answers the
+    /// ask made as it is taken.
     fn handed_over(&mut self) -> Option<Batch> {
         let batch = self.batches.try_recv().ok()?;
+        self.taken += 1;
+        if self.asks < self.taken {
+            self.demand.ask();
+            self.asks += 1;
+        }
         let AcknowledgeWith::Stream { confirm } = batch.acknowledge_with else {
             panic!("a streamed batch must be acknowledged as streamed");
         };
@@ -496,4 +519,36 @@ async fn messages_confirm_only_to_the_commit_of_what_was_published() {
     assert_eq!(loose, batch(&[450], Some(449)));
     relay.acknowledge(&loose).await;
     assert_eq!(relay.confirmed(), Some(Lsn(449)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn unmarked_rows_confirm_only_inside_published_commits_and_keepalives_only_clear() {
+    let through: &'static PublishedThrough = Box::leak(Box::default());
+    let mut relay = Relay::start_unmarked(through);
+    relay.publisher_free().await;
+    relay.stream(transaction(200, 230, &[1, 2])).await;
+    let first = relay.expect_batch();
+    // One byte inside the commit record, as for messages: the slot never
+    // passes the checkpoint's position by the relay's own doing.
+    assert_eq!(first, batch(&[1, 2], Some(201)));
+    relay.stream(vec![keepalive(300)]).await;
+    assert_eq!(
+        through.get(),
+        Lsn(0),
+        "nothing is clear while a batch is in flight"
+    );
+    relay.acknowledge(&first).await;
+    assert_eq!(relay.confirmed(), Some(Lsn(201)));
+    assert_eq!(
+        through.get(),
+        Lsn(300),
+        "the keepalive is clear once the batch is"
+    );
+
+    // Transactions without outbox rows and keepalives confirm nothing,
+    // but tell retention how far the stream is clear.
+    relay.stream(transaction(400, 410, &[])).await;
+    relay.stream(vec![keepalive(500)]).await;
+    assert_eq!(relay.confirmed(), Some(Lsn(201)));
+    assert_eq!(through.get(), Lsn(500));
 }
