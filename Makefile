@@ -37,8 +37,9 @@ endif
 # a synchronous standby failing over (failover::; failover slots on 17+),
 # the WAL-message outbox (wal_messages::), and several outboxes in one
 # process, two tables of one database each on its own publication and slot
-# (several_outboxes::).
-PG_TESTS = exactly_once:: replication:: partitioned_table:: cli::check_ operations::status_ failover:: large_payloads:: leader:: least_privilege:: claim_connections:: wal_messages:: several_outboxes::
+# (several_outboxes::), and rows without marks, whose partitions go by a
+# snapshot's xmax and pg_xact_status (unmarked::).
+PG_TESTS = exactly_once:: replication:: partitioned_table:: cli::check_ operations::status_ failover:: large_payloads:: leader:: least_privilege:: claim_connections:: wal_messages:: several_outboxes:: unmarked::
 # On 17 and later also the failover-slot test (failover::failover_slots_…),
 # #[ignore]d in `make test`, whose server (Debian's 15) has no failover
 # slots; it fails on a server before 17, so it is included only here.

@@ -48,7 +48,7 @@ pub fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     // A WAL-message outbox has no rows to count, and unmarked rows all
     // look pending: the backlog is the WAL the slot holds
-    // (`outboxd_slot_retained_bytes`), sampled below.
+    // (`outboxd_replication_slot_retained_wal_bytes`), sampled below.
     let lag_sql = if !config.rows_show_pending() {
         "SELECT 0::bigint, 0::float8".to_string()
     } else {

@@ -33,4 +33,5 @@ mod several_outboxes;
 mod shared_checkpoints;
 mod shipped_examples;
 mod tls;
+mod unmarked;
 mod wal_messages;

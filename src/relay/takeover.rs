@@ -54,11 +54,14 @@ pub(super) async fn take_over(
     let mut found = find_checkpoints(context, connection, source, &identity).await?;
     let earlier = fence_earlier_identities(context, connection, &identity, &found).await?;
     found.same_database.extend(earlier);
-    for (_, other) in &found.same_database {
+    for (key, other) in &found.same_database {
         let done = context
             .acknowledger
             .reconcile_if_renamed(connection, other)
             .await?;
+        if let (Some(from), true) = (other.unmarked_from, done.published + done.dead_lettered > 0) {
+            return Err(unmarked_under_another_identity(key, from));
+        }
         if done.published + done.dead_lettered > 0 {
             tracing::warn!(
                 previous_table = %other.table,
@@ -73,6 +76,12 @@ pub(super) async fn take_over(
     }
     let mut latest = None;
     for candidate in found.candidates {
+        // Rows published unmarked stay unmarked: the stream skips them by
+        // the checkpoint's position (`relay::replication::unmarked`).
+        if candidate.ours && candidate.checkpoint.unmarked_from.is_some() {
+            latest = Some(candidate.checkpoint);
+            continue;
+        }
         // Marking is idempotent: rows of a checkpoint that were marked long
         // ago are simply marked again. Rows are matched by event id where
         // the checkpoint names them so, which keeps a checkpoint of another
@@ -81,6 +90,16 @@ pub(super) async fn take_over(
             .acknowledger
             .reconcile(connection, &candidate.checkpoint)
             .await?;
+        if let (false, Some(from), true) = (
+            candidate.ours,
+            candidate.checkpoint.unmarked_from,
+            done.published + done.dead_lettered > 0,
+        ) {
+            return Err(unmarked_under_another_identity(
+                &candidate.written_by,
+                from,
+            ));
+        }
         tracing::info!(
             written_by = %candidate.written_by,
             checkpoint_published = candidate.checkpoint.published.len(),
@@ -119,6 +138,24 @@ pub(super) async fn take_over(
         "took the table over from its latest committed checkpoint"
     );
     Ok(Some(TakenOver { publisher, latest }))
+}
+
+/// A checkpoint of another identity that names rows of this table says
+/// they were published unmarked: under this identity nothing tells the
+/// rows it published after them from unsent ones.
+fn unmarked_under_another_identity(
+    written_by: &str,
+    unmarked_from: crate::postgres::lsn::Lsn,
+) -> crate::error::Error {
+    crate::error::Error::stop(format!(
+        "rows of this table were published without marks (relay.after_publish: none, from \
+         {unmarked_from} on) under another Kafka identity, {written_by}: the table was renamed, \
+         its database renamed or moved to another cluster since. Under this identity the relay \
+         finds no position to resume from, and nothing in the table tells the rows that \
+         identity published from unsent ones, so it would publish them again. Put the table \
+         back under its old name and database, or, to start over knowingly, mark the rows \
+         already in Kafka sent (UPDATE … SET sent_at = now()) and use a new checkpoint topic"
+    ))
 }
 
 /// Another identity wrote checkpoints naming this table's name: at a first
