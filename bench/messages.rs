@@ -1,7 +1,8 @@
 //! The WAL-message outbox beside the table (section `messages`): the same
 //! backlogs drained and the same rates held by outboxd relaying the table
-//! (replication) and relaying messages, back to back in one run, with the
-//! WAL each event costs Postgres.
+//! (replication, with marks and without: `after_publish: none`) and
+//! relaying messages, back to back in one run, with the WAL each event
+//! costs Postgres.
 //!
 //! Invariant: both sources meet the same events (fields, payload size,
 //! aggregates, one or 10,000 to a transaction) on the same servers, one
@@ -40,7 +41,11 @@ pub async fn run(
     machine: &str,
     versions: &str,
 ) -> Comparison {
-    let sources = [System::OutboxdReplication, System::OutboxdMessages];
+    let sources = [
+        System::OutboxdReplication,
+        System::OutboxdUnmarked,
+        System::OutboxdMessages,
+    ];
     let mut drains = Vec::new();
     for per_transaction in [1, 10_000] {
         for system in sources {
@@ -80,7 +85,10 @@ impl Comparison {
     pub fn markdown(&self) -> String {
         let mut md = String::new();
         let w = &mut md;
-        let _ = writeln!(w, "# The WAL-message outbox beside the table\n");
+        let _ = writeln!(
+            w,
+            "# The table with marks, without marks (`after_publish: none`), and the WAL-message outbox\n"
+        );
         let _ = writeln!(
             w,
             "Written by `make bench` (section `messages`); every figure below comes from the same run.\n"

@@ -1,5 +1,6 @@
 //! The systems under test, each started cold on a database of its own:
-//! outboxd in either capture mode, outboxd relaying WAL messages
+//! outboxd in either capture mode (and replicating without marks),
+//! outboxd relaying WAL messages
 //! (`capture.source: messages`), and Debezium Server with the Outbox Event
 //! Router (the relay a user would pick instead).
 //!
@@ -35,6 +36,8 @@ pub enum System {
     OutboxdPolling,
     /// The WAL-message outbox: events written with `outboxd_emit`.
     OutboxdMessages,
+    /// Replication writing nothing back per row (`after_publish: none`).
+    OutboxdUnmarked,
     Debezium,
 }
 
@@ -44,6 +47,7 @@ impl System {
             System::OutboxdReplication => "outboxd (replication)",
             System::OutboxdPolling => "outboxd (polling)",
             System::OutboxdMessages => "outboxd (messages)",
+            System::OutboxdUnmarked => "outboxd (replication, no marks)",
             System::Debezium => "Debezium Server",
         }
     }
@@ -53,6 +57,7 @@ impl System {
             System::OutboxdReplication => "outboxd-replication",
             System::OutboxdPolling => "outboxd-polling",
             System::OutboxdMessages => "outboxd-messages",
+            System::OutboxdUnmarked => "outboxd-unmarked",
             System::Debezium => "debezium",
         }
     }
@@ -165,8 +170,13 @@ impl BenchEnv {
         } else {
             ("", "")
         };
+        let unmarked = if self.system == System::OutboxdUnmarked {
+            "  after_publish: none\n"
+        } else {
+            ""
+        };
         let yaml = format!(
-            "relay:\n  name: {name}\n{relay_lines}\
+            "relay:\n  name: {name}\n{unmarked}{relay_lines}\
              postgres:\n  url: {url}\n{postgres_lines}{messages_postgres}\
              kafka:\n  bootstrap_servers: {kafka}\n  checkpoint_topic: {checkpoints}\n\
              capture:\n  mode: {mode}\n{messages_capture}\
@@ -328,6 +338,8 @@ impl BenchEnv {
                     .collect();
                 checker::check_messages_of(&self.env, &rows, written).await
             }
+            // Nothing is marked; every row must be in Kafka all the same.
+            System::OutboxdUnmarked => checker::check_unmarked(&self.env, written, &[], &[]).await,
             _ => checker::check(&self.env, written).await,
         }
     }
