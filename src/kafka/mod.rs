@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod checkpoint_scan;
+pub(crate) mod deliveries;
 pub mod errors;
 pub mod identity;
 pub mod off_runtime;

@@ -15,10 +15,11 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::checkpoint::{Checkpoint, HandedOver, CHECKPOINT_PARTITION};
+use super::deliveries::DeliveryContext;
 use super::errors::{classify, classify_after_fatal, is_record_rejected};
 use super::identity::TableIdentity;
 use super::off_runtime::DropOffRuntime;
@@ -79,8 +80,12 @@ impl Purpose {
     }
 }
 
+/// The publisher's producer: its own thread serves librdkafka's events and
+/// reports every delivery into the context's tally.
+type TransactionalProducer = ThreadedProducer<DeliveryContext>;
+
 pub struct Publisher {
-    producer: DropOffRuntime<FutureProducer<RelayContext>>,
+    producer: DropOffRuntime<TransactionalProducer>,
     /// Names the table's checkpoint group in `send_offsets_to_transaction`.
     checkpoint_group: Arc<ConsumerGroupMetadata>,
     /// Key of every checkpoint record: the table's identity.
@@ -112,7 +117,7 @@ impl Publisher {
             client.set("debug", debug);
             client.set_log_level(RDKafkaLogLevel::Debug);
         }
-        let producer: FutureProducer<RelayContext> = client
+        let producer: TransactionalProducer = client
             .set(
                 "transaction.timeout.ms",
                 config.kafka.transaction_timeout.as_millis().to_string(),
@@ -125,7 +130,7 @@ impl Publisher {
                 "message.max.bytes",
                 (config.kafka.max_message_bytes + LOCAL_SIZE_HEADROOM).to_string(),
             )
-            .create_with_context(RelayContext)
+            .create_with_context(DeliveryContext::default())
             .map_err(|e| {
                 Error::stop(format!(
                     "cannot create the Kafka producer from the config: {e}"
@@ -158,8 +163,8 @@ impl Publisher {
         config: &Config,
         transactional_id: &str,
     ) -> Result<(), Error> {
-        let producer: FutureProducer<RelayContext> = transactional_client(config, transactional_id)
-            .create_with_context(RelayContext)
+        let producer: TransactionalProducer = transactional_client(config, transactional_id)
+            .create_with_context(DeliveryContext::default())
             .map_err(|e| {
                 Error::stop(format!(
                     "cannot create a Kafka producer to fence `{transactional_id}`: {e}"
@@ -261,37 +266,29 @@ impl Publisher {
         timings: &mut TransactionTimings,
     ) -> Result<(), PublishError> {
         let producing = Instant::now();
-        let mut marker_deliveries = Vec::with_capacity(markers.len());
-        for (marker, partition) in markers {
-            marker_deliveries.push(
-                self.send_to(marker, Some(*partition))
+        let tally = &self.producer.context().tally;
+        if !markers.is_empty() {
+            let first = tally.begin_round(markers.len(), None);
+            for (index, (marker, partition)) in markers.iter().enumerate() {
+                self.send_to(marker, Some(*partition), first + index)
                     .await
-                    .map_err(|e| self.classify("writing a hand-over marker", &e))?,
-            );
-        }
-        for delivery in marker_deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((error, _))) => {
-                    return Err(self.classify("writing a hand-over marker", &error).into())
-                }
-                Err(_canceled) => {
-                    return Err(self
-                        .classify("writing a hand-over marker", &KafkaError::Canceled)
-                        .into())
-                }
+                    .map_err(|e| self.classify("writing a hand-over marker", &e))?;
+            }
+            // Every marker is reported before the first record is sent, and
+            // a failed one ends the transaction there.
+            if let Some((_, error)) = tally.round_complete().await.failures.into_iter().next() {
+                return Err(self.classify("writing a hand-over marker", &error).into());
             }
         }
-        let mut deliveries = Vec::with_capacity(records.len() + 1);
+        let checkpoint_index = records.len();
+        let first = tally.begin_round(records.len() + 1, Some(checkpoint_index));
         for (index, record) in records.iter().enumerate() {
             if index == records.len() / 2 {
                 purpose.kill_point("mid-produce");
             }
-            deliveries.push(
-                self.send(record)
-                    .await
-                    .map_err(|e| self.delivery_failure(index, records.len(), e))?,
-            );
+            self.send_to(record, None, first + index)
+                .await
+                .map_err(|e| self.delivery_failure(index, records.len(), e))?;
         }
         let checkpoint_record = RoutedRecord {
             topic: Cow::Borrowed(&self.checkpoint_topic),
@@ -299,29 +296,23 @@ impl Publisher {
             headers: Vec::new(),
             payload: Some(Cow::Owned(checkpoint.to_bytes())),
         };
-        deliveries.push(
-            self.send_to(&checkpoint_record, Some(CHECKPOINT_PARTITION))
-                .await
-                .map_err(|e| self.delivery_failure(records.len(), records.len(), e))?,
-        );
+        self.send_to(
+            &checkpoint_record,
+            Some(CHECKPOINT_PARTITION),
+            first + checkpoint_index,
+        )
+        .await
+        .map_err(|e| self.delivery_failure(checkpoint_index, records.len(), e))?;
 
         // Await every delivery before judging: the broker refuses a whole
         // produce request when one record in it is too large, so the
         // innocent records of that request fail alongside the guilty one.
+        let outcome = tally.round_complete().await;
         let mut rejected: Vec<(usize, String)> = Vec::new();
         let mut other_failure = None;
-        let mut checkpoint_offset = None;
-        for (index, delivery) in deliveries.into_iter().enumerate() {
-            let error = match delivery.await {
-                Ok(Ok(delivered)) => {
-                    if index == records.len() {
-                        checkpoint_offset = Some(delivered.offset);
-                    }
-                    continue;
-                }
-                Ok(Err((error, _))) => error,
-                Err(_canceled) => KafkaError::Canceled,
-            };
+        // Lowest index first, whatever order the reports came in: the
+        // first other failure by index is the one reported.
+        for (index, error) in outcome.failures {
             match self.delivery_failure(index, records.len(), error) {
                 PublishError::RecordRejected { index, reason } => rejected.push((index, reason)),
                 PublishError::Failed(error) => {
@@ -340,7 +331,7 @@ impl Publisher {
         {
             return Err(PublishError::RecordRejected { index, reason });
         }
-        let Some(checkpoint_offset) = checkpoint_offset else {
+        let Some(checkpoint_offset) = outcome.offset else {
             return Err(PublishError::Failed(Error::abort_and_resend(
                 "the checkpoint record's delivery report carried no offset",
             )));
@@ -383,40 +374,40 @@ impl Publisher {
         })
     }
 
-    /// Queues one event record, waiting while librdkafka's local queue is full.
-    async fn send(&self, record: &RoutedRecord<'_>) -> Result<DeliveryFuture, KafkaError> {
-        self.send_to(record, None).await
-    }
-
     /// Queues one record to `partition` (the partitioner's choice when
-    /// `None`), waiting while librdkafka's local queue is full.
+    /// `None`), waiting while librdkafka's local queue is full. Its delivery
+    /// is reported to the tally under `sequence`.
     async fn send_to(
         &self,
         record: &RoutedRecord<'_>,
         partition: Option<i32>,
-    ) -> Result<DeliveryFuture, KafkaError> {
+        sequence: usize,
+    ) -> Result<(), KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (name, value) in &record.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_ref()),
+            });
+        }
+        let mut base_record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&record.topic, sequence).headers(headers);
+        if let Some(key) = &record.key {
+            base_record = base_record.key(key.as_ref());
+        }
+        if let Some(partition) = partition {
+            base_record = base_record.partition(partition);
+        }
+        if let Some(payload) = &record.payload {
+            base_record = base_record.payload(payload.as_ref());
+        }
         loop {
-            let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-            for (name, value) in &record.headers {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value.as_ref()),
-                });
-            }
-            let mut future_record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&record.topic).headers(headers);
-            if let Some(key) = &record.key {
-                future_record = future_record.key(key.as_ref());
-            }
-            if let Some(partition) = partition {
-                future_record = future_record.partition(partition);
-            }
-            if let Some(payload) = &record.payload {
-                future_record = future_record.payload(payload.as_ref());
-            }
-            match self.producer.send_result(future_record) {
-                Ok(delivery) => return Ok(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+            match self.producer.send(base_record) {
+                Ok(()) => return Ok(()),
+                // librdkafka hands the record back untouched: send it again
+                // once its queue has room.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    base_record = returned;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Err((error, _)) => return Err(error),
@@ -479,9 +470,9 @@ impl Publisher {
     async fn transaction_call<T: Send + 'static>(
         &self,
         timeout: Duration,
-        call: impl FnOnce(&FutureProducer<RelayContext>) -> Result<T, KafkaError> + Send + 'static,
+        call: impl FnOnce(&TransactionalProducer) -> Result<T, KafkaError> + Send + 'static,
     ) -> Result<T, CallError> {
-        let producer = FutureProducer::clone(&self.producer);
+        let producer = TransactionalProducer::clone(&self.producer);
         let limit = timeout + CALL_MARGIN;
         match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || call(&producer)))
             .await
@@ -504,7 +495,7 @@ impl Publisher {
 ///
 /// Why: the caller has awaited every delivery, but librdkafka counts a
 /// message as outstanding until the report event holding it is freed, a
-/// moment after our delivery futures resolve. rust-rdkafka's
+/// moment after the tally counted its last report. rust-rdkafka's
 /// `commit_transaction` flushes first, and its flush, finding any message
 /// outstanding, polls for a fixed 100 ms before it looks again: that was
 /// the p99 of small transactions. librdkafka's own flush, with our producer
@@ -512,7 +503,7 @@ impl Publisher {
 /// the count to reach zero and returns the moment it does; after it the
 /// crate's flush finds nothing outstanding and returns at once. Bounded, so
 /// a stuck count only costs what it cost before.
-fn settle_delivery_reports(producer: &FutureProducer<RelayContext>) {
+fn settle_delivery_reports(producer: &TransactionalProducer) {
     let limit_ms = SETTLE_DELIVERY_REPORTS.as_millis() as i32;
     // SAFETY: the pointer is the live handle of `producer`, borrowed for the
     // call; rd_kafka_flush is thread-safe and only waits on the producer's
