@@ -227,6 +227,54 @@ async fn the_identity_holds_when_the_pg_control_system_grant_is_given() {
     assert_eq!(marked(&env).await, 0);
 }
 
+/// While no outbox row comes, the slot still moves: a checkpoint of no
+/// event names the idle position, and a restart from it is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_outbox_does_not_hold_the_wal_others_write() {
+    let env = unmarked_env("unmarked-idle").await;
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    write(&env, 10).await;
+    wait_published(&env, 10, Duration::from_secs(60)).await;
+
+    // Other tables' writes, and no outbox row, for longer than the idle
+    // checkpoint interval (30 s).
+    let started = Instant::now();
+    let mut passed = None;
+    while started.elapsed() < Duration::from_secs(120) {
+        sqlx::query("INSERT INTO aggregates (id) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(format!("a-{}", started.elapsed().as_millis()))
+            .execute(&env.pool)
+            .await
+            .expect("write another table");
+        let (confirmed, current): (Option<i64>, i64) = env.slot_positions().await;
+        if passed.is_none() && started.elapsed() > Duration::from_secs(2) {
+            passed = Some(current);
+        }
+        if let (Some(confirmed), Some(mark)) = (confirmed, passed) {
+            if confirmed >= mark {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (confirmed, _) = env.slot_positions().await;
+    let mark = passed.expect("a position to pass");
+    assert!(
+        confirmed.is_some_and(|confirmed| confirmed >= mark),
+        "the slot stayed at {confirmed:?}, behind {mark}, with the outbox idle"
+    );
+    relay.stop().await.expect("relay stops cleanly");
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+
+    // The slot confirmed past the last row is one a checkpoint names: a
+    // restart streams on, and the next rows go once.
+    write(&env, 5).await;
+    relay_until_published(&env, 15).await;
+    assert_eq!(assert_every_row_published_once(&env).await, 15);
+    assert_eq!(marked(&env).await, 0);
+}
+
 const HOURLY: &str = "  partitioning:\n    interval: 1h\n    ahead: 2\n";
 
 /// Rounds of unmarked retention until `partition` is closed as far as its
@@ -309,7 +357,10 @@ async fn an_old_partition_of_unmarked_rows_goes_only_once_the_stream_is_past_eve
         panic!("closed to a position: {closing:?}");
     };
     let upkeep = close(&env, &mut closing, Lsn(wal.0 - 1)).await;
-    assert!(upkeep.dropped.is_empty() && exists(&env).await, "{upkeep:?}");
+    assert!(
+        upkeep.dropped.is_empty() && exists(&env).await,
+        "{upkeep:?}"
+    );
 
     // A late writer puts a row into it after its position was read: even
     // with the stream past that position, the partition is put back.

@@ -235,9 +235,11 @@ impl Assembler {
     /// like messages, a transaction is confirmed only inside its commit
     /// record and only when it had rows of the outbox, so the slot never
     /// passes the latest checkpoint's position by the relay's own doing
-    /// (`relay::replication::unmarked`). Keepalives still come out as
-    /// `Idle`: they tell how far the stream is clear, which retention
-    /// needs, but the streamer does not confirm them.
+    /// (`relay::replication::unmarked`). Keepalives, and transactions
+    /// without outbox rows, come out as `Idle`: they tell how far the
+    /// stream is clear, which retention and the idle checkpoints need, but
+    /// the streamer confirms such a position only once a checkpoint of its
+    /// own names it.
     pub fn published_only(mut self) -> Assembler {
         self.published_only = true;
         self
@@ -314,10 +316,20 @@ impl Assembler {
                 // relay that finds no checkpoint of its own (a new Kafka
                 // identity) does not publish it again; and no other
                 // commit record can start at or before that byte.
-                Ok((ended.next_index > 0).then_some(Captured::TransactionEnd {
-                    end_lsn,
-                    confirm_lsn: just_inside(ended.commit_lsn),
-                }))
+                if ended.next_index > 0 {
+                    return Ok(Some(Captured::TransactionEnd {
+                        end_lsn,
+                        confirm_lsn: just_inside(ended.commit_lsn),
+                    }));
+                }
+                // Unmarked rows: a transaction without outbox rows tells
+                // how far the stream is clear, like a keepalive (on a busy
+                // server, keepalives may not come at all). Messages ignore
+                // both: they never confirm an idle position.
+                Ok(self
+                    .message_prefix
+                    .is_none()
+                    .then_some(Captured::Idle { wal_end: end_lsn }))
             }
             Message::Relation(relation) => {
                 let layout = if self.message_prefix.is_none()

@@ -50,6 +50,9 @@ pub(super) struct CapturedBatch {
     /// Replication: the stream position of the batch's last event.
     pub position: Option<SourcePosition>,
     pub acknowledge_with: AcknowledgeWith,
+    /// Commit a checkpoint naming `position` even with no event: an idle
+    /// stream's position moves on (`relay::replication`, idle checkpoints).
+    pub checkpoint_alone: bool,
 }
 
 /// How a batch's rows are acknowledged once its Kafka transaction committed.
@@ -257,7 +260,7 @@ async fn publish(
         }
         next_id += 1;
         let id = next_id;
-        let delivered = if batch.events.is_empty() {
+        let delivered = if batch.events.is_empty() && !batch.checkpoint_alone {
             // Every event was found published already (replication's
             // catch-up filter); the batch still carries a slot position.
             Delivered::default()

@@ -230,6 +230,7 @@ impl Claim<'_> {
                 captured_at: std::time::Instant::now(),
                 position: None,
                 acknowledge_with: AcknowledgeWith::Claim(transaction),
+                checkpoint_alone: false,
             };
             room.send(batch);
             ends.handed_over();

@@ -40,7 +40,7 @@
 //!   and a mark that found a streamed row not yet visible is repeated once
 //!   it is (`Acknowledger::acknowledge_streamed`).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use sqlx::PgConnection;
@@ -321,6 +321,9 @@ struct Streamer<'c> {
     /// Raised to every position before which each outbox row the stream
     /// carried is in Kafka (`Context::published_through`).
     published_through: Option<&'c PublishedThrough>,
+    /// Where keepalives are not confirmed: when an idle stream's position
+    /// is next named by a checkpoint of its own.
+    idle_checkpoints: Option<IdleCheckpoints>,
     /// The catch-up filter, until the stream passes the WAL position read
     /// when streaming started; `None` after.
     catch_up: Option<CatchUpFilter<'c>>,
@@ -363,6 +366,7 @@ impl<'c> Streamer<'c> {
             clear_when_idle: None,
             confirms_idle: true,
             published_through: None,
+            idle_checkpoints: None,
             catch_up,
             batch_size,
             max_batch_bytes,
@@ -382,9 +386,12 @@ impl<'c> Streamer<'c> {
         self
     }
 
-    /// Keepalives are not confirmed, only reported through `through`.
+    /// Keepalives are not confirmed, only reported through `through`;
+    /// while the stream is idle a checkpoint naming its position is
+    /// committed every `IDLE_CHECKPOINT_EVERY`, and the slot confirmed to it.
     fn without_idle_confirms(mut self) -> Streamer<'c> {
         self.confirms_idle = false;
+        self.idle_checkpoints = Some(IdleCheckpoints::new(IDLE_CHECKPOINT_EVERY));
         self
     }
 
@@ -537,12 +544,52 @@ impl<'c> Streamer<'c> {
                 Captured::Idle { wal_end }
                     if self.batch.is_empty() && !self.assembler.in_transaction() =>
                 {
-                    self.confirm_when_settled(wal_end, stream, self.confirms_idle);
+                    let due = self.in_flight == 0
+                        && self
+                            .idle_checkpoints
+                            .as_ref()
+                            .is_some_and(|idle| idle.due(wal_end));
+                    if due {
+                        let Ok(room) = ends.batches.reserve().await else {
+                            return Ok(false);
+                        };
+                        self.checkpoint_idle(room, wal_end);
+                        ends.handed_over();
+                    } else {
+                        self.confirm_when_settled(wal_end, stream, self.confirms_idle);
+                    }
                 }
                 Captured::Idle { .. } => {}
             }
         }
         Ok(true)
+    }
+
+    /// Hands over a batch of no event whose checkpoint names `wal_end` as
+    /// published through (nothing is in flight, nothing batched, no
+    /// transaction open: every outbox row committed before it is in
+    /// Kafka). Its position is one byte before, at the highest index, so
+    /// a transaction committing at `wal_end` itself is still ahead of it;
+    /// and its confirmation, one byte past that, is `wal_end`: the slot is
+    /// confirmed to a position a checkpoint names, as always without marks.
+    fn checkpoint_idle(&mut self, room: mpsc::Permit<'_, CapturedBatch>, wal_end: Lsn) {
+        let position = SourcePosition {
+            commit_lsn: Lsn(wal_end.0.saturating_sub(1)),
+            index: u32::MAX,
+        };
+        if let Some(idle) = self.idle_checkpoints.as_mut() {
+            idle.named(Some(wal_end));
+        }
+        self.in_flight += 1;
+        room.send(CapturedBatch {
+            events: Vec::new(),
+            captured_at: Instant::now(),
+            position: Some(position),
+            acknowledge_with: AcknowledgeWith::Stream {
+                confirm: Some(wal_end),
+            },
+            checkpoint_alone: true,
+        });
     }
 
     /// Confirms `lsn` (or with `confirm` off, reports it cleared) now if
@@ -626,10 +673,50 @@ impl<'c> Streamer<'c> {
             captured_at,
             position: self.batch_position,
             acknowledge_with: AcknowledgeWith::Stream { confirm },
+            checkpoint_alone: false,
         };
+        if let Some(idle) = self.idle_checkpoints.as_mut() {
+            idle.named(confirm);
+        }
         self.in_flight += 1;
         room.send(batch);
         Ok(true)
+    }
+}
+
+/// How often an idle stream's position is committed in a checkpoint of its
+/// own where keepalives are not confirmed (unmarked rows): the slot then
+/// holds at most about this much of the WAL others write while no outbox
+/// row comes, for one Kafka transaction per interval.
+const IDLE_CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
+
+/// When an idle stream's position is due for a checkpoint of its own.
+struct IdleCheckpoints {
+    every: Duration,
+    /// When a checkpoint last named a position, and which.
+    last: tokio::time::Instant,
+    last_named: Lsn,
+}
+
+impl IdleCheckpoints {
+    fn new(every: Duration) -> IdleCheckpoints {
+        IdleCheckpoints {
+            every,
+            last: tokio::time::Instant::now(),
+            last_named: Lsn::ZERO,
+        }
+    }
+
+    /// A checkpoint names the stream as far as `confirm`.
+    fn named(&mut self, confirm: Option<Lsn>) {
+        self.last = tokio::time::Instant::now();
+        self.last_named = self.last_named.max(confirm.unwrap_or_default());
+    }
+
+    /// Whether an idle stream at `wal_end` should commit a checkpoint:
+    /// the interval passed and the position moved since the last one.
+    fn due(&self, wal_end: Lsn) -> bool {
+        self.last.elapsed() >= self.every && wal_end > self.last_named
     }
 }
 

@@ -95,10 +95,7 @@ pub(super) async fn take_over(
             candidate.checkpoint.unmarked_from,
             done.published + done.dead_lettered > 0,
         ) {
-            return Err(unmarked_under_another_identity(
-                &candidate.written_by,
-                from,
-            ));
+            return Err(unmarked_under_another_identity(&candidate.written_by, from));
         }
         tracing::info!(
             written_by = %candidate.written_by,

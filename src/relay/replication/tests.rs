@@ -552,3 +552,39 @@ async fn unmarked_rows_confirm_only_inside_published_commits_and_keepalives_only
     assert_eq!(relay.confirmed(), Some(Lsn(201)));
     assert_eq!(through.get(), Lsn(500));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_unmarked_stream_commits_a_checkpoint_of_its_own_and_confirms_to_it() {
+    let through: &'static PublishedThrough = Box::leak(Box::default());
+    let mut relay = Relay::start_unmarked(through);
+    relay.publisher_free().await;
+    relay.stream(transaction(200, 230, &[1])).await;
+    let first = relay.expect_batch();
+    relay.acknowledge(&first).await;
+    assert_eq!(relay.confirmed(), Some(Lsn(201)));
+
+    // Within the interval, keepalives are only reported clear.
+    relay.stream(vec![keepalive(300)]).await;
+    assert_eq!(relay.handed_over(), None);
+    assert_eq!(relay.confirmed(), Some(Lsn(201)));
+
+    // Past it, the idle position goes to Kafka in a checkpoint of its own,
+    // one byte before the keepalive at the highest index, and the slot is
+    // confirmed to the keepalive once that checkpoint is committed.
+    tokio::time::sleep(IDLE_CHECKPOINT_EVERY).await;
+    relay.stream(vec![keepalive(400)]).await;
+    let idle = relay.expect_batch();
+    assert_eq!(idle, batch(&[], Some(400)));
+    assert_eq!(
+        relay.confirmed(),
+        Some(Lsn(201)),
+        "not before it is committed"
+    );
+    relay.acknowledge(&idle).await;
+    assert_eq!(relay.confirmed(), Some(Lsn(400)));
+
+    // Nothing moved since: no more checkpoints.
+    tokio::time::sleep(IDLE_CHECKPOINT_EVERY).await;
+    relay.stream(vec![keepalive(400)]).await;
+    assert_eq!(relay.handed_over(), None);
+}

@@ -22,9 +22,11 @@
 //!   every one of them from an unsent row;
 //! - rows committed after B reach Kafka only from the stream, in commit
 //!   order, so the checkpoint's position alone tells them; and the slot is
-//!   confirmed only inside the commit of a transaction a checkpoint names
-//!   (or up to B, for the drained rows the filter dropped), so it holds
-//!   every row after the position unless someone else moved it. Then the
+//!   confirmed only inside the commit of a transaction a checkpoint names,
+//!   to the idle position a checkpoint of no event names (one byte past
+//!   its position), or up to B, for the drained rows the filter dropped;
+//!   so it holds every row after the position unless someone else moved
+//!   it. Then the
 //!   relay refuses to start, saying what may be lost (`judge`); it never
 //!   drains the table again, where unmarked rows look unsent.
 //!
