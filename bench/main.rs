@@ -107,8 +107,12 @@ async fn run() -> bool {
         }
     }
     if wanted("drain") {
+        // Replication without marks too: the WAL the relay adds, and what
+        // not marking saves, from the same run.
+        let drain_systems = systems.iter().copied().chain([System::OutboxdUnmarked]);
+        let drain_systems: Vec<System> = drain_systems.collect();
         for &rows in &sizes {
-            for &system in &systems {
+            for &system in &drain_systems {
                 results.drains.push(drain::run(system, rows, 256).await);
                 save(&results);
             }
