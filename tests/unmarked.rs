@@ -387,3 +387,81 @@ async fn an_old_partition_of_unmarked_rows_goes_only_once_the_stream_is_past_eve
     assert_eq!(upkeep.dropped, vec!["old_rows".to_string()]);
     assert!(!exists(&env).await);
 }
+
+/// Runs a relay for at most `limit`: its error if it stopped by itself,
+/// `Ok` if it was still running (then stopped cleanly).
+async fn run_for(env: &TestEnv, limit: Duration) -> Result<(), outboxd::Error> {
+    let relay = InProcessRelay::start(env.config());
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if relay.is_finished() {
+            return relay.finished(Duration::from_secs(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    relay.stop().await?;
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+    Ok(())
+}
+
+/// Publishes `count` more rows in two sessions, so the latest checkpoint
+/// names only the last batches, not every row in Kafka.
+async fn publish_in_sessions(env: &TestEnv, count: usize) {
+    let before = read_all(&env.kafka, &env.topic_prefix()).await.len();
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    write(env, count / 2).await;
+    wait_published(env, before + count / 2, Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+    write(env, count - count / 2).await;
+    relay_until_published(env, before + count).await;
+}
+
+/// Adversarial: the refusal of a table whose rows were published unmarked
+/// under a checkpoint this relay cannot resume from (here: the table's own
+/// identity on an earlier checkpoint topic, `kafka.checkpoint_topic`
+/// changed without `kafka.previous_checkpoint_topic`) must hold on every
+/// start. The first start refused only after it had marked the rows that
+/// checkpoint names; so the next start (a supervisor's restart) found
+/// nothing newly marked, took the table for never relayed, drained every
+/// unmarked row and published it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refusal_over_rows_published_unmarked_elsewhere_holds_on_the_next_start() {
+    let mut env = unmarked_env("unmarked-refusal-sticks").await;
+    publish_in_sessions(&env, 60).await;
+
+    let moved = format!("{}.moved.checkpoints", env.topic_prefix());
+    env.move_checkpoint_topic(&moved, false);
+    for attempt in 1..=2 {
+        let outcome = run_for(&env, Duration::from_secs(20)).await;
+        let published = read_all(&env.kafka, &env.topic_prefix()).await.len();
+        assert!(
+            outcome.is_err() && published == 60,
+            "start {attempt} after the topic change: {outcome:?}, {published} records in Kafka \
+             for 60 rows"
+        );
+    }
+}
+
+/// Adversarial: the documented way to move the checkpoint topic
+/// (`kafka.previous_checkpoint_topic` named) adopts the table's checkpoint;
+/// an ordinary restart after that must not be refused (the earlier topic's
+/// checkpoint is still found there, now under "another topic").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_after_a_documented_checkpoint_topic_move_is_not_refused() {
+    let mut env = unmarked_env("unmarked-topic-move").await;
+    publish_in_sessions(&env, 20).await;
+
+    let moved = format!("{}.moved.checkpoints", env.topic_prefix());
+    env.move_checkpoint_topic(&moved, true);
+    publish_in_sessions(&env, 20).await;
+    // Restarts after the move: neither refused nor publishing anything twice.
+    for _ in 0..2 {
+        run_for(&env, Duration::from_secs(15))
+            .await
+            .expect("an ordinary restart after the move is not refused");
+    }
+    publish_in_sessions(&env, 20).await;
+    assert_eq!(assert_every_row_published_once(&env).await, 60);
+}

@@ -55,6 +55,19 @@ pub(super) async fn take_over(
     let earlier = fence_earlier_identities(context, connection, &identity, &found).await?;
     found.same_database.extend(earlier);
     for (key, other) in &found.same_database {
+        // Judged before anything is marked, by the rows being here at all
+        // (marked or not): a refusal that marked them first would find
+        // nothing to mark on the next start, and let it drain every row
+        // that identity published unmarked.
+        if let Some(from) = other.unmarked_from {
+            if context
+                .acknowledger
+                .names_rows_here(connection, other)
+                .await?
+            {
+                return Err(unmarked_under_another_identity(key, from));
+            }
+        }
         let done = context
             .acknowledger
             .reconcile_if_renamed(connection, other)
@@ -74,6 +87,15 @@ pub(super) async fn take_over(
             );
         }
     }
+    // How far this table's own checkpoints say rows were published
+    // unmarked: an unmarked checkpoint found elsewhere at or before it
+    // (the earlier topic of a move this relay adopted) is covered by it.
+    let own_unmarked_through = found
+        .candidates
+        .iter()
+        .filter(|c| c.ours && c.checkpoint.unmarked_from.is_some())
+        .map(|c| c.checkpoint.position)
+        .max();
     let mut latest = None;
     for candidate in found.candidates {
         // Rows published unmarked stay unmarked: the stream skips them by
@@ -81,6 +103,16 @@ pub(super) async fn take_over(
         if candidate.ours && candidate.checkpoint.unmarked_from.is_some() {
             latest = Some(candidate.checkpoint);
             continue;
+        }
+        if let (false, Some(from)) = (candidate.ours, candidate.checkpoint.unmarked_from) {
+            if own_unmarked_through.is_some_and(|own| own >= candidate.checkpoint.position) {
+                continue;
+            }
+            // Refused before anything is marked: a refusal after marking
+            // its rows found nothing to mark on the next start, which then
+            // took the table for never relayed and published every unmarked
+            // row again.
+            return Err(unmarked_under_another_identity(&candidate.written_by, from));
         }
         // Marking is idempotent: rows of a checkpoint that were marked long
         // ago are simply marked again. Rows are matched by event id where
@@ -151,7 +183,9 @@ fn unmarked_under_another_identity(
          finds no position to resume from, and nothing in the table tells the rows that \
          identity published from unsent ones, so it would publish them again. Put the table \
          back under its old name and database, or, to start over knowingly, mark the rows \
-         already in Kafka sent (UPDATE … SET sent_at = now()) and use a new checkpoint topic"
+         already in Kafka sent (UPDATE … SET sent_at = now()) and use a new checkpoint topic. If \
+         kafka.checkpoint_topic was changed, name the earlier topic in \
+         kafka.previous_checkpoint_topic instead"
     ))
 }
 
