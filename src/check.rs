@@ -369,7 +369,7 @@ async fn check_slot_against_checkpoint(
         latest.as_ref().and_then(|l| l.unmarked_from),
     ) {
         (true, _) => Kept::Messages,
-        (false, Some(marked_before)) => Kept::UnmarkedRows { marked_before },
+        (false, Some(_)) => Kept::UnmarkedRows,
         // Every published row is marked: the relay starts as a marking
         // relay does (check_capture reports that slot).
         (false, None) => return,

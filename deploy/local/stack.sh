@@ -226,8 +226,10 @@ listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = ''
 wal_level = $wal_level
-# Integration tests run in parallel, each with its own slot.
-max_replication_slots = 100
+# Integration tests run in parallel, each with its own slot, and most
+# leave it behind (the stack is thrown away): one make test creates
+# about a hundred.
+max_replication_slots = 400
 max_wal_senders = 100
 max_connections = 300
 # Tests use the minimum: a transaction of a few hundred rows already spills

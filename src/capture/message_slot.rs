@@ -10,10 +10,9 @@
 //! other case is an error saying why events may be lost and what to do.
 //! It relies on the relay confirming a slot only up to positions a
 //! committed checkpoint names (`capture::stream`, `published_only`): a
-//! slot confirmed past the checkpoint was moved by someone else. Unmarked
-//! rows add one allowance: before `marked_before` every published row is
-//! marked, so a slot confirmed up to there lost nothing the table's marks
-//! cannot tell (the stream filters it, `relay::replication::unmarked`).
+//! slot confirmed past the checkpoint was moved by someone else. (For
+//! unmarked rows even the transactions the catch-up filter dropped are
+//! confirmed only once a checkpoint names them, `relay::replication`.)
 
 use super::slot::SlotInfo;
 use crate::error::{Error, Result};
@@ -36,16 +35,15 @@ pub enum Verdict {
 pub enum Kept {
     /// `capture.source: messages`: events live only in the WAL.
     Messages,
-    /// `relay.after_publish: none`: published rows committed at or after
-    /// `marked_before` may be unmarked (the checkpoint's `unmarked_from`).
-    UnmarkedRows { marked_before: Lsn },
+    /// `relay.after_publish: none`: published rows may be unmarked.
+    UnmarkedRows,
 }
 
 impl Kept {
     fn events(self) -> &'static str {
         match self {
             Kept::Messages => "Messages",
-            Kept::UnmarkedRows { .. } => "Outbox rows",
+            Kept::UnmarkedRows => "Outbox rows",
         }
     }
 
@@ -55,20 +53,17 @@ impl Kept {
                 "lived only in the WAL that slot kept, so some may be lost for good: there is no \
                  table to recover them from"
             }
-            Kept::UnmarkedRows { .. } => {
+            Kept::UnmarkedRows => {
                 "are still in the table, but with relay.after_publish: none no mark there tells \
                  them from rows already in Kafka, so the relay cannot find them to publish"
             }
         }
     }
 
-    /// Up to where the relay itself may have confirmed the slot.
-    fn confirmed_at_most(self, published: Option<SourcePosition>) -> Option<Lsn> {
-        let by_checkpoint = published.map(|p| super::stream::just_inside(p.commit_lsn));
-        match self {
-            Kept::Messages => by_checkpoint,
-            Kept::UnmarkedRows { marked_before } => by_checkpoint.max(Some(marked_before)),
-        }
+    /// Up to where the relay itself may have confirmed the slot: one byte
+    /// into the commit record of the checkpoint's position.
+    fn confirmed_at_most(published: Option<SourcePosition>) -> Option<Lsn> {
+        published.map(|p| super::stream::just_inside(p.commit_lsn))
     }
 }
 
@@ -144,10 +139,7 @@ fn judge_published(
     let published_text = published.map_or("none yet".to_string(), |p| p.to_string());
     // The relay confirms one byte past the checkpoint's commit LSN, inside
     // that commit record (`capture::stream::just_inside`).
-    if kept
-        .confirmed_at_most(published)
-        .is_some_and(|most| confirmed <= most)
-    {
+    if Kept::confirmed_at_most(published).is_some_and(|most| confirmed <= most) {
         return Ok(Verdict::Stream(format!(
             "streaming from {confirmed}; {events} up to the checkpoint's position {published_text} \
              are in Kafka and skipped when replayed"
@@ -325,38 +317,29 @@ mod tests {
     }
 
     #[test]
-    fn unmarked_rows_allow_a_slot_up_to_where_every_published_row_is_marked() {
-        let rows = Kept::UnmarkedRows {
-            marked_before: Lsn(800),
-        };
-        // Confirmed past the checkpoint by rows the catch-up drain had
-        // published and marked: streamed again and filtered by the marks.
-        for confirmed in [100, 501, 700, 800] {
+    fn unmarked_rows_allow_a_slot_only_up_to_the_checkpoint() {
+        let rows = Kept::UnmarkedRows;
+        for confirmed in [100, 500, 501] {
             assert!(matches!(
                 judge("s", Some(&slot(confirmed, "reserved")), at(500), None, rows),
                 Ok(Verdict::Stream(_))
             ));
         }
+        // Even below where the first session's stream began: the relay
+        // confirms filtered transactions only once a checkpoint names them.
         let moved = refusal(judge(
             "s",
-            Some(&slot(801, "reserved")),
+            Some(&slot(700, "reserved")),
             at(500),
             None,
             rows,
         ));
         assert!(moved.contains("outbox rows committed between"), "{moved}");
-        // Past the drain's end, only the checkpoint counts.
-        assert!(matches!(
-            judge("s", Some(&slot(1001, "reserved")), at(1000), None, rows),
-            Ok(Verdict::Stream(_))
-        ));
     }
 
     #[test]
     fn unmarked_rows_never_get_a_new_slot() {
-        let rows = Kept::UnmarkedRows {
-            marked_before: Lsn(800),
-        };
+        let rows = Kept::UnmarkedRows;
         let gone = refusal(judge("s", None, at(500), None, rows));
         assert!(gone.contains("no mark there tells them"), "{gone}");
         // Even with the position cut away by a fork: a slot is never

@@ -713,7 +713,7 @@ mod tests {
     fn an_unmarked_checkpoint_takes_format_3_and_reads_back() {
         let marked = Checkpoint::new("public.outbox", None, &[1, 2], &[], None);
         assert_eq!(marked.clone().unmarked_from(None).version, 1);
-        let unmarked = marked.unmarked_from(Some(crate::postgres::lsn::Lsn(0x1_6B37_48)));
+        let unmarked = marked.unmarked_from(Some(crate::postgres::lsn::Lsn(0x016B_3748)));
         assert_eq!(unmarked.version, 3);
         let read = Checkpoint::from_bytes(&unmarked.to_bytes()).unwrap();
         assert_eq!(read, unmarked);

@@ -668,12 +668,18 @@ impl<'c> Streamer<'c> {
                 self.time_stage(Stage::SyncStandbys, waiting);
             }
         }
+        // Where only checkpointed positions may be confirmed (unmarked
+        // rows), a batch the catch-up filter emptied still commits one:
+        // its rows are in Kafka (the drain published them), and the slot
+        // confirmed past them must be a position a checkpoint names, or a
+        // slot moved by someone else could not be told from it.
+        let checkpoint_alone = events.is_empty() && !self.confirms_idle;
         let batch = CapturedBatch {
             events,
             captured_at,
             position: self.batch_position,
             acknowledge_with: AcknowledgeWith::Stream { confirm },
-            checkpoint_alone: false,
+            checkpoint_alone,
         };
         if let Some(idle) = self.idle_checkpoints.as_mut() {
             idle.named(confirm);

@@ -22,11 +22,12 @@
 //!   every one of them from an unsent row;
 //! - rows committed after B reach Kafka only from the stream, in commit
 //!   order, so the checkpoint's position alone tells them; and the slot is
-//!   confirmed only inside the commit of a transaction a checkpoint names,
-//!   to the idle position a checkpoint of no event names (one byte past
-//!   its position), or up to B, for the drained rows the filter dropped;
-//!   so it holds every row after the position unless someone else moved
-//!   it. Then the
+//!   confirmed only inside the commit of a transaction a checkpoint names
+//!   (the transactions the catch-up filter dropped included: their batch
+//!   commits a checkpoint of no event), or to the idle position a
+//!   checkpoint of no event names (one byte past its position); so it
+//!   holds every row after the position unless someone else moved it.
+//!   Then the
 //!   relay refuses to start, saying what may be lost (`judge`); it never
 //!   drains the table again, where unmarked rows look unsent.
 //!
@@ -87,7 +88,7 @@ pub(super) async fn resume(
         .as_deref()
         .and_then(|lsn| lsn.parse::<Lsn>().ok());
     let existing = slot::inspect(&mut session.connection, slot_name).await?;
-    let kept = Kept::UnmarkedRows { marked_before };
+    let kept = Kept::UnmarkedRows;
     let slot = match judge(slot_name, existing.as_ref(), last_published, accepted, kept)? {
         Verdict::Stream(note) => {
             tracing::info!(slot = slot_name, "{note}");
