@@ -69,6 +69,19 @@ async fn relay_until_published(env: &TestEnv, expected: usize) {
     env.wait_slot_inactive(Duration::from_secs(30)).await;
 }
 
+/// Streams `count` new rows: a relay started, streaming before they are
+/// written (so none is drained through the table), stopped once they are
+/// in Kafka.
+async fn stream_rows(env: &TestEnv, count: usize) {
+    let before = read_all(&env.kafka, &env.topic_prefix()).await.len();
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    write(env, count).await;
+    wait_published(env, before + count, Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+}
+
 fn slot_finding(findings: &[outboxd::check::Finding]) -> (outboxd::check::Status, String) {
     findings
         .iter()
@@ -114,12 +127,7 @@ async fn rows_are_published_exactly_once_and_never_marked_after_the_first_drain(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slot_moved_or_dropped_behind_the_relay_is_refused_by_the_relay_and_check() {
     let env = unmarked_env("unmarked-moved").await;
-    let relay = InProcessRelay::start(env.config());
-    env.wait_streaming(Duration::from_secs(60)).await;
-    write(&env, 20).await;
-    wait_published(&env, 20, Duration::from_secs(60)).await;
-    relay.stop().await.expect("relay stops cleanly");
-    env.wait_slot_inactive(Duration::from_secs(30)).await;
+    stream_rows(&env, 20).await;
 
     // Rows written, then the slot advanced past them by an operator:
     // nothing in the table tells them from published ones.
@@ -174,12 +182,7 @@ async fn a_slot_moved_or_dropped_behind_the_relay_is_refused_by_the_relay_and_ch
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relay_that_marks_or_polls_refuses_a_table_published_unmarked() {
     let env = unmarked_env("unmarked-switch").await;
-    let relay = InProcessRelay::start(env.config());
-    env.wait_streaming(Duration::from_secs(60)).await;
-    write(&env, 10).await;
-    wait_published(&env, 10, Duration::from_secs(60)).await;
-    relay.stop().await.expect("relay stops cleanly");
-    env.wait_slot_inactive(Duration::from_secs(30)).await;
+    stream_rows(&env, 10).await;
     write(&env, 5).await;
 
     for (from, to) in [
@@ -211,12 +214,7 @@ async fn a_relay_that_marks_or_polls_refuses_a_table_published_unmarked() {
 async fn the_identity_holds_when_the_pg_control_system_grant_is_given() {
     let env = unmarked_env("unmarked-grant").await;
     let role = env.relay_without_pg_control_system().await;
-    let relay = InProcessRelay::start(env.config());
-    env.wait_streaming(Duration::from_secs(60)).await;
-    write(&env, 20).await;
-    wait_published(&env, 20, Duration::from_secs(60)).await;
-    relay.stop().await.expect("relay stops cleanly");
-    env.wait_slot_inactive(Duration::from_secs(30)).await;
+    stream_rows(&env, 20).await;
 
     // The grant the relay's warning asks for: the identity read through
     // pg_control_system() is the one IDENTIFY_SYSTEM gave.
@@ -407,15 +405,10 @@ async fn run_for(env: &TestEnv, limit: Duration) -> Result<(), outboxd::Error> {
 /// Publishes `count` more rows in two sessions, so the latest checkpoint
 /// names only the last batches, not every row in Kafka.
 async fn publish_in_sessions(env: &TestEnv, count: usize) {
+    stream_rows(env, count / 2).await;
     let before = read_all(&env.kafka, &env.topic_prefix()).await.len();
-    let relay = InProcessRelay::start(env.config());
-    env.wait_streaming(Duration::from_secs(60)).await;
-    write(env, count / 2).await;
-    wait_published(env, before + count / 2, Duration::from_secs(60)).await;
-    relay.stop().await.expect("relay stops cleanly");
-    env.wait_slot_inactive(Duration::from_secs(30)).await;
     write(env, count - count / 2).await;
-    relay_until_published(env, before + count).await;
+    relay_until_published(env, before + count - count / 2).await;
 }
 
 /// Adversarial: the refusal of a table whose rows were published unmarked

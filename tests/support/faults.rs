@@ -618,7 +618,31 @@ pub async fn wait_messages_published(env: &TestEnv, limit: Duration) -> Written 
         .execute(&mut *transaction)
         .await
         .expect("record the last event");
-    wait_slot_past_commit(env, transaction, id, limit).await
+    let commit_at_least: i64 =
+        sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint")
+            .fetch_one(&mut *transaction)
+            .await
+            .expect("read the WAL insert position");
+    transaction.commit().await.expect("commit the last event");
+    let deadline = Instant::now() + limit;
+    loop {
+        let (confirmed, _) = env.slot_positions().await;
+        if confirmed.is_some_and(|confirmed| confirmed >= commit_at_least) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot {} confirmed to {confirmed:?}, not yet past the last event's commit \
+             (at or after {commit_at_least}), after {limit:?}",
+            env.slot_name()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Written {
+        committed: 1,
+        committed_ids: vec![id],
+        ..Written::default()
+    }
 }
 
 /// Like `wait_messages_published`, for rows relayed unmarked
@@ -649,41 +673,6 @@ pub async fn wait_unmarked_published(env: &TestEnv, limit: Duration) -> Written 
             "the last event {id} is not in {topic} after {limit:?}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Written {
-        committed: 1,
-        committed_ids: vec![id],
-        ..Written::default()
-    }
-}
-
-/// Commits `transaction` (holding the last event, `id`) and waits until
-/// the slot is confirmed to where its commit record can start or past it.
-async fn wait_slot_past_commit(
-    env: &TestEnv,
-    mut transaction: sqlx::Transaction<'_, sqlx::Postgres>,
-    id: String,
-    limit: Duration,
-) -> Written {
-    let commit_at_least: i64 =
-        sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint")
-            .fetch_one(&mut *transaction)
-            .await
-            .expect("read the WAL insert position");
-    transaction.commit().await.expect("commit the last event");
-    let deadline = Instant::now() + limit;
-    loop {
-        let (confirmed, _) = env.slot_positions().await;
-        if confirmed.is_some_and(|confirmed| confirmed >= commit_at_least) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "slot {} confirmed to {confirmed:?}, not yet past the last event's commit \
-             (at or after {commit_at_least}), after {limit:?}",
-            env.slot_name()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Written {
         committed: 1,
