@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use outboxd::capture::polling::{claim_batch, first_unsent_after, ClaimLimits};
+use outboxd::capture::polling::{claim_batch, first_unsent_after, ClaimLimits, SizingFloor};
 use outboxd::event::OutboxEvent;
 use outboxd::table::PayloadEncoding;
 
@@ -194,24 +194,24 @@ async fn a_large_row_does_not_make_the_rows_around_it_single_row_claims() {
         .await
         .expect("hold the large row");
     let mut claims = Vec::new();
-    let mut highest = 0;
+    let mut floor = SizingFloor::default();
     let past_locked_sql = env.setup().table.first_unsent_after_sql(false);
     loop {
-        let (mut open, events) = claim(&env, BATCH_BYTES, highest).await;
+        let (mut open, events) = claim(&env, BATCH_BYTES, floor.sized_after()).await;
         if events.is_empty() {
             // As the relay does: every row it sized is held; size past them.
-            match first_unsent_after(&mut open, &past_locked_sql, highest, None)
+            match first_unsent_after(&mut open, &past_locked_sql, floor.sized_after(), None)
                 .await
                 .expect("look past locked rows")
             {
                 Some(seq) => {
-                    highest = seq;
+                    floor.empty_claim_left(seq);
                     continue;
                 }
                 None => break,
             }
         }
-        highest = highest.max(events.iter().map(|e| e.seq).max().unwrap());
+        floor.claimed(events.iter().map(|e| e.seq).max().unwrap());
         claims.push((events.len(), open));
         assert!(claims.len() <= 10, "more than 10 claims for 99 small rows");
     }

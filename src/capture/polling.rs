@@ -49,6 +49,46 @@ impl ClaimLimits {
     }
 }
 
+/// Where a session's next claim starts sizing rows: above the highest seq
+/// it has claimed, since its open claims hold the rows below.
+///
+/// An empty claim with an unsent row above that seq has two causes that
+/// look alike: another session holds the row locked, or the row committed
+/// between the claim and the look. The floor moves past the row only when
+/// two looks in a row find the same one; moving at once would let the next
+/// claim take a just-committed row unsized, on top of a full batch.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SizingFloor {
+    highest_claimed: i64,
+    unclaimable_once: Option<i64>,
+}
+
+impl SizingFloor {
+    /// The seq the next claim sizes rows after (`claim_batch`'s
+    /// `sized_after`).
+    pub fn sized_after(self) -> i64 {
+        self.highest_claimed
+    }
+
+    /// A claim took rows up to `highest`.
+    pub fn claimed(&mut self, highest: i64) {
+        self.highest_claimed = self.highest_claimed.max(highest);
+        self.unclaimable_once = None;
+    }
+
+    /// An empty claim left an unsent row at `seq` (`first_unsent_after`).
+    pub fn empty_claim_left(&mut self, seq: i64) {
+        if self.unclaimable_once == Some(seq) {
+            // Seen twice: held by another session. Size past it; it is
+            // taken, unsized, once free, like a row committed late.
+            self.highest_claimed = self.highest_claimed.max(seq);
+            self.unclaimable_once = None;
+        } else {
+            self.unclaimable_once = Some(seq);
+        }
+    }
+}
+
 /// Claims unsent rows within `limits` inside the caller's transaction; the
 /// row locks last until that transaction ends, after the rows are marked.
 /// `sized_after`: the highest seq this relay's open claims may hold (0 at
@@ -81,8 +121,7 @@ pub async fn claim_batch(
 /// The lowest seq of an unsent row above `after` (up to `up_to`), locked
 /// or not: `sql` is `OutboxTable::first_unsent_after_sql`. An empty claim
 /// with such a row left means every row it sized is held by another
-/// session: claims then size from past it, and take it, unsized, once it is
-/// free, like a row committed late.
+/// session, or that the row has just committed (`SizingFloor`).
 pub async fn first_unsent_after(
     connection: &mut PgConnection,
     sql: &str,
@@ -126,6 +165,46 @@ fn event_from_row(row: &PgRow) -> Result<OutboxEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_committed_after_an_empty_claim_is_sized_by_the_next() {
+        let mut floor = SizingFloor::default();
+        floor.claimed(46);
+        // The claim saw nothing; the look after it saw seq 47 commit.
+        floor.empty_claim_left(47);
+        assert_eq!(floor.sized_after(), 46, "47 is sized, not taken on top");
+        // The next claim takes it.
+        floor.claimed(48);
+        assert_eq!(floor.sized_after(), 48);
+        // A later empty claim starts the count again.
+        floor.empty_claim_left(49);
+        assert_eq!(floor.sized_after(), 48);
+    }
+
+    #[test]
+    fn a_row_held_by_another_session_is_sized_past_once_seen_twice() {
+        let mut floor = SizingFloor::default();
+        floor.claimed(10);
+        floor.empty_claim_left(11);
+        assert_eq!(floor.sized_after(), 10);
+        floor.empty_claim_left(11);
+        assert_eq!(floor.sized_after(), 11, "held: claims size past it");
+        // The next held row is looked at twice as well.
+        floor.empty_claim_left(12);
+        assert_eq!(floor.sized_after(), 11);
+        floor.empty_claim_left(12);
+        assert_eq!(floor.sized_after(), 12);
+    }
+
+    #[test]
+    fn two_different_rows_in_a_row_do_not_move_the_floor() {
+        let mut floor = SizingFloor::default();
+        floor.empty_claim_left(5);
+        floor.empty_claim_left(3);
+        assert_eq!(floor.sized_after(), 0);
+        floor.empty_claim_left(3);
+        assert_eq!(floor.sized_after(), 3);
+    }
 
     #[test]
     fn claims_size_about_as_many_rows_as_fit() {

@@ -142,9 +142,9 @@ impl Claim<'_> {
         // Whether the last claim was full: rows are waiting, so the next
         // claim runs ahead, while the publisher is still busy.
         let mut backlog = false;
-        // The highest seq claimed this session: the open claims hold rows
-        // at or below it, so claims size only the rows above it.
-        let mut highest_claimed: i64 = 0;
+        // Claims size only the rows above the highest seq claimed this
+        // session: the open claims hold the rows at or below it.
+        let mut floor = polling::SizingFloor::default();
         // The smallest payload of the last claim: how many rows to size.
         let mut smallest_payload: Option<usize> = None;
         loop {
@@ -184,7 +184,7 @@ impl Claim<'_> {
                 &mut transaction,
                 &self.claim_sql,
                 limits,
-                highest_claimed,
+                floor.sized_after(),
                 self.up_to,
             )
             .await?;
@@ -195,7 +195,7 @@ impl Claim<'_> {
                     .min();
             }
             if let Some(highest) = events.iter().map(|event| event.seq).max() {
-                highest_claimed = highest_claimed.max(highest);
+                floor.claimed(highest);
             }
             self.metrics.stage(Stage::Claim, claiming.elapsed());
             // A claim cut short by its bytes leaves rows waiting too.
@@ -206,17 +206,18 @@ impl Claim<'_> {
             backlog = events.len() >= self.limits.rows || bytes >= self.limits.bytes / 2;
             if events.is_empty() {
                 // Every row the claim sized may be held locked by another
-                // session (a service's FOR SHARE): size from past them.
-                let past_locked = polling::first_unsent_after(
+                // session (a service's FOR SHARE), or one may have just
+                // committed: claim again, and size past it if it stays.
+                let unsent = polling::first_unsent_after(
                     &mut transaction,
                     &self.first_unsent_after_sql,
-                    highest_claimed,
+                    floor.sized_after(),
                     self.up_to,
                 )
                 .await?;
                 release(transaction).await?;
-                if let Some(seq) = past_locked {
-                    highest_claimed = seq;
+                if let Some(seq) = unsent {
+                    floor.empty_claim_left(seq);
                     continue;
                 }
                 match &mut until {
