@@ -143,6 +143,12 @@ async fn run() -> bool {
     }
     if wanted("steady") {
         for &rate in &rates {
+            results
+                .floors
+                .push(steady::kafka_floor(rate as u32, seconds).await);
+            save(&results);
+        }
+        for &rate in &rates {
             for &system in &systems {
                 results
                     .steady

@@ -137,6 +137,128 @@ pub async fn run(system: System, rate: u32, seconds: u64) -> Steady {
     steady
 }
 
+/// The label of the floor `kafka_floor` measures.
+pub const KAFKA_FLOOR: &str = "Kafka transactions alone (no database)";
+
+/// The latency floor of the protocol at `rate`: records come due on the
+/// steady writer's schedule, and outboxd's own publisher commits them
+/// without a database, each transaction carrying every record due when it
+/// begins (at most `capture.batch_size`) and its checkpoint. Latency runs
+/// from a record's due time to a `read_committed` consumer seeing it, so
+/// outboxd's commit → visible at the same rate compares to it directly.
+pub async fn kafka_floor(rate: u32, seconds: u64) -> Steady {
+    use outboxd::event::OutboxEvent;
+    use outboxd::kafka::checkpoint::Checkpoint;
+    use outboxd::kafka::identity::TableIdentity;
+    use outboxd::kafka::publisher::Publisher;
+    use outboxd::routing::Router;
+
+    let name = format!("kafka-floor-{rate}");
+    eprintln!("bench: {name}: starting");
+    let bench = BenchEnv::new(&name, System::OutboxdReplication).await;
+    let config = bench.env.config();
+    outboxd::kafka::topics::ensure_checkpoint_topic(&config)
+        .await
+        .expect("checkpoint topic");
+    let router = Router::new(&config.routing, config.kafka.max_message_bytes).expect("router");
+    let table_name = "public.outbox";
+    let identity = TableIdentity::new(None, table_name, &config.relay.name);
+    let publisher = Publisher::connect(&config, &identity)
+        .await
+        .expect("producer");
+    let consumer = LatencyConsumer::start(&bench.env.kafka, &bench.routed_topic());
+    let pad = "b".repeat(PAYLOAD_BYTES - 64);
+    let event = |k: u64| {
+        let aggregate = format!(
+            "w{}-{}",
+            k % WRITERS as u64,
+            (k / WRITERS as u64) % AGGREGATES_PER_WRITER
+        );
+        OutboxEvent {
+            seq: k as i64 + 1,
+            id: format!("00000000-0000-4000-8000-{k:012x}"),
+            aggregate_type: "Order".into(),
+            aggregate_id: aggregate.clone(),
+            event_type: "OrderCreated".into(),
+            payload: Some(
+                format!(r#"{{"aggregate": "{aggregate}", "k": {k}, "pad": "{pad}"}}"#).into_bytes(),
+            ),
+            headers_json: None,
+            trace_parent: None,
+            position: None,
+            committed_at: None,
+            poison: None,
+            created_at: None,
+        }
+    };
+    let total = rate as u64 * seconds;
+    let due = |start: Instant, k: u64| start + Duration::from_secs_f64(k as f64 / rate as f64);
+    let start = Instant::now();
+    let mut next = 0u64;
+    while next < total {
+        tokio::time::sleep_until(due(start, next).into()).await;
+        let elapsed = start.elapsed().as_secs_f64();
+        let due_now = ((elapsed * rate as f64) as u64 + 1).min(total);
+        let end = due_now
+            .min(next + config.capture.batch_size as u64)
+            .max(next + 1);
+        let events: Vec<OutboxEvent> = (next..end).map(event).collect();
+        let records: Vec<_> = events
+            .iter()
+            .map(|e| router.route(e).expect("routable"))
+            .collect();
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        let checkpoint = Checkpoint::new(table_name, None, &seqs, &[], None);
+        publisher
+            .publish(&records, &checkpoint)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: publishing: {e:?}"));
+        next = end;
+    }
+    let writing_seconds = start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while consumer.count.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = consumer.finish();
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
+    let mut missing = 0;
+    for k in 0..total {
+        match seen.get(k as usize).copied().flatten() {
+            Some(visible_at) => {
+                let micros = visible_at
+                    .saturating_duration_since(due(start, k))
+                    .as_micros() as u64;
+                histogram.saturating_record(micros.max(1));
+            }
+            None => missing += 1,
+        }
+    }
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let achieved_rate = total as f64 / writing_seconds.max(1e-9);
+    let floor = Steady {
+        system: KAFKA_FLOOR.to_string(),
+        target_rate: rate,
+        achieved_rate,
+        events: total as usize,
+        p50_ms: ms(0.50),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: histogram.max() as f64 / 1000.0,
+        missing,
+        cpu_seconds_per_million: 0.0,
+        peak_rss_megabytes: 0.0,
+        stages: Vec::new(),
+        sustained: achieved_rate >= 0.95 * rate as f64 && missing == 0,
+        failed: (missing > 0).then(|| format!("{missing} records never became visible")),
+    };
+    eprintln!(
+        "bench: {name}: achieved {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, missing {missing}",
+        floor.achieved_rate, floor.p50_ms, floor.p99_ms, floor.p999_ms
+    );
+    floor
+}
+
 /// The highest rate of `ladder` the machine sustains, with that run's
 /// figures; stops at the first rate it cannot hold.
 pub async fn highest_sustained(system: System, ladder: &[u32], seconds: u64) -> Option<Steady> {
