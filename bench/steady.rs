@@ -191,39 +191,59 @@ pub async fn kafka_floor(rate: u32, seconds: u64) -> Steady {
             created_at: None,
         }
     };
+    let publish = |events: Vec<OutboxEvent>| {
+        let (router, publisher, name) = (&router, &publisher, &name);
+        async move {
+            let records: Vec<_> = events
+                .iter()
+                .map(|e| router.route(e).expect("routable"))
+                .collect();
+            let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+            let checkpoint = Checkpoint::new(table_name, None, &seqs, &[], None);
+            publisher
+                .publish(&records, &checkpoint)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: publishing: {e:?}"));
+        }
+    };
+    // Record 0 warms the producer and the consumer up, as the steady
+    // runs' warm-up event does: a consumer still joining would otherwise
+    // charge its start to the first records.
+    publish(vec![event(0)]).await;
+    let seen_count = |n: u64| consumer.count.load(Ordering::Relaxed) >= n;
+    let warm_up_limit = Instant::now() + Duration::from_secs(60);
+    while !seen_count(1) {
+        assert!(
+            Instant::now() < warm_up_limit,
+            "{name}: the warm-up record was not visible within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Records 1..=total are measured.
     let total = rate as u64 * seconds;
-    let due = |start: Instant, k: u64| start + Duration::from_secs_f64(k as f64 / rate as f64);
+    let due =
+        |start: Instant, k: u64| start + Duration::from_secs_f64((k - 1) as f64 / rate as f64);
     let start = Instant::now();
-    let mut next = 0u64;
-    while next < total {
+    let mut next = 1u64;
+    while next <= total {
         tokio::time::sleep_until(due(start, next).into()).await;
         let elapsed = start.elapsed().as_secs_f64();
         let due_now = ((elapsed * rate as f64) as u64 + 1).min(total);
-        let end = due_now
-            .min(next + config.capture.batch_size as u64)
-            .max(next + 1);
-        let events: Vec<OutboxEvent> = (next..end).map(event).collect();
-        let records: Vec<_> = events
-            .iter()
-            .map(|e| router.route(e).expect("routable"))
-            .collect();
-        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-        let checkpoint = Checkpoint::new(table_name, None, &seqs, &[], None);
-        publisher
-            .publish(&records, &checkpoint)
-            .await
-            .unwrap_or_else(|e| panic!("{name}: publishing: {e:?}"));
-        next = end;
+        let last = due_now
+            .min(next + config.capture.batch_size as u64 - 1)
+            .max(next);
+        publish((next..=last).map(event).collect()).await;
+        next = last + 1;
     }
     let writing_seconds = start.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while consumer.count.load(Ordering::Relaxed) < total && Instant::now() < deadline {
+    while !seen_count(total + 1) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seen = consumer.finish();
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
     let mut missing = 0;
-    for k in 0..total {
+    for k in 1..=total {
         match seen.get(k as usize).copied().flatten() {
             Some(visible_at) => {
                 let micros = visible_at
