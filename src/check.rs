@@ -328,6 +328,7 @@ async fn check_slot_against_checkpoint(
                 slot: slot_name.clone(),
                 publication: config.postgres.publication.clone(),
                 confirmed_flush: crate::postgres::lsn::Lsn(0),
+                start_at: None,
                 application_name: format!("outboxd-{}", config.relay.name),
             };
             match crate::capture::wire::wal_history(&config.postgres.url, &probe).await {

@@ -268,6 +268,7 @@ pub async fn source_by_replication(
         slot: config.slot_name(),
         publication: config.postgres.publication.clone(),
         confirmed_flush: crate::postgres::lsn::Lsn(0),
+        start_at: None,
         application_name: format!("outboxd-{}", config.relay.name),
     };
     let wal = crate::capture::wire::wal_history(&config.postgres.url, &probe).await?;

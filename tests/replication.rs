@@ -568,6 +568,54 @@ async fn rows_behind_a_moved_slot_are_published(name: &str, move_slot: &[&str]) 
     assert_exactly_once(&env, &Written::combined([streamed, while_down, after])).await;
 }
 
+/// Issue 22: a restart whose slot is past its checkpoint (as the relay's
+/// own idle confirms leave it) publishes the rows written while it was down
+/// from the table. Its stream then starts where the drain read its bound:
+/// the drained rows are not decoded and sent again only for the catch-up
+/// filter to drop them. What commits after that is streamed, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_catch_up_drain_is_not_replayed_through_the_stream() {
+    let env = TestEnv::new("drain-not-replayed", Mode::Replication).await;
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let streamed = write_orders(&env.pool, 0, 30, 5).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+    // Past the checkpoint and before the backlog: the slot's stream holds
+    // every row written next, and the start still drains them first.
+    sqlx::query("SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())")
+        .bind(env.slot_name())
+        .execute(&env.pool)
+        .await
+        .expect("advance the slot");
+    let while_down = write_orders(&env.pool, 1, 300, 5).await;
+
+    let relay = InProcessRelay::start(env.config());
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let after = write_orders(&env.pool, 2, 30, 5).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    let filtered = stage_count(&relay.metrics.encode(), "catch_up_filter");
+    relay.stop().await.expect("relay stops cleanly");
+    assert_exactly_once(&env, &Written::combined([streamed, while_down, after])).await;
+    assert_eq!(
+        filtered, 0,
+        "the stream replayed {filtered} batch(es) of drained rows through the catch-up filter"
+    );
+}
+
+/// How many times `stage` was timed, from a `/metrics` text.
+fn stage_count(metrics: &str, stage: &str) -> u64 {
+    let label = format!("stage=\"{stage}\"");
+    metrics
+        .lines()
+        .find(|line| line.starts_with("outboxd_stage_seconds_count{") && line.contains(&label))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Opens a transaction that runs `sql` with `seqs` as `$1` (taking row
 /// locks on them) and keeps it open. Gives up after 5 s rather than queue
 /// behind the relay's own claim.

@@ -171,6 +171,7 @@ async fn a_wrong_ca_fails_both_connections_naming_the_certificate() {
         slot: slot.clone(),
         publication: "outbox_publication".into(),
         confirmed_flush: outboxd::postgres::lsn::Lsn(0),
+        start_at: None,
         application_name: format!("outboxd-{}", env.relay_name()),
     };
     let stream = outboxd::capture::wire::WireClient::start(&right_url, &target)
@@ -212,6 +213,7 @@ async fn sslmode_allow_streams_over_tls_from_a_tls_only_server() {
         slot: slot.clone(),
         publication: "outbox_publication".into(),
         confirmed_flush: outboxd::postgres::lsn::Lsn(0),
+        start_at: None,
         application_name: application_name.clone(),
     };
     let stream = outboxd::capture::wire::WireClient::start(&url, &target)

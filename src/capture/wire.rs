@@ -72,6 +72,11 @@ pub struct StreamTarget {
     /// The slot's `confirmed_flush_lsn`: what is reported as flushed until
     /// the relay acknowledges more.
     pub confirmed_flush: Lsn,
+    /// Where streaming starts when that is past `confirmed_flush`: the
+    /// server sends no transaction whose commit record lies before it (it
+    /// still reads that WAL, from the slot's `restart_lsn`). `None`: at
+    /// `confirmed_flush`.
+    pub start_at: Option<Lsn>,
     pub application_name: String,
 }
 
@@ -376,7 +381,11 @@ fn replication_config(postgres_url: &str, target: &StreamTarget) -> Result<Repli
     )
     .with_port(parts.port)
     .with_tls(parts.tls)
-    .with_start_lsn(WireLsn::ZERO)
+    .with_start_lsn(
+        target
+            .start_at
+            .map_or(WireLsn::ZERO, |lsn| WireLsn::from_u64(lsn.0)),
+    )
     .with_ack_lsn(WireLsn::from_u64(target.confirmed_flush.0))
     .with_status_interval(STATUS_INTERVAL)
     .with_wakeup_interval(STATUS_INTERVAL * 5)

@@ -68,10 +68,11 @@ pub(super) enum Reason {
 /// that moment have ended, as the start of streaming waits anyway): on a
 /// restart with nothing written meanwhile there is none, and streaming
 /// starts at once. Rows written while the relay was down are published by
-/// the drain's claims (as fast as streaming them, bench/results.md), and
-/// the stream then replays them past its catch-up filter, one query per
-/// batch. Only when rows are provably behind the slot does the relay warn
-/// (`behind_slot`); otherwise it says what it does at info.
+/// the drain's claims (bench/results.md), and the stream starts where the
+/// drain read its bound ([`run`]), so it does not carry them again: only
+/// what committed while the drain ran passes the catch-up filter. Only when
+/// rows are provably behind the slot does the relay warn (`behind_slot`);
+/// otherwise it says what it does at info.
 pub(super) fn needed(
     slot_is_new: bool,
     last_published: Option<Lsn>,
@@ -92,10 +93,18 @@ pub(super) fn needed(
     }
 }
 
-/// Publishes the rows the slot's stream cannot carry, then returns; returns
-/// early (with `Ok`) when shutdown is requested.
-pub(super) async fn run(session: &mut Session<'_>, slot_name: &str, reason: Reason) -> Result<()> {
-    let Some(up_to) = bound(session).await? else {
+/// Publishes the rows the slot's stream cannot carry, then returns the WAL
+/// position the drain's bound was read at: every outbox row whose commit
+/// record lies before it is now in Kafka, or was marked sent or deleted
+/// before (the bound's argument), so the stream may start there. `None`
+/// when shutdown was requested first.
+pub(super) async fn run(
+    session: &mut Session<'_>,
+    slot_name: &str,
+    reason: Reason,
+) -> Result<Option<Lsn>> {
+    let (settled, up_to) = bound(session).await?;
+    let Some(up_to) = up_to else {
         if let Reason::SlotPastCheckpoint { .. } = reason {
             tracing::debug!(
                 slot = slot_name,
@@ -103,10 +112,11 @@ pub(super) async fn run(session: &mut Session<'_>, slot_name: &str, reason: Reas
                  can be behind it"
             );
         }
-        return Ok(());
+        return Ok(Some(settled));
     };
     announce(session, slot_name, reason, up_to).await?;
-    drain(session, up_to).await
+    drain(session, up_to).await?;
+    Ok((!session.stop.is_requested()).then_some(settled))
 }
 
 /// The drain's bound: the highest seq among unsent rows once every
@@ -123,12 +133,16 @@ pub(super) async fn run(session: &mut Session<'_>, slot_name: &str, reason: Reas
 /// stream carries it, the drain need not wait for it, and the drain's plain
 /// read does not see it either. Without settling, a row committed just
 /// before the slot's start but not yet visible would be in neither.
-async fn bound(session: &mut Session<'_>) -> Result<Option<i64>> {
-    settled_wal_position(&mut session.connection).await?;
-    sqlx::query_scalar(&session.context.table.max_unsent_seq_sql())
+///
+/// Returned with the settled position: once the drain has claimed every
+/// unsent row up to the bound, no row committed before it is unsent.
+async fn bound(session: &mut Session<'_>) -> Result<(Lsn, Option<i64>)> {
+    let settled = settled_wal_position(&mut session.connection).await?;
+    let up_to = sqlx::query_scalar(&session.context.table.max_unsent_seq_sql())
         .fetch_one(&mut session.connection)
         .await
-        .map_err(|e| Error::from_postgres("finding the unsent rows to catch up on", e))
+        .map_err(|e| Error::from_postgres("finding the unsent rows to catch up on", e))?;
+    Ok((settled, up_to))
 }
 
 /// Says why the table is drained first; loudly when rows are provably

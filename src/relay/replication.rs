@@ -26,7 +26,10 @@
 //!   last published commit (moved while the relay was down, or only
 //!   confirmed idle WAL), starts with a drain of the rows still unsent in
 //!   the table, which ends only once none is left up to its bound, locked
-//!   rows included (`catch_up`).
+//!   rows included (`catch_up`). After a drain the stream starts where
+//!   the drain read its bound, not at the slot's position: every outbox row
+//!   committed before that is in Kafka by then, so replaying it would only
+//!   feed the filter below.
 //! - Until the stream passes the WAL position read when streaming starts,
 //!   streamed rows are published only if the table still shows them unsent:
 //!   what a session replays may have been published by a drain (its own, or
@@ -95,6 +98,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         slot: slot_name.clone(),
         publication: config.postgres.publication.clone(),
         confirmed_flush: start.slot.confirmed_flush.unwrap_or_default(),
+        start_at: start.stream_from,
         application_name: format!("outboxd-{}", config.relay.name),
     };
     let gate = super::failover::prepare(session, &target).await?;
@@ -105,6 +109,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         slot = %slot_name,
         publication = %config.postgres.publication,
         confirmed_flush = %target.confirmed_flush,
+        stream_from = start.stream_from.map(|lsn| lsn.to_string()),
         resume_after = start.resume_after.map(|p| p.to_string()),
         after_publish = if config.unmarked() { "none" } else { "mark" },
         batch_size = config.capture.batch_size,
@@ -186,6 +191,10 @@ struct Start {
     /// Rows of transactions committed before it are checked in the table
     /// (`CatchUpFilter`); `None`: nothing to check.
     filter_before: Option<Lsn>,
+    /// Where the stream starts, past the slot's position: a catch-up drain
+    /// just put every row committed before it in Kafka, so a replay of that
+    /// WAL would only feed the filter. `None`: at the slot's position.
+    stream_from: Option<Lsn>,
 }
 
 /// The start of a relay every published row of which is marked: the slot
@@ -202,22 +211,26 @@ async fn start_where_marks_tell(
     let last_published = latest.and_then(|c| c.position);
     let (slot, created) = usable_slot(session, slot_name, last_published.is_some()).await?;
     let mut resume_after = last_published;
+    let mut stream_from = None;
     let catch_up_reason = catch_up::needed(
         created,
         last_published.map(|p| p.commit_lsn),
         slot.confirmed_flush,
     );
     if let Some(reason) = catch_up_reason {
-        catch_up::run(session, slot_name, reason).await?;
+        let in_kafka_before = catch_up::run(session, slot_name, reason).await?;
         // The catch-up filter, not the checkpoint, tells what the stream
-        // replays that is already in Kafka.
+        // replays that is already in Kafka: what committed while the drain
+        // ran, from where it read its bound.
         resume_after = None;
+        stream_from = in_kafka_before.filter(|&lsn| slot.confirmed_flush < Some(lsn));
     }
     let filter_before = settled_wal_position(&mut session.connection).await?;
     Ok(Start {
         slot,
         resume_after,
         filter_before: Some(filter_before),
+        stream_from,
     })
 }
 
@@ -638,14 +651,16 @@ impl<'c> Streamer<'c> {
             // this batch is the last one to check.
             let passed = self.batch_position.is_some_and(|p| p.commit_lsn >= before);
             let filtering = Instant::now();
-            keep_unsent_before(
+            let looked_up = keep_unsent_before(
                 filter.connection,
                 &filter.unsent_among_sql,
                 &mut events,
                 before,
             )
             .await?;
-            self.time_stage(Stage::CatchUpFilter, filtering);
+            if looked_up {
+                self.time_stage(Stage::CatchUpFilter, filtering);
+            }
             if passed {
                 self.catch_up = None;
             }
@@ -745,12 +760,14 @@ async fn next_if_ready(
 /// `TRUNCATE … RESTART IDENTITY` a streamed event of a truncated row shares
 /// its seq with a new unsent row, and by seq alone it would be published
 /// and its acknowledgement would mark the new row, never published.
+/// Returns whether the table was asked: only a batch with rows committed
+/// before `before` needs it.
 async fn keep_unsent_before(
     connection: &mut PgConnection,
     unsent_among_sql: &str,
     events: &mut Vec<OutboxEvent>,
     before: Lsn,
-) -> Result<()> {
+) -> Result<bool> {
     let is_early = |event: &OutboxEvent| event.position.is_some_and(|p| p.commit_lsn < before);
     let early: Vec<i64> = events
         .iter()
@@ -758,7 +775,7 @@ async fn keep_unsent_before(
         .map(|e| e.seq)
         .collect();
     if early.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let unsent: std::collections::HashSet<(i64, String)> = sqlx::query_as(unsent_among_sql)
         .bind(&early)
@@ -776,7 +793,7 @@ async fn keep_unsent_before(
              were not produced again"
         );
     }
-    Ok(())
+    Ok(true)
 }
 
 pub(super) mod messages;

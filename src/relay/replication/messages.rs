@@ -90,6 +90,7 @@ pub(in crate::relay) async fn run(session: &mut Session<'_>, latest: &Checkpoint
         slot: slot_name.clone(),
         publication: publication.clone(),
         confirmed_flush: slot.confirmed_flush.unwrap_or_default(),
+        start_at: None,
         application_name: format!("outboxd-{}", config.relay.name),
     };
     let gate = crate::relay::failover::prepare(session, &target).await?;
@@ -157,6 +158,7 @@ pub(super) async fn position_on_this_server(
         slot: slot_name.to_string(),
         publication: config.postgres.publication.clone(),
         confirmed_flush: Lsn(0),
+        start_at: None,
         application_name: format!("outboxd-{}", config.relay.name),
     };
     let wal = crate::capture::wire::wal_history(&config.postgres.url, &probe).await?;

@@ -110,6 +110,7 @@ pub(super) async fn resume(
         // Rows the catch-up drain published (and marked) are replayed
         // until the stream passes where it began.
         filter_before: (confirmed < marked_before).then_some(marked_before),
+        stream_from: None,
     })
 }
 
