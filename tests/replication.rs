@@ -605,6 +605,85 @@ async fn a_catch_up_drain_is_not_replayed_through_the_stream() {
     );
 }
 
+/// The stream starts past its slot's position only on the server that
+/// position was read on. With the timeline it was read on, a transaction
+/// committed before it is not sent; with another one (a failover between
+/// the read and the start), the stream starts at the slot's position and
+/// carries it, for the catch-up filter to judge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_starts_past_its_slot_only_on_the_timeline_it_was_read_on() {
+    use outboxd::capture::pgoutput::Message;
+    use outboxd::capture::wire::{
+        ReplicationStream, StartAt, StreamItem, StreamTarget, WireClient,
+    };
+    use outboxd::postgres::lsn::Lsn;
+
+    let env = TestEnv::new("start-at-timeline", Mode::Replication).await;
+    let slot = format!("start_at_{}", std::process::id());
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(&slot)
+        .execute(&env.pool)
+        .await
+        .expect("create a slot");
+    write_orders(&env.pool, 0, 1, 1).await;
+    let past: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+        .fetch_one(&env.pool)
+        .await
+        .expect("WAL position");
+    let past: Lsn = past.parse().expect("an LSN");
+    write_orders(&env.pool, 1, 1, 1).await;
+    let mut connection = env.pool.acquire().await.expect("a connection");
+    let timeline = outboxd::postgres::current_timeline(&mut connection)
+        .await
+        .expect("the timeline");
+    drop(connection);
+
+    for (read_on, expect_skipped) in [(timeline + 1, false), (timeline, true)] {
+        let target = StreamTarget {
+            slot: slot.clone(),
+            publication: env.config().postgres.publication.clone(),
+            confirmed_flush: Lsn(0),
+            start_at: Some(StartAt {
+                lsn: past,
+                timeline: read_on,
+            }),
+            application_name: format!("outboxd-{}", env.relay_name()),
+        };
+        let mut stream = WireClient::start(&env.database_url, &target)
+            .await
+            .expect("start streaming");
+        // The first transaction sent: the one before `past`, or the one after.
+        let first_commit = loop {
+            let item = tokio::time::timeout(Duration::from_secs(30), stream.next())
+                .await
+                .expect("a transaction within 30 s")
+                .expect("the stream")
+                .expect("the stream goes on");
+            if let StreamItem::Message(Message::Begin { final_lsn, .. }) = item {
+                break final_lsn;
+            }
+        };
+        assert_eq!(
+            first_commit >= past,
+            expect_skipped,
+            "read on timeline {read_on}, server on {timeline}: the first transaction sent \
+             commits at {first_commit}, the start was {past}"
+        );
+        stream.close().await;
+    }
+    for _ in 0..100 {
+        let dropped = sqlx::query("SELECT pg_drop_replication_slot($1)")
+            .bind(&slot)
+            .execute(&env.pool)
+            .await;
+        if dropped.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("slot {slot} stayed active");
+}
+
 /// How many times `stage` was timed, from a `/metrics` text.
 fn stage_count(metrics: &str, stage: &str) -> u64 {
     let label = format!("stage=\"{stage}\"");

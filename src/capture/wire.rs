@@ -76,8 +76,15 @@ pub struct StreamTarget {
     /// server sends no transaction whose commit record lies before it (it
     /// still reads that WAL, from the slot's `restart_lsn`). `None`: at
     /// `confirmed_flush`.
-    pub start_at: Option<Lsn>,
+    pub start_at: Option<StartAt>,
     pub application_name: String,
+}
+
+/// A WAL position to start streaming at, and the timeline it was read on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartAt {
+    pub lsn: Lsn,
+    pub timeline: u32,
 }
 
 /// The `pgwire-replication` client, read by a task of its own into a
@@ -100,16 +107,22 @@ struct Buffered {
 impl WireClient {
     /// Connects with the credentials and TLS settings of `postgres_url` and
     /// sends `START_REPLICATION` (pgoutput protocol version 1) from the slot's
-    /// confirmed position; returns once the server accepted it.
+    /// confirmed position, or from `target.start_at` where that server is
+    /// still the one it was read on; returns once the server accepted it.
     pub async fn start(postgres_url: &str, target: &StreamTarget) -> Result<WireClient> {
-        let config = replication_config(postgres_url, target)?;
-        let mut client = ReplicationClient::connect(config)
-            .await
-            .map_err(|e| wire_error("opening the replication connection", e))?;
-        client
-            .wait_started()
-            .await
-            .map_err(|e| wire_error("starting replication", e))?;
+        let client = match target.start_at {
+            Some(start_at) => match started_at(postgres_url, target, start_at).await? {
+                Some(client) => client,
+                None => {
+                    let at_slot = StreamTarget {
+                        start_at: None,
+                        ..target.clone()
+                    };
+                    started(postgres_url, &at_slot).await?
+                }
+            },
+            None => started(postgres_url, target).await?,
+        };
         let (events_sender, events) = mpsc::unbounded_channel();
         let (acknowledgements, acknowledged) = mpsc::unbounded_channel();
         let reader = tokio::spawn(tracing::Instrument::in_current_span(read_into_buffer(
@@ -136,6 +149,65 @@ impl WireClient {
             }
         }
     }
+}
+
+/// A replication session that the server has started streaming.
+async fn started(postgres_url: &str, target: &StreamTarget) -> Result<ReplicationClient> {
+    let config = replication_config(postgres_url, target)?;
+    let mut client = ReplicationClient::connect(config)
+        .await
+        .map_err(|e| wire_error("opening the replication connection", e))?;
+    client
+        .wait_started()
+        .await
+        .map_err(|e| wire_error("starting replication", e))?;
+    Ok(client)
+}
+
+/// A session streaming from `start_at`, if the server it opens on is still
+/// the one the position was read on: IDENTIFY_SYSTEM, on the session that
+/// then streams, shows the same timeline at or past the position. After a
+/// failover the position may lie past where the promoted standby's WAL
+/// ended, and the new primary's first transactions would be skipped; then
+/// `None`, and the caller starts at the slot's position.
+async fn started_at(
+    postgres_url: &str,
+    target: &StreamTarget,
+    start_at: StartAt,
+) -> Result<Option<ReplicationClient>> {
+    let config = replication_config(postgres_url, target)?;
+    let mut client = ReplicationClient::connect_gated(config)
+        .await
+        .map_err(|e| wire_error("opening the replication connection", e))?;
+    let system = client
+        .identify_system()
+        .await
+        .map_err(|e| wire_error("reading the server's timeline (IDENTIFY_SYSTEM)", e))?;
+    let flushed = Lsn(system.xlogpos.as_u64());
+    if system.timeline != start_at.timeline || flushed < start_at.lsn {
+        tracing::warn!(
+            slot = %target.slot,
+            start_at = %start_at.lsn,
+            read_on_timeline = start_at.timeline,
+            server_timeline = system.timeline,
+            server_flushed = %flushed,
+            "the server is not the one the stream's start was read on (a failover?): streaming \
+             from the slot's position instead, where the catch-up filter drops what the drain \
+             published"
+        );
+        // Dropping a gated client before it started ends the session.
+        drop(client);
+        return Ok(None);
+    }
+    client
+        .start()
+        .await
+        .map_err(|e| wire_error("starting replication", e))?;
+    client
+        .wait_started()
+        .await
+        .map_err(|e| wire_error("starting replication", e))?;
+    Ok(Some(client))
 }
 
 /// Longest wait for the server to end the replication session on close.
@@ -384,7 +456,7 @@ fn replication_config(postgres_url: &str, target: &StreamTarget) -> Result<Repli
     .with_start_lsn(
         target
             .start_at
-            .map_or(WireLsn::ZERO, |lsn| WireLsn::from_u64(lsn.0)),
+            .map_or(WireLsn::ZERO, |start| WireLsn::from_u64(start.lsn.0)),
     )
     .with_ack_lsn(WireLsn::from_u64(target.confirmed_flush.0))
     .with_status_interval(STATUS_INTERVAL)

@@ -15,6 +15,24 @@ use sqlx::PgConnection;
 use crate::error::{Error, Result};
 use lsn::Lsn;
 
+/// The timeline this server writes WAL on, read from the name of its
+/// current WAL file: that needs no privilege (`pg_control_checkpoint()`
+/// does) and changes the moment a standby is promoted. Only on a primary.
+pub async fn current_timeline(connection: &mut PgConnection) -> Result<u32> {
+    let file: String = sqlx::query_scalar("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(|e| Error::from_postgres("reading the server's timeline", e))?;
+    timeline_of_wal_file(&file)
+}
+
+/// The timeline a WAL file's name starts with (8 hex digits).
+fn timeline_of_wal_file(name: &str) -> Result<u32> {
+    name.get(..8)
+        .and_then(|digits| u32::from_str_radix(digits, 16).ok())
+        .ok_or_else(|| Error::stop(format!("`{name}` is not a WAL file name")))
+}
+
 /// A WAL position before which every committed transaction is visible to
 /// new snapshots. A commit record is in the WAL (and streamed once flushed)
 /// a moment before the transaction leaves the running set, so the insert
@@ -66,4 +84,20 @@ pub async fn settled_wal_position(connection: &mut PgConnection) -> Result<Lsn> 
 pub(crate) fn parse_lsn(text: &str) -> Result<Lsn> {
     text.parse()
         .map_err(|e| Error::stop(format!("Postgres returned an unreadable LSN: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wal_file_name_starts_with_its_timeline() {
+        assert_eq!(timeline_of_wal_file("000000010000000000000003").unwrap(), 1);
+        assert_eq!(
+            timeline_of_wal_file("0000001A00000002000000FF").unwrap(),
+            26
+        );
+        assert!(timeline_of_wal_file("0000").is_err());
+        assert!(timeline_of_wal_file("zzzzzzzz0000000000000000").is_err());
+    }
 }

@@ -56,7 +56,7 @@ use crate::acknowledge::Acknowledger;
 use crate::capture::slot::{self, SlotInfo};
 use crate::capture::standby_gate::{StandbyGate, Through};
 use crate::capture::stream::{Assembler, Captured};
-use crate::capture::wire::{ReplicationStream, StreamTarget, WireClient};
+use crate::capture::wire::{ReplicationStream, StartAt, StreamTarget, WireClient};
 use crate::config::SlotLostPolicy;
 use crate::error::{Error, Result};
 use crate::event::{OutboxEvent, SourcePosition};
@@ -109,7 +109,7 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
         slot = %slot_name,
         publication = %config.postgres.publication,
         confirmed_flush = %target.confirmed_flush,
-        stream_from = start.stream_from.map(|lsn| lsn.to_string()),
+        stream_from = start.stream_from.map(|start| start.lsn.to_string()),
         resume_after = start.resume_after.map(|p| p.to_string()),
         after_publish = if config.unmarked() { "none" } else { "mark" },
         batch_size = config.capture.batch_size,
@@ -194,7 +194,7 @@ struct Start {
     /// Where the stream starts, past the slot's position: a catch-up drain
     /// just put every row committed before it in Kafka, so a replay of that
     /// WAL would only feed the filter. `None`: at the slot's position.
-    stream_from: Option<Lsn>,
+    stream_from: Option<StartAt>,
 }
 
 /// The start of a relay every published row of which is marked: the slot
@@ -223,7 +223,12 @@ async fn start_where_marks_tell(
         // replays that is already in Kafka: what committed while the drain
         // ran, from where it read its bound.
         resume_after = None;
-        stream_from = in_kafka_before.filter(|&lsn| slot.confirmed_flush < Some(lsn));
+        if let Some(lsn) = in_kafka_before.filter(|&lsn| slot.confirmed_flush < Some(lsn)) {
+            // Read on the session's connection, which has been on this
+            // server since before the drain's position was.
+            let timeline = crate::postgres::current_timeline(&mut session.connection).await?;
+            stream_from = Some(StartAt { lsn, timeline });
+        }
     }
     let filter_before = settled_wal_position(&mut session.connection).await?;
     Ok(Start {
