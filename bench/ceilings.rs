@@ -218,50 +218,72 @@ pub async fn kafka(rows: usize, payload_bytes: usize) -> Ceiling {
         .expect("checkpoint topic");
     let router = Router::new(&config.routing, config.kafka.max_message_bytes).expect("router");
     let pad = "b".repeat(payload_bytes.saturating_sub(48));
-    let events: Vec<OutboxEvent> = (0..rows as i64)
-        .map(|i| {
-            let aggregate = format!("backlog-{}", i % backlog::AGGREGATES);
-            OutboxEvent {
-                seq: i + 1,
-                id: format!("00000000-0000-4000-8000-{:012x}", i),
-                aggregate_type: "Order".into(),
-                aggregate_id: aggregate.clone(),
-                event_type: "OrderCreated".into(),
-                payload: Some(
-                    format!(
-                        r#"{{"n": {}, "pad": "{pad}", "aggregate": "{aggregate}"}}"#,
-                        i / backlog::AGGREGATES + 1
-                    )
-                    .into_bytes(),
-                ),
-                headers_json: None,
-                trace_parent: None,
-                position: None,
-                committed_at: None,
-                poison: None,
-                created_at: None,
-            }
+    let events: Vec<OutboxEvent> = (0..rows as u64)
+        .map(|n| {
+            let aggregate = format!("backlog-{}", n % backlog::AGGREGATES as u64);
+            let payload = format!(
+                r#"{{"n": {}, "pad": "{pad}", "aggregate": "{aggregate}"}}"#,
+                n / backlog::AGGREGATES as u64 + 1
+            );
+            kafka_only_event(n, aggregate, payload)
         })
         .collect();
-    let table_name = "public.outbox";
-    let identity = TableIdentity::new(None, table_name, &config.relay.name);
-    let publisher = Publisher::connect(&config, &identity)
-        .await
-        .expect("producer");
+    let publisher = kafka_only_publisher(&config).await;
     let started = Instant::now();
     for batch in events.chunks(config.capture.batch_size) {
-        let records: Vec<_> = batch
-            .iter()
-            .map(|e| router.route(e).expect("routable"))
-            .collect();
-        let seqs: Vec<i64> = batch.iter().map(|e| e.seq).collect();
-        let checkpoint = Checkpoint::new(table_name, None, &seqs, &[], None);
-        publisher
-            .publish(&records, &checkpoint)
-            .await
-            .unwrap_or_else(|e| panic!("publishing the ceiling's batch: {e:?}"));
+        publish_with_checkpoint(&publisher, &router, batch).await;
     }
     Ceiling::new(KAFKA, rows, started.elapsed().as_secs_f64())
+}
+
+/// The table the Kafka-only runs name in their checkpoints.
+const KAFKA_ONLY_TABLE: &str = "public.outbox";
+
+/// The publisher of a Kafka-only run, with the relay's identity for
+/// `KAFKA_ONLY_TABLE`.
+pub async fn kafka_only_publisher(config: &outboxd::Config) -> Publisher {
+    let identity = TableIdentity::new(None, KAFKA_ONLY_TABLE, &config.relay.name);
+    Publisher::connect(config, &identity)
+        .await
+        .expect("producer")
+}
+
+/// Event number `n` (seq `n + 1`) of a Kafka-only run: an `OrderCreated`
+/// of `aggregate` with `payload`, as the bench's tables hold them.
+pub fn kafka_only_event(n: u64, aggregate: String, payload: String) -> OutboxEvent {
+    OutboxEvent {
+        seq: n as i64 + 1,
+        id: format!("00000000-0000-4000-8000-{n:012x}"),
+        aggregate_type: "Order".into(),
+        aggregate_id: aggregate,
+        event_type: "OrderCreated".into(),
+        payload: Some(payload.into_bytes()),
+        headers_json: None,
+        trace_parent: None,
+        position: None,
+        committed_at: None,
+        poison: None,
+        created_at: None,
+    }
+}
+
+/// Publishes `events` as the relay does: one Kafka transaction with a
+/// checkpoint naming them.
+pub async fn publish_with_checkpoint(
+    publisher: &Publisher,
+    router: &Router,
+    events: &[OutboxEvent],
+) {
+    let records: Vec<_> = events
+        .iter()
+        .map(|e| router.route(e).expect("routable"))
+        .collect();
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    let checkpoint = Checkpoint::new(KAFKA_ONLY_TABLE, None, &seqs, &[], None);
+    publisher
+        .publish(&records, &checkpoint)
+        .await
+        .unwrap_or_else(|e| panic!("publishing a Kafka-only batch: {e:?}"));
 }
 
 fn pg_recvlogical() -> String {

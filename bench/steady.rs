@@ -147,10 +147,8 @@ pub const KAFKA_FLOOR: &str = "Kafka transactions alone (no database)";
 /// from a record's due time to a `read_committed` consumer seeing it, so
 /// outboxd's commit → visible at the same rate compares to it directly.
 pub async fn kafka_floor(rate: u32, seconds: u64) -> Steady {
+    use crate::ceilings::{kafka_only_event, kafka_only_publisher, publish_with_checkpoint};
     use outboxd::event::OutboxEvent;
-    use outboxd::kafka::checkpoint::Checkpoint;
-    use outboxd::kafka::identity::TableIdentity;
-    use outboxd::kafka::publisher::Publisher;
     use outboxd::routing::Router;
 
     let name = format!("kafka-floor-{rate}");
@@ -161,11 +159,7 @@ pub async fn kafka_floor(rate: u32, seconds: u64) -> Steady {
         .await
         .expect("checkpoint topic");
     let router = Router::new(&config.routing, config.kafka.max_message_bytes).expect("router");
-    let table_name = "public.outbox";
-    let identity = TableIdentity::new(None, table_name, &config.relay.name);
-    let publisher = Publisher::connect(&config, &identity)
-        .await
-        .expect("producer");
+    let publisher = kafka_only_publisher(&config).await;
     let consumer = LatencyConsumer::start(&bench.env.kafka, &bench.routed_topic());
     let pad = "b".repeat(PAYLOAD_BYTES - 64);
     let event = |k: u64| {
@@ -174,42 +168,13 @@ pub async fn kafka_floor(rate: u32, seconds: u64) -> Steady {
             k % WRITERS as u64,
             (k / WRITERS as u64) % AGGREGATES_PER_WRITER
         );
-        OutboxEvent {
-            seq: k as i64 + 1,
-            id: format!("00000000-0000-4000-8000-{k:012x}"),
-            aggregate_type: "Order".into(),
-            aggregate_id: aggregate.clone(),
-            event_type: "OrderCreated".into(),
-            payload: Some(
-                format!(r#"{{"aggregate": "{aggregate}", "k": {k}, "pad": "{pad}"}}"#).into_bytes(),
-            ),
-            headers_json: None,
-            trace_parent: None,
-            position: None,
-            committed_at: None,
-            poison: None,
-            created_at: None,
-        }
-    };
-    let publish = |events: Vec<OutboxEvent>| {
-        let (router, publisher, name) = (&router, &publisher, &name);
-        async move {
-            let records: Vec<_> = events
-                .iter()
-                .map(|e| router.route(e).expect("routable"))
-                .collect();
-            let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-            let checkpoint = Checkpoint::new(table_name, None, &seqs, &[], None);
-            publisher
-                .publish(&records, &checkpoint)
-                .await
-                .unwrap_or_else(|e| panic!("{name}: publishing: {e:?}"));
-        }
+        let payload = format!(r#"{{"aggregate": "{aggregate}", "k": {k}, "pad": "{pad}"}}"#);
+        kafka_only_event(k, aggregate, payload)
     };
     // Record 0 warms the producer and the consumer up, as the steady
     // runs' warm-up event does: a consumer still joining would otherwise
     // charge its start to the first records.
-    publish(vec![event(0)]).await;
+    publish_with_checkpoint(&publisher, &router, &[event(0)]).await;
     let seen_count = |n: u64| consumer.count.load(Ordering::Relaxed) >= n;
     let warm_up_limit = Instant::now() + Duration::from_secs(60);
     while !seen_count(1) {
@@ -232,7 +197,8 @@ pub async fn kafka_floor(rate: u32, seconds: u64) -> Steady {
         let last = due_now
             .min(next + config.capture.batch_size as u64 - 1)
             .max(next);
-        publish((next..=last).map(event).collect()).await;
+        let events: Vec<OutboxEvent> = (next..=last).map(event).collect();
+        publish_with_checkpoint(&publisher, &router, &events).await;
         next = last + 1;
     }
     let writing_seconds = start.elapsed().as_secs_f64();

@@ -7,6 +7,7 @@ use sqlx::{Connection, PgConnection};
 use std::time::{Duration, Instant};
 
 use crate::support::faults::RelayProcess;
+use crate::support::metrics::sum;
 use crate::support::workload::{
     assert_exactly_once, write_backlog, write_orders, LiveWriter, Written,
 };
@@ -512,9 +513,10 @@ async fn rows_locked_during_a_new_slots_catch_up_are_published_once_released() {
 /// they must be published from the table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_behind_a_slot_advanced_while_the_relay_was_down_are_published() {
-    rows_behind_a_moved_slot_are_published(
+    restart_after_the_slot_moved(
         "slot-advanced",
         &["SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())"],
+        SlotMoved::PastTheBacklog,
     )
     .await;
 }
@@ -523,20 +525,47 @@ async fn rows_behind_a_slot_advanced_while_the_relay_was_down_are_published() {
 /// (same name, same plugin) while the relay was down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_behind_a_slot_recreated_while_the_relay_was_down_are_published() {
-    rows_behind_a_moved_slot_are_published(
+    restart_after_the_slot_moved(
         "slot-recreated",
         &[
             "SELECT pg_drop_replication_slot($1)",
             "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
         ],
+        SlotMoved::PastTheBacklog,
     )
     .await;
 }
 
-/// A relay streams and stops; rows are written; `move_slot` (statements
-/// taking the slot name as `$1`) moves the slot past them; a restarted
-/// relay must publish them, then stream what comes next, exactly once.
-async fn rows_behind_a_moved_slot_are_published(name: &str, move_slot: &[&str]) {
+/// Issue 22: a restart whose slot is past its checkpoint but before the
+/// rows written while it was down (as the relay's own idle confirms leave
+/// it) publishes them from the table. Its stream then starts where the
+/// drain read its bound: the drained rows are not decoded and sent again
+/// only for the catch-up filter to drop them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_catch_up_drain_is_not_replayed_through_the_stream() {
+    restart_after_the_slot_moved(
+        "drain-not-replayed",
+        &["SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())"],
+        SlotMoved::BeforeTheBacklog,
+    )
+    .await;
+}
+
+/// Where the slot was moved, past the last checkpoint, while the relay was down.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SlotMoved {
+    /// After the backlog was written: its stream can never carry those rows.
+    PastTheBacklog,
+    /// Before: its stream holds the backlog, which the start drains anyway.
+    BeforeTheBacklog,
+}
+
+/// A relay streams and stops; a backlog is written, and `move_slot`
+/// (statements taking the slot name as `$1`) moves the slot where `moved`
+/// says. A restarted relay must publish the backlog from the table, without
+/// replaying it through the catch-up filter, then stream what comes next,
+/// exactly once.
+async fn restart_after_the_slot_moved(name: &str, move_slot: &[&str], moved: SlotMoved) {
     let env = TestEnv::new(name, Mode::Replication).await;
     let relay = InProcessRelay::start(env.config());
     env.wait_streaming(Duration::from_secs(60)).await;
@@ -545,62 +574,46 @@ async fn rows_behind_a_moved_slot_are_published(name: &str, move_slot: &[&str]) 
     relay.stop().await.expect("relay stops cleanly");
     env.wait_slot_inactive(Duration::from_secs(30)).await;
 
-    let while_down = write_orders(&env.pool, 1, 30, 5).await;
-    for statement in move_slot {
-        sqlx::query(statement)
-            .bind(env.slot_name())
-            .execute(&env.pool)
-            .await
-            .unwrap_or_else(|e| panic!("{statement}: {e}"));
-    }
-    let (confirmed, wal) = env.slot_positions().await;
-    assert!(
-        confirmed.expect("the slot exists") >= wal - 1024 * 1024,
-        "the slot should now be past the rows written while the relay was down"
-    );
+    let move_the_slot = || async {
+        for statement in move_slot {
+            sqlx::query(statement)
+                .bind(env.slot_name())
+                .execute(&env.pool)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
+        }
+    };
+    let while_down = match moved {
+        SlotMoved::PastTheBacklog => {
+            let while_down = write_orders(&env.pool, 1, 30, 5).await;
+            move_the_slot().await;
+            let (confirmed, wal) = env.slot_positions().await;
+            assert!(
+                confirmed.expect("the slot exists") >= wal - 1024 * 1024,
+                "the slot should now be past the rows written while the relay was down"
+            );
+            while_down
+        }
+        SlotMoved::BeforeTheBacklog => {
+            move_the_slot().await;
+            write_orders(&env.pool, 1, 300, 5).await
+        }
+    };
 
     let relay = InProcessRelay::start(env.config());
     env.wait_all_sent(Duration::from_secs(60)).await;
     env.wait_streaming(Duration::from_secs(60)).await;
     let after = write_orders(&env.pool, 2, 10, 5).await;
     env.wait_all_sent(Duration::from_secs(60)).await;
-    relay.stop().await.expect("relay stops cleanly");
-    assert_exactly_once(&env, &Written::combined([streamed, while_down, after])).await;
-}
-
-/// Issue 22: a restart whose slot is past its checkpoint (as the relay's
-/// own idle confirms leave it) publishes the rows written while it was down
-/// from the table. Its stream then starts where the drain read its bound:
-/// the drained rows are not decoded and sent again only for the catch-up
-/// filter to drop them. What commits after that is streamed, exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_catch_up_drain_is_not_replayed_through_the_stream() {
-    let env = TestEnv::new("drain-not-replayed", Mode::Replication).await;
-    let relay = InProcessRelay::start(env.config());
-    env.wait_streaming(Duration::from_secs(60)).await;
-    let streamed = write_orders(&env.pool, 0, 30, 5).await;
-    env.wait_all_sent(Duration::from_secs(60)).await;
-    relay.stop().await.expect("relay stops cleanly");
-    env.wait_slot_inactive(Duration::from_secs(30)).await;
-    // Past the checkpoint and before the backlog: the slot's stream holds
-    // every row written next, and the start still drains them first.
-    sqlx::query("SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())")
-        .bind(env.slot_name())
-        .execute(&env.pool)
-        .await
-        .expect("advance the slot");
-    let while_down = write_orders(&env.pool, 1, 300, 5).await;
-
-    let relay = InProcessRelay::start(env.config());
-    env.wait_all_sent(Duration::from_secs(60)).await;
-    env.wait_streaming(Duration::from_secs(60)).await;
-    let after = write_orders(&env.pool, 2, 30, 5).await;
-    env.wait_all_sent(Duration::from_secs(60)).await;
-    let filtered = stage_count(&relay.metrics.encode(), "catch_up_filter");
+    let filtered = sum(
+        &relay.metrics.encode(),
+        "outboxd_stage_seconds",
+        Some(("stage", "catch_up_filter")),
+    );
     relay.stop().await.expect("relay stops cleanly");
     assert_exactly_once(&env, &Written::combined([streamed, while_down, after])).await;
     assert_eq!(
-        filtered, 0,
+        filtered, 0.0,
         "the stream replayed {filtered} batch(es) of drained rows through the catch-up filter"
     );
 }
@@ -671,28 +684,7 @@ async fn a_stream_starts_past_its_slot_only_on_the_timeline_it_was_read_on() {
         );
         stream.close().await;
     }
-    for _ in 0..100 {
-        let dropped = sqlx::query("SELECT pg_drop_replication_slot($1)")
-            .bind(&slot)
-            .execute(&env.pool)
-            .await;
-        if dropped.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("slot {slot} stayed active");
-}
-
-/// How many times `stage` was timed, from a `/metrics` text.
-fn stage_count(metrics: &str, stage: &str) -> u64 {
-    let label = format!("stage=\"{stage}\"");
-    metrics
-        .lines()
-        .find(|line| line.starts_with("outboxd_stage_seconds_count{") && line.contains(&label))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|count| count.parse().ok())
-        .unwrap_or(0)
+    env.drop_slot_when_released(&slot).await;
 }
 
 /// Opens a transaction that runs `sql` with `seqs` as `$1` (taking row

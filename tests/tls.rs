@@ -187,7 +187,7 @@ async fn a_wrong_ca_fails_both_connections_naming_the_certificate() {
         error.message.contains("certificate") && error.message.contains("sslrootcert"),
         "{error}"
     );
-    drop_slot(&env, &slot).await;
+    env.drop_slot_when_released(&slot).await;
 }
 
 /// libpq's `sslmode=allow` connects to a TLS-only server (plain refused,
@@ -229,22 +229,7 @@ async fn sslmode_allow_streams_over_tls_from_a_tls_only_server() {
     .expect("the walsender");
     assert!(tls, "the replication connection is not TLS");
     drop(stream);
-    drop_slot(&env, &slot).await;
-}
-
-/// Drops a slot once its walsender has let go of it.
-async fn drop_slot(env: &TestEnv, slot: &str) {
-    for _ in 0..100 {
-        let dropped = sqlx::query("SELECT pg_drop_replication_slot($1)")
-            .bind(slot)
-            .execute(&env.pool)
-            .await;
-        if dropped.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("slot {slot} stayed active");
+    env.drop_slot_when_released(&slot).await;
 }
 
 /// Creates `role` (or resets it) as a member of `group`, with what a

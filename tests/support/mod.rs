@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod faults;
 pub mod http;
 pub mod kafka;
+pub mod metrics;
 pub mod pg_pair;
 pub mod proxy;
 pub mod registry;
@@ -400,6 +401,21 @@ impl TestEnv {
     }
     pub fn slot_name(&self) -> String {
         format!("outboxd_{}", self.relay_name.replace('-', "_"))
+    }
+
+    /// Drops `slot` once its walsender has let go of it.
+    pub async fn drop_slot_when_released(&self, slot: &str) {
+        for _ in 0..100 {
+            let dropped = sqlx::query("SELECT pg_drop_replication_slot($1)")
+                .bind(slot)
+                .execute(&self.pool)
+                .await;
+            if dropped.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("slot {slot} stayed active");
     }
 
     /// (Re)writes the config file; the overrides are extra YAML lines under
