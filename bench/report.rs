@@ -329,17 +329,17 @@ impl Results {
         let drain_peaks = self
             .drains
             .iter()
-            .map(|d| (d.system.as_str(), d.payload_bytes, d.peak_rss_megabytes));
+            .map(|d| (d.system.as_str(), d.peak_rss_megabytes));
         let steady_peaks = self
             .steady
             .iter()
             .chain(&self.highest)
-            .map(|s| (s.system.as_str(), 256, s.peak_rss_megabytes));
+            .map(|s| (s.system.as_str(), s.peak_rss_megabytes));
         let peak = drain_peaks
             .chain(steady_peaks)
-            .filter(|(system, _, _)| *system != DEBEZIUM)
-            .max_by(|a, b| a.2.total_cmp(&b.2));
-        if let Some((system, _, megabytes)) = peak {
+            .filter(|(system, _)| *system != DEBEZIUM)
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((system, megabytes)) = peak {
             targets.push(Target {
                 target: "outboxd RSS < 64 MB at any backlog (256-byte payloads)".into(),
                 measured: format!("{megabytes:.0} MB peak"),
