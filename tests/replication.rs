@@ -586,10 +586,38 @@ async fn restart_after_the_slot_moved(name: &str, move_slot: &[&str], moved: Slo
     let while_down = match moved {
         SlotMoved::PastTheBacklog => {
             let while_down = write_orders(&env.pool, 1, 30, 5).await;
+            // Read right after the backlog: other tests' WAL moves the
+            // server's position on meanwhile, so "near the current WAL"
+            // would not say whether the slot passed these rows. A slot is
+            // advanced no further than the flushed WAL, and the test
+            // stack commits asynchronously: wait until the backlog is flushed.
+            let after_backlog: i64 = sqlx::query_scalar(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .expect("the WAL position");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let flushed: i64 = sqlx::query_scalar(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_flush_lsn(), '0/0')::bigint",
+                )
+                .fetch_one(&env.pool)
+                .await
+                .expect("the flushed WAL position");
+                if flushed >= after_backlog {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the backlog's WAL was not flushed within 30 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             move_the_slot().await;
-            let (confirmed, wal) = env.slot_positions().await;
+            let (confirmed, _) = env.slot_positions().await;
             assert!(
-                confirmed.expect("the slot exists") >= wal - 1024 * 1024,
+                confirmed.expect("the slot exists") >= after_backlog,
                 "the slot should now be past the rows written while the relay was down"
             );
             while_down
