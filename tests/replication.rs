@@ -551,6 +551,88 @@ async fn a_catch_up_drain_is_not_replayed_through_the_stream() {
     .await;
 }
 
+/// Issue 22: a relay stopped cleanly notes where it left its slot; its
+/// next start finds the slot there and streams the backlog written while
+/// it was down, neither draining it from the table nor checking the
+/// replay against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_restart_streams_its_backlog_from_the_slot() {
+    clean_restart_with_a_backlog("clean-restart-streams", FirstStart::Streams).await;
+}
+
+/// Issue 22: the same for a relay whose first start drained a backlog from
+/// the table and that never streamed an event before it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_that_never_streamed_trusts_its_slot_after_a_clean_stop() {
+    clean_restart_with_a_backlog("never-streamed-restart", FirstStart::DrainsOnly).await;
+}
+
+/// What the relay does before its clean stop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FirstStart {
+    /// Streams rows written while it runs.
+    Streams,
+    /// Drains rows written before it started, and streams none.
+    DrainsOnly,
+}
+
+async fn clean_restart_with_a_backlog(name: &str, first: FirstStart) {
+    let env = TestEnv::new(name, Mode::Replication).await;
+    let before = match first {
+        FirstStart::DrainsOnly => write_orders(&env.pool, 0, 30, 5).await,
+        FirstStart::Streams => Written::default(),
+    };
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let streamed = match first {
+        FirstStart::Streams => write_orders(&env.pool, 0, 30, 5).await,
+        FirstStart::DrainsOnly => Written::default(),
+    };
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    let first_claims = sum(
+        &relay.metrics.encode(),
+        "outboxd_stage_seconds",
+        Some(("stage", "claim")),
+    );
+    relay.stop().await.expect("relay stops cleanly");
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+    if first == FirstStart::DrainsOnly {
+        assert!(
+            first_claims > 0.0,
+            "the first start should have drained its backlog from the table"
+        );
+    }
+
+    let while_down = write_orders(&env.pool, 1, 300, 5).await;
+    let relay = InProcessRelay::start(env.config());
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let after = write_orders(&env.pool, 2, 10, 5).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    let metrics = relay.metrics.encode();
+    relay.stop().await.expect("relay stops cleanly");
+    assert_exactly_once(
+        &env,
+        &Written::combined([before, streamed, while_down, after]),
+    )
+    .await;
+    let claims = sum(&metrics, "outboxd_stage_seconds", Some(("stage", "claim")));
+    let filtered = sum(
+        &metrics,
+        "outboxd_stage_seconds",
+        Some(("stage", "catch_up_filter")),
+    );
+    assert_eq!(
+        claims, 0.0,
+        "the restart drained {claims} claim(s) from the table instead of streaming from its slot"
+    );
+    assert_eq!(
+        filtered, 0.0,
+        "the restart checked {filtered} streamed batch(es) against the table with no other \
+         publisher before it"
+    );
+}
+
 /// Where the slot was moved, past the last checkpoint, while the relay was down.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SlotMoved {

@@ -28,6 +28,7 @@ mod polling;
 mod replication;
 mod schemas;
 mod session;
+mod stop_note;
 mod takeover;
 mod topic_gate;
 mod window;

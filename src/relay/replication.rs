@@ -52,6 +52,7 @@ use tokio::sync::mpsc;
 use super::catch_up;
 use super::pipeline::{self, AcknowledgeWith, Acknowledged, CaptureEnds, CapturedBatch};
 use super::session::Session;
+use super::stop_note;
 use crate::acknowledge::Acknowledger;
 use crate::capture::slot::{self, SlotInfo};
 use crate::capture::standby_gate::{StandbyGate, Through};
@@ -68,7 +69,11 @@ use crate::retention::PublishedThrough;
 use crate::shutdown::Shutdown;
 
 /// Runs until shutdown or the first failure.
-pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Result<()> {
+pub async fn run(
+    session: &mut Session<'_>,
+    latest: Option<&Checkpoint>,
+    adopted_others: bool,
+) -> Result<()> {
     let context = session.context;
     let config = &context.config;
     let table = &context.table;
@@ -81,14 +86,21 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
             unmarked::resume(session, latest, marked_before, &slot_name).await?
         }
         None => {
-            let start = start_where_marks_tell(session, latest, &slot_name).await?;
+            let start = start_where_marks_tell(session, latest, adopted_others, &slot_name).await?;
             if session.stop.is_requested() {
                 return Ok(());
             }
             if config.unmarked() {
                 // From here rows are published unmarked: every checkpoint
                 // says so, and where the marks still tell.
-                unmarked::begin(session, latest, &slot_name, start.filter_before).await?;
+                unmarked::begin(session, latest, &slot_name, Some(start.began_at)).await?;
+            } else {
+                if let Some(latest) = latest {
+                    session.deliverer.set_latest(latest);
+                }
+                session
+                    .deliverer
+                    .set_replay_checked_before(start.filter_before.unwrap_or(Lsn::ZERO));
             }
             start
         }
@@ -180,6 +192,9 @@ pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Resu
             "skipped replayed events the checkpoint showed already in Kafka"
         );
     }
+    if outcome.is_ok() && session.stop.is_requested() && !config.unmarked() {
+        stop_note::leave(session, &slot_name).await;
+    }
     outcome
 }
 
@@ -195,28 +210,54 @@ struct Start {
     /// just put every row committed before it in Kafka, so a replay of that
     /// WAL would only feed the filter. `None`: at the slot's position.
     stream_from: Option<StartAt>,
+    /// The WAL position settled once the start was decided: every row
+    /// committed before it is in Kafka, marked, or in the stream ahead.
+    began_at: Lsn,
 }
 
 /// The start of a relay every published row of which is marked: the slot
-/// is judged by the checkpoint, and whatever the stream cannot carry is
-/// drained from the table first (`catch_up`).
+/// is trusted where a clean stop left it (`stop_note`), and otherwise
+/// judged by the checkpoint, whatever the stream cannot carry drained from
+/// the table first (`catch_up`).
 async fn start_where_marks_tell(
     session: &mut Session<'_>,
     latest: Option<&Checkpoint>,
+    adopted_others: bool,
     slot_name: &str,
 ) -> Result<Start> {
     // A checkpoint with a position means this relay streamed from its slot
     // before; without one (first start, or polling until now) the slot's
-    // stream cannot be trusted to hold every unsent row.
+    // stream cannot be trusted to hold every unsent row, unless a clean
+    // stop noted where it left it.
     let last_published = latest.and_then(|c| c.position);
-    let (slot, created) = usable_slot(session, slot_name, last_published.is_some()).await?;
+    let noted = latest.is_some_and(|c| c.slot_left_at.is_some());
+    let (slot, created) =
+        usable_slot(session, slot_name, last_published.is_some() || noted).await?;
+    let timeline = crate::postgres::current_timeline(&mut session.connection).await?;
+    let trusted = stop_note::slot_is_where_left(
+        latest,
+        created,
+        adopted_others,
+        slot.confirmed_flush,
+        timeline,
+    );
+    let catch_up_reason = if trusted {
+        tracing::info!(
+            slot = slot_name,
+            confirmed_flush = slot.confirmed_flush.map(|lsn| lsn.to_string()),
+            "the slot is where the last clean stop left it: streaming the backlog from it"
+        );
+        None
+    } else {
+        catch_up::needed(
+            created,
+            last_published.map(|p| p.commit_lsn),
+            slot.confirmed_flush,
+        )
+    };
     let mut resume_after = last_published;
     let mut stream_from = None;
-    let catch_up_reason = catch_up::needed(
-        created,
-        last_published.map(|p| p.commit_lsn),
-        slot.confirmed_flush,
-    );
+    let drained = catch_up_reason.is_some();
     if let Some(reason) = catch_up_reason {
         let in_kafka_before = catch_up::run(session, slot_name, reason).await?;
         // The catch-up filter, not the checkpoint, tells what the stream
@@ -230,12 +271,18 @@ async fn start_where_marks_tell(
             stream_from = Some(StartAt { lsn, timeline });
         }
     }
-    let filter_before = settled_wal_position(&mut session.connection).await?;
+    let began_at = settled_wal_position(&mut session.connection).await?;
+    let filter_before = if drained {
+        Some(began_at)
+    } else {
+        stop_note::replay_check(latest, adopted_others, slot.confirmed_flush, began_at)
+    };
     Ok(Start {
         slot,
         resume_after,
-        filter_before: Some(filter_before),
+        filter_before,
         stream_from,
+        began_at,
     })
 }
 

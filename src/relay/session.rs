@@ -141,8 +141,11 @@ impl Context {
         if source.is_none() && config.unmarked() {
             source = Some(schema::source_by_replication(config, &mut connection).await?);
         }
-        let Some(takeover::TakenOver { publisher, latest }) =
-            takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
+        let Some(takeover::TakenOver {
+            publisher,
+            latest,
+            adopted_others,
+        }) = takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
         else {
             return Ok(());
         };
@@ -189,7 +192,9 @@ impl Context {
             published_through,
         };
         match mode {
-            CaptureMode::Replication => replication::run(&mut session, Some(&latest)).await,
+            CaptureMode::Replication => {
+                replication::run(&mut session, Some(&latest), adopted_others).await
+            }
             _ => {
                 warn_if_a_slot_is_left(&mut session.connection, &config.slot_name()).await;
                 let wakeup = Wakeup::listen(
@@ -241,8 +246,9 @@ impl Context {
         self.metrics.set_capture_mode("replication");
         topics::ensure_checkpoint_topic(config).await?;
         let source = schema::database_source(&mut connection).await?;
-        let Some(takeover::TakenOver { publisher, latest }) =
-            takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
+        let Some(takeover::TakenOver {
+            publisher, latest, ..
+        }) = takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
         else {
             return Ok(());
         };
