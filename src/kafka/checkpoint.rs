@@ -155,26 +155,23 @@ pub struct Checkpoint {
     /// (`relay::replication::unmarked`). Written with format 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unmarked_from: Option<crate::postgres::lsn::Lsn>,
-    /// Replication with marks: a stream replaying past `position` may
-    /// carry rows committed before this WAL position that are in Kafka
-    /// already (a catch-up drain, or another identity, published them from
-    /// the table); a start publishes those only while the table shows them
-    /// unsent (`relay::replication::CatchUpFilter`). `0/0`: nothing to
-    /// check. Absent (polling, a catch-up drain's batches, earlier
-    /// releases): unknown, so the next start checks all it replays
-    /// (`relay::stop_note`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replay_checked_before: Option<crate::postgres::lsn::Lsn>,
     /// Written only by a clean stop of a replication relay with marks, in
-    /// a checkpoint of its own: the slot's `confirmed_flush_lsn` once the
-    /// relay let go of it. A start that finds the slot at or before it, on
-    /// the same timeline, knows no one moved it, and streams instead of
-    /// draining the table (`relay::stop_note`).
+    /// a checkpoint of its own: where it left its slot. A start that finds
+    /// that slot exactly there knows no one moved it, and streams instead
+    /// of draining the table (`relay::stop_note`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slot_left_at: Option<crate::postgres::lsn::Lsn>,
-    /// The server timeline `slot_left_at` was read on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slot_left_on_timeline: Option<u32>,
+    pub slot_left: Option<SlotLeft>,
+}
+
+/// Where a clean stop left its replication slot (`Checkpoint::slot_left`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotLeft {
+    /// The slot's name.
+    pub slot: String,
+    /// Its `confirmed_flush_lsn` once the server released it.
+    pub confirmed_flush: crate::postgres::lsn::Lsn,
+    /// The server timeline that was read on.
+    pub timeline: u32,
 }
 
 /// A row's identity in a checkpoint: 48 bits of FNV-1a over its event id.
@@ -227,9 +224,7 @@ impl Checkpoint {
             timeline: None,
             system_identifier: None,
             unmarked_from: None,
-            replay_checked_before: None,
-            slot_left_at: None,
-            slot_left_on_timeline: None,
+            slot_left: None,
         }
     }
 

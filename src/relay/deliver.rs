@@ -14,7 +14,7 @@ use crate::batch::Batch;
 use crate::config::PoisonPolicy;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{OutboxEvent, SourcePosition};
-use crate::kafka::checkpoint::{Checkpoint, RowDigest};
+use crate::kafka::checkpoint::{Checkpoint, RowDigest, SlotLeft};
 use crate::kafka::publisher::{PublishError, Publisher};
 use crate::metrics::{Metrics, RelayState, Stage};
 use crate::routing::Router;
@@ -80,10 +80,6 @@ pub struct Deliverer<'a> {
     /// Set while rows are published without marks: every checkpoint then
     /// says from where (`relay::replication::unmarked`).
     unmarked_from: Option<crate::postgres::lsn::Lsn>,
-    /// Set once a replication session with marks starts streaming: what
-    /// its replays must be checked against the table before
-    /// (`relay::stop_note`).
-    replay_checked_before: Option<crate::postgres::lsn::Lsn>,
     /// The table's latest committed checkpoint as this session knows it:
     /// the takeover's, then each one this session committed. A clean stop
     /// commits it again with a note of where it left the slot.
@@ -115,7 +111,6 @@ impl<'a> Deliverer<'a> {
             metrics,
             wal: None,
             unmarked_from: None,
-            replay_checked_before: None,
             latest: None,
         }
     }
@@ -126,28 +121,16 @@ impl<'a> Deliverer<'a> {
         self.latest = Some(latest.clone());
     }
 
-    /// Every checkpoint from now on says what a replay must check
-    /// (`relay::stop_note`).
-    pub(super) fn set_replay_checked_before(&mut self, before: crate::postgres::lsn::Lsn) {
-        self.replay_checked_before = Some(before);
-    }
-
     /// Commits the table's latest checkpoint again, unchanged but for the
     /// note of where this session left its slot (`relay::stop_note`), in a
     /// transaction of its own. Only once every committed batch is
     /// acknowledged: it names the same rows as the checkpoint it repeats.
-    pub(super) async fn leave_slot_note(
-        &mut self,
-        slot_left_at: crate::postgres::lsn::Lsn,
-        timeline: u32,
-    ) -> Result<()> {
+    pub(super) async fn leave_slot_note(&mut self, left: SlotLeft) -> Result<()> {
         let Some(latest) = self.latest.as_ref() else {
             return Ok(());
         };
         let mut note = latest.clone();
-        note.replay_checked_before = self.replay_checked_before;
-        note.slot_left_at = Some(slot_left_at);
-        note.slot_left_on_timeline = Some(timeline);
+        note.slot_left = Some(left);
         match self.publisher.hand_over(&note, &[]).await {
             Ok(()) => {
                 self.latest = Some(note);
@@ -253,10 +236,6 @@ impl<'a> Deliverer<'a> {
             .read_on(self.wal.as_ref())
             .unmarked_from(self.unmarked_from)
             .with_row_ids(|seq| row_ids.get(&seq).copied().or_else(|| window.row_id(seq)));
-            let checkpoint = Checkpoint {
-                replay_checked_before: self.replay_checked_before,
-                ..checkpoint
-            };
             let started = Instant::now();
             match self.publisher.publish(&batch.records, &checkpoint).await {
                 Ok(timings) => {

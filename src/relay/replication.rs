@@ -72,7 +72,7 @@ use crate::shutdown::Shutdown;
 pub async fn run(
     session: &mut Session<'_>,
     latest: Option<&Checkpoint>,
-    adopted_others: bool,
+    others_published: bool,
 ) -> Result<()> {
     let context = session.context;
     let config = &context.config;
@@ -86,7 +86,8 @@ pub async fn run(
             unmarked::resume(session, latest, marked_before, &slot_name).await?
         }
         None => {
-            let start = start_where_marks_tell(session, latest, adopted_others, &slot_name).await?;
+            let start =
+                start_where_marks_tell(session, latest, others_published, &slot_name).await?;
             if session.stop.is_requested() {
                 return Ok(());
             }
@@ -94,13 +95,6 @@ pub async fn run(
                 // From here rows are published unmarked: every checkpoint
                 // says so, and where the marks still tell.
                 unmarked::begin(session, latest, &slot_name, Some(start.began_at)).await?;
-            } else {
-                if let Some(latest) = latest {
-                    session.deliverer.set_latest(latest);
-                }
-                session
-                    .deliverer
-                    .set_replay_checked_before(start.filter_before.unwrap_or(Lsn::ZERO));
             }
             start
         }
@@ -222,7 +216,7 @@ struct Start {
 async fn start_where_marks_tell(
     session: &mut Session<'_>,
     latest: Option<&Checkpoint>,
-    adopted_others: bool,
+    others_published: bool,
     slot_name: &str,
 ) -> Result<Start> {
     // A checkpoint with a position means this relay streamed from its slot
@@ -230,17 +224,13 @@ async fn start_where_marks_tell(
     // stream cannot be trusted to hold every unsent row, unless a clean
     // stop noted where it left it.
     let last_published = latest.and_then(|c| c.position);
-    let noted = latest.is_some_and(|c| c.slot_left_at.is_some());
+    let noted = latest
+        .and_then(|c| c.slot_left.as_ref())
+        .is_some_and(|left| left.slot == slot_name);
     let (slot, created) =
         usable_slot(session, slot_name, last_published.is_some() || noted).await?;
     let timeline = crate::postgres::current_timeline(&mut session.connection).await?;
-    let trusted = stop_note::slot_is_where_left(
-        latest,
-        created,
-        adopted_others,
-        slot.confirmed_flush,
-        timeline,
-    );
+    let trusted = stop_note::slot_is_where_left(latest, others_published, &slot, created, timeline);
     let catch_up_reason = if trusted {
         tracing::info!(
             slot = slot_name,
@@ -257,7 +247,6 @@ async fn start_where_marks_tell(
     };
     let mut resume_after = last_published;
     let mut stream_from = None;
-    let drained = catch_up_reason.is_some();
     if let Some(reason) = catch_up_reason {
         let in_kafka_before = catch_up::run(session, slot_name, reason).await?;
         // The catch-up filter, not the checkpoint, tells what the stream
@@ -271,16 +260,15 @@ async fn start_where_marks_tell(
             stream_from = Some(StartAt { lsn, timeline });
         }
     }
+    // Checked every start, trusted slot or not: a predecessor's drain, a
+    // relay under another identity, or an operator's TRUNCATE, DELETE or
+    // hand marks while the relay was down may have left rows the stream
+    // replays sent or gone.
     let began_at = settled_wal_position(&mut session.connection).await?;
-    let filter_before = if drained {
-        Some(began_at)
-    } else {
-        stop_note::replay_check(latest, adopted_others, slot.confirmed_flush, began_at)
-    };
     Ok(Start {
         slot,
         resume_after,
-        filter_before,
+        filter_before: Some(began_at),
         stream_from,
         began_at,
     })

@@ -144,7 +144,7 @@ impl Context {
         let Some(takeover::TakenOver {
             publisher,
             latest,
-            adopted_others,
+            others_published,
         }) = takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
         else {
             return Ok(());
@@ -191,9 +191,10 @@ impl Context {
             stop,
             published_through,
         };
+        session.deliverer.set_latest(&latest);
         match mode {
             CaptureMode::Replication => {
-                replication::run(&mut session, Some(&latest), adopted_others).await
+                replication::run(&mut session, Some(&latest), others_published).await
             }
             _ => {
                 warn_if_a_slot_is_left(&mut session.connection, &config.slot_name()).await;

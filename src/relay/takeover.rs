@@ -26,9 +26,9 @@ pub(super) struct TakenOver {
     /// The table's latest committed checkpoint, its rows acknowledged.
     pub latest: Checkpoint,
     /// Checkpoints of another identity, an earlier release's key or an
-    /// earlier checkpoint topic were reconciled: rows of this table may
-    /// have been published after `latest` by someone else (`stop_note`).
-    pub adopted_others: bool,
+    /// earlier checkpoint topic were reconciled: someone else may have
+    /// published rows of this table after `latest` (`stop_note`).
+    pub others_published: bool,
 }
 
 /// Returns `None` if shutdown was requested while it waited.
@@ -58,7 +58,7 @@ pub(super) async fn take_over(
     let mut found = find_checkpoints(context, connection, source, &identity).await?;
     let earlier = fence_earlier_identities(context, connection, &identity, &found).await?;
     found.same_database.extend(earlier);
-    let adopted_others =
+    let others_published =
         !found.same_database.is_empty() || found.candidates.iter().any(|c| !c.ours);
     for (key, other) in &found.same_database {
         // Judged before anything is marked, by the rows being here at all
@@ -175,7 +175,7 @@ pub(super) async fn take_over(
     Ok(Some(TakenOver {
         publisher,
         latest,
-        adopted_others,
+        others_published,
     }))
 }
 

@@ -474,13 +474,19 @@ impl TestEnv {
         if self.mode == Mode::Polling {
             return;
         }
+        self.wait_streaming_as(&self.relay_name, limit).await;
+    }
+
+    /// As [`TestEnv::wait_streaming`], for a relay configured with another
+    /// `relay.name`.
+    pub async fn wait_streaming_as(&self, relay_name: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
             let streaming: bool = sqlx::query_scalar(
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_replication \
                  WHERE application_name = $1 AND state IN ('catchup', 'streaming'))",
             )
-            .bind(format!("outboxd-{}", self.relay_name))
+            .bind(format!("outboxd-{relay_name}"))
             .fetch_one(&self.pool)
             .await
             .expect("read pg_stat_replication");
@@ -489,8 +495,7 @@ impl TestEnv {
             }
             assert!(
                 Instant::now() < deadline,
-                "the relay did not stream from slot {} within {limit:?}",
-                self.slot_name()
+                "relay {relay_name} did not stream from its slot within {limit:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
