@@ -684,6 +684,99 @@ async fn rows_marked_or_truncated_while_the_relay_was_stopped_cleanly_are_not_pu
     assert_eq!(env.rows().await.len(), after.committed);
 }
 
+/// Rows committed while the outbox table was out of the publication never
+/// reach the stream, and the relay confirms past them. The next start
+/// finds the publication's entry changed since the last session began and
+/// publishes them from the table, once each; after the later rows of their
+/// aggregates, which the stream published meanwhile (order cannot be kept
+/// for them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_committed_while_the_table_was_out_of_the_publication_are_published_after_a_clean_restart(
+) {
+    let env = TestEnv::new("publication-gap", Mode::Replication).await;
+    let publication = env.config().postgres.publication.clone();
+    let alter = |change: &str| {
+        let statement = format!("ALTER PUBLICATION {publication} {change} TABLE outbox");
+        let pool = env.pool.clone();
+        async move {
+            sqlx::raw_sql(&statement)
+                .execute(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
+        }
+    };
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let before = write_orders(&env.pool, 0, 10, 5).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    alter("DROP").await;
+    let gap = write_orders(&env.pool, 1, 10, 5).await;
+    alter("ADD").await;
+    let after_gap = write_orders(&env.pool, 2, 10, 5).await;
+    // The stream publishes what came after the gap; the gap's rows wait.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.unsent().await != gap.committed as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "the rows written after the table was added back were not published within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.stop().await.expect("relay stops cleanly");
+    env.wait_slot_inactive(Duration::from_secs(30)).await;
+
+    let relay = InProcessRelay::start(env.config());
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    let written = Written::combined([before, gap, after_gap]);
+    assert_eq!(
+        assert_every_row_published_once(&env).await,
+        written.committed
+    );
+}
+
+/// An operator who advances the slot the moment the stopping relay lets
+/// go of it (a loop retrying while it is in use) does not get that
+/// position noted as the relay's: whichever comes first, the advance or
+/// the relay's read of the slot, the next start publishes the rows the
+/// slot skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_advanced_as_the_relay_stops_is_not_trusted() {
+    let env = TestEnv::new("advanced-at-stop", Mode::Replication).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION advance_when_released(slot text) RETURNS void LANGUAGE plpgsql AS $$ \
+         BEGIN LOOP BEGIN \
+           PERFORM pg_replication_slot_advance(slot, pg_current_wal_flush_lsn()); \
+           RETURN; \
+         EXCEPTION WHEN object_in_use THEN PERFORM pg_sleep(0.001); END; END LOOP; END $$",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("create the advancing function");
+    let relay = InProcessRelay::start(env.config());
+    env.wait_streaming(Duration::from_secs(60)).await;
+    let before = write_orders(&env.pool, 0, 10, 5).await;
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    let writer = LiveWriter::start(&env.pool, 1, 5, 5);
+    let pool = env.pool.clone();
+    let slot = env.slot_name();
+    let advancer = tokio::spawn(async move {
+        sqlx::query("SELECT advance_when_released($1)")
+            .bind(slot)
+            .execute(&pool)
+            .await
+            .expect("advance the slot once released")
+    });
+    relay.stop().await.expect("relay stops cleanly");
+    advancer.await.expect("the advancing task");
+    let during = writer.finish().await;
+
+    let relay = InProcessRelay::start(env.config());
+    env.wait_all_sent(Duration::from_secs(60)).await;
+    relay.stop().await.expect("relay stops cleanly");
+    assert_exactly_once(&env, &Written::combined([before, during])).await;
+}
+
 /// A note names the slot it was left on: renamed (a new slot, which drains
 /// the backlog), restarted, and renamed back, the relay does not take its
 /// old slot for the one the latest note describes, and publishes the

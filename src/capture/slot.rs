@@ -401,6 +401,46 @@ pub async fn publication_creation(
     })
 }
 
+/// What the publication says about the outbox table, as a text that
+/// changes whenever its membership or options may have: the publication's
+/// and the table's identities, and the catalog row versions (`xmin`) of the
+/// publication and of its entries for the table or its schema. Dropping the
+/// table from the publication and adding it back, changing `publish` and
+/// back, or re-creating the publication all give another text. While the
+/// table was out of the publication, rows committed then never reached the
+/// stream (`relay::stop_note`).
+pub async fn publication_fingerprint(
+    connection: &mut PgConnection,
+    publication: &str,
+    table: &OutboxTable,
+) -> Result<String> {
+    // Schema publications (FOR TABLES IN SCHEMA) exist from PostgreSQL 15.
+    let schema_entries = if server_version_num(connection).await? >= 150_000 {
+        "(SELECT string_agg(n.oid::text || ':' || n.xmin::text, ',' ORDER BY n.oid) \
+           FROM pg_publication_namespace n \
+          WHERE n.pnpubid = p.oid AND n.pnnspid = t.relnamespace)"
+    } else {
+        "''"
+    };
+    let sql = format!(
+        "SELECT concat_ws('/', p.oid, p.xmin, t.oid, \
+                (SELECT string_agg(r.oid::text || ':' || r.xmin::text, ',' ORDER BY r.oid) \
+                   FROM pg_publication_rel r WHERE r.prpubid = p.oid AND r.prrelid = t.oid), \
+                {schema_entries}) \
+           FROM pg_publication p, pg_class t \
+          WHERE p.pubname = $1 \
+            AND t.oid = (quote_ident($2) || '.' || quote_ident($3))::regclass"
+    );
+    let fingerprint: Option<String> = sqlx::query_scalar(&sql)
+        .bind(publication)
+        .bind(&table.schema)
+        .bind(&table.name)
+        .fetch_optional(connection)
+        .await
+        .map_err(|e| Error::from_postgres("reading the publication's catalog entries", e))?;
+    Ok(fingerprint.unwrap_or_default())
+}
+
 /// Creates the publication (inserts on the outbox table only) when missing;
 /// checks an existing one covers the table's inserts.
 pub async fn ensure_publication(

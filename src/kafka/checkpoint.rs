@@ -161,6 +161,14 @@ pub struct Checkpoint {
     /// of draining the table (`relay::stop_note`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot_left: Option<SlotLeft>,
+    /// Replication with marks: the publication's catalog entries for the
+    /// table when the session that wrote it began
+    /// (`capture::slot::publication_fingerprint`). A start that finds them
+    /// changed drains the table first: rows committed while the table was
+    /// out of the publication never reached the stream, and the slot moved
+    /// past them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publication: Option<String>,
 }
 
 /// Where a clean stop left its replication slot (`Checkpoint::slot_left`).
@@ -225,6 +233,7 @@ impl Checkpoint {
             system_identifier: None,
             unmarked_from: None,
             slot_left: None,
+            publication: None,
         }
     }
 

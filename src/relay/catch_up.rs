@@ -42,6 +42,10 @@ pub(super) enum Reason {
         confirmed_flush: Option<Lsn>,
         last_published: Lsn,
     },
+    /// The publication's entry for the table changed since the session of
+    /// the latest checkpoint began (`capture::slot::publication_fingerprint`):
+    /// rows committed while the table was out of it were never streamed.
+    PublicationChanged,
 }
 
 /// Whether this start must drain the table before streaming.
@@ -153,6 +157,18 @@ async fn announce(
     reason: Reason,
     up_to: i64,
 ) -> Result<()> {
+    if reason == Reason::PublicationChanged {
+        tracing::warn!(
+            slot = slot_name,
+            up_to_seq = up_to,
+            "the publication's entry for the outbox table changed since the last session began \
+             (the table dropped from it and added back, its options changed, or it was \
+             re-created): rows committed while the table was out of it never reached the stream. \
+             Publishing the rows still unsent in the table before streaming; nothing is lost or \
+             produced twice. Leave the publication to outboxd"
+        );
+        return Ok(());
+    }
     let Reason::SlotPastCheckpoint {
         confirmed_flush,
         last_published,

@@ -80,6 +80,9 @@ pub struct Deliverer<'a> {
     /// Set while rows are published without marks: every checkpoint then
     /// says from where (`relay::replication::unmarked`).
     unmarked_from: Option<crate::postgres::lsn::Lsn>,
+    /// Replication with marks: the publication's entries for the table
+    /// when the session began, written into every checkpoint.
+    publication: Option<String>,
     /// The table's latest committed checkpoint as this session knows it:
     /// the takeover's, then each one this session committed. A clean stop
     /// commits it again with a note of where it left the slot.
@@ -111,8 +114,15 @@ impl<'a> Deliverer<'a> {
             metrics,
             wal: None,
             unmarked_from: None,
+            publication: None,
             latest: None,
         }
+    }
+
+    /// Every checkpoint from now on names the publication's entries for
+    /// the table as this session found them at its start.
+    pub(super) fn set_publication(&mut self, fingerprint: &str) {
+        self.publication = Some(fingerprint.to_string());
     }
 
     /// The takeover's checkpoint: the table's latest until this session
@@ -131,6 +141,7 @@ impl<'a> Deliverer<'a> {
         };
         let mut note = latest.clone();
         note.slot_left = Some(left);
+        note.publication = self.publication.clone();
         match self.publisher.hand_over(&note, &[]).await {
             Ok(()) => {
                 self.latest = Some(note);
@@ -236,6 +247,10 @@ impl<'a> Deliverer<'a> {
             .read_on(self.wal.as_ref())
             .unmarked_from(self.unmarked_from)
             .with_row_ids(|seq| row_ids.get(&seq).copied().or_else(|| window.row_id(seq)));
+            let checkpoint = Checkpoint {
+                publication: self.publication.clone(),
+                ..checkpoint
+            };
             let started = Instant::now();
             match self.publisher.publish(&batch.records, &checkpoint).await {
                 Ok(timings) => {

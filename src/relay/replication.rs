@@ -79,6 +79,9 @@ pub async fn run(
     let table = &context.table;
     slot::ensure_publication(&mut session.connection, &config.postgres.publication, table).await?;
     let slot_name = config.slot_name();
+    let publication =
+        slot::publication_fingerprint(&mut session.connection, &config.postgres.publication, table)
+            .await?;
     let start = match latest.and_then(|c| c.unmarked_from.map(|from| (c, from))) {
         // Rows were published without marks: only the slot and the
         // checkpoint tell them from unsent ones.
@@ -86,8 +89,12 @@ pub async fn run(
             unmarked::resume(session, latest, marked_before, &slot_name).await?
         }
         None => {
+            if !config.unmarked() {
+                session.deliverer.set_publication(&publication);
+            }
             let start =
-                start_where_marks_tell(session, latest, others_published, &slot_name).await?;
+                start_where_marks_tell(session, latest, others_published, &publication, &slot_name)
+                    .await?;
             if session.stop.is_requested() {
                 return Ok(());
             }
@@ -187,7 +194,11 @@ pub async fn run(
         );
     }
     if outcome.is_ok() && session.stop.is_requested() && !config.unmarked() {
-        stop_note::leave(session, &slot_name).await;
+        let left = stop_note::Left {
+            slot: &slot_name,
+            confirmed_at_most: target.confirmed_flush.max(streamer.confirmed),
+        };
+        stop_note::leave(session, left).await;
     }
     outcome
 }
@@ -217,6 +228,7 @@ async fn start_where_marks_tell(
     session: &mut Session<'_>,
     latest: Option<&Checkpoint>,
     others_published: bool,
+    publication: &str,
     slot_name: &str,
 ) -> Result<Start> {
     // A checkpoint with a position means this relay streamed from its slot
@@ -230,8 +242,17 @@ async fn start_where_marks_tell(
     let (slot, created) =
         usable_slot(session, slot_name, last_published.is_some() || noted).await?;
     let timeline = crate::postgres::current_timeline(&mut session.connection).await?;
-    let trusted = stop_note::slot_is_where_left(latest, others_published, &slot, created, timeline);
-    let catch_up_reason = if trusted {
+    // Rows committed while the table was out of the publication were never
+    // streamed, whatever the slot says (decoding applies the publication
+    // as it was when each row was written).
+    let publication_changed = latest
+        .and_then(|c| c.publication.as_deref())
+        .is_some_and(|before| before != publication);
+    let trusted = !publication_changed
+        && stop_note::slot_is_where_left(latest, others_published, &slot, created, timeline);
+    let catch_up_reason = if publication_changed && !created {
+        Some(catch_up::Reason::PublicationChanged)
+    } else if trusted {
         tracing::info!(
             slot = slot_name,
             confirmed_flush = slot.confirmed_flush.map(|lsn| lsn.to_string()),
@@ -371,6 +392,8 @@ struct Streamer<'c> {
     /// (`relay::replication::unmarked`), whose slot is confirmed only to
     /// positions a checkpoint names.
     confirms_idle: bool,
+    /// The highest position this session confirmed to the server.
+    confirmed: Lsn,
     /// Raised to every position before which each outbox row the stream
     /// carried is in Kafka (`Context::published_through`).
     published_through: Option<&'c PublishedThrough>,
@@ -418,6 +441,7 @@ impl<'c> Streamer<'c> {
             confirm_when_idle: None,
             clear_when_idle: None,
             confirms_idle: true,
+            confirmed: Lsn::ZERO,
             published_through: None,
             idle_checkpoints: None,
             catch_up,
@@ -454,8 +478,9 @@ impl<'c> Streamer<'c> {
     }
 
     /// Confirms `lsn` to the server: every outbox row before it is in Kafka.
-    fn confirm(&self, lsn: Lsn, stream: &mut impl ReplicationStream) {
+    fn confirm(&mut self, lsn: Lsn, stream: &mut impl ReplicationStream) {
         stream.acknowledge(lsn);
+        self.confirmed = self.confirmed.max(lsn);
         self.cleared(lsn);
     }
 

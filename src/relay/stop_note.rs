@@ -6,13 +6,23 @@
 //! when the latest checkpoint is a clean stop's note (`slot_left`) naming
 //! this slot, the slot was not created at this start, is on the noted
 //! timeline and exactly at the noted position, and no one else's
-//! checkpoints were found at this takeover. The relay confirms a position
-//! only once every outbox row committed before it is marked sent, so the
-//! slot it left holds every row still unsent. A slot someone advanced, or
+//! checkpoints were found at this takeover, and the publication's entry
+//! for the table is as the latest checkpoint's session found it. The relay
+//! confirms a position only once every outbox row the stream carried
+//! before it is marked sent, so the slot it left holds every row still
+//! unsent. A slot someone advanced, or
 //! dropped and created again, is past the note; a failover changes the
-//! timeline; a server that crashed, or was restored from a copy, may bring
-//! the slot back behind it: each of those drains the table first, as every
-//! start did before (`catch_up`).
+//! timeline; a server that crashed may bring the slot back behind it:
+//! none of those is trusted, and the start judges the slot as every start
+//! did before (`catch_up`).
+//!
+//! A clean stop leaves no note when the slot is past every position the
+//! relay confirmed (someone moved it while the relay let go of it). Rows
+//! committed while the table was out of the publication never reached the
+//! stream, though the relay confirmed past them: every checkpoint names
+//! the publication's entries as its session found them, and a start that
+//! finds them changed drains the table, noted slot or not
+//! (`replication::start_where_marks_tell`).
 //!
 //! What the stream replays is still checked against the table up to where
 //! the start reads its position (`replication::CatchUpFilter`), trusted
@@ -56,23 +66,48 @@ pub(super) fn slot_is_where_left(
 /// it reads where it left it.
 const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
+/// What a clean stop knows about the slot it leaves.
+pub(super) struct Left<'a> {
+    pub slot: &'a str,
+    /// The slot's position when the session started, or the highest one it
+    /// confirmed since: the server's may be lower (a confirm not yet
+    /// applied), never higher unless someone else moved the slot.
+    pub confirmed_at_most: Lsn,
+}
+
+/// Why a clean stop left no note.
+enum NoNote {
+    NotReleased,
+    MovedBySomeoneElse { confirmed_flush: Lsn },
+}
+
 /// After a clean stop of the stream: commits the latest checkpoint again
 /// with the slot's name and position and the timeline, read once the
 /// server let go of the slot (its last confirm applied). Best effort:
 /// without the note the next start only drains the table first, so a
 /// failure is logged, never raised.
-pub(super) async fn leave(session: &mut Session<'_>, slot_name: &str) {
-    match note(session, slot_name).await {
-        Ok(Some(left_at)) => tracing::info!(
+pub(super) async fn leave(session: &mut Session<'_>, left: Left<'_>) {
+    let slot_name = left.slot;
+    match note(session, &left).await {
+        Ok(Ok(left_at)) => tracing::info!(
             slot = slot_name,
             slot_left_at = %left_at,
             "noted in the checkpoint where this clean stop left the slot: the next start streams \
              from it instead of publishing a backlog from the table"
         ),
-        Ok(None) => tracing::info!(
+        Ok(Err(NoNote::NotReleased)) => tracing::info!(
             slot = slot_name,
             "the server did not release the slot within {RELEASE_WAIT:?} of the stop; left no \
              note, so the next start publishes any backlog from the table first"
+        ),
+        Ok(Err(NoNote::MovedBySomeoneElse { confirmed_flush })) => tracing::warn!(
+            slot = slot_name,
+            %confirmed_flush,
+            confirmed_by_this_relay = %left.confirmed_at_most,
+            "replication slot `{slot_name}` was moved past every position this relay confirmed \
+             while it stopped: someone advanced it (pg_replication_slot_advance) or dropped and \
+             re-created it. Left no note, so the next start publishes the unsent rows from the \
+             table before it streams; find what moved the slot, only outboxd should"
         ),
         Err(error) => tracing::warn!(
             slot = slot_name,
@@ -83,29 +118,36 @@ pub(super) async fn leave(session: &mut Session<'_>, slot_name: &str) {
     }
 }
 
-async fn note(session: &mut Session<'_>, slot_name: &str) -> crate::error::Result<Option<Lsn>> {
+async fn note(
+    session: &mut Session<'_>,
+    left: &Left<'_>,
+) -> crate::error::Result<std::result::Result<Lsn, NoNote>> {
     let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
-    let left_at = loop {
-        let info = slot::inspect(&mut session.connection, slot_name).await?;
-        match info {
-            Some(info) if info.active_pid.is_none() => break info.confirmed_flush,
+    let info = loop {
+        match slot::inspect(&mut session.connection, left.slot).await? {
+            Some(info) if info.active_pid.is_none() => break info,
             Some(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            _ => return Ok(None),
+            _ => return Ok(Err(NoNote::NotReleased)),
         }
     };
-    let Some(left_at) = left_at else {
-        return Ok(None);
+    let Some(confirmed_flush) = info.confirmed_flush else {
+        return Ok(Err(NoNote::NotReleased));
     };
+    // Past what this relay confirmed, the slot's position is someone
+    // else's: the rows it skipped were never streamed.
+    if confirmed_flush > left.confirmed_at_most {
+        return Ok(Err(NoNote::MovedBySomeoneElse { confirmed_flush }));
+    }
     let timeline = crate::postgres::current_timeline(&mut session.connection).await?;
-    let left = SlotLeft {
-        slot: slot_name.to_string(),
-        confirmed_flush: left_at,
+    let note = SlotLeft {
+        slot: left.slot.to_string(),
+        confirmed_flush,
         timeline,
     };
-    session.deliverer.leave_slot_note(left).await?;
-    Ok(Some(left_at))
+    session.deliverer.leave_slot_note(note).await?;
+    Ok(Ok(confirmed_flush))
 }
 
 #[cfg(test)]
