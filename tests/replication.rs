@@ -554,81 +554,9 @@ async fn a_catch_up_drain_is_not_replayed_through_the_stream() {
     .await;
 }
 
-/// Issue 22: a relay stopped cleanly notes where it left its slot; its
-/// next start finds the slot there and streams the backlog written while
-/// it was down instead of draining it from the table.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_clean_restart_streams_its_backlog_from_the_slot() {
-    clean_restart_with_a_backlog("clean-restart-streams", FirstStart::Streams).await;
-}
-
-/// Issue 22: the same for a relay whose first start drained a backlog from
-/// the table and that never streamed an event before it stopped.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_relay_that_never_streamed_trusts_its_slot_after_a_clean_stop() {
-    clean_restart_with_a_backlog("never-streamed-restart", FirstStart::DrainsOnly).await;
-}
-
-/// What the relay does before its clean stop.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum FirstStart {
-    /// Streams rows written while it runs.
-    Streams,
-    /// Drains rows written before it started, and streams none.
-    DrainsOnly,
-}
-
-async fn clean_restart_with_a_backlog(name: &str, first: FirstStart) {
-    let env = TestEnv::new(name, Mode::Replication).await;
-    let before = match first {
-        FirstStart::DrainsOnly => write_orders(&env.pool, 0, 30, 5).await,
-        FirstStart::Streams => Written::default(),
-    };
-    let relay = InProcessRelay::start(env.config());
-    env.wait_streaming(Duration::from_secs(60)).await;
-    let streamed = match first {
-        FirstStart::Streams => write_orders(&env.pool, 0, 30, 5).await,
-        FirstStart::DrainsOnly => Written::default(),
-    };
-    env.wait_all_sent(Duration::from_secs(60)).await;
-    let first_claims = sum(
-        &relay.metrics.encode(),
-        "outboxd_stage_seconds",
-        Some(("stage", "claim")),
-    );
-    relay.stop().await.expect("relay stops cleanly");
-    env.wait_slot_inactive(Duration::from_secs(30)).await;
-    if first == FirstStart::DrainsOnly {
-        assert!(
-            first_claims > 0.0,
-            "the first start should have drained its backlog from the table"
-        );
-    }
-
-    let while_down = write_orders(&env.pool, 1, 300, 5).await;
-    let relay = InProcessRelay::start(env.config());
-    env.wait_all_sent(Duration::from_secs(60)).await;
-    env.wait_streaming(Duration::from_secs(60)).await;
-    let after = write_orders(&env.pool, 2, 10, 5).await;
-    env.wait_all_sent(Duration::from_secs(60)).await;
-    let metrics = relay.metrics.encode();
-    relay.stop().await.expect("relay stops cleanly");
-    assert_exactly_once(
-        &env,
-        &Written::combined([before, streamed, while_down, after]),
-    )
-    .await;
-    let claims = sum(&metrics, "outboxd_stage_seconds", Some(("stage", "claim")));
-    assert_eq!(
-        claims, 0.0,
-        "the restart drained {claims} claim(s) from the table instead of streaming from its slot"
-    );
-}
-
-/// A trusted slot's replay is still checked against the table: rows an
-/// operator marked sent by hand, or truncated away, while the relay was
-/// stopped cleanly are not published (docs/operations.md), though the
-/// stream carries their inserts.
+/// Rows an operator marked sent by hand, or truncated away, while the
+/// relay was stopped cleanly are not published (docs/operations.md),
+/// though its slot's stream carries their inserts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rows_marked_or_truncated_while_the_relay_was_stopped_cleanly_are_not_published() {
     let env = TestEnv::new("stopped-cleanly-operator", Mode::Replication).await;
@@ -657,13 +585,7 @@ async fn rows_marked_or_truncated_while_the_relay_was_stopped_cleanly_are_not_pu
 
     let relay = InProcessRelay::start(env.config());
     env.wait_all_sent(Duration::from_secs(60)).await;
-    let claims = sum(
-        &relay.metrics.encode(),
-        "outboxd_stage_seconds",
-        Some(("stage", "claim")),
-    );
     relay.stop().await.expect("relay stops cleanly");
-    assert_eq!(claims, 0.0, "the restart should have trusted its slot");
     let records = read_all(&env.kafka, &env.topic_prefix()).await;
     let not_to_publish: HashSet<&str> = hand_marked
         .iter()
@@ -685,14 +607,15 @@ async fn rows_marked_or_truncated_while_the_relay_was_stopped_cleanly_are_not_pu
 }
 
 /// Rows committed while the outbox table was out of the publication never
-/// reach the stream, and the relay confirms past them. The next start
-/// finds the publication's entry changed since the last session began and
-/// publishes them from the table, once each; after the later rows of their
-/// aggregates, which the stream published meanwhile (order cannot be kept
-/// for them).
+/// reach the stream (decoding applies the publication as it was), and the
+/// relay confirms the slot past them. The next start finds the
+/// publication's entry changed since the last session began, whether or
+/// not the slot is past its checkpoint, and publishes them from the table
+/// once each; after the later rows of their aggregates, which the stream
+/// published meanwhile (order cannot be kept for them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rows_committed_while_the_table_was_out_of_the_publication_are_published_after_a_clean_restart(
-) {
+async fn rows_committed_while_the_table_was_out_of_the_publication_are_published_at_the_next_start()
+{
     let env = TestEnv::new("publication-gap", Mode::Replication).await;
     let publication = env.config().postgres.publication.clone();
     let alter = |change: &str| {
@@ -736,12 +659,11 @@ async fn rows_committed_while_the_table_was_out_of_the_publication_are_published
 }
 
 /// An operator who advances the slot the moment the stopping relay lets
-/// go of it (a loop retrying while it is in use) does not get that
-/// position noted as the relay's: whichever comes first, the advance or
-/// the relay's read of the slot, the next start publishes the rows the
-/// slot skipped.
+/// go of it (a loop retrying while it is in use), with writers running:
+/// the next start finds the slot past its checkpoint and publishes the
+/// rows the slot skipped from the table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slot_advanced_as_the_relay_stops_is_not_trusted() {
+async fn rows_behind_a_slot_advanced_as_the_relay_stops_are_published() {
     let env = TestEnv::new("advanced-at-stop", Mode::Replication).await;
     sqlx::raw_sql(
         "CREATE FUNCTION advance_when_released(slot text) RETURNS void LANGUAGE plpgsql AS $$ \
@@ -777,10 +699,9 @@ async fn a_slot_advanced_as_the_relay_stops_is_not_trusted() {
     assert_exactly_once(&env, &Written::combined([before, during])).await;
 }
 
-/// A note names the slot it was left on: renamed (a new slot, which drains
-/// the backlog), restarted, and renamed back, the relay does not take its
-/// old slot for the one the latest note describes, and publishes the
-/// backlog the other name drained once.
+/// Renamed (a new slot, which drains the backlog from the table),
+/// restarted, and renamed back to its old slot, the relay publishes every
+/// row once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relay_renamed_and_back_publishes_each_row_once() {
     let env = TestEnv::new("renamed-and-back", Mode::Replication).await;

@@ -404,11 +404,13 @@ pub async fn publication_creation(
 /// What the publication says about the outbox table, as a text that
 /// changes whenever its membership or options may have: the publication's
 /// and the table's identities, and the catalog row versions (`xmin`) of the
-/// publication and of its entries for the table or its schema. Dropping the
+/// publication, of the table (`SET UNLOGGED`, `SET SCHEMA`, a rename) and
+/// of the publication's entries for the table or its schema. Dropping the
 /// table from the publication and adding it back, changing `publish` and
-/// back, or re-creating the publication all give another text. While the
-/// table was out of the publication, rows committed then never reached the
-/// stream (`relay::stop_note`).
+/// back, or re-creating the publication all give another text; so do some
+/// harmless changes (`TRUNCATE`, `ALTER TABLE`), which only cost a drain.
+/// Rows committed while the table was out of the publication never reached
+/// the stream (`relay::replication::start_where_marks_tell`).
 pub async fn publication_fingerprint(
     connection: &mut PgConnection,
     publication: &str,
@@ -423,7 +425,7 @@ pub async fn publication_fingerprint(
         "''"
     };
     let sql = format!(
-        "SELECT concat_ws('/', p.oid, p.xmin, t.oid, \
+        "SELECT concat_ws('/', p.oid, p.xmin, t.oid, t.xmin, \
                 (SELECT string_agg(r.oid::text || ':' || r.xmin::text, ',' ORDER BY r.oid) \
                    FROM pg_publication_rel r WHERE r.prpubid = p.oid AND r.prrelid = t.oid), \
                 {schema_entries}) \

@@ -155,31 +155,15 @@ pub struct Checkpoint {
     /// (`relay::replication::unmarked`). Written with format 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unmarked_from: Option<crate::postgres::lsn::Lsn>,
-    /// Written only by a clean stop of a replication relay with marks, in
-    /// a checkpoint of its own: where it left its slot. A start that finds
-    /// that slot exactly there knows no one moved it, and streams instead
-    /// of draining the table (`relay::stop_note`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slot_left: Option<SlotLeft>,
     /// Replication with marks: the publication's catalog entries for the
     /// table when the session that wrote it began
     /// (`capture::slot::publication_fingerprint`). A start that finds them
     /// changed drains the table first: rows committed while the table was
-    /// out of the publication never reached the stream, and the slot moved
-    /// past them.
+    /// out of the publication never reached the stream, and the relay
+    /// confirmed the slot past them. Absent from polling checkpoints and
+    /// earlier releases'.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publication: Option<String>,
-}
-
-/// Where a clean stop left its replication slot (`Checkpoint::slot_left`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SlotLeft {
-    /// The slot's name.
-    pub slot: String,
-    /// Its `confirmed_flush_lsn` once the server released it.
-    pub confirmed_flush: crate::postgres::lsn::Lsn,
-    /// The server timeline that was read on.
-    pub timeline: u32,
 }
 
 /// A row's identity in a checkpoint: 48 bits of FNV-1a over its event id.
@@ -232,7 +216,6 @@ impl Checkpoint {
             timeline: None,
             system_identifier: None,
             unmarked_from: None,
-            slot_left: None,
             publication: None,
         }
     }

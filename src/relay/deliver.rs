@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use crate::acknowledge::RowRef;
 use crate::batch::Batch;
 use crate::config::PoisonPolicy;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, Result};
 use crate::event::{OutboxEvent, SourcePosition};
-use crate::kafka::checkpoint::{Checkpoint, RowDigest, SlotLeft};
+use crate::kafka::checkpoint::{Checkpoint, RowDigest};
 use crate::kafka::publisher::{PublishError, Publisher};
 use crate::metrics::{Metrics, RelayState, Stage};
 use crate::routing::Router;
@@ -83,10 +83,6 @@ pub struct Deliverer<'a> {
     /// Replication with marks: the publication's entries for the table
     /// when the session began, written into every checkpoint.
     publication: Option<String>,
-    /// The table's latest committed checkpoint as this session knows it:
-    /// the takeover's, then each one this session committed. A clean stop
-    /// commits it again with a note of where it left the slot.
-    latest: Option<Checkpoint>,
 }
 
 impl<'a> Deliverer<'a> {
@@ -115,43 +111,13 @@ impl<'a> Deliverer<'a> {
             wal: None,
             unmarked_from: None,
             publication: None,
-            latest: None,
         }
     }
 
     /// Every checkpoint from now on names the publication's entries for
     /// the table as this session found them at its start.
-    pub(super) fn set_publication(&mut self, fingerprint: &str) {
-        self.publication = Some(fingerprint.to_string());
-    }
-
-    /// The takeover's checkpoint: the table's latest until this session
-    /// commits one.
-    pub(super) fn set_latest(&mut self, latest: &Checkpoint) {
-        self.latest = Some(latest.clone());
-    }
-
-    /// Commits the table's latest checkpoint again, unchanged but for the
-    /// note of where this session left its slot (`relay::stop_note`), in a
-    /// transaction of its own. Only once every committed batch is
-    /// acknowledged: it names the same rows as the checkpoint it repeats.
-    pub(super) async fn leave_slot_note(&mut self, left: SlotLeft) -> Result<()> {
-        let Some(latest) = self.latest.as_ref() else {
-            return Ok(());
-        };
-        let mut note = latest.clone();
-        note.slot_left = Some(left);
-        note.publication = self.publication.clone();
-        match self.publisher.hand_over(&note, &[]).await {
-            Ok(()) => {
-                self.latest = Some(note);
-                Ok(())
-            }
-            Err(PublishError::Failed(error)) => Err(error),
-            Err(PublishError::RecordRejected { reason, .. }) => Err(Error::stop(format!(
-                "the checkpoint noting where the slot was left was rejected by Kafka: {reason}"
-            ))),
-        }
+    pub(super) fn set_publication(&mut self, fingerprint: String) {
+        self.publication = Some(fingerprint);
     }
 
     /// Every checkpoint from now on names `wal`'s cluster and timeline as
@@ -254,7 +220,6 @@ impl<'a> Deliverer<'a> {
             let started = Instant::now();
             match self.publisher.publish(&batch.records, &checkpoint).await {
                 Ok(timings) => {
-                    self.latest = Some(checkpoint);
                     self.metrics.stage(Stage::Begin, timings.begin);
                     self.metrics.stage(Stage::Produce, timings.produce);
                     self.metrics.stage(Stage::Offsets, timings.offsets);

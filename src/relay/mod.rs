@@ -28,7 +28,6 @@ mod polling;
 mod replication;
 mod schemas;
 mod session;
-mod stop_note;
 mod takeover;
 mod topic_gate;
 mod window;

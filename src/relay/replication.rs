@@ -52,7 +52,6 @@ use tokio::sync::mpsc;
 use super::catch_up;
 use super::pipeline::{self, AcknowledgeWith, Acknowledged, CaptureEnds, CapturedBatch};
 use super::session::Session;
-use super::stop_note;
 use crate::acknowledge::Acknowledger;
 use crate::capture::slot::{self, SlotInfo};
 use crate::capture::standby_gate::{StandbyGate, Through};
@@ -69,19 +68,12 @@ use crate::retention::PublishedThrough;
 use crate::shutdown::Shutdown;
 
 /// Runs until shutdown or the first failure.
-pub async fn run(
-    session: &mut Session<'_>,
-    latest: Option<&Checkpoint>,
-    others_published: bool,
-) -> Result<()> {
+pub async fn run(session: &mut Session<'_>, latest: Option<&Checkpoint>) -> Result<()> {
     let context = session.context;
     let config = &context.config;
     let table = &context.table;
     slot::ensure_publication(&mut session.connection, &config.postgres.publication, table).await?;
     let slot_name = config.slot_name();
-    let publication =
-        slot::publication_fingerprint(&mut session.connection, &config.postgres.publication, table)
-            .await?;
     let start = match latest.and_then(|c| c.unmarked_from.map(|from| (c, from))) {
         // Rows were published without marks: only the slot and the
         // checkpoint tell them from unsent ones.
@@ -89,19 +81,23 @@ pub async fn run(
             unmarked::resume(session, latest, marked_before, &slot_name).await?
         }
         None => {
+            let publication = slot::publication_fingerprint(
+                &mut session.connection,
+                &config.postgres.publication,
+                table,
+            )
+            .await?;
+            let start = start_where_marks_tell(session, latest, &publication, &slot_name).await?;
             if !config.unmarked() {
-                session.deliverer.set_publication(&publication);
+                session.deliverer.set_publication(publication);
             }
-            let start =
-                start_where_marks_tell(session, latest, others_published, &publication, &slot_name)
-                    .await?;
             if session.stop.is_requested() {
                 return Ok(());
             }
             if config.unmarked() {
                 // From here rows are published unmarked: every checkpoint
                 // says so, and where the marks still tell.
-                unmarked::begin(session, latest, &slot_name, Some(start.began_at)).await?;
+                unmarked::begin(session, latest, &slot_name, start.filter_before).await?;
             }
             start
         }
@@ -193,13 +189,6 @@ pub async fn run(
             "skipped replayed events the checkpoint showed already in Kafka"
         );
     }
-    if outcome.is_ok() && session.stop.is_requested() && !config.unmarked() {
-        let left = stop_note::Left {
-            slot: &slot_name,
-            confirmed_at_most: target.confirmed_flush.max(streamer.confirmed),
-        };
-        stop_note::leave(session, left).await;
-    }
     outcome
 }
 
@@ -215,50 +204,32 @@ struct Start {
     /// just put every row committed before it in Kafka, so a replay of that
     /// WAL would only feed the filter. `None`: at the slot's position.
     stream_from: Option<StartAt>,
-    /// The WAL position settled once the start was decided: every row
-    /// committed before it is in Kafka, marked, or in the stream ahead.
-    began_at: Lsn,
 }
 
 /// The start of a relay every published row of which is marked: the slot
-/// is trusted where a clean stop left it (`stop_note`), and otherwise
-/// judged by the checkpoint, whatever the stream cannot carry drained from
-/// the table first (`catch_up`).
+/// is judged by the checkpoint, and whatever the stream cannot carry is
+/// drained from the table first (`catch_up`).
 async fn start_where_marks_tell(
     session: &mut Session<'_>,
     latest: Option<&Checkpoint>,
-    others_published: bool,
     publication: &str,
     slot_name: &str,
 ) -> Result<Start> {
     // A checkpoint with a position means this relay streamed from its slot
     // before; without one (first start, or polling until now) the slot's
-    // stream cannot be trusted to hold every unsent row, unless a clean
-    // stop noted where it left it.
+    // stream cannot be trusted to hold every unsent row.
     let last_published = latest.and_then(|c| c.position);
-    let noted = latest
-        .and_then(|c| c.slot_left.as_ref())
-        .is_some_and(|left| left.slot == slot_name);
-    let (slot, created) =
-        usable_slot(session, slot_name, last_published.is_some() || noted).await?;
-    let timeline = crate::postgres::current_timeline(&mut session.connection).await?;
+    let (slot, created) = usable_slot(session, slot_name, last_published.is_some()).await?;
+    let mut resume_after = last_published;
+    let mut stream_from = None;
     // Rows committed while the table was out of the publication were never
-    // streamed, whatever the slot says (decoding applies the publication
-    // as it was when each row was written).
+    // streamed, whatever the slot says: decoding applies the publication
+    // as it was when each row was written.
     let publication_changed = latest
         .and_then(|c| c.publication.as_deref())
         .is_some_and(|before| before != publication);
-    let trusted = !publication_changed
-        && stop_note::slot_is_where_left(latest, others_published, &slot, created, timeline);
     let catch_up_reason = if publication_changed && !created {
         Some(catch_up::Reason::PublicationChanged)
-    } else if trusted {
-        tracing::info!(
-            slot = slot_name,
-            confirmed_flush = slot.confirmed_flush.map(|lsn| lsn.to_string()),
-            "the slot is where the last clean stop left it: streaming the backlog from it"
-        );
-        None
     } else {
         catch_up::needed(
             created,
@@ -266,8 +237,6 @@ async fn start_where_marks_tell(
             slot.confirmed_flush,
         )
     };
-    let mut resume_after = last_published;
-    let mut stream_from = None;
     if let Some(reason) = catch_up_reason {
         let in_kafka_before = catch_up::run(session, slot_name, reason).await?;
         // The catch-up filter, not the checkpoint, tells what the stream
@@ -281,17 +250,12 @@ async fn start_where_marks_tell(
             stream_from = Some(StartAt { lsn, timeline });
         }
     }
-    // Checked every start, trusted slot or not: a predecessor's drain, a
-    // relay under another identity, or an operator's TRUNCATE, DELETE or
-    // hand marks while the relay was down may have left rows the stream
-    // replays sent or gone.
-    let began_at = settled_wal_position(&mut session.connection).await?;
+    let filter_before = settled_wal_position(&mut session.connection).await?;
     Ok(Start {
         slot,
         resume_after,
-        filter_before: Some(began_at),
+        filter_before: Some(filter_before),
         stream_from,
-        began_at,
     })
 }
 
@@ -392,8 +356,6 @@ struct Streamer<'c> {
     /// (`relay::replication::unmarked`), whose slot is confirmed only to
     /// positions a checkpoint names.
     confirms_idle: bool,
-    /// The highest position this session confirmed to the server.
-    confirmed: Lsn,
     /// Raised to every position before which each outbox row the stream
     /// carried is in Kafka (`Context::published_through`).
     published_through: Option<&'c PublishedThrough>,
@@ -441,7 +403,6 @@ impl<'c> Streamer<'c> {
             confirm_when_idle: None,
             clear_when_idle: None,
             confirms_idle: true,
-            confirmed: Lsn::ZERO,
             published_through: None,
             idle_checkpoints: None,
             catch_up,
@@ -478,9 +439,8 @@ impl<'c> Streamer<'c> {
     }
 
     /// Confirms `lsn` to the server: every outbox row before it is in Kafka.
-    fn confirm(&mut self, lsn: Lsn, stream: &mut impl ReplicationStream) {
+    fn confirm(&self, lsn: Lsn, stream: &mut impl ReplicationStream) {
         stream.acknowledge(lsn);
-        self.confirmed = self.confirmed.max(lsn);
         self.cleared(lsn);
     }
 

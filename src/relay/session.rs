@@ -141,11 +141,8 @@ impl Context {
         if source.is_none() && config.unmarked() {
             source = Some(schema::source_by_replication(config, &mut connection).await?);
         }
-        let Some(takeover::TakenOver {
-            publisher,
-            latest,
-            others_published,
-        }) = takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
+        let Some(takeover::TakenOver { publisher, latest }) =
+            takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
         else {
             return Ok(());
         };
@@ -191,11 +188,8 @@ impl Context {
             stop,
             published_through,
         };
-        session.deliverer.set_latest(&latest);
         match mode {
-            CaptureMode::Replication => {
-                replication::run(&mut session, Some(&latest), others_published).await
-            }
+            CaptureMode::Replication => replication::run(&mut session, Some(&latest)).await,
             _ => {
                 warn_if_a_slot_is_left(&mut session.connection, &config.slot_name()).await;
                 let wakeup = Wakeup::listen(
@@ -247,9 +241,8 @@ impl Context {
         self.metrics.set_capture_mode("replication");
         topics::ensure_checkpoint_topic(config).await?;
         let source = schema::database_source(&mut connection).await?;
-        let Some(takeover::TakenOver {
-            publisher, latest, ..
-        }) = takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
+        let Some(takeover::TakenOver { publisher, latest }) =
+            takeover::take_over(self, &mut connection, source.as_deref(), &stop).await?
         else {
             return Ok(());
         };

@@ -25,10 +25,6 @@ pub(super) struct TakenOver {
     pub publisher: Publisher,
     /// The table's latest committed checkpoint, its rows acknowledged.
     pub latest: Checkpoint,
-    /// Checkpoints of another identity, an earlier release's key or an
-    /// earlier checkpoint topic were reconciled: someone else may have
-    /// published rows of this table after `latest` (`stop_note`).
-    pub others_published: bool,
 }
 
 /// Returns `None` if shutdown was requested while it waited.
@@ -58,8 +54,6 @@ pub(super) async fn take_over(
     let mut found = find_checkpoints(context, connection, source, &identity).await?;
     let earlier = fence_earlier_identities(context, connection, &identity, &found).await?;
     found.same_database.extend(earlier);
-    let others_published =
-        !found.same_database.is_empty() || found.candidates.iter().any(|c| !c.ours);
     for (key, other) in &found.same_database {
         // Judged before anything is marked, by the rows being here at all
         // (marked or not): a refusal that marked them first would find
@@ -172,11 +166,7 @@ pub(super) async fn take_over(
         checkpoint_position = latest.position.map(|p| p.to_string()),
         "took the table over from its latest committed checkpoint"
     );
-    Ok(Some(TakenOver {
-        publisher,
-        latest,
-        others_published,
-    }))
+    Ok(Some(TakenOver { publisher, latest }))
 }
 
 /// A checkpoint of another identity that names rows of this table says

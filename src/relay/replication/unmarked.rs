@@ -111,7 +111,6 @@ pub(super) async fn resume(
         // until the stream passes where it began.
         filter_before: (confirmed < marked_before).then_some(marked_before),
         stream_from: None,
-        began_at: marked_before,
     })
 }
 
