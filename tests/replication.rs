@@ -894,6 +894,9 @@ async fn a_stream_starts_past_its_slot_only_on_the_timeline_it_was_read_on() {
              commits at {first_commit}, the start was {past}"
         );
         stream.close().await;
+        // The next start would find the slot still held by this stream's
+        // walsender, which exits a moment after its client.
+        env.wait_slot_released(&slot, Duration::from_secs(30)).await;
     }
     env.drop_slot_when_released(&slot).await;
 }

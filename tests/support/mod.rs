@@ -522,11 +522,17 @@ impl TestEnv {
 
     /// Waits until no walsender holds this env's slot.
     pub async fn wait_slot_inactive(&self, limit: Duration) {
+        self.wait_slot_released(&self.slot_name(), limit).await;
+    }
+
+    /// Waits until no walsender streams from `slot` (a closed stream's
+    /// walsender exits a moment after its client).
+    pub async fn wait_slot_released(&self, slot: &str, limit: Duration) {
         let deadline = std::time::Instant::now() + limit;
         loop {
             let active: Option<bool> =
                 sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
-                    .bind(self.slot_name())
+                    .bind(slot)
                     .fetch_optional(&self.pool)
                     .await
                     .expect("read pg_replication_slots");
@@ -535,8 +541,7 @@ impl TestEnv {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "slot {} still active {limit:?} after the relay stopped",
-                self.slot_name()
+                "slot {slot} still active {limit:?} after its stream ended"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
