@@ -849,13 +849,23 @@ async fn a_stream_starts_past_its_slot_only_on_the_timeline_it_was_read_on() {
         .execute(&env.pool)
         .await
         .expect("create a slot");
-    write_orders(&env.pool, 0, 1, 1).await;
+    // One committed row on each side of `past` (the simple workload rolls
+    // one transaction in ten back, which would leave a side empty).
+    let insert = "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) \
+                  VALUES ('Order', 'timeline', 'OrderCreated', '{}')";
+    sqlx::raw_sql(insert)
+        .execute(&env.pool)
+        .await
+        .expect("the row before");
     let past: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
         .fetch_one(&env.pool)
         .await
         .expect("WAL position");
     let past: Lsn = past.parse().expect("an LSN");
-    write_orders(&env.pool, 1, 1, 1).await;
+    sqlx::raw_sql(insert)
+        .execute(&env.pool)
+        .await
+        .expect("the row after");
     let mut connection = env.pool.acquire().await.expect("a connection");
     let timeline = outboxd::postgres::current_timeline(&mut connection)
         .await
@@ -877,8 +887,9 @@ async fn a_stream_starts_past_its_slot_only_on_the_timeline_it_was_read_on() {
             .await
             .expect("start streaming");
         // The first transaction sent: the one before `past`, or the one after.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let first_commit = loop {
-            let item = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            let item = tokio::time::timeout_at(deadline, stream.next())
                 .await
                 .expect("a transaction within 30 s")
                 .expect("the stream")
