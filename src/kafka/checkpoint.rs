@@ -229,6 +229,13 @@ impl Checkpoint {
         self
     }
 
+    /// Records the publication's catalog entries for the table as the
+    /// writing session found them (replication with marks).
+    pub fn with_publication(mut self, publication: Option<&str>) -> Checkpoint {
+        self.publication = publication.map(str::to_string);
+        self
+    }
+
     /// Records the cluster and timeline the position was read on.
     pub fn read_on(
         mut self,

@@ -77,17 +77,27 @@ pub(super) enum Reason {
 /// what committed while the drain ran passes the catch-up filter. Only when
 /// rows are provably behind the slot does the relay warn (`behind_slot`);
 /// otherwise it says what it does at info.
+///
+/// Wherever the slot is, an existing slot is drained too when the
+/// publication's entry for the table changed since the latest checkpoint's
+/// session began (`publication_changed`): decoding applies the publication
+/// as it was when each row was written, so rows committed while the table
+/// was out of it were never streamed, though the relay confirmed past them.
 pub(super) fn needed(
     slot_is_new: bool,
+    publication_changed: bool,
     last_published: Option<Lsn>,
     confirmed_flush: Option<Lsn>,
 ) -> Option<Reason> {
-    let Some(last_published) = last_published else {
-        return Some(Reason::NewSlot);
-    };
     if slot_is_new {
         return Some(Reason::NewSlot);
     }
+    if publication_changed {
+        return Some(Reason::PublicationChanged);
+    }
+    let Some(last_published) = last_published else {
+        return Some(Reason::NewSlot);
+    };
     match confirmed_flush {
         Some(confirmed) if confirmed <= last_published => None,
         _ => Some(Reason::SlotPastCheckpoint {
@@ -388,29 +398,55 @@ mod tests {
     #[test]
     fn a_new_slot_or_one_never_streamed_from_is_drained() {
         assert_eq!(
-            needed(true, Some(PUBLISHED), Some(PUBLISHED)),
+            needed(true, false, Some(PUBLISHED), Some(PUBLISHED)),
             Some(Reason::NewSlot)
         );
-        assert_eq!(needed(false, None, Some(PUBLISHED)), Some(Reason::NewSlot));
+        assert_eq!(
+            needed(false, false, None, Some(PUBLISHED)),
+            Some(Reason::NewSlot)
+        );
     }
 
     #[test]
     fn a_slot_at_or_behind_the_last_published_commit_streams_at_once() {
-        assert_eq!(needed(false, Some(PUBLISHED), Some(PUBLISHED)), None);
-        assert_eq!(needed(false, Some(PUBLISHED), Some(Lsn(0x8000))), None);
+        assert_eq!(needed(false, false, Some(PUBLISHED), Some(PUBLISHED)), None);
+        assert_eq!(
+            needed(false, false, Some(PUBLISHED), Some(Lsn(0x8000))),
+            None
+        );
     }
 
     #[test]
     fn a_slot_past_the_last_published_commit_is_drained_first() {
         let past = Some(Lsn(0x1_0001));
         assert_eq!(
-            needed(false, Some(PUBLISHED), past),
+            needed(false, false, Some(PUBLISHED), past),
             Some(Reason::SlotPastCheckpoint {
                 confirmed_flush: past,
                 last_published: PUBLISHED
             })
         );
-        assert!(needed(false, Some(PUBLISHED), None).is_some());
+        assert!(needed(false, false, Some(PUBLISHED), None).is_some());
+    }
+
+    #[test]
+    fn a_changed_publication_drains_an_existing_slot_wherever_it_is() {
+        for (last_published, confirmed) in [
+            (Some(PUBLISHED), Some(PUBLISHED)),
+            (Some(PUBLISHED), Some(Lsn(0x8000))),
+            (Some(PUBLISHED), Some(Lsn(0x1_0001))),
+            (None, Some(PUBLISHED)),
+        ] {
+            assert_eq!(
+                needed(false, true, last_published, confirmed),
+                Some(Reason::PublicationChanged)
+            );
+        }
+        // A new slot drains anyway, as new.
+        assert_eq!(
+            needed(true, true, Some(PUBLISHED), Some(PUBLISHED)),
+            Some(Reason::NewSlot)
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -212,11 +212,8 @@ impl<'a> Deliverer<'a> {
             )
             .read_on(self.wal.as_ref())
             .unmarked_from(self.unmarked_from)
+            .with_publication(self.publication.as_deref())
             .with_row_ids(|seq| row_ids.get(&seq).copied().or_else(|| window.row_id(seq)));
-            let checkpoint = Checkpoint {
-                publication: self.publication.clone(),
-                ..checkpoint
-            };
             let started = Instant::now();
             match self.publisher.publish(&batch.records, &checkpoint).await {
                 Ok(timings) => {

@@ -222,21 +222,15 @@ async fn start_where_marks_tell(
     let (slot, created) = usable_slot(session, slot_name, last_published.is_some()).await?;
     let mut resume_after = last_published;
     let mut stream_from = None;
-    // Rows committed while the table was out of the publication were never
-    // streamed, whatever the slot says: decoding applies the publication
-    // as it was when each row was written.
     let publication_changed = latest
         .and_then(|c| c.publication.as_deref())
         .is_some_and(|before| before != publication);
-    let catch_up_reason = if publication_changed && !created {
-        Some(catch_up::Reason::PublicationChanged)
-    } else {
-        catch_up::needed(
-            created,
-            last_published.map(|p| p.commit_lsn),
-            slot.confirmed_flush,
-        )
-    };
+    let catch_up_reason = catch_up::needed(
+        created,
+        publication_changed,
+        last_published.map(|p| p.commit_lsn),
+        slot.confirmed_flush,
+    );
     if let Some(reason) = catch_up_reason {
         let in_kafka_before = catch_up::run(session, slot_name, reason).await?;
         // The catch-up filter, not the checkpoint, tells what the stream
