@@ -3,8 +3,9 @@
 
     chaos_table.py REPORT.jsonl [MINUTES]
 
-One row per fault and mode (polling, replication, or messages: the
-WAL-message outbox): faults injected, events checked, and
+One row per fault and mode (polling, replication, messages: the
+WAL-message outbox, or unmarked: replication with `after_publish: none`):
+faults injected, events checked, and
 what the invariant checker found. A campaign whose check failed is in the
 report too (its violations are counted), so a red run still shows here.
 """
@@ -39,7 +40,8 @@ def main():
         relay_kills = sum(
             runs.get(fault, 0)
             for fault in ["random-kills", "kill-points", "poison-mix", "backlog-drain",
-                          "second-relay-same-name", "second-relay-other-name"]
+                          "second-relay-same-name", "second-relay-other-name",
+                          "window-kills", "several-outboxes"]
         )
         print(
             f"- {mode}: {relay_kills} relay kills ({runs.get('random-kills', 0)} at random moments, "
