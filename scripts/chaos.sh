@@ -25,13 +25,16 @@ rm -f "$report"
 mkdir -p "$logs"
 
 # run_half NAME CARGO_TEST_ARGS...: one half on its own stack, reporting to
-# its own file; its output goes to $logs/NAME.log.
+# its own file; its output goes to $logs/NAME.log. A stack grows to about
+# 6 GB over a half, so it is deleted once its half passed; a failed half's
+# stack stays for its servers' logs.
 run_half() {
   local name=$1
   shift
   OUTBOXD_CHAOS=long OUTBOXD_CHAOS_REPORT="$logs/$name.jsonl" \
     bash "$here/with-stack.sh" "$stack_dir/$name" \
-    cargo test --locked --test faults "$@" >"$logs/$name.log" 2>&1
+    cargo test --locked --test faults "$@" >"$logs/$name.log" 2>&1 || return 1
+  rm -rf "${stack_dir:?}/$name"
 }
 
 # Start the halves only once the test binary is built, so they do not build
